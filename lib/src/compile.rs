@@ -1,0 +1,406 @@
+//! Turns a validated [`Config`] into the exact rules and sysctls that should exist.
+//!
+//! Every rule carries `-m comment --comment <instance>:<kind>:<name>:<hash>`. The hash covers
+//! the chain and the whole rule, so the comment alone identifies a rule: the diff never has to
+//! guess how iptables canonicalises what we wrote, and an edited entry gets new keys.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::model::{Action, Config, Forward, IpForward, Masquerade, Proto, Snat, State};
+use crate::net::Family;
+use crate::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule};
+
+/// What should exist after the run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub rules: OwnedRules,
+    /// sysctl path under `/proc/sys` → value to ensure.
+    pub sysctls: BTreeMap<String, String>,
+    pub warnings: Vec<String>,
+}
+
+/// Entry kinds as they appear in comments.
+pub const KIND_FORWARD: &str = "fwd";
+pub const KIND_MASQUERADE: &str = "masq";
+pub const KIND_JUMP: &str = "jump";
+
+/// Compiles the whole config. `state: absent` compiles to nothing.
+pub fn compile(config: &Config) -> Desired {
+    let mut desired = Desired::default();
+    if config.state == State::Absent {
+        return desired;
+    }
+    let mut builder = Builder {
+        instance: &config.instance,
+        rules: &mut desired.rules,
+    };
+    for forward in &config.forwards {
+        builder.forward(forward);
+    }
+    for masquerade in &config.masquerades {
+        builder.masquerade(masquerade);
+    }
+    for (&(_, hook), chain) in desired.rules.chains.iter_mut() {
+        chain.jumps.push(Jump {
+            position: 1,
+            rule: jump_rule(&config.instance, hook),
+        });
+    }
+    compile_sysctls(config, &mut desired);
+    desired.warnings.extend(static_warnings(config));
+    desired
+}
+
+/// The jump from a built-in chain into the instance's chain.
+pub fn jump_rule(instance: &str, hook: Hook) -> Rule {
+    Rule::new([
+        "-m".to_string(),
+        "comment".to_string(),
+        "--comment".to_string(),
+        format!("{instance}:{KIND_JUMP}"),
+        "-j".to_string(),
+        hook.chain(instance),
+    ])
+}
+
+/// The families whose forwarding sysctl the config manages, and the value each should have.
+fn compile_sysctls(config: &Config, desired: &mut Desired) {
+    let needing: BTreeSet<Family> = config
+        .forwards
+        .iter()
+        .filter(|f| f.needs_forwarding())
+        .map(|f| f.family)
+        .chain(config.masquerades.iter().map(Masquerade::family))
+        .collect();
+    let mut used: BTreeSet<Family> = config
+        .forwards
+        .iter()
+        .map(|f| f.family)
+        .chain(config.masquerades.iter().map(Masquerade::family))
+        .collect();
+    if used.is_empty() {
+        used.insert(Family::V4);
+    }
+    let (families, value) = match config.ip_forward {
+        IpForward::Auto => (needing, "1"),
+        IpForward::On => (used, "1"),
+        IpForward::Off => (used, "0"),
+    };
+    for family in families {
+        desired
+            .sysctls
+            .insert(family.forwarding_sysctl().to_string(), value.to_string());
+    }
+}
+
+fn static_warnings(config: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let needs_forwarding =
+        config.forwards.iter().any(Forward::needs_forwarding) || !config.masquerades.is_empty();
+    if config.ip_forward == IpForward::Off && needs_forwarding {
+        warnings.push("ip_forward is false but forwards or masquerade entries route traffic between interfaces: they will not work until forwarding is enabled".to_string());
+    }
+    for f in &config.forwards {
+        if let Action::Dnat {
+            addr,
+            snat: Snat::None,
+            ..
+        } = f.action
+        {
+            warnings.push(format!("forwards[{}]: snat is none, so {addr} sees the client's address and must send its replies back through this host (make this host its gateway, or use policy routing on it)", f.name));
+        }
+    }
+    warnings
+}
+
+struct Builder<'a> {
+    instance: &'a str,
+    rules: &'a mut OwnedRules,
+}
+
+impl Builder<'_> {
+    /// Appends a rule, adding the comment key before the target.
+    fn push(
+        &mut self,
+        family: Family,
+        hook: Hook,
+        kind: &str,
+        name: &str,
+        matches: Vec<String>,
+        target: Vec<String>,
+    ) {
+        let hash = fnv1a(hook.chain(self.instance).as_bytes(), &matches, &target);
+        let mut args = matches;
+        args.extend([
+            "-m".to_string(),
+            "comment".to_string(),
+            "--comment".to_string(),
+            format!("{}:{kind}:{name}:{hash:08x}", self.instance),
+        ]);
+        args.extend(target);
+        let chain: &mut OwnedChain = self.rules.chains.entry((family, hook)).or_default();
+        let rule = Rule { args };
+        if !chain.rules.contains(&rule) {
+            chain.rules.push(rule);
+        }
+    }
+
+    fn forward(&mut self, f: &Forward) {
+        let target = match f.action {
+            Action::Dnat { addr, port, .. } => {
+                let dest = match (addr, port) {
+                    (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+                    (a, Some(p)) => format!("{a}:{p}"),
+                    (a, None) => a.to_string(),
+                };
+                strings(["-j", "DNAT", "--to-destination", &dest])
+            }
+            Action::Redirect { port } => {
+                strings(["-j", "REDIRECT", "--to-ports", &port.to_string()])
+            }
+        };
+        let sources: Vec<Option<String>> = if f.sources.is_empty() {
+            vec![None]
+        } else {
+            f.sources.iter().map(|s| Some(s.to_string())).collect()
+        };
+        for &proto in &f.protos {
+            for source in &sources {
+                for hook in [Hook::Prerouting, Hook::Output] {
+                    if hook == Hook::Output && !f.local {
+                        continue;
+                    }
+                    let mut m = Vec::new();
+                    if let Some(s) = source {
+                        m.extend(strings(["-s", s]));
+                    }
+                    if let Some(a) = f.listen_address {
+                        m.extend(strings(["-d", &a.to_string()]));
+                    }
+                    if let (Some(i), Hook::Prerouting) = (&f.in_interface, hook) {
+                        m.extend(strings(["-i", i]));
+                    }
+                    m.extend(port_match(proto, "--dport", &f.listen_port.to_string()));
+                    if f.listen_address.is_none() {
+                        // Only connections to this host: a router must not hijack transit traffic.
+                        m.extend(strings(["-m", "addrtype", "--dst-type", "LOCAL"]));
+                    }
+                    self.push(f.family, hook, KIND_FORWARD, &f.name, m, target.clone());
+                }
+            }
+            let Action::Dnat { addr, snat, .. } = f.action else {
+                continue;
+            };
+            // Match only this forward's DNATed flow: never `-s backend`, never plain traffic to it.
+            let flow = |dir: &str, port_flag: &str| {
+                let mut m = strings([dir, &addr.to_string()]);
+                m.extend(port_match(proto, port_flag, &f.backend_ports().to_string()));
+                m.extend(strings([
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "DNAT",
+                    "--ctorigdstport",
+                    &f.listen_port.to_string(),
+                ]));
+                m
+            };
+            let snat_target = match snat {
+                Snat::Masquerade => Some(strings(["-j", "MASQUERADE"])),
+                Snat::To(ip) => Some(strings(["-j", "SNAT", "--to-source", &ip.to_string()])),
+                Snat::None => None,
+            };
+            if let Some(t) = snat_target {
+                self.push(
+                    f.family,
+                    Hook::Postrouting,
+                    KIND_FORWARD,
+                    &f.name,
+                    flow("-d", "--dport"),
+                    t,
+                );
+            }
+            if f.allow_forward {
+                self.push(
+                    f.family,
+                    Hook::Forward,
+                    KIND_FORWARD,
+                    &f.name,
+                    flow("-d", "--dport"),
+                    strings(["-j", "ACCEPT"]),
+                );
+                self.push(
+                    f.family,
+                    Hook::Forward,
+                    KIND_FORWARD,
+                    &f.name,
+                    flow("-s", "--sport"),
+                    strings(["-j", "ACCEPT"]),
+                );
+            }
+        }
+    }
+
+    fn masquerade(&mut self, m: &Masquerade) {
+        let family = m.family();
+        let source = m.source.to_string();
+        let mut matches = strings(["-s", &source]);
+        if let Some(o) = &m.out_interface {
+            matches.extend(strings(["-o", o]));
+        }
+        let target = match m.to_source {
+            None => strings(["-j", "MASQUERADE"]),
+            Some(ip) => strings(["-j", "SNAT", "--to-source", &ip.to_string()]),
+        };
+        self.push(
+            family,
+            Hook::Postrouting,
+            KIND_MASQUERADE,
+            &m.name,
+            matches.clone(),
+            target,
+        );
+        if m.allow_forward {
+            self.push(
+                family,
+                Hook::Forward,
+                KIND_MASQUERADE,
+                &m.name,
+                matches,
+                strings(["-j", "ACCEPT"]),
+            );
+            let mut replies = strings(["-d", &source]);
+            if let Some(o) = &m.out_interface {
+                replies.extend(strings(["-i", o]));
+            }
+            replies.extend(strings([
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+            ]));
+            self.push(
+                family,
+                Hook::Forward,
+                KIND_MASQUERADE,
+                &m.name,
+                replies,
+                strings(["-j", "ACCEPT"]),
+            );
+        }
+    }
+}
+
+fn port_match(proto: Proto, flag: &str, ports: &str) -> Vec<String> {
+    strings(["-p", proto.name(), "-m", proto.name(), flag, ports])
+}
+
+fn strings<const N: usize>(items: [&str; N]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// FNV-1a, 32 bits: stable across Rust versions and builds, unlike `DefaultHasher`, so keys
+/// written by one portfwd release are recognised by the next.
+fn fnv1a(chain: &[u8], matches: &[String], target: &[String]) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes.iter().chain(std::iter::once(&0u8)) {
+            hash ^= u32::from(*b);
+            hash = hash.wrapping_mul(0x0100_0193);
+        }
+    };
+    eat(chain);
+    for arg in matches.iter().chain(target) {
+        eat(arg.as_bytes());
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(json: &str) -> Desired {
+        let (config, _, _) = Config::from_json(json).unwrap();
+        compile(&config)
+    }
+
+    #[test]
+    fn cross_host_dnat_with_masquerade() {
+        let d = desired(
+            r#"{"forwards":[{"name":"web","listen_port":4321,"to":"172.100.102.101:1234"}]}"#,
+        );
+        insta::assert_snapshot!(d.rules.listing("portfwd"));
+        assert_eq!(
+            d.sysctls.get("net/ipv4/ip_forward").map(String::as_str),
+            Some("1")
+        );
+        assert!(d.warnings.is_empty());
+    }
+
+    #[test]
+    fn redirect_needs_no_forwarding() {
+        let d = desired(
+            r#"{"forwards":[{"name":"r","listen_port":2222,"redirect_to_port":1111,"local":true}]}"#,
+        );
+        insta::assert_snapshot!(d.rules.listing("portfwd"));
+        assert!(d.sysctls.is_empty());
+    }
+
+    #[test]
+    fn sources_interface_and_snat_none() {
+        let d = desired(
+            r#"{"instance":"gw","forwards":[{"name":"db","proto":"both","listen_address":"1.2.3.4","listen_port":81,
+                "in_interface":"eth0","sources":["6.7.8.0/24","9.9.9.9"],"to":"192.168.0.2:8180","snat":"none"}]}"#,
+        );
+        insta::assert_snapshot!(d.rules.listing("gw"));
+        assert_eq!(d.warnings.len(), 1, "{:?}", d.warnings);
+    }
+
+    #[test]
+    fn ipv6_masquerade_and_snat_to() {
+        let d = desired(
+            r#"{"ip_forward":true,"masquerade":[{"name":"vpn","source":"fd00:1::/64","out_interface":"eth0"},
+               {"name":"lan","source":"192.168.0.0/24","to_source":"1.2.3.4","allow_forward":false}]}"#,
+        );
+        insta::assert_snapshot!(d.rules.listing("portfwd"));
+        assert_eq!(d.sysctls.len(), 2);
+    }
+
+    #[test]
+    fn absent_compiles_to_nothing() {
+        let d = desired(
+            r#"{"state":"absent","forwards":[{"name":"w","listen_port":1,"to":"1.2.3.4"}]}"#,
+        );
+        assert_eq!(d, Desired::default());
+    }
+
+    #[test]
+    fn ip_forward_off_with_forwards_warns() {
+        let d = desired(
+            r#"{"ip_forward":false,"forwards":[{"name":"w","listen_port":1,"to":"1.2.3.4"}]}"#,
+        );
+        assert_eq!(
+            d.sysctls.get("net/ipv4/ip_forward").map(String::as_str),
+            Some("0")
+        );
+        assert!(d.warnings[0].contains("ip_forward is false"));
+    }
+
+    #[test]
+    fn keys_change_with_the_rule_and_only_then() {
+        let a = desired(r#"{"forwards":[{"name":"w","listen_port":1,"to":"1.2.3.4:80"}]}"#);
+        let b = desired(r#"{"forwards":[{"name":"w","listen_port":1,"to":"1.2.3.4:80"}]}"#);
+        let c = desired(r#"{"forwards":[{"name":"w","listen_port":1,"to":"1.2.3.5:80"}]}"#);
+        let keys = |d: &Desired| {
+            d.rules
+                .chains
+                .values()
+                .flat_map(|c| c.rules.iter().map(Rule::key))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&a), keys(&b));
+        assert!(keys(&a).iter().all(|k| !keys(&c).contains(k)));
+    }
+}

@@ -1,0 +1,228 @@
+//! Small typed network values (address family, CIDR, port range) shared by the pipeline.
+//!
+//! Every value here renders to exactly one text form, so a rule compiled twice from the same
+//! params is byte-identical and its ownership key is stable.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+/// IPv4 or IPv6: selects `iptables-*` or `ip6tables-*` and the forwarding sysctl.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(addr: &IpAddr) -> Family {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// The name users see in messages and diffs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+
+    /// The sysctl that turns routing between interfaces on for this family.
+    pub fn forwarding_sysctl(self) -> &'static str {
+        match self {
+            Family::V4 => "net/ipv4/ip_forward",
+            Family::V6 => "net/ipv6/conf/all/forwarding",
+        }
+    }
+
+    pub fn host_prefix(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+}
+
+/// An address with a prefix length whose host bits are zero (`10.0.0.0/24`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+/// Why a CIDR string was refused; the caller adds the field name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CidrError {
+    Syntax,
+    Prefix,
+    HostBits(Cidr),
+}
+
+impl Cidr {
+    pub fn family(&self) -> Family {
+        Family::of(&self.addr)
+    }
+
+    /// Parses `ADDR` (a host route) or `ADDR/LEN`, refusing set host bits.
+    pub fn parse(text: &str) -> Result<Cidr, CidrError> {
+        let (addr_text, prefix_text) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr = IpAddr::from_str(addr_text).map_err(|_| CidrError::Syntax)?;
+        let max = Family::of(&addr).host_prefix();
+        let prefix = match prefix_text {
+            None => max,
+            Some(p) if !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()) => {
+                p.parse::<u8>().map_err(|_| CidrError::Prefix)?
+            }
+            Some(_) => return Err(CidrError::Prefix),
+        };
+        if prefix > max {
+            return Err(CidrError::Prefix);
+        }
+        let cidr = Cidr { addr, prefix };
+        let network = cidr.network();
+        if network != cidr {
+            return Err(CidrError::HostBits(network));
+        }
+        Ok(cidr)
+    }
+
+    /// The same prefix with host bits cleared.
+    pub fn network(&self) -> Cidr {
+        let addr = match self.addr {
+            IpAddr::V4(a) => {
+                let bits = u32::from(a);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V4((bits & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let bits = u128::from(a);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V6((bits & mask).into())
+            }
+        };
+        Cidr {
+            addr,
+            prefix: self.prefix,
+        }
+    }
+
+    /// True when `addr` lies inside this network.
+    pub fn contains(&self, addr: &IpAddr) -> bool {
+        Family::of(addr) == self.family()
+            && Cidr {
+                addr: *addr,
+                prefix: self.prefix,
+            }
+            .network()
+                == *self
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// One port or an inclusive range; renders as `80` or `8000:8100` (iptables syntax).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn single(port: u16) -> PortRange {
+        PortRange {
+            first: port,
+            last: port,
+        }
+    }
+
+    pub fn is_single(&self) -> bool {
+        self.first == self.last
+    }
+
+    /// The user-facing form: `80` or `8000-8100`.
+    pub fn user_text(&self) -> String {
+        if self.is_single() {
+            self.first.to_string()
+        } else {
+            format!("{}-{}", self.first, self.last)
+        }
+    }
+
+    /// Parses the iptables form `80` or `8000:8100` (as `iptables-save` prints it).
+    pub fn parse_iptables(text: &str) -> Option<PortRange> {
+        let (a, b) = text.split_once(':').unwrap_or((text, text));
+        let first: u16 = a.parse().ok()?;
+        let last: u16 = b.parse().ok()?;
+        (first >= 1 && first <= last).then_some(PortRange { first, last })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_single() {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}:{}", self.first, self.last)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    #[rstest]
+    #[case("10.0.0.0/24", Ok("10.0.0.0/24"))]
+    #[case("10.0.0.7", Ok("10.0.0.7/32"))]
+    #[case("0.0.0.0/0", Ok("0.0.0.0/0"))]
+    #[case("2001:db8::/32", Ok("2001:db8::/32"))]
+    #[case("2001:db8::1", Ok("2001:db8::1/128"))]
+    #[case("10.0.0.1/24", Err(CidrError::HostBits(Cidr::parse("10.0.0.0/24").unwrap())))]
+    #[case("10.0.0.0/33", Err(CidrError::Prefix))]
+    #[case("10.0.0.0/", Err(CidrError::Prefix))]
+    #[case("10.0.0.0/+8", Err(CidrError::Prefix))]
+    #[case("10.0.0.300/8", Err(CidrError::Syntax))]
+    #[case("example.com", Err(CidrError::Syntax))]
+    fn cidr_parsing(#[case] input: &str, #[case] expected: Result<&str, CidrError>) {
+        assert_eq!(
+            Cidr::parse(input).map(|c| c.to_string()),
+            expected.map(str::to_string)
+        );
+    }
+
+    #[test]
+    fn contains_respects_prefix_and_family() {
+        let net = Cidr::parse("192.168.0.0/16").unwrap();
+        assert!(net.contains(&"192.168.200.1".parse().unwrap()));
+        assert!(!net.contains(&"192.169.0.1".parse().unwrap()));
+        assert!(!net.contains(&"::1".parse().unwrap()));
+    }
+
+    #[rstest]
+    #[case("80", Some((80, 80)))]
+    #[case("8000:8100", Some((8000, 8100)))]
+    #[case("0", None)]
+    #[case("9:8", None)]
+    #[case("x", None)]
+    fn iptables_port_ranges(#[case] input: &str, #[case] expected: Option<(u16, u16)>) {
+        assert_eq!(
+            PortRange::parse_iptables(input).map(|r| (r.first, r.last)),
+            expected
+        );
+    }
+}

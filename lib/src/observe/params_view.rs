@@ -1,0 +1,163 @@
+//! Reads the params back out of the rules an instance owns, for `portfwd show` and the
+//! `before` side of `--diff`. Compiling the result reproduces the same rules, so applying
+//! what `show` prints is a no-op.
+
+use serde_json::Value;
+
+use crate::compile::{KIND_FORWARD, KIND_MASQUERADE};
+use crate::model::{ForwardParams, MasqueradeParams, Params, ProtoParam};
+use crate::net::{Family, PortRange};
+use crate::rules::{Hook, OwnedRules, Rule};
+
+/// The `(kind, name)` a portfwd comment `<instance>:<kind>:<name>:<hash>` names.
+pub fn entry_of<'a>(rule: &'a Rule, instance: &str) -> Option<(&'a str, &'a str)> {
+    let mut parts = rule.comment()?.split(':');
+    let (inst, kind, name, _hash) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    (inst == instance && parts.next().is_none()).then_some((kind, name))
+}
+
+/// Rebuilds params from owned rules, entries in rule order (IPv4 chains first).
+pub fn params_from_rules(owned: &OwnedRules, instance: &str) -> Params {
+    let mut params = Params {
+        instance: instance.to_string(),
+        ..Params::default()
+    };
+    for family in [Family::V4, Family::V6] {
+        let rules_of = |hook: Hook| {
+            owned
+                .chains
+                .get(&(family, hook))
+                .map(|c| c.rules.as_slice())
+                .unwrap_or_default()
+        };
+        let mut names: Vec<(&str, &str)> = Vec::new();
+        for hook in [
+            Hook::Prerouting,
+            Hook::Output,
+            Hook::Postrouting,
+            Hook::Forward,
+        ] {
+            for rule in rules_of(hook) {
+                if let Some(entry) = entry_of(rule, instance) {
+                    if !names.contains(&entry) {
+                        names.push(entry);
+                    }
+                }
+            }
+        }
+        for (kind, name) in names {
+            let of = |hook: Hook| -> Vec<&Rule> {
+                rules_of(hook)
+                    .iter()
+                    .filter(|r| entry_of(r, instance) == Some((kind, name)))
+                    .collect()
+            };
+            match kind {
+                KIND_FORWARD => {
+                    if let Some(f) = forward_from(
+                        name,
+                        &of(Hook::Prerouting),
+                        &of(Hook::Output),
+                        &of(Hook::Postrouting),
+                        &of(Hook::Forward),
+                    ) {
+                        params.forwards.push(f);
+                    }
+                }
+                KIND_MASQUERADE => {
+                    if let Some(m) =
+                        masquerade_from(name, &of(Hook::Postrouting), &of(Hook::Forward))
+                    {
+                        params.masquerade.push(m);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    params
+}
+
+/// `10.0.0.1/32` → `10.0.0.1`: iptables-save adds the host prefix to plain addresses.
+fn host(text: &str) -> String {
+    text.strip_suffix("/32")
+        .or_else(|| text.strip_suffix("/128"))
+        .unwrap_or(text)
+        .to_string()
+}
+
+fn port_value(ports: &str) -> Option<Value> {
+    let range = PortRange::parse_iptables(ports)?;
+    Some(if range.is_single() {
+        Value::from(range.first)
+    } else {
+        Value::from(range.user_text())
+    })
+}
+
+fn forward_from(
+    name: &str,
+    pre: &[&Rule],
+    out: &[&Rule],
+    post: &[&Rule],
+    fwd: &[&Rule],
+) -> Option<ForwardParams> {
+    let first = pre.first().or(out.first())?;
+    let mut sources = Vec::new();
+    let mut protos = Vec::new();
+    for rule in pre.iter().chain(out) {
+        if let Some(s) = rule.option("-s") {
+            if !sources.iter().any(|x| x == s) {
+                sources.push(s.to_string());
+            }
+        }
+        if let Some(p) = rule.option("-p") {
+            if !protos.contains(&p) {
+                protos.push(p);
+            }
+        }
+    }
+    let proto = match protos.as_slice() {
+        ["udp"] => ProtoParam::Udp,
+        ["tcp"] => ProtoParam::Tcp,
+        _ => ProtoParam::Both,
+    };
+    let (to, redirect_to_port) = match first.option("-j")? {
+        "DNAT" => (Some(first.option("--to-destination")?.to_string()), None),
+        "REDIRECT" => (None, Some(port_value(first.option("--to-ports")?)?)),
+        _ => return None,
+    };
+    let snat = to.as_ref().map(|_| match post.first() {
+        None => "none".to_string(),
+        Some(r) => match (r.option("-j"), r.option("--to-source")) {
+            (Some("SNAT"), Some(ip)) => ip.to_string(),
+            _ => "masquerade".to_string(),
+        },
+    });
+    let allow_forward = redirect_to_port.is_some() || !fwd.is_empty();
+    Some(ForwardParams {
+        name: name.to_string(),
+        proto,
+        listen_port: port_value(first.option("--dport")?)?,
+        listen_address: first.option("-d").map(host),
+        in_interface: pre.first().and_then(|r| r.option("-i")).map(str::to_string),
+        sources,
+        to,
+        redirect_to_port,
+        // "masquerade" is the default; leave it implicit like a user would.
+        snat: snat.filter(|s| s != "masquerade"),
+        local: !out.is_empty(),
+        allow_forward,
+    })
+}
+
+fn masquerade_from(name: &str, post: &[&Rule], fwd: &[&Rule]) -> Option<MasqueradeParams> {
+    let rule = post.first()?;
+    Some(MasqueradeParams {
+        name: name.to_string(),
+        source: rule.option("-s")?.to_string(),
+        out_interface: rule.option("-o").map(str::to_string),
+        to_source: rule.option("--to-source").map(str::to_string),
+        allow_forward: !fwd.is_empty(),
+    })
+}

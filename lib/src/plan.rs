@@ -1,0 +1,496 @@
+//! The diff: a pure function of (desired, observed) that yields the minimal edit.
+//!
+//! Per owned chain it deletes what should go, keeps the longest run of rules already in the
+//! right order, and inserts the rest at their place. It never re-declares an owned chain
+//! (`:CHAIN - [0:0]` under `--noflush` flushes it), so untouched rules keep their counters
+//! and the connections through them survive.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::compile::{KIND_FORWARD, KIND_MASQUERADE};
+use crate::net::Family;
+use crate::observe::params_view::entry_of;
+use crate::observe::Observed;
+use crate::rules::{Hook, OwnedChain, OwnedRules, Table};
+
+/// Everything a run would change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// One `iptables-restore --noflush` transaction each, in execution order.
+    pub tables: Vec<TablePlan>,
+    pub sysctls: Vec<SysctlChange>,
+    pub forwards: EntryChanges,
+    pub masquerade: EntryChanges,
+    pub warnings: Vec<String>,
+}
+
+/// The edit lines for one table of one family (without `*table` / `COMMIT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TablePlan {
+    pub family: Family,
+    pub table: Table,
+    pub lines: Vec<String>,
+}
+
+impl TablePlan {
+    /// The complete `iptables-restore` input.
+    pub fn payload(&self) -> String {
+        let mut text = format!("*{}\n", self.table.name());
+        for line in &self.lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text.push_str("COMMIT\n");
+        text
+    }
+}
+
+/// A sysctl write, with the value it replaces (for rollback and the diff).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysctlChange {
+    pub key: String,
+    pub from: Option<String>,
+    pub to: String,
+}
+
+/// Entry names by what happens to them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryChanges {
+    pub added: Vec<String>,
+    pub updated: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl EntryChanges {
+    pub fn count(&self) -> usize {
+        self.added.len() + self.updated.len() + self.removed.len()
+    }
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty() && self.sysctls.is_empty()
+    }
+
+    /// Lines written to iptables, all tables together (the unit of "minimal").
+    pub fn payload_lines(&self) -> usize {
+        self.tables.iter().map(|t| t.lines.len()).sum()
+    }
+}
+
+/// Diffs desired rules and sysctls against what was observed.
+pub fn plan(
+    instance: &str,
+    desired: &OwnedRules,
+    sysctls: &BTreeMap<String, String>,
+    observed: &Observed,
+) -> Plan {
+    let mut by_table: BTreeMap<(Family, Table), Vec<String>> = BTreeMap::new();
+    let hooks: BTreeSet<(Family, Hook)> = desired
+        .chains
+        .keys()
+        .chain(observed.owned.chains.keys())
+        .copied()
+        .collect();
+    for (family, hook) in hooks {
+        let lines = by_table.entry((family, hook.table())).or_default();
+        let builtin_len = observed
+            .builtin_len
+            .get(&(family, hook))
+            .copied()
+            .unwrap_or(0);
+        chain_edit(
+            instance,
+            hook,
+            desired.chains.get(&(family, hook)),
+            observed.owned.chains.get(&(family, hook)),
+            builtin_len,
+            lines,
+        );
+    }
+    let tables = by_table
+        .into_iter()
+        .filter(|(_, lines)| !lines.is_empty())
+        .map(|((family, table), lines)| TablePlan {
+            family,
+            table,
+            lines,
+        })
+        .collect();
+    let mut warnings = Vec::new();
+    let sysctls = sysctls
+        .iter()
+        .filter_map(|(key, want)| match observed.sysctls.get(key) {
+            Some(Some(have)) if have == want => None,
+            Some(Some(have)) => Some(SysctlChange {
+                key: key.clone(),
+                from: Some(have.clone()),
+                to: want.clone(),
+            }),
+            _ => {
+                warnings.push(format!(
+                    "sysctl {} does not exist on this host; not set",
+                    key.replace('/', ".")
+                ));
+                None
+            }
+        })
+        .collect();
+    Plan {
+        tables,
+        sysctls,
+        forwards: entry_changes(instance, KIND_FORWARD, desired, &observed.owned),
+        masquerade: entry_changes(instance, KIND_MASQUERADE, desired, &observed.owned),
+        warnings,
+    }
+}
+
+fn chain_edit(
+    instance: &str,
+    hook: Hook,
+    desired: Option<&OwnedChain>,
+    observed: Option<&OwnedChain>,
+    builtin_len: usize,
+    lines: &mut Vec<String>,
+) {
+    let chain = hook.chain(instance);
+    let builtin = hook.builtin();
+    match (desired, observed) {
+        (None, None) => {}
+        (None, Some(have)) => {
+            for jump in &have.jumps {
+                lines.push(format!("-D {builtin} {}", jump.rule.render()));
+            }
+            lines.push(format!("-F {chain}"));
+            lines.push(format!("-X {chain}"));
+        }
+        (Some(want), None) => {
+            lines.push(format!("-N {chain}"));
+            for rule in &want.rules {
+                lines.push(format!("-A {chain} {}", rule.render()));
+            }
+            insert_jumps(builtin, &want.jumps, builtin_len, lines);
+        }
+        (Some(want), Some(have)) => {
+            rule_edit(&chain, want, have, lines);
+            let keep = want.jumps.len().min(have.jumps.len());
+            for extra in &have.jumps[keep..] {
+                lines.push(format!("-D {builtin} {}", extra.rule.render()));
+            }
+            let remaining = builtin_len.saturating_sub(have.jumps.len() - keep);
+            insert_jumps(builtin, &want.jumps[keep..], remaining, lines);
+        }
+    }
+}
+
+/// Inserts jumps at their positions, clamped to the chain's end.
+fn insert_jumps(
+    builtin: &str,
+    jumps: &[crate::rules::Jump],
+    mut len: usize,
+    lines: &mut Vec<String>,
+) {
+    for jump in jumps {
+        let position = jump.position.clamp(1, len + 1);
+        lines.push(format!("-I {builtin} {position} {}", jump.rule.render()));
+        len += 1;
+    }
+}
+
+/// Deletes (highest position first) every observed rule that is unwanted, duplicated or out of
+/// order, then inserts the missing ones where they belong.
+fn rule_edit(chain: &str, want: &OwnedChain, have: &OwnedChain, lines: &mut Vec<String>) {
+    let wanted: HashMap<String, usize> = want
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.key(), i))
+        .collect();
+    let mut seen = BTreeSet::new();
+    // (observed position, desired index) of rules worth keeping, in observed order.
+    let candidates: Vec<(usize, usize)> = have
+        .rules
+        .iter()
+        .enumerate()
+        .filter_map(|(pos, r)| {
+            let idx = *wanted.get(&r.key())?;
+            seen.insert(idx).then_some((pos, idx))
+        })
+        .collect();
+    let kept: BTreeSet<usize> =
+        longest_increasing(&candidates.iter().map(|c| c.1).collect::<Vec<_>>())
+            .into_iter()
+            .map(|i| candidates[i].0)
+            .collect();
+    for pos in (0..have.rules.len()).rev() {
+        if !kept.contains(&pos) {
+            lines.push(format!("-D {chain} {}", pos + 1));
+        }
+    }
+    let present: BTreeSet<usize> = kept
+        .iter()
+        .filter_map(|pos| wanted.get(&have.rules[*pos].key()).copied())
+        .collect();
+    let mut len = kept.len();
+    for (idx, rule) in want.rules.iter().enumerate() {
+        if present.contains(&idx) {
+            continue;
+        }
+        if idx >= len {
+            lines.push(format!("-A {chain} {}", rule.render()));
+        } else {
+            lines.push(format!("-I {chain} {} {}", idx + 1, rule.render()));
+        }
+        len += 1;
+    }
+}
+
+/// Indices of one longest strictly increasing subsequence (patience sorting, O(n log n)).
+fn longest_increasing(values: &[usize]) -> Vec<usize> {
+    let mut tails: Vec<usize> = Vec::new();
+    let mut parent = vec![None; values.len()];
+    for (i, v) in values.iter().enumerate() {
+        let at = tails.partition_point(|&t| values[t] < *v);
+        parent[i] = at.checked_sub(1).map(|p| tails[p]);
+        if at == tails.len() {
+            tails.push(i);
+        } else {
+            tails[at] = i;
+        }
+    }
+    let mut out = Vec::with_capacity(tails.len());
+    let mut cursor = tails.last().copied();
+    while let Some(i) = cursor {
+        out.push(i);
+        cursor = parent[i];
+    }
+    out.reverse();
+    out
+}
+
+fn entry_changes(
+    instance: &str,
+    kind: &str,
+    desired: &OwnedRules,
+    observed: &OwnedRules,
+) -> EntryChanges {
+    let keys = |rules: &OwnedRules| {
+        let mut map: Vec<(String, BTreeSet<String>)> = Vec::new();
+        for chain in rules.chains.values() {
+            for rule in &chain.rules {
+                let Some((k, name)) = entry_of(rule, instance) else {
+                    continue;
+                };
+                if k != kind {
+                    continue;
+                }
+                match map.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, set)) => {
+                        set.insert(rule.key());
+                    }
+                    None => map.push((name.to_string(), BTreeSet::from([rule.key()]))),
+                }
+            }
+        }
+        map
+    };
+    let (want, have) = (keys(desired), keys(observed));
+    let mut changes = EntryChanges::default();
+    for (name, set) in &want {
+        match have.iter().find(|(n, _)| n == name) {
+            None => changes.added.push(name.clone()),
+            Some((_, old)) if old != set => changes.updated.push(name.clone()),
+            Some(_) => {}
+        }
+    }
+    for (name, _) in &have {
+        if !want.iter().any(|(n, _)| n == name) {
+            changes.removed.push(name.clone());
+        }
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::compile;
+    use crate::model::Config;
+    use crate::rules::{Jump, Rule};
+    use rstest::rstest;
+
+    fn rules(keys: &[&str]) -> OwnedChain {
+        OwnedChain {
+            rules: keys
+                .iter()
+                .map(|k| Rule::new(["-m", "comment", "--comment", k, "-j", "ACCEPT"]))
+                .collect(),
+            jumps: vec![Jump {
+                position: 1,
+                rule: Rule::new(["-j", "PFWD-t-FWD"]),
+            }],
+        }
+    }
+
+    fn edit(want: &[&str], have: &[&str]) -> Vec<String> {
+        let mut lines = Vec::new();
+        rule_edit("C", &rules(want), &rules(have), &mut lines);
+        lines
+            .iter()
+            .map(|l| {
+                l.replace(" -m comment --comment", "")
+                    .replace(" -j ACCEPT", "")
+            })
+            .collect()
+    }
+
+    #[rstest]
+    #[case(&["a", "b", "c"], &["a", "b", "c"], &[])]
+    #[case(&["a", "b", "c"], &["a", "c"], &["-I C 2 b"])]
+    #[case(&["a", "b", "c"], &["a", "b"], &["-A C c"])]
+    #[case(&["a", "c"], &["a", "b", "c"], &["-D C 2"])]
+    #[case(&["a", "x", "c"], &["a", "b", "c"], &["-D C 2", "-I C 2 x"])]
+    #[case(&["a", "b", "c"], &["c", "a", "b"], &["-D C 1", "-A C c"])]
+    #[case(&["a", "b"], &["a", "a", "b", "junk"], &["-D C 4", "-D C 2"])]
+    #[case(&["a", "b"], &[], &["-A C a", "-A C b"])]
+    #[case(&[], &["a", "b"], &["-D C 2", "-D C 1"])]
+    fn minimal_rule_edits(#[case] want: &[&str], #[case] have: &[&str], #[case] expected: &[&str]) {
+        assert_eq!(edit(want, have), expected);
+    }
+
+    #[test]
+    fn longest_increasing_subsequence() {
+        assert_eq!(longest_increasing(&[]), Vec::<usize>::new());
+        assert_eq!(longest_increasing(&[2, 0, 1]), vec![1, 2]);
+        assert_eq!(longest_increasing(&[0, 1, 2]), vec![0, 1, 2]);
+    }
+
+    fn desired(json: &str) -> OwnedRules {
+        compile(&Config::from_json(json).unwrap().0).rules
+    }
+
+    fn observed_from(rules: &OwnedRules) -> Observed {
+        Observed {
+            owned: rules.clone(),
+            ..Observed::default()
+        }
+    }
+
+    const FIFTY: fn(usize) -> String = |changed| {
+        let forwards: Vec<String> = (0..50)
+            .map(|i| {
+                let backend = if i == changed { 99 } else { i };
+                format!(
+                    r#"{{"name":"f{i}","listen_port":{},"to":"10.0.1.{backend}:80"}}"#,
+                    10000 + i
+                )
+            })
+            .collect();
+        format!(r#"{{"forwards":[{}]}}"#, forwards.join(","))
+    };
+
+    #[test]
+    fn second_run_is_empty() {
+        let want = desired(&FIFTY(usize::MAX));
+        let p = plan("portfwd", &want, &BTreeMap::new(), &observed_from(&want));
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(p.forwards.count(), 0);
+    }
+
+    #[test]
+    fn editing_one_of_fifty_touches_only_its_rules() {
+        let before = desired(&FIFTY(usize::MAX));
+        let after = desired(&FIFTY(7));
+        let p = plan("portfwd", &after, &BTreeMap::new(), &observed_from(&before));
+        assert_eq!(p.forwards.updated, vec!["f7"]);
+        assert_eq!(p.forwards.added.len() + p.forwards.removed.len(), 0);
+        let all: Vec<&String> = p.tables.iter().flat_map(|t| &t.lines).collect();
+        // 4 rules of f7 (PRE, POST, 2 FWD) deleted and inserted again, nothing else.
+        assert_eq!(all.len(), 8, "{all:#?}");
+        assert!(
+            all.iter()
+                .all(|l| l.starts_with("-D ") || l.contains("portfwd:fwd:f7:")),
+            "{all:#?}"
+        );
+        insta::assert_snapshot!(p.tables.iter().map(TablePlan::payload).collect::<String>());
+    }
+
+    #[test]
+    fn first_apply_then_absent() {
+        let want = desired(
+            r#"{"forwards":[{"name":"web","listen_port":4321,"to":"172.100.102.101:1234"}]}"#,
+        );
+        let mut empty = Observed::default();
+        empty.builtin_len.insert((Family::V4, Hook::Prerouting), 3);
+        let first = plan("portfwd", &want, &BTreeMap::new(), &empty);
+        assert_eq!(first.forwards.added, vec!["web"]);
+        let removal = plan(
+            "portfwd",
+            &OwnedRules::default(),
+            &BTreeMap::new(),
+            &observed_from(&want),
+        );
+        assert_eq!(removal.forwards.removed, vec!["web"]);
+        insta::assert_snapshot!([&first, &removal]
+            .iter()
+            .flat_map(|p| p.tables.iter().map(TablePlan::payload))
+            .collect::<Vec<_>>()
+            .join("----\n"));
+    }
+
+    #[test]
+    fn missing_jump_is_restored_and_duplicates_removed() {
+        let want =
+            desired(r#"{"forwards":[{"name":"web","listen_port":4321,"to":"10.0.0.2:80"}]}"#);
+        let mut have = want.clone();
+        let pre = have
+            .chains
+            .get_mut(&(Family::V4, Hook::Prerouting))
+            .unwrap();
+        pre.jumps.clear();
+        let fwd = have.chains.get_mut(&(Family::V4, Hook::Forward)).unwrap();
+        let dup = Jump {
+            position: 5,
+            ..fwd.jumps[0].clone()
+        };
+        fwd.jumps.push(dup);
+        let mut observed = observed_from(&have);
+        observed
+            .builtin_len
+            .insert((Family::V4, Hook::Prerouting), 2);
+        observed.builtin_len.insert((Family::V4, Hook::Forward), 9);
+        let p = plan("portfwd", &want, &BTreeMap::new(), &observed);
+        let lines: Vec<&String> = p.tables.iter().flat_map(|t| &t.lines).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "-D FORWARD -m comment --comment portfwd:jump -j PFWD-portfwd-FWD",
+                "-I PREROUTING 1 -m comment --comment portfwd:jump -j PFWD-portfwd-PRE",
+            ]
+        );
+    }
+
+    #[test]
+    fn sysctl_changes_only_when_different() {
+        let mut observed = Observed::default();
+        observed
+            .sysctls
+            .insert("net/ipv4/ip_forward".into(), Some("0".into()));
+        observed
+            .sysctls
+            .insert("net/ipv6/conf/all/forwarding".into(), Some("1".into()));
+        let want = BTreeMap::from([
+            ("net/ipv4/ip_forward".to_string(), "1".to_string()),
+            ("net/ipv6/conf/all/forwarding".to_string(), "1".to_string()),
+        ]);
+        let p = plan("portfwd", &OwnedRules::default(), &want, &observed);
+        assert_eq!(
+            p.sysctls,
+            vec![SysctlChange {
+                key: "net/ipv4/ip_forward".into(),
+                from: Some("0".into()),
+                to: "1".into()
+            }]
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! The shape both sides of the diff share: the rules an instance owns, per family and hook.
+//!
+//! `compile` builds one from params, `observe` extracts one from `iptables-save`, and `plan`
+//! diffs two of them. Keeping one representation is what makes rollback free: a snapshot is
+//! just another desired state.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::net::Family;
+
+/// The iptables tables portfwd writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Table {
+    /// Written first so accepts exist before the NAT that sends traffic through them.
+    Filter,
+    Nat,
+}
+
+impl Table {
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Filter => "filter",
+            Table::Nat => "nat",
+        }
+    }
+}
+
+/// A built-in chain that gets one jump into an instance's own chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    Forward,
+    Prerouting,
+    Output,
+    Postrouting,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 4] = [
+        Hook::Forward,
+        Hook::Prerouting,
+        Hook::Output,
+        Hook::Postrouting,
+    ];
+
+    pub fn table(self) -> Table {
+        match self {
+            Hook::Forward => Table::Filter,
+            _ => Table::Nat,
+        }
+    }
+
+    pub fn builtin(self) -> &'static str {
+        match self {
+            Hook::Forward => "FORWARD",
+            Hook::Prerouting => "PREROUTING",
+            Hook::Output => "OUTPUT",
+            Hook::Postrouting => "POSTROUTING",
+        }
+    }
+
+    /// Upper case, so no lower-case instance name can make another instance's chain name.
+    fn suffix(self) -> &'static str {
+        match self {
+            Hook::Forward => "FWD",
+            Hook::Prerouting => "PRE",
+            Hook::Output => "OUT",
+            Hook::Postrouting => "POST",
+        }
+    }
+
+    /// The instance's own chain for this hook: `PFWD-<instance>-PRE` (at most 22 characters).
+    pub fn chain(self, instance: &str) -> String {
+        format!("PFWD-{instance}-{}", self.suffix())
+    }
+}
+
+/// One rule: the arguments after `-A CHAIN`, unquoted, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Rule {
+    pub args: Vec<String>,
+}
+
+impl Rule {
+    pub fn new<S: Into<String>>(args: impl IntoIterator<Item = S>) -> Rule {
+        Rule {
+            args: args.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// The value of `--comment`, where portfwd keeps its ownership key.
+    pub fn comment(&self) -> Option<&str> {
+        self.option("--comment")
+    }
+
+    /// The value following `flag`, e.g. `-j` gives the target.
+    pub fn option(&self, flag: &str) -> Option<&str> {
+        self.args
+            .iter()
+            .position(|a| a == flag)
+            .and_then(|i| self.args.get(i + 1))
+            .map(String::as_str)
+    }
+
+    /// The identity used by the diff: the comment when there is one (portfwd's keys embed a
+    /// hash of the whole rule), else the rule text.
+    pub fn key(&self) -> String {
+        match self.comment() {
+            Some(c) => c.to_string(),
+            None => self.args.join(" "),
+        }
+    }
+
+    /// The arguments as `iptables-restore` reads them, quoting what needs it.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (i, arg) in self.args.iter().enumerate() {
+            if i > 0 {
+                out.push(' ');
+            }
+            push_quoted(&mut out, arg);
+        }
+        out
+    }
+}
+
+/// Quotes like `iptables-save`: bare when only `[A-Za-z0-9_./:,!+=@%-]`, else in double quotes
+/// with `"`, `\` and `'` backslash-escaped.
+fn push_quoted(out: &mut String, arg: &str) {
+    let bare = !arg.is_empty()
+        && arg.chars().all(|c| {
+            c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    '_' | '.' | '/' | ':' | ',' | '!' | '+' | '=' | '@' | '%' | '-' | '[' | ']'
+                )
+        });
+    if bare {
+        out.push_str(arg);
+        return;
+    }
+    out.push('"');
+    for c in arg.chars() {
+        if matches!(c, '"' | '\\' | '\'') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
+/// A jump from a built-in chain into an owned chain, with its 1-based position there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jump {
+    pub position: usize,
+    pub rule: Rule,
+}
+
+/// One owned chain: its rules in order and the jumps that reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnedChain {
+    pub rules: Vec<Rule>,
+    pub jumps: Vec<Jump>,
+}
+
+/// Everything an instance owns in iptables (for desired state, or as observed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnedRules {
+    pub chains: BTreeMap<(Family, Hook), OwnedChain>,
+}
+
+impl OwnedRules {
+    pub fn rule_count(&self) -> usize {
+        self.chains.values().map(|c| c.rules.len()).sum()
+    }
+
+    /// A readable listing, one `-A CHAIN ...` per rule, used by snapshots and `--diff`.
+    pub fn listing(&self, instance: &str) -> String {
+        let mut out = String::new();
+        for ((family, hook), chain) in &self.chains {
+            let _ = writeln!(
+                out,
+                "# {} {} {}",
+                family.label(),
+                hook.table().name(),
+                hook.chain(instance)
+            );
+            for rule in &chain.rules {
+                let _ = writeln!(out, "-A {} {}", hook.chain(instance), rule.render());
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_like_iptables_save() {
+        let rule = Rule::new(["-m", "comment", "--comment", "we\"ir'\\d s", "-j", "ACCEPT"]);
+        assert_eq!(
+            rule.render(),
+            r#"-m comment --comment "we\"ir\'\\d s" -j ACCEPT"#
+        );
+        assert_eq!(Rule::new(["--comment", ""]).render(), r#"--comment """#);
+    }
+
+    #[test]
+    fn chain_names_fit_iptables_limit() {
+        for hook in Hook::ALL {
+            assert!(hook.chain("abcdefghijkl").len() <= 28);
+        }
+    }
+}

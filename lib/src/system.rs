@@ -1,0 +1,260 @@
+//! The boundary to the host: every read and write the engine makes goes through [`System`].
+//!
+//! [`RealSystem`] runs the real tools, found through `PATH` so tests can put shims in front of
+//! them. Tests of the planner use a recording fake instead.
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::model::Backend;
+use crate::net::Family;
+
+/// A failure talking to the host.
+#[derive(Debug, thiserror::Error)]
+pub enum SystemError {
+    #[error("{tool} not found on PATH: {source}")]
+    NotFound { tool: String, source: which::Error },
+    #[error("could not run {tool}: {source}")]
+    Spawn {
+        tool: String,
+        source: std::io::Error,
+    },
+    #[error("{tool} failed ({status}): {stderr}")]
+    Failed {
+        tool: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "timed out after {seconds}s waiting for the lock {path} (another portfwd run holds it)"
+    )]
+    LockTimeout { path: String, seconds: u64 },
+}
+
+/// Reads and writes of host state, each a single call the engine can count and fake.
+pub trait System {
+    /// `iptables-save` (or `ip6tables-save`): stdout and stderr.
+    fn save(&mut self, family: Family) -> Result<(String, String), SystemError>;
+    /// One `iptables-restore --noflush` transaction (one table per payload).
+    fn restore(&mut self, family: Family, payload: &str) -> Result<(), SystemError>;
+    /// A sysctl under `/proc/sys` (`net/ipv4/ip_forward`); None when it does not exist.
+    fn read_sysctl(&mut self, key: &str) -> Result<Option<String>, SystemError>;
+    fn write_sysctl(&mut self, key: &str, value: &str) -> Result<(), SystemError>;
+}
+
+/// The restore command line as shown in results (`commands`).
+pub fn restore_command(backend: Backend, family: Family) -> String {
+    format!(
+        "{} --noflush -w {}",
+        tool_name(backend, family, "restore"),
+        RESTORE_WAIT_SECONDS
+    )
+}
+
+/// How long `iptables-restore -w` waits for the xtables lock of other tools.
+const RESTORE_WAIT_SECONDS: u32 = 10;
+
+fn tool_name(backend: Backend, family: Family, verb: &str) -> String {
+    let base = match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    };
+    match backend {
+        Backend::Auto => format!("{base}-{verb}"),
+        Backend::Nft => format!("{base}-nft-{verb}"),
+        Backend::Legacy => format!("{base}-legacy-{verb}"),
+    }
+}
+
+/// The host, through real commands and `/proc/sys`.
+pub struct RealSystem {
+    backend: Backend,
+    sysctl_root: PathBuf,
+}
+
+impl RealSystem {
+    pub fn new(backend: Backend) -> RealSystem {
+        RealSystem {
+            backend,
+            sysctl_root: PathBuf::from("/proc/sys"),
+        }
+    }
+
+    fn run(
+        &self,
+        tool: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<(String, String), SystemError> {
+        let path = which::which(tool).map_err(|source| SystemError::NotFound {
+            tool: tool.to_string(),
+            source,
+        })?;
+        let mut child = Command::new(&path)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| SystemError::Spawn {
+                tool: tool.to_string(),
+                source,
+            })?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            // A tool that dies early closes the pipe; its exit status tells the real story.
+            let _ = pipe.write_all(input.as_bytes());
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|source| SystemError::Spawn {
+                tool: tool.to_string(),
+                source,
+            })?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            return Err(SystemError::Failed {
+                tool: tool.to_string(),
+                status: out.status.to_string(),
+                stderr: stderr.trim().to_string(),
+            });
+        }
+        Ok((stdout, stderr))
+    }
+}
+
+impl System for RealSystem {
+    fn save(&mut self, family: Family) -> Result<(String, String), SystemError> {
+        self.run(&tool_name(self.backend, family, "save"), &[], None)
+    }
+
+    fn restore(&mut self, family: Family, payload: &str) -> Result<(), SystemError> {
+        let wait = RESTORE_WAIT_SECONDS.to_string();
+        self.run(
+            &tool_name(self.backend, family, "restore"),
+            &["--noflush", "-w", &wait],
+            Some(payload),
+        )
+        .map(drop)
+    }
+
+    fn read_sysctl(&mut self, key: &str) -> Result<Option<String>, SystemError> {
+        let path = self.sysctl_root.join(key);
+        match std::fs::read_to_string(&path) {
+            Ok(v) => Ok(Some(v.trim().to_string())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(SystemError::Io {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    fn write_sysctl(&mut self, key: &str, value: &str) -> Result<(), SystemError> {
+        let path = self.sysctl_root.join(key);
+        std::fs::write(&path, value).map_err(|source| SystemError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+}
+
+/// An exclusive lock held for a whole run, so concurrent runs are serialised, not interleaved.
+pub struct RunLock {
+    _lock: Flock<File>,
+}
+
+impl RunLock {
+    /// Default lock file; `PORTFWD_LOCK_FILE` overrides it.
+    pub fn default_path() -> PathBuf {
+        std::env::var_os("PORTFWD_LOCK_FILE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/portfwd.lock"))
+    }
+
+    /// Waits up to `timeout` for the lock. The file is created with mode 0600.
+    pub fn acquire(path: &Path, timeout: Duration) -> Result<RunLock, SystemError> {
+        let io = |source| SystemError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+        let start = Instant::now();
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(RunLock { _lock: lock }),
+                Err((returned, errno)) => {
+                    if errno != nix::errno::Errno::EWOULDBLOCK && errno != nix::errno::Errno::EINTR
+                    {
+                        return Err(io(std::io::Error::from(errno)));
+                    }
+                    if start.elapsed() >= timeout {
+                        return Err(SystemError::LockTimeout {
+                            path: path.display().to_string(),
+                            seconds: timeout.as_secs(),
+                        });
+                    }
+                    file = returned;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_names_follow_backend() {
+        assert_eq!(
+            tool_name(Backend::Auto, Family::V6, "save"),
+            "ip6tables-save"
+        );
+        assert_eq!(
+            tool_name(Backend::Nft, Family::V4, "restore"),
+            "iptables-nft-restore"
+        );
+        assert_eq!(
+            tool_name(Backend::Legacy, Family::V4, "save"),
+            "iptables-legacy-save"
+        );
+    }
+
+    #[test]
+    fn lock_is_exclusive_and_times_out() {
+        let dir = std::env::temp_dir().join(format!("portfwd-lock-test-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("lock");
+        let held = RunLock::acquire(&path, Duration::from_secs(1)).unwrap();
+        let err = RunLock::acquire(&path, Duration::from_millis(100))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("timed out"), "{err}");
+        drop(held);
+        assert!(RunLock::acquire(&path, Duration::from_millis(100)).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
