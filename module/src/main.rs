@@ -1,1 +1,217 @@
-fn main() {}
+//! `portfwd`: an Ansible binary module (`portfwd ARGS_FILE`) and a JSON-in/JSON-out CLI.
+//!
+//! Thin on purpose: it parses the command line, takes the run lock, calls the engine and prints
+//! one JSON object. Exit codes: 0 success (changed or not), 1 the run failed, 2 usage error.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use portfwd::model::{Backend, Config, RunMode};
+use portfwd::report::{line_diff, Report};
+use portfwd::system::{RealSystem, RunLock};
+
+#[derive(Parser)]
+#[command(
+    name = "portfwd",
+    version,
+    about = "Declarative NAT port forwarding for Linux: desired state in, minimal atomic change out",
+    long_about = "Declarative NAT port forwarding for Linux (iptables + sysctls).\n\n\
+        Reads the current state (iptables-save, ip6tables-save, sysctls), diffs it against the desired \
+        state given as JSON params, and applies the minimal change in one iptables-restore --noflush \
+        transaction per table, rolling everything back if any step fails.\n\n\
+        As an Ansible binary module it is run as `portfwd ARGS_FILE`; ARGS_FILE holds the params plus \
+        Ansible's _ansible_* keys (check and diff mode are honoured).\n\n\
+        Exit codes: 0 success (changed or not), 1 the run failed (the JSON says failed: true and why), \
+        2 usage error.",
+    after_help = "Environment: PORTFWD_LOCK_FILE (default /run/portfwd.lock). Tools are found on PATH."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Converge the host to the params (JSON from --file, or stdin) and print the result JSON.
+    Apply {
+        #[command(flatten)]
+        input: Input,
+        /// Report what would change without touching anything.
+        #[arg(long)]
+        check: bool,
+        /// Include a before/after diff keyed by entry names.
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Show what apply would change, as a readable diff (or the result JSON with --json).
+    Plan {
+        #[command(flatten)]
+        input: Input,
+        /// Print the result JSON (as `apply --check --diff`) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the instance's current managed state as params JSON (applying it is a no-op).
+    Show {
+        /// The instance to read.
+        #[arg(long, default_value = "portfwd")]
+        instance: String,
+        /// iptables flavour to read.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendArg,
+    },
+    /// Print the JSON Schema of the params.
+    Schema,
+}
+
+#[derive(Args)]
+struct Input {
+    /// Params JSON file; stdin when omitted.
+    #[arg(long, short)]
+    file: Option<PathBuf>,
+    /// Seconds to wait for another portfwd run to finish.
+    #[arg(long, default_value_t = 30)]
+    lock_timeout: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Auto,
+    Nft,
+    Legacy,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Backend {
+        match b {
+            BackendArg::Auto => Backend::Auto,
+            BackendArg::Nft => Backend::Nft,
+            BackendArg::Legacy => Backend::Legacy,
+        }
+    }
+}
+
+const SUBCOMMANDS: [&str; 5] = ["apply", "plan", "show", "schema", "help"];
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    // Ansible runs a binary module as `MODULE ARGS_FILE`.
+    if argv.len() == 2 && !argv[1].starts_with('-') && !SUBCOMMANDS.contains(&argv[1].as_str()) {
+        let report = match std::fs::read_to_string(&argv[1]) {
+            Ok(text) => converge(&text, RunMode::default(), 30),
+            Err(e) => Report::failure(format!("cannot read args file {}: {e}", argv[1])),
+        };
+        return emit(&report);
+    }
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Apply { input, check, diff } => {
+            let report = match read_input(&input) {
+                Ok(text) => converge(&text, RunMode { check, diff }, input.lock_timeout),
+                Err(msg) => Report::failure(msg),
+            };
+            emit(&report)
+        }
+        Command::Plan { input, json } => {
+            let report = match read_input(&input) {
+                Ok(text) => converge(
+                    &text,
+                    RunMode {
+                        check: true,
+                        diff: true,
+                    },
+                    input.lock_timeout,
+                ),
+                Err(msg) => Report::failure(msg),
+            };
+            if json || report.failed {
+                return emit(&report);
+            }
+            print_plan(&report);
+            ExitCode::SUCCESS
+        }
+        Command::Show { instance, backend } => {
+            let mut sys = RealSystem::new(backend.into());
+            match portfwd::show(&instance, &mut sys) {
+                Ok(params) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&params).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => emit(&Report::failure(e.to_string())),
+            }
+        }
+        Command::Schema => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&portfwd::model::schema()).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// The params text, or the message saying why it could not be read.
+fn read_input(input: &Input) -> Result<String, String> {
+    match &input.file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display())),
+        None => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map(|_| text)
+                .map_err(|e| format!("cannot read params from stdin: {e}"))
+        }
+    }
+}
+
+/// Validates everything, then runs the engine under the lock. Flags from the command line add
+/// to the `_ansible_*` modes found in the params.
+fn converge(text: &str, flags: RunMode, lock_timeout: u64) -> Report {
+    let (config, _, mode) = match Config::from_json(text) {
+        Ok(parsed) => parsed,
+        Err(e) => return Report::failure(e.to_string()),
+    };
+    let mode = RunMode {
+        check: mode.check || flags.check,
+        diff: mode.diff || flags.diff,
+    };
+    let _lock = match RunLock::acquire(&RunLock::default_path(), Duration::from_secs(lock_timeout))
+    {
+        Ok(lock) => lock,
+        Err(e) => return Report::failure(e.to_string()),
+    };
+    let mut sys = RealSystem::new(config.backend);
+    portfwd::run(&config, mode, &mut sys)
+}
+
+fn emit(report: &Report) -> ExitCode {
+    println!("{}", report.to_json());
+    if report.failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_plan(report: &Report) {
+    println!("{}", report.msg);
+    if let Some(diff) = &report.diff {
+        print!("{}", line_diff(&diff.before, &diff.after));
+    }
+    if !report.commands.is_empty() {
+        println!("\nwould run:");
+        for command in &report.commands {
+            println!("  {command}");
+        }
+    }
+    for warning in &report.warnings {
+        println!("warning: {warning}");
+    }
+}

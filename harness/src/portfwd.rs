@@ -1,0 +1,96 @@
+//! Runs the real `portfwd` binary inside a namespace and reads its result JSON.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use serde_json::Value;
+
+use crate::netns::{LabError, Netns};
+
+/// The `portfwd` binary under test.
+#[derive(Debug, Clone)]
+pub struct Portfwd {
+    pub bin: PathBuf,
+}
+
+/// One run: the parsed result JSON (Null if stdout was not JSON), exit code and raw output.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub json: Value,
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl RunResult {
+    pub fn changed(&self) -> bool {
+        self.json["changed"] == Value::Bool(true)
+    }
+    pub fn failed(&self) -> bool {
+        self.json["failed"] == Value::Bool(true)
+    }
+    pub fn msg(&self) -> &str {
+        self.json["msg"].as_str().unwrap_or_default()
+    }
+}
+
+impl Portfwd {
+    /// `PORTFWD_BIN`, else `portfwd` next to the running executable or one directory up
+    /// (where cargo puts it relative to test binaries in `deps/`).
+    pub fn locate() -> Result<Portfwd, LabError> {
+        if let Some(bin) = std::env::var_os("PORTFWD_BIN") {
+            return Ok(Portfwd {
+                bin: PathBuf::from(bin),
+            });
+        }
+        let exe =
+            std::env::current_exe().map_err(|e| LabError::Traffic(format!("current_exe: {e}")))?;
+        exe.ancestors()
+            .skip(1)
+            .take(2)
+            .map(|dir| dir.join("portfwd"))
+            .find(|p| p.is_file())
+            .map(|bin| Portfwd { bin })
+            .ok_or_else(|| {
+                LabError::Traffic(format!(
+                    "portfwd binary not found near {} (build it, or set PORTFWD_BIN)",
+                    exe.display()
+                ))
+            })
+    }
+
+    pub fn at(bin: &Path) -> Portfwd {
+        Portfwd {
+            bin: bin.to_path_buf(),
+        }
+    }
+
+    /// Runs `portfwd ARGS...` in `ns` with `input` on stdin and `env` set.
+    pub fn run(
+        &self,
+        ns: &Netns,
+        args: &[&str],
+        input: &str,
+        env: &[(&str, &str)],
+    ) -> Result<RunResult, LabError> {
+        let bin = self.bin.display().to_string();
+        let assignments: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut argv: Vec<&str> = vec!["env"];
+        argv.extend(assignments.iter().map(String::as_str));
+        argv.push(&bin);
+        argv.extend_from_slice(args);
+        let out: Output = ns.exec_with_input(&argv, input)?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(RunResult {
+            json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
+            code: out.status.code().unwrap_or(-1),
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// `portfwd apply` with params JSON on stdin.
+    pub fn apply(&self, ns: &Netns, params: &Value) -> Result<RunResult, LabError> {
+        self.run(ns, &["apply"], &params.to_string(), &[])
+    }
+}

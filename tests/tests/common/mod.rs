@@ -1,0 +1,179 @@
+//! Shared set-up for the end-to-end tests: the freshly built binary, prerequisites, the
+//! client/proxy/backend topology and a write-command recorder.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use portfwd_harness::{addr, link, Netns, Portfwd};
+
+/// Root, iproute2 and iptables are needed. Without them a test skips, except under `CI=true`
+/// where it fails: CI must never report green for tests it did not run.
+pub fn prerequisites() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let tools = [
+        "ip",
+        "iptables-save",
+        "iptables-restore",
+        "ip6tables-save",
+        "iptables-legacy-save",
+    ]
+    .iter()
+    .all(|t| which(t).is_some());
+    if root && tools {
+        return true;
+    }
+    let why = format!("needs root ({root}) and iproute2 + iptables on PATH ({tools})");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("end-to-end prerequisites missing under CI=true: {why}");
+    }
+    eprintln!("skipping end-to-end test: {why}");
+    false
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(tool))
+            .find(|p| p.is_file())
+    })
+}
+
+/// The portfwd binary, rebuilt once per test process so tests never run a stale build.
+pub fn portfwd() -> Portfwd {
+    static BIN: OnceLock<Portfwd> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if std::env::var_os("PORTFWD_BIN").is_none() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+            let exe = std::env::current_exe().expect("current_exe");
+            let mut cmd = Command::new(cargo);
+            cmd.current_dir(root)
+                .args(["build", "-q", "-p", "portfwd-module", "--bin", "portfwd"]);
+            if exe.components().any(|c| c.as_os_str() == "release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo build");
+            assert!(status.success(), "building portfwd failed");
+        }
+        Portfwd::locate().expect("locate portfwd")
+    })
+    .clone()
+}
+
+/// client (eth0) ── (eth0) proxy (eth1) ── (eth0) backend
+///
+/// 10.0.1.2 / fd00:1::2 ─ 10.0.1.1 / fd00:1::1 │ 10.0.2.1 / fd00:2::1 ─ 10.0.2.2 / fd00:2::2
+///
+/// The backend has no route towards the client's network; the client only reaches the proxy
+/// on-link unless a test gives it a default route.
+pub struct Topology {
+    pub client: Netns,
+    pub proxy: Netns,
+    pub backend: Netns,
+}
+
+impl Topology {
+    pub fn new() -> Topology {
+        let client = Netns::new("client").expect("client ns");
+        let proxy = Netns::new("proxy").expect("proxy ns");
+        let backend = Netns::new("backend").expect("backend ns");
+        link(&client, "eth0", &proxy, "eth0").expect("link client-proxy");
+        link(&proxy, "eth1", &backend, "eth0").expect("link proxy-backend");
+        for (ns, dev, cidrs) in [
+            (&client, "eth0", ["10.0.1.2/24", "fd00:1::2/64"]),
+            (&proxy, "eth0", ["10.0.1.1/24", "fd00:1::1/64"]),
+            (&proxy, "eth1", ["10.0.2.1/24", "fd00:2::1/64"]),
+            (&backend, "eth0", ["10.0.2.2/24", "fd00:2::2/64"]),
+        ] {
+            for cidr in cidrs {
+                addr(ns, dev, cidr).expect("address");
+            }
+        }
+        Topology {
+            client,
+            proxy,
+            backend,
+        }
+    }
+
+    /// Lets the client reach the backend's network through the proxy (a gateway set-up).
+    pub fn client_default_route(&self) {
+        self.client
+            .ip(&["route", "add", "default", "via", "10.0.1.1"])
+            .expect("route");
+        self.client
+            .ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])
+            .expect("route6");
+    }
+}
+
+pub fn sa(text: &str) -> SocketAddr {
+    text.parse().expect("socket address")
+}
+
+/// `iptables-save` of a namespace without counters or `#` lines: what must stay byte-identical.
+pub fn ruleset(ns: &Netns, save: &str) -> String {
+    ns.stdout(&[save])
+        .expect("save")
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| match l.strip_prefix(':') {
+            // Chain declarations carry counters too: keep name and policy only.
+            Some(decl) => format!(":{}", decl.split(" [").next().unwrap_or(decl)),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A PATH directory whose iptables-restore variants log each call, then run the real tool.
+pub struct WriteRecorder {
+    dir: tempfile::TempDir,
+}
+
+impl WriteRecorder {
+    pub fn new() -> WriteRecorder {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for tool in [
+            "iptables-restore",
+            "ip6tables-restore",
+            "iptables-nft-restore",
+            "ip6tables-nft-restore",
+            "iptables-legacy-restore",
+            "ip6tables-legacy-restore",
+        ] {
+            let Some(real) = which(tool) else { continue };
+            let script = format!(
+                "#!/bin/sh\necho \"{tool} $*\" >> '{}'\nexec '{}' \"$@\"\n",
+                dir.path().join("calls.log").display(),
+                real.display()
+            );
+            let path = dir.path().join(tool);
+            std::fs::write(&path, script).expect("write shim");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        WriteRecorder { dir }
+    }
+
+    /// PATH with the shims first.
+    pub fn path(&self) -> String {
+        format!(
+            "{}:{}",
+            self.dir.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        )
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("calls.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}

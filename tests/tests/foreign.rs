@@ -1,0 +1,77 @@
+//! End-to-end: a host already managed by other software (a Docker/kube-proxy-like ruleset with
+//! FORWARD policy DROP), in both iptables flavours. portfwd must make forwarding work, leave
+//! every foreign line byte-identical, and on `state: absent` restore the exact original.
+
+mod common;
+
+use common::{portfwd, prerequisites, ruleset, sa, Topology};
+use portfwd_harness::{probe, Proto, Server};
+use serde_json::json;
+
+const FOREIGN: &str = include_str!("../data/docker-kube.rules");
+
+fn foreign_ruleset_survives(flavour: &str) {
+    if !prerequisites() {
+        return;
+    }
+    let (save, restore) = match flavour {
+        "legacy" => ("iptables-legacy-save", "iptables-legacy-restore"),
+        _ => ("iptables-nft-save", "iptables-nft-restore"),
+    };
+    let t = Topology::new();
+    let loaded = t.proxy.exec_with_input(&[restore], FOREIGN).unwrap();
+    assert!(
+        loaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    t.proxy.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    assert!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err(),
+        "nothing forwards yet"
+    );
+    let original = ruleset(&t.proxy, save);
+
+    let params = json!({"backend": flavour, "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    let applied = portfwd().apply(&t.proxy, &params).unwrap();
+    assert!(applied.changed() && !applied.failed(), "{}", applied.stdout);
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
+        "10.0.2.1".parse::<std::net::IpAddr>().unwrap(),
+        "works through FORWARD policy DROP"
+    );
+
+    let with_ours = ruleset(&t.proxy, save);
+    let foreign_now: Vec<&str> = with_ours.lines().filter(|l| !l.contains("PFWD-")).collect();
+    let foreign_before: Vec<&str> = original.lines().collect();
+    assert_eq!(
+        foreign_now, foreign_before,
+        "every foreign line byte-identical, in order"
+    );
+    assert!(
+        !portfwd().apply(&t.proxy, &params).unwrap().changed(),
+        "second run is a no-op"
+    );
+
+    let absent = portfwd()
+        .apply(&t.proxy, &json!({"backend": flavour, "state": "absent"}))
+        .unwrap();
+    assert!(absent.changed() && !absent.failed(), "{}", absent.stdout);
+    assert_eq!(absent.json["forwards"]["removed"], json!(["web"]));
+    assert_eq!(
+        ruleset(&t.proxy, save),
+        original,
+        "absent restores the exact original ruleset"
+    );
+}
+
+#[test]
+fn foreign_ruleset_with_forward_drop_nft() {
+    foreign_ruleset_survives("nft");
+}
+
+#[test]
+fn foreign_ruleset_with_forward_drop_legacy() {
+    foreign_ruleset_survives("legacy");
+}
