@@ -3,6 +3,7 @@
 
 pub mod netns;
 pub mod portfwd;
+pub mod topology;
 pub mod traffic;
 
 pub use netns::{addr, link, LabError, Netns};

@@ -108,7 +108,7 @@ fn static_warnings(config: &Config) -> Vec<String> {
             ..
         } = f.action
         {
-            warnings.push(format!("forwards[{}]: snat is none, so {addr} sees the client's address and must send its replies back through this host (make this host its gateway, or use policy routing on it)", f.name));
+            warnings.push(format!("forward {:?}: snat is none, so {addr} sees the client's address and must send its replies back through this host (make this host its gateway, or use policy routing on it)", f.name));
         }
     }
     warnings

@@ -129,6 +129,6 @@ fn localnet_warnings(config: &Config, observed: &observe::Observed) -> Vec<Strin
             !on("net/ipv4/conf/all/route_localnet".into())
                 && !f.in_interface.as_ref().is_some_and(|i| on(format!("net/ipv4/conf/{i}/route_localnet")))
         })
-        .map(|f| format!("forwards[{}]: DNAT to a loopback address only works for connections from other hosts when route_localnet=1 on the ingress interface (sysctl net.ipv4.conf.all.route_localnet)", f.name))
+        .map(|f| format!("forward {:?}: DNAT to a loopback address only works for connections from other hosts when route_localnet=1 on the ingress interface (sysctl net.ipv4.conf.all.route_localnet)", f.name))
         .collect()
 }

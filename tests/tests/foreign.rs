@@ -18,7 +18,7 @@ fn foreign_ruleset_survives(flavour: &str) {
         "legacy" => ("iptables-legacy-save", "iptables-legacy-restore"),
         _ => ("iptables-nft-save", "iptables-nft-restore"),
     };
-    let t = Topology::new();
+    let t = Topology::new().unwrap();
     let loaded = t.proxy.exec_with_input(&[restore], FOREIGN).unwrap();
     assert!(
         loaded.status.success(),
@@ -31,7 +31,7 @@ fn foreign_ruleset_survives(flavour: &str) {
         probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err(),
         "nothing forwards yet"
     );
-    let original = ruleset(&t.proxy, save);
+    let original = ruleset(&t.proxy, save).unwrap();
 
     let params = json!({"backend": flavour, "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
     let applied = portfwd().apply(&t.proxy, &params).unwrap();
@@ -42,7 +42,7 @@ fn foreign_ruleset_survives(flavour: &str) {
         "works through FORWARD policy DROP"
     );
 
-    let with_ours = ruleset(&t.proxy, save);
+    let with_ours = ruleset(&t.proxy, save).unwrap();
     let foreign_now: Vec<&str> = with_ours.lines().filter(|l| !l.contains("PFWD-")).collect();
     let foreign_before: Vec<&str> = original.lines().collect();
     assert_eq!(
@@ -60,7 +60,7 @@ fn foreign_ruleset_survives(flavour: &str) {
     assert!(absent.changed() && !absent.failed(), "{}", absent.stdout);
     assert_eq!(absent.json["forwards"]["removed"], json!(["web"]));
     assert_eq!(
-        ruleset(&t.proxy, save),
+        ruleset(&t.proxy, save).unwrap(),
         original,
         "absent restores the exact original ruleset"
     );

@@ -26,7 +26,7 @@ fn cross_host_dnat_with_masquerade_tcp_and_udp() {
     if !prerequisites() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new().unwrap();
     let _tcp = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
     let _udp = Server::start(&t.backend, Proto::Udp, sa("0.0.0.0:1234")).unwrap();
     assert!(
@@ -92,10 +92,10 @@ fn check_mode_shows_diff_and_touches_nothing() {
     if !prerequisites() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new().unwrap();
     let base = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
     assert!(portfwd().apply(&t.proxy, &base).unwrap().changed());
-    let before = ruleset(&t.proxy, "iptables-save");
+    let before = ruleset(&t.proxy, "iptables-save").unwrap();
     let forward_before = sysctl(&t.proxy, "net.ipv4.ip_forward");
 
     let changed = json!({
@@ -137,7 +137,7 @@ fn check_mode_shows_diff_and_touches_nothing() {
         Vec::<String>::new(),
         "check mode must not write"
     );
-    assert_eq!(ruleset(&t.proxy, "iptables-save"), before);
+    assert_eq!(ruleset(&t.proxy, "iptables-save").unwrap(), before);
     assert_eq!(sysctl(&t.proxy, "net.ipv4.ip_forward"), forward_before);
 
     // The CLI's --check --diff and `plan` say the same without Ansible keys.
@@ -147,7 +147,7 @@ fn check_mode_shows_diff_and_touches_nothing() {
     assert_eq!(cli.code, 0);
     assert!(cli.stdout.contains("+ forwards.ssh = "), "{}", cli.stdout);
     assert!(cli.stdout.contains("- forwards.web = "), "{}", cli.stdout);
-    assert_eq!(ruleset(&t.proxy, "iptables-save"), before);
+    assert_eq!(ruleset(&t.proxy, "iptables-save").unwrap(), before);
 }
 
 /// Seed 000 #2: REDIRECT to a local port, for other hosts and (local: true) for this host.
@@ -156,7 +156,7 @@ fn redirect_to_local_port() {
     if !prerequisites() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new().unwrap();
     let _server = Server::start(&t.proxy, Proto::Tcp, sa("0.0.0.0:1111")).unwrap();
     let params = json!({"forwards": [{"name": "r", "listen_port": 2222, "redirect_to_port": 1111, "local": true}]});
     let result = portfwd().apply(&t.proxy, &params).unwrap();
@@ -177,7 +177,7 @@ fn redirect_to_local_port() {
         "REDIRECT needs no forwarding"
     );
     // The redirect only applies to this host's addresses: transit traffic is not hijacked.
-    let rules = ruleset(&t.proxy, "iptables-save");
+    let rules = ruleset(&t.proxy, "iptables-save").unwrap();
     assert!(rules.contains("--dst-type LOCAL"), "{rules}");
 }
 
@@ -187,8 +187,8 @@ fn subnet_masquerade_gateway() {
     if !prerequisites() {
         return;
     }
-    let t = Topology::new();
-    t.client_default_route();
+    let t = Topology::new().unwrap();
+    t.client_default_route().unwrap();
     t.proxy
         .exec(&["iptables", "-P", "FORWARD", "DROP"])
         .unwrap();
@@ -217,7 +217,7 @@ fn ipv6_forward() {
     if !prerequisites() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new().unwrap();
     let _tcp = Server::start(&t.backend, Proto::Tcp, sa("[::]:1234")).unwrap();
     let _udp = Server::start(&t.backend, Proto::Udp, sa("[::]:1234")).unwrap();
     let params = json!({"forwards": [{"name": "v6", "proto": "both", "listen_port": 4321, "to": "[fd00:2::2]:1234"}]});
@@ -238,7 +238,7 @@ fn ipv6_forward() {
         ip("fd00:2::1")
     );
     assert!(
-        !ruleset(&t.proxy, "iptables-save").contains("PFWD"),
+        !ruleset(&t.proxy, "iptables-save").unwrap().contains("PFWD"),
         "no IPv4 rules for an IPv6 forward"
     );
     assert!(!portfwd().apply(&t.proxy, &params).unwrap().changed());
@@ -275,7 +275,7 @@ fn editing_one_of_fifty_keeps_other_counters_and_connections() {
     if !prerequisites() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new().unwrap();
     let _a = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
     let _b = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1235")).unwrap();
     assert!(portfwd().apply(&t.proxy, &fifty(None)).unwrap().changed());
@@ -334,10 +334,10 @@ fn bad_input_is_refused_and_nothing_changes() {
     if !prerequisites() {
         return;
     }
-    let t = Topology::new();
+    let t = Topology::new().unwrap();
     let base = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
     assert!(portfwd().apply(&t.proxy, &base).unwrap().changed());
-    let before = ruleset(&t.proxy, "iptables-save");
+    let before = ruleset(&t.proxy, "iptables-save").unwrap();
     let cases: [(Value, &str); 11] = [
         (
             json!({"forwards": [{"name": "a", "listen_port": 1, "to": "10.0.2.2", "colour": "red"}]}),
@@ -395,7 +395,7 @@ fn bad_input_is_refused_and_nothing_changes() {
             result.msg()
         );
         assert_eq!(
-            ruleset(&t.proxy, "iptables-save"),
+            ruleset(&t.proxy, "iptables-save").unwrap(),
             before,
             "{params} changed the ruleset"
         );

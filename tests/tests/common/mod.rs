@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use portfwd_harness::{addr, link, Netns, Portfwd};
+pub use portfwd_harness::topology::{ruleset, Topology};
+use portfwd_harness::Portfwd;
 
 /// Root, iproute2 and iptables are needed. Without them a test skips, except under `CI=true`
 /// where it fails: CI must never report green for tests it did not run.
@@ -64,70 +65,8 @@ pub fn portfwd() -> Portfwd {
     .clone()
 }
 
-/// client (eth0) ── (eth0) proxy (eth1) ── (eth0) backend
-///
-/// 10.0.1.2 / fd00:1::2 ─ 10.0.1.1 / fd00:1::1 │ 10.0.2.1 / fd00:2::1 ─ 10.0.2.2 / fd00:2::2
-///
-/// The backend has no route towards the client's network; the client only reaches the proxy
-/// on-link unless a test gives it a default route.
-pub struct Topology {
-    pub client: Netns,
-    pub proxy: Netns,
-    pub backend: Netns,
-}
-
-impl Topology {
-    pub fn new() -> Topology {
-        let client = Netns::new("client").expect("client ns");
-        let proxy = Netns::new("proxy").expect("proxy ns");
-        let backend = Netns::new("backend").expect("backend ns");
-        link(&client, "eth0", &proxy, "eth0").expect("link client-proxy");
-        link(&proxy, "eth1", &backend, "eth0").expect("link proxy-backend");
-        for (ns, dev, cidrs) in [
-            (&client, "eth0", ["10.0.1.2/24", "fd00:1::2/64"]),
-            (&proxy, "eth0", ["10.0.1.1/24", "fd00:1::1/64"]),
-            (&proxy, "eth1", ["10.0.2.1/24", "fd00:2::1/64"]),
-            (&backend, "eth0", ["10.0.2.2/24", "fd00:2::2/64"]),
-        ] {
-            for cidr in cidrs {
-                addr(ns, dev, cidr).expect("address");
-            }
-        }
-        Topology {
-            client,
-            proxy,
-            backend,
-        }
-    }
-
-    /// Lets the client reach the backend's network through the proxy (a gateway set-up).
-    pub fn client_default_route(&self) {
-        self.client
-            .ip(&["route", "add", "default", "via", "10.0.1.1"])
-            .expect("route");
-        self.client
-            .ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])
-            .expect("route6");
-    }
-}
-
 pub fn sa(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
-}
-
-/// `iptables-save` of a namespace without counters or `#` lines: what must stay byte-identical.
-pub fn ruleset(ns: &Netns, save: &str) -> String {
-    ns.stdout(&[save])
-        .expect("save")
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| match l.strip_prefix(':') {
-            // Chain declarations carry counters too: keep name and policy only.
-            Some(decl) => format!(":{}", decl.split(" [").next().unwrap_or(decl)),
-            None => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// A PATH directory whose iptables-restore variants log each call, then run the real tool.

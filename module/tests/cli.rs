@@ -1,0 +1,100 @@
+//! The binary's contract that needs no root: help, schema, exit codes, input errors.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn portfwd(args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portfwd"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn portfwd");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for sub in ["apply", "plan", "show", "schema"] {
+        let (code, out, _) = portfwd(&[sub, "--help"], "");
+        assert_eq!(code, 0, "{sub}");
+        assert!(out.contains("Usage: portfwd"), "{sub}: {out}");
+    }
+    let (code, out, _) = portfwd(&["--help"], "");
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("ARGS_FILE") && out.contains("Exit codes"),
+        "{out}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(portfwd(&["apply", "--bogus"], "").0, 2);
+    assert_eq!(portfwd(&["frobnicate", "x"], "").0, 2);
+}
+
+#[test]
+fn schema_is_json_schema_of_the_params() {
+    let (code, out, _) = portfwd(&["schema"], "");
+    assert_eq!(code, 0);
+    let schema: serde_json::Value = serde_json::from_str(&out).expect("schema is JSON");
+    let props = &schema["properties"];
+    for key in [
+        "state",
+        "instance",
+        "ip_forward",
+        "backend",
+        "forwards",
+        "masquerade",
+    ] {
+        assert!(props.get(key).is_some(), "{key} missing from {props}");
+    }
+    assert_eq!(schema["additionalProperties"], serde_json::json!(false));
+}
+
+#[test]
+fn invalid_params_fail_with_json_before_touching_the_system() {
+    let (code, out, _) = portfwd(
+        &["apply"],
+        r#"{"forwards":[{"name":"w","listen_port":99999,"to":"10.0.0.1"}]}"#,
+    );
+    assert_eq!(code, 1);
+    let result: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(result["failed"], serde_json::json!(true));
+    assert_eq!(result["changed"], serde_json::json!(false));
+    assert!(
+        result["msg"]
+            .as_str()
+            .unwrap()
+            .contains(r#"forwards[0].listen_port: "99999" is not a port"#),
+        "{out}"
+    );
+}
+
+#[test]
+fn ansible_args_file_mode_prints_one_json_object() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = dir.path().join("args");
+    std::fs::write(&args, r#"{"_ansible_check_mode": true, "_ansible_version": "2.19.0", "forwards": [{"name": "x", "listen_port": 1, "to": "not-an-ip"}]}"#).expect("write");
+    let (code, out, _) = portfwd(&[args.to_str().expect("utf8")], "");
+    assert_eq!(code, 1);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let result: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert!(
+        result["msg"].as_str().unwrap().contains("forwards[0].to"),
+        "{out}"
+    );
+}
