@@ -3,6 +3,7 @@
 
 pub mod netns;
 pub mod portfwd;
+pub mod shims;
 pub mod topology;
 pub mod traffic;
 

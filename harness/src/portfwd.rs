@@ -2,15 +2,18 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::Arc;
 
 use serde_json::Value;
 
 use crate::netns::{LabError, Netns};
 
-/// The `portfwd` binary under test.
+/// The `portfwd` binary under test, run with its lock, record and state files in a private
+/// temporary directory so the lab never touches the host's `/run/portfwd` or `/etc/portfwd`.
 #[derive(Debug, Clone)]
 pub struct Portfwd {
     pub bin: PathBuf,
+    sandbox: Arc<tempfile::TempDir>,
 }
 
 /// One run: the parsed result JSON (Null if stdout was not JSON), exit code and raw output.
@@ -39,30 +42,44 @@ impl Portfwd {
     /// (where cargo puts it relative to test binaries in `deps/`).
     pub fn locate() -> Result<Portfwd, LabError> {
         if let Some(bin) = std::env::var_os("PORTFWD_BIN") {
-            return Ok(Portfwd {
-                bin: PathBuf::from(bin),
-            });
+            return Portfwd::at(Path::new(&bin));
         }
         let exe =
             std::env::current_exe().map_err(|e| LabError::Traffic(format!("current_exe: {e}")))?;
-        exe.ancestors()
+        let bin = exe
+            .ancestors()
             .skip(1)
             .take(2)
             .map(|dir| dir.join("portfwd"))
-            .find(|p| p.is_file())
-            .map(|bin| Portfwd { bin })
-            .ok_or_else(|| {
-                LabError::Traffic(format!(
-                    "portfwd binary not found near {} (build it, or set PORTFWD_BIN)",
-                    exe.display()
-                ))
-            })
+            .find(|p| p.is_file());
+        match bin {
+            Some(bin) => Portfwd::at(&bin),
+            None => Err(LabError::Traffic(format!(
+                "portfwd binary not found near {} (build it, or set PORTFWD_BIN)",
+                exe.display()
+            ))),
+        }
     }
 
-    pub fn at(bin: &Path) -> Portfwd {
-        Portfwd {
+    pub fn at(bin: &Path) -> Result<Portfwd, LabError> {
+        let sandbox = tempfile::Builder::new()
+            .prefix("portfwd-lab-")
+            .tempdir()
+            .map_err(|e| LabError::Traffic(format!("tempdir: {e}")))?;
+        Ok(Portfwd {
             bin: bin.to_path_buf(),
-        }
+            sandbox: Arc::new(sandbox),
+        })
+    }
+
+    /// The state dir `persist: true` writes to in this sandbox.
+    pub fn state_dir(&self) -> PathBuf {
+        self.sandbox.path().join("state")
+    }
+
+    /// The run dir (record of added addresses); remove it to simulate a reboot.
+    pub fn run_dir(&self) -> PathBuf {
+        self.sandbox.path().join("run")
     }
 
     /// Runs `portfwd ARGS...` in `ns` with `input` on stdin and `env` set.
@@ -74,7 +91,16 @@ impl Portfwd {
         env: &[(&str, &str)],
     ) -> Result<RunResult, LabError> {
         let bin = self.bin.display().to_string();
-        let assignments: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let sandbox = [
+            ("PORTFWD_LOCK_FILE", self.sandbox.path().join("lock")),
+            ("PORTFWD_STATE_DIR", self.state_dir()),
+            ("PORTFWD_RUN_DIR", self.run_dir()),
+        ];
+        let assignments: Vec<String> = sandbox
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.display()))
+            .chain(env.iter().map(|(k, v)| format!("{k}={v}")))
+            .collect();
         let mut argv: Vec<&str> = vec!["env"];
         argv.extend(assignments.iter().map(String::as_str));
         argv.push(&bin);

@@ -1,14 +1,16 @@
-//! Executes a [`Plan`] as one transaction: every table, then every sysctl. If any step fails,
-//! everything already written is put back to the snapshot taken before the first write.
+//! Executes a [`Plan`] as one transaction across iproute2, iptables, sysctls and the stored
+//! params. If any step fails, everything already written is put back to the snapshot taken
+//! before the first write.
 //!
-//! `iptables-restore --noflush` is atomic per table only, so rollback is ours: the snapshot is
-//! the observed owned rules, and restoring it is just planning towards them.
+//! Neither `iptables-restore --noflush` (atomic per table only) nor `ip -batch` (stops half
+//! way) is a transaction across steps, so rollback is ours: the snapshot is the observed state,
+//! and restoring it is just planning towards it.
 
-use std::collections::BTreeMap;
-
+use crate::compile::Desired;
 use crate::model::Backend;
 use crate::observe::{observe, Observed};
-use crate::plan::{plan, Plan};
+use crate::plan::Plan;
+use crate::routing::{IpBatch, Routing};
 use crate::system::{restore_command, System, SystemError};
 
 /// What went wrong during an apply, and whether the host was put back.
@@ -27,88 +29,193 @@ pub enum ApplyError {
 /// The commands a plan runs, shell-like, for the result's `commands` (also in check mode).
 pub fn commands(plan: &Plan, backend: Backend) -> Vec<String> {
     let mut out = Vec::new();
+    let heredoc =
+        |out: &mut Vec<String>, command: String, body: &mut dyn Iterator<Item = String>| {
+            out.push(format!("{command} <<'EOF'"));
+            out.extend(body);
+            out.push("EOF".to_string());
+        };
+    for batch in &plan.routing.adds {
+        heredoc(
+            &mut out,
+            batch_command(batch),
+            &mut batch.lines.iter().cloned(),
+        );
+    }
     for table in &plan.tables {
-        out.push(format!(
-            "{} <<'EOF'",
-            restore_command(backend, table.family)
-        ));
-        out.extend(table.payload().lines().map(str::to_string));
-        out.push("EOF".to_string());
+        heredoc(
+            &mut out,
+            restore_command(backend, table.family),
+            &mut table.payload().lines().map(str::to_string),
+        );
     }
     for change in &plan.sysctls {
         out.push(sysctl_command(&change.key, &change.to));
     }
+    for batch in &plan.routing.dels {
+        heredoc(
+            &mut out,
+            batch_command(batch),
+            &mut batch.lines.iter().cloned(),
+        );
+    }
+    match &plan.store {
+        Some(Some(_)) => out.push("# store params for `portfwd restore`".to_string()),
+        Some(None) => out.push("# remove stored params".to_string()),
+        None => {}
+    }
     out
+}
+
+fn batch_command(batch: &IpBatch) -> String {
+    format!(
+        "ip {} -batch -",
+        if batch.family == crate::net::Family::V4 {
+            "-4"
+        } else {
+            "-6"
+        }
+    )
 }
 
 fn sysctl_command(key: &str, value: &str) -> String {
     format!("sysctl -w {}={value}", key.replace('/', "."))
 }
 
-/// Runs the plan. On failure restores the snapshot (`before`, observed at the start of the run).
+fn script(batch: &IpBatch) -> String {
+    let mut text = batch.lines.join("\n");
+    text.push('\n');
+    text
+}
+
+/// How far execution got, so rollback undoes exactly that.
+#[derive(Default)]
+struct Progress {
+    /// iproute2 or iptables may have changed (a failed `ip -batch` can stop half way).
+    touched: bool,
+    sysctls_written: usize,
+}
+
+/// Runs the plan. On failure restores `before` (observed at the start of the run).
 pub fn apply(
     plan: &Plan,
     before: &Observed,
     instance: &str,
+    protocol: u8,
     sys: &mut dyn System,
 ) -> Result<(), ApplyError> {
-    for (i, table) in plan.tables.iter().enumerate() {
-        if let Err(cause) = sys.restore(table.family, &table.payload()) {
-            let step = format!(
-                "{} {} transaction",
-                table.family.label(),
-                table.table.name()
-            );
-            // Tables before this one committed; this one did not (restore is atomic per table).
-            return Err(rollback(step, cause, i > 0, 0, plan, before, instance, sys));
-        }
+    let mut progress = Progress::default();
+    match execute(plan, instance, sys, &mut progress) {
+        Ok(()) => Ok(()),
+        Err((step, cause)) => Err(rollback(
+            step, cause, &progress, plan, before, instance, protocol, sys,
+        )),
     }
-    for (i, change) in plan.sysctls.iter().enumerate() {
-        if let Err(cause) = sys.write_sysctl(&change.key, &change.to) {
-            let step = sysctl_command(&change.key, &change.to);
-            return Err(rollback(
-                step,
-                cause,
-                !plan.tables.is_empty(),
-                i,
-                plan,
-                before,
-                instance,
-                sys,
-            ));
-        }
+}
+
+fn execute(
+    plan: &Plan,
+    instance: &str,
+    sys: &mut dyn System,
+    progress: &mut Progress,
+) -> Result<(), (String, SystemError)> {
+    let batch_step = |b: &IpBatch| format!("{} ({} lines)", batch_command(b), b.lines.len());
+    for batch in &plan.routing.adds {
+        progress.touched = true;
+        sys.ip_batch(batch.family, &script(batch))
+            .map_err(|e| (batch_step(batch), e))?;
+    }
+    for table in &plan.tables {
+        sys.restore(table.family, &table.payload()).map_err(|e| {
+            (
+                format!(
+                    "{} {} transaction",
+                    table.family.label(),
+                    table.table.name()
+                ),
+                e,
+            )
+        })?;
+        progress.touched = true;
+    }
+    for change in &plan.sysctls {
+        sys.write_sysctl(&change.key, &change.to)
+            .map_err(|e| (sysctl_command(&change.key, &change.to), e))?;
+        progress.sysctls_written += 1;
+    }
+    for batch in &plan.routing.dels {
+        progress.touched = true;
+        sys.ip_batch(batch.family, &script(batch))
+            .map_err(|e| (batch_step(batch), e))?;
+    }
+    if let Some(record) = &plan.routing.record {
+        sys.write_owned_addresses(instance, record)
+            .map_err(|e| ("recording added addresses".to_string(), e))?;
+    }
+    if let Some(stored) = &plan.store {
+        sys.write_stored(instance, stored.as_deref())
+            .map_err(|e| ("storing params".to_string(), e))?;
     }
     Ok(())
+}
+
+/// The desired state that puts the host back as it was observed.
+fn snapshot_as_desired(before: &Observed) -> Desired {
+    Desired {
+        rules: before.owned.clone(),
+        routing: Routing {
+            addresses: before.routing.owned_addresses(),
+            rules: before.routing.owned.rules.clone(),
+            routes: before.routing.owned.routes.clone(),
+        },
+        stored: before.stored.clone(),
+        ..Desired::default()
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn rollback(
     step: String,
     cause: SystemError,
-    tables_written: bool,
-    sysctls_written: usize,
+    progress: &Progress,
     plan: &Plan,
     before: &Observed,
     instance: &str,
+    protocol: u8,
     sys: &mut dyn System,
 ) -> ApplyError {
     let mut problems = Vec::new();
-    for change in plan.sysctls[..sysctls_written].iter().rev() {
+    for change in plan.sysctls[..progress.sysctls_written].iter().rev() {
         if let Some(old) = &change.from {
             if let Err(e) = sys.write_sysctl(&change.key, old) {
                 problems.push(e.to_string());
             }
         }
     }
-    if tables_written {
-        match observe(sys, instance, &[]) {
+    if progress.touched {
+        match observe(sys, instance, protocol, &[]) {
             Ok(now) => {
-                let back = plan_back(instance, before, &now);
-                for table in &back.tables {
-                    if let Err(e) = sys.restore(table.family, &table.payload()) {
-                        problems.push(e.to_string());
-                    }
+                let back =
+                    crate::plan::plan(instance, protocol, &snapshot_as_desired(before), &now);
+                let mut steps: Vec<Result<(), SystemError>> = Vec::new();
+                for batch in &back.routing.adds {
+                    steps.push(sys.ip_batch(batch.family, &script(batch)));
                 }
+                for table in &back.tables {
+                    steps.push(sys.restore(table.family, &table.payload()));
+                }
+                for batch in &back.routing.dels {
+                    steps.push(sys.ip_batch(batch.family, &script(batch)));
+                }
+                if now.routing.recorded != before.routing.recorded {
+                    steps.push(sys.write_owned_addresses(instance, &before.routing.recorded));
+                }
+                problems.extend(
+                    steps
+                        .into_iter()
+                        .filter_map(Result::err)
+                        .map(|e| e.to_string()),
+                );
             }
             Err(e) => problems.push(e.to_string()),
         }
@@ -122,9 +229,4 @@ fn rollback(
             rollback: problems.join("; "),
         }
     }
-}
-
-/// The plan that takes the host from `now` back to the owned rules of `before`.
-fn plan_back(instance: &str, before: &Observed, now: &Observed) -> Plan {
-    plan(instance, &before.owned, &BTreeMap::new(), now)
 }

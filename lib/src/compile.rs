@@ -9,6 +9,7 @@ use std::net::IpAddr;
 
 use crate::model::{Action, Config, Forward, IpForward, Masquerade, Proto, Snat, State};
 use crate::net::Family;
+use crate::routing::{IfAddr, IpRoute, IpRule, Routing};
 use crate::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule};
 
 /// What should exist after the run.
@@ -17,6 +18,10 @@ pub struct Desired {
     pub rules: OwnedRules,
     /// sysctl path under `/proc/sys` → value to ensure.
     pub sysctls: BTreeMap<String, String>,
+    /// Addresses, ip rules and routes.
+    pub routing: Routing,
+    /// The params file `persist: true` keeps (None: no file).
+    pub stored: Option<String>,
     pub warnings: Vec<String>,
 }
 
@@ -48,8 +53,64 @@ pub fn compile(config: &Config) -> Desired {
         });
     }
     compile_sysctls(config, &mut desired);
+    desired.routing = compile_routing(config);
+    desired.stored = config.persisted.clone();
     desired.warnings.extend(static_warnings(config));
     desired
+}
+
+/// Addresses as given; one rule per policy route (a stable priority when none is given);
+/// its routes in its table, shared tables merged.
+fn compile_routing(config: &Config) -> Routing {
+    let addresses = config
+        .addresses
+        .iter()
+        .map(|a| IfAddr {
+            addr: a.addr,
+            prefix: a.prefix,
+            dev: a.dev.clone(),
+            label: a.label.clone(),
+        })
+        .collect();
+    let mut rules = Vec::new();
+    let mut routes: Vec<IpRoute> = Vec::new();
+    for p in &config.policy_routes {
+        let mut rule = IpRule {
+            family: p.family,
+            priority: 0,
+            from: p.from,
+            to: p.to,
+            fwmark: p.fwmark,
+            iif: p.iif.clone(),
+            table: p.table,
+        };
+        rule.priority = p
+            .priority
+            .unwrap_or_else(|| stable_priority(&config.instance, &rule));
+        rules.push(rule);
+        for r in &p.routes {
+            let route = IpRoute {
+                family: p.family,
+                table: p.table,
+                to: r.to,
+                via: r.via,
+                dev: r.dev.clone(),
+            };
+            if !routes.contains(&route) {
+                routes.push(route);
+            }
+        }
+    }
+    Routing {
+        addresses,
+        rules,
+        routes,
+    }
+}
+
+/// 10000-29999 from the rule's selector: stable across runs and list order, below main (32766).
+fn stable_priority(instance: &str, rule: &IpRule) -> u32 {
+    10_000 + fnv1a(instance.as_bytes(), &[rule.to_string()], &[]) % 20_000
 }
 
 /// The jump from a built-in chain into the instance's chain.
@@ -91,6 +152,20 @@ fn compile_sysctls(config: &Config, desired: &mut Desired) {
         desired
             .sysctls
             .insert(family.forwarding_sysctl().to_string(), value.to_string());
+    }
+    // DNAT to 127.0.0.0/8 from other hosts needs route_localnet on the ingress interface.
+    if config.ip_forward == IpForward::Auto {
+        for f in config.forwards.iter().filter(|f| f.dnats_to_loopback()) {
+            let dev = f
+                .in_interface
+                .as_deref()
+                .filter(|i| !i.ends_with('+'))
+                .unwrap_or("all");
+            desired.sysctls.insert(
+                format!("net/ipv4/conf/{dev}/route_localnet"),
+                "1".to_string(),
+            );
+        }
     }
 }
 

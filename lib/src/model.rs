@@ -166,6 +166,20 @@ pub struct Params {
     /// Source NAT for whole subnets (a gateway), in rule order.
     #[serde(default)]
     pub masquerade: Vec<MasqueradeParams>,
+    /// Addresses to ensure on interfaces (e.g. the alias a source-preserving forward targets).
+    #[serde(default)]
+    pub addresses: Vec<AddressParams>,
+    /// Policy routing: one `ip rule` per entry, with routes installed in its table.
+    #[serde(default)]
+    pub policy_routes: Vec<PolicyRouteParams>,
+    /// Store the params under the state dir so `portfwd restore` re-applies them at boot.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub persist: bool,
+    /// Protocol number that marks this instance's ip rules and routes (default: derived from
+    /// the instance name, in 200-249). 0-4 are reserved by the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 5, max = 255))]
+    pub route_protocol: Option<u8>,
 }
 
 impl Default for Params {
@@ -177,6 +191,10 @@ impl Default for Params {
             backend: Backend::Auto,
             forwards: Vec::new(),
             masquerade: Vec::new(),
+            addresses: Vec::new(),
+            policy_routes: Vec::new(),
+            persist: false,
+            route_protocol: None,
         }
     }
 }
@@ -240,6 +258,120 @@ pub struct MasqueradeParams {
     pub allow_forward: bool,
 }
 
+/// An address to ensure on an interface.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddressParams {
+    /// Interface address with its prefix length, e.g. `10.10.10.10/24`.
+    pub address: String,
+    /// The interface.
+    pub dev: String,
+    /// IPv4 only: a label starting with the device name, like `eth0:1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+/// One `ip rule` and the routes of its table.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRouteParams {
+    /// Source prefix the rule matches (CIDR, or an address for a single host).
+    pub from: String,
+    /// Destination prefix the rule matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Routing table, 1-4294967295 except 253, 254 and 255 (default, main, local).
+    #[schemars(schema_with = "table_schema")]
+    pub table: Value,
+    /// Rule priority 1-32765; a stable one is derived from the rule when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "priority_schema")]
+    pub priority: Option<Value>,
+    /// Firewall mark to match: `16`, `"0x10"` or `"0x10/0xff"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "fwmark_schema")]
+    pub fwmark: Option<Value>,
+    /// Incoming interface to match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iif: Option<String>,
+    /// Routes installed in `table`.
+    #[serde(default)]
+    pub routes: Vec<RouteParams>,
+}
+
+/// A route inside a policy routing table.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteParams {
+    /// `default` or a CIDR.
+    pub to: String,
+    /// Gateway address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// Outgoing interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev: Option<String>,
+}
+
+fn table_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "routing table 1-4294967295, not 253, 254 or 255",
+        "oneOf": [{"type": "integer", "minimum": 1, "maximum": 4294967295u64}, {"type": "string", "pattern": "^[0-9]+$"}]
+    })
+}
+
+fn priority_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "rule priority 1-32765",
+        "oneOf": [{"type": "integer", "minimum": 1, "maximum": 32765}, {"type": "string", "pattern": "^[0-9]+$"}]
+    })
+}
+
+fn fwmark_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "firewall mark: a number, \"0xVALUE\" or \"0xVALUE/0xMASK\"",
+        "oneOf": [{"type": "integer", "minimum": 0, "maximum": 4294967295u64}, {"type": "string", "pattern": "^(0x[0-9a-fA-F]+|[0-9]+)(/(0x[0-9a-fA-F]+|[0-9]+))?$"}]
+    })
+}
+
+/// A validated interface address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    pub addr: IpAddr,
+    pub prefix: u8,
+    pub dev: String,
+    pub label: Option<String>,
+}
+
+impl Address {
+    /// `10.10.10.10/24`, as iproute2 takes it.
+    pub fn cidr_text(&self) -> String {
+        format!("{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A validated policy route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRoute {
+    pub family: Family,
+    pub from: Cidr,
+    pub to: Option<Cidr>,
+    pub table: u32,
+    pub priority: Option<u32>,
+    /// (mark, mask)
+    pub fwmark: Option<(u32, u32)>,
+    pub iif: Option<String>,
+    pub routes: Vec<Route>,
+}
+
+/// A validated route; `to: None` is the default route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub to: Option<Cidr>,
+    pub via: Option<IpAddr>,
+    pub dev: Option<String>,
+}
+
 /// How a DNAT forward rewrites the source address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Snat {
@@ -286,6 +418,11 @@ impl Forward {
         }
     }
 
+    /// DNAT to 127.0.0.0/8 (needs route_localnet for traffic from other hosts).
+    pub fn dnats_to_loopback(&self) -> bool {
+        matches!(self.action, Action::Dnat { addr: IpAddr::V4(a), .. } if a.is_loopback())
+    }
+
     /// Does this forward route packets between interfaces (so it needs ip_forward)?
     pub fn needs_forwarding(&self) -> bool {
         matches!(self.action, Action::Dnat { .. })
@@ -317,6 +454,12 @@ pub struct Config {
     pub backend: Backend,
     pub forwards: Vec<Forward>,
     pub masquerades: Vec<Masquerade>,
+    pub addresses: Vec<Address>,
+    pub policy_routes: Vec<PolicyRoute>,
+    pub persist: bool,
+    pub route_protocol: u8,
+    /// The params as `persist: true` stores them (None when not persisting).
+    pub persisted: Option<String>,
 }
 
 /// Options the caller passes next to the params (Ansible's `_ansible_*` keys or CLI flags).
@@ -406,6 +549,20 @@ impl Params {
                 validate_masquerade(&path, m, &mut errors)
             })
             .collect();
+        let addresses = validate_addresses(&self.addresses, &mut errors);
+        let policy_routes = validate_policy_routes(&self.policy_routes, &mut errors);
+        let route_protocol = match self.route_protocol {
+            Some(p) if p <= 4 => {
+                errors.push(
+                    "route_protocol",
+                    &p.to_string(),
+                    "is reserved by the kernel (use 5-255)".into(),
+                );
+                0
+            }
+            Some(p) => p,
+            None => default_route_protocol(&self.instance),
+        };
         errors.finish()?;
         Ok(Config {
             state: self.state,
@@ -414,6 +571,12 @@ impl Params {
             backend: self.backend,
             forwards,
             masquerades,
+            addresses,
+            policy_routes,
+            persist: self.persist,
+            route_protocol,
+            persisted: (self.persist && self.state == State::Present)
+                .then(|| serde_json::to_string_pretty(self).unwrap_or_default()),
         })
     }
 }
@@ -757,6 +920,297 @@ fn validate_masquerade(
         to_source,
         allow_forward: m.allow_forward,
     })
+}
+
+/// 200-249, from the instance name: stable across runs and releases (FNV-1a).
+pub fn default_route_protocol(instance: &str) -> u8 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in instance.bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    200 + (hash % 50) as u8
+}
+
+/// An interface address: `ADDR/LEN` with host bits allowed (that is the point of it).
+fn parse_interface_address(path: &str, text: &str, errors: &mut Errors) -> Option<(IpAddr, u8)> {
+    let Some((a, p)) = text.split_once('/') else {
+        errors.push(
+            path,
+            text,
+            "needs a prefix length, like 10.10.10.10/24".into(),
+        );
+        return None;
+    };
+    let addr = parse_ip(path, a, errors)?;
+    match p.parse::<u8>() {
+        Ok(prefix)
+            if !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && prefix <= Family::of(&addr).host_prefix() =>
+        {
+            Some((addr, prefix))
+        }
+        _ => {
+            errors.push(path, text, "has an invalid prefix length".into());
+            None
+        }
+    }
+}
+
+fn validate_addresses(list: &[AddressParams], errors: &mut Errors) -> Vec<Address> {
+    let mut out: Vec<Address> = Vec::new();
+    for (i, a) in list.iter().enumerate() {
+        let path = format!("addresses[{i}]");
+        let before = errors.0.len();
+        let parsed = parse_interface_address(&format!("{path}.address"), &a.address, errors);
+        check_interface(&format!("{path}.dev"), &Some(a.dev.clone()), errors);
+        if a.dev.ends_with('+') {
+            errors.push(
+                &format!("{path}.dev"),
+                &a.dev,
+                "must name one interface, not a wildcard".into(),
+            );
+        }
+        if let Some(label) = &a.label {
+            let ok = label.starts_with(a.dev.as_str())
+                && valid_token(label, 15, |c| {
+                    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':')
+                });
+            if !ok {
+                errors.push(&format!("{path}.label"), label, "must start with the device name and use [A-Za-z0-9_.:-], at most 15 characters (like eth0:1)".into());
+            }
+            if parsed.is_some_and(|(addr, _)| addr.is_ipv6()) {
+                errors.push(
+                    &format!("{path}.label"),
+                    label,
+                    "applies to IPv4 addresses only".into(),
+                );
+            }
+        }
+        if errors.0.len() != before {
+            continue;
+        }
+        let Some((addr, prefix)) = parsed else {
+            continue;
+        };
+        if out.iter().any(|o| o.addr == addr && o.dev == a.dev) {
+            errors.push(
+                &format!("{path}.address"),
+                &a.address,
+                "is listed twice on the same device".into(),
+            );
+            continue;
+        }
+        out.push(Address {
+            addr,
+            prefix,
+            dev: a.dev.clone(),
+            label: a.label.clone(),
+        });
+    }
+    out
+}
+
+fn parse_u32(path: &str, value: &Value, what: &str, errors: &mut Errors) -> Option<u32> {
+    let n = match value {
+        Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        Value::String(s)
+            if !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            s.parse().ok()
+        }
+        _ => None,
+    };
+    if n.is_none() {
+        errors.push(path, &value_text(value), format!("is not {what}"));
+    }
+    n
+}
+
+fn parse_mark_number(text: &str) -> Option<u32> {
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) if !hex.is_empty() && hex.len() <= 8 => u32::from_str_radix(hex, 16).ok(),
+        Some(_) => None,
+        None if !text.is_empty()
+            && text.len() <= 10
+            && text.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            text.parse().ok()
+        }
+        None => None,
+    }
+}
+
+fn parse_fwmark(path: &str, value: &Value, errors: &mut Errors) -> Option<(u32, u32)> {
+    let mark = match value {
+        Value::Number(n) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(|m| (m, u32::MAX)),
+        Value::String(s) => match s.split_once('/') {
+            Some((m, k)) => parse_mark_number(m).zip(parse_mark_number(k)),
+            None => parse_mark_number(s).map(|m| (m, u32::MAX)),
+        },
+        _ => None,
+    };
+    if mark.is_none() {
+        errors.push(
+            path,
+            &value_text(value),
+            "is not a firewall mark (16, \"0x10\" or \"0x10/0xff\")".into(),
+        );
+    }
+    mark
+}
+
+fn validate_policy_routes(list: &[PolicyRouteParams], errors: &mut Errors) -> Vec<PolicyRoute> {
+    let mut out: Vec<PolicyRoute> = Vec::new();
+    for (i, p) in list.iter().enumerate() {
+        let path = format!("policy_routes[{i}]");
+        let before = errors.0.len();
+        let mut families = FamilyCheck {
+            path: &path,
+            seen: None,
+        };
+        let from = parse_cidr(&format!("{path}.from"), &p.from, errors);
+        if let Some(c) = from {
+            families.note("from", c.family(), errors, &p.from);
+        }
+        let to = p.to.as_ref().and_then(|t| {
+            let c = parse_cidr(&format!("{path}.to"), t, errors)?;
+            families.note("to", c.family(), errors, t);
+            Some(c)
+        });
+        let table = parse_u32(
+            &format!("{path}.table"),
+            &p.table,
+            "a routing table (1-4294967295)",
+            errors,
+        )
+        .and_then(|t| {
+            if t == 0 || (253..=255).contains(&t) {
+                errors.push(
+                    &format!("{path}.table"),
+                    &t.to_string(),
+                    "is reserved (0 unspec, 253 default, 254 main, 255 local)".into(),
+                );
+                None
+            } else {
+                Some(t)
+            }
+        });
+        let priority = p.priority.as_ref().and_then(|v| {
+            let n = parse_u32(
+                &format!("{path}.priority"),
+                v,
+                "a rule priority (1-32765)",
+                errors,
+            )?;
+            if (1..=32765).contains(&n) {
+                Some(n)
+            } else {
+                errors.push(
+                    &format!("{path}.priority"),
+                    &n.to_string(),
+                    "is outside 1-32765 (0 is the local table's rule, 32766+ main and default)"
+                        .into(),
+                );
+                None
+            }
+        });
+        let fwmark = p
+            .fwmark
+            .as_ref()
+            .and_then(|v| parse_fwmark(&format!("{path}.fwmark"), v, errors));
+        check_interface(&format!("{path}.iif"), &p.iif, errors);
+        let mut routes: Vec<Route> = Vec::new();
+        for (j, r) in p.routes.iter().enumerate() {
+            let rpath = format!("{path}.routes[{j}]");
+            let dest = if r.to == "default" {
+                Some(None)
+            } else {
+                parse_cidr(&format!("{rpath}.to"), &r.to, errors).map(Some)
+            };
+            if let Some(Some(c)) = dest {
+                families.note(&format!("routes[{j}].to"), c.family(), errors, &r.to);
+            }
+            let via = r.via.as_ref().and_then(|v| {
+                let ip = parse_ip(&format!("{rpath}.via"), v, errors)?;
+                families.note(&format!("routes[{j}].via"), Family::of(&ip), errors, v);
+                Some(ip)
+            });
+            check_interface(&format!("{rpath}.dev"), &r.dev, errors);
+            if r.via.is_none() && r.dev.is_none() {
+                errors
+                    .0
+                    .push(format!("{rpath}: needs `via`, `dev` or both"));
+            }
+            if let Some(to) = dest {
+                if routes.iter().any(|o| o.to == to) {
+                    errors.push(
+                        &format!("{rpath}.to"),
+                        &r.to,
+                        "is listed twice in this table".into(),
+                    );
+                }
+                routes.push(Route {
+                    to,
+                    via,
+                    dev: r.dev.clone(),
+                });
+            }
+        }
+        if errors.0.len() != before {
+            continue;
+        }
+        let (Some(from), Some(table)) = (from, table) else {
+            continue;
+        };
+        let family = families.seen.map_or(Family::V4, |(f, _)| f);
+        let entry = PolicyRoute {
+            family,
+            from,
+            to,
+            table,
+            priority,
+            fwmark,
+            iif: p.iif.clone(),
+            routes,
+        };
+        for other in &out {
+            if other.table == entry.table && other.family == entry.family {
+                for r in &entry.routes {
+                    if other.routes.iter().any(|o| o.to == r.to && o != r) {
+                        errors.0.push(format!("{path}.routes: a different route to {} in table {} is already given by another entry", r.to.map_or("default".to_string(), |c| c.to_string()), entry.table));
+                    }
+                }
+            }
+            if (
+                other.family,
+                other.from,
+                other.to,
+                other.table,
+                other.priority,
+                other.fwmark,
+                &other.iif,
+            ) == (
+                entry.family,
+                entry.from,
+                entry.to,
+                entry.table,
+                entry.priority,
+                entry.fwmark,
+                &entry.iif,
+            ) {
+                errors
+                    .0
+                    .push(format!("{path}: the same rule is listed twice"));
+            }
+        }
+        out.push(entry);
+    }
+    out
 }
 
 /// The JSON Schema of [`Params`], for `portfwd schema`.

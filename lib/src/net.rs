@@ -47,7 +47,7 @@ impl Family {
 }
 
 /// An address with a prefix length whose host bits are zero (`10.0.0.0/24`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cidr {
     pub addr: IpAddr,
     pub prefix: u8,

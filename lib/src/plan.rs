@@ -7,18 +7,23 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::compile::{KIND_FORWARD, KIND_MASQUERADE};
+use crate::compile::{Desired, KIND_FORWARD, KIND_MASQUERADE};
 use crate::net::Family;
 use crate::observe::params_view::entry_of;
 use crate::observe::Observed;
+use crate::routing::{plan_routing, RoutingPlan};
 use crate::rules::{Hook, OwnedChain, OwnedRules, Table};
 
-/// Everything a run would change.
+/// Everything a run would change, in execution order: iproute2 additions, iptables tables,
+/// sysctls, iproute2 removals, then the stored params (make before break).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// One `iptables-restore --noflush` transaction each, in execution order.
+    /// One `iptables-restore --noflush` transaction each.
     pub tables: Vec<TablePlan>,
     pub sysctls: Vec<SysctlChange>,
+    pub routing: RoutingPlan,
+    /// `Some(new content)` when the stored params file changes (`Some(None)`: remove it).
+    pub store: Option<Option<String>>,
     pub forwards: EntryChanges,
     pub masquerade: EntryChanges,
     pub warnings: Vec<String>,
@@ -68,8 +73,13 @@ impl EntryChanges {
 }
 
 impl Plan {
+    /// True when the host would not change (a pruned address record alone is housekeeping).
     pub fn is_empty(&self) -> bool {
-        self.tables.is_empty() && self.sysctls.is_empty()
+        self.tables.is_empty()
+            && self.sysctls.is_empty()
+            && self.routing.adds.is_empty()
+            && self.routing.dels.is_empty()
+            && self.store.is_none()
     }
 
     /// Lines written to iptables, all tables together (the unit of "minimal").
@@ -78,8 +88,19 @@ impl Plan {
     }
 }
 
-/// Diffs desired rules and sysctls against what was observed.
-pub fn plan(
+/// Diffs the desired state against what was observed.
+pub fn plan(instance: &str, protocol: u8, desired: &Desired, observed: &Observed) -> Plan {
+    let mut plan = plan_rules(instance, &desired.rules, &desired.sysctls, observed);
+    plan.routing = plan_routing(&desired.routing, &observed.routing, protocol);
+    plan.warnings.extend(plan.routing.warnings.iter().cloned());
+    if desired.stored != observed.stored {
+        plan.store = Some(desired.stored.clone());
+    }
+    plan
+}
+
+/// The iptables and sysctl part of the diff.
+pub fn plan_rules(
     instance: &str,
     desired: &OwnedRules,
     sysctls: &BTreeMap<String, String>,
@@ -142,6 +163,7 @@ pub fn plan(
         forwards: entry_changes(instance, KIND_FORWARD, desired, &observed.owned),
         masquerade: entry_changes(instance, KIND_MASQUERADE, desired, &observed.owned),
         warnings,
+        ..Plan::default()
     }
 }
 
@@ -392,7 +414,7 @@ mod tests {
     #[test]
     fn second_run_is_empty() {
         let want = desired(&FIFTY(usize::MAX));
-        let p = plan("portfwd", &want, &BTreeMap::new(), &observed_from(&want));
+        let p = plan_rules("portfwd", &want, &BTreeMap::new(), &observed_from(&want));
         assert!(p.is_empty(), "{p:?}");
         assert_eq!(p.forwards.count(), 0);
     }
@@ -401,7 +423,7 @@ mod tests {
     fn editing_one_of_fifty_touches_only_its_rules() {
         let before = desired(&FIFTY(usize::MAX));
         let after = desired(&FIFTY(7));
-        let p = plan("portfwd", &after, &BTreeMap::new(), &observed_from(&before));
+        let p = plan_rules("portfwd", &after, &BTreeMap::new(), &observed_from(&before));
         assert_eq!(p.forwards.updated, vec!["f7"]);
         assert_eq!(p.forwards.added.len() + p.forwards.removed.len(), 0);
         let all: Vec<&String> = p.tables.iter().flat_map(|t| &t.lines).collect();
@@ -422,9 +444,9 @@ mod tests {
         );
         let mut empty = Observed::default();
         empty.builtin_len.insert((Family::V4, Hook::Prerouting), 3);
-        let first = plan("portfwd", &want, &BTreeMap::new(), &empty);
+        let first = plan_rules("portfwd", &want, &BTreeMap::new(), &empty);
         assert_eq!(first.forwards.added, vec!["web"]);
-        let removal = plan(
+        let removal = plan_rules(
             "portfwd",
             &OwnedRules::default(),
             &BTreeMap::new(),
@@ -459,7 +481,7 @@ mod tests {
             .builtin_len
             .insert((Family::V4, Hook::Prerouting), 2);
         observed.builtin_len.insert((Family::V4, Hook::Forward), 9);
-        let p = plan("portfwd", &want, &BTreeMap::new(), &observed);
+        let p = plan_rules("portfwd", &want, &BTreeMap::new(), &observed);
         let lines: Vec<&String> = p.tables.iter().flat_map(|t| &t.lines).collect();
         assert_eq!(
             lines,
@@ -483,7 +505,7 @@ mod tests {
             ("net/ipv4/ip_forward".to_string(), "1".to_string()),
             ("net/ipv6/conf/all/forwarding".to_string(), "1".to_string()),
         ]);
-        let p = plan("portfwd", &OwnedRules::default(), &want, &observed);
+        let p = plan_rules("portfwd", &OwnedRules::default(), &want, &observed);
         assert_eq!(
             p.sysctls,
             vec![SysctlChange {

@@ -81,6 +81,13 @@ pub fn summary(plan: &Plan) -> String {
             ));
         }
     }
+    let r = &plan.routing.changes;
+    if !r.is_empty() {
+        parts.push(format!(
+            "addresses: {} added, {} removed; ip rules: {} added, {} removed; routes: {} added, {} replaced, {} removed",
+            r.addresses_added, r.addresses_removed, r.rules_added, r.rules_removed, r.routes_added, r.routes_replaced, r.routes_removed
+        ));
+    }
     for change in &plan.sysctls {
         parts.push(format!(
             "{} {} -> {}",
@@ -89,32 +96,58 @@ pub fn summary(plan: &Plan) -> String {
             change.to
         ));
     }
-    let moved = plan.payload_lines() > 0 && plan.forwards.count() + plan.masquerade.count() == 0;
+    match &plan.store {
+        Some(Some(_)) => parts.push("params stored for portfwd restore".to_string()),
+        Some(None) => parts.push("stored params removed".to_string()),
+        None => {}
+    }
+    let moved = !plan.tables.is_empty() && plan.forwards.count() + plan.masquerade.count() == 0;
     if moved {
         parts.push("owned rules repaired (order, jumps or stray rules)".to_string());
     }
     parts.join("; ")
 }
 
+fn entry_line<T: Serialize>(out: &mut String, key: &str, entry: &T, drop: &[&str]) {
+    let mut v = serde_json::to_value(entry).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut v {
+        for field in drop {
+            map.remove(*field);
+        }
+    }
+    out.push_str(&format!("{key} = {v}\n"));
+}
+
 /// The state as one line per entry (`forwards.web = {...}`), plus managed sysctls.
 pub fn state_text(params: &Params, sysctls: &[(String, String)]) -> String {
     let mut out = String::new();
     for f in &params.forwards {
-        let mut v = serde_json::to_value(f).unwrap_or(Value::Null);
-        if let Value::Object(map) = &mut v {
-            map.remove("name");
-        }
-        out.push_str(&format!("forwards.{} = {v}\n", f.name));
+        entry_line(&mut out, &format!("forwards.{}", f.name), f, &["name"]);
     }
     for m in &params.masquerade {
-        let mut v = serde_json::to_value(m).unwrap_or(Value::Null);
-        if let Value::Object(map) = &mut v {
-            map.remove("name");
-        }
-        out.push_str(&format!("masquerade.{} = {v}\n", m.name));
+        entry_line(&mut out, &format!("masquerade.{}", m.name), m, &["name"]);
+    }
+    for a in &params.addresses {
+        entry_line(
+            &mut out,
+            &format!("addresses[{} {}]", a.dev, a.address),
+            a,
+            &["dev", "address"],
+        );
+    }
+    for p in &params.policy_routes {
+        entry_line(
+            &mut out,
+            &format!("policy_routes[from {} table {}]", p.from, p.table),
+            p,
+            &["from", "table"],
+        );
     }
     for (key, value) in sysctls {
         out.push_str(&format!("sysctl {} = {value}\n", key.replace('/', ".")));
+    }
+    if params.persist {
+        out.push_str("persist = true\n");
     }
     out
 }

@@ -3,8 +3,10 @@
 //! [`RealSystem`] runs the real tools, found through `PATH` so tests can put shims in front of
 //! them. Tests of the planner use a recording fake instead.
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -51,6 +53,36 @@ pub trait System {
     /// A sysctl under `/proc/sys` (`net/ipv4/ip_forward`); None when it does not exist.
     fn read_sysctl(&mut self, key: &str) -> Result<Option<String>, SystemError>;
     fn write_sysctl(&mut self, key: &str, value: &str) -> Result<(), SystemError>;
+    /// `ip -N -j ARGS...`: a read, JSON on stdout.
+    fn ip_json(&mut self, args: &[&str]) -> Result<String, SystemError>;
+    /// `ip -4|-6 -batch -` with the script on stdin.
+    fn ip_batch(&mut self, family: Family, script: &str) -> Result<(), SystemError>;
+    /// The addresses (`dev addr/prefix`) this instance added in this network namespace.
+    fn read_owned_addresses(&mut self, instance: &str) -> Result<BTreeSet<String>, SystemError>;
+    fn write_owned_addresses(
+        &mut self,
+        instance: &str,
+        keys: &BTreeSet<String>,
+    ) -> Result<(), SystemError>;
+    /// The params stored by `persist: true`, if any.
+    fn read_stored(&mut self, instance: &str) -> Result<Option<String>, SystemError>;
+    /// Stores params (`Some`) or removes the stored file (`None`).
+    fn write_stored(&mut self, instance: &str, params: Option<&str>) -> Result<(), SystemError>;
+}
+
+/// Where `persist: true` stores params: `--state-dir`, else `PORTFWD_STATE_DIR`, else `/etc/portfwd`.
+pub fn default_state_dir() -> PathBuf {
+    std::env::var_os("PORTFWD_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/portfwd"))
+}
+
+/// Where runtime records live: `PORTFWD_RUN_DIR`, else `/run/portfwd` (tmpfs, so the record
+/// of added addresses is forgotten at reboot, exactly when the addresses themselves vanish).
+pub fn default_run_dir() -> PathBuf {
+    std::env::var_os("PORTFWD_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/portfwd"))
 }
 
 /// The restore command line as shown in results (`commands`).
@@ -77,10 +109,12 @@ fn tool_name(backend: Backend, family: Family, verb: &str) -> String {
     }
 }
 
-/// The host, through real commands and `/proc/sys`.
+/// The host, through real commands, `/proc/sys` and portfwd's own files.
 pub struct RealSystem {
     backend: Backend,
     sysctl_root: PathBuf,
+    state_dir: PathBuf,
+    run_dir: PathBuf,
 }
 
 impl RealSystem {
@@ -88,7 +122,58 @@ impl RealSystem {
         RealSystem {
             backend,
             sysctl_root: PathBuf::from("/proc/sys"),
+            state_dir: default_state_dir(),
+            run_dir: default_run_dir(),
         }
+    }
+
+    pub fn with_state_dir(mut self, dir: PathBuf) -> RealSystem {
+        self.state_dir = dir;
+        self
+    }
+
+    /// Instances with stored params, sorted, for `portfwd restore`.
+    pub fn stored_instances(&self) -> Result<Vec<String>, SystemError> {
+        let io = |source| SystemError::Io {
+            path: self.state_dir.display().to_string(),
+            source,
+        };
+        let entries = match std::fs::read_dir(&self.state_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(e)),
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".json")
+                    .map(str::to_string)
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn stored_path(&self, instance: &str) -> PathBuf {
+        self.state_dir.join(format!("{instance}.json"))
+    }
+
+    /// The record file, keyed by network namespace so namespaces sharing `/run` stay apart.
+    fn record_path(&self, instance: &str) -> Result<PathBuf, SystemError> {
+        let link = std::fs::read_link("/proc/self/ns/net").map_err(|source| SystemError::Io {
+            path: "/proc/self/ns/net".into(),
+            source,
+        })?;
+        let id: String = link
+            .to_string_lossy()
+            .chars()
+            .filter(char::is_ascii_digit)
+            .collect();
+        Ok(self
+            .run_dir
+            .join(format!("{instance}.netns-{id}.addresses")))
     }
 
     fn run(
@@ -172,6 +257,97 @@ impl System for RealSystem {
             source,
         })
     }
+
+    fn ip_json(&mut self, args: &[&str]) -> Result<String, SystemError> {
+        let mut full = vec!["-N", "-j"];
+        full.extend_from_slice(args);
+        self.run("ip", &full, None).map(|(out, _)| out)
+    }
+
+    fn ip_batch(&mut self, family: Family, script: &str) -> Result<(), SystemError> {
+        let flag = match family {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        };
+        self.run("ip", &[flag, "-batch", "-"], Some(script))
+            .map(drop)
+    }
+
+    fn read_owned_addresses(&mut self, instance: &str) -> Result<BTreeSet<String>, SystemError> {
+        let path = self.record_path(instance)?;
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(serde_json::from_str(&text).unwrap_or_default()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(BTreeSet::new()),
+            Err(source) => Err(SystemError::Io {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    fn write_owned_addresses(
+        &mut self,
+        instance: &str,
+        keys: &BTreeSet<String>,
+    ) -> Result<(), SystemError> {
+        let path = self.record_path(instance)?;
+        if keys.is_empty() {
+            return remove_if_present(&path);
+        }
+        let text = serde_json::to_string(keys).unwrap_or_default();
+        write_private(&self.run_dir, &path, &text)
+    }
+
+    fn read_stored(&mut self, instance: &str) -> Result<Option<String>, SystemError> {
+        let path = self.stored_path(instance);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(SystemError::Io {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    fn write_stored(&mut self, instance: &str, params: Option<&str>) -> Result<(), SystemError> {
+        let path = self.stored_path(instance);
+        match params {
+            Some(text) => write_private(&self.state_dir, &path, text),
+            None => remove_if_present(&path),
+        }
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<(), SystemError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(SystemError::Io {
+            path: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// Writes `text` to `path` atomically (temp file + rename) with mode 0600, creating `dir`
+/// with mode 0700 when missing.
+fn write_private(dir: &Path, path: &Path, text: &str) -> Result<(), SystemError> {
+    let io = |source| SystemError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+    }
+    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    file.write_all(text.as_bytes()).map_err(io)?;
+    file.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
 }
 
 /// An exclusive lock held for a whole run, so concurrent runs are serialised, not interleaved.

@@ -26,7 +26,7 @@ use portfwd::system::{RealSystem, RunLock};
         Ansible's _ansible_* keys (check and diff mode are honoured).\n\n\
         Exit codes: 0 success (changed or not), 1 the run failed (the JSON says failed: true and why), \
         2 usage error.",
-    after_help = "Environment: PORTFWD_LOCK_FILE (default /run/portfwd.lock). Tools are found on PATH."
+    after_help = "Environment: PORTFWD_LOCK_FILE (default /run/portfwd.lock), PORTFWD_STATE_DIR (default /etc/portfwd), PORTFWD_RUN_DIR (default /run/portfwd: the record of addresses portfwd added). Tools are found on PATH."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -62,6 +62,18 @@ enum Command {
         /// iptables flavour to read.
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
+        /// The instance's route_protocol, when it set one.
+        #[arg(long)]
+        route_protocol: Option<u8>,
+    },
+    /// Re-apply every instance stored with `persist: true` (run at boot by portfwd-restore.service).
+    Restore {
+        /// Directory of stored params [default: $PORTFWD_STATE_DIR or /etc/portfwd].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Seconds to wait for another portfwd run to finish.
+        #[arg(long, default_value_t = 30)]
+        lock_timeout: u64,
     },
     /// Print the JSON Schema of the params.
     Schema,
@@ -75,6 +87,9 @@ struct Input {
     /// Seconds to wait for another portfwd run to finish.
     #[arg(long, default_value_t = 30)]
     lock_timeout: u64,
+    /// Where `persist: true` stores params [default: $PORTFWD_STATE_DIR or /etc/portfwd].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -94,14 +109,14 @@ impl From<BackendArg> for Backend {
     }
 }
 
-const SUBCOMMANDS: [&str; 5] = ["apply", "plan", "show", "schema", "help"];
+const SUBCOMMANDS: [&str; 6] = ["apply", "plan", "show", "schema", "restore", "help"];
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
     // Ansible runs a binary module as `MODULE ARGS_FILE`.
     if argv.len() == 2 && !argv[1].starts_with('-') && !SUBCOMMANDS.contains(&argv[1].as_str()) {
         let report = match std::fs::read_to_string(&argv[1]) {
-            Ok(text) => converge(&text, RunMode::default(), 30),
+            Ok(text) => converge(&text, RunMode::default(), 30, None),
             Err(e) => Report::failure(format!("cannot read args file {}: {e}", argv[1])),
         };
         return emit(&report);
@@ -110,7 +125,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Apply { input, check, diff } => {
             let report = match read_input(&input) {
-                Ok(text) => converge(&text, RunMode { check, diff }, input.lock_timeout),
+                Ok(text) => converge(
+                    &text,
+                    RunMode { check, diff },
+                    input.lock_timeout,
+                    input.state_dir.clone(),
+                ),
                 Err(msg) => Report::failure(msg),
             };
             emit(&report)
@@ -124,6 +144,7 @@ fn main() -> ExitCode {
                         diff: true,
                     },
                     input.lock_timeout,
+                    input.state_dir.clone(),
                 ),
                 Err(msg) => Report::failure(msg),
             };
@@ -133,9 +154,17 @@ fn main() -> ExitCode {
             print_plan(&report);
             ExitCode::SUCCESS
         }
-        Command::Show { instance, backend } => {
+        Command::Restore {
+            state_dir,
+            lock_timeout,
+        } => restore(state_dir, lock_timeout),
+        Command::Show {
+            instance,
+            backend,
+            route_protocol,
+        } => {
             let mut sys = RealSystem::new(backend.into());
-            match portfwd::show(&instance, &mut sys) {
+            match portfwd::show(&instance, route_protocol, &mut sys) {
                 Ok(params) => {
                     println!(
                         "{}",
@@ -173,7 +202,7 @@ fn read_input(input: &Input) -> Result<String, String> {
 
 /// Validates everything, then runs the engine under the lock. Flags from the command line add
 /// to the `_ansible_*` modes found in the params.
-fn converge(text: &str, flags: RunMode, lock_timeout: u64) -> Report {
+fn converge(text: &str, flags: RunMode, lock_timeout: u64, state_dir: Option<PathBuf>) -> Report {
     let (config, _, mode) = match Config::from_json(text) {
         Ok(parsed) => parsed,
         Err(e) => return Report::failure(e.to_string()),
@@ -188,7 +217,44 @@ fn converge(text: &str, flags: RunMode, lock_timeout: u64) -> Report {
         Err(e) => return Report::failure(e.to_string()),
     };
     let mut sys = RealSystem::new(config.backend);
+    if let Some(dir) = state_dir {
+        sys = sys.with_state_dir(dir);
+    }
     portfwd::run(&config, mode, &mut sys)
+}
+
+/// Applies every stored instance; prints `{"failed", "changed", "msg", "instances": {name: result}}`.
+fn restore(state_dir: Option<PathBuf>, lock_timeout: u64) -> ExitCode {
+    let dir = state_dir.unwrap_or_else(portfwd::system::default_state_dir);
+    let sys = RealSystem::new(Backend::Auto).with_state_dir(dir.clone());
+    let names = match sys.stored_instances() {
+        Ok(names) => names,
+        Err(e) => return emit(&Report::failure(e.to_string())),
+    };
+    let mut results = serde_json::Map::new();
+    let (mut failed, mut changed) = (false, false);
+    for name in &names {
+        let path = dir.join(format!("{name}.json"));
+        let report = match std::fs::read_to_string(&path) {
+            Ok(text) => converge(&text, RunMode::default(), lock_timeout, Some(dir.clone())),
+            Err(e) => Report::failure(format!("cannot read {}: {e}", path.display())),
+        };
+        failed |= report.failed;
+        changed |= report.changed;
+        results.insert(name.clone(), report.to_json());
+    }
+    let summary = serde_json::json!({
+        "changed": changed,
+        "failed": failed,
+        "msg": format!("restored {} stored instance(s) from {}{}", names.len(), dir.display(), if failed { ", some failed" } else { "" }),
+        "instances": results,
+    });
+    println!("{summary}");
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn emit(report: &Report) -> ExitCode {

@@ -59,7 +59,7 @@ fn cross_host_dnat_with_masquerade_tcp_and_udp() {
     );
 
     // Idempotence: the second run writes nothing at all, proven by shims that log every write.
-    let recorder = WriteRecorder::new();
+    let recorder = WriteRecorder::new().unwrap();
     let second = portfwd()
         .run(
             &t.proxy,
@@ -103,7 +103,7 @@ fn check_mode_shows_diff_and_touches_nothing() {
         "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:8080"},
                      {"name": "ssh", "listen_port": 2222, "to": "10.0.2.2:22"}]
     });
-    let recorder = WriteRecorder::new();
+    let recorder = WriteRecorder::new().unwrap();
     let check = portfwd()
         .run(
             &t.proxy,

@@ -3,12 +3,14 @@
 //! Read once, write once: with 10,000 foreign rules one save costs ~0.15 s, one `iptables -C`
 //! ~0.1 s, so nothing here ever checks rule by rule.
 
+pub mod iproute;
 pub mod iptables_save;
 pub mod params_view;
 
 use std::collections::BTreeMap;
 
 use crate::net::Family;
+use crate::routing::RoutingObserved;
 use crate::rules::{Hook, Jump, OwnedChain, OwnedRules};
 use crate::system::{System, SystemError};
 use iptables_save::Dump;
@@ -22,13 +24,18 @@ pub struct Observed {
     /// Which families already have the table a hook lives in.
     pub tables_present: BTreeMap<(Family, Hook), bool>,
     pub sysctls: BTreeMap<String, Option<String>>,
+    pub routing: RoutingObserved,
+    /// The instance's stored params file, if any.
+    pub stored: Option<String>,
     pub warnings: Vec<String>,
 }
 
-/// Reads both families and the given sysctls.
+/// Reads both families' rulesets, the instance's ip rules, routes and addresses, its
+/// records, and the given sysctls.
 pub fn observe(
     sys: &mut dyn System,
     instance: &str,
+    protocol: u8,
     sysctl_keys: &[String],
 ) -> Result<Observed, SystemError> {
     let mut observed = Observed::default();
@@ -47,6 +54,24 @@ pub fn observe(
         let value = sys.read_sysctl(key)?;
         observed.sysctls.insert(key.clone(), value);
     }
+    for (family, flag) in [(Family::V4, "-4"), (Family::V6, "-6")] {
+        let rules = sys.ip_json(&[flag, "rule", "show"])?;
+        observed
+            .routing
+            .owned
+            .rules
+            .extend(iproute::parse_rules(&rules, family, protocol));
+        let routes = sys.ip_json(&[flag, "route", "show", "table", "all"])?;
+        observed
+            .routing
+            .owned
+            .routes
+            .extend(iproute::parse_routes(&routes, family, protocol));
+    }
+    observed.routing.present = iproute::parse_addresses(&sys.ip_json(&["addr", "show"])?);
+    observed.routing.recorded = sys.read_owned_addresses(instance)?;
+    observed.routing.owned.addresses = observed.routing.owned_addresses();
+    observed.stored = sys.read_stored(instance)?;
     Ok(observed)
 }
 

@@ -5,8 +5,12 @@
 use serde_json::Value;
 
 use crate::compile::{KIND_FORWARD, KIND_MASQUERADE};
-use crate::model::{ForwardParams, MasqueradeParams, Params, ProtoParam};
+use crate::model::{
+    default_route_protocol, AddressParams, ForwardParams, MasqueradeParams, Params,
+    PolicyRouteParams, ProtoParam, RouteParams,
+};
 use crate::net::{Family, PortRange};
+use crate::routing::Routing;
 use crate::rules::{Hook, OwnedRules, Rule};
 
 /// The `(kind, name)` a portfwd comment `<instance>:<kind>:<name>:<hash>` names.
@@ -14,6 +18,66 @@ pub fn entry_of<'a>(rule: &'a Rule, instance: &str) -> Option<(&'a str, &'a str)
     let mut parts = rule.comment()?.split(':');
     let (inst, kind, name, _hash) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     (inst == instance && parts.next().is_none()).then_some((kind, name))
+}
+
+/// Rebuilds the whole params: forwards and masquerade from owned iptables rules, addresses and
+/// policy routes from owned iproute2 objects (each table's routes under its first rule).
+pub fn params_from_state(
+    owned: &OwnedRules,
+    routing: &Routing,
+    instance: &str,
+    protocol: u8,
+    persist: bool,
+) -> Params {
+    let mut params = params_from_rules(owned, instance);
+    params.addresses = routing
+        .addresses
+        .iter()
+        .map(|a| AddressParams {
+            address: format!("{}/{}", a.addr, a.prefix),
+            dev: a.dev.clone(),
+            label: a.label.clone(),
+        })
+        .collect();
+    params.policy_routes = routing
+        .rules
+        .iter()
+        .map(|r| PolicyRouteParams {
+            from: r.from.to_string(),
+            to: r.to.map(|c| c.to_string()),
+            table: Value::from(r.table),
+            priority: Some(Value::from(r.priority)),
+            fwmark: r.fwmark.map(|(mark, mask)| {
+                Value::from(if mask == u32::MAX {
+                    format!("{mark:#x}")
+                } else {
+                    format!("{mark:#x}/{mask:#x}")
+                })
+            }),
+            iif: r.iif.clone(),
+            routes: Vec::new(),
+        })
+        .collect();
+    for route in &routing.routes {
+        let owner = routing
+            .rules
+            .iter()
+            .position(|r| r.table == route.table && r.family == route.family);
+        if let Some(entry) = owner.and_then(|i| params.policy_routes.get_mut(i)) {
+            entry.routes.push(RouteParams {
+                to: route
+                    .to
+                    .map_or_else(|| "default".to_string(), |c| c.to_string()),
+                via: route.via.map(|v| v.to_string()),
+                dev: route.dev.clone(),
+            });
+        }
+    }
+    params.persist = persist;
+    if protocol != default_route_protocol(instance) {
+        params.route_protocol = Some(protocol);
+    }
+    params
 }
 
 /// Rebuilds params from owned rules, entries in rule order (IPv4 chains first).

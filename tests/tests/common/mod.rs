@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
+#[allow(unused_imports)]
+pub use portfwd_harness::shims::{FailNth, WriteRecorder};
 pub use portfwd_harness::topology::{ruleset, Topology};
 use portfwd_harness::Portfwd;
 
@@ -67,52 +69,4 @@ pub fn portfwd() -> Portfwd {
 
 pub fn sa(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
-}
-
-/// A PATH directory whose iptables-restore variants log each call, then run the real tool.
-pub struct WriteRecorder {
-    dir: tempfile::TempDir,
-}
-
-impl WriteRecorder {
-    pub fn new() -> WriteRecorder {
-        let dir = tempfile::tempdir().expect("tempdir");
-        for tool in [
-            "iptables-restore",
-            "ip6tables-restore",
-            "iptables-nft-restore",
-            "ip6tables-nft-restore",
-            "iptables-legacy-restore",
-            "ip6tables-legacy-restore",
-        ] {
-            let Some(real) = which(tool) else { continue };
-            let script = format!(
-                "#!/bin/sh\necho \"{tool} $*\" >> '{}'\nexec '{}' \"$@\"\n",
-                dir.path().join("calls.log").display(),
-                real.display()
-            );
-            let path = dir.path().join(tool);
-            std::fs::write(&path, script).expect("write shim");
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        }
-        WriteRecorder { dir }
-    }
-
-    /// PATH with the shims first.
-    pub fn path(&self) -> String {
-        format!(
-            "{}:{}",
-            self.dir.path().display(),
-            std::env::var("PATH").unwrap_or_default()
-        )
-    }
-
-    pub fn calls(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("calls.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
 }

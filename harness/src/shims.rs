@@ -1,0 +1,121 @@
+//! PATH shims put in front of the tools portfwd runs: one that records every write, one that
+//! fails the Nth call of a tool. They prove "zero writes" and "rollback at every step".
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::netns::LabError;
+
+/// The restore tools portfwd may write with, in every flavour.
+pub const RESTORE_TOOLS: [&str; 6] = [
+    "iptables-restore",
+    "ip6tables-restore",
+    "iptables-nft-restore",
+    "ip6tables-nft-restore",
+    "iptables-legacy-restore",
+    "ip6tables-legacy-restore",
+];
+
+fn real_tool(tool: &str) -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
+
+fn write_script(dir: &Path, tool: &str, body: &str) -> Result<(), LabError> {
+    let io = |e: std::io::Error| LabError::Traffic(format!("writing shim {tool}: {e}"));
+    let path = dir.join(tool);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}")).map_err(io)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(io)
+}
+
+fn path_with(dir: &Path) -> String {
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// Logs every write (restore calls, `ip -batch`), then runs the real tool.
+pub struct WriteRecorder {
+    dir: tempfile::TempDir,
+}
+
+impl WriteRecorder {
+    pub fn new() -> Result<WriteRecorder, LabError> {
+        let dir = tempfile::tempdir().map_err(|e| LabError::Traffic(format!("tempdir: {e}")))?;
+        let log = dir.path().join("calls.log");
+        for tool in RESTORE_TOOLS {
+            let Some(real) = real_tool(tool) else {
+                continue;
+            };
+            let body = format!(
+                "echo \"{tool} $*\" >> '{}'\nexec '{}' \"$@\"\n",
+                log.display(),
+                real.display()
+            );
+            write_script(dir.path(), tool, &body)?;
+        }
+        if let Some(real) = real_tool("ip") {
+            let body = format!(
+                "case \" $* \" in *\" -batch \"*) echo \"ip $*\" >> '{}';; esac\nexec '{}' \"$@\"\n",
+                log.display(),
+                real.display()
+            );
+            write_script(dir.path(), "ip", &body)?;
+        }
+        Ok(WriteRecorder { dir })
+    }
+
+    /// PATH with the shims first.
+    pub fn path(&self) -> String {
+        path_with(self.dir.path())
+    }
+
+    /// The write calls seen so far.
+    pub fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("calls.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// Fails the Nth call of one tool (exit 1, message on stderr, nothing run); every other call
+/// runs the real tool.
+pub struct FailNth {
+    dir: tempfile::TempDir,
+}
+
+impl FailNth {
+    pub fn new(tool: &str, n: usize) -> Result<FailNth, LabError> {
+        let dir = tempfile::tempdir().map_err(|e| LabError::Traffic(format!("tempdir: {e}")))?;
+        let real =
+            real_tool(tool).ok_or_else(|| LabError::Traffic(format!("{tool} not on PATH")))?;
+        let counter = dir.path().join("count");
+        let body = format!(
+            "c=$(cat '{counter}' 2>/dev/null || echo 0); c=$((c+1)); echo $c > '{counter}'\n\
+             if [ \"$c\" -eq {n} ]; then echo \"injected failure of {tool} call $c\" >&2; exit 1; fi\n\
+             exec '{real}' \"$@\"\n",
+            counter = counter.display(),
+            real = real.display(),
+        );
+        write_script(dir.path(), tool, &body)?;
+        Ok(FailNth { dir })
+    }
+
+    pub fn path(&self) -> String {
+        path_with(self.dir.path())
+    }
+
+    /// How many times the tool was called.
+    pub fn calls(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("count"))
+            .ok()
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,489 @@
+//! Addresses, ip rules and routes: the iproute2 half of the state, shared by compile, observe
+//! and plan (like [`crate::rules`] for iptables).
+//!
+//! Ownership: rules and routes carry the instance's `protocol` number, and nothing without it
+//! is ever removed. `ip addr` has no such field in iproute2 6.1, so portfwd records the
+//! addresses it added (see [`crate::system::System::read_owned_addresses`]) and removes only
+//! those.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use crate::net::{Cidr, Family};
+
+/// An `ip rule` (desired, or observed with our protocol).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpRule {
+    pub family: Family,
+    pub priority: u32,
+    pub from: Cidr,
+    pub to: Option<Cidr>,
+    /// (mark, mask); mask `u32::MAX` when none was given.
+    pub fwmark: Option<(u32, u32)>,
+    pub iif: Option<String>,
+    pub table: u32,
+}
+
+impl IpRule {
+    /// Arguments after `rule add` / `rule del`, without the protocol.
+    fn selector(&self) -> String {
+        let mut s = format!("priority {} from {}", self.priority, self.from);
+        if let Some(to) = &self.to {
+            s.push_str(&format!(" to {to}"));
+        }
+        if let Some((mark, mask)) = self.fwmark {
+            s.push_str(&format!(" fwmark {mark:#x}/{mask:#x}"));
+        }
+        if let Some(iif) = &self.iif {
+            s.push_str(&format!(" iif {iif}"));
+        }
+        s.push_str(&format!(" table {}", self.table));
+        s
+    }
+}
+
+impl fmt::Display for IpRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.selector())
+    }
+}
+
+/// A route in a policy table (desired, or observed with our protocol).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpRoute {
+    pub family: Family,
+    pub table: u32,
+    /// None is `default`.
+    pub to: Option<Cidr>,
+    pub via: Option<IpAddr>,
+    pub dev: Option<String>,
+}
+
+impl IpRoute {
+    /// What the kernel keys a route by (one route per key and table).
+    pub fn key(&self) -> (Family, u32, Option<Cidr>) {
+        (self.family, self.table, self.to)
+    }
+
+    /// Does this (observed) route do what `want` asks? A `dev` left open matches any.
+    pub fn satisfies(&self, want: &IpRoute) -> bool {
+        self.key() == want.key()
+            && self.via == want.via
+            && (want.dev.is_none() || self.dev == want.dev)
+    }
+
+    fn spec(&self) -> String {
+        let mut s = match &self.to {
+            None => "default".to_string(),
+            Some(c) => c.to_string(),
+        };
+        if let Some(via) = &self.via {
+            s.push_str(&format!(" via {via}"));
+        }
+        if let Some(dev) = &self.dev {
+            s.push_str(&format!(" dev {dev}"));
+        }
+        s.push_str(&format!(" table {}", self.table));
+        s
+    }
+}
+
+impl fmt::Display for IpRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.spec())
+    }
+}
+
+/// An address on an interface.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IfAddr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+    pub dev: String,
+    /// IPv4 label, None when it is just the device name.
+    pub label: Option<String>,
+}
+
+impl IfAddr {
+    pub fn family(&self) -> Family {
+        Family::of(&self.addr)
+    }
+
+    /// The identity used by the ownership record: `dev addr/prefix`.
+    pub fn record_key(&self) -> String {
+        format!("{} {}/{}", self.dev, self.addr, self.prefix)
+    }
+
+    pub fn same_address(&self, other: &IfAddr) -> bool {
+        self.addr == other.addr && self.prefix == other.prefix && self.dev == other.dev
+    }
+
+    fn spec(&self) -> String {
+        let mut s = format!("{}/{} dev {}", self.addr, self.prefix, self.dev);
+        if let Some(label) = &self.label {
+            s.push_str(&format!(" label {label}"));
+        }
+        s
+    }
+}
+
+impl fmt::Display for IfAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.spec())
+    }
+}
+
+/// What an instance wants (or had) in iproute2.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routing {
+    pub addresses: Vec<IfAddr>,
+    pub rules: Vec<IpRule>,
+    pub routes: Vec<IpRoute>,
+}
+
+/// The host's iproute2 state as the plan needs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutingObserved {
+    /// Rules and routes carrying the instance's protocol.
+    pub owned: Routing,
+    /// Every address on every interface.
+    pub present: Vec<IfAddr>,
+    /// Record keys (`dev addr/prefix`) of the addresses portfwd added.
+    pub recorded: BTreeSet<String>,
+}
+
+impl RoutingObserved {
+    /// The recorded addresses that are present, as they are now.
+    pub fn owned_addresses(&self) -> Vec<IfAddr> {
+        self.present
+            .iter()
+            .filter(|a| self.recorded.contains(&a.record_key()))
+            .cloned()
+            .collect()
+    }
+}
+
+/// One `ip -4|-6 -batch -` script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpBatch {
+    pub family: Family,
+    pub lines: Vec<String>,
+}
+
+/// Counts by kind, for the summary.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutingChanges {
+    pub addresses_added: usize,
+    pub addresses_removed: usize,
+    pub rules_added: usize,
+    pub rules_removed: usize,
+    pub routes_added: usize,
+    pub routes_replaced: usize,
+    pub routes_removed: usize,
+}
+
+impl RoutingChanges {
+    pub fn is_empty(&self) -> bool {
+        *self == RoutingChanges::default()
+    }
+}
+
+/// The iproute2 edit: make (`adds`, run before iptables) before break (`dels`, run after).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutingPlan {
+    pub adds: Vec<IpBatch>,
+    pub dels: Vec<IpBatch>,
+    /// The ownership record to write, when it changes.
+    pub record: Option<BTreeSet<String>>,
+    pub changes: RoutingChanges,
+    pub warnings: Vec<String>,
+}
+
+/// Diffs desired iproute2 objects against the observed ones.
+pub fn plan_routing(want: &Routing, have: &RoutingObserved, protocol: u8) -> RoutingPlan {
+    let mut plan = RoutingPlan::default();
+    let mut adds: Vec<(Family, String)> = Vec::new();
+    let mut dels: Vec<(Family, String)> = Vec::new();
+    let mut record = have.recorded.clone();
+
+    // Addresses first among adds (routes via them need them), last among deletes.
+    for a in &want.addresses {
+        match have.present.iter().find(|p| p.same_address(a)) {
+            None => {
+                adds.push((a.family(), format!("address add {a}")));
+                record.insert(a.record_key());
+                plan.changes.addresses_added += 1;
+            }
+            Some(p) if p.label != a.label => {
+                if have.recorded.contains(&a.record_key()) {
+                    adds.push((a.family(), format!("address replace {a}")));
+                    plan.changes.addresses_added += 1;
+                } else {
+                    plan.warnings.push(format!("address {} already exists with label {:?}; it was not added by portfwd, so it is left as it is", a.record_key(), p.label.as_deref().unwrap_or(&p.dev)));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    let mut routes_seen = BTreeSet::new();
+    for r in &want.routes {
+        if !routes_seen.insert(r.key()) {
+            continue;
+        }
+        match have.owned.routes.iter().find(|o| o.key() == r.key()) {
+            Some(o) if o.satisfies(r) => {}
+            Some(_) => {
+                adds.push((r.family, format!("route replace {r} proto {protocol}")));
+                plan.changes.routes_replaced += 1;
+            }
+            None => {
+                adds.push((r.family, format!("route add {r} proto {protocol}")));
+                plan.changes.routes_added += 1;
+            }
+        }
+    }
+    let mut kept = vec![false; have.owned.rules.len()];
+    let mut seen: Vec<&IpRule> = Vec::new();
+    for r in &want.rules {
+        if seen.contains(&r) {
+            continue;
+        }
+        seen.push(r);
+        match (0..have.owned.rules.len()).find(|&i| !kept[i] && have.owned.rules[i] == *r) {
+            Some(i) => kept[i] = true,
+            None => {
+                adds.push((r.family, format!("rule add {r} protocol {protocol}")));
+                plan.changes.rules_added += 1;
+            }
+        }
+    }
+
+    for (r, _) in have.owned.rules.iter().zip(&kept).filter(|(_, k)| !**k) {
+        dels.push((r.family, format!("rule del {r} protocol {protocol}")));
+        plan.changes.rules_removed += 1;
+    }
+    for r in &have.owned.routes {
+        if !want.routes.iter().any(|w| w.key() == r.key()) {
+            dels.push((r.family, format!("route del {r} proto {protocol}")));
+            plan.changes.routes_removed += 1;
+        }
+    }
+    for a in have.owned_addresses() {
+        if !want.addresses.iter().any(|w| w.same_address(&a)) {
+            dels.push((
+                a.family(),
+                format!("address del {}/{} dev {}", a.addr, a.prefix, a.dev),
+            ));
+            plan.changes.addresses_removed += 1;
+        }
+    }
+    // Unwanted recorded addresses are being deleted (or are gone already): forget them.
+    record.retain(|key| want.addresses.iter().any(|w| &w.record_key() == key));
+    plan.adds = batches(adds);
+    plan.dels = batches(dels);
+    if record != have.recorded {
+        plan.record = Some(record);
+    }
+    plan
+}
+
+fn batches(lines: Vec<(Family, String)>) -> Vec<IpBatch> {
+    [Family::V4, Family::V6]
+        .into_iter()
+        .filter_map(|family| {
+            let lines: Vec<String> = lines
+                .iter()
+                .filter(|(f, _)| *f == family)
+                .map(|(_, l)| l.clone())
+                .collect();
+            (!lines.is_empty()).then_some(IpBatch { family, lines })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cidr(s: &str) -> Cidr {
+        Cidr::parse(s).unwrap()
+    }
+
+    fn alias() -> IfAddr {
+        IfAddr {
+            addr: "10.10.10.11".parse().unwrap(),
+            prefix: 24,
+            dev: "eth0".into(),
+            label: Some("eth0:1".into()),
+        }
+    }
+
+    fn rule() -> IpRule {
+        IpRule {
+            family: Family::V4,
+            priority: 20000,
+            from: cidr("10.10.10.11"),
+            to: None,
+            fwmark: None,
+            iif: None,
+            table: 1,
+        }
+    }
+
+    fn route() -> IpRoute {
+        IpRoute {
+            family: Family::V4,
+            table: 1,
+            to: None,
+            via: Some("10.10.10.10".parse().unwrap()),
+            dev: Some("eth0".into()),
+        }
+    }
+
+    fn lines(batches: &[IpBatch]) -> Vec<String> {
+        batches.iter().flat_map(|b| b.lines.clone()).collect()
+    }
+
+    #[test]
+    fn first_apply_adds_in_make_before_break_order() {
+        let want = Routing {
+            addresses: vec![alias()],
+            rules: vec![rule()],
+            routes: vec![route()],
+        };
+        let plan = plan_routing(&want, &RoutingObserved::default(), 201);
+        assert_eq!(
+            lines(&plan.adds),
+            vec![
+                "address add 10.10.10.11/24 dev eth0 label eth0:1",
+                "route add default via 10.10.10.10 dev eth0 table 1 proto 201",
+                "rule add priority 20000 from 10.10.10.11/32 table 1 protocol 201",
+            ]
+        );
+        assert!(plan.dels.is_empty());
+        assert_eq!(
+            plan.record,
+            Some(BTreeSet::from(["eth0 10.10.10.11/24".to_string()]))
+        );
+    }
+
+    #[test]
+    fn converged_state_plans_nothing() {
+        let want = Routing {
+            addresses: vec![alias()],
+            rules: vec![rule()],
+            routes: vec![route()],
+        };
+        let have = RoutingObserved {
+            owned: Routing {
+                addresses: vec![],
+                rules: vec![rule()],
+                routes: vec![IpRoute { ..route() }],
+            },
+            present: vec![alias()],
+            recorded: BTreeSet::from(["eth0 10.10.10.11/24".to_string()]),
+        };
+        let plan = plan_routing(&want, &have, 201);
+        assert_eq!(plan, RoutingPlan::default());
+    }
+
+    #[test]
+    fn absent_removes_only_owned_objects() {
+        let foreign = IfAddr {
+            addr: "10.10.10.12".parse().unwrap(),
+            prefix: 24,
+            dev: "eth0".into(),
+            label: None,
+        };
+        let have = RoutingObserved {
+            owned: Routing {
+                addresses: vec![],
+                rules: vec![rule()],
+                routes: vec![route()],
+            },
+            present: vec![alias(), foreign],
+            recorded: BTreeSet::from(["eth0 10.10.10.11/24".to_string()]),
+        };
+        let plan = plan_routing(&Routing::default(), &have, 201);
+        assert!(plan.adds.is_empty());
+        assert_eq!(
+            lines(&plan.dels),
+            vec![
+                "rule del priority 20000 from 10.10.10.11/32 table 1 protocol 201",
+                "route del default via 10.10.10.10 dev eth0 table 1 proto 201",
+                "address del 10.10.10.11/24 dev eth0",
+            ]
+        );
+        assert_eq!(plan.record, Some(BTreeSet::new()));
+    }
+
+    #[test]
+    fn existing_address_is_used_but_never_owned() {
+        let want = Routing {
+            addresses: vec![alias()],
+            ..Routing::default()
+        };
+        let have = RoutingObserved {
+            present: vec![alias()],
+            ..RoutingObserved::default()
+        };
+        let plan = plan_routing(&want, &have, 201);
+        assert_eq!(
+            plan,
+            RoutingPlan::default(),
+            "present and not recorded: nothing to do, nothing to own"
+        );
+        let plan = plan_routing(&Routing::default(), &have, 201);
+        assert!(
+            plan.dels.is_empty(),
+            "never remove an address portfwd did not add"
+        );
+    }
+
+    #[test]
+    fn changed_gateway_is_replaced_in_place() {
+        let mut want_route = route();
+        want_route.via = Some("10.10.10.1".parse().unwrap());
+        let want = Routing {
+            routes: vec![want_route],
+            ..Routing::default()
+        };
+        let have = RoutingObserved {
+            owned: Routing {
+                routes: vec![route()],
+                ..Routing::default()
+            },
+            ..RoutingObserved::default()
+        };
+        let plan = plan_routing(&want, &have, 201);
+        assert_eq!(
+            lines(&plan.adds),
+            vec!["route replace default via 10.10.10.1 dev eth0 table 1 proto 201"]
+        );
+        assert!(plan.dels.is_empty());
+    }
+
+    #[test]
+    fn ipv6_goes_in_its_own_batch() {
+        let v6 = IpRule {
+            family: Family::V6,
+            from: cidr("fd00::11"),
+            ..rule()
+        };
+        let plan = plan_routing(
+            &Routing {
+                rules: vec![rule(), v6],
+                ..Routing::default()
+            },
+            &RoutingObserved::default(),
+            7,
+        );
+        assert_eq!(plan.adds.len(), 2);
+        assert_eq!(plan.adds[1].family, Family::V6);
+        assert_eq!(
+            plan.adds[1].lines,
+            vec!["rule add priority 20000 from fd00::11/128 table 1 protocol 7"]
+        );
+    }
+}
