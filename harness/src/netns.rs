@@ -44,6 +44,11 @@ impl Netns {
         run(&["ip", "netns", "add", &name])?;
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"])?;
+        // No duplicate address detection: addresses are usable at once and `ip addr` output
+        // does not change on its own a moment later (no "tentative" flags coming and going).
+        for scope in ["all", "default"] {
+            ns.sysctl(&format!("net.ipv6.conf.{scope}.accept_dad"), "0")?;
+        }
         Ok(ns)
     }
 

@@ -72,14 +72,15 @@ impl Portfwd {
         })
     }
 
-    /// The state dir `persist: true` writes to in this sandbox.
-    pub fn state_dir(&self) -> PathBuf {
-        self.sandbox.path().join("state")
+    /// The state dir `persist: true` writes to for the host `ns` (each namespace is a host
+    /// of its own, with its own `/etc/portfwd`).
+    pub fn state_dir(&self, ns: &Netns) -> PathBuf {
+        self.sandbox.path().join(ns.name()).join("state")
     }
 
-    /// The run dir (record of added addresses); remove it to simulate a reboot.
-    pub fn run_dir(&self) -> PathBuf {
-        self.sandbox.path().join("run")
+    /// The run dir (record of added addresses) of the host `ns`; remove it to simulate a reboot.
+    pub fn run_dir(&self, ns: &Netns) -> PathBuf {
+        self.sandbox.path().join(ns.name()).join("run")
     }
 
     /// Runs `portfwd ARGS...` in `ns` with `input` on stdin and `env` set.
@@ -93,8 +94,8 @@ impl Portfwd {
         let bin = self.bin.display().to_string();
         let sandbox = [
             ("PORTFWD_LOCK_FILE", self.sandbox.path().join("lock")),
-            ("PORTFWD_STATE_DIR", self.state_dir()),
-            ("PORTFWD_RUN_DIR", self.run_dir()),
+            ("PORTFWD_STATE_DIR", self.state_dir(ns)),
+            ("PORTFWD_RUN_DIR", self.run_dir(ns)),
         ];
         let assignments: Vec<String> = sandbox
             .iter()

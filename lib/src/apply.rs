@@ -194,7 +194,12 @@ fn rollback(
     }
     if progress.touched {
         match observe(sys, instance, protocol, &[]) {
-            Ok(now) => {
+            Ok(mut now) => {
+                // Addresses this run added are not in the on-disk record yet: own them here so
+                // planning back removes them.
+                if let Some(record) = &plan.routing.record {
+                    now.routing.recorded.extend(record.iter().cloned());
+                }
                 let back =
                     crate::plan::plan(instance, protocol, &snapshot_as_desired(before), &now);
                 let mut steps: Vec<Result<(), SystemError>> = Vec::new();

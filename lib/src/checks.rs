@@ -103,3 +103,103 @@ fn on_link(addr: &IpAddr, observed: &Observed) -> Option<(String, String)> {
             .then(|| (format!("{}/{}", a.addr, a.prefix), a.dev.clone()))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::compile;
+    use crate::routing::IfAddr;
+
+    fn config(json: &str) -> Config {
+        Config::from_json(json).unwrap().0
+    }
+
+    fn observed_with(addresses: &[(&str, u8, &str)], sysctls: &[(&str, &str)]) -> Observed {
+        let mut o = Observed::default();
+        o.routing.present = addresses
+            .iter()
+            .map(|(a, p, d)| IfAddr {
+                addr: a.parse().unwrap(),
+                prefix: *p,
+                dev: d.to_string(),
+                label: None,
+            })
+            .collect();
+        o.sysctls = sysctls
+            .iter()
+            .map(|(k, v)| (k.to_string(), Some(v.to_string())))
+            .collect();
+        o
+    }
+
+    #[test]
+    fn snat_none_to_an_on_link_backend_warns() {
+        let c = config(
+            r#"{"forwards":[{"name":"db","listen_port":1,"to":"10.0.2.2:80","snat":"none"}]}"#,
+        );
+        let on_link = warnings(&c, &observed_with(&[("10.0.2.1", 24, "eth1")], &[]));
+        assert_eq!(on_link.len(), 1);
+        assert!(
+            on_link[0].contains("on-link (10.0.2.1/24 on eth1)"),
+            "{on_link:?}"
+        );
+        assert!(warnings(&c, &observed_with(&[("10.0.9.1", 24, "eth1")], &[])).is_empty());
+    }
+
+    #[test]
+    fn strict_rp_filter_on_a_policy_route_device_warns() {
+        let c = config(
+            r#"{"policy_routes":[{"from":"10.10.10.11","table":1,"routes":[{"to":"default","via":"10.10.10.10","dev":"eth0"}]}]}"#,
+        );
+        let keys = sysctl_keys(&c, &compile(&c));
+        assert!(
+            keys.contains(&"net/ipv4/conf/eth0/rp_filter".to_string()),
+            "{keys:?}"
+        );
+        let strict = observed_with(
+            &[],
+            &[
+                ("net/ipv4/conf/all/rp_filter", "0"),
+                ("net/ipv4/conf/eth0/rp_filter", "1"),
+            ],
+        );
+        assert!(warnings(&c, &strict)[0].contains("rp_filter is 1 (strict) for eth0"));
+        let loose = observed_with(
+            &[],
+            &[
+                ("net/ipv4/conf/all/rp_filter", "2"),
+                ("net/ipv4/conf/eth0/rp_filter", "1"),
+            ],
+        );
+        assert!(
+            warnings(&c, &loose).is_empty(),
+            "the higher of all and the device wins"
+        );
+    }
+
+    #[test]
+    fn loopback_dnat_sets_route_localnet_when_auto_and_warns_otherwise() {
+        let auto = config(
+            r#"{"forwards":[{"name":"l","listen_port":1,"in_interface":"eth0","to":"127.0.0.1:8080"}]}"#,
+        );
+        let desired = compile(&auto);
+        assert_eq!(
+            desired
+                .sysctls
+                .get("net/ipv4/conf/eth0/route_localnet")
+                .map(String::as_str),
+            Some("1")
+        );
+        assert!(warnings(&auto, &Observed::default()).is_empty());
+        let manual = config(
+            r#"{"ip_forward":true,"forwards":[{"name":"l","listen_port":1,"to":"127.0.0.1:8080"}]}"#,
+        );
+        assert!(!compile(&manual)
+            .sysctls
+            .keys()
+            .any(|k| k.contains("route_localnet")));
+        assert!(warnings(&manual, &Observed::default())[0].contains("route_localnet=1"));
+        let set = observed_with(&[], &[("net/ipv4/conf/all/route_localnet", "1")]);
+        assert!(warnings(&manual, &set).is_empty());
+    }
+}

@@ -1313,6 +1313,42 @@ mod tests {
         "cannot mix"
     )]
     #[case(r#"[1]"#, "params must be a JSON object")]
+    #[case(
+        r#"{"addresses":[{"address":"10.10.10.10","dev":"eth0"}]}"#,
+        "addresses[0].address: \"10.10.10.10\" needs a prefix length"
+    )]
+    #[case(
+        r#"{"addresses":[{"address":"fd00::1/64","dev":"eth0","label":"eth0:1"}]}"#,
+        "applies to IPv4 addresses only"
+    )]
+    #[case(
+        r#"{"addresses":[{"address":"10.0.0.1/24","dev":"eth0","label":"eth1:1"}]}"#,
+        "must start with the device name"
+    )]
+    #[case(
+        r#"{"policy_routes":[{"from":"10.0.0.1","table":254}]}"#,
+        "policy_routes[0].table: \"254\" is reserved"
+    )]
+    #[case(r#"{"policy_routes":[{"from":"10.0.0.1","table":0}]}"#, "is reserved")]
+    #[case(
+        r#"{"policy_routes":[{"from":"10.0.0.1","table":4294967296}]}"#,
+        "is not a routing table"
+    )]
+    #[case(
+        r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"priority":32766}]}"#,
+        "is outside 1-32765"
+    )]
+    #[case(
+        r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"fwmark":"0xzz"}]}"#,
+        "is not a firewall mark"
+    )]
+    #[case(
+        r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"routes":[{"to":"default"}]}]}"#,
+        "routes[0]: needs `via`, `dev` or both"
+    )]
+    #[case(r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"routes":[{"to":"default","via":"fd00::1"}]}]}"#, "cannot mix address families")]
+    #[case(r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"routes":[{"to":"default","via":"10.0.0.9"},{"to":"default","dev":"eth0"}]}]}"#, "is listed twice in this table")]
+    #[case(r#"{"route_protocol":3}"#, "route_protocol: \"3\" is reserved")]
     #[case(r#"{"#, "params are not valid JSON")]
     fn refuses_bad_input(#[case] input: &str, #[case] needle: &str) {
         let message = err(input);

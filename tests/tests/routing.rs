@@ -1,0 +1,360 @@
+//! End-to-end: keeping the client's address with alias addresses and policy routing (seed 000
+//! case 3, seed 003), rollback at every injected failure, and persistence across a reboot.
+
+mod common;
+
+use std::net::IpAddr;
+
+use common::{portfwd, prerequisites, ruleset, sa, FailNth, Topology, WriteRecorder};
+use portfwd_harness::{probe, Netns, Proto, Server};
+use serde_json::{json, Value};
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+/// Everything iproute2 shows that portfwd may touch, as text.
+fn ip_state(ns: &Netns) -> String {
+    [
+        vec!["ip", "-4", "rule"],
+        vec!["ip", "-6", "rule"],
+        vec!["ip", "-4", "route", "show", "table", "all"],
+        vec!["ip", "-6", "route", "show", "table", "all"],
+        vec!["ip", "addr"],
+    ]
+    .iter()
+    .map(|argv| ns.stdout(argv).unwrap())
+    .collect::<Vec<_>>()
+    .join("----\n")
+}
+
+/// iptables of both families plus iproute2: the whole state a rollback must restore.
+fn host_state(ns: &Netns) -> String {
+    format!(
+        "{}\n====\n{}\n====\n{}",
+        ruleset(ns, "iptables-save").unwrap(),
+        ruleset(ns, "ip6tables-save").unwrap(),
+        ip_state(ns)
+    )
+}
+
+fn proxy_params() -> Value {
+    json!({
+        "addresses": [{"address": "10.10.10.10/24", "dev": "eth1", "label": "eth1:1"}],
+        "forwards": [{"name": "db", "listen_port": 4321, "to": "10.10.10.11:1234", "snat": "none"}]
+    })
+}
+
+fn backend_params(with_policy_route: bool) -> Value {
+    let mut params =
+        json!({"addresses": [{"address": "10.10.10.11/24", "dev": "eth0", "label": "eth0:1"}]});
+    if with_policy_route {
+        params["policy_routes"] = json!([{"from": "10.10.10.11", "table": 100,
+            "routes": [{"to": "default", "via": "10.10.10.10", "dev": "eth0"}]}]);
+    }
+    params
+}
+
+/// Seed 000 case 3: the proxy DNATs to an alias of the backend with no SNAT; the backend's
+/// default route does not point at the proxy, and a policy route sends replies from the alias
+/// back through it. The backend sees the real client.
+#[test]
+fn alias_and_policy_route_keep_the_client_address() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    t.backend
+        .ip(&["route", "add", "default", "via", "10.0.2.254"])
+        .unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let backend_before = ip_state(&t.backend);
+    let backend_rules_before = ruleset(&t.backend, "iptables-save").unwrap();
+
+    let proxy = portfwd().apply(&t.proxy, &proxy_params()).unwrap();
+    assert!(proxy.changed() && !proxy.failed(), "{}", proxy.stdout);
+    assert!(
+        proxy.stdout.contains("snat is none"),
+        "warns about the return path: {}",
+        proxy.stdout
+    );
+    let address_only = portfwd().apply(&t.backend, &backend_params(false)).unwrap();
+    assert!(
+        address_only.changed() && !address_only.failed(),
+        "{}",
+        address_only.stdout
+    );
+    assert!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err(),
+        "replies follow the default route and are lost"
+    );
+
+    let backend = portfwd().apply(&t.backend, &backend_params(true)).unwrap();
+    assert!(backend.changed() && !backend.failed(), "{}", backend.stdout);
+    assert!(
+        backend.msg().contains("ip rules: 1 added"),
+        "{}",
+        backend.msg()
+    );
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
+        ip("10.0.1.2"),
+        "the backend sees the real client"
+    );
+
+    // Same params again: no write at all, on either host.
+    let recorder = WriteRecorder::new().unwrap();
+    for (ns, params) in [
+        (&t.proxy, proxy_params()),
+        (&t.backend, backend_params(true)),
+    ] {
+        let again = portfwd()
+            .run(
+                ns,
+                &["apply"],
+                &params.to_string(),
+                &[("PATH", &recorder.path())],
+            )
+            .unwrap();
+        assert!(!again.changed() && !again.failed(), "{}", again.stdout);
+    }
+    assert_eq!(recorder.calls(), Vec::<String>::new());
+
+    // `show` reads the rule, route and address back; applying it is a no-op.
+    let shown = portfwd().run(&t.backend, &["show"], "", &[]).unwrap();
+    assert!(shown.stdout.contains("\"table\": 100"), "{}", shown.stdout);
+    let replay = portfwd()
+        .run(&t.backend, &["apply"], &shown.stdout, &[])
+        .unwrap();
+    assert!(
+        !replay.changed() && !replay.failed(),
+        "{}\n{}",
+        shown.stdout,
+        replay.stdout
+    );
+
+    // absent removes rule, route and address, and nothing else.
+    let absent = portfwd()
+        .apply(&t.backend, &json!({"state": "absent"}))
+        .unwrap();
+    assert!(absent.changed() && !absent.failed(), "{}", absent.stdout);
+    assert_eq!(ip_state(&t.backend), backend_before, "{}", absent.stdout);
+    assert_eq!(
+        ruleset(&t.backend, "iptables-save").unwrap(),
+        backend_rules_before
+    );
+}
+
+/// An address that already existed is used but never owned: absent leaves it.
+#[test]
+fn pre_existing_address_is_never_removed() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    t.backend
+        .ip(&[
+            "addr",
+            "add",
+            "10.10.10.11/24",
+            "dev",
+            "eth0",
+            "label",
+            "eth0:1",
+        ])
+        .unwrap();
+    let before = ip_state(&t.backend);
+    let first = portfwd().apply(&t.backend, &backend_params(false)).unwrap();
+    assert!(
+        !first.changed() && !first.failed(),
+        "already there: {}",
+        first.stdout
+    );
+    let absent = portfwd()
+        .apply(&t.backend, &json!({"state": "absent"}))
+        .unwrap();
+    assert!(!absent.failed(), "{}", absent.stdout);
+    assert_eq!(ip_state(&t.backend), before);
+}
+
+/// Seed 003: a dual-NIC gateway that is the backend's default route forwards with snat none.
+#[test]
+fn gateway_without_snat_keeps_the_client_address() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    t.backend
+        .ip(&["route", "add", "default", "via", "10.0.2.1"])
+        .unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:9999")).unwrap();
+    let params = json!({"forwards": [{"name": "lb", "listen_address": "10.0.1.1", "listen_port": 8888,
+        "in_interface": "eth0", "to": "10.0.2.2:9999", "snat": "none"}]});
+    let result = portfwd().apply(&t.proxy, &params).unwrap();
+    assert!(result.changed() && !result.failed(), "{}", result.stdout);
+    assert!(
+        result.stdout.contains("is on-link"),
+        "on-link backend warning: {}",
+        result.stdout
+    );
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:8888")).unwrap(),
+        ip("10.0.1.2")
+    );
+}
+
+fn baseline() -> Value {
+    json!({
+        "forwards": [
+            {"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"},
+            {"name": "web6", "listen_port": 4321, "to": "[fd00:2::2]:1234"}
+        ],
+        "addresses": [{"address": "10.10.10.10/24", "dev": "eth1", "label": "eth1:1"}],
+        "policy_routes": [{"from": "10.10.10.10", "table": 100, "routes": [{"to": "default", "via": "10.0.2.2"}]}]
+    })
+}
+
+/// A change touching IPv4 and IPv6 rules, masquerade, addresses, ip rules and routes.
+fn target() -> Value {
+    json!({
+        "forwards": [
+            {"name": "web", "listen_port": 4321, "to": "10.0.2.2:8080"},
+            {"name": "web6", "listen_port": 4321, "to": "[fd00:2::2]:8080"},
+            {"name": "dns6", "proto": "udp", "listen_port": 53, "to": "[fd00:2::2]"}
+        ],
+        "masquerade": [{"name": "lan", "source": "10.0.1.0/24", "out_interface": "eth1"}],
+        "addresses": [
+            {"address": "10.10.10.20/24", "dev": "eth1"},
+            {"address": "fd00:10::1/64", "dev": "eth1"}
+        ],
+        "policy_routes": [
+            {"from": "10.10.10.20", "table": 100, "routes": [{"to": "default", "via": "10.0.2.2", "dev": "eth1"}]},
+            {"from": "fd00:10::1", "table": 200, "routes": [{"to": "default", "via": "fd00:2::2"}]}
+        ]
+    })
+}
+
+/// Shims fail the Nth call of iptables-restore, ip6tables-restore and ip, for every N the
+/// apply reaches. After each failure the host is byte-identical to before and the result says
+/// it rolled back; once N is past the last call the same apply succeeds.
+#[test]
+fn rollback_at_every_injected_failure_leaves_the_host_identical() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let reset = portfwd().apply(&t.proxy, &baseline()).unwrap();
+    assert!(reset.changed() && !reset.failed(), "{}", reset.stdout);
+    let mut failure_points = Vec::new();
+    for tool in ["iptables-restore", "ip6tables-restore", "ip"] {
+        let before = host_state(&t.proxy);
+        let mut n = 1;
+        loop {
+            let shim = FailNth::new(tool, n).unwrap();
+            let run = portfwd()
+                .run(
+                    &t.proxy,
+                    &["apply"],
+                    &target().to_string(),
+                    &[("PATH", &shim.path())],
+                )
+                .unwrap();
+            if shim.calls() < n {
+                assert!(
+                    run.changed() && !run.failed(),
+                    "{tool} without failure: {}",
+                    run.stdout
+                );
+                break;
+            }
+            assert_eq!(run.code, 1, "{tool} call {n}: {}", run.stdout);
+            assert!(run.failed(), "{tool} call {n}: {}", run.stdout);
+            assert!(
+                run.msg().contains("injected failure"),
+                "{tool} call {n}: {}",
+                run.msg()
+            );
+            let observing = run.msg().starts_with("reading the current state failed");
+            assert!(
+                observing || run.msg().contains("rolled back every change"),
+                "{tool} call {n}: {}",
+                run.msg()
+            );
+            assert_eq!(
+                host_state(&t.proxy),
+                before,
+                "{tool} call {n} left the host changed: {}",
+                run.msg()
+            );
+            n += 1;
+        }
+        failure_points.push((tool, n - 1));
+        let back = portfwd().apply(&t.proxy, &baseline()).unwrap();
+        assert!(back.changed() && !back.failed(), "{}", back.stdout);
+    }
+    eprintln!("failure points per tool: {failure_points:?}");
+    // iptables: filter + nat per family; ip: 5 reads, then add and delete batches per family.
+    assert_eq!(failure_points[0].1, 2, "{failure_points:?}");
+    assert_eq!(failure_points[1].1, 2, "{failure_points:?}");
+    assert!(failure_points[2].1 >= 8, "{failure_points:?}");
+}
+
+/// persist: true stores the params; after a simulated reboot (rules, addresses, sysctls and
+/// the runtime record wiped) `portfwd restore` brings the forward back, and again is a no-op.
+#[test]
+fn persist_then_restore_after_reboot() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let pf = portfwd();
+    let params = json!({"persist": true,
+        "addresses": [{"address": "10.0.1.100/24", "dev": "eth0", "label": "eth0:fwd"}],
+        "forwards": [{"name": "web", "listen_address": "10.0.1.100", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    let first = pf.apply(&t.proxy, &params).unwrap();
+    assert!(first.changed() && !first.failed(), "{}", first.stdout);
+    assert!(first.msg().contains("params stored"), "{}", first.msg());
+    let stored = pf.state_dir(&t.proxy).join("portfwd.json");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&stored).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "stored params are private");
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.100:4321")).unwrap(),
+        ip("10.0.2.1")
+    );
+
+    // The reboot: everything runtime is gone, the stored file stays.
+    for save in ["iptables", "ip6tables"] {
+        for table in ["nat", "filter"] {
+            t.proxy.exec(&[save, "-t", table, "-F"]).unwrap();
+            t.proxy.exec(&[save, "-t", table, "-X"]).unwrap();
+        }
+    }
+    t.proxy
+        .ip(&["addr", "del", "10.0.1.100/24", "dev", "eth0"])
+        .unwrap();
+    t.proxy.sysctl("net.ipv4.ip_forward", "0").unwrap();
+    std::fs::remove_dir_all(pf.run_dir(&t.proxy)).unwrap();
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.100:4321")).is_err());
+
+    let restored = pf.run(&t.proxy, &["restore"], "", &[]).unwrap();
+    assert_eq!(restored.code, 0, "{}", restored.stdout);
+    assert_eq!(restored.json["changed"], json!(true), "{}", restored.stdout);
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.100:4321")).unwrap(),
+        ip("10.0.2.1")
+    );
+    let again = pf.run(&t.proxy, &["restore"], "", &[]).unwrap();
+    assert_eq!(again.json["changed"], json!(false), "{}", again.stdout);
+
+    let absent = pf
+        .apply(&t.proxy, &json!({"state": "absent", "persist": true}))
+        .unwrap();
+    assert!(absent.changed() && !absent.failed(), "{}", absent.stdout);
+    assert!(!stored.exists(), "absent removes the stored params");
+    assert!(
+        !ip_state(&t.proxy).contains("10.0.1.100"),
+        "and the address portfwd added"
+    );
+}
