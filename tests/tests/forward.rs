@@ -405,3 +405,38 @@ fn bad_input_is_refused_and_nothing_changes() {
         .unwrap();
     assert_eq!(usage.code, 2, "usage errors exit 2");
 }
+
+/// Concurrent runs with different params on one host are serialised by the lock: all succeed,
+/// no rule is duplicated, and the final state is exactly one of the param sets.
+#[test]
+fn concurrent_runs_are_serialised() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let sets: Vec<Value> = (0..6)
+        .map(|i| {
+            let forwards: Vec<Value> = (0..5)
+                .map(|j| json!({"name": format!("f{j}"), "listen_port": 20000 + j, "to": format!("10.0.2.2:{}", 1000 + i)}))
+                .collect();
+            json!({"forwards": forwards})
+        })
+        .collect();
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = sets.iter().map(|p| scope.spawn(|| portfwd().apply(&t.proxy, p).unwrap())).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &results {
+        assert_eq!(r.code, 0, "{}", r.stdout);
+        assert!(!r.failed(), "{}", r.stdout);
+    }
+    let rules = ruleset(&t.proxy, "iptables-save").unwrap();
+    let lines: Vec<&str> = rules.lines().filter(|l| l.starts_with("-A")).collect();
+    let mut unique = lines.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), lines.len(), "duplicated rules:\n{rules}");
+    let unchanged = |p: &Value| !portfwd().run(&t.proxy, &["apply", "--check"], &p.to_string(), &[]).unwrap().changed();
+    let winners = sets.iter().filter(|p| unchanged(p)).count();
+    assert_eq!(winners, 1, "the final state is exactly one of the param sets:\n{rules}");
+}
