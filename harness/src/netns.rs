@@ -1,16 +1,29 @@
-//! Network namespaces that clean up after themselves.
+//! Network namespaces that clean up after themselves, created natively (nix: `unshare` plus a
+//! bind mount under `/run/netns`, as `ip netns add` does), so `ip netns exec` and `ip -n` work
+//! on them.
 //!
 //! Names carry a per-process prefix (`pfl-<pid>-<n>-<role>`) so parallel runs never collide,
 //! and [`Netns`] deletes its namespace on drop, which also runs while a failing test unwinds.
 
 use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use nix::sched::{setns, CloneFlags};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
 
 /// Every name this crate creates starts with this, so `clean` finds only ours.
 pub const PREFIX: &str = "pfl-";
+
+/// Namespaces of `portfwd-lab up`, which outlive the process that made them.
+pub const UP_PREFIX: &str = "pfl-up-";
+
+const NETNS_DIR: &str = "/run/netns";
+
+/// Commands run in a namespace are killed after this long: a hung tool never hangs a run.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A failure setting up or using a namespace.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +35,7 @@ pub enum LabError {
         command: String,
         source: std::io::Error,
     },
-    #[error("entering namespace {name}: {message}")]
+    #[error("namespace {name}: {message}")]
     Enter { name: String, message: String },
     #[error("{0}")]
     Traffic(String),
@@ -30,19 +43,57 @@ pub enum LabError {
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// One network namespace, deleted (with every process in it) when dropped.
+/// One network namespace, deleted (with every process in it) when dropped unless kept.
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    keep: bool,
 }
 
 impl Netns {
-    /// Creates `pfl-<pid>-<n>-<role>` with loopback up.
+    /// Creates `pfl-<pid>-<n>-<role>` with loopback up and IPv6 DAD off.
     pub fn new(role: &str) -> Result<Netns, LabError> {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!("{PREFIX}{}-{n}-{role}", std::process::id());
-        run(&["ip", "netns", "add", &name])?;
-        let ns = Netns { name };
+        Netns::create(format!("{PREFIX}{}-{n}-{role}", std::process::id()), false)
+    }
+
+    /// Creates a namespace with an exact name that stays after drop (`portfwd-lab up`).
+    pub fn kept(name: &str) -> Result<Netns, LabError> {
+        Netns::create(name.to_string(), true)
+    }
+
+    fn create(name: String, keep: bool) -> Result<Netns, LabError> {
+        let err = |message: String| LabError::Enter {
+            name: name.clone(),
+            message,
+        };
+        let path = PathBuf::from(NETNS_DIR).join(&name);
+        prepare_netns_dir().map_err(|e| err(format!("preparing {NETNS_DIR}: {e}")))?;
+        File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| err(format!("creating {}: {e}", path.display())))?;
+        let target = path.clone();
+        // unshare moves only this thread into the new namespace; the bind mount keeps it alive.
+        let made = std::thread::spawn(move || -> Result<(), String> {
+            unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare: {e}"))?;
+            mount(
+                Some("/proc/thread-self/ns/net"),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| format!("bind mount: {e}"))
+        })
+        .join()
+        .map_err(|_| err("namespace thread panicked".into()))?;
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&path);
+            return Err(err(e));
+        }
+        let ns = Netns { name, keep };
         ns.ip(&["link", "set", "lo", "up"])?;
         // No duplicate address detection: addresses are usable at once and `ip addr` output
         // does not change on its own a moment later (no "tentative" flags coming and going).
@@ -52,15 +103,34 @@ impl Netns {
         Ok(ns)
     }
 
+    /// An existing namespace by name (not deleted on drop).
+    pub fn existing(name: &str) -> Result<Netns, LabError> {
+        if !Path::new(NETNS_DIR).join(name).exists() {
+            return Err(LabError::Enter {
+                name: name.into(),
+                message: "no such namespace".into(),
+            });
+        }
+        Ok(Netns {
+            name: name.to_string(),
+            keep: true,
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
 
     /// Runs a command inside the namespace and returns its output; fails on non-zero exit.
     pub fn exec(&self, argv: &[&str]) -> Result<Output, LabError> {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
-        full.extend_from_slice(argv);
-        run(&full)
+        let out = self.exec_with_input(argv, "")?;
+        if !out.status.success() {
+            return Err(LabError::Command {
+                command: argv.join(" "),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(out)
     }
 
     /// Like [`Netns::exec`] with stdin, returning the output whatever the exit status.
@@ -80,13 +150,32 @@ impl Netns {
     pub fn ip(&self, args: &[&str]) -> Result<(), LabError> {
         let mut full = vec!["ip", "-n", &self.name];
         full.extend_from_slice(args);
-        run(&full).map(drop)
+        let out = run_with_input(&full, "")?;
+        if !out.status.success() {
+            return Err(LabError::Command {
+                command: full.join(" "),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
     }
 
-    /// Writes a sysctl (`net.ipv4.ip_forward`) inside the namespace.
+    /// Writes a sysctl (`net.ipv4.ip_forward`) inside the namespace, natively: a thread enters
+    /// the namespace and writes `/proc/sys`, which resolves `net/` against its namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), LabError> {
-        self.exec(&["sysctl", "-qw", &format!("{key}={value}")])
-            .map(drop)
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_string();
+        let enter = self.enterer();
+        let name = self.name.clone();
+        std::thread::spawn(move || -> Result<(), LabError> {
+            enter()?;
+            std::fs::write(&path, value).map_err(|e| LabError::Enter {
+                name,
+                message: format!("{path}: {e}"),
+            })
+        })
+        .join()
+        .map_err(|_| LabError::Traffic("sysctl thread panicked".into()))?
     }
 
     /// A closure that moves the thread calling it into this namespace. `setns` is per
@@ -98,8 +187,8 @@ impl Netns {
                 name: name.clone(),
                 message,
             };
-            let file =
-                File::open(format!("/run/netns/{name}")).map_err(|e| enter_err(e.to_string()))?;
+            let file = File::open(Path::new(NETNS_DIR).join(&name))
+                .map_err(|e| enter_err(e.to_string()))?;
             setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| enter_err(e.to_string()))
         }
     }
@@ -107,7 +196,30 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        delete_namespace(&self.name);
+        if !self.keep {
+            delete_namespace(&self.name);
+        }
+    }
+}
+
+/// Makes `/run/netns` a shared mount point, as `ip netns add` does, so a later `ip netns add`
+/// by anyone does not bind-mount over it and hide the namespaces already there.
+fn prepare_netns_dir() -> Result<(), nix::Error> {
+    std::fs::create_dir_all(NETNS_DIR).map_err(|_| nix::Error::EIO)?;
+    let shared = MsFlags::MS_SHARED | MsFlags::MS_REC;
+    match mount(None::<&str>, NETNS_DIR, None::<&str>, shared, None::<&str>) {
+        Ok(()) => Ok(()),
+        Err(nix::Error::EINVAL) => {
+            mount(
+                Some(NETNS_DIR),
+                NETNS_DIR,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )?;
+            mount(None::<&str>, NETNS_DIR, None::<&str>, shared, None::<&str>)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -123,26 +235,33 @@ pub fn delete_namespace(name: &str) {
             }
         }
     }
-    let _ = Command::new("ip")
-        .args(["netns", "del", name])
-        .stderr(Stdio::null())
-        .status();
+    let path = Path::new(NETNS_DIR).join(name);
+    let _ = umount2(&path, MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_file(&path);
 }
 
-/// Namespaces left by crashed runs: ours by prefix, whose creating process is gone.
+/// Every namespace name under `/run/netns`.
+pub fn all_namespaces() -> Vec<String> {
+    std::fs::read_dir(NETNS_DIR)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Namespaces left by crashed runs: ours by prefix, whose creating process is gone. The
+/// namespaces of `portfwd-lab up` are not leftovers; `portfwd-lab down` removes them.
 pub fn leftovers() -> Vec<String> {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|name| name.starts_with(PREFIX))
+    all_namespaces()
+        .into_iter()
+        .filter(|name| name.starts_with(PREFIX) && !name.starts_with(UP_PREFIX))
         .filter(|name| {
             let pid = name[PREFIX.len()..].split('-').next().unwrap_or("");
-            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            pid.is_empty() || !Path::new(&format!("/proc/{pid}")).exists()
         })
-        .map(str::to_string)
         .collect()
 }
 
@@ -165,33 +284,12 @@ pub fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<(), LabError
     b.ip(&["link", "set", b_if, "up"])
 }
 
-/// Adds an address; IPv6 ones skip duplicate address detection so they work at once.
+/// Adds an address.
 pub fn addr(ns: &Netns, dev: &str, cidr: &str) -> Result<(), LabError> {
-    if cidr.contains(':') {
-        ns.ip(&["-6", "addr", "add", cidr, "dev", dev, "nodad"])
-    } else {
-        ns.ip(&["addr", "add", cidr, "dev", dev])
-    }
+    ns.ip(&["addr", "add", cidr, "dev", dev])
 }
 
-fn run(argv: &[&str]) -> Result<Output, LabError> {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| LabError::Spawn {
-            command: argv.join(" "),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(LabError::Command {
-            command: argv.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(out)
-}
-
+/// Runs a command with stdin, killing it after [`COMMAND_TIMEOUT`].
 fn run_with_input(argv: &[&str], input: &str) -> Result<Output, LabError> {
     use std::io::Write;
     let spawn_err = |source| LabError::Spawn {
@@ -208,5 +306,38 @@ fn run_with_input(argv: &[&str], input: &str) -> Result<Output, LabError> {
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(input.as_bytes());
     }
-    child.wait_with_output().map_err(spawn_err)
+    // Drain output on threads so a chatty child cannot block on a full pipe while we wait.
+    let stdout = child.stdout.take().map(drain);
+    let stderr = child.stderr.take().map(drain);
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let status = loop {
+        match child.try_wait().map_err(spawn_err)? {
+            Some(status) => break status,
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(LabError::Command {
+                    command: argv.join(" "),
+                    stderr: format!("killed after {}s", COMMAND_TIMEOUT.as_secs()),
+                });
+            }
+            None => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let collect = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
+        h.and_then(|h| h.join().ok()).unwrap_or_default()
+    };
+    Ok(Output {
+        status,
+        stdout: collect(stdout),
+        stderr: collect(stderr),
+    })
+}
+
+fn drain<R: std::io::Read + Send + 'static>(mut reader: R) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = reader.read_to_end(&mut buf);
+        buf
+    })
 }

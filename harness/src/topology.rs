@@ -49,15 +49,17 @@ impl Topology {
 
 /// `iptables-save` of a namespace without counters or `#` lines: what must stay byte-identical.
 pub fn ruleset(ns: &Netns, save: &str) -> Result<String, LabError> {
-    Ok(ns
-        .stdout(&[save])?
-        .lines()
+    Ok(normalise_ruleset(&ns.stdout(&[save])?))
+}
+
+/// Drops `#` lines and the counters of chain declarations from `iptables-save` output.
+pub fn normalise_ruleset(text: &str) -> String {
+    text.lines()
         .filter(|l| !l.starts_with('#'))
         .map(|l| match l.strip_prefix(':') {
-            // Chain declarations carry counters too: keep name and policy only.
             Some(decl) => format!(":{}", decl.split(" [").next().unwrap_or(decl)),
             None => l.to_string(),
         })
         .collect::<Vec<_>>()
-        .join("\n"))
+        .join("\n")
 }

@@ -24,6 +24,8 @@ pub enum Proto {
     Udp,
 }
 
+type EnterFn = Box<dyn FnOnce() -> Result<(), LabError> + Send>;
+
 /// An echo server running in a namespace until dropped.
 pub struct Server {
     stop: Arc<AtomicBool>,
@@ -33,13 +35,26 @@ pub struct Server {
 impl Server {
     /// Starts a server bound to `bind` inside `ns`; returns once it listens.
     pub fn start(ns: &Netns, proto: Proto, bind: SocketAddr) -> Result<Server, LabError> {
+        Server::spawn(Some(Box::new(ns.enterer())), ns.name(), proto, bind)
+    }
+
+    /// Starts a server in the calling process's own namespace (`portfwd-lab serve`).
+    pub fn start_here(proto: Proto, bind: SocketAddr) -> Result<Server, LabError> {
+        Server::spawn(None, "this namespace", proto, bind)
+    }
+
+    fn spawn(
+        enter: Option<EnterFn>,
+        ns_name: &str,
+        proto: Proto,
+        bind: SocketAddr,
+    ) -> Result<Server, LabError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
-        let ns_name = ns.name().to_string();
+        let ns_name = ns_name.to_string();
         let flag = stop.clone();
-        let enter = ns.enterer();
         let handle = std::thread::spawn(move || {
-            if let Err(e) = enter() {
+            if let Some(Err(e)) = enter.map(|enter| enter()) {
                 let _ = ready_tx.send(Err(e.to_string()));
                 return;
             }
@@ -93,7 +108,7 @@ fn serve_tcp(listener: TcpListener, stop: &AtomicBool) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, peer)) => {
-                std::thread::spawn(move || answer_lines(stream, peer.ip()));
+                std::thread::spawn(move || answer_lines(stream, peer.ip().to_canonical()));
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(10))
@@ -122,7 +137,7 @@ fn serve_udp(socket: UdpSocket, stop: &AtomicBool) {
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::SeqCst) {
         if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(peer.ip().to_string().as_bytes(), peer);
+            let _ = socket.send_to(peer.ip().to_canonical().to_string().as_bytes(), peer);
         }
     }
 }

@@ -8,9 +8,11 @@
 
 use crate::compile::Desired;
 use crate::model::Backend;
+use crate::net::Family;
 use crate::observe::{observe, Observed};
 use crate::plan::Plan;
 use crate::routing::{IpBatch, Routing};
+use crate::rules::Table;
 use crate::system::{restore_command, System, SystemError};
 
 /// What went wrong during an apply, and whether the host was put back.
@@ -49,6 +51,9 @@ pub fn commands(plan: &Plan, backend: Backend) -> Vec<String> {
             &mut table.payload().lines().map(str::to_string),
         );
     }
+    for (family, table) in &plan.drop_tables {
+        out.push(drop_command(*family, *table));
+    }
     for change in &plan.sysctls {
         out.push(sysctl_command(&change.key, &change.to));
     }
@@ -70,11 +75,19 @@ pub fn commands(plan: &Plan, backend: Backend) -> Vec<String> {
 fn batch_command(batch: &IpBatch) -> String {
     format!(
         "ip {} -batch -",
-        if batch.family == crate::net::Family::V4 {
+        if batch.family == Family::V4 {
             "-4"
         } else {
             "-6"
         }
+    )
+}
+
+fn drop_command(family: Family, table: Table) -> String {
+    format!(
+        "nft delete table {} {}",
+        if family == Family::V4 { "ip" } else { "ip6" },
+        table.name()
     )
 }
 
@@ -138,6 +151,11 @@ fn execute(
         })?;
         progress.touched = true;
     }
+    for (family, table) in &plan.drop_tables {
+        progress.touched = true;
+        sys.delete_table(*family, table.name())
+            .map_err(|e| (drop_command(*family, *table), e))?;
+    }
     for change in &plan.sysctls {
         sys.write_sysctl(&change.key, &change.to)
             .map_err(|e| (sysctl_command(&change.key, &change.to), e))?;
@@ -148,9 +166,9 @@ fn execute(
         sys.ip_batch(batch.family, &script(batch))
             .map_err(|e| (batch_step(batch), e))?;
     }
-    if let Some(record) = &plan.routing.record {
-        sys.write_owned_addresses(instance, record)
-            .map_err(|e| ("recording added addresses".to_string(), e))?;
+    if let Some(record) = &plan.record {
+        sys.write_record(instance, record)
+            .map_err(|e| ("recording created objects".to_string(), e))?;
     }
     if let Some(stored) = &plan.store {
         sys.write_stored(instance, stored.as_deref())
@@ -197,8 +215,11 @@ fn rollback(
             Ok(mut now) => {
                 // Addresses this run added are not in the on-disk record yet: own them here so
                 // planning back removes them.
-                if let Some(record) = &plan.routing.record {
-                    now.routing.recorded.extend(record.iter().cloned());
+                if let Some(record) = &plan.record {
+                    now.routing
+                        .recorded
+                        .extend(record.addresses.iter().cloned());
+                    now.record.tables.extend(record.tables.iter().cloned());
                 }
                 let back =
                     crate::plan::plan(instance, protocol, &snapshot_as_desired(before), &now);
@@ -209,11 +230,14 @@ fn rollback(
                 for table in &back.tables {
                     steps.push(sys.restore(table.family, &table.payload()));
                 }
+                for (family, table) in &back.drop_tables {
+                    steps.push(sys.delete_table(*family, table.name()));
+                }
                 for batch in &back.routing.dels {
                     steps.push(sys.ip_batch(batch.family, &script(batch)));
                 }
-                if now.routing.recorded != before.routing.recorded {
-                    steps.push(sys.write_owned_addresses(instance, &before.routing.recorded));
+                if plan.record.is_some() {
+                    steps.push(sys.write_record(instance, &before.record));
                 }
                 problems.extend(
                     steps

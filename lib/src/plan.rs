@@ -13,6 +13,7 @@ use crate::observe::params_view::entry_of;
 use crate::observe::Observed;
 use crate::routing::{plan_routing, RoutingPlan};
 use crate::rules::{Hook, OwnedChain, OwnedRules, Table};
+use crate::system::Record;
 
 /// Everything a run would change, in execution order: iproute2 additions, iptables tables,
 /// sysctls, iproute2 removals, then the stored params (make before break).
@@ -22,6 +23,10 @@ pub struct Plan {
     pub tables: Vec<TablePlan>,
     pub sysctls: Vec<SysctlChange>,
     pub routing: RoutingPlan,
+    /// Empty nf_tables tables portfwd created, dropped after the table transactions.
+    pub drop_tables: Vec<(Family, Table)>,
+    /// The record of created objects to write, when it changes.
+    pub record: Option<Record>,
     /// `Some(new content)` when the stored params file changes (`Some(None)`: remove it).
     pub store: Option<Option<String>>,
     pub forwards: EntryChanges,
@@ -79,6 +84,7 @@ impl Plan {
             && self.sysctls.is_empty()
             && self.routing.adds.is_empty()
             && self.routing.dels.is_empty()
+            && self.drop_tables.is_empty()
             && self.store.is_none()
     }
 
@@ -93,10 +99,47 @@ pub fn plan(instance: &str, protocol: u8, desired: &Desired, observed: &Observed
     let mut plan = plan_rules(instance, &desired.rules, &desired.sysctls, observed);
     plan.routing = plan_routing(&desired.routing, &observed.routing, protocol);
     plan.warnings.extend(plan.routing.warnings.iter().cloned());
+    let mut record = observed.record.clone();
+    if let Some(addresses) = &plan.routing.record {
+        record.addresses = addresses.clone();
+    }
+    // Tables this run creates are recorded; recorded tables left with nothing but our (now
+    // removed) chains are dropped, so absent leaves iptables-save as it was (nf_tables only:
+    // legacy tables cannot be deleted).
+    for t in &plan.tables {
+        if !observed.tables.contains_key(&(t.family, t.table)) {
+            record.tables.insert(table_key(t.family, t.table));
+        }
+    }
+    let wanted: BTreeSet<(Family, Table)> = desired
+        .rules
+        .chains
+        .keys()
+        .map(|(f, h)| (*f, h.table()))
+        .collect();
+    for (&(family, table), facts) in &observed.tables {
+        let key = table_key(family, table);
+        if !wanted.contains(&(family, table))
+            && facts.only_ours
+            && facts.nf_tables
+            && record.tables.contains(&key)
+        {
+            plan.drop_tables.push((family, table));
+            record.tables.remove(&key);
+        }
+    }
+    if record != observed.record {
+        plan.record = Some(record);
+    }
     if desired.stored != observed.stored {
         plan.store = Some(desired.stored.clone());
     }
     plan
+}
+
+/// How a table appears in the record: `ipv4 nat`.
+pub fn table_key(family: Family, table: Table) -> String {
+    format!("{} {}", family.label(), table.name())
 }
 
 /// The iptables and sysctl part of the diff.

@@ -57,17 +57,32 @@ pub trait System {
     fn ip_json(&mut self, args: &[&str]) -> Result<String, SystemError>;
     /// `ip -4|-6 -batch -` with the script on stdin.
     fn ip_batch(&mut self, family: Family, script: &str) -> Result<(), SystemError>;
-    /// The addresses (`dev addr/prefix`) this instance added in this network namespace.
-    fn read_owned_addresses(&mut self, instance: &str) -> Result<BTreeSet<String>, SystemError>;
-    fn write_owned_addresses(
-        &mut self,
-        instance: &str,
-        keys: &BTreeSet<String>,
-    ) -> Result<(), SystemError>;
+    /// What this instance created in this network namespace (see [`Record`]).
+    fn read_record(&mut self, instance: &str) -> Result<Record, SystemError>;
+    fn write_record(&mut self, instance: &str, record: &Record) -> Result<(), SystemError>;
+    /// `nft delete table ip|ip6 TABLE`: drops an nf_tables table portfwd created and emptied.
+    fn delete_table(&mut self, family: Family, table: &str) -> Result<(), SystemError>;
     /// The params stored by `persist: true`, if any.
     fn read_stored(&mut self, instance: &str) -> Result<Option<String>, SystemError>;
     /// Stores params (`Some`) or removes the stored file (`None`).
     fn write_stored(&mut self, instance: &str, params: Option<&str>) -> Result<(), SystemError>;
+}
+
+/// What portfwd created that the kernel cannot tag: addresses (`dev addr/prefix`) and
+/// iptables tables (`ipv4 nat`) that did not exist before it. Only recorded objects are ever
+/// removed on that ground.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    #[serde(default)]
+    pub addresses: BTreeSet<String>,
+    #[serde(default)]
+    pub tables: BTreeSet<String>,
+}
+
+impl Record {
+    pub fn is_empty(&self) -> bool {
+        self.addresses.is_empty() && self.tables.is_empty()
+    }
 }
 
 /// Where `persist: true` stores params: `--state-dir`, else `PORTFWD_STATE_DIR`, else `/etc/portfwd`.
@@ -171,9 +186,7 @@ impl RealSystem {
             .chars()
             .filter(char::is_ascii_digit)
             .collect();
-        Ok(self
-            .run_dir
-            .join(format!("{instance}.netns-{id}.addresses")))
+        Ok(self.run_dir.join(format!("{instance}.netns-{id}.record")))
     }
 
     fn run(
@@ -273,11 +286,11 @@ impl System for RealSystem {
             .map(drop)
     }
 
-    fn read_owned_addresses(&mut self, instance: &str) -> Result<BTreeSet<String>, SystemError> {
+    fn read_record(&mut self, instance: &str) -> Result<Record, SystemError> {
         let path = self.record_path(instance)?;
         match std::fs::read_to_string(&path) {
             Ok(text) => Ok(serde_json::from_str(&text).unwrap_or_default()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(BTreeSet::new()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Record::default()),
             Err(source) => Err(SystemError::Io {
                 path: path.display().to_string(),
                 source,
@@ -285,17 +298,22 @@ impl System for RealSystem {
         }
     }
 
-    fn write_owned_addresses(
-        &mut self,
-        instance: &str,
-        keys: &BTreeSet<String>,
-    ) -> Result<(), SystemError> {
+    fn write_record(&mut self, instance: &str, record: &Record) -> Result<(), SystemError> {
         let path = self.record_path(instance)?;
-        if keys.is_empty() {
+        if record.is_empty() {
             return remove_if_present(&path);
         }
-        let text = serde_json::to_string(keys).unwrap_or_default();
+        let text = serde_json::to_string(record).unwrap_or_default();
         write_private(&self.run_dir, &path, &text)
+    }
+
+    fn delete_table(&mut self, family: Family, table: &str) -> Result<(), SystemError> {
+        let family = match family {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        };
+        self.run("nft", &["delete", "table", family, table], None)
+            .map(drop)
     }
 
     fn read_stored(&mut self, instance: &str) -> Result<Option<String>, SystemError> {

@@ -423,7 +423,10 @@ fn concurrent_runs_are_serialised() {
         })
         .collect();
     let results: Vec<_> = std::thread::scope(|scope| {
-        let handles: Vec<_> = sets.iter().map(|p| scope.spawn(|| portfwd().apply(&t.proxy, p).unwrap())).collect();
+        let handles: Vec<_> = sets
+            .iter()
+            .map(|p| scope.spawn(|| portfwd().apply(&t.proxy, p).unwrap()))
+            .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for r in &results {
@@ -436,7 +439,15 @@ fn concurrent_runs_are_serialised() {
     unique.sort();
     unique.dedup();
     assert_eq!(unique.len(), lines.len(), "duplicated rules:\n{rules}");
-    let unchanged = |p: &Value| !portfwd().run(&t.proxy, &["apply", "--check"], &p.to_string(), &[]).unwrap().changed();
+    let unchanged = |p: &Value| {
+        !portfwd()
+            .run(&t.proxy, &["apply", "--check"], &p.to_string(), &[])
+            .unwrap()
+            .changed()
+    };
     let winners = sets.iter().filter(|p| unchanged(p)).count();
-    assert_eq!(winners, 1, "the final state is exactly one of the param sets:\n{rules}");
+    assert_eq!(
+        winners, 1,
+        "the final state is exactly one of the param sets:\n{rules}"
+    );
 }

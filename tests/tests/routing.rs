@@ -234,69 +234,91 @@ fn target() -> Value {
     })
 }
 
+/// Fails the Nth call of `tool` for every N an apply of [`target`] reaches, starting each time
+/// from `baseline` (nothing when None). Returns how many failure points there were.
+fn failure_matrix(t: &Topology, tool: &str, baseline: Option<&Value>) -> usize {
+    let reset = || match baseline {
+        Some(params) => assert!(!portfwd().apply(&t.proxy, params).unwrap().failed()),
+        None => assert!(!portfwd()
+            .apply(&t.proxy, &json!({"state": "absent"}))
+            .unwrap()
+            .failed()),
+    };
+    reset();
+    let before = host_state(&t.proxy);
+    let mut n = 1;
+    loop {
+        let shim = FailNth::new(tool, n).unwrap();
+        let run = portfwd()
+            .run(
+                &t.proxy,
+                &["apply"],
+                &target().to_string(),
+                &[("PATH", &shim.path())],
+            )
+            .unwrap();
+        if shim.calls() < n {
+            assert!(
+                run.changed() && !run.failed(),
+                "{tool} without failure: {}",
+                run.stdout
+            );
+            reset();
+            assert_eq!(host_state(&t.proxy), before, "resetting to the baseline");
+            return n - 1;
+        }
+        assert_eq!(run.code, 1, "{tool} call {n}: {}", run.stdout);
+        assert!(run.failed(), "{tool} call {n}: {}", run.stdout);
+        assert!(
+            run.msg().contains("injected failure"),
+            "{tool} call {n}: {}",
+            run.msg()
+        );
+        let observing = run.msg().starts_with("reading the current state failed");
+        assert!(
+            observing || run.msg().contains("rolled back every change"),
+            "{tool} call {n}: {}",
+            run.msg()
+        );
+        assert_eq!(
+            host_state(&t.proxy),
+            before,
+            "{tool} call {n} left the host changed: {}",
+            run.msg()
+        );
+        n += 1;
+    }
+}
+
 /// Shims fail the Nth call of iptables-restore, ip6tables-restore and ip, for every N the
-/// apply reaches. After each failure the host is byte-identical to before and the result says
-/// it rolled back; once N is past the last call the same apply succeeds.
+/// apply reaches, from a configured host and from a fresh one (where portfwd creates the
+/// iptables tables itself). After each failure the host is byte-identical to before and the
+/// result says it rolled back; once N is past the last call the same apply succeeds.
 #[test]
 fn rollback_at_every_injected_failure_leaves_the_host_identical() {
     if !prerequisites() {
         return;
     }
     let t = Topology::new().unwrap();
-    let reset = portfwd().apply(&t.proxy, &baseline()).unwrap();
-    assert!(reset.changed() && !reset.failed(), "{}", reset.stdout);
-    let mut failure_points = Vec::new();
-    for tool in ["iptables-restore", "ip6tables-restore", "ip"] {
-        let before = host_state(&t.proxy);
-        let mut n = 1;
-        loop {
-            let shim = FailNth::new(tool, n).unwrap();
-            let run = portfwd()
-                .run(
-                    &t.proxy,
-                    &["apply"],
-                    &target().to_string(),
-                    &[("PATH", &shim.path())],
-                )
-                .unwrap();
-            if shim.calls() < n {
-                assert!(
-                    run.changed() && !run.failed(),
-                    "{tool} without failure: {}",
-                    run.stdout
-                );
-                break;
+    let baseline = baseline();
+    for start in [Some(&baseline), None] {
+        let points: Vec<(&str, usize)> = ["iptables-restore", "ip6tables-restore", "ip"]
+            .into_iter()
+            .map(|tool| (tool, failure_matrix(&t, tool, start)))
+            .collect();
+        eprintln!(
+            "failure points per tool from {}: {points:?}",
+            if start.is_some() {
+                "the baseline"
+            } else {
+                "a fresh host"
             }
-            assert_eq!(run.code, 1, "{tool} call {n}: {}", run.stdout);
-            assert!(run.failed(), "{tool} call {n}: {}", run.stdout);
-            assert!(
-                run.msg().contains("injected failure"),
-                "{tool} call {n}: {}",
-                run.msg()
-            );
-            let observing = run.msg().starts_with("reading the current state failed");
-            assert!(
-                observing || run.msg().contains("rolled back every change"),
-                "{tool} call {n}: {}",
-                run.msg()
-            );
-            assert_eq!(
-                host_state(&t.proxy),
-                before,
-                "{tool} call {n} left the host changed: {}",
-                run.msg()
-            );
-            n += 1;
-        }
-        failure_points.push((tool, n - 1));
-        let back = portfwd().apply(&t.proxy, &baseline()).unwrap();
-        assert!(back.changed() && !back.failed(), "{}", back.stdout);
+        );
+        // iptables: filter + nat per family; ip: 5 reads, then add and delete batches.
+        assert_eq!(points[0].1, 2, "{points:?}");
+        assert_eq!(points[1].1, 2, "{points:?}");
+        assert!(points[2].1 >= 7, "{points:?}");
     }
-    eprintln!("failure points per tool: {failure_points:?}");
-    // iptables: filter + nat per family; ip: 5 reads, then add and delete batches per family.
-    assert_eq!(failure_points[0].1, 2, "{failure_points:?}");
-    assert_eq!(failure_points[1].1, 2, "{failure_points:?}");
-    assert!(failure_points[2].1 >= 8, "{failure_points:?}");
 }
 
 /// persist: true stores the params; after a simulated reboot (rules, addresses, sysctls and

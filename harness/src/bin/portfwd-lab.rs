@@ -2,11 +2,15 @@
 //! binary and proves with traffic what the backend sees.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
-use portfwd_harness::netns::{delete_namespace, leftovers, PREFIX};
+use portfwd_harness::lab::{Lab, Naming};
+use portfwd_harness::netns::{all_namespaces, delete_namespace, leftovers, PREFIX, UP_PREFIX};
+use portfwd_harness::runner::{find_scenarios, junit, run_scenario, RunOptions};
+use portfwd_harness::scenario::{ProtoSpec, Scenario};
 use portfwd_harness::topology::{ruleset, Topology};
 use portfwd_harness::{probe, LabError, Portfwd, Proto, Server};
 use serde_json::json;
@@ -16,7 +20,10 @@ use serde_json::json;
     name = "portfwd-lab",
     version,
     about = "Network-namespace lab for portfwd: topologies, the real binary, real traffic",
-    after_help = "Needs root, iproute2 and iptables. Namespaces are named pfl-<pid>-<n>-<role> and removed on exit, failure and Ctrl-C. The portfwd binary is taken from PORTFWD_BIN or found next to portfwd-lab."
+    after_help = "Needs root, iproute2 and iptables (tcpdump for --pcap, conntrack for failure reports). \
+        Namespaces are named pfl-<pid>-<n>-<node> and removed on exit, failure and Ctrl-C; `up` uses pfl-up-<node> \
+        until `down`. The portfwd binary is taken from PORTFWD_BIN or found next to portfwd-lab; its lock, \
+        state and record files live in a temporary directory, never in /etc or /run/portfwd."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -25,31 +32,91 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run scenarios (all in the scenario directory when none are named); ends with "N passed, N failed" (steps).
+    Run {
+        /// Scenario names (in --dir) or paths to YAML files.
+        scenarios: Vec<String>,
+        /// Directory of scenario files [default: ./harness/scenarios, else the one shipped with the source].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Write a JUnit XML report here.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// Capture each node's interfaces (tcpdump) during every step; keep the captures of failing steps here.
+        #[arg(long)]
+        pcap: Option<PathBuf>,
+    },
     /// Narrated run of seed 000: a cross-host forward, then one that keeps the client address.
     Demo,
+    /// Build a scenario's topology and leave it running (namespaces pfl-up-<node>, echo servers started).
+    Up {
+        scenario: String,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Remove the topology made by `up`.
+    Down,
+    /// Run a command inside a node of the topology made by `up`: exec NODE -- CMD...
+    Exec {
+        node: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Remove namespaces left behind by crashed portfwd-lab runs (only portfwd-lab's own).
     Clean,
+    /// Run an echo server in the current namespace until killed (used by `up`).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        udp: bool,
+        #[arg(long)]
+        port: u16,
+    },
 }
 
 fn main() -> ExitCode {
-    guard_signals();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. } | Command::Exec { .. }) {
+        guard_signals();
+    }
+    let result = match cli.command {
+        Command::Run {
+            scenarios,
+            dir,
+            junit,
+            pcap,
+        } => run(&scenarios, dir, junit, pcap),
+        Command::Demo => demo(),
+        Command::Up { scenario, dir } => up(&scenario, dir),
+        Command::Down => {
+            let ours: Vec<String> = all_namespaces()
+                .into_iter()
+                .filter(|n| n.starts_with(UP_PREFIX))
+                .collect();
+            for name in &ours {
+                delete_namespace(name);
+            }
+            println!("removed {} namespace(s)", ours.len());
+            Ok(true)
+        }
+        Command::Exec { node, command } => return exec(&node, &command),
         Command::Clean => {
             let stale = leftovers();
             for name in &stale {
                 delete_namespace(name);
             }
             println!("removed {} leftover namespace(s)", stale.len());
-            ExitCode::SUCCESS
+            Ok(true)
         }
-        Command::Demo => match demo() {
-            Ok(0) => ExitCode::SUCCESS,
-            Ok(_) => ExitCode::from(1),
-            Err(e) => {
-                eprintln!("portfwd-lab: {e}");
-                ExitCode::from(1)
-            }
-        },
+        Command::Serve { udp, port } => serve(udp, port),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("portfwd-lab: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -66,23 +133,147 @@ fn guard_signals() {
     std::thread::spawn(move || {
         if set.wait().is_ok() {
             let own = format!("{PREFIX}{}-", std::process::id());
-            if let Ok(out) = std::process::Command::new("ip")
-                .args(["netns", "list"])
-                .output()
-            {
-                for name in String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter_map(|l| l.split_whitespace().next())
-                {
-                    if name.starts_with(&own) {
-                        delete_namespace(name);
-                    }
-                }
+            for name in all_namespaces().iter().filter(|n| n.starts_with(&own)) {
+                delete_namespace(name);
             }
             eprintln!("portfwd-lab: interrupted, namespaces removed");
             std::process::exit(130);
         }
     });
+}
+
+fn scenario_dir(dir: Option<PathBuf>) -> PathBuf {
+    dir.unwrap_or_else(|| {
+        let local = PathBuf::from("harness/scenarios");
+        if local.is_dir() {
+            local
+        } else {
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios"))
+        }
+    })
+}
+
+fn run(
+    names: &[String],
+    dir: Option<PathBuf>,
+    junit_file: Option<PathBuf>,
+    pcap: Option<PathBuf>,
+) -> Result<bool, LabError> {
+    let portfwd = Portfwd::locate()?;
+    let paths = find_scenarios(&scenario_dir(dir), names)?;
+    let scenarios = paths
+        .iter()
+        .map(|p| Scenario::load(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let options = RunOptions { pcap };
+    let mut outcomes = Vec::new();
+    for scenario in &scenarios {
+        outcomes.push(run_scenario(scenario, &portfwd, &options, &mut |line| {
+            println!("{line}")
+        }));
+    }
+    let steps = outcomes.iter().flat_map(|o| &o.steps);
+    let (passed, failed) = steps.fold(
+        (0, 0),
+        |(p, f), s| if s.passed() { (p + 1, f) } else { (p, f + 1) },
+    );
+    for o in &outcomes {
+        let bad = o.steps.iter().filter(|s| !s.passed()).count();
+        println!(
+            "{:<32} {}",
+            o.name,
+            if bad == 0 {
+                "ok".to_string()
+            } else {
+                format!("{bad} step(s) FAILED")
+            }
+        );
+    }
+    if let Some(file) = junit_file {
+        std::fs::write(&file, junit(&outcomes))
+            .map_err(|e| LabError::Traffic(format!("{}: {e}", file.display())))?;
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(failed == 0)
+}
+
+fn up(name: &str, dir: Option<PathBuf>) -> Result<bool, LabError> {
+    if all_namespaces().iter().any(|n| n.starts_with(UP_PREFIX)) {
+        return Err(LabError::Traffic(
+            "a topology is already up: run `portfwd-lab down` first".into(),
+        ));
+    }
+    let paths = find_scenarios(&scenario_dir(dir), &[name.to_string()])?;
+    let scenario = Scenario::load(&paths[0])?;
+    let lab = match Lab::build(&scenario, Naming::Up, false) {
+        Ok(lab) => lab,
+        Err(e) => {
+            for n in all_namespaces().iter().filter(|n| n.starts_with(UP_PREFIX)) {
+                delete_namespace(n);
+            }
+            return Err(e);
+        }
+    };
+    let me = std::env::current_exe().map_err(|e| LabError::Traffic(e.to_string()))?;
+    for (node, spec) in &scenario.nodes {
+        for server in &spec.servers {
+            let mut cmd = std::process::Command::new("ip");
+            cmd.args(["netns", "exec", lab.nodes[node].name()])
+                .arg(&me)
+                .args(["serve", "--port", &server.port.to_string()]);
+            if server.proto == ProtoSpec::Udp {
+                cmd.arg("--udp");
+            }
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            cmd.spawn()
+                .map_err(|e| LabError::Traffic(format!("starting server: {e}")))?;
+        }
+    }
+    println!("{} is up:", scenario.name);
+    for (node, ns) in &lab.nodes {
+        let addrs: Vec<String> = lab
+            .addresses
+            .get(node)
+            .map(|a| a.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        println!("  {node:<10} {}  {}", ns.name(), addrs.join(" "));
+    }
+    println!("try: portfwd-lab exec proxy -- iptables-save    then: portfwd-lab down");
+    Ok(true)
+}
+
+fn exec(node: &str, command: &[String]) -> ExitCode {
+    let ns = format!("{UP_PREFIX}{node}");
+    if !all_namespaces().contains(&ns) {
+        eprintln!("portfwd-lab: no node {node:?} is up (run `portfwd-lab up SCENARIO`)");
+        return ExitCode::from(2);
+    }
+    match std::process::Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .args(command)
+        .status()
+    {
+        Ok(status) => ExitCode::from(
+            status
+                .code()
+                .and_then(|c| u8::try_from(c).ok())
+                .unwrap_or(1),
+        ),
+        Err(e) => {
+            eprintln!("portfwd-lab: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn serve(udp: bool, port: u16) -> Result<bool, LabError> {
+    let proto = if udp { Proto::Udp } else { Proto::Tcp };
+    let _server = Server::start_here(proto, SocketAddr::from(([0u16; 8], port)))?;
+    loop {
+        std::thread::park();
+    }
 }
 
 /// Counts checks and prints one line each.
@@ -134,7 +325,7 @@ fn show_run(label: &str, run: &portfwd_harness::RunResult) {
     }
 }
 
-fn demo() -> Result<usize, LabError> {
+fn demo() -> Result<bool, LabError> {
     let portfwd = Portfwd::locate()?;
     let mut checks = Checks::default();
     step("topology (network namespaces, removed at exit)");
@@ -236,7 +427,7 @@ fn demo() -> Result<usize, LabError> {
     );
 
     println!("\n{} passed, {} failed", checks.passed, checks.failed);
-    Ok(checks.failed)
+    Ok(checks.failed == 0)
 }
 
 fn indent(text: &str) -> String {

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 
 use crate::net::Family;
 use crate::routing::RoutingObserved;
-use crate::rules::{Hook, Jump, OwnedChain, OwnedRules};
+use crate::rules::{Hook, Jump, OwnedChain, OwnedRules, Table};
+use crate::system::Record;
 use crate::system::{System, SystemError};
 use iptables_save::Dump;
 
@@ -25,9 +26,23 @@ pub struct Observed {
     pub tables_present: BTreeMap<(Family, Hook), bool>,
     pub sysctls: BTreeMap<String, Option<String>>,
     pub routing: RoutingObserved,
+    /// What the instance recorded creating (addresses, tables).
+    pub record: Record,
+    /// Facts about each table portfwd may write to.
+    pub tables: BTreeMap<(Family, Table), TableFacts>,
     /// The instance's stored params file, if any.
     pub stored: Option<String>,
     pub warnings: Vec<String>,
+}
+
+/// What the plan needs to know about one iptables table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableFacts {
+    /// The dump is from nf_tables (whose tables can be deleted).
+    pub nf_tables: bool,
+    /// Nothing in it but built-in chains with policy ACCEPT, this instance's chains, and the
+    /// jumps into them.
+    pub only_ours: bool,
 }
 
 /// Reads both families' rulesets, the instance's ip rules, routes and addresses, its
@@ -69,7 +84,8 @@ pub fn observe(
             .extend(iproute::parse_routes(&routes, family, protocol));
     }
     observed.routing.present = iproute::parse_addresses(&sys.ip_json(&["addr", "show"])?);
-    observed.routing.recorded = sys.read_owned_addresses(instance)?;
+    observed.record = sys.read_record(instance)?;
+    observed.routing.recorded = observed.record.addresses.clone();
     observed.routing.owned.addresses = observed.routing.owned_addresses();
     observed.stored = sys.read_stored(instance)?;
     Ok(observed)
@@ -77,6 +93,14 @@ pub fn observe(
 
 /// Pulls the instance's chains, and the jumps into them, out of a dump.
 pub fn extract_owned(dump: &Dump, family: Family, instance: &str, observed: &mut Observed) {
+    for table in [Table::Filter, Table::Nat] {
+        if let Some(t) = dump.table(table.name()) {
+            observed.tables.insert(
+                (family, table),
+                table_facts(t, table, dump.nf_tables == Some(true), instance),
+            );
+        }
+    }
     for hook in Hook::ALL {
         let Some(table) = dump.table(hook.table().name()) else {
             continue;
@@ -105,6 +129,33 @@ pub fn extract_owned(dump: &Dump, family: Family, instance: &str, observed: &mut
             .owned
             .chains
             .insert((family, hook), OwnedChain { rules, jumps });
+    }
+}
+
+fn table_facts(
+    t: &iptables_save::TableDump,
+    table: Table,
+    nf_tables: bool,
+    instance: &str,
+) -> TableFacts {
+    let ours: Vec<String> = Hook::ALL
+        .iter()
+        .filter(|h| h.table() == table)
+        .map(|h| h.chain(instance))
+        .collect();
+    let builtin = ["INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"];
+    let chains_ok = t.chains.iter().all(|c| {
+        ours.contains(&c.name) || (builtin.contains(&c.name.as_str()) && c.policy == "ACCEPT")
+    });
+    let rules_ok = t.rules.iter().all(|r| {
+        ours.contains(&r.chain)
+            || r.rule
+                .option("-j")
+                .is_some_and(|target| ours.iter().any(|o| o == target))
+    });
+    TableFacts {
+        nf_tables,
+        only_ours: chains_ok && rules_ok,
     }
 }
 
