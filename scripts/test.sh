@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up and runs every test: formatting, lints, unit tests, CLI tests and the end-to-end
-# tests in network namespaces (root). Under CI=true a missing prerequisite fails the run.
+# Sets up and runs every test: formatting, lints, unit tests, CLI tests, the end-to-end tests
+# in network namespaces (root), every lab scenario, and the demo. Under CI=true a missing
+# prerequisite fails the run instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,4 +9,5 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --quiet
 cargo test --workspace
+target/debug/portfwd-lab run --junit target/lab-junit.xml
 target/debug/portfwd-lab demo

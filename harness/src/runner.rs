@@ -306,6 +306,7 @@ impl Captures {
     fn start(lab: &Lab, dir: &Path, scenario: &str, step: usize) -> Captures {
         let _ = std::fs::create_dir_all(dir);
         let mut running = Vec::new();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
         for (name, ns) in &lab.nodes {
             let file = dir.join(format!("{scenario}-step{step}-{name}.pcap"));
             let child = Command::new("ip")
@@ -316,6 +317,7 @@ impl Captures {
                     "tcpdump",
                     "-i",
                     "any",
+                    "--immediate-mode",
                     "-U",
                     "-n",
                     "-w",
@@ -323,19 +325,34 @@ impl Captures {
                 .arg(&file)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(Stdio::piped())
                 .spawn();
-            if let Ok(child) = child {
-                running.push((child, file));
+            let Ok(mut child) = child else { continue };
+            // tcpdump says "listening on" once packets are being captured; a capture that
+            // misses the first packets of the step would hide exactly what failed.
+            if let Some(stderr) = child.stderr.take() {
+                let ready = ready_tx.clone();
+                std::thread::spawn(move || {
+                    use std::io::BufRead;
+                    for line in std::io::BufReader::new(stderr)
+                        .lines()
+                        .map_while(Result::ok)
+                    {
+                        if line.contains("listening on") {
+                            let _ = ready.send(());
+                        }
+                    }
+                });
+            }
+            running.push((child, file));
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for _ in 0..running.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if ready_rx.recv_timeout(left).is_err() {
+                break;
             }
         }
-        // tcpdump needs a moment to open its sockets; a capture that misses the first packet
-        // of the step would hide exactly what failed.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline && !running.iter().all(|(_, f)| f.exists()) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::thread::sleep(Duration::from_millis(200));
         Captures { running }
     }
 
@@ -344,6 +361,12 @@ impl Captures {
         for (mut child, file) in self.running {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            // tcpdump flushes and exits on SIGINT; never wait for it forever.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
             let _ = child.wait();
             if passed {
                 let _ = std::fs::remove_file(file);
@@ -416,16 +439,16 @@ pub fn junit(outcomes: &[ScenarioOutcome]) -> String {
     xml
 }
 
-/// Resolves `run` arguments: names in the scenario directory, or paths.
+/// Resolves `run` arguments: paths, or scenario names (the `name:` in a file of `dir`).
 pub fn find_scenarios(dir: &Path, names: &[String]) -> Result<Vec<PathBuf>, LabError> {
+    let mut all: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| LabError::Traffic(format!("{}: {e}", dir.display())))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    all.sort();
     if names.is_empty() {
-        let mut all: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| LabError::Traffic(format!("{}: {e}", dir.display())))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-            .collect();
-        all.sort();
         return Ok(all);
     }
     names
@@ -435,16 +458,15 @@ pub fn find_scenarios(dir: &Path, names: &[String]) -> Result<Vec<PathBuf>, LabE
             if path.is_file() {
                 return Ok(path);
             }
-            let named = dir.join(format!("{n}.yaml"));
-            if named.is_file() {
-                Ok(named)
-            } else {
-                Err(LabError::Traffic(format!(
-                    "no scenario {n:?} (looked for {} and {})",
-                    path.display(),
-                    named.display()
-                )))
-            }
+            all.iter()
+                .find(|p| Scenario::load(p).is_ok_and(|s| &s.name == n))
+                .cloned()
+                .ok_or_else(|| {
+                    LabError::Traffic(format!(
+                        "no scenario named {n:?} in {} (and no such file)",
+                        dir.display()
+                    ))
+                })
         })
         .collect()
 }

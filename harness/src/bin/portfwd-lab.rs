@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use nix::sys::signal::{SigSet, Signal};
 use portfwd_harness::lab::{Lab, Naming};
 use portfwd_harness::netns::{all_namespaces, delete_namespace, leftovers, PREFIX, UP_PREFIX};
 use portfwd_harness::runner::{find_scenarios, junit, run_scenario, RunOptions};
@@ -14,6 +13,8 @@ use portfwd_harness::scenario::{ProtoSpec, Scenario};
 use portfwd_harness::topology::{ruleset, Topology};
 use portfwd_harness::{probe, LabError, Portfwd, Proto, Server};
 use serde_json::json;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 #[derive(Parser)]
 #[command(
@@ -120,18 +121,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// On Ctrl-C or SIGTERM, delete this process's namespaces before exiting. The signals are
-/// blocked in every thread and taken synchronously by one thread, so cleanup is not limited
-/// to async-signal-safe calls.
+/// On Ctrl-C or SIGTERM, delete this process's namespaces before exiting. signal-hook's
+/// handler only wakes a thread through a pipe, so the clean-up runs outside signal context,
+/// and no signal mask is changed that child processes (tcpdump, portfwd) would inherit.
 fn guard_signals() {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    if set.thread_block().is_err() {
+    let Ok(mut signals) = Signals::new([SIGINT, SIGTERM]) else {
         return;
-    }
+    };
     std::thread::spawn(move || {
-        if set.wait().is_ok() {
+        if signals.forever().next().is_some() {
             let own = format!("{PREFIX}{}-", std::process::id());
             for name in all_namespaces().iter().filter(|n| n.starts_with(&own)) {
                 delete_namespace(name);

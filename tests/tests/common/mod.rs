@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 #[allow(unused_imports)]
 pub use portfwd_harness::shims::{FailNth, WriteRecorder};
+#[allow(unused_imports)]
 pub use portfwd_harness::topology::{ruleset, Topology};
 use portfwd_harness::Portfwd;
 
@@ -45,26 +46,60 @@ pub fn which(tool: &str) -> Option<PathBuf> {
     })
 }
 
-/// The portfwd binary, rebuilt once per test process so tests never run a stale build.
+/// Builds the workspace's binaries once per test process, so tests never run a stale build.
+fn build_binaries() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let exe = std::env::current_exe().expect("current_exe");
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root).args([
+            "build",
+            "-q",
+            "-p",
+            "portfwd-module",
+            "-p",
+            "portfwd-harness",
+            "--bins",
+        ]);
+        if exe.components().any(|c| c.as_os_str() == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+    });
+}
+
+/// The portfwd binary under test (`PORTFWD_BIN`, or the fresh build).
 pub fn portfwd() -> Portfwd {
     static BIN: OnceLock<Portfwd> = OnceLock::new();
     BIN.get_or_init(|| {
         if std::env::var_os("PORTFWD_BIN").is_none() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-            let exe = std::env::current_exe().expect("current_exe");
-            let mut cmd = Command::new(cargo);
-            cmd.current_dir(root)
-                .args(["build", "-q", "-p", "portfwd-module", "--bin", "portfwd"]);
-            if exe.components().any(|c| c.as_os_str() == "release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("run cargo build");
-            assert!(status.success(), "building portfwd failed");
+            build_binaries();
         }
         Portfwd::locate().expect("locate portfwd")
     })
     .clone()
+}
+
+/// The freshly built portfwd-lab binary.
+pub fn portfwd_lab() -> PathBuf {
+    build_binaries();
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("portfwd-lab"))
+        .find(|p| p.is_file())
+        .expect("portfwd-lab next to the test binary")
+}
+
+/// A file in tests/data.
+pub fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join(name)
 }
 
 pub fn sa(text: &str) -> SocketAddr {
