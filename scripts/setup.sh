@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
 # Installs what portfwd's lab and tests need on a fresh Debian machine (run as root).
 # Idempotent: installs only what is missing.
+#   - iptables (both flavours, with nft), iproute2, conntrack, tcpdump, procps, sshd
+#   - ansible-core and salt from PyPI, each in its own virtualenv under
+#     ${PORTFWD_CACHE:-$HOME/.cache/portfwd} (PORTFWD_ANSIBLE_VENV / PORTFWD_SALT_VENV override)
 set -euo pipefail
 
 need=()
-command -v iptables-save >/dev/null 2>&1 || need+=(iptables)
-command -v iptables-legacy-save >/dev/null 2>&1 || need+=(iptables)
-command -v ip >/dev/null 2>&1 || need+=(iproute2)
-command -v conntrack >/dev/null 2>&1 || need+=(conntrack)
-command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
-command -v sysctl >/dev/null 2>&1 || need+=(procps)
+have() { command -v "$1" >/dev/null 2>&1; }
+have iptables-save || need+=(iptables)
+have iptables-legacy-save || need+=(iptables)
+have nft || need+=(nftables)
+have ip || need+=(iproute2)
+have conntrack || need+=(conntrack)
+have tcpdump || need+=(tcpdump)
+have sysctl || need+=(procps)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+have ssh || need+=(openssh-client)
+have ssh-keygen || need+=(openssh-client)
+have python3 || need+=(python3 python3-venv)
 
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]}"
@@ -17,6 +26,19 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+
+cache=${PORTFWD_CACHE:-$HOME/.cache/portfwd}
+venv() {  # venv DIR CHECK PACKAGE...
+  local dir=$1 check=$2; shift 2
+  if [ ! -x "$dir/bin/$check" ]; then
+    echo "setup: creating $dir with $*"
+    rm -rf "$dir"
+    python3 -m venv "$dir"
+    "$dir/bin/pip" install -q --disable-pip-version-check "$@"
+  fi
+}
+venv "${PORTFWD_ANSIBLE_VENV:-$cache/ansible-venv}" ansible-playbook 'ansible-core>=2.19,<2.20'
+venv "${PORTFWD_SALT_VENV:-$cache/salt-venv}" salt-call 'salt>=3007'
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup: warning: not root; the lab and end-to-end tests need root (network namespaces)" >&2

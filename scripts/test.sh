@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Sets up and runs every test: formatting, lints, unit tests, CLI tests, the end-to-end tests
-# in network namespaces (root), every lab scenario, and the demo. Under CI=true a missing
-# prerequisite fails the run instead of skipping.
+# in network namespaces (root) including real ansible-playbook (local and over SSH) and Salt
+# runs, every lab scenario, and the demo. Under CI=true a missing prerequisite fails the run
+# instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --quiet
+# Ansible ships the release binary (static musl when that target is installed).
+PORTFWD_MODULE_BIN=$(pwd)/$(bash scripts/build-release.sh)
+export PORTFWD_MODULE_BIN
 cargo test --workspace
 target/debug/portfwd-lab run --junit target/lab-junit.xml
 target/debug/portfwd-lab demo

@@ -387,6 +387,16 @@ impl RunLock {
             path: path.display().to_string(),
             source,
         };
+        if let Some(dir) = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+        {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io)?;
+        }
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)

@@ -1,0 +1,571 @@
+//! End-to-end with the real `ansible-playbook` (ansible-core from PyPI in a virtualenv that
+//! scripts/setup.sh creates): the collection built and installed, check/diff, apply with
+//! traffic, idempotence, bad params, registered results, docs, and a multi-host run over SSH
+//! into namespaces running sshd.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{portfwd, prerequisites, ruleset, sa, Topology};
+use portfwd_harness::{addr, link, probe, Netns, Proto, Server};
+use serde_json::{json, Value};
+
+/// The virtualenv with ansible-core, or None (a skip; a failure under CI=true).
+fn venv() -> Option<PathBuf> {
+    let dir = std::env::var_os("PORTFWD_ANSIBLE_VENV")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/portfwd/ansible-venv"))
+        })?;
+    if dir.join("bin/ansible-playbook").is_file() {
+        return Some(dir);
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "ansible-core virtualenv missing at {} under CI=true (scripts/setup.sh creates it)",
+            dir.display()
+        );
+    }
+    eprintln!("skipping: no ansible-core virtualenv at {}", dir.display());
+    None
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The module binary Ansible ships: `PORTFWD_MODULE_BIN` (the static release build in
+/// scripts/test.sh), else the freshly built debug binary.
+fn module_bin() -> PathBuf {
+    std::env::var_os("PORTFWD_MODULE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| portfwd().bin)
+}
+
+/// A private Ansible home with the collection built from this tree and installed, plus a
+/// library directory holding the module by its short name.
+struct Ansible {
+    venv: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Ansible {
+    fn new(venv: PathBuf) -> Ansible {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("dist");
+        let galaxy = venv.join("bin/ansible-galaxy");
+        let build = Command::new("bash")
+            .arg(repo().join("scripts/build-collection.sh"))
+            .arg(module_bin())
+            .arg(&out)
+            .arg(&galaxy)
+            .output()
+            .unwrap();
+        assert!(
+            build.status.success(),
+            "collection build: {}",
+            String::from_utf8_lossy(&build.stderr)
+        );
+        let tarball = String::from_utf8_lossy(&build.stdout).trim().to_string();
+        assert!(
+            tarball.ends_with("portfwd-portfwd-0.1.0.tar.gz"),
+            "{tarball}"
+        );
+        let install = Command::new(&galaxy)
+            .args(["collection", "install", "--force", "-p"])
+            .arg(dir.path().join("collections"))
+            .arg(&tarball)
+            .output()
+            .unwrap();
+        assert!(
+            install.status.success(),
+            "collection install: {}",
+            String::from_utf8_lossy(&install.stderr)
+        );
+        let library = dir.path().join("library");
+        std::fs::create_dir_all(&library).unwrap();
+        std::fs::copy(module_bin(), library.join("portfwd")).unwrap();
+        std::fs::copy(
+            repo().join("playbooks/library/portfwd.yml"),
+            library.join("portfwd.yml"),
+        )
+        .unwrap();
+        Ansible { venv, dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Environment for Ansible and, through the local connection, for the module: every file
+    /// portfwd writes goes under `host_dir`, never the host's /etc or /run.
+    fn env(&self, host_dir: &Path) -> Vec<(String, String)> {
+        let p = |name: &str| self.path(name).display().to_string();
+        vec![
+            (
+                "PATH".into(),
+                format!(
+                    "{}:{}",
+                    self.venv.join("bin").display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            ),
+            ("ANSIBLE_COLLECTIONS_PATH".into(), p("collections")),
+            ("ANSIBLE_LIBRARY".into(), p("library")),
+            ("ANSIBLE_HOME".into(), p("home")),
+            ("ANSIBLE_LOCAL_TEMP".into(), p("tmp")),
+            ("ANSIBLE_REMOTE_TEMP".into(), p("remote-tmp")),
+            ("ANSIBLE_SSH_CONTROL_PATH_DIR".into(), p("cp")),
+            ("ANSIBLE_NOCOLOR".into(), "1".into()),
+            ("ANSIBLE_HOST_KEY_CHECKING".into(), "False".into()),
+            ("ANSIBLE_RETRY_FILES_ENABLED".into(), "0".into()),
+            (
+                "PORTFWD_LOCK_FILE".into(),
+                host_dir.join("lock").display().to_string(),
+            ),
+            (
+                "PORTFWD_STATE_DIR".into(),
+                host_dir.join("state").display().to_string(),
+            ),
+            (
+                "PORTFWD_RUN_DIR".into(),
+                host_dir.join("run").display().to_string(),
+            ),
+        ]
+    }
+
+    /// Runs `ansible-playbook ARGS` inside `ns`; returns exit code and combined output.
+    fn playbook(&self, ns: &Netns, host_dir: &Path, args: &[&str]) -> (i32, String) {
+        let env: Vec<String> = self
+            .env(host_dir)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let playbook = self.venv.join("bin/ansible-playbook").display().to_string();
+        let mut argv: Vec<&str> = vec!["env"];
+        argv.extend(env.iter().map(String::as_str));
+        argv.push(&playbook);
+        argv.extend_from_slice(args);
+        let out = ns.exec_with_input(&argv, "").unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+}
+
+fn playbook(name: &str) -> String {
+    repo().join("playbooks").join(name).display().to_string()
+}
+
+fn write(path: &Path, text: &str) -> String {
+    std::fs::write(path, text).unwrap();
+    path.display().to_string()
+}
+
+/// `changed=N` of the PLAY RECAP line of `host`.
+fn recap_changed(output: &str, host: &str) -> Option<u32> {
+    output
+        .lines()
+        .skip_while(|l| !l.starts_with("PLAY RECAP"))
+        .find(|l| l.starts_with(host))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("changed="))
+        })
+        .and_then(|n| n.parse().ok())
+}
+
+/// `ip netns exec <proxy> ansible-playbook -c local`: check, apply, re-run, bad params, a
+/// registered result, the library layout, and ansible-doc for both layouts.
+#[test]
+fn local_playbook_runs_against_a_lab_proxy() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(venv) = venv() else { return };
+    let ansible = Ansible::new(venv.clone());
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let host_dir = ansible.path("proxy-host");
+    let inventory = write(
+        &ansible.path("inventory.ini"),
+        &format!(
+            "[proxies]\nproxy ansible_connection=local ansible_python_interpreter={}\n",
+            venv.join("bin/python").display()
+        ),
+    );
+    let vars = write(
+        &ansible.path("vars.json"),
+        &json!({"portfwd_forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}], "portfwd_masquerade": []}).to_string(),
+    );
+    let run = |args: &[&str]| {
+        let mut full = vec!["-i", inventory.as_str()];
+        full.extend_from_slice(args);
+        ansible.playbook(&t.proxy, &host_dir, &full)
+    };
+    let before = ruleset(&t.proxy, "iptables-save").unwrap();
+    let timer = Instant::now();
+
+    let (code, out) = run(&[
+        &playbook("proxy.yml"),
+        "-e",
+        &format!("@{vars}"),
+        "--check",
+        "--diff",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(recap_changed(&out, "proxy"), Some(1), "{out}");
+    assert!(
+        out.contains(
+            "+forwards.web = {\"listen_port\":4321,\"proto\":\"tcp\",\"to\":\"10.0.2.2:1234\"}"
+        ),
+        "readable diff: {out}"
+    );
+    assert_eq!(
+        ruleset(&t.proxy, "iptables-save").unwrap(),
+        before,
+        "check mode touched the host"
+    );
+    let check_time = timer.elapsed();
+
+    let (code, out) = run(&[&playbook("proxy.yml"), "-e", &format!("@{vars}")]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(recap_changed(&out, "proxy"), Some(1), "{out}");
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
+        "10.0.2.1".parse::<std::net::IpAddr>().unwrap()
+    );
+    let apply_time = timer.elapsed() - check_time;
+
+    let (code, out) = run(&[&playbook("proxy.yml"), "-e", &format!("@{vars}")]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(recap_changed(&out, "proxy"), Some(0), "second run: {out}");
+    let total = timer.elapsed();
+    eprintln!(
+        "local playbook run: check {:.2}s, apply {:.2}s, re-run {:.2}s, total {:.2}s",
+        check_time.as_secs_f64(),
+        apply_time.as_secs_f64(),
+        (total - check_time - apply_time).as_secs_f64(),
+        total.as_secs_f64()
+    );
+
+    let (code, out) = run(&[&playbook("checks/bad-params.yml")]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("forwards[0].listen_port") && out.contains("is not a port (1-65535)"),
+        "the module's message: {out}"
+    );
+
+    let api = ansible.path("api.json");
+    let api = write(
+        &api,
+        &json!({"portfwd_forwards": [{"name": "api", "listen_port": 8443, "to": "10.0.2.2:1234"}]})
+            .to_string(),
+    );
+    let (code, out) = run(&[
+        &playbook("checks/registered-result.yml"),
+        "-e",
+        &format!("@{api}"),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("All assertions passed"), "{out}");
+
+    let (code, out) = run(&[&playbook("library-example.yml"), "-e", &format!("@{vars}")]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        recap_changed(&out, "proxy"),
+        Some(1),
+        "short name from ANSIBLE_LIBRARY (api removed, web kept): {out}"
+    );
+
+    for module in ["portfwd.portfwd.portfwd", "portfwd"] {
+        let env = ansible.env(&host_dir);
+        let out = Command::new(venv.join("bin/ansible-doc"))
+            .arg(module)
+            .envs(env)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{module}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for needle in [
+            "listen_port",
+            "policy_routes",
+            "EXAMPLES",
+            "RETURN VALUES",
+            "redirect_to_port",
+        ] {
+            assert!(text.contains(needle), "ansible-doc {module} lacks {needle}");
+        }
+    }
+}
+
+/// One playbook from a management namespace configures both sides of the source-preserving
+/// forward over SSH; the backend then sees the real client.
+#[test]
+fn playbook_over_ssh_configures_proxy_and_backend() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(venv) = venv() else { return };
+    let sshd = PathBuf::from("/usr/sbin/sshd");
+    if !sshd.is_file() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "sshd missing under CI=true"
+        );
+        eprintln!("skipping: no sshd");
+        return;
+    }
+    let ansible = Ansible::new(venv);
+    let t = Topology::new().unwrap();
+    t.backend
+        .ip(&["route", "add", "default", "via", "10.0.2.254"])
+        .unwrap();
+    let mgmt = Netns::new("mgmt").unwrap();
+    for (i, host) in [&t.proxy, &t.backend].into_iter().enumerate() {
+        let mgmt_if = format!("m{i}");
+        link(&mgmt, &mgmt_if, host, "mgmt0").unwrap();
+        addr(&mgmt, &mgmt_if, &format!("10.9.{i}.1/30")).unwrap();
+        addr(host, "mgmt0", &format!("10.9.{i}.2/30")).unwrap();
+    }
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+
+    let keys = ansible.path("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    for name in ["client_key", "host_key"] {
+        let ok = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(keys.join(name))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    std::fs::copy(keys.join("client_key.pub"), keys.join("authorized_keys")).unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    for (i, (name, host)) in [("proxy", &t.proxy), ("backend", &t.backend)]
+        .into_iter()
+        .enumerate()
+    {
+        let host_dir = ansible.path(&format!("{name}-host"));
+        let config = format!(
+            "Port 22\nListenAddress 10.9.{i}.2\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\nStrictModes no\nUsePAM no\nPidFile {dir}/sshd-{name}.pid\nLogLevel ERROR\n\
+             Subsystem sftp internal-sftp\n\
+             SetEnv PORTFWD_LOCK_FILE={hd}/lock PORTFWD_STATE_DIR={hd}/state PORTFWD_RUN_DIR={hd}/run\n",
+            hk = keys.join("host_key").display(),
+            ak = keys.join("authorized_keys").display(),
+            dir = ansible.dir.path().display(),
+            hd = host_dir.display(),
+        );
+        let config_file = write(&ansible.path(&format!("sshd-{name}.conf")), &config);
+        let sshd_path = sshd.display().to_string();
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                host.name(),
+                &sshd_path,
+                "-D",
+                "-f",
+                &config_file,
+            ])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while probe_tcp(&mgmt, &format!("10.9.{i}.2:22")).is_err() {
+            assert!(Instant::now() < deadline, "sshd in {name} did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    let inventory = write(
+        &ansible.path("inventory.ini"),
+        &format!(
+            "[proxies]\nproxy ansible_host=10.9.0.2\n\n[backends]\nbackend ansible_host=10.9.1.2\n\n[all:vars]\n\
+             ansible_user=root\nansible_ssh_private_key_file={key}\n\
+             ansible_ssh_common_args='-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null'\n\
+             proxy_alias=10.10.10.10\nbackend_alias=10.10.10.11\nalias_prefix=24\nproxy_alias_dev=eth1\n\
+             backend_alias_dev=eth0\nlisten_port=4321\nbackend_port=1234\npolicy_table=100\n",
+            key = keys.join("client_key").display()
+        ),
+    );
+    assert!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err(),
+        "nothing forwards yet"
+    );
+    let controller_dir = ansible.path("controller");
+    let (code, out) = ansible.playbook(
+        &mgmt,
+        &controller_dir,
+        &["-i", &inventory, &playbook("keep-client-address.yml")],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(recap_changed(&out, "proxy"), Some(1), "{out}");
+    assert_eq!(recap_changed(&out, "backend"), Some(1), "{out}");
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
+        "10.0.1.2".parse::<std::net::IpAddr>().unwrap(),
+        "the backend sees the real client"
+    );
+    assert!(
+        ansible.path("backend-host/state/portfwd.json").is_file(),
+        "persist stored the params on the backend"
+    );
+    let (code, out) = ansible.playbook(
+        &mgmt,
+        &controller_dir,
+        &["-i", &inventory, &playbook("keep-client-address.yml")],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        (recap_changed(&out, "proxy"), recap_changed(&out, "backend")),
+        (Some(0), Some(0)),
+        "{out}"
+    );
+}
+
+fn probe_tcp(ns: &Netns, target: &str) -> Result<(), String> {
+    let target = sa(target);
+    let enter = ns.enterer();
+    std::thread::spawn(move || {
+        enter().map_err(|e| e.to_string())?;
+        std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .join()
+    .unwrap_or_else(|_| Err("panicked".into()))
+}
+
+/// The sidecar documentation and `portfwd schema` describe the same options, types, defaults
+/// and choices, recursively.
+#[test]
+fn sidecar_docs_match_the_json_schema() {
+    let docs: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(repo().join("playbooks/library/portfwd.yml")).unwrap(),
+    )
+    .unwrap();
+    let out = Command::new(portfwd().bin).arg("schema").output().unwrap();
+    let schema: Value = serde_json::from_slice(&out.stdout).unwrap();
+    compare(
+        &docs["DOCUMENTATION"]["options"],
+        &schema,
+        &schema,
+        "options",
+    );
+    assert!(docs["EXAMPLES"]
+        .as_str()
+        .is_some_and(|e| e.contains("portfwd.portfwd.portfwd")));
+    for key in [
+        "changed",
+        "msg",
+        "commands",
+        "warnings",
+        "forwards",
+        "masquerade",
+        "diff",
+    ] {
+        assert!(docs["RETURN"].get(key).is_some(), "RETURN lacks {key}");
+    }
+}
+
+/// Resolves `$ref` into `$defs`.
+fn resolve<'a>(node: &'a Value, root: &'a Value) -> &'a Value {
+    match node
+        .get("$ref")
+        .and_then(Value::as_str)
+        .and_then(|r| r.strip_prefix("#/$defs/"))
+    {
+        Some(name) => &root["$defs"][name],
+        None => node,
+    }
+}
+
+fn compare(options: &Value, object: &Value, root: &Value, path: &str) {
+    let object = resolve(object, root);
+    let props = object["properties"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{path}: no properties in schema"));
+    let opts = options
+        .as_object()
+        .unwrap_or_else(|| panic!("{path}: no options in docs"));
+    let mut doc_keys: Vec<&String> = opts.keys().collect();
+    let mut schema_keys: Vec<&String> = props.keys().collect();
+    doc_keys.sort();
+    schema_keys.sort();
+    assert_eq!(
+        doc_keys, schema_keys,
+        "{path}: documented options differ from the schema"
+    );
+    let required: Vec<&str> = object["required"]
+        .as_array()
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    for (name, doc) in opts {
+        let here = format!("{path}.{name}");
+        let prop = resolve(&props[name], root);
+        assert_eq!(
+            doc["required"].as_bool().unwrap_or(false),
+            required.contains(&name.as_str()),
+            "{here}: required"
+        );
+        let schema_type = prop["type"].as_str().or_else(|| {
+            prop["type"]
+                .as_array()
+                .and_then(|t| t.iter().find_map(|x| x.as_str().filter(|s| *s != "null")))
+        });
+        let doc_type = doc["type"].as_str().unwrap_or_default();
+        let expected = match schema_type {
+            Some("string") => "str",
+            Some("boolean") => "bool",
+            Some("integer") => "int",
+            Some("array") => "list",
+            _ => "raw_or_enum",
+        };
+        match (expected, doc_type) {
+            ("raw_or_enum", "raw" | "str") => {}
+            (e, d) => assert_eq!(e, d, "{here}: type"),
+        }
+        let choices: Vec<String> = prop["enum"]
+            .as_array()
+            .map(|c| {
+                c.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .or_else(|| {
+                prop["oneOf"].as_array().map(|c| {
+                    c.iter()
+                        .filter_map(|v| v["const"].as_str().map(str::to_string))
+                        .collect()
+                })
+            })
+            .unwrap_or_default();
+        if doc.get("choices").is_some() {
+            let doc_choices: Vec<String> = doc["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            assert_eq!(doc_choices, choices, "{here}: choices");
+        }
+        if let Some(default) = props[name].get("default").or_else(|| prop.get("default")) {
+            assert_eq!(&doc["default"], default, "{here}: default");
+        }
+        if doc_type == "list" && doc.get("suboptions").is_some() {
+            compare(&doc["suboptions"], &prop["items"], root, &here);
+        }
+    }
+}

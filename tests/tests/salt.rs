@@ -1,0 +1,190 @@
+//! End-to-end with real Salt (`salt-call --local`, from PyPI in a virtualenv that
+//! scripts/setup.sh creates): the shipped state drives `portfwd apply` through `cmd.run`
+//! with `stateful`, in test mode and for real, and the one-liner for other tools works.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{portfwd, prerequisites, ruleset, sa, Topology};
+use portfwd_harness::{probe, Netns, Proto, Server};
+use serde_json::Value;
+
+fn salt_venv() -> Option<PathBuf> {
+    let dir = std::env::var_os("PORTFWD_SALT_VENV")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/portfwd/salt-venv"))
+        })?;
+    if dir.join("bin/salt-call").is_file() {
+        return Some(dir);
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "salt virtualenv missing at {} under CI=true (scripts/setup.sh creates it)",
+            dir.display()
+        );
+    }
+    eprintln!("skipping: no salt virtualenv at {}", dir.display());
+    None
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs a command in `ns` with portfwd (as `portfwd`) first on PATH and its files under `dir`.
+fn run_in(ns: &Netns, dir: &Path, argv: &[&str]) -> (i32, String) {
+    let bin_dir = portfwd().bin.parent().unwrap().display().to_string();
+    let env = [
+        format!(
+            "PATH={bin_dir}:{}",
+            std::env::var("PATH").unwrap_or_default()
+        ),
+        format!("PORTFWD_LOCK_FILE={}/lock", dir.display()),
+        format!("PORTFWD_STATE_DIR={}/state", dir.display()),
+        format!("PORTFWD_RUN_DIR={}/run", dir.display()),
+    ];
+    let mut full: Vec<&str> = vec!["env"];
+    full.extend(env.iter().map(String::as_str));
+    full.extend_from_slice(argv);
+    let out = ns.exec_with_input(&full, "").unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The state result of `portfwd-apply` from `salt-call --out json` output.
+fn apply_result(output: &str) -> Value {
+    let start = output.find('{').unwrap_or(0);
+    // The JSON document comes first; anything Salt logs to stderr follows it.
+    let json: Value = serde_json::Deserializer::from_str(&output[start..])
+        .into_iter::<Value>()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("no JSON in: {output}"));
+    json["local"]
+        .as_object()
+        .and_then(|states| {
+            states
+                .iter()
+                .find(|(k, _)| k.contains("portfwd-apply"))
+                .map(|(_, v)| v.clone())
+        })
+        .unwrap_or_else(|| panic!("no portfwd-apply state in {output}"))
+}
+
+#[test]
+fn salt_state_applies_portfwd_statefully() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(venv) = salt_venv() else { return };
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let params_file = root.join("desired.json");
+    std::fs::create_dir_all(root.join("pillar")).unwrap();
+    std::fs::create_dir_all(root.join("config")).unwrap();
+    std::fs::write(
+        root.join("pillar/top.sls"),
+        "base:\n  '*':\n    - portfwd\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("pillar/portfwd.sls"),
+        format!(
+            "portfwd:\n  params:\n    forwards:\n      - name: web\n        listen_port: 4321\n        to: \"10.0.2.2:1234\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("config/minion"),
+        format!(
+            "file_client: local\nroot_dir: {root}/salt\nfile_roots:\n  base:\n    - {states}\npillar_roots:\n  base:\n    - {root}/pillar\nlog_level: error\n",
+            root = root.display(),
+            states = repo().join("integrations/salt").display()
+        ),
+    )
+    .unwrap();
+    let salt_call = venv.join("bin/salt-call").display().to_string();
+    let config = root.join("config").display().to_string();
+    let salt = |extra: &[&str]| {
+        let mut argv = vec![
+            salt_call.as_str(),
+            "--local",
+            "--config-dir",
+            &config,
+            "--out",
+            "json",
+            "state.apply",
+            "portfwd",
+        ];
+        argv.extend_from_slice(extra);
+        run_in(&t.proxy, root, &argv)
+    };
+
+    let before = ruleset(&t.proxy, "iptables-save").unwrap();
+    let (_, out) = salt(&["test=True"]);
+    let test = apply_result(&out);
+    assert_eq!(
+        test["result"],
+        Value::Null,
+        "test mode reports a pending change: {out}"
+    );
+    assert_eq!(
+        ruleset(&t.proxy, "iptables-save").unwrap(),
+        before,
+        "test mode touched nothing"
+    );
+
+    let (code, out) = salt(&[]);
+    assert_eq!(code, 0, "{out}");
+    let applied = apply_result(&out);
+    assert_eq!(applied["result"], Value::Bool(true), "{out}");
+    assert!(
+        applied["changes"]
+            .as_object()
+            .is_some_and(|c| !c.is_empty()),
+        "{out}"
+    );
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
+        "10.0.2.1".parse::<std::net::IpAddr>().unwrap()
+    );
+
+    let (code, out) = salt(&[]);
+    assert_eq!(code, 0, "{out}");
+    let again = apply_result(&out);
+    assert_eq!(again["result"], Value::Bool(true), "{out}");
+    assert_eq!(
+        again["changes"],
+        serde_json::json!({}),
+        "second run changes nothing: {out}"
+    );
+
+    // The one-liner of integrations/README.md, for any other tool.
+    std::fs::write(
+        &params_file,
+        r#"{"forwards":[{"name":"web","listen_port":4321,"to":"10.0.2.2:1234"}]}"#,
+    )
+    .unwrap();
+    let one_liner = format!(
+        "portfwd apply --file {} > {root}/result.json; rc=$?; grep -q '\"changed\":true' {root}/result.json && echo changed; exit $rc",
+        params_file.display(),
+        root = root.display()
+    );
+    let (code, out) = run_in(&t.proxy, root, &["bash", "-c", &one_liner]);
+    assert_eq!((code, out.trim()), (0, ""), "no change, nothing printed");
+    std::fs::write(
+        &params_file,
+        r#"{"forwards":[{"name":"web","listen_port":4322,"to":"10.0.2.2:1234"}]}"#,
+    )
+    .unwrap();
+    let (code, out) = run_in(&t.proxy, root, &["bash", "-c", &one_liner]);
+    assert_eq!((code, out.trim()), (0, "changed"));
+}
