@@ -97,9 +97,7 @@ fn salt_state_applies_portfwd_statefully() {
     .unwrap();
     std::fs::write(
         root.join("pillar/portfwd.sls"),
-        format!(
-            "portfwd:\n  params:\n    forwards:\n      - name: web\n        listen_port: 4321\n        to: \"10.0.2.2:1234\"\n"
-        ),
+        "portfwd:\n  params:\n    forwards:\n      - name: web\n        listen_port: 4321\n        to: \"10.0.2.2:1234\"\n",
     )
     .unwrap();
     std::fs::write(
