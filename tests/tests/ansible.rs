@@ -352,6 +352,17 @@ fn playbook_over_ssh_configures_proxy_and_backend() {
     }
     std::fs::copy(keys.join("client_key.pub"), keys.join("authorized_keys")).unwrap();
     std::fs::create_dir_all("/run/sshd").unwrap();
+    /// Stops and reaps the sshd processes, also when an assertion fails.
+    struct Reap(Vec<std::process::Child>);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            for child in &mut self.0 {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let mut sshds = Reap(Vec::new());
     for (i, (name, host)) in [("proxy", &t.proxy), ("backend", &t.backend)]
         .into_iter()
         .enumerate()
@@ -369,7 +380,7 @@ fn playbook_over_ssh_configures_proxy_and_backend() {
         );
         let config_file = write(&ansible.path(&format!("sshd-{name}.conf")), &config);
         let sshd_path = sshd.display().to_string();
-        std::process::Command::new("ip")
+        let child = std::process::Command::new("ip")
             .args([
                 "netns",
                 "exec",
@@ -382,6 +393,7 @@ fn playbook_over_ssh_configures_proxy_and_backend() {
             .stdin(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        sshds.0.push(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while probe_tcp(&mgmt, &format!("10.9.{i}.2:22")).is_err() {
             assert!(Instant::now() < deadline, "sshd in {name} did not start");
