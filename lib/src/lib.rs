@@ -10,14 +10,19 @@
 pub mod apply;
 pub mod checks;
 pub mod compile;
+pub mod fuzzing;
 pub mod model;
 pub mod net;
 pub mod observe;
 pub mod plan;
+#[cfg(test)]
+mod proptests;
 pub mod report;
 pub mod routing;
 pub mod rules;
 pub mod system;
+#[cfg(test)]
+mod testing;
 
 use model::{Config, Params, RunMode};
 use observe::params_view::params_from_state;
@@ -110,4 +115,161 @@ pub fn show(instance: &str, protocol: Option<u8>, sys: &mut dyn System) -> Resul
         protocol,
         observed.stored.is_some(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::Family;
+    use crate::testing::{dump_of, FakeSystem};
+
+    const PARAMS: &str = r#"{"forwards":[{"name":"web","listen_port":4321,"to":"10.0.2.2:1234"},{"name":"v6","listen_port":80,"to":"[fd00:2::2]:80"}]}"#;
+
+    fn config(json: &str) -> Config {
+        Config::from_json(json).unwrap().0
+    }
+
+    /// A fake host that already holds what `json` compiles to.
+    fn converged(json: &str) -> FakeSystem {
+        let c = config(json);
+        let desired = compile::compile(&c);
+        let mut sys = FakeSystem::default();
+        for family in [Family::V4, Family::V6] {
+            sys.saves.insert(
+                family,
+                (dump_of(&desired.rules, &c.instance, family), String::new()),
+            );
+        }
+        for (k, v) in &desired.sysctls {
+            sys.sysctls.insert(k.clone(), v.clone());
+        }
+        sys
+    }
+
+    #[test]
+    fn converged_host_gets_no_write_at_all() {
+        let mut sys = converged(PARAMS);
+        let report = run(&config(PARAMS), RunMode::default(), &mut sys);
+        assert!(!report.changed && !report.failed, "{report:?}");
+        assert!(report.commands.is_empty());
+        assert_eq!(sys.writes(), Vec::<&String>::new());
+    }
+
+    #[test]
+    fn check_mode_reads_but_never_writes() {
+        let mut sys = FakeSystem::default();
+        sys.sysctls.insert("net/ipv4/ip_forward".into(), "0".into());
+        sys.sysctls
+            .insert("net/ipv6/conf/all/forwarding".into(), "0".into());
+        let report = run(
+            &config(PARAMS),
+            RunMode {
+                check: true,
+                diff: true,
+            },
+            &mut sys,
+        );
+        assert!(report.changed && !report.failed, "{report:?}");
+        assert!(
+            report.msg.starts_with("check mode, nothing applied"),
+            "{}",
+            report.msg
+        );
+        assert_eq!(sys.writes(), Vec::<&String>::new());
+        assert!(report
+            .diff
+            .is_some_and(|d| d.after.contains("forwards.web")));
+    }
+
+    #[test]
+    fn apply_writes_one_transaction_per_table_then_sysctls() {
+        let mut sys = FakeSystem::default();
+        sys.sysctls.insert("net/ipv4/ip_forward".into(), "0".into());
+        sys.sysctls
+            .insert("net/ipv6/conf/all/forwarding".into(), "1".into());
+        let report = run(&config(PARAMS), RunMode::default(), &mut sys);
+        assert!(report.changed && !report.failed, "{report:?}");
+        let kinds: Vec<String> = sys
+            .writes()
+            .iter()
+            .map(|w| w.split(" *").next().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(
+            kinds[..5],
+            [
+                "restore ipv4",
+                "restore ipv4",
+                "restore ipv6",
+                "restore ipv6",
+                "sysctl net/ipv4/ip_forward=1"
+            ],
+            "{kinds:#?}"
+        );
+    }
+
+    #[test]
+    fn a_failed_step_is_reported_as_rolled_back() {
+        let mut sys = FakeSystem {
+            fail: Some("restore ipv6".into()),
+            ..FakeSystem::default()
+        };
+        sys.sysctls.insert("net/ipv4/ip_forward".into(), "1".into());
+        sys.sysctls
+            .insert("net/ipv6/conf/all/forwarding".into(), "1".into());
+        let report = run(&config(PARAMS), RunMode::default(), &mut sys);
+        assert!(report.failed, "{report:?}");
+        assert!(
+            report.msg.starts_with("ipv6 filter transaction failed")
+                && report.msg.contains("rolled back every change"),
+            "{}",
+            report.msg
+        );
+        assert!(
+            !sys.writes().iter().any(|w| w.starts_with("sysctl")),
+            "nothing after the failure"
+        );
+    }
+
+    #[test]
+    fn legacy_tables_warning_on_stderr_is_reported_and_not_parsed() {
+        let mut sys = converged(PARAMS);
+        if let Some(v4) = sys.saves.get_mut(&Family::V4) {
+            v4.1 =
+                "# Warning: iptables-legacy tables present, use iptables-legacy-save to see them\n"
+                    .into();
+        }
+        let report = run(&config(PARAMS), RunMode::default(), &mut sys);
+        assert!(!report.changed, "{report:?}");
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|w| w.contains("iptables-legacy tables")),
+            "{:?}",
+            report.warnings
+        );
+    }
+
+    #[test]
+    fn foreign_rules_that_look_like_ours_are_never_touched() {
+        let mut sys = converged(PARAMS);
+        let dump = sys.saves[&Family::V4].0.replace(
+            "COMMIT\n*nat",
+            "-A INPUT -m comment --comment \"portfwd:fwd:web:deadbeef\" -j ACCEPT\nCOMMIT\n*nat",
+        );
+        sys.saves.insert(Family::V4, (dump, String::new()));
+        let report = run(
+            &config(r#"{"state":"absent"}"#),
+            RunMode::default(),
+            &mut sys,
+        );
+        assert!(report.changed, "{report:?}");
+        let writes = sys.writes();
+        assert!(
+            writes
+                .iter()
+                .all(|w| !w.contains("deadbeef") && !w.contains("-D INPUT")),
+            "{writes:#?}"
+        );
+    }
 }

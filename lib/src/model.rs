@@ -1358,6 +1358,78 @@ mod tests {
         );
     }
 
+    /// Newlines, quotes and NUL in any string field are refused, naming that field.
+    #[test]
+    fn hostile_characters_in_any_string_field_are_refused() {
+        let base = serde_json::json!({
+            "instance": "t",
+            "forwards": [{"name": "f", "listen_port": "80", "listen_address": "10.0.0.1", "in_interface": "eth0",
+                          "sources": ["10.1.0.0/16"], "to": "10.0.0.2:80", "snat": "10.0.0.1"},
+                         {"name": "r", "listen_port": 81, "redirect_to_port": "8080"}],
+            "masquerade": [{"name": "m", "source": "10.2.0.0/16", "out_interface": "eth1", "to_source": "10.0.0.1"}],
+            "addresses": [{"address": "10.0.0.9/24", "dev": "eth0", "label": "eth0:1"}],
+            "policy_routes": [{"from": "10.0.0.9", "to": "10.3.0.0/16", "table": "100", "priority": "1000", "fwmark": "0x10",
+                               "iif": "eth0", "routes": [{"to": "default", "via": "10.0.0.1", "dev": "eth0"}]}]
+        });
+        assert!(
+            Config::from_json(&base.to_string()).is_ok(),
+            "the base params are valid"
+        );
+        let fields: &[&[&str]] = &[
+            &["instance"],
+            &["forwards", "0", "name"],
+            &["forwards", "0", "listen_port"],
+            &["forwards", "0", "listen_address"],
+            &["forwards", "0", "in_interface"],
+            &["forwards", "0", "sources", "0"],
+            &["forwards", "0", "to"],
+            &["forwards", "0", "snat"],
+            &["forwards", "1", "redirect_to_port"],
+            &["masquerade", "0", "name"],
+            &["masquerade", "0", "source"],
+            &["masquerade", "0", "out_interface"],
+            &["masquerade", "0", "to_source"],
+            &["addresses", "0", "address"],
+            &["addresses", "0", "dev"],
+            &["addresses", "0", "label"],
+            &["policy_routes", "0", "from"],
+            &["policy_routes", "0", "to"],
+            &["policy_routes", "0", "table"],
+            &["policy_routes", "0", "priority"],
+            &["policy_routes", "0", "fwmark"],
+            &["policy_routes", "0", "iif"],
+            &["policy_routes", "0", "routes", "0", "to"],
+            &["policy_routes", "0", "routes", "0", "via"],
+            &["policy_routes", "0", "routes", "0", "dev"],
+        ];
+        for path in fields {
+            for bad in ["\n", "\"", "\u{0}", "'", " -j ACCEPT", "$(reboot)"] {
+                let mut params = base.clone();
+                let mut slot = &mut params;
+                for key in *path {
+                    slot = match key.parse::<usize>() {
+                        Ok(i) => &mut slot[i],
+                        Err(_) => &mut slot[*key],
+                    };
+                }
+                let value = format!("{}{bad}", slot.as_str().unwrap_or("x"));
+                *slot = Value::from(value);
+                let shown = path
+                    .iter()
+                    .enumerate()
+                    .fold(String::new(), |acc, (i, k)| match k.parse::<usize>() {
+                        Ok(n) => format!("{acc}[{n}]"),
+                        Err(_) if i == 0 => k.to_string(),
+                        Err(_) => format!("{acc}.{k}"),
+                    });
+                match Config::from_json(&params.to_string()) {
+                    Ok(_) => panic!("{shown} accepted {bad:?}"),
+                    Err(e) => assert!(e.to_string().contains(&shown), "{shown} with {bad:?}: {e}"),
+                }
+            }
+        }
+    }
+
     #[test]
     fn reports_every_problem_at_once() {
         let message = err(

@@ -52,6 +52,7 @@ pub trait System {
     fn restore(&mut self, family: Family, payload: &str) -> Result<(), SystemError>;
     /// A sysctl under `/proc/sys` (`net/ipv4/ip_forward`); None when it does not exist.
     fn read_sysctl(&mut self, key: &str) -> Result<Option<String>, SystemError>;
+    /// Sets a sysctl (`sysctl -w net/ipv4/ip_forward=1`).
     fn write_sysctl(&mut self, key: &str, value: &str) -> Result<(), SystemError>;
     /// `ip -N -j ARGS...`: a read, JSON on stdout.
     fn ip_json(&mut self, args: &[&str]) -> Result<String, SystemError>;
@@ -263,12 +264,11 @@ impl System for RealSystem {
         }
     }
 
+    /// Through `sysctl -w` (slash-separated keys, so interface names with dots stay intact):
+    /// every write is a command on PATH, like every other write, and can be fault-injected.
     fn write_sysctl(&mut self, key: &str, value: &str) -> Result<(), SystemError> {
-        let path = self.sysctl_root.join(key);
-        std::fs::write(&path, value).map_err(|source| SystemError::Io {
-            path: path.display().to_string(),
-            source,
-        })
+        self.run("sysctl", &["-q", "-w", &format!("{key}={value}")], None)
+            .map(drop)
     }
 
     fn ip_json(&mut self, args: &[&str]) -> Result<String, SystemError> {

@@ -1,0 +1,54 @@
+//! Entry points shared by the fuzz targets (`fuzz/`, cargo-fuzz) and the corpus replay test
+//! that CI runs on stable: each drives one parser and what consumes its output, and must never
+//! panic whatever the input.
+
+use std::collections::BTreeMap;
+
+use crate::compile::compile;
+use crate::model::Config;
+use crate::net::Family;
+use crate::observe::iproute::{parse_addresses, parse_routes, parse_rules};
+use crate::observe::params_view::params_from_rules;
+use crate::observe::{extract_owned, iptables_save, Observed};
+use crate::plan::plan_rules;
+
+/// Params text → validation → compile → rendered rules → planning from nothing.
+pub fn params(text: &str) {
+    if let Ok((config, _, _)) = Config::from_json(text) {
+        let desired = compile(&config);
+        for chain in desired.rules.chains.values() {
+            for rule in &chain.rules {
+                let rendered = rule.render();
+                assert!(
+                    !rendered.contains('\n'),
+                    "a rule rendered a newline: {rendered:?}"
+                );
+            }
+        }
+        let _ = plan_rules(
+            &config.instance,
+            &desired.rules,
+            &desired.sysctls,
+            &Observed::default(),
+        );
+    }
+}
+
+/// A dump → parse → owned rules of an instance → params view → plan to remove them all.
+pub fn iptables_save(text: &str) {
+    let dump = iptables_save::parse(text);
+    let mut observed = Observed::default();
+    extract_owned(&dump, Family::V4, "portfwd", &mut observed);
+    let _ = params_from_rules(&observed.owned, "portfwd");
+    let _ = plan_rules("portfwd", &Default::default(), &BTreeMap::new(), &observed);
+}
+
+/// `ip -j` text through every parser, with a protocol taken from the text.
+pub fn ip_json(text: &str) {
+    let protocol = text.bytes().next().unwrap_or(0);
+    for family in [Family::V4, Family::V6] {
+        let _ = parse_rules(text, family, protocol);
+        let _ = parse_routes(text, family, protocol);
+    }
+    let _ = parse_addresses(text);
+}

@@ -1,0 +1,112 @@
+//! Property tests: what portfwd writes, iptables-save prints and portfwd parses back is the
+//! same, for any valid params; comments round-trip whatever they contain; instances never
+//! share a chain.
+
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+use crate::compile::compile;
+use crate::model::Config;
+use crate::net::Family;
+use crate::observe::iptables_save::{parse, tokenize};
+use crate::observe::{extract_owned, Observed};
+use crate::plan::plan_rules;
+use crate::rules::{Hook, Rule};
+use crate::testing::dump_of;
+
+fn v4() -> impl Strategy<Value = String> {
+    (1u8..=223, any::<u8>(), any::<u8>(), 1u8..=254)
+        .prop_map(|(a, b, c, d)| format!("{a}.{b}.{c}.{d}"))
+}
+
+fn v6() -> impl Strategy<Value = String> {
+    (any::<u16>(), any::<u16>(), 1u16..).prop_map(|(a, b, c)| format!("fd00:{a:x}:{b:x}::{c:x}"))
+}
+
+fn port() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        (1u16..).prop_map(Value::from),
+        (1u16..60000, 0u16..5000).prop_map(|(a, n)| Value::from(format!("{a}-{}", a + n))),
+    ]
+}
+
+/// One forward of either family, with every optional field sometimes set.
+fn forward(i: usize) -> impl Strategy<Value = Value> {
+    let name = proptest::string::string_regex("[A-Za-z0-9_.-]{1,28}").expect("regex");
+    (name, any::<bool>(), port(), proptest::option::of(1u16..), 0u8..3, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), v4(), v6())
+        .prop_map(move |(name, six, listen, to_port, snat, local, allow, with_source, with_listen, a4, a6)| {
+            let addr = if six { a6 } else { a4 };
+            let target = match (six, to_port) {
+                (true, Some(p)) => format!("[{addr}]:{p}"),
+                (false, Some(p)) => format!("{addr}:{p}"),
+                (_, None) => addr.clone(),
+            };
+            let proto = ["tcp", "udp", "both"][usize::from(snat)];
+            let mut f = json!({"name": format!("{name}{i}"), "listen_port": listen, "to": target, "local": local, "allow_forward": allow,
+                               "proto": proto});
+            f["snat"] = match snat {
+                0 => json!("masquerade"),
+                1 => json!("none"),
+                _ => json!(addr),
+            };
+            if with_source {
+                f["sources"] = json!([if six { "fd00::/16" } else { "10.0.0.0/8" }]);
+            }
+            if with_listen {
+                f["listen_address"] = json!(if six { "fd00:ffff::1" } else { "192.0.2.1" });
+                f["in_interface"] = json!("eth0");
+            }
+            f
+        })
+}
+
+fn params() -> impl Strategy<Value = Value> {
+    (0usize..6, any::<bool>()).prop_flat_map(|(n, masq)| {
+        let forwards: Vec<_> = (0..n).map(forward).collect();
+        (forwards, Just(masq)).prop_map(|(forwards, masq)| {
+            let mut p = json!({"forwards": forwards});
+            if masq {
+                p["masquerade"] = json!([{"name": "lan", "source": "192.168.0.0/24", "out_interface": "eth1"},
+                                         {"name": "lan6", "source": "fd00:1::/64", "to_source": "fd00::1"}]);
+            }
+            p
+        })
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// parse(render(compile(params))) == compile(params), and planning against it is empty.
+    #[test]
+    fn compiled_rules_survive_save_and_parse(p in params()) {
+        let (config, _, _) = Config::from_json(&p.to_string()).expect("generated params are valid");
+        let desired = compile(&config);
+        let mut observed = Observed::default();
+        for family in [Family::V4, Family::V6] {
+            let dump = parse(&dump_of(&desired.rules, &config.instance, family));
+            extract_owned(&dump, family, &config.instance, &mut observed);
+        }
+        prop_assert_eq!(&observed.owned, &desired.rules);
+        let plan = plan_rules(&config.instance, &desired.rules, &Default::default(), &observed);
+        prop_assert!(plan.tables.is_empty(), "{:?}", plan.tables);
+    }
+
+    /// Any comment iptables can hold (no newline, no NUL) renders and tokenizes back intact.
+    #[test]
+    fn any_comment_round_trips(comment in "[^\n\r\u{0}]{0,256}") {
+        let rule = Rule::new(["-m", "comment", "--comment", comment.as_str(), "-j", "RETURN"]);
+        prop_assert_eq!(tokenize(&rule.render()), Some(rule.args.clone()));
+    }
+
+    /// Two different valid instances never name the same chain.
+    #[test]
+    fn instances_never_share_a_chain(a in "[a-z0-9-]{1,12}", b in "[a-z0-9-]{1,12}") {
+        prop_assume!(a != b);
+        for ha in Hook::ALL {
+            for hb in Hook::ALL {
+                prop_assert_ne!(ha.chain(&a), hb.chain(&b));
+            }
+        }
+    }
+}
