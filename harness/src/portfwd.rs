@@ -92,12 +92,8 @@ impl Portfwd {
         env: &[(&str, &str)],
     ) -> Result<RunResult, LabError> {
         let bin = self.bin.display().to_string();
-        let sandbox = [
-            ("PORTFWD_LOCK_FILE", self.sandbox.path().join("lock")),
-            ("PORTFWD_STATE_DIR", self.state_dir(ns)),
-            ("PORTFWD_RUN_DIR", self.run_dir(ns)),
-        ];
-        let assignments: Vec<String> = sandbox
+        let assignments: Vec<String> = self
+            .env_for(ns)
             .iter()
             .map(|(k, v)| format!("{k}={}", v.display()))
             .chain(env.iter().map(|(k, v)| format!("{k}={v}")))
@@ -114,6 +110,48 @@ impl Portfwd {
             stdout,
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
+    }
+
+    /// Starts `portfwd ARGS...` in `ns` without waiting, in a process group of its own (so a
+    /// test can kill it and every tool it runs); stdin gets `input`.
+    pub fn spawn(
+        &self,
+        ns: &Netns,
+        args: &[&str],
+        input: &str,
+        env: &[(&str, &str)],
+    ) -> Result<std::process::Child, LabError> {
+        use std::io::Write;
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", ns.name(), "env"]);
+        for (k, v) in self.env_for(ns) {
+            cmd.arg(format!("{k}={}", v.display()));
+        }
+        for (k, v) in env {
+            cmd.arg(format!("{k}={v}"));
+        }
+        cmd.arg(&self.bin).args(args).process_group(0);
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().map_err(|source| LabError::Spawn {
+            command: "portfwd".into(),
+            source,
+        })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(input.as_bytes());
+        }
+        Ok(child)
+    }
+
+    /// The lock, state and run locations of host `ns` in the sandbox.
+    fn env_for(&self, ns: &Netns) -> [(&'static str, PathBuf); 3] {
+        [
+            ("PORTFWD_LOCK_FILE", self.sandbox.path().join("lock")),
+            ("PORTFWD_STATE_DIR", self.state_dir(ns)),
+            ("PORTFWD_RUN_DIR", self.run_dir(ns)),
+        ]
     }
 
     /// `portfwd apply` with params JSON on stdin.

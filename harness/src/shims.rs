@@ -119,3 +119,38 @@ impl FailNth {
             .unwrap_or(0)
     }
 }
+
+/// Makes the Nth call of one tool sleep before running the real tool, and says so by creating
+/// a marker file: the moment to kill portfwd in the middle of an apply.
+pub struct SlowNth {
+    dir: tempfile::TempDir,
+}
+
+impl SlowNth {
+    pub fn new(tool: &str, n: usize, seconds: u32) -> Result<SlowNth, LabError> {
+        let dir = tempfile::tempdir().map_err(|e| LabError::Traffic(format!("tempdir: {e}")))?;
+        let real =
+            real_tool(tool).ok_or_else(|| LabError::Traffic(format!("{tool} not on PATH")))?;
+        let counter = dir.path().join("count");
+        let marker = dir.path().join("sleeping");
+        let body = format!(
+            "c=$(cat '{counter}' 2>/dev/null || echo 0); c=$((c+1)); echo $c > '{counter}'\n\
+             if [ \"$c\" -eq {n} ]; then touch '{marker}'; sleep {seconds}; fi\n\
+             exec '{real}' \"$@\"\n",
+            counter = counter.display(),
+            marker = marker.display(),
+            real = real.display(),
+        );
+        write_script(dir.path(), tool, &body)?;
+        Ok(SlowNth { dir })
+    }
+
+    pub fn path(&self) -> String {
+        path_with(self.dir.path())
+    }
+
+    /// True once the Nth call is sleeping.
+    pub fn sleeping(&self) -> bool {
+        self.dir.path().join("sleeping").exists()
+    }
+}

@@ -13,6 +13,7 @@ use crate::observe::{observe, Observed};
 use crate::plan::Plan;
 use crate::routing::{IpBatch, Routing};
 use crate::rules::Table;
+use crate::system::Record;
 use crate::system::{restore_command, System, SystemError};
 
 /// What went wrong during an apply, and whether the host was put back.
@@ -118,7 +119,7 @@ pub fn apply(
     sys: &mut dyn System,
 ) -> Result<(), ApplyError> {
     let mut progress = Progress::default();
-    match execute(plan, instance, sys, &mut progress) {
+    match execute(plan, &before.record, instance, sys, &mut progress) {
         Ok(()) => Ok(()),
         Err((step, cause)) => Err(rollback(
             step, cause, &progress, plan, before, instance, protocol, sys,
@@ -128,11 +129,23 @@ pub fn apply(
 
 fn execute(
     plan: &Plan,
+    recorded: &Record,
     instance: &str,
     sys: &mut dyn System,
     progress: &mut Progress,
 ) -> Result<(), (String, SystemError)> {
     let batch_step = |b: &IpBatch| format!("{} ({} lines)", batch_command(b), b.lines.len());
+    // Write-ahead: record what this run may create before creating it, so a run killed half
+    // way still owns what it made; the final record below drops what was not kept.
+    if let Some(record) = &plan.record {
+        let mut ahead = recorded.clone();
+        ahead.addresses.extend(record.addresses.iter().cloned());
+        ahead.tables.extend(record.tables.iter().cloned());
+        if &ahead != recorded {
+            sys.write_record(instance, &ahead)
+                .map_err(|e| ("recording what this run creates".to_string(), e))?;
+        }
+    }
     for batch in &plan.routing.adds {
         progress.touched = true;
         sys.ip_batch(batch.family, &script(batch))

@@ -406,15 +406,16 @@ fn bad_input_is_refused_and_nothing_changes() {
     assert_eq!(usage.code, 2, "usage errors exit 2");
 }
 
-/// Concurrent runs with different params on one host are serialised by the lock: all succeed,
-/// no rule is duplicated, and the final state is exactly one of the param sets.
+/// Eight concurrent runs with different params on one host, while another tool runs
+/// `iptables -w` in a loop, are serialised by the lock: all succeed, no rule is duplicated, the
+/// final state is exactly one of the param sets, and the other tool's rules are intact.
 #[test]
 fn concurrent_runs_are_serialised() {
     if !prerequisites() {
         return;
     }
     let t = Topology::new().unwrap();
-    let sets: Vec<Value> = (0..6)
+    let sets: Vec<Value> = (0..8)
         .map(|i| {
             let forwards: Vec<Value> = (0..5)
                 .map(|j| json!({"name": format!("f{j}"), "listen_port": 20000 + j, "to": format!("10.0.2.2:{}", 1000 + i)}))

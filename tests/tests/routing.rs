@@ -6,11 +6,26 @@ mod common;
 use std::net::IpAddr;
 
 use common::{portfwd, prerequisites, ruleset, sa, FailNth, Topology, WriteRecorder};
+use portfwd_harness::shims::SlowNth;
 use portfwd_harness::{probe, Netns, Proto, Server};
 use serde_json::{json, Value};
+use std::time::{Duration, Instant};
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
+}
+
+fn line_diff(a: &str, b: &str) -> String {
+    let (old, new): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    let gone = old
+        .iter()
+        .filter(|l| !new.contains(l))
+        .map(|l| format!("- {l}"));
+    let came = new
+        .iter()
+        .filter(|l| !old.contains(l))
+        .map(|l| format!("+ {l}"));
+    gone.chain(came).collect::<Vec<_>>().join("\n")
 }
 
 /// Everything iproute2 shows that portfwd may touch, as text.
@@ -234,18 +249,31 @@ fn target() -> Value {
     })
 }
 
-/// Fails the Nth call of `tool` for every N an apply of [`target`] reaches, starting each time
-/// from `baseline` (nothing when None). Returns how many failure points there were.
-fn failure_matrix(t: &Topology, tool: &str, baseline: Option<&Value>) -> usize {
-    let reset = || match baseline {
-        Some(params) => assert!(!portfwd().apply(&t.proxy, params).unwrap().failed()),
-        None => assert!(!portfwd()
-            .apply(&t.proxy, &json!({"state": "absent"}))
-            .unwrap()
-            .failed()),
+/// Fails the Nth call of `tool` for every N an apply of `goal` reaches, starting each time
+/// from `start` (applied first; `{"state": "absent"}` for a fresh host). Returns how many
+/// failure points there were.
+fn failure_matrix(t: &Topology, tool: &str, start: &Value, goal: &Value) -> usize {
+    let reset = || {
+        let r = portfwd().apply(&t.proxy, start).unwrap();
+        assert!(!r.failed(), "{}", r.stdout);
+        if start["state"] == "absent" {
+            // A fresh host: forwarding off, so the apply has sysctls to write (and fail).
+            t.proxy.sysctl("net.ipv4.ip_forward", "0").unwrap();
+            t.proxy.sysctl("net.ipv6.conf.all.forwarding", "0").unwrap();
+        }
     };
     reset();
     let before = host_state(&t.proxy);
+    let forwarding = |ns: &Netns| {
+        ns.stdout(&[
+            "sysctl",
+            "-n",
+            "net.ipv4.ip_forward",
+            "net.ipv6.conf.all.forwarding",
+        ])
+        .unwrap()
+    };
+    let sysctls_before = forwarding(&t.proxy);
     let mut n = 1;
     loop {
         let shim = FailNth::new(tool, n).unwrap();
@@ -253,7 +281,7 @@ fn failure_matrix(t: &Topology, tool: &str, baseline: Option<&Value>) -> usize {
             .run(
                 &t.proxy,
                 &["apply"],
-                &target().to_string(),
+                &goal.to_string(),
                 &[("PATH", &shim.path())],
             )
             .unwrap();
@@ -264,7 +292,7 @@ fn failure_matrix(t: &Topology, tool: &str, baseline: Option<&Value>) -> usize {
                 run.stdout
             );
             reset();
-            assert_eq!(host_state(&t.proxy), before, "resetting to the baseline");
+            assert_eq!(host_state(&t.proxy), before, "resetting to the start");
             return n - 1;
         }
         assert_eq!(run.code, 1, "{tool} call {n}: {}", run.stdout);
@@ -286,39 +314,131 @@ fn failure_matrix(t: &Topology, tool: &str, baseline: Option<&Value>) -> usize {
             "{tool} call {n} left the host changed: {}",
             run.msg()
         );
+        assert_eq!(
+            forwarding(&t.proxy),
+            sysctls_before,
+            "{tool} call {n} left a sysctl changed"
+        );
         n += 1;
     }
 }
 
-/// Shims fail the Nth call of iptables-restore, ip6tables-restore and ip, for every N the
-/// apply reaches, from a configured host and from a fresh one (where portfwd creates the
-/// iptables tables itself). After each failure the host is byte-identical to before and the
-/// result says it rolled back; once N is past the last call the same apply succeeds.
+/// Shims fail the Nth call of every external tool portfwd writes with (iptables-restore,
+/// ip6tables-restore, ip, sysctl, nft), for every N an apply reaches: from a configured host,
+/// from a fresh one (portfwd creates the tables and turns forwarding on), and back to absent
+/// (portfwd drops the tables it created). After each failure the host is byte-identical to
+/// before and the result says it rolled back; past the last call the same apply succeeds.
 #[test]
 fn rollback_at_every_injected_failure_leaves_the_host_identical() {
     if !prerequisites() {
         return;
     }
     let t = Topology::new().unwrap();
-    let baseline = baseline();
-    for start in [Some(&baseline), None] {
-        let points: Vec<(&str, usize)> = ["iptables-restore", "ip6tables-restore", "ip"]
-            .into_iter()
-            .map(|tool| (tool, failure_matrix(&t, tool, start)))
+    let absent = json!({"state": "absent"});
+    let phases = [
+        ("baseline -> target", baseline(), target()),
+        ("fresh -> target", absent.clone(), target()),
+        ("target -> absent", target(), absent),
+    ];
+    let tools = [
+        "iptables-restore",
+        "ip6tables-restore",
+        "ip",
+        "sysctl",
+        "nft",
+    ];
+    let mut totals = [0usize; 5];
+    for (label, start, goal) in &phases {
+        if label.starts_with("target") {
+            // The target state must be one portfwd built from a fresh host, so it owns the tables.
+            assert!(!portfwd()
+                .apply(&t.proxy, &json!({"state": "absent"}))
+                .unwrap()
+                .failed());
+        }
+        let points: Vec<usize> = tools
+            .iter()
+            .map(|tool| failure_matrix(&t, tool, start, goal))
             .collect();
         eprintln!(
-            "failure points per tool from {}: {points:?}",
-            if start.is_some() {
-                "the baseline"
-            } else {
-                "a fresh host"
-            }
+            "failure points {label}: {:?}",
+            tools.iter().zip(&points).collect::<Vec<_>>()
         );
-        // iptables: filter + nat per family; ip: 5 reads, then add and delete batches.
-        assert_eq!(points[0].1, 2, "{points:?}");
-        assert_eq!(points[1].1, 2, "{points:?}");
-        assert!(points[2].1 >= 7, "{points:?}");
+        assert_eq!(points[0], 2, "{label}: filter + nat");
+        assert_eq!(points[1], 2, "{label}: filter + nat");
+        for (total, p) in totals.iter_mut().zip(&points) {
+            *total += p;
+        }
     }
+    assert!(
+        totals.iter().all(|n| *n > 0),
+        "every tool was failed at least once: {totals:?}"
+    );
+}
+
+/// A portfwd killed with SIGKILL in the middle of an apply (between the IPv4 and IPv6
+/// transactions, after addresses were added) is repaired by the next normal run, which still
+/// owns everything the killed run created.
+#[test]
+fn kill_9_in_the_middle_then_rerun_converges() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    // ip_forward "auto" turns forwarding on and never off (IPv6 forwarding adds anycast
+    // routes), so start with it on: then "fresh" is what absent must come back to.
+    t.proxy.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    t.proxy.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+    let fresh = host_state(&t.proxy);
+    assert!(portfwd().apply(&t.proxy, &target()).unwrap().changed());
+    let expected = host_state(&t.proxy);
+    assert!(portfwd()
+        .apply(&t.proxy, &json!({"state": "absent"}))
+        .unwrap()
+        .changed());
+    let cleaned = host_state(&t.proxy);
+    assert!(
+        cleaned == fresh,
+        "absent after a clean apply:\n{}",
+        line_diff(&fresh, &cleaned)
+    );
+
+    let slow = SlowNth::new("ip6tables-restore", 1, 30).unwrap();
+    let mut child = portfwd()
+        .spawn(
+            &t.proxy,
+            &["apply"],
+            &target().to_string(),
+            &[("PATH", &slow.path())],
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !slow.sleeping() {
+        assert!(
+            Instant::now() < deadline,
+            "the apply never reached ip6tables-restore"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+    nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = child.wait();
+    let partial = host_state(&t.proxy);
+    assert_ne!(partial, fresh, "the killed run had changed something");
+    assert_ne!(partial, expected, "and not everything");
+
+    let rerun = portfwd().apply(&t.proxy, &target()).unwrap();
+    assert!(rerun.changed() && !rerun.failed(), "{}", rerun.stdout);
+    assert_eq!(host_state(&t.proxy), expected, "the re-run converges");
+    let absent = portfwd()
+        .apply(&t.proxy, &json!({"state": "absent"}))
+        .unwrap();
+    assert!(!absent.failed(), "{}", absent.stdout);
+    assert_eq!(
+        host_state(&t.proxy),
+        fresh,
+        "what the killed run created is still owned and removed"
+    );
 }
 
 /// persist: true stores the params; after a simulated reboot (rules, addresses, sysctls and
@@ -341,6 +461,24 @@ fn persist_then_restore_after_reboot() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&stored).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "stored params are private");
+    let mode_of = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode_of(&pf.state_dir(&t.proxy)),
+        0o700,
+        "the state dir is private"
+    );
+    assert_eq!(
+        mode_of(&pf.run_dir(&t.proxy)),
+        0o700,
+        "the run dir is private"
+    );
+    for entry in std::fs::read_dir(pf.run_dir(&t.proxy)).unwrap() {
+        assert_eq!(
+            mode_of(&entry.unwrap().path()),
+            0o600,
+            "records are private"
+        );
+    }
     assert_eq!(
         probe(&t.client, Proto::Tcp, sa("10.0.1.100:4321")).unwrap(),
         ip("10.0.2.1")
