@@ -121,6 +121,8 @@ fn serve_tcp(listener: TcpListener, stop: &AtomicBool) {
 /// Replies to each line with the peer address, until EOF or 30 s of silence.
 fn answer_lines(stream: TcpStream, peer: IpAddr) {
     let _ = stream.set_nonblocking(false);
+    // One small answer per request: without NODELAY, Nagle and delayed ACKs add ~40 ms.
+    let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let Ok(mut writer) = stream.try_clone() else {
         return;
@@ -207,6 +209,7 @@ impl TcpSession {
         .map_err(|_| LabError::Traffic("probe thread panicked".into()))??;
         let io = |e: std::io::Error| LabError::Traffic(format!("tcp to {target}: {e}"));
         stream.set_read_timeout(Some(PROBE_TIMEOUT)).map_err(io)?;
+        stream.set_nodelay(true).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
         Ok(TcpSession {
             reader: BufReader::new(stream),

@@ -4,7 +4,7 @@
 //! the chain and the whole rule, so the comment alone identifies a rule: the diff never has to
 //! guess how iptables canonicalises what we wrote, and an edited entry gets new keys.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 
 use crate::model::{Action, Config, Forward, IpForward, Masquerade, Proto, Snat, State};
@@ -39,6 +39,7 @@ pub fn compile(config: &Config) -> Desired {
     let mut builder = Builder {
         instance: &config.instance,
         rules: &mut desired.rules,
+        seen: HashSet::new(),
     };
     for forward in &config.forwards {
         builder.forward(forward);
@@ -192,6 +193,7 @@ fn static_warnings(config: &Config) -> Vec<String> {
 struct Builder<'a> {
     instance: &'a str,
     rules: &'a mut OwnedRules,
+    seen: HashSet<String>,
 }
 
 impl Builder<'_> {
@@ -214,10 +216,11 @@ impl Builder<'_> {
             format!("{}:{kind}:{name}:{hash:08x}", self.instance),
         ]);
         args.extend(target);
-        let chain: &mut OwnedChain = self.rules.chains.entry((family, hook)).or_default();
-        let rule = Rule { args };
-        if !chain.rules.contains(&rule) {
-            chain.rules.push(rule);
+        let key = format!("{}:{kind}:{name}:{hash:08x}", self.instance);
+        // The key covers chain and rule, so it alone says whether the rule is already there.
+        if self.seen.insert(key) {
+            let chain: &mut OwnedChain = self.rules.chains.entry((family, hook)).or_default();
+            chain.rules.push(Rule { args });
         }
     }
 

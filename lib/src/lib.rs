@@ -189,13 +189,18 @@ mod tests {
             .insert("net/ipv6/conf/all/forwarding".into(), "1".into());
         let report = run(&config(PARAMS), RunMode::default(), &mut sys);
         assert!(report.changed && !report.failed, "{report:?}");
-        let kinds: Vec<String> = sys
-            .writes()
+        let writes = sys.writes();
+        assert!(
+            writes[0].starts_with("write-record"),
+            "the record is written ahead: {writes:#?}"
+        );
+        let kinds: Vec<String> = writes
             .iter()
+            .filter(|w| !w.starts_with("write-"))
             .map(|w| w.split(" *").next().unwrap_or_default().to_string())
             .collect();
         assert_eq!(
-            kinds[..5],
+            kinds,
             [
                 "restore ipv4",
                 "restore ipv4",

@@ -172,7 +172,7 @@ pub fn plan_rules(
             lines,
         );
     }
-    let tables = by_table
+    let tables: Vec<TablePlan> = by_table
         .into_iter()
         .filter(|(_, lines)| !lines.is_empty())
         .map(|((family, table), lines)| TablePlan {
@@ -200,11 +200,19 @@ pub fn plan_rules(
             }
         })
         .collect();
+    // No table edit means every owned rule is already there: no entry changed.
+    let changes = |kind: &str| {
+        if tables.is_empty() {
+            EntryChanges::default()
+        } else {
+            entry_changes(instance, kind, desired, &observed.owned)
+        }
+    };
     Plan {
+        forwards: changes(KIND_FORWARD),
+        masquerade: changes(KIND_MASQUERADE),
         tables,
         sysctls,
-        forwards: entry_changes(instance, KIND_FORWARD, desired, &observed.owned),
-        masquerade: entry_changes(instance, KIND_MASQUERADE, desired, &observed.owned),
         warnings,
         ..Plan::default()
     }
@@ -339,8 +347,10 @@ fn entry_changes(
     desired: &OwnedRules,
     observed: &OwnedRules,
 ) -> EntryChanges {
+    // Entry name -> its rule keys, in first-seen order (one pass, no quadratic lookups).
     let keys = |rules: &OwnedRules| {
-        let mut map: Vec<(String, BTreeSet<String>)> = Vec::new();
+        let mut order: Vec<String> = Vec::new();
+        let mut map: HashMap<String, BTreeSet<String>> = HashMap::new();
         for chain in rules.chains.values() {
             for rule in &chain.rules {
                 let Some((k, name)) = entry_of(rule, instance) else {
@@ -349,27 +359,27 @@ fn entry_changes(
                 if k != kind {
                     continue;
                 }
-                match map.iter_mut().find(|(n, _)| n == name) {
-                    Some((_, set)) => {
-                        set.insert(rule.key());
-                    }
-                    None => map.push((name.to_string(), BTreeSet::from([rule.key()]))),
-                }
+                map.entry(name.to_string())
+                    .or_insert_with(|| {
+                        order.push(name.to_string());
+                        BTreeSet::new()
+                    })
+                    .insert(rule.key());
             }
         }
-        map
+        (order, map)
     };
-    let (want, have) = (keys(desired), keys(observed));
+    let ((want_order, want), (have_order, have)) = (keys(desired), keys(observed));
     let mut changes = EntryChanges::default();
-    for (name, set) in &want {
-        match have.iter().find(|(n, _)| n == name) {
+    for name in &want_order {
+        match have.get(name) {
             None => changes.added.push(name.clone()),
-            Some((_, old)) if old != set => changes.updated.push(name.clone()),
+            Some(old) if Some(old) != want.get(name) => changes.updated.push(name.clone()),
             Some(_) => {}
         }
     }
-    for (name, _) in &have {
-        if !want.iter().any(|(n, _)| n == name) {
+    for name in &have_order {
+        if !want.contains_key(name) {
             changes.removed.push(name.clone());
         }
     }

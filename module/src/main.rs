@@ -109,6 +109,22 @@ impl From<BackendArg> for Backend {
     }
 }
 
+/// Prints a line to stdout; a closed stdout (`portfwd show | head`) is not worth a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// Like [`say!`] without the newline.
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 const SUBCOMMANDS: [&str; 6] = ["apply", "plan", "show", "schema", "restore", "help"];
 
 fn main() -> ExitCode {
@@ -166,7 +182,7 @@ fn main() -> ExitCode {
             let mut sys = RealSystem::new(backend.into());
             match portfwd::show(&instance, route_protocol, &mut sys) {
                 Ok(params) => {
-                    println!(
+                    say!(
                         "{}",
                         serde_json::to_string_pretty(&params).unwrap_or_default()
                     );
@@ -176,7 +192,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Schema => {
-            println!(
+            say!(
                 "{}",
                 serde_json::to_string_pretty(&portfwd::model::schema()).unwrap_or_default()
             );
@@ -249,7 +265,7 @@ fn restore(state_dir: Option<PathBuf>, lock_timeout: u64) -> ExitCode {
         "msg": format!("restored {} stored instance(s) from {}{}", names.len(), dir.display(), if failed { ", some failed" } else { "" }),
         "instances": results,
     });
-    println!("{summary}");
+    say!("{summary}");
     if failed {
         ExitCode::from(1)
     } else {
@@ -258,7 +274,7 @@ fn restore(state_dir: Option<PathBuf>, lock_timeout: u64) -> ExitCode {
 }
 
 fn emit(report: &Report) -> ExitCode {
-    println!("{}", report.to_json());
+    say!("{}", report.to_json());
     if report.failed {
         ExitCode::from(1)
     } else {
@@ -267,17 +283,17 @@ fn emit(report: &Report) -> ExitCode {
 }
 
 fn print_plan(report: &Report) {
-    println!("{}", report.msg);
+    say!("{}", report.msg);
     if let Some(diff) = &report.diff {
-        print!("{}", line_diff(&diff.before, &diff.after));
+        say_raw!("{}", line_diff(&diff.before, &diff.after));
     }
     if !report.commands.is_empty() {
-        println!("\nwould run:");
+        say!("\nwould run:");
         for command in &report.commands {
-            println!("  {command}");
+            say!("  {command}");
         }
     }
     for warning in &report.warnings {
-        println!("warning: {warning}");
+        say!("warning: {warning}");
     }
 }

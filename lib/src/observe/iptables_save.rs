@@ -30,11 +30,22 @@ pub struct ChainDecl {
     pub policy: String,
 }
 
-/// `-A CHAIN args...`
+/// `-A CHAIN args...`, kept as text: a host with 100,000 rules of other tools should not pay
+/// for splitting rules portfwd never looks at. Quotes are checked when parsing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleLine {
     pub chain: String,
-    pub rule: Rule,
+    /// Everything after the chain name, exactly as printed.
+    pub text: String,
+}
+
+impl RuleLine {
+    /// The arguments, unquoted.
+    pub fn rule(&self) -> Rule {
+        Rule {
+            args: tokenize(&self.text).unwrap_or_default(),
+        }
+    }
 }
 
 impl Dump {
@@ -44,12 +55,12 @@ impl Dump {
 }
 
 impl TableDump {
-    /// Rules of one chain, in order.
-    pub fn chain_rules<'a>(&'a self, chain: &'a str) -> impl Iterator<Item = &'a Rule> + 'a {
+    /// Rules of one chain, in order, split into arguments.
+    pub fn chain_rules<'a>(&'a self, chain: &'a str) -> impl Iterator<Item = Rule> + 'a {
         self.rules
             .iter()
             .filter(move |r| r.chain == chain)
-            .map(|r| &r.rule)
+            .map(RuleLine::rule)
     }
 
     pub fn has_chain(&self, name: &str) -> bool {
@@ -100,15 +111,14 @@ pub fn parse(text: &str) -> Dump {
                 _ => dump.opaque.push(line.to_string()),
             }
         } else if let Some(rest) = strip_counters(line).strip_prefix("-A ") {
-            match tokenize(rest) {
-                Some(mut tokens) if !tokens.is_empty() => {
-                    let chain = tokens.remove(0);
-                    table.rules.push(RuleLine {
-                        chain,
-                        rule: Rule { args: tokens },
-                    });
-                }
-                _ => dump.opaque.push(line.to_string()),
+            let (chain, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            if chain.is_empty() || !quotes_balanced(text) {
+                dump.opaque.push(line.to_string());
+            } else {
+                table.rules.push(RuleLine {
+                    chain: chain.to_string(),
+                    text: text.to_string(),
+                });
             }
         } else {
             dump.opaque.push(line.to_string());
@@ -130,38 +140,62 @@ fn strip_counters(line: &str) -> &str {
     line
 }
 
-/// Splits on spaces; `"..."` groups with `\x` escapes inside, as iptables writes and reads it.
-/// Returns None on an unterminated quote.
-pub fn tokenize(text: &str) -> Option<Vec<String>> {
-    let mut tokens = Vec::new();
-    let mut chars = text.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| *c == ' ' || *c == '\t') {
-            chars.next();
+/// Whether every `"` group is closed, as [`tokenize`] would find, without allocating.
+fn quotes_balanced(text: &str) -> bool {
+    let mut chars = text.chars();
+    let mut at_token_start = true;
+    while let Some(c) = chars.next() {
+        if c == '"' && at_token_start {
+            loop {
+                match chars.next() {
+                    None => return false,
+                    Some('\\') => {
+                        if chars.next().is_none() {
+                            return false;
+                        }
+                    }
+                    Some('"') => break,
+                    Some(_) => {}
+                }
+            }
+            // tokenize starts a new token right after a closing quote.
+            at_token_start = true;
+        } else {
+            at_token_start = c == ' ' || c == '\t';
         }
-        let Some(&first) = chars.peek() else {
+    }
+    true
+}
+
+/// Splits on spaces; `"..."` groups with `\x` escapes inside, as iptables writes and reads it.
+/// Returns None on an unterminated quote. Unquoted tokens are copied in one piece.
+pub fn tokenize(text: &str) -> Option<Vec<String>> {
+    let mut tokens = Vec::with_capacity(24);
+    let mut rest = text;
+    loop {
+        rest = rest.trim_start_matches([' ', '\t']);
+        if rest.is_empty() {
             return Some(tokens);
-        };
-        let mut token = String::new();
-        if first == '"' {
-            chars.next();
+        }
+        if let Some(quoted) = rest.strip_prefix('"') {
+            let mut token = String::with_capacity(quoted.len().min(64));
+            let mut chars = quoted.char_indices();
             loop {
                 match chars.next()? {
-                    '\\' => token.push(chars.next()?),
-                    '"' => break,
-                    c => token.push(c),
+                    (_, '\\') => token.push(chars.next()?.1),
+                    (i, '"') => {
+                        rest = &quoted[i + 1..];
+                        break;
+                    }
+                    (_, c) => token.push(c),
                 }
             }
+            tokens.push(token);
         } else {
-            while let Some(&c) = chars.peek() {
-                if c == ' ' || c == '\t' {
-                    break;
-                }
-                token.push(c);
-                chars.next();
-            }
+            let end = rest.find([' ', '\t']).unwrap_or(rest.len());
+            tokens.push(rest[..end].to_string());
+            rest = &rest[end..];
         }
-        tokens.push(token);
     }
 }
 
@@ -222,7 +256,7 @@ mod tests {
             ["INPUT", "--dport", "!"]
         );
         assert_eq!(
-            filter.rules[0].rule.args,
+            filter.rules[0].rule().args,
             [
                 "!",
                 "-s",
@@ -240,12 +274,12 @@ mod tests {
             ]
         );
         assert_eq!(filter.rules[1].chain, "--dport");
-        assert_eq!(filter.rules[1].rule.comment(), Some(long.as_str()));
+        assert_eq!(filter.rules[1].rule().comment(), Some(long.as_str()));
         assert_eq!(long.chars().count(), 256);
         assert_eq!(
             (
                 filter.rules[2].chain.as_str(),
-                filter.rules[2].rule.args.as_slice()
+                filter.rules[2].rule().args.as_slice()
             ),
             ("!", &["-j".to_string(), "RETURN".to_string()][..])
         );
@@ -262,7 +296,7 @@ mod tests {
         let dump = parse(&text);
         assert_eq!(dump.tables[0].rules.len(), 100_000);
         assert_eq!(
-            dump.tables[0].rules[99_999].rule.comment(),
+            dump.tables[0].rules[99_999].rule().comment(),
             Some("ns/svc-99999:http")
         );
     }
@@ -283,7 +317,7 @@ mod tests {
             let rule = Rule::new(["-m", "comment", "--comment", comment, "-j", "RETURN"]);
             let line = format!("-A C {}", rule.render());
             let dump = parse(&format!("*filter\n{line}\nCOMMIT\n"));
-            assert_eq!(dump.tables[0].rules[0].rule, rule, "{line}");
+            assert_eq!(dump.tables[0].rules[0].rule(), rule, "{line}");
         }
     }
 }

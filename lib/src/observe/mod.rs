@@ -121,10 +121,10 @@ pub fn extract_owned(dump: &Dump, family: Family, instance: &str, observed: &mut
             })
             .map(|(i, r)| Jump {
                 position: i + 1,
-                rule: (*r).clone(),
+                rule: r.clone(),
             })
             .collect();
-        let rules = table.chain_rules(&chain_name).cloned().collect();
+        let rules = table.chain_rules(&chain_name).collect();
         observed
             .owned
             .chains
@@ -147,11 +147,13 @@ fn table_facts(
     let chains_ok = t.chains.iter().all(|c| {
         ours.contains(&c.name) || (builtin.contains(&c.name.as_str()) && c.policy == "ACCEPT")
     });
+    // Checked on the text first: most foreign rules never mention our chains.
     let rules_ok = t.rules.iter().all(|r| {
         ours.contains(&r.chain)
-            || r.rule
-                .option("-j")
-                .is_some_and(|target| ours.iter().any(|o| o == target))
+            || (ours.iter().any(|o| r.text.contains(o.as_str()))
+                && r.rule()
+                    .option("-j")
+                    .is_some_and(|target| ours.iter().any(|o| o == target)))
     });
     TableFacts {
         nf_tables,
