@@ -13,26 +13,6 @@ use common::{portfwd, prerequisites, ruleset, sa, Topology};
 use portfwd_harness::{addr, link, probe, Netns, Proto, Server};
 use serde_json::{json, Value};
 
-/// The virtualenv with ansible-core, or None (a skip; a failure under CI=true).
-fn venv() -> Option<PathBuf> {
-    let dir = std::env::var_os("PORTFWD_ANSIBLE_VENV")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/portfwd/ansible-venv"))
-        })?;
-    if dir.join("bin/ansible-playbook").is_file() {
-        return Some(dir);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "ansible-core virtualenv missing at {} under CI=true (scripts/setup.sh creates it)",
-            dir.display()
-        );
-    }
-    eprintln!("skipping: no ansible-core virtualenv at {}", dir.display());
-    None
-}
-
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -188,7 +168,10 @@ fn local_playbook_runs_against_a_lab_proxy() {
     if !prerequisites() {
         return;
     }
-    let Some(venv) = venv() else { return };
+    let Some(venv) = common::venv("PORTFWD_ANSIBLE_VENV", "ansible-venv", "ansible-playbook")
+    else {
+        return;
+    };
     let ansible = Ansible::new(venv.clone());
     let t = Topology::new().unwrap();
     let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
@@ -316,7 +299,10 @@ fn playbook_over_ssh_configures_proxy_and_backend() {
     if !prerequisites() {
         return;
     }
-    let Some(venv) = venv() else { return };
+    let Some(venv) = common::venv("PORTFWD_ANSIBLE_VENV", "ansible-venv", "ansible-playbook")
+    else {
+        return;
+    };
     let sshd = PathBuf::from("/usr/sbin/sshd");
     if !sshd.is_file() {
         assert!(

@@ -10,25 +10,6 @@ use common::{portfwd, prerequisites, ruleset, sa, Topology};
 use portfwd_harness::{probe, Netns, Proto, Server};
 use serde_json::Value;
 
-fn salt_venv() -> Option<PathBuf> {
-    let dir = std::env::var_os("PORTFWD_SALT_VENV")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/portfwd/salt-venv"))
-        })?;
-    if dir.join("bin/salt-call").is_file() {
-        return Some(dir);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "salt virtualenv missing at {} under CI=true (scripts/setup.sh creates it)",
-            dir.display()
-        );
-    }
-    eprintln!("skipping: no salt virtualenv at {}", dir.display());
-    None
-}
-
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -82,7 +63,9 @@ fn salt_state_applies_portfwd_statefully() {
     if !prerequisites() {
         return;
     }
-    let Some(venv) = salt_venv() else { return };
+    let Some(venv) = common::venv("PORTFWD_SALT_VENV", "salt-venv", "salt-call") else {
+        return;
+    };
     let t = Topology::new().unwrap();
     let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -38,6 +38,25 @@ pub fn prerequisites() -> bool {
     false
 }
 
+/// A virtualenv that scripts/setup.sh creates (`env_var`, else ~/.cache/portfwd/`name`) holding
+/// `bin/<binary>`; None (a skip) when missing, a panic under `CI=true`.
+pub fn venv(env_var: &str, name: &str, binary: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os(env_var).map(PathBuf::from).or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/portfwd").join(name))
+    })?;
+    if dir.join("bin").join(binary).is_file() {
+        return Some(dir);
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "{binary} virtualenv missing at {} under CI=true (scripts/setup.sh creates it)",
+            dir.display()
+        );
+    }
+    eprintln!("skipping: no {binary} virtualenv at {}", dir.display());
+    None
+}
+
 pub fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
