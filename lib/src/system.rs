@@ -101,6 +101,36 @@ pub fn default_run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/portfwd"))
 }
 
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+),
+/// read from a throwaway Unix socket.
+fn netns_cookie() -> std::io::Result<u64> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the fd is a live socket owned by `sock`; `cookie` and `len` are valid for writes
+    // of the sizes given, which is all getsockopt(2) writes.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// The restore command line as shown in results (`commands`).
 pub fn restore_command(backend: Backend, family: Family) -> String {
     format!(
@@ -177,17 +207,18 @@ impl RealSystem {
     }
 
     /// The record file, keyed by network namespace so namespaces sharing `/run` stay apart.
+    /// The key is the namespace cookie, which the kernel never reuses until reboot (unlike
+    /// the namespace's inode number): a namespace made later can never inherit the record
+    /// of one that is gone, and so never has an address of its own taken for portfwd's.
     fn record_path(&self, instance: &str) -> Result<PathBuf, SystemError> {
-        let link = std::fs::read_link("/proc/self/ns/net").map_err(|source| SystemError::Io {
-            path: "/proc/self/ns/net".into(),
+        let io = |source| SystemError::Io {
+            path: "SO_NETNS_COOKIE".into(),
             source,
-        })?;
-        let id: String = link
-            .to_string_lossy()
-            .chars()
-            .filter(char::is_ascii_digit)
-            .collect();
-        Ok(self.run_dir.join(format!("{instance}.netns-{id}.record")))
+        };
+        let cookie = netns_cookie().map_err(io)?;
+        Ok(self
+            .run_dir
+            .join(format!("{instance}.netns-{cookie:016x}.record")))
     }
 
     fn run(
@@ -430,6 +461,13 @@ impl RunLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn netns_cookie_is_stable_within_a_namespace() {
+        let a = netns_cookie().unwrap();
+        assert_eq!(a, netns_cookie().unwrap());
+        assert_ne!(a, 0);
+    }
 
     #[test]
     fn tool_names_follow_backend() {
