@@ -92,6 +92,7 @@ pub fn run(config: &Config, mode: RunMode, sys: &mut dyn System) -> Report {
         warnings,
         forwards: (&plan.forwards).into(),
         masquerade: (&plan.masquerade).into(),
+        backend: observed.flavour.map(str::to_string),
     };
     if plan.is_empty() {
         report.msg = "no changes".to_string();

@@ -20,6 +20,9 @@ pub struct Report {
     /// Entry names by outcome, for playbooks that branch on them.
     pub forwards: Changes,
     pub masquerade: Changes,
+    /// The iptables flavour found (`nf_tables` or `legacy`); absent when no table exists yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
 }
 
 /// Ansible's diff shape: texts it shows as a unified diff.

@@ -36,6 +36,16 @@ fn foreign_ruleset_survives(flavour: &str) {
     let params = json!({"backend": flavour, "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
     let applied = portfwd().apply(&t.proxy, &params).unwrap();
     assert!(applied.changed() && !applied.failed(), "{}", applied.stdout);
+    let found = if flavour == "legacy" {
+        "legacy"
+    } else {
+        "nf_tables"
+    };
+    assert_eq!(
+        applied.json["backend"],
+        json!(found),
+        "the result names the flavour found"
+    );
     assert_eq!(
         probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
         "10.0.2.1".parse::<std::net::IpAddr>().unwrap(),

@@ -26,6 +26,8 @@ pub struct Observed {
     pub tables_present: BTreeMap<(Family, Hook), bool>,
     pub sysctls: BTreeMap<String, Option<String>>,
     pub routing: RoutingObserved,
+    /// The iptables flavour the dumps came from (`nf_tables` or `legacy`), when any table exists.
+    pub flavour: Option<&'static str>,
     /// What the instance recorded creating (addresses, tables).
     pub record: Record,
     /// Facts about each table portfwd may write to.
@@ -63,6 +65,9 @@ pub fn observe(
             ));
         }
         let dump = iptables_save::parse(&stdout);
+        if let (None, Some(nft)) = (observed.flavour, dump.nf_tables) {
+            observed.flavour = Some(if nft { "nf_tables" } else { "legacy" });
+        }
         extract_owned(&dump, family, instance, &mut observed);
     }
     for key in sysctl_keys {
