@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what portfwd's lab and tests need on a fresh Debian machine (run as root).
 # Idempotent: installs only what is missing.
-#   - iptables (both flavours, with nft), iproute2, conntrack, tcpdump, procps, sshd
-#   - ansible-core and salt from PyPI, each in its own virtualenv under
-#     ${PORTFWD_CACHE:-$HOME/.cache/portfwd} (PORTFWD_ANSIBLE_VENV / PORTFWD_SALT_VENV override)
+#   - iptables (both flavours, with nft), iproute2, conntrack, tcpdump, procps
+#   - with --all (the tests): sshd, and ansible-core and salt from PyPI, each in its own
+#     virtualenv under ${PORTFWD_CACHE:-$HOME/.cache/portfwd}
+#     (PORTFWD_ANSIBLE_VENV / PORTFWD_SALT_VENV override)
 set -euo pipefail
 
 need=()
@@ -15,10 +16,13 @@ have ip || need+=(iproute2)
 have conntrack || need+=(conntrack)
 have tcpdump || need+=(tcpdump)
 have sysctl || need+=(procps)
-[ -x /usr/sbin/sshd ] || need+=(openssh-server)
-have ssh || need+=(openssh-client)
-have ssh-keygen || need+=(openssh-client)
-have python3 || need+=(python3 python3-venv)
+all=false
+[ "${1:-}" = "--all" ] && all=true
+if $all; then
+  [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+  have ssh-keygen || need+=(openssh-client)
+  python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3 python3-venv)
+fi
 
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]}"
@@ -27,7 +31,13 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: warning: not root; the lab and end-to-end tests need root (network namespaces)" >&2
+fi
 cache=${PORTFWD_CACHE:-$HOME/.cache/portfwd}
+if ! $all; then
+  exit 0
+fi
 venv() {  # venv DIR CHECK PACKAGE...
   local dir=$1 check=$2; shift 2
   if [ ! -x "$dir/bin/$check" ]; then
@@ -40,6 +50,3 @@ venv() {  # venv DIR CHECK PACKAGE...
 venv "${PORTFWD_ANSIBLE_VENV:-$cache/ansible-venv}" ansible-playbook 'ansible-core>=2.19,<2.20'
 venv "${PORTFWD_SALT_VENV:-$cache/salt-venv}" salt-call 'salt>=3007'
 
-if [ "$(id -u)" -ne 0 ]; then
-  echo "setup: warning: not root; the lab and end-to-end tests need root (network namespaces)" >&2
-fi
