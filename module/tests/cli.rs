@@ -98,3 +98,19 @@ fn ansible_args_file_mode_prints_one_json_object() {
         "{out}"
     );
 }
+
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    // `portfwd schema | head -1`: the reader goes away before portfwd is done writing.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portfwd"))
+        .arg("schema")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn portfwd");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
