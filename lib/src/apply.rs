@@ -141,6 +141,8 @@ fn execute(
         let mut ahead = recorded.clone();
         ahead.addresses.extend(record.addresses.iter().cloned());
         ahead.tables.extend(record.tables.iter().cloned());
+        ahead.rules.extend(record.rules.iter().cloned());
+        ahead.routes.extend(record.routes.iter().cloned());
         if &ahead != recorded {
             sys.write_record(instance, &ahead)
                 .map_err(|e| ("recording what this run creates".to_string(), e))?;

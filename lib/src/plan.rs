@@ -11,7 +11,7 @@ use crate::compile::{Desired, KIND_FORWARD, KIND_MASQUERADE};
 use crate::net::Family;
 use crate::observe::params_view::entry_of;
 use crate::observe::Observed;
-use crate::routing::{plan_routing, RoutingPlan};
+use crate::routing::{plan_routing, IpRoute, IpRule, RoutingPlan};
 use crate::rules::{Hook, OwnedChain, OwnedRules, Table};
 use crate::system::Record;
 
@@ -103,6 +103,19 @@ pub fn plan(instance: &str, protocol: u8, desired: &Desired, observed: &Observed
     if let Some(addresses) = &plan.routing.record {
         record.addresses = addresses.clone();
     }
+    // After the run exactly the desired rules and routes exist and are ours.
+    record.rules = desired
+        .routing
+        .rules
+        .iter()
+        .map(IpRule::record_key)
+        .collect();
+    record.routes = desired
+        .routing
+        .routes
+        .iter()
+        .map(IpRoute::record_key)
+        .collect();
     // Tables this run creates are recorded; recorded tables left with nothing but our (now
     // removed) chains are dropped, so absent leaves iptables-save as it was (nf_tables only:
     // legacy tables cannot be deleted).

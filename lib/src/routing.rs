@@ -26,6 +26,11 @@ pub struct IpRule {
 }
 
 impl IpRule {
+    /// The identity in the record: `ipv4 priority ... table N`.
+    pub fn record_key(&self) -> String {
+        format!("{} {}", self.family.label(), self.selector())
+    }
+
     /// Arguments after `rule add` / `rule del`, without the protocol.
     fn selector(&self) -> String {
         let mut s = format!("priority {} from {}", self.priority, self.from);
@@ -61,6 +66,14 @@ pub struct IpRoute {
 }
 
 impl IpRoute {
+    /// The identity in the record: `ipv4 table N DEST`.
+    pub fn record_key(&self) -> String {
+        let to = self
+            .to
+            .map_or_else(|| "default".to_string(), |c| c.to_string());
+        format!("{} table {} {to}", self.family.label(), self.table)
+    }
+
     /// What the kernel keys a route by (one route per key and table).
     pub fn key(&self) -> (Family, u32, Option<Cidr>) {
         (self.family, self.table, self.to)

@@ -69,20 +69,28 @@ pub trait System {
     fn write_stored(&mut self, instance: &str, params: Option<&str>) -> Result<(), SystemError>;
 }
 
-/// What portfwd created that the kernel cannot tag: addresses (`dev addr/prefix`) and
-/// iptables tables (`ipv4 nat`) that did not exist before it. Only recorded objects are ever
-/// removed on that ground.
+/// What this instance created: addresses (`dev addr/prefix`, which the kernel cannot tag),
+/// iptables tables (`ipv4 nat`) that did not exist before it, and its ip rules and routes
+/// (which carry its protocol number, but 50 default numbers cannot keep every instance
+/// apart). Only what is recorded is ever removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Record {
     #[serde(default)]
     pub addresses: BTreeSet<String>,
     #[serde(default)]
     pub tables: BTreeSet<String>,
+    #[serde(default)]
+    pub rules: BTreeSet<String>,
+    #[serde(default)]
+    pub routes: BTreeSet<String>,
 }
 
 impl Record {
     pub fn is_empty(&self) -> bool {
-        self.addresses.is_empty() && self.tables.is_empty()
+        self.addresses.is_empty()
+            && self.tables.is_empty()
+            && self.rules.is_empty()
+            && self.routes.is_empty()
     }
 }
 

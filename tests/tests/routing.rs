@@ -518,3 +518,61 @@ fn persist_then_restore_after_reboot() {
         "and the address portfwd added"
     );
 }
+
+/// Ownership of ip rules and routes is the instance's record, not just its protocol number:
+/// instances "portfwd" and "db" share protocol 233 by the default mapping, and someone else's
+/// route may carry it too. Neither is ever touched by the other.
+#[test]
+fn instances_sharing_a_protocol_number_never_touch_each_other() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    assert_eq!(
+        ::portfwd::model::default_route_protocol("portfwd"),
+        ::portfwd::model::default_route_protocol("db"),
+        "the premise: both map to one protocol number"
+    );
+    let proto = ::portfwd::model::default_route_protocol("portfwd").to_string();
+    t.backend
+        .ip(&[
+            "route",
+            "add",
+            "192.0.2.0/24",
+            "dev",
+            "eth0",
+            "proto",
+            &proto,
+        ])
+        .unwrap();
+    let mine = json!({"policy_routes": [{"from": "10.0.2.2", "table": 100, "routes": [{"to": "default", "via": "10.0.2.1"}]}]});
+    assert!(portfwd().apply(&t.backend, &mine).unwrap().changed());
+    let with_mine = ip_state(&t.backend);
+    let other = json!({"instance": "db", "policy_routes": [{"from": "10.0.2.2", "table": 200, "routes": [{"to": "default", "via": "10.0.2.1"}]}]});
+    let r = portfwd().apply(&t.backend, &other).unwrap();
+    assert!(r.changed() && !r.failed(), "{}", r.stdout);
+    assert!(
+        !r.stdout.contains("del"),
+        "db deletes nothing: {}",
+        r.stdout
+    );
+    let gone = portfwd()
+        .apply(&t.backend, &json!({"instance": "db", "state": "absent"}))
+        .unwrap();
+    assert!(!gone.failed(), "{}", gone.stdout);
+    assert_eq!(
+        ip_state(&t.backend),
+        with_mine,
+        "db's absent removed only db's objects"
+    );
+    let absent = portfwd()
+        .apply(&t.backend, &json!({"state": "absent"}))
+        .unwrap();
+    assert!(!absent.failed(), "{}", absent.stdout);
+    let left = ip_state(&t.backend);
+    assert!(
+        left.contains(&format!("192.0.2.0/24 dev eth0 proto {proto}")),
+        "a foreign route with our number stays: {left}"
+    );
+    assert!(!left.contains("lookup 100"), "{left}");
+}

@@ -91,6 +91,19 @@ pub fn observe(
     observed.routing.present = iproute::parse_addresses(&sys.ip_json(&["addr", "show"])?);
     observed.record = sys.read_record(instance)?;
     observed.routing.recorded = observed.record.addresses.clone();
+    // Our protocol number is shared by construction with other instances (and anyone may use
+    // it): only what this instance recorded creating is its own.
+    let record = &observed.record;
+    observed
+        .routing
+        .owned
+        .rules
+        .retain(|r| record.rules.contains(&r.record_key()));
+    observed
+        .routing
+        .owned
+        .routes
+        .retain(|r| record.routes.contains(&r.record_key()));
     observed.routing.owned.addresses = observed.routing.owned_addresses();
     observed.stored = sys.read_stored(instance)?;
     Ok(observed)
