@@ -123,6 +123,7 @@ mod tests {
                 prefix: *p,
                 dev: d.to_string(),
                 label: None,
+                secondary: false,
             })
             .collect();
         o.sysctls = sysctls

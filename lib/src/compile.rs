@@ -71,6 +71,7 @@ fn compile_routing(config: &Config) -> Routing {
             prefix: a.prefix,
             dev: a.dev.clone(),
             label: a.label.clone(),
+            secondary: false,
         })
         .collect();
     let mut rules = Vec::new();
@@ -155,17 +156,16 @@ fn compile_sysctls(config: &Config, desired: &mut Desired) {
             .insert(family.forwarding_sysctl().to_string(), value.to_string());
     }
     // DNAT to 127.0.0.0/8 from other hosts needs route_localnet on the ingress interface.
+    // Only a named interface gets it: on `all` it would expose every localhost-only service
+    // to every neighbour (CVE-2020-8558); without in_interface the run warns instead.
     if config.ip_forward == IpForward::Auto {
         for f in config.forwards.iter().filter(|f| f.dnats_to_loopback()) {
-            let dev = f
-                .in_interface
-                .as_deref()
-                .filter(|i| !i.ends_with('+'))
-                .unwrap_or("all");
-            desired.sysctls.insert(
-                format!("net/ipv4/conf/{dev}/route_localnet"),
-                "1".to_string(),
-            );
+            if let Some(dev) = f.in_interface.as_deref().filter(|i| !i.ends_with('+')) {
+                desired.sysctls.insert(
+                    format!("net/ipv4/conf/{dev}/route_localnet"),
+                    "1".to_string(),
+                );
+            }
         }
     }
 }

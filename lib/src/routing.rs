@@ -116,6 +116,8 @@ pub struct IfAddr {
     pub dev: String,
     /// IPv4 label, None when it is just the device name.
     pub label: Option<String>,
+    /// A secondary IPv4 address (another address of the same subnet is the primary).
+    pub secondary: bool,
 }
 
 impl IfAddr {
@@ -282,8 +284,39 @@ pub fn plan_routing(want: &Routing, have: &RoutingObserved, protocol: u8) -> Rou
             plan.changes.routes_removed += 1;
         }
     }
+    let mut kept_owned = Vec::new();
     for a in have.owned_addresses() {
         if !want.addresses.iter().any(|w| w.same_address(&a)) {
+            // Deleting a primary IPv4 address deletes the secondaries of its subnet with it
+            // (unless promote_secondaries is set): those may not be ours, so wait.
+            let subnet = Cidr {
+                addr: a.addr,
+                prefix: a.prefix,
+            }
+            .network();
+            let secondaries: Vec<String> = have
+                .present
+                .iter()
+                .filter(|p| {
+                    p.dev == a.dev
+                        && p.family() == Family::V4
+                        && !p.same_address(&a)
+                        && p.prefix == a.prefix
+                        && subnet.contains(&p.addr)
+                })
+                .map(|p| p.addr.to_string())
+                .collect();
+            if a.family() == Family::V4 && !a.secondary && !secondaries.is_empty() {
+                plan.warnings.push(format!(
+                    "address {} is not removed: it is the primary of {} on {}, which the kernel would delete with it; remove those first or set net.ipv4.conf.{}.promote_secondaries=1",
+                    a.record_key(),
+                    secondaries.join(", "),
+                    a.dev,
+                    a.dev
+                ));
+                kept_owned.push(a.record_key());
+                continue;
+            }
             dels.push((
                 a.family(),
                 format!("address del {}/{} dev {}", a.addr, a.prefix, a.dev),
@@ -292,7 +325,9 @@ pub fn plan_routing(want: &Routing, have: &RoutingObserved, protocol: u8) -> Rou
         }
     }
     // Unwanted recorded addresses are being deleted (or are gone already): forget them.
-    record.retain(|key| want.addresses.iter().any(|w| &w.record_key() == key));
+    record.retain(|key| {
+        want.addresses.iter().any(|w| &w.record_key() == key) || kept_owned.contains(key)
+    });
     plan.adds = batches(adds);
     plan.dels = batches(dels);
     if record != have.recorded {
@@ -329,6 +364,7 @@ mod tests {
             prefix: 24,
             dev: "eth0".into(),
             label: Some("eth0:1".into()),
+            secondary: false,
         }
     }
 
@@ -404,10 +440,11 @@ mod tests {
     #[test]
     fn absent_removes_only_owned_objects() {
         let foreign = IfAddr {
-            addr: "10.10.10.12".parse().unwrap(),
+            addr: "10.10.20.12".parse().unwrap(),
             prefix: 24,
             dev: "eth0".into(),
             label: None,
+            secondary: false,
         };
         let have = RoutingObserved {
             owned: Routing {
@@ -429,6 +466,30 @@ mod tests {
             ]
         );
         assert_eq!(plan.record, Some(BTreeSet::new()));
+    }
+
+    #[test]
+    fn a_primary_with_foreign_secondaries_is_kept() {
+        let other = IfAddr {
+            addr: "10.10.10.12".parse().unwrap(),
+            prefix: 24,
+            dev: "eth0".into(),
+            label: None,
+            secondary: true,
+        };
+        let have = RoutingObserved {
+            present: vec![alias(), other],
+            recorded: BTreeSet::from(["eth0 10.10.10.11/24".to_string()]),
+            ..RoutingObserved::default()
+        };
+        let plan = plan_routing(&Routing::default(), &have, 201);
+        assert!(plan.dels.is_empty(), "{:?}", plan.dels);
+        assert!(
+            plan.warnings[0].contains("primary of 10.10.10.12"),
+            "{:?}",
+            plan.warnings
+        );
+        assert_eq!(plan.record, None, "still recorded: removed once it can be");
     }
 
     #[test]

@@ -346,11 +346,29 @@ impl System for RealSystem {
         write_private(&self.run_dir, &path, &text)
     }
 
+    /// Deletes the table only if nft itself shows nothing in it but chains without rules:
+    /// sets, maps or rules that iptables-save cannot show (or that another tool added since
+    /// the plan was made) keep it.
     fn delete_table(&mut self, family: Family, table: &str) -> Result<(), SystemError> {
         let family = match family {
             Family::V4 => "ip",
             Family::V6 => "ip6",
         };
+        let (listing, _) = self.run("nft", &["-j", "list", "table", family, table], None)?;
+        let empty = serde_json::from_str::<serde_json::Value>(&listing)
+            .ok()
+            .and_then(|v| v.get("nftables").and_then(|n| n.as_array()).cloned())
+            .is_some_and(|items| {
+                items.iter().all(|item| {
+                    item.as_object().is_some_and(|o| {
+                        o.keys()
+                            .all(|k| k == "metainfo" || k == "table" || k == "chain")
+                    })
+                })
+            });
+        if !empty {
+            return Ok(());
+        }
         self.run("nft", &["delete", "table", family, table], None)
             .map(drop)
     }

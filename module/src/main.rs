@@ -179,6 +179,16 @@ fn main() -> ExitCode {
             backend,
             route_protocol,
         } => {
+            let valid = !instance.is_empty()
+                && instance.len() <= 12
+                && instance
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !valid {
+                return emit(&Report::failure(format!(
+                    "--instance: {instance:?} must match [a-z0-9-]{{1,12}}"
+                )));
+            }
             let mut sys = RealSystem::new(backend.into());
             match portfwd::show(&instance, route_protocol, &mut sys) {
                 Ok(params) => {

@@ -85,3 +85,89 @@ fn foreign_ruleset_with_forward_drop_nft() {
 fn foreign_ruleset_with_forward_drop_legacy() {
     foreign_ruleset_survives("legacy");
 }
+
+/// Someone else's rule that jumps into portfwd's chain is theirs: it is never deleted, and a
+/// removal that would need it gone fails and rolls back instead. A table portfwd created keeps
+/// existing when another tool put something in it that iptables-save cannot show (an nft set).
+#[test]
+fn foreign_jumps_and_nft_objects_in_our_tables_are_left_alone() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let params = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    assert!(portfwd().apply(&t.proxy, &params).unwrap().changed());
+    t.proxy
+        .exec(&[
+            "iptables",
+            "-I",
+            "FORWARD",
+            "1",
+            "-i",
+            "eth9",
+            "-j",
+            "PFWD-portfwd-FWD",
+        ])
+        .unwrap();
+    let again = portfwd().apply(&t.proxy, &params).unwrap();
+    assert!(!again.changed() && !again.failed(), "{}", again.stdout);
+    let rules = ruleset(&t.proxy, "iptables-save").unwrap();
+    assert!(
+        rules.contains("-A FORWARD -i eth9 -j PFWD-portfwd-FWD"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains("-A FORWARD -m comment --comment \"portfwd:jump\" -j PFWD-portfwd-FWD"),
+        "{rules}"
+    );
+
+    let blocked = portfwd()
+        .apply(&t.proxy, &json!({"state": "absent"}))
+        .unwrap();
+    assert!(
+        blocked.failed() && blocked.msg().contains("rolled back"),
+        "{}",
+        blocked.stdout
+    );
+    assert_eq!(
+        ruleset(&t.proxy, "iptables-save").unwrap(),
+        rules,
+        "nothing changed"
+    );
+
+    t.proxy
+        .exec(&[
+            "iptables",
+            "-D",
+            "FORWARD",
+            "-i",
+            "eth9",
+            "-j",
+            "PFWD-portfwd-FWD",
+        ])
+        .unwrap();
+    t.proxy
+        .exec(&[
+            "nft",
+            "add",
+            "set",
+            "ip",
+            "nat",
+            "blocklist",
+            "{ type ipv4_addr; }",
+        ])
+        .unwrap();
+    let absent = portfwd()
+        .apply(&t.proxy, &json!({"state": "absent"}))
+        .unwrap();
+    assert!(absent.changed() && !absent.failed(), "{}", absent.stdout);
+    let nat = t
+        .proxy
+        .stdout(&["nft", "list", "table", "ip", "nat"])
+        .unwrap();
+    assert!(
+        nat.contains("set blocklist"),
+        "the table with another tool's set stays: {nat}"
+    );
+    assert!(!ruleset(&t.proxy, "iptables-save").unwrap().contains("PFWD"));
+}

@@ -29,6 +29,22 @@ fn number(v: &Value, key: &str) -> Option<u64> {
     }
 }
 
+/// An interface name from the kernel that is safe to write back into an `ip -batch` line (no
+/// space, `#` comment, quote or backslash). Entries naming anything else are not ours.
+fn safe_name(v: &Value, key: &str) -> Option<Option<String>> {
+    match field(v, key) {
+        None => Some(None),
+        Some(n)
+            if !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_graphic() && !matches!(c, '#' | '"' | '\'' | '\\')) =>
+        {
+            Some(Some(n.to_string()))
+        }
+        Some(_) => None,
+    }
+}
+
 fn has_protocol(v: &Value, protocol: u8) -> bool {
     number(v, "protocol") == Some(u64::from(protocol))
 }
@@ -57,6 +73,9 @@ fn prefix(v: &Value, addr_key: &str, len_key: &str, family: Family) -> Option<Op
         }
     };
     let addr: IpAddr = addr_text.parse().ok()?;
+    if len > Family::of(&addr).host_prefix() {
+        return None;
+    }
     Some(Some(Cidr { addr, prefix: len }.network()))
 }
 
@@ -82,7 +101,7 @@ pub fn parse_rules(text: &str, family: Family, protocol: u8) -> Vec<IpRule> {
                 from,
                 to,
                 fwmark,
-                iif: field(v, "iif").map(str::to_string),
+                iif: safe_name(v, "iif")?,
                 table: u32::try_from(number(v, "table")?).ok()?,
             })
         })
@@ -105,7 +124,7 @@ pub fn parse_routes(text: &str, family: Family, protocol: u8) -> Vec<IpRoute> {
                 table: number(v, "table").map_or(Some(254), |t| u32::try_from(t).ok())?,
                 to,
                 via: field(v, "gateway").and_then(|g| g.parse().ok()),
-                dev: field(v, "dev").map(str::to_string),
+                dev: safe_name(v, "dev")?,
             })
         })
         .collect()
@@ -135,6 +154,10 @@ pub fn parse_addresses(text: &str) -> Vec<IfAddr> {
                 label: field(info, "label")
                     .filter(|l| *l != dev)
                     .map(str::to_string),
+                secondary: info
+                    .get("secondary")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
             });
         }
     }
@@ -191,6 +214,14 @@ mod tests {
                 "fe80::bc51:f0ff:fe6b:3838/64 dev pa",
             ]
         );
+    }
+
+    #[test]
+    fn names_that_could_break_a_batch_line_and_impossible_prefixes_are_not_ours() {
+        let text = r#"[{"dst":"5.5.5.0/24","dev":"br#lan","table":"100","protocol":"201"},{"dst":"6.6.6.0/24","dev":"a b","table":"100","protocol":"201"},{"dst":"7.7.7.0/40","dev":"pa","table":"100","protocol":"201"}]"#;
+        assert!(parse_routes(text, Family::V4, 201).is_empty());
+        let rule = r#"[{"priority":5,"src":"10.0.0.0","srclen":99,"table":"100","protocol":"201"},{"priority":6,"src":"all","iif":"x#y","table":"100","protocol":"201"}]"#;
+        assert!(parse_rules(rule, Family::V4, 201).is_empty());
     }
 
     #[test]

@@ -112,9 +112,14 @@ pub fn parse(text: &str) -> Dump {
             }
         } else if let Some(rest) = strip_counters(line).strip_prefix("-A ") {
             let (chain, text) = rest.split_once(' ').unwrap_or((rest, ""));
-            if chain.is_empty() || !quotes_balanced(text) {
+            if chain.is_empty() {
                 dump.opaque.push(line.to_string());
             } else {
+                // Kept even when its quotes do not close: it still holds a position in its
+                // chain, and deleting by position must count it. It just has no arguments.
+                if !quotes_balanced(text) {
+                    dump.opaque.push(line.to_string());
+                }
                 table.rules.push(RuleLine {
                     chain: chain.to_string(),
                     text: text.to_string(),
@@ -216,13 +221,20 @@ mod tests {
     }
 
     #[test]
-    fn unterminated_quote_is_not_a_rule() {
+    fn unterminated_quote_keeps_its_position_but_has_no_arguments() {
         assert_eq!(tokenize(r#"--comment "open"#), None);
-        let dump = parse("*nat\n-A PREROUTING -m comment --comment \"open\nCOMMIT\n");
-        assert_eq!(dump.tables[0].rules.len(), 0);
+        let dump = parse("*nat\n-A C -m comment --comment \"open\n-A C -j RETURN\nCOMMIT\n");
+        assert_eq!(
+            dump.tables[0].rules.len(),
+            2,
+            "both lines count for positions"
+        );
+        assert!(dump.tables[0].rules[0].rule().args.is_empty());
+        assert_eq!(dump.tables[0].rules[1].rule().args, ["-j", "RETURN"]);
         assert_eq!(
             dump.opaque,
-            vec!["-A PREROUTING -m comment --comment \"open"]
+            vec!["-A C -m comment --comment \"open"],
+            "and it is reported as not understood"
         );
     }
 

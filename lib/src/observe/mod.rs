@@ -133,10 +133,7 @@ pub fn extract_owned(dump: &Dump, family: Family, instance: &str, observed: &mut
         let jumps = builtin
             .iter()
             .enumerate()
-            .filter(|(_, r)| {
-                r.option("-j") == Some(chain_name.as_str())
-                    || r.option("-g") == Some(chain_name.as_str())
-            })
+            .filter(|(_, r)| is_our_jump(r, &chain_name, instance))
             .map(|(i, r)| Jump {
                 position: i + 1,
                 rule: r.clone(),
@@ -148,6 +145,13 @@ pub fn extract_owned(dump: &Dump, family: Family, instance: &str, observed: &mut
             .chains
             .insert((family, hook), OwnedChain { rules, jumps });
     }
+}
+
+/// A jump portfwd made: into the instance's chain and carrying its jump comment. Someone
+/// else's rule into our chain (say `-i eth9 -j PFWD-...`) is theirs and never touched.
+fn is_our_jump(rule: &crate::rules::Rule, chain: &str, instance: &str) -> bool {
+    (rule.option("-j") == Some(chain) || rule.option("-g") == Some(chain))
+        && rule.comment() == Some(format!("{instance}:{}", crate::compile::KIND_JUMP).as_str())
 }
 
 fn table_facts(
@@ -169,9 +173,7 @@ fn table_facts(
     let rules_ok = t.rules.iter().all(|r| {
         ours.contains(&r.chain)
             || (ours.iter().any(|o| r.text.contains(o.as_str()))
-                && r.rule()
-                    .option("-j")
-                    .is_some_and(|target| ours.iter().any(|o| o == target)))
+                && ours.iter().any(|o| is_our_jump(&r.rule(), o, instance)))
     });
     TableFacts {
         nf_tables,
