@@ -18,10 +18,12 @@ use portfwd::system::{RealSystem, RunLock};
     name = "portfwd",
     version,
     about = "Declarative NAT port forwarding for Linux: desired state in, minimal atomic change out",
-    long_about = "Declarative NAT port forwarding for Linux (iptables + sysctls).\n\n\
-        Reads the current state (iptables-save, ip6tables-save, sysctls), diffs it against the desired \
-        state given as JSON params, and applies the minimal change in one iptables-restore --noflush \
-        transaction per table, rolling everything back if any step fails.\n\n\
+    long_about = "Declarative NAT port forwarding for Linux: iptables NAT and FORWARD rules, interface \
+        addresses, policy routing (ip rule / ip route) and forwarding sysctls.\n\n\
+        Reads the current state (iptables-save, ip6tables-save, ip -j rule/route/addr, /proc/sys), diffs it \
+        against the desired state given as JSON params, and applies the minimal change: ip -batch additions, \
+        one iptables-restore --noflush transaction per table, sysctl writes, ip -batch removals, rolling \
+        everything back if any step fails.\n\n\
         As an Ansible binary module it is run as `portfwd ARGS_FILE`; ARGS_FILE holds the params plus \
         Ansible's _ansible_* keys (check and diff mode are honoured).\n\n\
         Exit codes: 0 success (changed or not), 1 the run failed (the JSON says failed: true and why), \
