@@ -16,4 +16,4 @@ pub mod traffic;
 
 pub use netns::{addr, link, LabError, Netns};
 pub use portfwd::{Portfwd, RunResult};
-pub use traffic::{probe, Proto, Server, TcpSession};
+pub use traffic::{probe, Proto, Server, TcpSession, UdpFlow};

@@ -35,12 +35,29 @@ pub struct Server {
 impl Server {
     /// Starts a server bound to `bind` inside `ns`; returns once it listens.
     pub fn start(ns: &Netns, proto: Proto, bind: SocketAddr) -> Result<Server, LabError> {
-        Server::spawn(Some(Box::new(ns.enterer())), ns.name(), proto, bind)
+        Server::spawn(Some(Box::new(ns.enterer())), ns.name(), proto, bind, None)
+    }
+
+    /// Like [`Server::start`], answering `PEER NAME`, so a test can tell which of two
+    /// targets a flow reached.
+    pub fn start_named(
+        ns: &Netns,
+        proto: Proto,
+        bind: SocketAddr,
+        name: &str,
+    ) -> Result<Server, LabError> {
+        Server::spawn(
+            Some(Box::new(ns.enterer())),
+            ns.name(),
+            proto,
+            bind,
+            Some(name.to_string()),
+        )
     }
 
     /// Starts a server in the calling process's own namespace (`portfwd-lab serve`).
     pub fn start_here(proto: Proto, bind: SocketAddr) -> Result<Server, LabError> {
-        Server::spawn(None, "this namespace", proto, bind)
+        Server::spawn(None, "this namespace", proto, bind, None)
     }
 
     fn spawn(
@@ -48,6 +65,7 @@ impl Server {
         ns_name: &str,
         proto: Proto,
         bind: SocketAddr,
+        name: Option<String>,
     ) -> Result<Server, LabError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
@@ -64,7 +82,7 @@ impl Server {
                 {
                     Ok(listener) => {
                         let _ = ready_tx.send(Ok(()));
-                        serve_tcp(listener, &flag);
+                        serve_tcp(listener, &flag, name);
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(format!("bind tcp {bind} in {ns_name}: {e}")));
@@ -76,7 +94,7 @@ impl Server {
                 }) {
                     Ok(socket) => {
                         let _ = ready_tx.send(Ok(()));
-                        serve_udp(socket, &flag);
+                        serve_udp(socket, &flag, name.as_deref());
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(format!("bind udp {bind} in {ns_name}: {e}")));
@@ -104,11 +122,20 @@ impl Drop for Server {
     }
 }
 
-fn serve_tcp(listener: TcpListener, stop: &AtomicBool) {
+/// What a server answers: the peer address, then its name when it has one.
+fn answer(peer: IpAddr, name: Option<&str>) -> String {
+    match name {
+        Some(n) => format!("{peer} {n}"),
+        None => peer.to_string(),
+    }
+}
+
+fn serve_tcp(listener: TcpListener, stop: &AtomicBool, name: Option<String>) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, peer)) => {
-                std::thread::spawn(move || answer_lines(stream, peer.ip().to_canonical()));
+                let text = answer(peer.ip().to_canonical(), name.as_deref());
+                std::thread::spawn(move || answer_lines(stream, text));
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(10))
@@ -118,8 +145,8 @@ fn serve_tcp(listener: TcpListener, stop: &AtomicBool) {
     }
 }
 
-/// Replies to each line with the peer address, until EOF or 30 s of silence.
-fn answer_lines(stream: TcpStream, peer: IpAddr) {
+/// Replies to each line with `text`, until EOF or 30 s of silence.
+fn answer_lines(stream: TcpStream, text: String) {
     let _ = stream.set_nonblocking(false);
     // One small answer per request: without NODELAY, Nagle and delayed ACKs add ~40 ms.
     let _ = stream.set_nodelay(true);
@@ -129,17 +156,18 @@ fn answer_lines(stream: TcpStream, peer: IpAddr) {
     };
     let reader = BufReader::new(stream);
     for line in reader.lines() {
-        if line.is_err() || writeln!(writer, "{peer}").is_err() {
+        if line.is_err() || writeln!(writer, "{text}").is_err() {
             return;
         }
     }
 }
 
-fn serve_udp(socket: UdpSocket, stop: &AtomicBool) {
+fn serve_udp(socket: UdpSocket, stop: &AtomicBool, name: Option<&str>) {
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::SeqCst) {
         if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(peer.ip().to_canonical().to_string().as_bytes(), peer);
+            let text = answer(peer.ip().to_canonical(), name);
+            let _ = socket.send_to(text.as_bytes(), peer);
         }
     }
 }
@@ -184,7 +212,9 @@ pub fn probe(ns: &Netns, proto: Proto, target: SocketAddr) -> Result<IpAddr, Lab
 }
 
 fn parse_seen(text: &str) -> Result<IpAddr, LabError> {
-    text.trim()
+    text.split_whitespace()
+        .next()
+        .unwrap_or_default()
         .parse()
         .map_err(|_| LabError::Traffic(format!("server answered {text:?}, not an address")))
 }
@@ -231,5 +261,51 @@ impl TcpSession {
             )));
         }
         parse_seen(&line)
+    }
+}
+
+/// One long-lived UDP flow: a socket bound to a fixed source port inside a namespace, talking
+/// to one target, the way a game client, a VPN or a syslog sender keeps one flow alive.
+pub struct UdpFlow {
+    socket: UdpSocket,
+    target: SocketAddr,
+}
+
+impl UdpFlow {
+    pub fn open(ns: &Netns, bind: SocketAddr, target: SocketAddr) -> Result<UdpFlow, LabError> {
+        let enter = ns.enterer();
+        let socket = std::thread::spawn(move || {
+            enter()?;
+            UdpSocket::bind(bind).map_err(|e| LabError::Traffic(format!("udp bind {bind}: {e}")))
+        })
+        .join()
+        .map_err(|_| LabError::Traffic("probe thread panicked".into()))??;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .map_err(|e| LabError::Traffic(format!("udp {bind}: {e}")))?;
+        Ok(UdpFlow { socket, target })
+    }
+
+    /// Sends one datagram and returns the answer (`PEER [NAME]`), or None when none came
+    /// within a second. Stale answers of earlier datagrams are drained first.
+    pub fn ask(&self) -> Result<Option<String>, LabError> {
+        let mut buf = [0u8; 256];
+        let _ = self.socket.set_nonblocking(true);
+        while self.socket.recv_from(&mut buf).is_ok() {}
+        let _ = self.socket.set_nonblocking(false);
+        let io = |e: std::io::Error| LabError::Traffic(format!("udp to {}: {e}", self.target));
+        for _ in 0..3 {
+            self.socket.send_to(b"probe", self.target).map_err(io)?;
+            match self.socket.recv_from(&mut buf) {
+                Ok((n, _)) => return Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned())),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    continue
+                }
+                // ICMP port unreachable from an earlier datagram: nobody answered.
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => continue,
+                Err(e) => return Err(io(e)),
+            }
+        }
+        Ok(None)
     }
 }

@@ -29,6 +29,9 @@ pub struct Desired {
 pub const KIND_FORWARD: &str = "fwd";
 pub const KIND_MASQUERADE: &str = "masq";
 pub const KIND_JUMP: &str = "jump";
+/// Appended to the comment of a forward's DNAT/REDIRECT rules when `reset_connections` is
+/// set, so a later run that removes the forward still knows to cut its TCP connections.
+pub const RESET_MARKER: &str = ":reset";
 
 /// Compiles the whole config. `state: absent` compiles to nothing.
 pub fn compile(config: &Config) -> Desired {
@@ -207,16 +210,32 @@ impl Builder<'_> {
         matches: Vec<String>,
         target: Vec<String>,
     ) {
+        self.push_marked(family, hook, kind, name, matches, target, false);
+    }
+
+    /// [`Builder::push`], with the `:reset` marker in the comment when `reset` is set.
+    #[allow(clippy::too_many_arguments)]
+    fn push_marked(
+        &mut self,
+        family: Family,
+        hook: Hook,
+        kind: &str,
+        name: &str,
+        matches: Vec<String>,
+        target: Vec<String>,
+        reset: bool,
+    ) {
         let hash = fnv1a(hook.chain(self.instance).as_bytes(), &matches, &target);
+        let marker = if reset { RESET_MARKER } else { "" };
+        let key = format!("{}:{kind}:{name}:{hash:08x}{marker}", self.instance);
         let mut args = matches;
         args.extend([
             "-m".to_string(),
             "comment".to_string(),
             "--comment".to_string(),
-            format!("{}:{kind}:{name}:{hash:08x}", self.instance),
+            key.clone(),
         ]);
         args.extend(target);
-        let key = format!("{}:{kind}:{name}:{hash:08x}", self.instance);
         // The key covers chain and rule, so it alone says whether the rule is already there.
         if self.seen.insert(key) {
             let chain: &mut OwnedChain = self.rules.chains.entry((family, hook)).or_default();
@@ -264,7 +283,15 @@ impl Builder<'_> {
                         // Only connections to this host: a router must not hijack transit traffic.
                         m.extend(strings(["-m", "addrtype", "--dst-type", "LOCAL"]));
                     }
-                    self.push(f.family, hook, KIND_FORWARD, &f.name, m, target.clone());
+                    self.push_marked(
+                        f.family,
+                        hook,
+                        KIND_FORWARD,
+                        &f.name,
+                        m,
+                        target.clone(),
+                        f.reset_connections,
+                    );
                 }
             }
             let Action::Dnat { addr, snat, .. } = f.action else {

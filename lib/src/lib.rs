@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod checks;
 pub mod compile;
+pub mod conntrack;
 pub mod fuzzing;
 pub mod model;
 pub mod net;
@@ -101,8 +102,56 @@ pub fn run(config: &Config, mode: RunMode, sys: &mut dyn System) -> Report {
     } else if let Err(e) = apply::apply(&plan, &observed, &config.instance, protocol, sys) {
         report.failed = true;
         report.msg = e.to_string();
+    } else {
+        follow_live_flows(config, &plan, &observed, sys, &mut report);
     }
     report
+}
+
+/// After a committed change, deletes the conntrack entries it made stale (see [`conntrack`]).
+fn follow_live_flows(
+    config: &Config,
+    plan: &plan::Plan,
+    observed: &observe::Observed,
+    sys: &mut dyn System,
+    report: &mut Report,
+) {
+    let changed = &plan.forwards;
+    if changed.count() == 0 {
+        return;
+    }
+    let old_params = observe::params_view::params_from_rules(&observed.owned, &config.instance);
+    // The owned rules decompile to valid params; if they ever did not, no old forward is
+    // known and only new forwards' flows are considered.
+    let old: Vec<model::Forward> = old_params
+        .validate()
+        .map(|c| c.forwards)
+        .unwrap_or_default();
+    let new: &[model::Forward] = if config.state == model::State::Absent {
+        &[]
+    } else {
+        &config.forwards
+    };
+    let find = |list: &'_ [model::Forward], name: &str| -> Option<usize> {
+        list.iter().position(|f| f.name == name)
+    };
+    let changes: Vec<conntrack::ForwardChange> = changed
+        .added
+        .iter()
+        .chain(&changed.updated)
+        .chain(&changed.removed)
+        .map(|name| conntrack::ForwardChange {
+            old: find(&old, name).map(|i| &old[i]),
+            new: find(new, name).map(|i| &new[i]),
+        })
+        .collect();
+    let local: Vec<std::net::IpAddr> = observed.routing.present.iter().map(|a| a.addr).collect();
+    let reset = conntrack::reset(&changes, &local, sys);
+    if let Some(summary) = reset.summary() {
+        report.msg = format!("{}; {summary}", report.msg);
+    }
+    report.commands.extend(reset.commands);
+    report.warnings.extend(reset.warnings);
 }
 
 /// The instance's current managed state as params; applying them is a no-op.

@@ -236,6 +236,11 @@ pub struct ForwardParams {
     /// Accept the flow and its replies in filter FORWARD (needed when its policy is DROP).
     #[serde(default = "default_true", skip_serializing_if = "is_true")]
     pub allow_forward: bool,
+    /// When the forward changes or goes away, also cut its open TCP connections (their
+    /// conntrack entries are deleted); by default they finish on the old target. UDP flows
+    /// always follow the change.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub reset_connections: bool,
 }
 
 /// Source NAT for a subnet leaving this host.
@@ -406,6 +411,7 @@ pub struct Forward {
     pub action: Action,
     pub local: bool,
     pub allow_forward: bool,
+    pub reset_connections: bool,
 }
 
 impl Forward {
@@ -875,6 +881,7 @@ fn validate_forward(path: &str, f: &ForwardParams, errors: &mut Errors) -> Optio
         action: action?,
         local: f.local,
         allow_forward: f.allow_forward,
+        reset_connections: f.reset_connections,
     })
 }
 

@@ -38,6 +38,14 @@ impl Family {
         }
     }
 
+    /// The family as `conntrack -f` names it.
+    pub fn conntrack_name(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+
     pub fn host_prefix(self) -> u8 {
         match self {
             Family::V4 => 32,
@@ -151,6 +159,10 @@ impl PortRange {
 
     pub fn is_single(&self) -> bool {
         self.first == self.last
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
     }
 
     /// The user-facing form: `80` or `8000-8100`.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::model::Backend;
+use crate::model::{Backend, Proto};
 use crate::net::Family;
 
 /// A failure talking to the host.
@@ -67,6 +67,14 @@ pub trait System {
     fn read_stored(&mut self, instance: &str) -> Result<Option<String>, SystemError>;
     /// Stores params (`Some`) or removes the stored file (`None`).
     fn write_stored(&mut self, instance: &str, params: Option<&str>) -> Result<(), SystemError>;
+    /// `conntrack -L -f FAMILY -p PROTO`; None when the `conntrack` tool is not installed.
+    fn conntrack_list(
+        &mut self,
+        family: Family,
+        proto: Proto,
+    ) -> Result<Option<String>, SystemError>;
+    /// `conntrack ARGS` (a `-D` naming one entry); false when the entry was already gone.
+    fn conntrack_delete(&mut self, args: &[String]) -> Result<bool, SystemError>;
 }
 
 /// What this instance created: addresses (`dev addr/prefix`, which the kernel cannot tag),
@@ -390,6 +398,30 @@ impl System for RealSystem {
         match params {
             Some(text) => write_private(&self.state_dir, &path, text),
             None => remove_if_present(&path),
+        }
+    }
+
+    fn conntrack_list(
+        &mut self,
+        family: Family,
+        proto: Proto,
+    ) -> Result<Option<String>, SystemError> {
+        if which::which("conntrack").is_err() {
+            return Ok(None);
+        }
+        let args = ["-L", "-f", family.conntrack_name(), "-p", proto.name()];
+        self.run("conntrack", &args, None).map(|(out, _)| Some(out))
+    }
+
+    fn conntrack_delete(&mut self, args: &[String]) -> Result<bool, SystemError> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match self.run("conntrack", &args, None) {
+            Ok(_) => Ok(true),
+            // The flow ended (or was replaced) between listing and deleting.
+            Err(SystemError::Failed { stderr, .. }) if stderr.contains(" 0 flow entries") => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::model::Proto;
 use crate::net::Family;
 use crate::rules::{Hook, OwnedRules, Table};
 use crate::system::{Record, System, SystemError};
@@ -19,9 +20,17 @@ pub struct FakeSystem {
     pub calls: Vec<String>,
     /// A call starting with this fails.
     pub fail: Option<String>,
+    /// `conntrack -L` output per (family, protocol); a missing key is an empty table.
+    pub flows: BTreeMap<(Family, Proto), String>,
 }
 
-const READS: [&str; 4] = ["save ", "read-sysctl ", "ip-json ", "read-"];
+const READS: [&str; 5] = [
+    "save ",
+    "read-sysctl ",
+    "ip-json ",
+    "read-",
+    "conntrack-list ",
+];
 
 impl FakeSystem {
     /// The calls that would change the host.
@@ -105,6 +114,29 @@ impl System for FakeSystem {
 
     fn write_stored(&mut self, _instance: &str, params: Option<&str>) -> Result<(), SystemError> {
         self.call(format!("write-stored {}", params.is_some()))
+    }
+
+    fn conntrack_list(
+        &mut self,
+        family: Family,
+        proto: Proto,
+    ) -> Result<Option<String>, SystemError> {
+        self.call(format!(
+            "conntrack-list {} {}",
+            family.label(),
+            proto.name()
+        ))?;
+        Ok(Some(
+            self.flows
+                .get(&(family, proto))
+                .cloned()
+                .unwrap_or_default(),
+        ))
+    }
+
+    fn conntrack_delete(&mut self, args: &[String]) -> Result<bool, SystemError> {
+        self.call(format!("conntrack {}", args.join(" ")))?;
+        Ok(true)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::compile::{KIND_FORWARD, KIND_MASQUERADE};
+use crate::compile::{KIND_FORWARD, KIND_MASQUERADE, RESET_MARKER};
 use crate::model::{
     default_route_protocol, AddressParams, ForwardParams, MasqueradeParams, Params,
     PolicyRouteParams, ProtoParam, RouteParams,
@@ -14,10 +14,18 @@ use crate::routing::Routing;
 use crate::rules::{Hook, OwnedRules, Rule};
 
 /// The `(kind, name)` a portfwd comment `<instance>:<kind>:<name>:<hash>` names.
+/// A trailing `:reset` ([`RESET_MARKER`]) is part of the grammar.
 pub fn entry_of<'a>(rule: &'a Rule, instance: &str) -> Option<(&'a str, &'a str)> {
-    let mut parts = rule.comment()?.split(':');
+    let comment = rule.comment()?;
+    let comment = comment.strip_suffix(RESET_MARKER).unwrap_or(comment);
+    let mut parts = comment.split(':');
     let (inst, kind, name, _hash) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     (inst == instance && parts.next().is_none()).then_some((kind, name))
+}
+
+/// Does this owned rule carry the `reset_connections` marker?
+pub fn resets_connections(rule: &Rule) -> bool {
+    rule.comment().is_some_and(|c| c.ends_with(RESET_MARKER))
 }
 
 /// Rebuilds the whole params: forwards and masquerade from owned iptables rules, addresses and
@@ -212,6 +220,7 @@ fn forward_from(
         snat: snat.filter(|s| s != "masquerade"),
         local: !out.is_empty(),
         allow_forward,
+        reset_connections: resets_connections(first),
     })
 }
 
