@@ -18,6 +18,7 @@ pub mod observe;
 pub mod plan;
 #[cfg(test)]
 mod proptests;
+pub mod record_store;
 pub mod report;
 pub mod routing;
 pub mod rules;

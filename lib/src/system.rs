@@ -16,6 +16,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::model::{Backend, Proto};
 use crate::net::Family;
+use crate::record_store::{self, NetnsId, Stamp};
 
 /// A failure talking to the host.
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +59,9 @@ pub trait System {
     fn ip_json(&mut self, args: &[&str]) -> Result<String, SystemError>;
     /// `ip -4|-6 -batch -` with the script on stdin.
     fn ip_batch(&mut self, family: Family, script: &str) -> Result<(), SystemError>;
-    /// What this instance created in this network namespace (see [`Record`]).
-    fn read_record(&mut self, instance: &str) -> Result<Record, SystemError>;
+    /// What this instance created in this network namespace (see [`Record`]), and a warning
+    /// when the stored record could not be trusted (corrupt, or another namespace's).
+    fn read_record(&mut self, instance: &str) -> Result<(Record, Option<String>), SystemError>;
     fn write_record(&mut self, instance: &str, record: &Record) -> Result<(), SystemError>;
     /// `nft delete table ip|ip6 TABLE`: drops an nf_tables table portfwd created and emptied.
     fn delete_table(&mut self, family: Family, table: &str) -> Result<(), SystemError>;
@@ -117,36 +119,6 @@ pub fn default_run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/portfwd"))
 }
 
-/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14+),
-/// read from a throwaway Unix socket.
-fn netns_cookie() -> std::io::Result<u64> {
-    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-    use std::os::fd::AsRawFd;
-    let sock = socket(
-        AddressFamily::Unix,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the fd is a live socket owned by `sock`; `cookie` and `len` are valid for writes
-    // of the sizes given, which is all getsockopt(2) writes.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cookie)
-}
-
 /// The restore command line as shown in results (`commands`).
 pub fn restore_command(backend: Backend, family: Family) -> String {
     format!(
@@ -177,6 +149,8 @@ pub struct RealSystem {
     sysctl_root: PathBuf,
     state_dir: PathBuf,
     run_dir: PathBuf,
+    /// False simulates a kernel without `SO_NETNS_COOKIE` ([`record_store::NO_COOKIE_ENV`]).
+    use_cookie: bool,
 }
 
 impl RealSystem {
@@ -186,6 +160,7 @@ impl RealSystem {
             sysctl_root: PathBuf::from("/proc/sys"),
             state_dir: default_state_dir(),
             run_dir: default_run_dir(),
+            use_cookie: std::env::var(record_store::NO_COOKIE_ENV).as_deref() != Ok("1"),
         }
     }
 
@@ -222,19 +197,19 @@ impl RealSystem {
         self.state_dir.join(format!("{instance}.json"))
     }
 
-    /// The record file, keyed by network namespace so namespaces sharing `/run` stay apart.
-    /// The key is the namespace cookie, which the kernel never reuses until reboot (unlike
-    /// the namespace's inode number): a namespace made later can never inherit the record
-    /// of one that is gone, and so never has an address of its own taken for portfwd's.
-    fn record_path(&self, instance: &str) -> Result<PathBuf, SystemError> {
-        let io = |source| SystemError::Io {
-            path: "SO_NETNS_COOKIE".into(),
-            source,
-        };
-        let cookie = netns_cookie().map_err(io)?;
-        Ok(self
-            .run_dir
-            .join(format!("{instance}.netns-{cookie:016x}.record")))
+    /// The record file of this network namespace (see [`crate::record_store`]).
+    fn record_path(&self, instance: &str) -> Result<(PathBuf, NetnsId), SystemError> {
+        let id = NetnsId::current(self.use_cookie)?;
+        Ok((self.run_dir.join(id.file_name(instance)), id))
+    }
+
+    /// The link fingerprint the fallback key is checked with (empty with a cookie).
+    fn links(&self, id: &NetnsId) -> Result<BTreeSet<String>, SystemError> {
+        if id.cookie.is_some() {
+            return Ok(BTreeSet::new());
+        }
+        let (out, _) = self.run("ip", &["-j", "link", "show"], None)?;
+        Ok(record_store::link_fingerprint(&out))
     }
 
     fn run(
@@ -333,25 +308,22 @@ impl System for RealSystem {
             .map(drop)
     }
 
-    fn read_record(&mut self, instance: &str) -> Result<Record, SystemError> {
-        let path = self.record_path(instance)?;
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(serde_json::from_str(&text).unwrap_or_default()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Record::default()),
-            Err(source) => Err(SystemError::Io {
-                path: path.display().to_string(),
-                source,
-            }),
-        }
+    fn read_record(&mut self, instance: &str) -> Result<(Record, Option<String>), SystemError> {
+        let (path, id) = self.record_path(instance)?;
+        let links = self.links(&id)?;
+        let loaded = record_store::load(&path, &id, &links)?;
+        Ok((loaded.record, loaded.warning))
     }
 
     fn write_record(&mut self, instance: &str, record: &Record) -> Result<(), SystemError> {
-        let path = self.record_path(instance)?;
-        if record.is_empty() {
-            return remove_if_present(&path);
-        }
-        let text = serde_json::to_string(record).unwrap_or_default();
-        write_private(&self.run_dir, &path, &text)
+        let (path, id) = self.record_path(instance)?;
+        let stamp = Stamp {
+            links: self.links(&id)?,
+            dev: id.dev,
+            ino: id.ino,
+            boot_id: id.boot_id,
+        };
+        record_store::store(&self.run_dir, &path, record, stamp, write_private)
     }
 
     /// Deletes the table only if nft itself shows nothing in it but chains without rules:
@@ -437,7 +409,8 @@ fn remove_if_present(path: &Path) -> Result<(), SystemError> {
     }
 }
 
-/// Writes `text` to `path` atomically (temp file + rename) with mode 0600, creating `dir`
+/// Writes `text` to `path` atomically and durably (temp file, fsync, rename, fsync of the
+/// directory) with mode 0600, creating `dir`
 /// with mode 0700 when missing.
 fn write_private(dir: &Path, path: &Path, text: &str) -> Result<(), SystemError> {
     let io = |source| SystemError::Io {
@@ -453,7 +426,11 @@ fn write_private(dir: &Path, path: &Path, text: &str) -> Result<(), SystemError>
     }
     let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     file.write_all(text.as_bytes()).map_err(io)?;
+    // Durable before it is visible, and the rename durable too: a crash right after a run
+    // must leave the old file or the new one, never an empty one.
+    file.as_file().sync_all().map_err(io)?;
     file.persist(path).map_err(|e| io(e.error))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
     Ok(())
 }
 
@@ -519,13 +496,6 @@ impl RunLock {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn netns_cookie_is_stable_within_a_namespace() {
-        let a = netns_cookie().unwrap();
-        assert_eq!(a, netns_cookie().unwrap());
-        assert_ne!(a, 0);
-    }
 
     #[test]
     fn tool_names_follow_backend() {

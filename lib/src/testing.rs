@@ -94,9 +94,9 @@ impl System for FakeSystem {
         ))
     }
 
-    fn read_record(&mut self, _instance: &str) -> Result<Record, SystemError> {
+    fn read_record(&mut self, _instance: &str) -> Result<(Record, Option<String>), SystemError> {
         self.call("read-record".into())?;
-        Ok(self.record.clone())
+        Ok((self.record.clone(), None))
     }
 
     fn write_record(&mut self, _instance: &str, record: &Record) -> Result<(), SystemError> {

@@ -89,7 +89,9 @@ pub fn observe(
             .extend(iproute::parse_routes(&routes, family, protocol));
     }
     observed.routing.present = iproute::parse_addresses(&sys.ip_json(&["addr", "show"])?);
-    observed.record = sys.read_record(instance)?;
+    let (record, warning) = sys.read_record(instance)?;
+    observed.record = record;
+    observed.warnings.extend(warning);
     observed.routing.recorded = observed.record.addresses.clone();
     // Our protocol number is shared by construction with other instances (and anyone may use
     // it): only what this instance recorded creating is its own.
