@@ -58,15 +58,15 @@ pub fn warnings(config: &Config, observed: &Observed) -> Vec<String> {
     let sysctl =
         |key: String| -> Option<u32> { observed.sysctls.get(&key)?.as_deref()?.parse().ok() };
     let mut out = Vec::new();
-    if config.ip_forward != IpForward::Auto {
-        for f in config.forwards.iter().filter(|f| f.dnats_to_loopback()) {
-            let on = sysctl(localnet_key("all")) == Some(1)
-                || f.in_interface
-                    .as_ref()
-                    .is_some_and(|i| sysctl(localnet_key(i)) == Some(1));
-            if !on {
-                out.push(format!("forward {:?}: DNAT to a loopback address only works for connections from other hosts when route_localnet=1 on the ingress interface (portfwd sets it when ip_forward is \"auto\")", f.name));
-            }
+    for f in config.forwards.iter().filter(|f| f.dnats_to_loopback()) {
+        let named = f.in_interface.as_ref().filter(|i| !i.ends_with('+'));
+        if config.ip_forward == IpForward::Auto && named.is_some() {
+            continue; // compile sets route_localnet on it
+        }
+        let on = sysctl(localnet_key("all")) == Some(1)
+            || named.is_some_and(|i| sysctl(localnet_key(i)) == Some(1));
+        if !on {
+            out.push(format!("forward {:?}: DNAT to a loopback address only works for connections from other hosts when route_localnet=1 on the ingress interface; portfwd sets it only on a named in_interface with ip_forward \"auto\"", f.name));
         }
     }
     for f in &config.forwards {
@@ -192,6 +192,14 @@ mod tests {
             Some("1")
         );
         assert!(warnings(&auto, &Observed::default()).is_empty());
+        // No named interface: nothing sets route_localnet, so the run must say so.
+        let unnamed =
+            config(r#"{"forwards":[{"name":"l","listen_port":1,"to":"127.0.0.1:8080"}]}"#);
+        assert!(!compile(&unnamed)
+            .sysctls
+            .keys()
+            .any(|k| k.contains("route_localnet")));
+        assert!(warnings(&unnamed, &Observed::default())[0].contains("route_localnet=1"));
         let manual = config(
             r#"{"ip_forward":true,"forwards":[{"name":"l","listen_port":1,"to":"127.0.0.1:8080"}]}"#,
         );

@@ -282,6 +282,12 @@ impl Builder<'_> {
                     if f.listen_address.is_none() {
                         // Only connections to this host: a router must not hijack transit traffic.
                         m.extend(strings(["-m", "addrtype", "--dst-type", "LOCAL"]));
+                        if hook == Hook::Output {
+                            // LOCAL includes loopback: never take local connections to a
+                            // resolver on 127.0.0.53 and send them where the kernel cannot
+                            // route them (a loopback listen_address must be named).
+                            m.extend(strings(["!", "-d", loopback_net(f.family)]));
+                        }
                     }
                     self.push_marked(
                         f.family,
@@ -298,17 +304,36 @@ impl Builder<'_> {
                 continue;
             };
             // Match only this forward's DNATed flow: never `-s backend`, never plain traffic to it.
+            // The flow's original destination, so forwards that share a listen port and a
+            // backend but differ in listen_address never share each other's SNAT or accepts.
+            let orig_dst = |m: &mut Vec<String>| {
+                if let Some(a) = f.listen_address {
+                    m.extend(strings(["--ctorigdst", &a.to_string()]));
+                }
+                m.extend(strings(["--ctorigdstport", &f.listen_port.to_string()]));
+            };
             let flow = |dir: &str, port_flag: &str| {
                 let mut m = strings([dir, &addr.to_string()]);
                 m.extend(port_match(proto, port_flag, &f.backend_ports().to_string()));
+                m.extend(strings(["-m", "conntrack", "--ctstate", "DNAT"]));
+                orig_dst(&mut m);
+                m
+            };
+            // ICMP errors about the flow (fragmentation needed, port unreachable) are RELATED
+            // to it, not part of it: without this, path-MTU discovery breaks behind DROP.
+            let related = || {
+                let mut m = strings(["-m", "conntrack", "--ctstate", "RELATED"]);
                 m.extend(strings([
                     "-m",
                     "conntrack",
                     "--ctstate",
                     "DNAT",
-                    "--ctorigdstport",
-                    &f.listen_port.to_string(),
+                    "--ctproto",
+                    proto.name(),
+                    "--ctreplsrc",
+                    &addr.to_string(),
                 ]));
+                orig_dst(&mut m);
                 m
             };
             let snat_target = match snat {
@@ -341,6 +366,14 @@ impl Builder<'_> {
                     KIND_FORWARD,
                     &f.name,
                     flow("-s", "--sport"),
+                    strings(["-j", "ACCEPT"]),
+                );
+                self.push(
+                    f.family,
+                    Hook::Forward,
+                    KIND_FORWARD,
+                    &f.name,
+                    related(),
                     strings(["-j", "ACCEPT"]),
                 );
             }
@@ -394,6 +427,13 @@ impl Builder<'_> {
                 strings(["-j", "ACCEPT"]),
             );
         }
+    }
+}
+
+fn loopback_net(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "127.0.0.0/8",
+        Family::V6 => "::1/128",
     }
 }
 

@@ -756,7 +756,13 @@ fn parse_target(path: &str, text: &str, errors: &mut Errors) -> Option<(IpAddr, 
 
 fn check_interface(path: &str, name: &Option<String>, errors: &mut Errors) {
     if let Some(name) = name {
-        if !valid_interface(name) {
+        if name == "all" || name == "default" {
+            errors.push(
+                path,
+                name,
+                "is not an interface: `all` and `default` name every interface in sysctl paths (conf/all, conf/default)".into(),
+            );
+        } else if !valid_interface(name) {
             errors.push(
                 path,
                 name,
@@ -817,6 +823,11 @@ fn validate_forward(path: &str, f: &ForwardParams, errors: &mut Errors) -> Optio
             }
             sources.push(c);
         }
+    }
+    // `0.0.0.0/0` (or `::/0`) lets everyone in, which is what no `sources` says: iptables
+    // prints no `-s` for it, so keeping it would make `show` disagree with the params.
+    if sources.iter().any(|c| c.prefix == 0) {
+        sources.clear();
     }
     let action = match (&f.to, &f.redirect_to_port) {
         (Some(_), Some(_)) => {
@@ -1013,7 +1024,8 @@ fn validate_addresses(list: &[AddressParams], errors: &mut Errors) -> Vec<Addres
             addr,
             prefix,
             dev: a.dev.clone(),
-            label: a.label.clone(),
+            // The kernel labels an address with its device name by default: the same thing.
+            label: a.label.clone().filter(|l| *l != a.dev),
         });
     }
     out
@@ -1084,10 +1096,11 @@ fn validate_policy_routes(list: &[PolicyRouteParams], errors: &mut Errors) -> Ve
         if let Some(c) = from {
             families.note("from", c.family(), errors, &p.from);
         }
+        // An all-zero `to` selects everything: the kernel stores it as no selector at all.
         let to = p.to.as_ref().and_then(|t| {
             let c = parse_cidr(&format!("{path}.to"), t, errors)?;
             families.note("to", c.family(), errors, t);
-            Some(c)
+            (c.prefix != 0).then_some(c)
         });
         let table = parse_u32(
             &format!("{path}.table"),
@@ -1142,6 +1155,8 @@ fn validate_policy_routes(list: &[PolicyRouteParams], errors: &mut Errors) -> Ve
             if let Some(Some(c)) = dest {
                 families.note(&format!("routes[{j}].to"), c.family(), errors, &r.to);
             }
+            // `0.0.0.0/0` and `::/0` are the default route: the kernel shows them as such.
+            let dest = dest.map(|d| d.filter(|c| c.prefix != 0));
             let via = r.via.as_ref().and_then(|v| {
                 let ip = parse_ip(&format!("{rpath}.via"), v, errors)?;
                 families.note(&format!("routes[{j}].via"), Family::of(&ip), errors, v);
@@ -1474,6 +1489,50 @@ mod tests {
                 port: None,
                 snat: Snat::Masquerade
             }
+        );
+    }
+
+    #[test]
+    fn sysctl_names_are_not_interfaces() {
+        for name in ["all", "default"] {
+            let input = format!(
+                r#"{{"forwards":[{{"name":"l","listen_port":1,"in_interface":"{name}","to":"127.0.0.1:80"}}]}}"#
+            );
+            let message = err(&input);
+            assert!(
+                message.contains(&format!(
+                    "forwards[0].in_interface: \"{name}\" is not an interface"
+                )),
+                "{message}"
+            );
+        }
+    }
+
+    /// What the kernel reports must be what the model holds, or every run churns.
+    #[test]
+    fn normalises_what_the_kernel_would_show_differently() {
+        let (config, _, _) = Config::from_json(
+            r#"{"forwards":[{"name":"a","listen_port":1,"to":"10.0.0.2","sources":["10.0.0.0/8","0.0.0.0/0"]}],
+                "addresses":[{"address":"10.0.0.1/24","dev":"eth0","label":"eth0"}],
+                "policy_routes":[{"from":"10.0.0.1","to":"0.0.0.0/0","table":7,
+                    "routes":[{"to":"0.0.0.0/0","via":"10.0.0.254"}]}]}"#,
+        )
+        .unwrap();
+        assert!(
+            config.forwards[0].sources.is_empty(),
+            "0.0.0.0/0 is everyone"
+        );
+        assert_eq!(
+            config.addresses[0].label, None,
+            "a label equal to the device is none"
+        );
+        assert_eq!(
+            config.policy_routes[0].to, None,
+            "an all-zero `to` is no selector"
+        );
+        assert_eq!(
+            config.policy_routes[0].routes[0].to, None,
+            "0.0.0.0/0 is default"
         );
     }
 

@@ -138,7 +138,7 @@ pub fn params_from_rules(owned: &OwnedRules, instance: &str) -> Params {
                 }
                 KIND_MASQUERADE => {
                     if let Some(m) =
-                        masquerade_from(name, &of(Hook::Postrouting), &of(Hook::Forward))
+                        masquerade_from(name, family, &of(Hook::Postrouting), &of(Hook::Forward))
                     {
                         params.masquerade.push(m);
                     }
@@ -224,11 +224,21 @@ fn forward_from(
     })
 }
 
-fn masquerade_from(name: &str, post: &[&Rule], fwd: &[&Rule]) -> Option<MasqueradeParams> {
+/// iptables prints no `-s` for `0.0.0.0/0` (`::/0`): that is the source then.
+fn masquerade_from(
+    name: &str,
+    family: Family,
+    post: &[&Rule],
+    fwd: &[&Rule],
+) -> Option<MasqueradeParams> {
     let rule = post.first()?;
+    let everyone = match family {
+        Family::V4 => "0.0.0.0/0",
+        Family::V6 => "::/0",
+    };
     Some(MasqueradeParams {
         name: name.to_string(),
-        source: rule.option("-s")?.to_string(),
+        source: rule.option("-s").unwrap_or(everyone).to_string(),
         out_interface: rule.option("-o").map(str::to_string),
         to_source: rule.option("--to-source").map(str::to_string),
         allow_forward: !fwd.is_empty(),
