@@ -22,6 +22,7 @@ if $all; then
   [ -x /usr/sbin/sshd ] || need+=(openssh-server)
   have ssh-keygen || need+=(openssh-client)
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3 python3-venv)
+  have strace || need+=(strace)
 fi
 
 if [ "${#need[@]}" -gt 0 ]; then

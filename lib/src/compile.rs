@@ -43,6 +43,7 @@ pub fn compile(config: &Config) -> Desired {
         instance: &config.instance,
         rules: &mut desired.rules,
         seen: HashSet::new(),
+        localnet_devices: localnet_devices(config),
     };
     for forward in &config.forwards {
         builder.forward(forward);
@@ -158,19 +159,39 @@ fn compile_sysctls(config: &Config, desired: &mut Desired) {
             .sysctls
             .insert(family.forwarding_sysctl().to_string(), value.to_string());
     }
-    // DNAT to 127.0.0.0/8 from other hosts needs route_localnet on the ingress interface.
-    // Only a named interface gets it: on `all` it would expose every localhost-only service
-    // to every neighbour (CVE-2020-8558); without in_interface the run warns instead.
-    if config.ip_forward == IpForward::Auto {
-        for f in config.forwards.iter().filter(|f| f.dnats_to_loopback()) {
-            if let Some(dev) = f.in_interface.as_deref().filter(|i| !i.ends_with('+')) {
-                desired.sysctls.insert(
-                    format!("net/ipv4/conf/{dev}/route_localnet"),
-                    "1".to_string(),
-                );
-            }
-        }
+    for dev in localnet_devices(config).values() {
+        desired
+            .sysctls
+            .insert(localnet_sysctl(dev), "1".to_string());
     }
+}
+
+/// `net/ipv4/conf/DEV/route_localnet`
+pub fn localnet_sysctl(dev: &str) -> String {
+    format!("net/ipv4/conf/{dev}/route_localnet")
+}
+
+/// Does portfwd own this sysctl's value (set it, record the old one, put it back)?
+pub fn is_reverted_sysctl(key: &str) -> bool {
+    key.starts_with("net/ipv4/conf/") && key.ends_with("/route_localnet")
+}
+
+/// DNAT to 127.0.0.0/8 from other hosts needs route_localnet on the ingress interface.
+/// Only a named interface gets it: on `all` it would expose every localhost-only service to
+/// every neighbour (CVE-2020-8558); without in_interface the run warns instead.
+fn localnet_devices(config: &Config) -> BTreeMap<String, String> {
+    if config.ip_forward != IpForward::Auto || config.state == State::Absent {
+        return BTreeMap::new();
+    }
+    config
+        .forwards
+        .iter()
+        .filter(|f| f.dnats_to_loopback())
+        .filter_map(|f| {
+            let dev = f.in_interface.as_deref().filter(|i| !i.ends_with('+'))?;
+            Some((f.name.clone(), dev.to_string()))
+        })
+        .collect()
 }
 
 fn static_warnings(config: &Config) -> Vec<String> {
@@ -197,6 +218,8 @@ struct Builder<'a> {
     instance: &'a str,
     rules: &'a mut OwnedRules,
     seen: HashSet<String>,
+    /// Forward name → the interface portfwd sets route_localnet on for it.
+    localnet_devices: BTreeMap<String, String>,
 }
 
 impl Builder<'_> {
@@ -303,6 +326,28 @@ impl Builder<'_> {
             let Action::Dnat { addr, snat, .. } = f.action else {
                 continue;
             };
+            if let Some(dev) = self.localnet_devices.get(&f.name) {
+                // kube-proxy's guard: with route_localnet on, packets to 127.0.0.0/8 from
+                // that interface reach local services; only DNATed ones may.
+                self.push(
+                    f.family,
+                    Hook::Input,
+                    KIND_FORWARD,
+                    &f.name,
+                    strings([
+                        "-i",
+                        dev,
+                        "-d",
+                        "127.0.0.0/8",
+                        "-m",
+                        "conntrack",
+                        "!",
+                        "--ctstate",
+                        "RELATED,ESTABLISHED,DNAT",
+                    ]),
+                    strings(["-j", "DROP"]),
+                );
+            }
             // Match only this forward's DNATed flow: never `-s backend`, never plain traffic to it.
             // The flow's original destination, so forwards that share a listen port and a
             // backend but differ in listen_address never share each other's SNAT or accepts.

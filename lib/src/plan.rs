@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::compile::{Desired, KIND_FORWARD, KIND_MASQUERADE};
+use crate::compile::{is_reverted_sysctl, Desired, KIND_FORWARD, KIND_MASQUERADE};
 use crate::net::Family;
 use crate::observe::params_view::entry_of;
 use crate::observe::Observed;
@@ -100,21 +100,31 @@ pub fn plan(instance: &str, protocol: u8, desired: &Desired, observed: &Observed
     plan.routing = plan_routing(&desired.routing, &observed.routing, protocol);
     plan.warnings.extend(plan.routing.warnings.iter().cloned());
     let mut record = observed.record.clone();
+    plan_sysctl_ownership(desired, observed, &mut plan, &mut record);
     if let Some(addresses) = &plan.routing.record {
         record.addresses = addresses.clone();
     }
-    // After the run exactly the desired rules and routes exist and are ours.
+    // After the run exactly the desired rules and routes exist and are ours, except those
+    // that existed before without being ours: never claimed, not even ahead of the write (a
+    // rollback after `File exists` would otherwise delete someone else's rule or route).
+    let routing = &observed.routing;
+    let claimable = |key: &String, existing: &BTreeSet<String>, owned: &BTreeSet<String>| {
+        owned.contains(key) || !existing.contains(key)
+    };
     record.rules = desired
         .routing
         .rules
         .iter()
         .map(IpRule::record_key)
+        .filter(|k| claimable(k, &routing.existing_rules, &observed.record.rules))
+        .chain(plan.routing.kept_rules.iter().cloned())
         .collect();
     record.routes = desired
         .routing
         .routes
         .iter()
         .map(IpRoute::record_key)
+        .filter(|k| claimable(k, &routing.existing_routes, &observed.record.routes))
         .collect();
     // Tables this run creates are recorded; recorded tables left with nothing but our (now
     // removed) chains are dropped, so absent leaves iptables-save as it was (nf_tables only:
@@ -148,6 +158,57 @@ pub fn plan(instance: &str, protocol: u8, desired: &Desired, observed: &Observed
         plan.store = Some(desired.stored.clone());
     }
     plan
+}
+
+/// Sysctls portfwd owns the value of: route_localnet is recorded with its old value when
+/// set and put back once no entry needs it. Turning IPv6 forwarding on first sets
+/// `accept_ra=2` on interfaces whose default route came from router advertisements: with
+/// `accept_ra=1` the kernel drops those routes the moment forwarding is on.
+fn plan_sysctl_ownership(
+    desired: &Desired,
+    observed: &Observed,
+    plan: &mut Plan,
+    record: &mut Record,
+) {
+    for change in &plan.sysctls {
+        if is_reverted_sysctl(&change.key) && !record.sysctls.contains_key(&change.key) {
+            if let Some(old) = &change.from {
+                record.sysctls.insert(change.key.clone(), old.clone());
+            }
+        }
+    }
+    let unneeded: Vec<(String, String)> = record
+        .sysctls
+        .iter()
+        .filter(|(k, _)| !desired.sysctls.contains_key(*k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (key, old) in unneeded {
+        record.sysctls.remove(&key);
+        match observed.sysctls.get(&key) {
+            Some(Some(now)) if *now != old => plan.sysctls.push(SysctlChange {
+                key,
+                from: Some(now.clone()),
+                to: old,
+            }),
+            _ => {}
+        }
+    }
+    let v6 = Family::V6.forwarding_sysctl();
+    let enabling = plan.sysctls.iter().any(|c| c.key == v6 && c.to == "1");
+    if enabling {
+        let guards: Vec<SysctlChange> = observed
+            .ra_default_routes
+            .iter()
+            .filter(|(_, accept_ra)| accept_ra.as_deref() == Some("1"))
+            .map(|(dev, _)| SysctlChange {
+                key: format!("net/ipv6/conf/{dev}/accept_ra"),
+                from: Some("1".to_string()),
+                to: "2".to_string(),
+            })
+            .collect();
+        plan.sysctls.splice(0..0, guards);
+    }
 }
 
 /// How a table appears in the record: `ipv4 nat`.

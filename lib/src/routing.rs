@@ -48,6 +48,22 @@ impl IpRule {
     }
 }
 
+impl IpRule {
+    /// Would `rule del <self's selector> protocol N` match `other` (a rule of protocol N)?
+    /// The kernel treats every selector left out, and a `from`/`to` of length 0, as "any".
+    fn deletes(&self, other: &IpRule) -> bool {
+        self.priority == other.priority
+            && self.table == other.table
+            && (self.from.prefix == 0 || self.from == other.from)
+            && self.to.is_none_or(|t| t.prefix == 0 || Some(t) == other.to)
+            && self.fwmark.is_none_or(|m| Some(m) == other.fwmark)
+            && self
+                .iif
+                .as_ref()
+                .is_none_or(|i| Some(i) == other.iif.as_ref())
+    }
+}
+
 impl fmt::Display for IpRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.selector())
@@ -166,6 +182,13 @@ pub struct RoutingObserved {
     pub present: Vec<IfAddr>,
     /// Record keys (`dev addr/prefix`) of the addresses portfwd added.
     pub recorded: BTreeSet<String>,
+    /// Every rule carrying the instance's protocol, whoever's, in the kernel's order (what a
+    /// `rule del ... protocol N` may hit first).
+    pub protocol_rules: Vec<IpRule>,
+    /// Record keys of every rule and route on the host, any protocol: what already exists
+    /// and so can never be claimed as created by this instance.
+    pub existing_rules: BTreeSet<String>,
+    pub existing_routes: BTreeSet<String>,
 }
 
 impl RoutingObserved {
@@ -211,6 +234,8 @@ pub struct RoutingPlan {
     pub dels: Vec<IpBatch>,
     /// The ownership record to write, when it changes.
     pub record: Option<BTreeSet<String>>,
+    /// Record keys of owned rules that could not be deleted safely, so stay recorded.
+    pub kept_rules: Vec<String>,
     pub changes: RoutingChanges,
     pub warnings: Vec<String>,
 }
@@ -252,6 +277,9 @@ pub fn plan_routing(want: &Routing, have: &RoutingObserved, protocol: u8) -> Rou
                 adds.push((r.family, format!("route replace {r} proto {protocol}")));
                 plan.changes.routes_replaced += 1;
             }
+            None if have.existing_routes.contains(&r.record_key()) => {
+                plan.warnings.push(format!("route {} already exists and was not added by this instance: it is left as it is, never replaced or removed", r.record_key()));
+            }
             None => {
                 adds.push((r.family, format!("route add {r} proto {protocol}")));
                 plan.changes.routes_added += 1;
@@ -267,6 +295,9 @@ pub fn plan_routing(want: &Routing, have: &RoutingObserved, protocol: u8) -> Rou
         seen.push(r);
         match (0..have.owned.rules.len()).find(|&i| !kept[i] && have.owned.rules[i] == *r) {
             Some(i) => kept[i] = true,
+            None if have.existing_rules.contains(&r.record_key()) => {
+                plan.warnings.push(format!("ip rule {} already exists and was not added by this instance: it is used as it is, never removed", r.record_key()));
+            }
             None => {
                 adds.push((r.family, format!("rule add {r} protocol {protocol}")));
                 plan.changes.rules_added += 1;
@@ -274,10 +305,23 @@ pub fn plan_routing(want: &Routing, have: &RoutingObserved, protocol: u8) -> Rou
         }
     }
 
+    let mut kept_rules = Vec::new();
     for (r, _) in have.owned.rules.iter().zip(&kept).filter(|(_, k)| !**k) {
+        // The kernel deletes the FIRST rule matching a `rule del`, and a selector left out
+        // matches anything: when another rule of our protocol would be hit first, keep ours.
+        let first = have
+            .protocol_rules
+            .iter()
+            .find(|q| q.family == r.family && r.deletes(q));
+        if let Some(q) = first.filter(|q| *q != r) {
+            plan.warnings.push(format!("ip rule {} is not removed: `ip rule del` would hit {} (same protocol {protocol}, listed first) instead; remove that one first", r.record_key(), q.record_key()));
+            kept_rules.push(r.record_key());
+            continue;
+        }
         dels.push((r.family, format!("rule del {r} protocol {protocol}")));
         plan.changes.rules_removed += 1;
     }
+    plan.kept_rules = kept_rules;
     for r in &have.owned.routes {
         if !want.routes.iter().any(|w| w.key() == r.key()) {
             dels.push((r.family, format!("route del {r} proto {protocol}")));
@@ -432,6 +476,7 @@ mod tests {
             },
             present: vec![alias()],
             recorded: BTreeSet::from(["eth0 10.10.10.11/24".to_string()]),
+            ..RoutingObserved::default()
         };
         let plan = plan_routing(&want, &have, 201);
         assert_eq!(plan, RoutingPlan::default());
@@ -454,6 +499,8 @@ mod tests {
             },
             present: vec![alias(), foreign],
             recorded: BTreeSet::from(["eth0 10.10.10.11/24".to_string()]),
+            protocol_rules: vec![rule()],
+            ..RoutingObserved::default()
         };
         let plan = plan_routing(&Routing::default(), &have, 201);
         assert!(plan.adds.is_empty());
@@ -536,6 +583,56 @@ mod tests {
             vec!["route replace default via 10.10.10.1 dev eth0 table 1 proto 201"]
         );
         assert!(plan.dels.is_empty());
+    }
+
+    #[test]
+    fn what_exists_without_being_ours_is_used_never_added_or_claimed() {
+        let want = Routing {
+            rules: vec![rule()],
+            routes: vec![route()],
+            ..Routing::default()
+        };
+        let have = RoutingObserved {
+            existing_rules: BTreeSet::from([rule().record_key()]),
+            existing_routes: BTreeSet::from([route().record_key()]),
+            ..RoutingObserved::default()
+        };
+        let plan = plan_routing(&want, &have, 201);
+        assert!(plan.adds.is_empty(), "{:?}", plan.adds);
+        assert_eq!(plan.warnings.len(), 2, "{:?}", plan.warnings);
+    }
+
+    #[test]
+    fn a_rule_del_that_would_hit_another_rule_first_is_not_made() {
+        // Another instance's rule with the same protocol, priority, source and table, but an
+        // iif: `rule del` without iif matches it, and it is listed first.
+        let theirs = IpRule {
+            iif: Some("eth1".into()),
+            ..rule()
+        };
+        let have = RoutingObserved {
+            owned: Routing {
+                rules: vec![rule()],
+                ..Routing::default()
+            },
+            protocol_rules: vec![theirs.clone(), rule()],
+            ..RoutingObserved::default()
+        };
+        let plan = plan_routing(&Routing::default(), &have, 201);
+        assert!(plan.dels.is_empty(), "{:?}", plan.dels);
+        assert_eq!(plan.kept_rules, vec![rule().record_key()]);
+        assert!(
+            plan.warnings[0].contains("would hit"),
+            "{:?}",
+            plan.warnings
+        );
+        // Listed after ours, it is safe: the kernel meets ours first.
+        let have = RoutingObserved {
+            protocol_rules: vec![rule(), theirs],
+            ..have
+        };
+        let plan = plan_routing(&Routing::default(), &have, 201);
+        assert_eq!(lines(&plan.dels).len(), 1);
     }
 
     #[test]

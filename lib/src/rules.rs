@@ -33,19 +33,22 @@ pub enum Hook {
     Prerouting,
     Output,
     Postrouting,
+    /// filter INPUT: only the guard that comes with `route_localnet`.
+    Input,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 4] = [
+    pub const ALL: [Hook; 5] = [
         Hook::Forward,
         Hook::Prerouting,
         Hook::Output,
         Hook::Postrouting,
+        Hook::Input,
     ];
 
     pub fn table(self) -> Table {
         match self {
-            Hook::Forward => Table::Filter,
+            Hook::Forward | Hook::Input => Table::Filter,
             _ => Table::Nat,
         }
     }
@@ -56,6 +59,7 @@ impl Hook {
             Hook::Prerouting => "PREROUTING",
             Hook::Output => "OUTPUT",
             Hook::Postrouting => "POSTROUTING",
+            Hook::Input => "INPUT",
         }
     }
 
@@ -66,6 +70,7 @@ impl Hook {
             Hook::Prerouting => "PRE",
             Hook::Output => "OUT",
             Hook::Postrouting => "POST",
+            Hook::Input => "IN",
         }
     }
 

@@ -3,7 +3,7 @@
 //! [`RealSystem`] runs the real tools, found through `PATH` so tests can put shims in front of
 //! them. Tests of the planner use a recording fake instead.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -93,6 +93,10 @@ pub struct Record {
     pub rules: BTreeSet<String>,
     #[serde(default)]
     pub routes: BTreeSet<String>,
+    /// Sysctls portfwd set (route_localnet) → the value they had before, put back when no
+    /// entry needs them any more.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sysctls: BTreeMap<String, String>,
 }
 
 impl Record {
@@ -101,6 +105,7 @@ impl Record {
             && self.tables.is_empty()
             && self.rules.is_empty()
             && self.routes.is_empty()
+            && self.sysctls.is_empty()
     }
 }
 

@@ -83,11 +83,23 @@ fn hex(text: &str) -> Option<u32> {
     u32::from_str_radix(text.trim_start_matches("0x"), 16).ok()
 }
 
-/// Rules of one family carrying `protocol`.
+/// Rules of one family carrying `protocol`, in the kernel's order.
 pub fn parse_rules(text: &str, family: Family, protocol: u8) -> Vec<IpRule> {
+    rules_where(text, family, |v| has_protocol(v, protocol))
+}
+
+/// Record keys of every rule of one family, whatever its protocol.
+pub fn all_rule_keys(text: &str, family: Family) -> Vec<String> {
+    rules_where(text, family, |_| true)
+        .iter()
+        .map(IpRule::record_key)
+        .collect()
+}
+
+fn rules_where(text: &str, family: Family, keep: impl Fn(&Value) -> bool) -> Vec<IpRule> {
     entries(text)
         .iter()
-        .filter(|v| has_protocol(v, protocol))
+        .filter(|v| keep(v))
         .filter_map(|v| {
             let from = prefix(v, "src", "srclen", family)??;
             let to = prefix(v, "dst", "dstlen", family)?;
@@ -110,9 +122,33 @@ pub fn parse_rules(text: &str, family: Family, protocol: u8) -> Vec<IpRule> {
 
 /// Routes of one family (from `route show table all`) carrying `protocol`.
 pub fn parse_routes(text: &str, family: Family, protocol: u8) -> Vec<IpRoute> {
+    routes_where(text, family, |v| has_protocol(v, protocol))
+}
+
+/// Record keys (family, table, destination) of every route of one family, any protocol.
+pub fn all_route_keys(text: &str, family: Family) -> Vec<String> {
+    routes_where(text, family, |_| true)
+        .iter()
+        .map(IpRoute::record_key)
+        .collect()
+}
+
+/// Devices with a default route learned from router advertisements (`proto ra`, 9).
+pub fn ra_default_devices(text: &str) -> Vec<String> {
+    let mut devs: Vec<String> = entries(text)
+        .iter()
+        .filter(|v| field(v, "dst") == Some("default") && has_protocol(v, 9))
+        .filter_map(|v| safe_name(v, "dev").flatten())
+        .collect();
+    devs.sort();
+    devs.dedup();
+    devs
+}
+
+fn routes_where(text: &str, family: Family, keep: impl Fn(&Value) -> bool) -> Vec<IpRoute> {
     entries(text)
         .iter()
-        .filter(|v| has_protocol(v, protocol))
+        .filter(|v| keep(v))
         .filter_map(|v| {
             let to = match field(v, "dst")? {
                 "default" => None,

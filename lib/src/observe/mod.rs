@@ -34,6 +34,9 @@ pub struct Observed {
     pub tables: BTreeMap<(Family, Table), TableFacts>,
     /// The instance's stored params file, if any.
     pub stored: Option<String>,
+    /// Interfaces with an IPv6 default route from router advertisements, and their
+    /// `accept_ra` (enabling forwarding drops those routes unless it is 2).
+    pub ra_default_routes: Vec<(String, Option<String>)>,
     pub warnings: Vec<String>,
 }
 
@@ -76,22 +79,39 @@ pub fn observe(
     }
     for (family, flag) in [(Family::V4, "-4"), (Family::V6, "-6")] {
         let rules = sys.ip_json(&[flag, "rule", "show"])?;
-        observed
-            .routing
-            .owned
-            .rules
-            .extend(iproute::parse_rules(&rules, family, protocol));
+        let ours = iproute::parse_rules(&rules, family, protocol);
+        observed.routing.protocol_rules.extend(ours.iter().cloned());
+        observed.routing.owned.rules.extend(ours);
+        let routing = &mut observed.routing;
+        routing
+            .existing_rules
+            .extend(iproute::all_rule_keys(&rules, family));
         let routes = sys.ip_json(&[flag, "route", "show", "table", "all"])?;
-        observed
-            .routing
+        routing
             .owned
             .routes
             .extend(iproute::parse_routes(&routes, family, protocol));
+        routing
+            .existing_routes
+            .extend(iproute::all_route_keys(&routes, family));
+        if family == Family::V6 {
+            for dev in iproute::ra_default_devices(&routes) {
+                let value = sys.read_sysctl(&format!("net/ipv6/conf/{dev}/accept_ra"))?;
+                observed.ra_default_routes.push((dev, value));
+            }
+        }
     }
     observed.routing.present = iproute::parse_addresses(&sys.ip_json(&["addr", "show"])?);
     let (record, warning) = sys.read_record(instance)?;
     observed.record = record;
     observed.warnings.extend(warning);
+    // Sysctls portfwd set earlier: their current value, to put the old one back.
+    for key in observed.record.sysctls.keys() {
+        if !observed.sysctls.contains_key(key) {
+            let value = sys.read_sysctl(key)?;
+            observed.sysctls.insert(key.clone(), value);
+        }
+    }
     observed.routing.recorded = observed.record.addresses.clone();
     // Our protocol number is shared by construction with other instances (and anyone may use
     // it): only what this instance recorded creating is its own.
