@@ -23,12 +23,14 @@ use portfwd::system::{RealSystem, RunLock};
         Reads the current state (iptables-save, ip6tables-save, ip -j rule/route/addr, /proc/sys), diffs it \
         against the desired state given as JSON params, and applies the minimal change: ip -batch additions, \
         one iptables-restore --noflush transaction per table, sysctl writes, ip -batch removals, rolling \
-        everything back if any step fails.\n\n\
+        everything back if any step fails. After a committed change it deletes the conntrack entries the \
+        change made stale (UDP flows; TCP connections of forwards with reset_connections), so live flows \
+        follow the change.\n\n\
         As an Ansible binary module it is run as `portfwd ARGS_FILE`; ARGS_FILE holds the params plus \
         Ansible's _ansible_* keys (check and diff mode are honoured).\n\n\
         Exit codes: 0 success (changed or not), 1 the run failed (the JSON says failed: true and why), \
         2 usage error.",
-    after_help = "Environment: PORTFWD_LOCK_FILE (default /run/portfwd.lock), PORTFWD_STATE_DIR (default /etc/portfwd), PORTFWD_RUN_DIR (default /run/portfwd: the record of addresses portfwd added). Tools are found on PATH."
+    after_help = "Environment: PORTFWD_LOCK_FILE (default /run/portfwd.lock), PORTFWD_STATE_DIR (default /etc/portfwd), PORTFWD_RUN_DIR (default /run/portfwd: the record of what portfwd created), PORTFWD_NO_NETNS_COOKIE=1 (key that record as on kernels before 5.14). Tools are found on PATH (conntrack is optional: without it stale flows are only warned about)."
 )]
 struct Cli {
     #[command(subcommand)]

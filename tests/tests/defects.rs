@@ -337,21 +337,21 @@ fn rule_del_never_hits_another_instances_rule() {
         return;
     }
     let t = Topology::new().unwrap();
-    let rule = |i: &str, iif: Option<&str>| {
+    let rule = |i: &str, iif: Option<&str>, to: &str| {
         let mut p = json!({"from": "10.0.2.0/24", "priority": 600, "table": 100,
-            "routes": [{"to": "default", "via": "10.0.2.1"}]});
+            "routes": [{"to": to, "via": "10.0.2.1"}]});
         if let Some(iif) = iif {
             p["iif"] = json!(iif);
         }
         json!({"instance": i, "route_protocol": 202, "policy_routes": [p]})
     };
-    apply(&t.backend, &rule("first", Some("eth0")));
-    let r = apply(&t.backend, &rule("second", None));
-    assert!(r["warnings"].to_string().contains("already exists"), "{r}");
+    apply(&t.backend, &rule("first", Some("eth0"), "default"));
+    apply(&t.backend, &rule("second", None, "10.77.0.0/16"));
     let r = apply(
         &t.backend,
         &json!({"instance": "second", "route_protocol": 202, "state": "absent"}),
     );
+    assert!(r["warnings"].to_string().contains("would hit"), "{r}");
     let rules = t.backend.stdout(&["ip", "rule"]).unwrap();
     assert!(
         rules.contains("600:\tfrom 10.0.2.0/24 iif eth0 lookup 100 proto 202"),
