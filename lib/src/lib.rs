@@ -2,7 +2,10 @@
 //!
 //! One straight pipeline:
 //! params ─► [`model`] (validate) ─► [`compile`] (desired rules) ─┐
-//! host ───► [`observe`] (iptables-save, sysctls) ────────────────┴─► [`plan`] ─► [`apply`] ─► [`report`]
+//! host ───► [`observe`] (iptables-save, sysctls) ────────────────┴─► [`plan`] ─► [`apply`] ─► [`conntrack`] ─► [`report`]
+//!
+//! [`conntrack`] runs only after a committed change: it deletes the flows the change made
+//! stale. [`record_store`] keeps the record of created objects per network namespace.
 //!
 //! The engine holds no process-global state and prints nothing; the binary in `module/`
 //! takes the run lock, calls [`run`] and prints the [`report::Report`].
