@@ -82,6 +82,12 @@ pub fn warnings(config: &Config, observed: &Observed) -> Vec<String> {
             out.push(format!("forward {:?}: backend {addr} is on-link ({} on {}): with snat none its replies go straight back to the client and bypass this host, unless this host is its default gateway or it policy-routes them here", f.name, local.0, local.1));
         }
     }
+    let bit = config.conn_mark;
+    for rule in &observed.connmark_rules {
+        if touches_mark_bit(rule, bit) {
+            out.push(format!("conn_mark {bit:#x}: another rule uses this conntrack mark bit ({rule}); set conn_mark to a bit nobody else uses, or portfwd's forwarded flows and that rule will disturb each other"));
+        }
+    }
     for dev in policy_route_devices(config) {
         let strict = sysctl(rp_filter_key("all")).max(sysctl(rp_filter_key(&dev))) == Some(1);
         if strict {
@@ -89,6 +95,42 @@ pub fn warnings(config: &Config, observed: &Observed) -> Vec<String> {
         }
     }
     out
+}
+
+/// Does a rule using `connmark`/`CONNMARK` read or write `bit`? Each mark option names the
+/// bits it covers: `V/M` covers M; `--or-mark V` and `--xor-mark V` cover V; a bare value
+/// (`--mark V`, `--set-mark V`) and `--and-mark`, `--save-mark`, `--restore-mark` without
+/// `--ctmask`/`--mask` cover every bit.
+fn touches_mark_bit(rule: &str, bit: u32) -> bool {
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    let number = |t: &str| -> Option<u32> {
+        match t.strip_prefix("0x") {
+            Some(h) => u32::from_str_radix(h, 16).ok(),
+            None => t.parse().ok(),
+        }
+    };
+    let mut masked_copy = false;
+    for (i, w) in words.iter().enumerate() {
+        let value = words.get(i + 1).copied().unwrap_or("");
+        let (v, m) = match value.split_once('/') {
+            Some((v, m)) => (number(v), number(m)),
+            None => (number(value), None),
+        };
+        let covered = match *w {
+            "--mark" | "--set-mark" | "--set-xmark" | "--and-mark" => m.unwrap_or(u32::MAX),
+            "--or-mark" | "--xor-mark" => v.unwrap_or(u32::MAX),
+            "--ctmask" | "--mask" => {
+                masked_copy = true;
+                v.unwrap_or(u32::MAX)
+            }
+            _ => 0,
+        };
+        if covered & bit != 0 {
+            return true;
+        }
+    }
+    let copies = rule.contains("--save-mark") || rule.contains("--restore-mark");
+    copies && !masked_copy
 }
 
 /// The local address and device whose subnet contains `addr`, if any.
@@ -131,6 +173,28 @@ mod tests {
             .map(|(k, v)| (k.to_string(), Some(v.to_string())))
             .collect();
         o
+    }
+
+    #[test]
+    fn mark_bit_users_are_recognised() {
+        let bit = 0x2000;
+        for (rule, touches) in [
+            ("mangle PREROUTING -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff", true),
+            ("mangle PREROUTING -j CONNMARK --restore-mark --nfmask 0xff --ctmask 0xff", false),
+            ("mangle PREROUTING -j CONNMARK --save-mark", true),
+            ("filter FORWARD -m connmark --mark 0x1/0x1 -j ACCEPT", false),
+            ("filter FORWARD -m connmark --mark 0x1 -j ACCEPT", true),
+            ("mangle OUTPUT -j CONNMARK --set-xmark 0x2000/0xffffffff", true),
+            ("mangle OUTPUT -j CONNMARK --set-xmark 0x4000/0x4000", false),
+            ("mangle OUTPUT -j CONNMARK --or-mark 0x2000", true),
+        ] {
+            assert_eq!(touches_mark_bit(rule, bit), touches, "{rule}");
+        }
+        let c = config(r#"{"forwards":[{"name":"w","listen_port":1,"to":"10.0.0.2"}]}"#);
+        let mut o = Observed::default();
+        o.connmark_rules
+            .push("mangle PREROUTING -j CONNMARK --set-xmark 0x2000/0x2000".into());
+        assert!(warnings(&c, &o)[0].contains("conn_mark 0x2000"));
     }
 
     #[test]

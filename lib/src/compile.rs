@@ -29,6 +29,12 @@ pub struct Desired {
 pub const KIND_FORWARD: &str = "fwd";
 pub const KIND_MASQUERADE: &str = "masq";
 pub const KIND_JUMP: &str = "jump";
+/// The instance's own FORWARD rules that serve every forward: `flow:established` (the first
+/// rule: established and related packets of marked flows) and `flow:marked` (after the
+/// per-forward rules: the new packet a forward just marked).
+pub const KIND_FLOW: &str = "flow";
+pub const FLOW_ESTABLISHED: &str = "established";
+pub const FLOW_MARKED: &str = "marked";
 /// Appended to the comment of a forward's DNAT/REDIRECT rules when `reset_connections` is
 /// set, so a later run that removes the forward still knows to cut its TCP connections.
 pub const RESET_MARKER: &str = ":reset";
@@ -44,9 +50,51 @@ pub fn compile(config: &Config) -> Desired {
         rules: &mut desired.rules,
         seen: HashSet::new(),
         localnet_devices: localnet_devices(config),
+        conn_mark: String::new(),
     };
+    // Per packet, the filter table is walked for every packet of every flow: one rule at the
+    // top accepts the established and related packets of flows a forward marked, so their cost
+    // does not grow with the number of forwards. Only a flow's first packet walks the
+    // per-forward rules, which mark it; the rule after them accepts it.
+    let marking: BTreeSet<Family> = config
+        .forwards
+        .iter()
+        .filter(|f| f.allow_forward && matches!(f.action, Action::Dnat { .. }))
+        .map(|f| f.family)
+        .collect();
+    let mark = format!("{:#x}/{:#x}", config.conn_mark, config.conn_mark);
+    for &family in &marking {
+        builder.push(
+            family,
+            Hook::Forward,
+            KIND_FLOW,
+            FLOW_ESTABLISHED,
+            strings([
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+                "-m",
+                "connmark",
+                "--mark",
+                &mark,
+            ]),
+            strings(["-j", "ACCEPT"]),
+        );
+    }
+    builder.conn_mark = mark.clone();
     for forward in &config.forwards {
         builder.forward(forward);
+    }
+    for &family in &marking {
+        builder.push(
+            family,
+            Hook::Forward,
+            KIND_FLOW,
+            FLOW_MARKED,
+            strings(["-m", "connmark", "--mark", &mark]),
+            strings(["-j", "ACCEPT"]),
+        );
     }
     for masquerade in &config.masquerades {
         builder.masquerade(masquerade);
@@ -220,6 +268,8 @@ struct Builder<'a> {
     seen: HashSet<String>,
     /// Forward name → the interface portfwd sets route_localnet on for it.
     localnet_devices: BTreeMap<String, String>,
+    /// `BIT/BIT`: the conntrack mark of forwarded flows.
+    conn_mark: String,
 }
 
 impl Builder<'_> {
@@ -364,23 +414,6 @@ impl Builder<'_> {
                 orig_dst(&mut m);
                 m
             };
-            // ICMP errors about the flow (fragmentation needed, port unreachable) are RELATED
-            // to it, not part of it: without this, path-MTU discovery breaks behind DROP.
-            let related = || {
-                let mut m = strings(["-m", "conntrack", "--ctstate", "RELATED"]);
-                m.extend(strings([
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "DNAT",
-                    "--ctproto",
-                    proto.name(),
-                    "--ctreplsrc",
-                    &addr.to_string(),
-                ]));
-                orig_dst(&mut m);
-                m
-            };
             let snat_target = match snat {
                 Snat::Masquerade => Some(strings(["-j", "MASQUERADE"])),
                 Snat::To(ip) => Some(strings(["-j", "SNAT", "--to-source", &ip.to_string()])),
@@ -397,13 +430,18 @@ impl Builder<'_> {
                 );
             }
             if f.allow_forward {
+                // Mark the flow (its first packet either way); `flow:marked` accepts the
+                // packet, `flow:established` every later one and the ICMP errors RELATED to
+                // it (fragmentation needed, port unreachable), so path-MTU discovery works
+                // behind policy DROP. Another tool's DNATed flows are never marked.
+                let set_mark = strings(["-j", "CONNMARK", "--set-xmark", &self.conn_mark]);
                 self.push(
                     f.family,
                     Hook::Forward,
                     KIND_FORWARD,
                     &f.name,
                     flow("-d", "--dport"),
-                    strings(["-j", "ACCEPT"]),
+                    set_mark.clone(),
                 );
                 self.push(
                     f.family,
@@ -411,15 +449,7 @@ impl Builder<'_> {
                     KIND_FORWARD,
                     &f.name,
                     flow("-s", "--sport"),
-                    strings(["-j", "ACCEPT"]),
-                );
-                self.push(
-                    f.family,
-                    Hook::Forward,
-                    KIND_FORWARD,
-                    &f.name,
-                    related(),
-                    strings(["-j", "ACCEPT"]),
+                    set_mark,
                 );
             }
         }
@@ -588,6 +618,8 @@ mod tests {
                 .chains
                 .values()
                 .flat_map(|c| c.rules.iter().map(Rule::key))
+                // The shared `flow:` rules serve every forward and never change with one.
+                .filter(|k| k.contains(":fwd:"))
                 .collect::<Vec<_>>()
         };
         assert_eq!(keys(&a), keys(&b));

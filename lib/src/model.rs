@@ -180,6 +180,26 @@ pub struct Params {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 5, max = 255))]
     pub route_protocol: Option<u8>,
+    /// The one conntrack mark bit that marks portfwd's forwarded flows, so one rule at the top
+    /// of the FORWARD chain accepts their established packets (default `0x2000`). Choose
+    /// another when other software uses that bit (the run warns when a rule does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "conn_mark_schema")]
+    pub conn_mark: Option<Value>,
+}
+
+/// The default conntrack mark bit: clear of kube-proxy (0x4000, 0x8000), Calico (the upper
+/// 16 bits), Cilium (0x0f00) and Istio (0x539).
+pub const DEFAULT_CONN_MARK: u32 = 0x2000;
+
+fn conn_mark_schema(_: &mut SchemaGenerator) -> Schema {
+    schemars::json_schema!({
+        "description": "One bit: a power of two, as a number or a hex string (\"0x2000\").",
+        "anyOf": [
+            {"type": "integer", "minimum": 1, "maximum": 2147483648u32},
+            {"type": "string", "pattern": "^(0x[0-9a-fA-F]{1,8}|[0-9]{1,10})$"}
+        ]
+    })
 }
 
 impl Default for Params {
@@ -195,6 +215,7 @@ impl Default for Params {
             policy_routes: Vec::new(),
             persist: false,
             route_protocol: None,
+            conn_mark: None,
         }
     }
 }
@@ -464,6 +485,8 @@ pub struct Config {
     pub policy_routes: Vec<PolicyRoute>,
     pub persist: bool,
     pub route_protocol: u8,
+    /// The conntrack mark bit of forwarded flows (exactly one bit set).
+    pub conn_mark: u32,
     /// The params as `persist: true` stores them (None when not persisting).
     pub persisted: Option<String>,
 }
@@ -569,6 +592,21 @@ impl Params {
             Some(p) => p,
             None => default_route_protocol(&self.instance),
         };
+        let conn_mark = match &self.conn_mark {
+            None => DEFAULT_CONN_MARK,
+            Some(v) => match parse_conn_mark(v, &mut errors) {
+                Some(bit) if bit.is_power_of_two() => bit,
+                Some(bit) => {
+                    errors.push(
+                        "conn_mark",
+                        &format!("{bit:#x}"),
+                        "must be exactly one bit (a power of two, like 0x2000)".into(),
+                    );
+                    DEFAULT_CONN_MARK
+                }
+                None => DEFAULT_CONN_MARK,
+            },
+        };
         errors.finish()?;
         Ok(Config {
             state: self.state,
@@ -581,6 +619,7 @@ impl Params {
             policy_routes,
             persist: self.persist,
             route_protocol,
+            conn_mark,
             persisted: (self.persist && self.state == State::Present)
                 .then(|| serde_json::to_string_pretty(self).unwrap_or_default()),
         })
@@ -1059,6 +1098,22 @@ fn parse_mark_number(text: &str) -> Option<u32> {
         }
         None => None,
     }
+}
+
+fn parse_conn_mark(value: &Value, errors: &mut Errors) -> Option<u32> {
+    let bit = match value {
+        Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        Value::String(s) => parse_mark_number(s),
+        _ => None,
+    };
+    if bit.is_none() {
+        errors.push(
+            "conn_mark",
+            &value_text(value),
+            "is not a mark bit (8192 or \"0x2000\")".into(),
+        );
+    }
+    bit
 }
 
 fn parse_fwmark(path: &str, value: &Value, errors: &mut Errors) -> Option<(u32, u32)> {

@@ -171,3 +171,92 @@ fn foreign_jumps_and_nft_objects_in_our_tables_are_left_alone() {
     );
     assert!(!ruleset(&t.proxy, "iptables-save").unwrap().contains("PFWD"));
 }
+
+/// Behind FORWARD policy DROP, another owner's DNAT to the same backend and port, whose own
+/// accept is missing, is not let through by portfwd's chain (only flows a forward marked are),
+/// while portfwd's own flow is, with its RELATED ICMP. A foreign rule using portfwd's conntrack
+/// mark bit is warned about, and `conn_mark` moves portfwd to another bit.
+fn only_marked_flows_are_accepted(flavour: &str) {
+    let t = Topology::new().unwrap();
+    let tool = format!("iptables-{flavour}");
+    for rule in [
+        &["-P", "FORWARD", "DROP"][..],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.0.2.2:1234",
+        ],
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            "PREROUTING",
+            "-j",
+            "CONNMARK",
+            "--restore-mark",
+        ],
+    ] {
+        let mut argv = vec![tool.as_str()];
+        argv.extend_from_slice(rule);
+        assert!(t.proxy.exec(&argv).unwrap().status.success(), "{argv:?}");
+    }
+    t.backend
+        .ip(&["route", "add", "default", "via", "10.0.2.1"])
+        .unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let params = |mark: Option<&str>| {
+        let mut p = json!({"backend": flavour, "forwards": [
+            {"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234", "snat": "none"}]});
+        if let Some(m) = mark {
+            p["conn_mark"] = json!(m);
+        }
+        p
+    };
+    let r = portfwd().apply(&t.proxy, &params(None)).unwrap();
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert!(
+        r.json["warnings"].to_string().contains("conn_mark 0x2000"),
+        "the foreign CONNMARK --restore-mark covers every bit: {}",
+        r.stdout
+    );
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
+        "10.0.1.2".parse::<std::net::IpAddr>().unwrap(),
+        "{flavour}: portfwd's flow passes FORWARD DROP"
+    );
+    assert!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:8080")).is_err(),
+        "{flavour}: the other owner's DNATed flow is not accepted by portfwd's chain"
+    );
+    // Another bit: the flow still works, and show round-trips it.
+    let r = portfwd().apply(&t.proxy, &params(Some("0x1000"))).unwrap();
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_ok());
+    let shown = portfwd()
+        .run(&t.proxy, &["show", "--backend", flavour], "", &[])
+        .unwrap();
+    assert_eq!(shown.json["conn_mark"], json!("0x1000"), "{}", shown.stdout);
+}
+
+#[test]
+fn only_marked_flows_are_accepted_nft() {
+    if prerequisites() {
+        only_marked_flows_are_accepted("nft");
+    }
+}
+
+#[test]
+fn only_marked_flows_are_accepted_legacy() {
+    if prerequisites() {
+        only_marked_flows_are_accepted("legacy");
+    }
+}

@@ -34,6 +34,9 @@ pub struct Observed {
     pub tables: BTreeMap<(Family, Table), TableFacts>,
     /// The instance's stored params file, if any.
     pub stored: Option<String>,
+    /// Other software's rules that read or write conntrack marks (`table chain args`), to warn
+    /// when one touches the instance's `conn_mark` bit.
+    pub connmark_rules: Vec<String>,
     /// Interfaces with an IPv6 default route from router advertisements, and their
     /// `accept_ra` (enabling forwarding drops those routes unless it is 2).
     pub ra_default_routes: Vec<(String, Option<String>)>,
@@ -72,6 +75,7 @@ pub fn observe(
             observed.flavour = Some(if nft { "nf_tables" } else { "legacy" });
         }
         extract_owned(&dump, family, instance, &mut observed);
+        extract_connmark_users(&dump, instance, &mut observed);
     }
     for key in sysctl_keys {
         let value = sys.read_sysctl(key)?;
@@ -166,6 +170,23 @@ pub fn extract_owned(dump: &Dump, family: Family, instance: &str, observed: &mut
             .owned
             .chains
             .insert((family, hook), OwnedChain { rules, jumps });
+    }
+}
+
+/// Foreign rules using `-m connmark` or `-j CONNMARK` (checked on the text first: a host
+/// with 10,000 rules has a handful of these).
+fn extract_connmark_users(dump: &Dump, instance: &str, observed: &mut Observed) {
+    let ours = format!("PFWD-{instance}-");
+    for table in &dump.tables {
+        for rule in &table.rules {
+            if (rule.text.contains("connmark") || rule.text.contains("CONNMARK"))
+                && !rule.chain.starts_with(&ours)
+            {
+                observed
+                    .connmark_rules
+                    .push(format!("{} {} {}", table.name, rule.chain, rule.text));
+            }
+        }
     }
 }
 

@@ -4,10 +4,10 @@
 
 use serde_json::Value;
 
-use crate::compile::{KIND_FORWARD, KIND_MASQUERADE, RESET_MARKER};
+use crate::compile::{FLOW_ESTABLISHED, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE, RESET_MARKER};
 use crate::model::{
     default_route_protocol, AddressParams, ForwardParams, MasqueradeParams, Params,
-    PolicyRouteParams, ProtoParam, RouteParams,
+    PolicyRouteParams, ProtoParam, RouteParams, DEFAULT_CONN_MARK,
 };
 use crate::net::{Family, PortRange};
 use crate::routing::Routing;
@@ -92,6 +92,7 @@ pub fn params_from_state(
 pub fn params_from_rules(owned: &OwnedRules, instance: &str) -> Params {
     let mut params = Params {
         instance: instance.to_string(),
+        conn_mark: conn_mark_of(owned, instance),
         ..Params::default()
     };
     for family in [Family::V4, Family::V6] {
@@ -148,6 +149,21 @@ pub fn params_from_rules(owned: &OwnedRules, instance: &str) -> Params {
         }
     }
     params
+}
+
+/// The conntrack mark bit of the `flow:established` rule, when it is not the default.
+fn conn_mark_of(owned: &OwnedRules, instance: &str) -> Option<Value> {
+    let bit = owned
+        .chains
+        .iter()
+        .filter(|((_, hook), _)| *hook == Hook::Forward)
+        .flat_map(|(_, chain)| &chain.rules)
+        .find(|r| entry_of(r, instance) == Some((KIND_FLOW, FLOW_ESTABLISHED)))?
+        .option("--mark")?
+        .split('/')
+        .next()?;
+    let bit = u32::from_str_radix(bit.trim_start_matches("0x"), 16).ok()?;
+    (bit != DEFAULT_CONN_MARK).then(|| Value::from(format!("{bit:#x}")))
 }
 
 /// `10.0.0.1/32` → `10.0.0.1`: iptables-save adds the host prefix to plain addresses.
