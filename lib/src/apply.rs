@@ -9,7 +9,7 @@
 use crate::compile::Desired;
 use crate::model::Backend;
 use crate::net::Family;
-use crate::observe::{observe, Observed};
+use crate::observe::{observe, Observed, Scope};
 use crate::plan::Plan;
 use crate::routing::{IpBatch, Routing};
 use crate::rules::Table;
@@ -226,7 +226,7 @@ fn rollback(
         }
     }
     if progress.touched {
-        match observe(sys, instance, protocol, &[]) {
+        match observe(sys, instance, protocol, &[], Scope::ALL) {
             Ok(mut now) => {
                 // Addresses this run added are not in the on-disk record yet: own them here so
                 // planning back removes them.

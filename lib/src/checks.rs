@@ -3,14 +3,15 @@
 
 use std::net::IpAddr;
 
-use crate::compile::Desired;
+use std::collections::BTreeMap;
+
 use crate::model::{Action, Config, IpForward, Snat};
 use crate::net::{Cidr, Family};
 use crate::observe::Observed;
 
 /// Sysctls a run reads: those it manages, plus those its warnings look at.
-pub fn sysctl_keys(config: &Config, desired: &Desired) -> Vec<String> {
-    let mut keys: Vec<String> = desired.sysctls.keys().cloned().collect();
+pub fn sysctl_keys(config: &Config, managed: &BTreeMap<String, String>) -> Vec<String> {
+    let mut keys: Vec<String> = managed.keys().cloned().collect();
     for f in config.forwards.iter().filter(|f| f.dnats_to_loopback()) {
         keys.push(localnet_key("all"));
         if let Some(i) = f.in_interface.as_ref().filter(|i| !i.ends_with('+')) {
@@ -51,6 +52,20 @@ fn policy_route_devices(config: &Config) -> Vec<String> {
     devs.sort();
     devs.dedup();
     devs
+}
+
+/// Do the warnings need the host's addresses (`snat: none` checks whether the backend is
+/// on-link)?
+pub fn needs_addresses(config: &Config) -> bool {
+    config.forwards.iter().any(|f| {
+        matches!(
+            f.action,
+            Action::Dnat {
+                snat: Snat::None,
+                ..
+            }
+        )
+    })
 }
 
 /// Warnings that need the observed state.
@@ -216,7 +231,7 @@ mod tests {
         let c = config(
             r#"{"policy_routes":[{"from":"10.10.10.11","table":1,"routes":[{"to":"default","via":"10.10.10.10","dev":"eth0"}]}]}"#,
         );
-        let keys = sysctl_keys(&c, &compile(&c));
+        let keys = sysctl_keys(&c, &compile(&c).sysctls);
         assert!(
             keys.contains(&"net/ipv4/conf/eth0/rp_filter".to_string()),
             "{keys:?}"

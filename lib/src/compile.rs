@@ -35,6 +35,28 @@ pub const KIND_JUMP: &str = "jump";
 pub const KIND_FLOW: &str = "flow";
 pub const FLOW_ESTABLISHED: &str = "established";
 pub const FLOW_MARKED: &str = "marked";
+pub const FLOW_NOT_DNAT: &str = "not-dnat";
+
+/// The FORWARD chain's order: `flow:established` first (every later packet of a marked flow
+/// stops there), then the masquerade accepts, `flow:not-dnat` (everything else that was not
+/// DNATed returns), the forwards' mark rules, and `flow:marked` (the new packet just marked).
+fn order_forward_chain(instance: &str, chain: &mut OwnedChain) {
+    let rank = |rule: &Rule| -> u8 {
+        let mut parts = rule.comment().unwrap_or_default().split(':');
+        if parts.next() != Some(instance) {
+            return 3;
+        }
+        match (parts.next(), parts.next()) {
+            (Some(KIND_FLOW), Some(FLOW_ESTABLISHED)) => 0,
+            (Some(KIND_MASQUERADE), _) => 1,
+            (Some(KIND_FLOW), Some(FLOW_NOT_DNAT)) => 2,
+            (Some(KIND_FLOW), Some(FLOW_MARKED)) => 4,
+            _ => 3,
+        }
+    };
+    // Stable: entries keep their order within each group.
+    chain.rules.sort_by_cached_key(|r| rank(r));
+}
 /// Appended to the comment of a forward's DNAT/REDIRECT rules when `reset_connections` is
 /// set, so a later run that removes the forward still knows to cut its TCP connections.
 pub const RESET_MARKER: &str = ":reset";
@@ -95,9 +117,24 @@ pub fn compile(config: &Config) -> Desired {
             strings(["-m", "connmark", "--mark", &mark]),
             strings(["-j", "ACCEPT"]),
         );
+        // Traffic that was not DNATed (routed, masqueraded) is none of the forwards': it
+        // leaves after the masquerade accepts, never walking the per-forward rules.
+        builder.push(
+            family,
+            Hook::Forward,
+            KIND_FLOW,
+            FLOW_NOT_DNAT,
+            strings(["-m", "conntrack", "!", "--ctstate", "DNAT"]),
+            strings(["-j", "RETURN"]),
+        );
     }
     for masquerade in &config.masquerades {
         builder.masquerade(masquerade);
+    }
+    for family in marking {
+        if let Some(chain) = desired.rules.chains.get_mut(&(family, Hook::Forward)) {
+            order_forward_chain(&config.instance, chain);
+        }
     }
     for (&(_, hook), chain) in desired.rules.chains.iter_mut() {
         chain.jumps.push(Jump {
@@ -105,7 +142,7 @@ pub fn compile(config: &Config) -> Desired {
             rule: jump_rule(&config.instance, hook),
         });
     }
-    compile_sysctls(config, &mut desired);
+    desired.sysctls = sysctls(config);
     desired.routing = compile_routing(config);
     desired.stored = config.persisted.clone();
     desired.warnings.extend(static_warnings(config));
@@ -177,6 +214,16 @@ pub fn jump_rule(instance: &str, hook: Hook) -> Rule {
         "-j".to_string(),
         hook.chain(instance),
     ])
+}
+
+/// The sysctls the config manages (forwarding of the families it uses, route_localnet),
+/// with the value each should have. Cheap, so a run knows what to read before compiling.
+pub fn sysctls(config: &Config) -> BTreeMap<String, String> {
+    let mut desired = Desired::default();
+    if config.state != State::Absent {
+        compile_sysctls(config, &mut desired);
+    }
+    desired.sysctls
 }
 
 /// The families whose forwarding sysctl the config manages, and the value each should have.

@@ -45,8 +45,28 @@ pub enum SystemError {
     LockTimeout { path: String, seconds: u64 },
 }
 
+/// A read that does not depend on any other, so a batch of them can run at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read {
+    /// `iptables-save` / `ip6tables-save`: (stdout, stderr).
+    Save(Family),
+    /// `ip -N -j ARGS...`: (stdout, "").
+    IpJson(Vec<&'static str>),
+}
+
 /// Reads and writes of host state, each a single call the engine can count and fake.
 pub trait System {
+    /// Runs independent reads, results in order. The default runs them one by one; the real
+    /// host runs them concurrently (each is a process of its own).
+    fn read_batch(&mut self, reads: &[Read]) -> Vec<Result<(String, String), SystemError>> {
+        reads
+            .iter()
+            .map(|read| match read {
+                Read::Save(family) => self.save(*family),
+                Read::IpJson(args) => self.ip_json(args).map(|out| (out, String::new())),
+            })
+            .collect()
+    }
     /// `iptables-save` (or `ip6tables-save`): stdout and stderr.
     fn save(&mut self, family: Family) -> Result<(String, String), SystemError>;
     /// One `iptables-restore --noflush` transaction (one table per payload).
@@ -217,6 +237,19 @@ impl RealSystem {
         Ok(record_store::link_fingerprint(&out))
     }
 
+    fn read_one(&self, read: &Read) -> Result<(String, String), SystemError> {
+        match read {
+            Read::Save(family) => self.run(&tool_name(self.backend, *family, "save"), &[], None),
+            Read::IpJson(args) => self.ip_json_text(args).map(|out| (out, String::new())),
+        }
+    }
+
+    fn ip_json_text(&self, args: &[&str]) -> Result<String, SystemError> {
+        let mut full = vec!["-N", "-j"];
+        full.extend_from_slice(args);
+        self.run("ip", &full, None).map(|(out, _)| out)
+    }
+
     fn run(
         &self,
         tool: &str,
@@ -265,8 +298,29 @@ impl RealSystem {
 }
 
 impl System for RealSystem {
+    fn read_batch(&mut self, reads: &[Read]) -> Vec<Result<(String, String), SystemError>> {
+        let this: &RealSystem = self;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = reads
+                .iter()
+                .map(|read| scope.spawn(move || this.read_one(read)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(SystemError::Io {
+                            path: "read thread".into(),
+                            source: std::io::Error::other("a read thread panicked"),
+                        })
+                    })
+                })
+                .collect()
+        })
+    }
+
     fn save(&mut self, family: Family) -> Result<(String, String), SystemError> {
-        self.run(&tool_name(self.backend, family, "save"), &[], None)
+        self.read_one(&Read::Save(family))
     }
 
     fn restore(&mut self, family: Family, payload: &str) -> Result<(), SystemError> {
@@ -299,9 +353,7 @@ impl System for RealSystem {
     }
 
     fn ip_json(&mut self, args: &[&str]) -> Result<String, SystemError> {
-        let mut full = vec!["-N", "-j"];
-        full.extend_from_slice(args);
-        self.run("ip", &full, None).map(|(out, _)| out)
+        self.ip_json_text(args)
     }
 
     fn ip_batch(&mut self, family: Family, script: &str) -> Result<(), SystemError> {

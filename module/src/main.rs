@@ -9,6 +9,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use portfwd::model::{Backend, Config, RunMode};
 use portfwd::report::{line_diff, Report};
 use portfwd::system::{RealSystem, RunLock};

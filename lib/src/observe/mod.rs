@@ -13,7 +13,7 @@ use crate::net::Family;
 use crate::routing::RoutingObserved;
 use crate::rules::{Hook, Jump, OwnedChain, OwnedRules, Table};
 use crate::system::Record;
-use crate::system::{System, SystemError};
+use crate::system::{Read, System, SystemError};
 use iptables_save::Dump;
 
 /// The host as the plan sees it.
@@ -34,6 +34,9 @@ pub struct Observed {
     pub tables: BTreeMap<(Family, Table), TableFacts>,
     /// The instance's stored params file, if any.
     pub stored: Option<String>,
+    /// Whether ip rules and routes, and addresses, were read (see [`Scope`]).
+    pub routing_read: bool,
+    pub addresses_read: bool,
     /// Other software's rules that read or write conntrack marks (`table chain args`), to warn
     /// when one touches the instance's `conn_mark` bit.
     pub connmark_rules: Vec<String>,
@@ -53,17 +56,59 @@ pub struct TableFacts {
     pub only_ours: bool,
 }
 
+/// What a run needs to read besides the rulesets, sysctls and records. A no-op of a plain
+/// forwarder reads neither ip rules, routes nor addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scope {
+    /// ip rules and routes: policy routes wanted or recorded, or IPv6 forwarding being managed
+    /// (router-advertised default routes).
+    pub routing: bool,
+    /// Addresses: wanted or recorded, or needed by a warning.
+    pub addresses: bool,
+}
+
+impl Scope {
+    /// Everything (`show`, rollback).
+    pub const ALL: Scope = Scope {
+        routing: true,
+        addresses: true,
+    };
+}
+
 /// Reads both families' rulesets, the instance's ip rules, routes and addresses, its
-/// records, and the given sysctls.
+/// records, and the given sysctls. The independent reads run at once ([`System::read_batch`]).
 pub fn observe(
     sys: &mut dyn System,
     instance: &str,
     protocol: u8,
     sysctl_keys: &[String],
+    scope: Scope,
 ) -> Result<Observed, SystemError> {
     let mut observed = Observed::default();
+    let (record, warning) = sys.read_record(instance)?;
+    observed.record = record;
+    observed.warnings.extend(warning);
+    let record = &observed.record;
+    let routing = scope.routing || !record.rules.is_empty() || !record.routes.is_empty();
+    let addresses = scope.addresses || !record.addresses.is_empty();
+    let mut reads = vec![Read::Save(Family::V4), Read::Save(Family::V6)];
+    if routing {
+        for flag in ["-4", "-6"] {
+            reads.push(Read::IpJson(vec![flag, "rule", "show"]));
+            reads.push(Read::IpJson(vec![flag, "route", "show", "table", "all"]));
+        }
+    }
+    if addresses {
+        reads.push(Read::IpJson(vec!["addr", "show"]));
+    }
+    let mut results = sys.read_batch(&reads).into_iter();
+    let mut next = || {
+        results
+            .next()
+            .unwrap_or_else(|| Ok((String::new(), String::new())))
+    };
     for family in [Family::V4, Family::V6] {
-        let (stdout, stderr) = sys.save(family)?;
+        let (stdout, stderr) = next()?;
         if stderr.contains("iptables-legacy tables present") {
             observed.warnings.push(format!(
                 "{} rules also exist in iptables-legacy tables; portfwd manages the nf_tables ones (set backend: legacy to manage those instead)",
@@ -77,38 +122,40 @@ pub fn observe(
         extract_owned(&dump, family, instance, &mut observed);
         extract_connmark_users(&dump, instance, &mut observed);
     }
+    let mut ra_devices = Vec::new();
+    if routing {
+        for family in [Family::V4, Family::V6] {
+            let (rules, _) = next()?;
+            let (routes, _) = next()?;
+            let ours = iproute::parse_rules(&rules, family, protocol);
+            let r = &mut observed.routing;
+            r.protocol_rules.extend(ours.iter().cloned());
+            r.owned.rules.extend(ours);
+            r.existing_rules
+                .extend(iproute::all_rule_keys(&rules, family));
+            r.owned
+                .routes
+                .extend(iproute::parse_routes(&routes, family, protocol));
+            r.existing_routes
+                .extend(iproute::all_route_keys(&routes, family));
+            if family == Family::V6 {
+                ra_devices = iproute::ra_default_devices(&routes);
+            }
+        }
+    }
+    if addresses {
+        observed.routing.present = iproute::parse_addresses(&next()?.0);
+    }
+    observed.routing_read = routing;
+    observed.addresses_read = addresses;
     for key in sysctl_keys {
         let value = sys.read_sysctl(key)?;
         observed.sysctls.insert(key.clone(), value);
     }
-    for (family, flag) in [(Family::V4, "-4"), (Family::V6, "-6")] {
-        let rules = sys.ip_json(&[flag, "rule", "show"])?;
-        let ours = iproute::parse_rules(&rules, family, protocol);
-        observed.routing.protocol_rules.extend(ours.iter().cloned());
-        observed.routing.owned.rules.extend(ours);
-        let routing = &mut observed.routing;
-        routing
-            .existing_rules
-            .extend(iproute::all_rule_keys(&rules, family));
-        let routes = sys.ip_json(&[flag, "route", "show", "table", "all"])?;
-        routing
-            .owned
-            .routes
-            .extend(iproute::parse_routes(&routes, family, protocol));
-        routing
-            .existing_routes
-            .extend(iproute::all_route_keys(&routes, family));
-        if family == Family::V6 {
-            for dev in iproute::ra_default_devices(&routes) {
-                let value = sys.read_sysctl(&format!("net/ipv6/conf/{dev}/accept_ra"))?;
-                observed.ra_default_routes.push((dev, value));
-            }
-        }
+    for dev in ra_devices {
+        let value = sys.read_sysctl(&format!("net/ipv6/conf/{dev}/accept_ra"))?;
+        observed.ra_default_routes.push((dev, value));
     }
-    observed.routing.present = iproute::parse_addresses(&sys.ip_json(&["addr", "show"])?);
-    let (record, warning) = sys.read_record(instance)?;
-    observed.record = record;
-    observed.warnings.extend(warning);
     // Sysctls portfwd set earlier: their current value, to put the old one back.
     for key in observed.record.sysctls.keys() {
         if !observed.sysctls.contains_key(key) {

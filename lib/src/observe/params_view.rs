@@ -2,6 +2,8 @@
 //! `before` side of `--diff`. Compiling the result reproduces the same rules, so applying
 //! what `show` prints is a no-op.
 
+use std::collections::HashMap;
+
 use serde_json::Value;
 
 use crate::compile::{FLOW_ESTABLISHED, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE, RESET_MARKER};
@@ -95,52 +97,45 @@ pub fn params_from_rules(owned: &OwnedRules, instance: &str) -> Params {
         conn_mark: conn_mark_of(owned, instance),
         ..Params::default()
     };
+    const HOOKS: [Hook; 4] = [
+        Hook::Prerouting,
+        Hook::Output,
+        Hook::Postrouting,
+        Hook::Forward,
+    ];
     for family in [Family::V4, Family::V6] {
-        let rules_of = |hook: Hook| {
-            owned
+        // One pass over the rules: each entry's rules per hook, entries in first-seen order
+        // (linear: a run that resets flows decompiles thousands of forwards).
+        let mut order: Vec<(&str, &str)> = Vec::new();
+        let mut by_entry: HashMap<(&str, &str), [Vec<&Rule>; 4]> = HashMap::new();
+        for (slot, hook) in HOOKS.iter().enumerate() {
+            let rules = owned
                 .chains
-                .get(&(family, hook))
+                .get(&(family, *hook))
                 .map(|c| c.rules.as_slice())
-                .unwrap_or_default()
-        };
-        let mut names: Vec<(&str, &str)> = Vec::new();
-        for hook in [
-            Hook::Prerouting,
-            Hook::Output,
-            Hook::Postrouting,
-            Hook::Forward,
-        ] {
-            for rule in rules_of(hook) {
+                .unwrap_or_default();
+            for rule in rules {
                 if let Some(entry) = entry_of(rule, instance) {
-                    if !names.contains(&entry) {
-                        names.push(entry);
-                    }
+                    let lists = by_entry.entry(entry).or_insert_with(|| {
+                        order.push(entry);
+                        Default::default()
+                    });
+                    lists[slot].push(rule);
                 }
             }
         }
-        for (kind, name) in names {
-            let of = |hook: Hook| -> Vec<&Rule> {
-                rules_of(hook)
-                    .iter()
-                    .filter(|r| entry_of(r, instance) == Some((kind, name)))
-                    .collect()
+        for entry in order {
+            let Some([pre, out, post, fwd]) = by_entry.get(&entry) else {
+                continue;
             };
-            match kind {
-                KIND_FORWARD => {
-                    if let Some(f) = forward_from(
-                        name,
-                        &of(Hook::Prerouting),
-                        &of(Hook::Output),
-                        &of(Hook::Postrouting),
-                        &of(Hook::Forward),
-                    ) {
+            match entry {
+                (KIND_FORWARD, name) => {
+                    if let Some(f) = forward_from(name, pre, out, post, fwd) {
                         params.forwards.push(f);
                     }
                 }
-                KIND_MASQUERADE => {
-                    if let Some(m) =
-                        masquerade_from(name, family, &of(Hook::Postrouting), &of(Hook::Forward))
-                    {
+                (KIND_MASQUERADE, name) => {
+                    if let Some(m) = masquerade_from(name, family, post, fwd) {
                         params.masquerade.push(m);
                     }
                 }
