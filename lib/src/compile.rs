@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use crate::model::{Action, Config, Forward, IpForward, Masquerade, Proto, Snat, State};
 use crate::net::Family;
 use crate::routing::{IfAddr, IpRoute, IpRule, Routing};
-use crate::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule};
+use crate::rules::{subchain_name, Hook, Jump, OwnedChain, OwnedRules, Rule, BUCKET_PORTS};
 
 /// What should exist after the run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -36,6 +36,8 @@ pub const KIND_FLOW: &str = "flow";
 pub const FLOW_ESTABLISHED: &str = "established";
 pub const FLOW_MARKED: &str = "marked";
 pub const FLOW_NOT_DNAT: &str = "not-dnat";
+/// A nat chain's rule that jumps to the sub-chain of one protocol and port bucket.
+pub const FLOW_DISPATCH: &str = "dispatch";
 
 /// The FORWARD chain's order: `flow:established` first (every later packet of a marked flow
 /// stops there), then the masquerade accepts, `flow:not-dnat` (everything else that was not
@@ -73,6 +75,7 @@ pub fn compile(config: &Config) -> Desired {
         seen: HashSet::new(),
         localnet_devices: localnet_devices(config),
         conn_mark: String::new(),
+        buckets: BTreeMap::new(),
     };
     // Per packet, the filter table is walked for every packet of every flow: one rule at the
     // top accepts the established and related packets of flows a forward marked, so their cost
@@ -131,6 +134,7 @@ pub fn compile(config: &Config) -> Desired {
     for masquerade in &config.masquerades {
         builder.masquerade(masquerade);
     }
+    builder.dispatch();
     for family in marking {
         if let Some(chain) = desired.rules.chains.get_mut(&(family, Hook::Forward)) {
             order_forward_chain(&config.instance, chain);
@@ -317,6 +321,16 @@ struct Builder<'a> {
     localnet_devices: BTreeMap<String, String>,
     /// `BIT/BIT`: the conntrack mark of forwarded flows.
     conn_mark: String,
+    /// The (protocol, bucket) sub-chains each nat chain dispatches to.
+    buckets: BTreeMap<(Family, Hook), BTreeSet<(Proto, u16)>>,
+}
+
+/// Who a rule belongs to: its comment's kind and name, and the reset marker.
+#[derive(Debug, Clone, Copy)]
+struct Owner<'a> {
+    kind: &'a str,
+    name: &'a str,
+    reset: bool,
 }
 
 impl Builder<'_> {
@@ -345,9 +359,30 @@ impl Builder<'_> {
         target: Vec<String>,
         reset: bool,
     ) {
-        let hash = fnv1a(hook.chain(self.instance).as_bytes(), &matches, &target);
-        let marker = if reset { RESET_MARKER } else { "" };
-        let key = format!("{}:{kind}:{name}:{hash:08x}{marker}", self.instance);
+        let owner = Owner { kind, name, reset };
+        self.place(family, hook, None, owner, matches, target);
+    }
+
+    /// Appends a rule to the hook's chain, or to its sub-chain for `bucket`.
+    fn place(
+        &mut self,
+        family: Family,
+        hook: Hook,
+        bucket: Option<(Proto, u16)>,
+        owner: Owner,
+        matches: Vec<String>,
+        target: Vec<String>,
+    ) {
+        let chain_name = match bucket {
+            Some((proto, b)) => subchain_name(&hook.chain(self.instance), proto, b),
+            None => hook.chain(self.instance),
+        };
+        let hash = fnv1a(chain_name.as_bytes(), &matches, &target);
+        let marker = if owner.reset { RESET_MARKER } else { "" };
+        let key = format!(
+            "{}:{}:{}:{hash:08x}{marker}",
+            self.instance, owner.kind, owner.name
+        );
         let mut args = matches;
         args.extend([
             "-m".to_string(),
@@ -359,7 +394,37 @@ impl Builder<'_> {
         // The key covers chain and rule, so it alone says whether the rule is already there.
         if self.seen.insert(key) {
             let chain: &mut OwnedChain = self.rules.chains.entry((family, hook)).or_default();
-            chain.rules.push(Rule { args });
+            match bucket {
+                Some(b) => {
+                    chain
+                        .subchains
+                        .entry(chain_name)
+                        .or_default()
+                        .push(Rule { args });
+                    self.buckets.entry((family, hook)).or_default().insert(b);
+                }
+                None => chain.rules.push(Rule { args }),
+            }
+        }
+    }
+
+    /// The dispatch rules of each nat chain with sub-chains: one per protocol and bucket, in
+    /// port order, each jumping to its sub-chain.
+    fn dispatch(&mut self) {
+        for ((family, hook), buckets) in std::mem::take(&mut self.buckets) {
+            for (proto, b) in buckets {
+                let first = u32::from(b) * u32::from(BUCKET_PORTS);
+                let last = first + u32::from(BUCKET_PORTS) - 1;
+                let sub = subchain_name(&hook.chain(self.instance), proto, b);
+                self.push(
+                    family,
+                    hook,
+                    KIND_FLOW,
+                    FLOW_DISPATCH,
+                    port_match(proto, "--dport", &format!("{first}:{last}")),
+                    strings(["-j", &sub]),
+                );
+            }
         }
     }
 
@@ -409,15 +474,27 @@ impl Builder<'_> {
                             m.extend(strings(["!", "-d", loopback_net(f.family)]));
                         }
                     }
-                    self.push_marked(
-                        f.family,
-                        hook,
-                        KIND_FORWARD,
-                        &f.name,
-                        m,
-                        target.clone(),
-                        f.reset_connections,
+                    // Into the sub-chain of each bucket the listen ports touch: a new
+                    // connection then visits the buckets and its bucket's rules only.
+                    let owner = Owner {
+                        kind: KIND_FORWARD,
+                        name: &f.name,
+                        reset: f.reset_connections,
+                    };
+                    let (first, last) = (
+                        f.listen_port.first / BUCKET_PORTS,
+                        f.listen_port.last / BUCKET_PORTS,
                     );
+                    for bucket in first..=last {
+                        self.place(
+                            f.family,
+                            hook,
+                            Some((proto, bucket)),
+                            owner,
+                            m.clone(),
+                            target.clone(),
+                        );
+                    }
                 }
             }
             let Action::Dnat { addr, snat, .. } = f.action else {

@@ -229,6 +229,23 @@ mod tests {
         sys
     }
 
+    /// `show` decompiles rules spread over per-port sub-chains and shared chains; compiling its
+    /// output must give back every chain exactly, in order, or applying it would change the host.
+    #[test]
+    fn show_of_a_converged_host_compiles_to_the_same_rules() {
+        let json = r#"{"forwards":[
+            {"name":"r","listen_port":80,"redirect_to_port":8080},
+            {"name":"wide","proto":"both","listen_port":"200-700","to":"10.0.2.9"},
+            {"name":"late","listen_port":5000,"to":"10.0.2.3:80","local":true},
+            {"name":"d","listen_port":81,"to":"10.0.2.2:80"},
+            {"name":"v6","listen_port":80,"to":"[fd00:2::2]:80"}],
+            "masquerade":[{"name":"lan","source":"192.168.0.0/24"}]}"#;
+        let mut sys = converged(json);
+        let shown = show("portfwd", None, &mut sys).unwrap();
+        let again = compile::compile(&shown.validate().unwrap());
+        assert_eq!(again.rules, compile::compile(&config(json)).rules);
+    }
+
     #[test]
     fn converged_host_gets_no_write_at_all() {
         let mut sys = converged(PARAMS);

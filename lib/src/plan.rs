@@ -12,7 +12,7 @@ use crate::net::Family;
 use crate::observe::params_view::entry_of;
 use crate::observe::Observed;
 use crate::routing::{plan_routing, IpRoute, IpRule, RoutingPlan};
-use crate::rules::{Hook, OwnedChain, OwnedRules, Table};
+use crate::rules::{Hook, OwnedChain, OwnedRules, Rule, Table};
 use crate::system::Record;
 
 /// Everything a run would change, in execution order: iproute2 additions, iptables tables,
@@ -302,6 +302,28 @@ fn chain_edit(
 ) {
     let chain = hook.chain(instance);
     let builtin = hook.builtin();
+    let no_subchains = BTreeMap::new();
+    let want_subs = desired.map_or(&no_subchains, |c| &c.subchains);
+    let have_subs = observed.map_or(&no_subchains, |c| &c.subchains);
+    // Sub-chains first made and filled, so the chain's dispatch rules can jump to them;
+    // unwanted ones emptied and dropped last, once nothing jumps to them.
+    for (name, rules) in want_subs {
+        match have_subs.get(name) {
+            None => {
+                lines.push(format!("-N {name}"));
+                for rule in rules {
+                    lines.push(format!("-A {name} {}", rule.render()));
+                }
+            }
+            Some(have) => rule_edit(name, rules, have, lines),
+        }
+    }
+    let drop_subs = |lines: &mut Vec<String>| {
+        for name in have_subs.keys().filter(|n| !want_subs.contains_key(*n)) {
+            lines.push(format!("-F {name}"));
+            lines.push(format!("-X {name}"));
+        }
+    };
     match (desired, observed) {
         (None, None) => {}
         (None, Some(have)) => {
@@ -310,6 +332,7 @@ fn chain_edit(
             }
             lines.push(format!("-F {chain}"));
             lines.push(format!("-X {chain}"));
+            drop_subs(lines);
         }
         (Some(want), None) => {
             lines.push(format!("-N {chain}"));
@@ -319,7 +342,8 @@ fn chain_edit(
             insert_jumps(builtin, &want.jumps, builtin_len, lines);
         }
         (Some(want), Some(have)) => {
-            rule_edit(&chain, want, have, lines);
+            rule_edit(&chain, &want.rules, &have.rules, lines);
+            drop_subs(lines);
             let keep = want.jumps.len().min(have.jumps.len());
             for extra in &have.jumps[keep..] {
                 lines.push(format!("-D {builtin} {}", extra.rule.render()));
@@ -346,17 +370,12 @@ fn insert_jumps(
 
 /// Deletes (highest position first) every observed rule that is unwanted, duplicated or out of
 /// order, then inserts the missing ones where they belong.
-fn rule_edit(chain: &str, want: &OwnedChain, have: &OwnedChain, lines: &mut Vec<String>) {
-    let wanted: HashMap<String, usize> = want
-        .rules
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.key(), i))
-        .collect();
+fn rule_edit(chain: &str, want: &[Rule], have: &[Rule], lines: &mut Vec<String>) {
+    let wanted: HashMap<String, usize> =
+        want.iter().enumerate().map(|(i, r)| (r.key(), i)).collect();
     let mut seen = BTreeSet::new();
     // (observed position, desired index) of rules worth keeping, in observed order.
     let candidates: Vec<(usize, usize)> = have
-        .rules
         .iter()
         .enumerate()
         .filter_map(|(pos, r)| {
@@ -369,17 +388,17 @@ fn rule_edit(chain: &str, want: &OwnedChain, have: &OwnedChain, lines: &mut Vec<
             .into_iter()
             .map(|i| candidates[i].0)
             .collect();
-    for pos in (0..have.rules.len()).rev() {
+    for pos in (0..have.len()).rev() {
         if !kept.contains(&pos) {
             lines.push(format!("-D {chain} {}", pos + 1));
         }
     }
     let present: BTreeSet<usize> = kept
         .iter()
-        .filter_map(|pos| wanted.get(&have.rules[*pos].key()).copied())
+        .filter_map(|pos| wanted.get(&have[*pos].key()).copied())
         .collect();
     let mut len = kept.len();
-    for (idx, rule) in want.rules.iter().enumerate() {
+    for (idx, rule) in want.iter().enumerate() {
         if present.contains(&idx) {
             continue;
         }
@@ -426,7 +445,7 @@ fn entry_changes(
         let mut order: Vec<String> = Vec::new();
         let mut map: HashMap<String, BTreeSet<String>> = HashMap::new();
         for chain in rules.chains.values() {
-            for rule in &chain.rules {
+            for rule in chain.all_rules() {
                 let Some((k, name)) = entry_of(rule, instance) else {
                     continue;
                 };
@@ -478,12 +497,13 @@ mod tests {
                 position: 1,
                 rule: Rule::new(["-j", "PFWD-t-FWD"]),
             }],
+            subchains: BTreeMap::new(),
         }
     }
 
     fn edit(want: &[&str], have: &[&str]) -> Vec<String> {
         let mut lines = Vec::new();
-        rule_edit("C", &rules(want), &rules(have), &mut lines);
+        rule_edit("C", &rules(want).rules, &rules(have).rules, &mut lines);
         lines
             .iter()
             .map(|l| {

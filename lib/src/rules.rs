@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::model::Proto;
 use crate::net::Family;
 
 /// The iptables tables portfwd writes to.
@@ -161,11 +162,34 @@ pub struct Jump {
     pub rule: Rule,
 }
 
-/// One owned chain: its rules in order and the jumps that reach it.
+/// One owned chain: its rules in order, the jumps that reach it, and its dispatch
+/// sub-chains (nat: the DNAT rules of one protocol and 256-port bucket each, named
+/// `<chain>-T<bucket>` / `<chain>-U<bucket>`, reached from a rule of this chain).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OwnedChain {
     pub rules: Vec<Rule>,
     pub jumps: Vec<Jump>,
+    pub subchains: BTreeMap<String, Vec<Rule>>,
+}
+
+impl OwnedChain {
+    /// The chain's own rules, then those of its sub-chains.
+    pub fn all_rules(&self) -> impl Iterator<Item = &Rule> {
+        self.rules.iter().chain(self.subchains.values().flatten())
+    }
+}
+
+/// Ports per dispatch bucket: a new connection visits the bucket rules, then only the
+/// forwards of its own bucket, instead of every forward.
+pub const BUCKET_PORTS: u16 = 256;
+
+/// The sub-chain of `chain` for one protocol and bucket: `PFWD-web-PRE-T78`.
+pub fn subchain_name(chain: &str, proto: Proto, bucket: u16) -> String {
+    let letter = match proto {
+        Proto::Tcp => 'T',
+        Proto::Udp => 'U',
+    };
+    format!("{chain}-{letter}{bucket}")
 }
 
 /// Everything an instance owns in iptables (for desired state, or as observed).
@@ -176,7 +200,7 @@ pub struct OwnedRules {
 
 impl OwnedRules {
     pub fn rule_count(&self) -> usize {
-        self.chains.values().map(|c| c.rules.len()).sum()
+        self.chains.values().map(|c| c.all_rules().count()).sum()
     }
 
     /// A readable listing, one `-A CHAIN ...` per rule, used by snapshots and `--diff`.
@@ -192,6 +216,11 @@ impl OwnedRules {
             );
             for rule in &chain.rules {
                 let _ = writeln!(out, "-A {} {}", hook.chain(instance), rule.render());
+            }
+            for (name, rules) in &chain.subchains {
+                for rule in rules {
+                    let _ = writeln!(out, "-A {name} {}", rule.render());
+                }
             }
         }
         out
@@ -215,7 +244,10 @@ mod tests {
     #[test]
     fn chain_names_fit_iptables_limit() {
         for hook in Hook::ALL {
-            assert!(hook.chain("abcdefghijkl").len() <= 28);
+            let chain = hook.chain("abcdefghijkl");
+            assert!(chain.len() <= 28);
+            let last_bucket = u16::MAX / BUCKET_PORTS;
+            assert!(subchain_name(&chain, Proto::Udp, last_bucket).len() <= 28);
         }
     }
 }

@@ -162,6 +162,9 @@ pub fn dump_of(rules: &OwnedRules, instance: &str, family: Family) -> String {
         }
         for h in &hooks {
             out.push_str(&format!(":{} - [0:0]\n", h.chain(instance)));
+            for sub in rules.chains[&(family, *h)].subchains.keys() {
+                out.push_str(&format!(":{sub} - [0:0]\n"));
+            }
         }
         for h in &hooks {
             for jump in &rules.chains[&(family, *h)].jumps {
@@ -169,8 +172,14 @@ pub fn dump_of(rules: &OwnedRules, instance: &str, family: Family) -> String {
             }
         }
         for h in &hooks {
-            for rule in &rules.chains[&(family, *h)].rules {
+            let chain = &rules.chains[&(family, *h)];
+            for rule in &chain.rules {
                 out.push_str(&format!("-A {} {}\n", h.chain(instance), rule.render()));
+            }
+            for (sub, sub_rules) in &chain.subchains {
+                for rule in sub_rules {
+                    out.push_str(&format!("-A {sub} {}\n", rule.render()));
+                }
             }
         }
         out.push_str("COMMIT\n");

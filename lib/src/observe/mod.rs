@@ -213,10 +213,21 @@ pub fn extract_owned(dump: &Dump, family: Family, instance: &str, observed: &mut
             })
             .collect();
         let rules = table.chain_rules(&chain_name).collect();
-        observed
-            .owned
+        let prefix = format!("{chain_name}-");
+        let subchains = table
             .chains
-            .insert((family, hook), OwnedChain { rules, jumps });
+            .iter()
+            .filter(|c| c.name.starts_with(&prefix))
+            .map(|c| (c.name.clone(), table.chain_rules(&c.name).collect()))
+            .collect();
+        observed.owned.chains.insert(
+            (family, hook),
+            OwnedChain {
+                rules,
+                jumps,
+                subchains,
+            },
+        );
     }
 }
 
@@ -256,12 +267,22 @@ fn table_facts(
         .map(|h| h.chain(instance))
         .collect();
     let builtin = ["INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"];
-    let chains_ok = t.chains.iter().all(|c| {
-        ours.contains(&c.name) || (builtin.contains(&c.name.as_str()) && c.policy == "ACCEPT")
-    });
+    // An owned chain, or one of its dispatch sub-chains (`<chain>-T12`).
+    let owned = |name: &str| {
+        ours.iter().any(|o| {
+            name == o
+                || name
+                    .strip_prefix(o.as_str())
+                    .is_some_and(|rest| rest.starts_with('-'))
+        })
+    };
+    let chains_ok = t
+        .chains
+        .iter()
+        .all(|c| owned(&c.name) || (builtin.contains(&c.name.as_str()) && c.policy == "ACCEPT"));
     // Checked on the text first: most foreign rules never mention our chains.
     let rules_ok = t.rules.iter().all(|r| {
-        ours.contains(&r.chain)
+        owned(&r.chain)
             || (ours.iter().any(|o| r.text.contains(o.as_str()))
                 && ours.iter().any(|o| is_our_jump(&r.rule(), o, instance)))
     });

@@ -104,26 +104,39 @@ pub fn params_from_rules(owned: &OwnedRules, instance: &str) -> Params {
         Hook::Forward,
     ];
     for family in [Family::V4, Family::V6] {
-        // One pass over the rules: each entry's rules per hook, entries in first-seen order
-        // (linear: a run that resets flows decompiles thousands of forwards).
-        let mut order: Vec<(&str, &str)> = Vec::new();
+        // One pass over the rules: each entry's rules per hook (sub-chains included), and the
+        // entries' order as every chain shows it.
+        let mut sequences: Vec<Vec<(&str, &str)>> = Vec::new();
         let mut by_entry: HashMap<(&str, &str), [Vec<&Rule>; 4]> = HashMap::new();
         for (slot, hook) in HOOKS.iter().enumerate() {
-            let rules = owned
-                .chains
-                .get(&(family, *hook))
-                .map(|c| c.rules.as_slice())
-                .unwrap_or_default();
-            for rule in rules {
-                if let Some(entry) = entry_of(rule, instance) {
-                    let lists = by_entry.entry(entry).or_insert_with(|| {
-                        order.push(entry);
-                        Default::default()
-                    });
-                    lists[slot].push(rule);
+            let Some(chain) = owned.chains.get(&(family, *hook)) else {
+                continue;
+            };
+            let lists = std::iter::once(chain.rules.as_slice())
+                .chain(chain.subchains.values().map(Vec::as_slice));
+            for rules in lists {
+                let mut sequence = Vec::new();
+                for rule in rules {
+                    if let Some(entry) = entry_of(rule, instance) {
+                        by_entry.entry(entry).or_default()[slot].push(rule);
+                        if sequence.last() != Some(&entry) {
+                            sequence.push(entry);
+                        }
+                    }
                 }
+                sequences.push(sequence);
             }
         }
+        // Forwards and masquerade entries are two lists: merged apart (their rules interleave
+        // differently in the SNAT and FORWARD chains).
+        let of_kind = |kind: &str| -> Vec<Vec<(&str, &str)>> {
+            sequences
+                .iter()
+                .map(|seq| seq.iter().copied().filter(|e| e.0 == kind).collect())
+                .collect()
+        };
+        let mut order = merge_orders(&of_kind(KIND_FORWARD));
+        order.extend(merge_orders(&of_kind(KIND_MASQUERADE)));
         for entry in order {
             let Some([pre, out, post, fwd]) = by_entry.get(&entry) else {
                 continue;
@@ -144,6 +157,51 @@ pub fn params_from_rules(owned: &OwnedRules, instance: &str) -> Params {
         }
     }
     params
+}
+
+/// One order of entries that keeps the relative order every chain shows (the params' own
+/// order is one such): the DNAT rules sit in per-port sub-chains, the SNAT and FORWARD rules
+/// in one chain each, and compiling the result must reproduce every chain. Kahn's algorithm,
+/// preferring the entry seen first; linear in the number of rules.
+fn merge_orders<'a>(sequences: &[Vec<(&'a str, &'a str)>]) -> Vec<(&'a str, &'a str)> {
+    let mut first_seen: Vec<(&str, &str)> = Vec::new();
+    let mut index: HashMap<(&str, &str), usize> = HashMap::new();
+    for entry in sequences.iter().flatten() {
+        index.entry(*entry).or_insert_with(|| {
+            first_seen.push(*entry);
+            first_seen.len() - 1
+        });
+    }
+    let mut after: Vec<Vec<usize>> = vec![Vec::new(); first_seen.len()];
+    let mut waiting = vec![0usize; first_seen.len()];
+    for sequence in sequences {
+        for pair in sequence.windows(2) {
+            let (a, b) = (index[&pair[0]], index[&pair[1]]);
+            after[a].push(b);
+            waiting[b] += 1;
+        }
+    }
+    let mut ready: std::collections::BTreeSet<usize> =
+        (0..first_seen.len()).filter(|&i| waiting[i] == 0).collect();
+    let mut out = Vec::with_capacity(first_seen.len());
+    let mut done = vec![false; first_seen.len()];
+    while let Some(i) = ready.pop_first() {
+        out.push(first_seen[i]);
+        done[i] = true;
+        for &j in &after[i] {
+            waiting[j] -= 1;
+            if waiting[j] == 0 {
+                ready.insert(j);
+            }
+        }
+    }
+    // Chains that disagree (edited by hand) cannot all be kept: the rest in first-seen order.
+    out.extend(
+        (0..first_seen.len())
+            .filter(|&i| !done[i])
+            .map(|i| first_seen[i]),
+    );
+    out
 }
 
 /// The conntrack mark bit of the `flow:established` rule, when it is not the default.
