@@ -111,6 +111,8 @@ pub fn compile(config: &Config) -> Desired {
     for forward in &config.forwards {
         builder.forward(forward);
     }
+    // Before the masquerade entries: in POSTROUTING the forwards' SNAT comes first.
+    builder.dispatch();
     for &family in &marking {
         builder.push(
             family,
@@ -134,7 +136,6 @@ pub fn compile(config: &Config) -> Desired {
     for masquerade in &config.masquerades {
         builder.masquerade(masquerade);
     }
-    builder.dispatch();
     for family in marking {
         if let Some(chain) = desired.rules.chains.get_mut(&(family, Hook::Forward)) {
             order_forward_chain(&config.instance, chain);
@@ -416,12 +417,28 @@ impl Builder<'_> {
                 let first = u32::from(b) * u32::from(BUCKET_PORTS);
                 let last = first + u32::from(BUCKET_PORTS) - 1;
                 let sub = subchain_name(&hook.chain(self.instance), proto, b);
+                let ports = format!("{first}:{last}");
+                // nat PREROUTING/OUTPUT see the listen port itself; POSTROUTING and FORWARD
+                // the DNATed flow, whose original port conntrack keeps.
+                let matches = match hook {
+                    Hook::Prerouting | Hook::Output => port_match(proto, "--dport", &ports),
+                    _ => strings([
+                        "-m",
+                        "conntrack",
+                        "--ctstate",
+                        "DNAT",
+                        "--ctproto",
+                        proto.name(),
+                        "--ctorigdstport",
+                        &ports,
+                    ]),
+                };
                 self.push(
                     family,
                     hook,
                     KIND_FLOW,
                     FLOW_DISPATCH,
-                    port_match(proto, "--dport", &format!("{first}:{last}")),
+                    matches,
                     strings(["-j", &sub]),
                 );
             }
@@ -543,38 +560,31 @@ impl Builder<'_> {
                 Snat::To(ip) => Some(strings(["-j", "SNAT", "--to-source", &ip.to_string()])),
                 Snat::None => None,
             };
-            if let Some(t) = snat_target {
-                self.push(
-                    f.family,
-                    Hook::Postrouting,
-                    KIND_FORWARD,
-                    &f.name,
-                    flow("-d", "--dport"),
-                    t,
-                );
-            }
-            if f.allow_forward {
-                // Mark the flow (its first packet either way); `flow:marked` accepts the
-                // packet, `flow:established` every later one and the ICMP errors RELATED to
-                // it (fragmentation needed, port unreachable), so path-MTU discovery works
-                // behind policy DROP. Another tool's DNATed flows are never marked.
-                let set_mark = strings(["-j", "CONNMARK", "--set-xmark", &self.conn_mark]);
-                self.push(
-                    f.family,
-                    Hook::Forward,
-                    KIND_FORWARD,
-                    &f.name,
-                    flow("-d", "--dport"),
-                    set_mark.clone(),
-                );
-                self.push(
-                    f.family,
-                    Hook::Forward,
-                    KIND_FORWARD,
-                    &f.name,
-                    flow("-s", "--sport"),
-                    set_mark,
-                );
+            // The SNAT and the FORWARD marks are dispatched by the flow's original port, like
+            // the DNAT: a new connection never walks every forward in any chain.
+            let buckets = f.listen_port.first / BUCKET_PORTS..=f.listen_port.last / BUCKET_PORTS;
+            let owner = Owner {
+                kind: KIND_FORWARD,
+                name: &f.name,
+                reset: false,
+            };
+            for bucket in buckets {
+                let at = Some((proto, bucket));
+                if let Some(t) = &snat_target {
+                    let m = flow("-d", "--dport");
+                    self.place(f.family, Hook::Postrouting, at, owner, m, t.clone());
+                }
+                if f.allow_forward {
+                    // Mark the flow (its first packet either way); `flow:marked` accepts the
+                    // packet, `flow:established` every later one and the ICMP errors RELATED
+                    // to it (fragmentation needed, port unreachable), so path-MTU discovery
+                    // works behind policy DROP. Another tool's DNATed flows are never marked.
+                    let set_mark = strings(["-j", "CONNMARK", "--set-xmark", &self.conn_mark]);
+                    for (dir, port_flag) in [("-d", "--dport"), ("-s", "--sport")] {
+                        let m = flow(dir, port_flag);
+                        self.place(f.family, Hook::Forward, at, owner, m, set_mark.clone());
+                    }
+                }
             }
         }
     }

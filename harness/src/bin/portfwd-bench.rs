@@ -50,8 +50,8 @@ enum Bench {
         seconds: u32,
         #[arg(long, default_value = "target/bench-data.json")]
         out: PathBuf,
-        /// Forward counts of the scaling series.
-        #[arg(long, value_delimiter = ',', default_value = "1,100,1000,1501,5000")]
+        /// Forward counts of the scaling series (at least 2: the two measured forwards).
+        #[arg(long, value_delimiter = ',', default_value = "2,100,1000,1501,5000")]
         scale: Vec<usize>,
         /// iptables flavours of the scaling series.
         #[arg(long, value_delimiter = ',', default_value = "nft,legacy")]

@@ -16,17 +16,29 @@ use serde_json::{json, Value};
 
 use super::{apply, daemon, err, iperf, median};
 
-/// N - 1 forwards to other hosts, then the measured one: a port range (iperf3 on its first
-/// port, connection setup on its second) that keeps the port.
+/// N forwards: N - 2 to other hosts on consecutive ports from 20,000, then the two measured
+/// ones on the next ports (iperf3, then connection setup): the last port of the last bucket,
+/// so the rule walk of a new connection is as long as it gets.
 fn params(flavour: &str, n: usize) -> Value {
-    let mut list: Vec<Value> = (0..n.saturating_sub(1))
+    let others = n.saturating_sub(2);
+    let mut list: Vec<Value> = (0..others)
         .map(|i| {
             json!({"name": format!("f{i}"), "listen_port": 20000 + i,
                 "to": format!("10.{}.{}.{}:8080", 100 + i / 64770, (i / 254) % 255, i % 254 + 1)})
         })
         .collect();
-    list.push(json!({"name": "last", "listen_port": "15201-15202", "to": "10.0.2.2"}));
+    list.push(json!({"name": "iperf", "listen_port": 20000 + others, "to": "10.0.2.2:15201"}));
+    list.push(json!({"name": "conn", "listen_port": 20001 + others, "to": "10.0.2.2:15202"}));
     json!({"backend": flavour, "forwards": list})
+}
+
+/// The listen ports of the measured forwards for `n` forwards.
+fn measured_ports(n: usize) -> (String, String) {
+    let others = n.saturating_sub(2);
+    (
+        format!("{}", 20000 + others),
+        format!("10.0.1.1:{}", 20001 + others),
+    )
 }
 
 /// Accepts and drops connections in `ns` until dropped.
@@ -151,18 +163,21 @@ pub fn run(
         );
         // Warm-up, not recorded: the first transfer after set-up runs slow (neighbour and
         // route caches, CPU frequency).
-        apply(pf, &t.proxy, &params(flavour, 1))?;
-        iperf(&t, "10.0.1.1", 15201, 1)?;
-        connections_per_second(&t, "10.0.1.1:15202", 1)?;
+        apply(pf, &t.proxy, &params(flavour, 2))?;
+        let (iperf_port, conn_target) = measured_ports(2);
+        iperf(&t, "10.0.1.1", iperf_port.parse().map_err(err)?, 1)?;
+        connections_per_second(&t, &conn_target, 1)?;
         let mut rows: Vec<Row> = Vec::new();
         for &n in counts {
             apply(pf, &t.proxy, &params(flavour, n))?;
             // Three alternating rounds, medians: single runs swing by ±20% on 2 shared cores.
             let mut samples: [Vec<f64>; 4] = Default::default();
+            let (iperf_port, conn_target) = measured_ports(n);
+            let iperf_port: u16 = iperf_port.parse().map_err(err)?;
             for _ in 0..3 {
-                samples[0].push(iperf(&t, "10.0.1.1", 15201, seconds)?);
+                samples[0].push(iperf(&t, "10.0.1.1", iperf_port, seconds)?);
                 samples[1].push(iperf(&t, "10.0.2.2", 15201, seconds)?);
-                samples[2].push(connections_per_second(&t, "10.0.1.1:15202", 2)?);
+                samples[2].push(connections_per_second(&t, &conn_target, 2)?);
                 samples[3].push(connections_per_second(&t, "10.0.2.2:15202", 2)?);
             }
             let [fwd_gbits, routed_gbits, fwd_conns, routed_conns] = samples.map(median);
