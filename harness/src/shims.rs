@@ -30,6 +30,15 @@ fn write_script(dir: &Path, tool: &str, body: &str) -> Result<(), LabError> {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(io)
 }
 
+/// Shell lines that count this call in `counter` into `$c`, under a lock: portfwd runs its
+/// reads concurrently, and an unlocked read-increment-write would lose calls.
+fn count_call(counter: &Path) -> String {
+    let c = counter.display();
+    format!(
+        "exec 9>>'{c}.lock'; flock 9; c=$(cat '{c}' 2>/dev/null || echo 0); c=$((c+1)); echo $c > '{c}'; flock -u 9; exec 9>&-\n"
+    )
+}
+
 fn path_with(dir: &Path) -> String {
     format!(
         "{}:{}",
@@ -97,10 +106,9 @@ impl FailNth {
             real_tool(tool).ok_or_else(|| LabError::Traffic(format!("{tool} not on PATH")))?;
         let counter = dir.path().join("count");
         let body = format!(
-            "c=$(cat '{counter}' 2>/dev/null || echo 0); c=$((c+1)); echo $c > '{counter}'\n\
-             if [ \"$c\" -eq {n} ]; then echo \"injected failure of {tool} call $c\" >&2; exit 1; fi\n\
+            "{count}if [ \"$c\" -eq {n} ]; then echo \"injected failure of {tool} call $c\" >&2; exit 1; fi\n\
              exec '{real}' \"$@\"\n",
-            counter = counter.display(),
+            count = count_call(&counter),
             real = real.display(),
         );
         write_script(dir.path(), tool, &body)?;
@@ -134,10 +142,9 @@ impl SlowNth {
         let counter = dir.path().join("count");
         let marker = dir.path().join("sleeping");
         let body = format!(
-            "c=$(cat '{counter}' 2>/dev/null || echo 0); c=$((c+1)); echo $c > '{counter}'\n\
-             if [ \"$c\" -eq {n} ]; then touch '{marker}'; sleep {seconds}; fi\n\
+            "{count}if [ \"$c\" -eq {n} ]; then touch '{marker}'; sleep {seconds}; fi\n\
              exec '{real}' \"$@\"\n",
-            counter = counter.display(),
+            count = count_call(&counter),
             marker = marker.display(),
             real = real.display(),
         );

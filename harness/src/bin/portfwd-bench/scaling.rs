@@ -174,9 +174,14 @@ pub fn run(
             let mut samples: [Vec<f64>; 4] = Default::default();
             let (iperf_port, conn_target) = measured_ports(n);
             let iperf_port: u16 = iperf_port.parse().map_err(err)?;
+            // Every N starts from an empty connection table (the handshake runs leave tens of
+            // thousands of closed entries behind), throughput before handshakes.
+            let _ = t.proxy.exec(&["conntrack", "-F"]);
             for _ in 0..3 {
                 samples[0].push(iperf(&t, "10.0.1.1", iperf_port, seconds)?);
                 samples[1].push(iperf(&t, "10.0.2.2", 15201, seconds)?);
+            }
+            for _ in 0..3 {
                 samples[2].push(connections_per_second(&t, &conn_target, 2)?);
                 samples[3].push(connections_per_second(&t, "10.0.2.2:15202", 2)?);
             }
