@@ -228,6 +228,7 @@ pub fn plan_rules(
         .chains
         .keys()
         .chain(observed.owned.chains.keys())
+        .chain(observed.stray_subchains.keys())
         .copied()
         .collect();
     for (family, hook) in hooks {
@@ -237,11 +238,15 @@ pub fn plan_rules(
             .get(&(family, hook))
             .copied()
             .unwrap_or(0);
+        let have = observed.owned.chains.get(&(family, hook));
+        let have_subs = have
+            .map(|c| &c.subchains)
+            .or_else(|| observed.stray_subchains.get(&(family, hook)));
         chain_edit(
             instance,
             hook,
             desired.chains.get(&(family, hook)),
-            observed.owned.chains.get(&(family, hook)),
+            (have, have_subs),
             builtin_len,
             lines,
         );
@@ -292,19 +297,26 @@ pub fn plan_rules(
     }
 }
 
+/// The observed chain (if it exists) and the observed sub-chains (the chain's, or strays).
+type HaveChain<'a> = (
+    Option<&'a OwnedChain>,
+    Option<&'a BTreeMap<String, Vec<Rule>>>,
+);
+
 fn chain_edit(
     instance: &str,
     hook: Hook,
     desired: Option<&OwnedChain>,
-    observed: Option<&OwnedChain>,
+    observed: HaveChain,
     builtin_len: usize,
     lines: &mut Vec<String>,
 ) {
     let chain = hook.chain(instance);
     let builtin = hook.builtin();
+    let (observed, have_subs) = observed;
     let no_subchains = BTreeMap::new();
     let want_subs = desired.map_or(&no_subchains, |c| &c.subchains);
-    let have_subs = observed.map_or(&no_subchains, |c| &c.subchains);
+    let have_subs = have_subs.unwrap_or(&no_subchains);
     // Sub-chains first made and filled, so the chain's dispatch rules can jump to them;
     // unwanted ones emptied and dropped last, once nothing jumps to them.
     for (name, rules) in want_subs {
@@ -325,7 +337,7 @@ fn chain_edit(
         }
     };
     match (desired, observed) {
-        (None, None) => {}
+        (None, None) => drop_subs(lines),
         (None, Some(have)) => {
             for jump in &have.jumps {
                 lines.push(format!("-D {builtin} {}", jump.rule.render()));
@@ -340,6 +352,7 @@ fn chain_edit(
                 lines.push(format!("-A {chain} {}", rule.render()));
             }
             insert_jumps(builtin, &want.jumps, builtin_len, lines);
+            drop_subs(lines);
         }
         (Some(want), Some(have)) => {
             rule_edit(&chain, &want.rules, &have.rules, lines);
@@ -525,6 +538,34 @@ mod tests {
     #[case(&[], &["a", "b"], &["-D C 2", "-D C 1"])]
     fn minimal_rule_edits(#[case] want: &[&str], #[case] have: &[&str], #[case] expected: &[&str]) {
         assert_eq!(edit(want, have), expected);
+    }
+
+    /// Sub-chains left behind without their chain (a crash, a hand edit) are ours by name:
+    /// reused when wanted, removed when not, never left to make a later `-N` fail.
+    #[test]
+    fn stray_subchains_are_reused_or_removed() {
+        let want = desired(&FIFTY(usize::MAX));
+        let mut observed = Observed::default();
+        let kept = "PFWD-portfwd-PRE-T39".to_string();
+        let stray_rules = want.chains[&(Family::V4, Hook::Prerouting)].subchains[&kept].clone();
+        observed.stray_subchains.insert(
+            (Family::V4, Hook::Prerouting),
+            BTreeMap::from([
+                (kept.clone(), stray_rules),
+                ("PFWD-portfwd-PRE-U7".into(), Vec::new()),
+            ]),
+        );
+        let p = plan_rules("portfwd", &want, &BTreeMap::new(), &observed);
+        let all: Vec<&String> = p.tables.iter().flat_map(|t| &t.lines).collect();
+        assert!(
+            !all.iter().any(|l| l.contains(&format!("-N {kept}"))),
+            "{all:#?}"
+        );
+        assert!(
+            all.iter().any(|l| *l == "-X PFWD-portfwd-PRE-U7"),
+            "{all:#?}"
+        );
+        assert!(all.iter().any(|l| *l == "-N PFWD-portfwd-PRE"), "{all:#?}");
     }
 
     #[test]

@@ -407,8 +407,11 @@ fn control(reps: usize, out: &Path, svg: &Path) -> Result<(), LabError> {
             Ok(())
         },
     )?;
+    // Flush every chain first: dispatch rules reference the sub-chains.
     for (table_name, chain) in &chains {
         let _ = ns.exec_with_input(&["iptables", "-w", "-t", table_name, "-F", chain], "");
+    }
+    for (table_name, chain) in &chains {
         let _ = ns.exec_with_input(&["iptables", "-w", "-t", table_name, "-X", chain], "");
     }
     let portfwd_hundred = measure(

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use crate::net::Family;
 use crate::routing::RoutingObserved;
-use crate::rules::{Hook, Jump, OwnedChain, OwnedRules, Table};
+use crate::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Table};
 use crate::system::Record;
 use crate::system::{Read, System, SystemError};
 use iptables_save::Dump;
@@ -34,6 +34,8 @@ pub struct Observed {
     pub tables: BTreeMap<(Family, Table), TableFacts>,
     /// The instance's stored params file, if any.
     pub stored: Option<String>,
+    /// Dispatch sub-chains of the instance whose hook chain does not exist.
+    pub stray_subchains: BTreeMap<(Family, Hook), BTreeMap<String, Vec<Rule>>>,
     /// Whether ip rules and routes, and addresses, were read (see [`Scope`]).
     pub routing_read: bool,
     pub addresses_read: bool,
@@ -200,7 +202,19 @@ pub fn extract_owned(dump: &Dump, family: Family, instance: &str, observed: &mut
         let chain_name = hook.chain(instance);
         let builtin: Vec<_> = table.chain_rules(hook.builtin()).collect();
         observed.builtin_len.insert((family, hook), builtin.len());
+        let prefix = format!("{chain_name}-");
+        let subchains: BTreeMap<String, Vec<Rule>> = table
+            .chains
+            .iter()
+            .filter(|c| c.name.starts_with(&prefix))
+            .map(|c| (c.name.clone(), table.chain_rules(&c.name).collect()))
+            .collect();
         if !table.has_chain(&chain_name) {
+            // Sub-chains whose chain is gone (a crash, a hand edit) are still ours by name:
+            // reused or removed, never left to block a later `-N`.
+            if !subchains.is_empty() {
+                observed.stray_subchains.insert((family, hook), subchains);
+            }
             continue;
         }
         let jumps = builtin
@@ -213,13 +227,6 @@ pub fn extract_owned(dump: &Dump, family: Family, instance: &str, observed: &mut
             })
             .collect();
         let rules = table.chain_rules(&chain_name).collect();
-        let prefix = format!("{chain_name}-");
-        let subchains = table
-            .chains
-            .iter()
-            .filter(|c| c.name.starts_with(&prefix))
-            .map(|c| (c.name.clone(), table.chain_rules(&c.name).collect()))
-            .collect();
         observed.owned.chains.insert(
             (family, hook),
             OwnedChain {
