@@ -84,7 +84,8 @@ proptest! {
         let desired = compile(&config);
         let mut observed = Observed::default();
         for family in [Family::V4, Family::V6] {
-            let dump = parse(&dump_of(&desired.rules, &config.instance, family));
+            let text = dump_of(&desired.rules, &config.instance, family);
+            let dump = parse(&text);
             extract_owned(&dump, family, &config.instance, &mut observed);
         }
         prop_assert_eq!(&observed.owned, &desired.rules);

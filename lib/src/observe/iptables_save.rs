@@ -7,8 +7,8 @@ use crate::rules::Rule;
 
 /// A whole dump of one address family.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Dump {
-    pub tables: Vec<TableDump>,
+pub struct Dump<'a> {
+    pub tables: Vec<TableDump<'a>>,
     /// Lines that are neither tables, chains, rules nor `#` comments: kept, not interpreted.
     pub opaque: Vec<String>,
     /// True when the header says `(nf_tables)`, false for legacy, None when no header.
@@ -17,29 +17,30 @@ pub struct Dump {
 
 /// One `*table` ... `COMMIT` block.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TableDump {
-    pub name: String,
-    pub chains: Vec<ChainDecl>,
-    pub rules: Vec<RuleLine>,
+pub struct TableDump<'a> {
+    pub name: &'a str,
+    pub chains: Vec<ChainDecl<'a>>,
+    pub rules: Vec<RuleLine<'a>>,
 }
 
 /// `:NAME POLICY [packets:bytes]`
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChainDecl {
-    pub name: String,
-    pub policy: String,
+pub struct ChainDecl<'a> {
+    pub name: &'a str,
+    pub policy: &'a str,
 }
 
-/// `-A CHAIN args...`, kept as text: a host with 100,000 rules of other tools should not pay
-/// for splitting rules portfwd never looks at. Quotes are checked when parsing.
+/// `-A CHAIN args...`, kept as text borrowed from the dump: a host with 100,000 rules of other
+/// tools should not pay for splitting, or even copying, rules portfwd never looks at. Quotes
+/// are checked when parsing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuleLine {
-    pub chain: String,
+pub struct RuleLine<'a> {
+    pub chain: &'a str,
     /// Everything after the chain name, exactly as printed.
-    pub text: String,
+    pub text: &'a str,
 }
 
-impl RuleLine {
+impl RuleLine<'_> {
     /// The arguments, unquoted.
     pub fn rule(&self) -> Rule {
         Rule {
@@ -48,15 +49,15 @@ impl RuleLine {
     }
 }
 
-impl Dump {
-    pub fn table(&self, name: &str) -> Option<&TableDump> {
+impl Dump<'_> {
+    pub fn table(&self, name: &str) -> Option<&TableDump<'_>> {
         self.tables.iter().find(|t| t.name == name)
     }
 }
 
-impl TableDump {
+impl TableDump<'_> {
     /// Rules of one chain, in order, split into arguments.
-    pub fn chain_rules<'a>(&'a self, chain: &'a str) -> impl Iterator<Item = Rule> + 'a {
+    pub fn chain_rules<'s>(&'s self, chain: &'s str) -> impl Iterator<Item = Rule> + 's {
         self.rules
             .iter()
             .filter(move |r| r.chain == chain)
@@ -69,7 +70,7 @@ impl TableDump {
 }
 
 /// Parses a dump. Never fails: what it cannot read becomes opaque text.
-pub fn parse(text: &str) -> Dump {
+pub fn parse(text: &str) -> Dump<'_> {
     let mut dump = Dump::default();
     let mut current: Option<TableDump> = None;
     for line in text.lines() {
@@ -88,7 +89,7 @@ pub fn parse(text: &str) -> Dump {
                 dump.tables.push(done);
             }
             current = Some(TableDump {
-                name: name.trim().to_string(),
+                name: name.trim(),
                 ..TableDump::default()
             });
             continue;
@@ -104,10 +105,7 @@ pub fn parse(text: &str) -> Dump {
         } else if let Some(decl) = line.strip_prefix(':') {
             let mut parts = decl.split_whitespace();
             match (parts.next(), parts.next()) {
-                (Some(name), Some(policy)) => table.chains.push(ChainDecl {
-                    name: name.to_string(),
-                    policy: policy.to_string(),
-                }),
+                (Some(name), Some(policy)) => table.chains.push(ChainDecl { name, policy }),
                 _ => dump.opaque.push(line.to_string()),
             }
         } else if let Some(rest) = strip_counters(line).strip_prefix("-A ") {
@@ -120,10 +118,7 @@ pub fn parse(text: &str) -> Dump {
                 if !quotes_balanced(text) {
                     dump.opaque.push(line.to_string());
                 }
-                table.rules.push(RuleLine {
-                    chain: chain.to_string(),
-                    text: text.to_string(),
-                });
+                table.rules.push(RuleLine { chain, text });
             }
         } else {
             dump.opaque.push(line.to_string());
@@ -260,11 +255,7 @@ mod tests {
         assert!(dump.tables[0].rules.is_empty(), "an empty table");
         let filter = &dump.tables[1];
         assert_eq!(
-            filter
-                .chains
-                .iter()
-                .map(|c| c.name.as_str())
-                .collect::<Vec<_>>(),
+            filter.chains.iter().map(|c| c.name).collect::<Vec<_>>(),
             ["INPUT", "--dport", "!"]
         );
         assert_eq!(
@@ -290,7 +281,7 @@ mod tests {
         assert_eq!(long.chars().count(), 256);
         assert_eq!(
             (
-                filter.rules[2].chain.as_str(),
+                filter.rules[2].chain,
                 filter.rules[2].rule().args.as_slice()
             ),
             ("!", &["-j".to_string(), "RETURN".to_string()][..])
@@ -328,7 +319,8 @@ mod tests {
         ] {
             let rule = Rule::new(["-m", "comment", "--comment", comment, "-j", "RETURN"]);
             let line = format!("-A C {}", rule.render());
-            let dump = parse(&format!("*filter\n{line}\nCOMMIT\n"));
+            let text = format!("*filter\n{line}\nCOMMIT\n");
+            let dump = parse(&text);
             assert_eq!(dump.tables[0].rules[0].rule(), rule, "{line}");
         }
     }

@@ -207,7 +207,7 @@ pub fn extract_owned(dump: &Dump, family: Family, instance: &str, observed: &mut
             .chains
             .iter()
             .filter(|c| c.name.starts_with(&prefix))
-            .map(|c| (c.name.clone(), table.chain_rules(&c.name).collect()))
+            .map(|c| (c.name.to_string(), table.chain_rules(c.name).collect()))
             .collect();
         if !table.has_chain(&chain_name) {
             // Sub-chains whose chain is gone (a crash, a hand edit) are still ours by name:
@@ -286,7 +286,7 @@ fn table_facts(
     let chains_ok = t
         .chains
         .iter()
-        .all(|c| owned(&c.name) || (builtin.contains(&c.name.as_str()) && c.policy == "ACCEPT"));
+        .all(|c| owned(c.name) || (builtin.contains(&c.name) && c.policy == "ACCEPT"));
     // Checked on the text first: most foreign rules never mention our chains.
     let rules_ok = t.rules.iter().all(|r| {
         owned(&r.chain)
