@@ -44,7 +44,7 @@ impl RuleLine<'_> {
     /// The arguments, unquoted.
     pub fn rule(&self) -> Rule {
         Rule {
-            args: tokenize(&self.text).unwrap_or_default(),
+            args: tokenize(self.text).unwrap_or_default(),
         }
     }
 }

@@ -289,7 +289,7 @@ fn table_facts(
         .all(|c| owned(c.name) || (builtin.contains(&c.name) && c.policy == "ACCEPT"));
     // Checked on the text first: most foreign rules never mention our chains.
     let rules_ok = t.rules.iter().all(|r| {
-        owned(&r.chain)
+        owned(r.chain)
             || (ours.iter().any(|o| r.text.contains(o.as_str()))
                 && ours.iter().any(|o| is_our_jump(&r.rule(), o, instance)))
     });
