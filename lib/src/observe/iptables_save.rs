@@ -140,28 +140,30 @@ fn strip_counters(line: &str) -> &str {
     line
 }
 
-/// Whether every `"` group is closed, as [`tokenize`] would find, without allocating.
+/// Whether every `"` group is closed, as [`tokenize`] would find, without allocating. Works on
+/// bytes: the quote, backslash and separators are ASCII, which never occurs inside a UTF-8
+/// multi-byte sequence.
 fn quotes_balanced(text: &str) -> bool {
-    let mut chars = text.chars();
+    let mut bytes = text.bytes();
     let mut at_token_start = true;
-    while let Some(c) = chars.next() {
-        if c == '"' && at_token_start {
+    while let Some(b) = bytes.next() {
+        if b == b'"' && at_token_start {
             loop {
-                match chars.next() {
+                match bytes.next() {
                     None => return false,
-                    Some('\\') => {
-                        if chars.next().is_none() {
+                    Some(b'\\') => {
+                        if bytes.next().is_none() {
                             return false;
                         }
                     }
-                    Some('"') => break,
+                    Some(b'"') => break,
                     Some(_) => {}
                 }
             }
             // tokenize starts a new token right after a closing quote.
             at_token_start = true;
         } else {
-            at_token_start = c == ' ' || c == '\t';
+            at_token_start = b == b' ' || b == b'\t';
         }
     }
     true
