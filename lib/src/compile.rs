@@ -401,10 +401,10 @@ impl Builder<'_> {
                         .subchains
                         .entry(chain_name)
                         .or_default()
-                        .push(Rule { args });
+                        .push(Rule::new(args));
                     self.buckets.entry((family, hook)).or_default().insert(b);
                 }
-                None => chain.rules.push(Rule { args }),
+                None => chain.rules.push(Rule::new(args)),
             }
         }
     }

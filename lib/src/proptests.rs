@@ -97,7 +97,7 @@ proptest! {
     #[test]
     fn any_comment_round_trips(comment in "[^\n\r\u{0}]{0,256}") {
         let rule = Rule::new(["-m", "comment", "--comment", comment.as_str(), "-j", "RETURN"]);
-        prop_assert_eq!(tokenize(&rule.render()), Some(rule.args.clone()));
+        prop_assert_eq!(tokenize(&rule.render()), Some(rule.args().to_vec()));
     }
 
     /// Two different valid instances never name the same chain.

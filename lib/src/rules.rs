@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::OnceLock;
 
 use crate::model::Proto;
 use crate::net::Family;
@@ -81,30 +82,63 @@ impl Hook {
     }
 }
 
-/// One rule: the arguments after `-A CHAIN`, unquoted, in order.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// One rule: the arguments after `-A CHAIN`, unquoted, in order. A rule read from a dump keeps
+/// its text and is split into arguments only when something needs more than its comment: a
+/// no-op over thousands of owned rules compares comments only.
+#[derive(Clone)]
 pub struct Rule {
-    pub args: Vec<String>,
+    /// As `iptables-save` printed it (rules read from a dump).
+    text: Option<Box<str>>,
+    args: OnceLock<Vec<String>>,
+    /// The comment found by a scan of `text`, without splitting the rest.
+    comment: OnceLock<Option<String>>,
 }
 
 impl Rule {
     pub fn new<S: Into<String>>(args: impl IntoIterator<Item = S>) -> Rule {
         Rule {
-            args: args.into_iter().map(Into::into).collect(),
+            text: None,
+            args: OnceLock::from(args.into_iter().map(Into::into).collect::<Vec<_>>()),
+            comment: OnceLock::new(),
         }
+    }
+
+    /// A rule as `iptables-save` printed it after `-A CHAIN`; split when first needed.
+    pub fn from_text(text: &str) -> Rule {
+        Rule {
+            text: Some(text.into()),
+            args: OnceLock::new(),
+            comment: OnceLock::new(),
+        }
+    }
+
+    /// The arguments, unquoted (none when the text's quotes do not close).
+    pub fn args(&self) -> &[String] {
+        self.args.get_or_init(|| {
+            self.text
+                .as_deref()
+                .and_then(crate::observe::iptables_save::tokenize)
+                .unwrap_or_default()
+        })
     }
 
     /// The value of `--comment`, where portfwd keeps its ownership key.
     pub fn comment(&self) -> Option<&str> {
-        self.option("--comment")
+        match (&self.text, self.args.get()) {
+            (Some(text), None) => self
+                .comment
+                .get_or_init(|| crate::observe::iptables_save::comment_of(text))
+                .as_deref(),
+            _ => self.option("--comment"),
+        }
     }
 
     /// The value following `flag`, e.g. `-j` gives the target.
     pub fn option(&self, flag: &str) -> Option<&str> {
-        self.args
-            .iter()
+        let args = self.args();
+        args.iter()
             .position(|a| a == flag)
-            .and_then(|i| self.args.get(i + 1))
+            .and_then(|i| args.get(i + 1))
             .map(String::as_str)
     }
 
@@ -113,20 +147,40 @@ impl Rule {
     pub fn key(&self) -> String {
         match self.comment() {
             Some(c) => c.to_string(),
-            None => self.args.join(" "),
+            None => self.args().join(" "),
         }
     }
 
     /// The arguments as `iptables-restore` reads them, quoting what needs it.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        for (i, arg) in self.args.iter().enumerate() {
+        for (i, arg) in self.args().iter().enumerate() {
             if i > 0 {
                 out.push(' ');
             }
             push_quoted(&mut out, arg);
         }
         out
+    }
+}
+
+impl PartialEq for Rule {
+    fn eq(&self, other: &Rule) -> bool {
+        self.args() == other.args()
+    }
+}
+
+impl Eq for Rule {}
+
+impl std::hash::Hash for Rule {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.args().hash(state);
+    }
+}
+
+impl std::fmt::Debug for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rule").field("args", &self.args()).finish()
     }
 }
 

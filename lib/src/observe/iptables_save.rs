@@ -41,11 +41,9 @@ pub struct RuleLine<'a> {
 }
 
 impl RuleLine<'_> {
-    /// The arguments, unquoted.
+    /// The rule; its arguments are split when first needed.
     pub fn rule(&self) -> Rule {
-        Rule {
-            args: tokenize(self.text).unwrap_or_default(),
-        }
+        Rule::from_text(self.text)
     }
 }
 
@@ -169,6 +167,46 @@ fn quotes_balanced(text: &str) -> bool {
     true
 }
 
+/// The value of the first `--comment` argument, as [`tokenize`] would find it, copying only
+/// that value; None when there is none or the text's quotes do not close.
+pub fn comment_of(text: &str) -> Option<String> {
+    if !quotes_balanced(text) {
+        return None;
+    }
+    let mut rest = text;
+    let mut after_flag = false;
+    loop {
+        rest = rest.trim_start_matches([' ', '\t']);
+        if rest.is_empty() {
+            return None;
+        }
+        let token: std::borrow::Cow<str> = if let Some(quoted) = rest.strip_prefix('"') {
+            let mut token = String::new();
+            let mut chars = quoted.char_indices();
+            loop {
+                match chars.next()? {
+                    (_, '\\') => token.push(chars.next()?.1),
+                    (i, '"') => {
+                        rest = &quoted[i + 1..];
+                        break;
+                    }
+                    (_, c) => token.push(c),
+                }
+            }
+            token.into()
+        } else {
+            let end = rest.find([' ', '\t']).unwrap_or(rest.len());
+            let token = &rest[..end];
+            rest = &rest[end..];
+            token.into()
+        };
+        if after_flag {
+            return Some(token.into_owned());
+        }
+        after_flag = token == "--comment";
+    }
+}
+
 /// Splits on spaces; `"..."` groups with `\x` escapes inside, as iptables writes and reads it.
 /// Returns None on an unterminated quote. Unquoted tokens are copied in one piece.
 pub fn tokenize(text: &str) -> Option<Vec<String>> {
@@ -217,6 +255,24 @@ mod tests {
         assert_eq!(tokenize(input).unwrap(), expected);
     }
 
+    /// The comment scan used for no-ops must find exactly what splitting the rule finds.
+    #[rstest]
+    #[case(r#"-p tcp -m comment --comment portfwd:fwd:a:0011aabb -j ACCEPT"#)]
+    #[case(r#"-j LOG --log-prefix "--comment fake" -m comment --comment real"#)]
+    #[case(r#"-m comment --comment "we\"ir\'\\d s" -j X"#)]
+    #[case(r#"-m comment "--comment" quoted-flag"#)]
+    #[case(r#"-m comment --comment ok --comment second"#)]
+    #[case(r#"-m comment --comment ok -j LOG --log-prefix "open"#)]
+    #[case(r#"-m comment --comment"#)]
+    #[case(r#"-j ACCEPT"#)]
+    fn comment_scan_agrees_with_tokenize(#[case] text: &str) {
+        let split = tokenize(text).and_then(|args| {
+            let i = args.iter().position(|a| a == "--comment")?;
+            args.get(i + 1).cloned()
+        });
+        assert_eq!(comment_of(text), split, "{text}");
+    }
+
     #[test]
     fn unterminated_quote_keeps_its_position_but_has_no_arguments() {
         assert_eq!(tokenize(r#"--comment "open"#), None);
@@ -226,8 +282,8 @@ mod tests {
             2,
             "both lines count for positions"
         );
-        assert!(dump.tables[0].rules[0].rule().args.is_empty());
-        assert_eq!(dump.tables[0].rules[1].rule().args, ["-j", "RETURN"]);
+        assert!(dump.tables[0].rules[0].rule().args().is_empty());
+        assert_eq!(dump.tables[0].rules[1].rule().args(), ["-j", "RETURN"]);
         assert_eq!(
             dump.opaque,
             vec!["-A C -m comment --comment \"open"],
@@ -261,7 +317,7 @@ mod tests {
             ["INPUT", "--dport", "!"]
         );
         assert_eq!(
-            filter.rules[0].rule().args,
+            filter.rules[0].rule().args(),
             [
                 "!",
                 "-s",
@@ -282,10 +338,7 @@ mod tests {
         assert_eq!(filter.rules[1].rule().comment(), Some(long.as_str()));
         assert_eq!(long.chars().count(), 256);
         assert_eq!(
-            (
-                filter.rules[2].chain,
-                filter.rules[2].rule().args.as_slice()
-            ),
+            (filter.rules[2].chain, filter.rules[2].rule().args()),
             ("!", &["-j".to_string(), "RETURN".to_string()][..])
         );
         assert!(dump.opaque.is_empty(), "{:?}", dump.opaque);
