@@ -345,22 +345,11 @@ impl Builder<'_> {
         matches: Vec<String>,
         target: Vec<String>,
     ) {
-        self.push_marked(family, hook, kind, name, matches, target, false);
-    }
-
-    /// [`Builder::push`], with the `:reset` marker in the comment when `reset` is set.
-    #[allow(clippy::too_many_arguments)]
-    fn push_marked(
-        &mut self,
-        family: Family,
-        hook: Hook,
-        kind: &str,
-        name: &str,
-        matches: Vec<String>,
-        target: Vec<String>,
-        reset: bool,
-    ) {
-        let owner = Owner { kind, name, reset };
+        let owner = Owner {
+            kind,
+            name,
+            reset: false,
+        };
         self.place(family, hook, None, owner, matches, target);
     }
 
