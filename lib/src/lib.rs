@@ -149,19 +149,28 @@ fn follow_live_flows(
     } else {
         &config.forwards
     };
-    let find = |list: &'_ [model::Forward], name: &str| -> Option<usize> {
-        list.iter().position(|f| f.name == name)
+    // By name, so a change of thousands of forwards (a new conn_mark) stays linear.
+    let by_name = |list: &'_ [model::Forward]| -> std::collections::HashMap<String, usize> {
+        list.iter()
+            .enumerate()
+            .map(|(i, f)| (f.name.clone(), i))
+            .collect()
     };
+    let (old_index, new_index) = (by_name(&old), by_name(new));
     let changes: Vec<conntrack::ForwardChange> = changed
         .added
         .iter()
         .chain(&changed.updated)
         .chain(&changed.removed)
         .map(|name| conntrack::ForwardChange {
-            old: find(&old, name).map(|i| &old[i]),
-            new: find(new, name).map(|i| &new[i]),
+            old: old_index.get(name).map(|&i| &old[i]),
+            new: new_index.get(name).map(|&i| &new[i]),
         })
         .collect();
+    // TCP forwards without reset_connections have no flow to reset: nothing to read.
+    if changes.iter().all(|c| c.tables().is_empty()) {
+        return;
+    }
     // A plain forwarder's run did not read the addresses; a change that resets flows does.
     let local: Vec<std::net::IpAddr> = if observed.addresses_read {
         observed.routing.present.iter().map(|a| a.addr).collect()

@@ -7,14 +7,14 @@ pub mod iproute;
 pub mod iptables_save;
 pub mod params_view;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::net::Family;
 use crate::routing::RoutingObserved;
 use crate::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Table};
 use crate::system::Record;
 use crate::system::{Read, System, SystemError};
-use iptables_save::Dump;
+use iptables_save::{Dump, RuleLine};
 
 /// The host as the plan sees it.
 #[derive(Debug, Clone, Default)]
@@ -36,8 +36,7 @@ pub struct Observed {
     pub stored: Option<String>,
     /// Dispatch sub-chains of the instance whose hook chain does not exist.
     pub stray_subchains: BTreeMap<(Family, Hook), BTreeMap<String, Vec<Rule>>>,
-    /// Whether ip rules and routes, and addresses, were read (see [`Scope`]).
-    pub routing_read: bool,
+    /// Whether the addresses were read (see [`Scope`]).
     pub addresses_read: bool,
     /// Other software's rules that read or write conntrack marks (`table chain args`), to warn
     /// when one touches the instance's `conn_mark` bit.
@@ -148,7 +147,6 @@ pub fn observe(
     if addresses {
         observed.routing.present = iproute::parse_addresses(&next()?.0);
     }
-    observed.routing_read = routing;
     observed.addresses_read = addresses;
     for key in sysctl_keys {
         let value = sys.read_sysctl(key)?;
@@ -194,20 +192,38 @@ pub fn extract_owned(dump: &Dump, family: Family, instance: &str, observed: &mut
             );
         }
     }
+    // Each table's rules grouped by chain once: every hook, and every one of its sub-chains,
+    // reads its own rules without scanning the whole table again.
+    // (Lines only: foreign rules are never materialised.)
+    let mut by_chain: BTreeMap<&str, HashMap<&str, Vec<&RuleLine>>> = BTreeMap::new();
+    for table in [Table::Filter, Table::Nat] {
+        if let Some(t) = dump.table(table.name()) {
+            let chains = by_chain.entry(table.name()).or_default();
+            for line in &t.rules {
+                chains.entry(line.chain).or_default().push(line);
+            }
+        }
+    }
+    let rules_of = |lines: Option<&Vec<&RuleLine>>| -> Vec<Rule> {
+        lines.map_or_else(Vec::new, |l| l.iter().map(|r| r.rule()).collect())
+    };
     for hook in Hook::ALL {
         let Some(table) = dump.table(hook.table().name()) else {
             continue;
         };
+        let Some(chains) = by_chain.get(hook.table().name()) else {
+            continue;
+        };
         observed.tables_present.insert((family, hook), true);
         let chain_name = hook.chain(instance);
-        let builtin: Vec<_> = table.chain_rules(hook.builtin()).collect();
+        let builtin = rules_of(chains.get(hook.builtin()));
         observed.builtin_len.insert((family, hook), builtin.len());
         let prefix = format!("{chain_name}-");
         let subchains: BTreeMap<String, Vec<Rule>> = table
             .chains
             .iter()
             .filter(|c| c.name.starts_with(&prefix))
-            .map(|c| (c.name.to_string(), table.chain_rules(c.name).collect()))
+            .map(|c| (c.name.to_string(), rules_of(chains.get(c.name))))
             .collect();
         if !table.has_chain(&chain_name) {
             // Sub-chains whose chain is gone (a crash, a hand edit) are still ours by name:
@@ -226,7 +242,7 @@ pub fn extract_owned(dump: &Dump, family: Family, instance: &str, observed: &mut
                 rule: r.clone(),
             })
             .collect();
-        let rules = table.chain_rules(&chain_name).collect();
+        let rules = rules_of(chains.get(chain_name.as_str()));
         observed.owned.chains.insert(
             (family, hook),
             OwnedChain {
