@@ -14,6 +14,6 @@ PORTFWD_MODULE_BIN=$(pwd)/$(bash scripts/build-release.sh)
 export PORTFWD_MODULE_BIN
 cargo test --workspace
 # Kernels before 5.14 have no SO_NETNS_COOKIE: the routing suite again with the fallback key.
-PORTFWD_NO_NETNS_COOKIE=1 cargo test -p portfwd-e2e --test routing --test records
+PORTFWD_NO_NETNS_COOKIE=1 cargo test -p portfwd-e2e --test e2e -- routing:: records::
 target/debug/portfwd-lab run --junit target/lab-junit.xml
 target/debug/portfwd-lab demo

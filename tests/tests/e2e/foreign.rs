@@ -2,13 +2,11 @@
 //! FORWARD policy DROP), in both iptables flavours. portfwd must make forwarding work, leave
 //! every foreign line byte-identical, and on `state: absent` restore the exact original.
 
-mod common;
-
-use common::{portfwd, prerequisites, ruleset, sa, Topology};
+use crate::common::{portfwd, prerequisites, ruleset, sa, Topology};
 use portfwd_harness::{probe, Proto, Server};
 use serde_json::json;
 
-const FOREIGN: &str = include_str!("../data/docker-kube.rules");
+const FOREIGN: &str = include_str!("../../data/docker-kube.rules");
 
 fn foreign_ruleset_survives(flavour: &str) {
     if !prerequisites() {

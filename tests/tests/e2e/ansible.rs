@@ -3,13 +3,12 @@
 //! traffic, idempotence, bad params, registered results, docs, and a multi-host run over SSH
 //! into namespaces running sshd.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{portfwd, prerequisites, ruleset, sa, Topology};
+use crate::common;
+use crate::common::{portfwd, prerequisites, ruleset, sa, Topology};
 use portfwd_harness::{addr, link, probe, Netns, Proto, Server};
 use serde_json::{json, Value};
 

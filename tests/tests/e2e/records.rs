@@ -3,11 +3,9 @@
 //! inode, the sweep of records of gone namespaces, and a corrupt record. (The whole routing
 //! suite also runs with the fallback key: see scripts/test.sh.)
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::{portfwd, prerequisites};
+use crate::common::{portfwd, prerequisites};
 use portfwd_harness::{link, Netns};
 use serde_json::{json, Value};
 

@@ -2,11 +2,10 @@
 //! scripts/setup.sh creates): the shipped state drives `portfwd apply` through `cmd.run`
 //! with `stateful`, in test mode and for real, and the one-liner for other tools works.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::{portfwd, prerequisites, ruleset, sa, Topology};
+use crate::common;
+use crate::common::{portfwd, prerequisites, ruleset, sa, Topology};
 use portfwd_harness::{probe, Netns, Proto, Server};
 use serde_json::Value;
 

@@ -1,11 +1,9 @@
 //! End-to-end: keeping the client's address with alias addresses and policy routing (seed 000
 //! case 3, seed 003), rollback at every injected failure, and persistence across a reboot.
 
-mod common;
-
 use std::net::IpAddr;
 
-use common::{portfwd, prerequisites, ruleset, sa, FailNth, Topology, WriteRecorder};
+use crate::common::{portfwd, prerequisites, ruleset, sa, FailNth, Topology, WriteRecorder};
 use portfwd_harness::shims::SlowNth;
 use portfwd_harness::{probe, Netns, Proto, Server};
 use serde_json::{json, Value};

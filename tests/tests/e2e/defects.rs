@@ -2,12 +2,11 @@
 //! section 3). Each one creates the condition in namespaces and fails without its fix.
 //! (The corrupt record and stale records are in records.rs.)
 
-mod common;
-
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::{portfwd, prerequisites, ruleset, sa, Topology};
+use crate::common;
+use crate::common::{portfwd, prerequisites, ruleset, sa, Topology};
 use portfwd_harness::{link, probe, Netns, Proto, Server};
 use serde_json::{json, Value};
 

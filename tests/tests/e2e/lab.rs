@@ -1,12 +1,10 @@
 //! End-to-end tests of `portfwd-lab` itself: failure reports, JUnit, captures, Ctrl-C
 //! clean-up, up/exec/down and clean.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{data, portfwd_lab, prerequisites};
+use crate::common::{data, portfwd_lab, prerequisites};
 use portfwd_harness::netns::all_namespaces;
 
 fn lab(args: &[&str]) -> (i32, String) {

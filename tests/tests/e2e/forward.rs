@@ -1,10 +1,8 @@
 //! End-to-end: the seed scenarios in fresh namespaces, proven with real TCP and UDP traffic.
 
-mod common;
-
 use std::net::IpAddr;
 
-use common::{portfwd, prerequisites, ruleset, sa, Topology, WriteRecorder};
+use crate::common::{portfwd, prerequisites, ruleset, sa, Topology, WriteRecorder};
 use portfwd_harness::{probe, Proto, Server, TcpSession};
 use serde_json::{json, Value};
 

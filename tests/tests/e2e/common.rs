@@ -1,16 +1,12 @@
 //! Shared set-up for the end-to-end tests: the freshly built binary, prerequisites, the
 //! client/proxy/backend topology and a write-command recorder.
 
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-#[allow(unused_imports)]
 pub use portfwd_harness::shims::{FailNth, WriteRecorder};
-#[allow(unused_imports)]
 pub use portfwd_harness::topology::{ruleset, Topology};
 use portfwd_harness::Portfwd;
 

@@ -4,9 +4,8 @@
 //! `reset_connections` decides whether an open TCP connection is cut. Each in both iptables
 //! flavours; nothing of another forward's flows is deleted.
 
-mod common;
-
-use common::{portfwd, prerequisites, sa, Topology};
+use crate::common;
+use crate::common::{portfwd, prerequisites, sa, Topology};
 use portfwd_harness::{Netns, Proto, Server, TcpSession, UdpFlow};
 use serde_json::{json, Value};
 

@@ -1,0 +1,15 @@
+//! The end-to-end tests, one binary: real network namespaces, real iptables (both flavours),
+//! iproute2, conntrack, ansible-playbook and salt-call, and real traffic. Each module is one
+//! suite; run one with `cargo test -p portfwd-e2e --test e2e routing::`.
+
+mod common;
+
+mod ansible;
+mod conntrack;
+mod defects;
+mod foreign;
+mod forward;
+mod lab;
+mod records;
+mod routing;
+mod salt;
