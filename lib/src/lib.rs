@@ -38,8 +38,8 @@ use system::{System, SystemError};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Bad params: every problem, each naming its field and value.
-    #[error("invalid params: {}", .0.join("; "))]
-    Invalid(Vec<String>),
+    #[error("invalid params: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<model::Problem>),
     #[error(transparent)]
     System(#[from] SystemError),
 }

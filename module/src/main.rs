@@ -187,14 +187,10 @@ fn main() -> ExitCode {
             backend,
             route_protocol,
         } => {
-            let valid = !instance.is_empty()
-                && instance.len() <= 12
-                && instance
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-            if !valid {
+            if !portfwd::model::valid_instance(&instance) {
                 return emit(&Report::failure(format!(
-                    "--instance: {instance:?} must match [a-z0-9-]{{1,12}}"
+                    "--instance: {instance:?} {}",
+                    portfwd::model::INSTANCE_RULE
                 )));
             }
             let mut sys = RealSystem::new(backend.into());

@@ -1,0 +1,162 @@
+//! The validated desired state: typed values the rest of the pipeline can trust (addresses
+//! parsed, ports in range, names checked). Built only by [`super::validate`].
+
+use std::net::IpAddr;
+
+use crate::net::{Cidr, Family, PortRange};
+
+use super::params::{Backend, IpForward, State};
+
+/// One transport protocol as it appears in a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// A validated interface address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    pub addr: IpAddr,
+    pub prefix: u8,
+    pub dev: String,
+    pub label: Option<String>,
+}
+
+impl Address {
+    /// `10.10.10.10/24`, as iproute2 takes it.
+    pub fn cidr_text(&self) -> String {
+        format!("{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A validated policy route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRoute {
+    pub family: Family,
+    pub from: Cidr,
+    pub to: Option<Cidr>,
+    pub table: u32,
+    pub priority: Option<u32>,
+    /// (mark, mask)
+    pub fwmark: Option<(u32, u32)>,
+    pub iif: Option<String>,
+    pub routes: Vec<Route>,
+}
+
+/// A validated route; `to: None` is the default route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub to: Option<Cidr>,
+    pub via: Option<IpAddr>,
+    pub dev: Option<String>,
+}
+
+/// How a DNAT forward rewrites the source address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Snat {
+    Masquerade,
+    None,
+    To(IpAddr),
+}
+
+/// What a forward does with a matching connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// DNAT to `addr`, to `port` or keeping the listen port when `None`.
+    Dnat {
+        addr: IpAddr,
+        port: Option<u16>,
+        snat: Snat,
+    },
+    /// REDIRECT to a local port.
+    Redirect { port: u16 },
+}
+
+/// A validated forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub name: String,
+    pub family: Family,
+    pub protos: Vec<Proto>,
+    pub listen_port: PortRange,
+    pub listen_address: Option<IpAddr>,
+    pub in_interface: Option<String>,
+    pub sources: Vec<Cidr>,
+    pub action: Action,
+    pub local: bool,
+    pub allow_forward: bool,
+    pub reset_connections: bool,
+}
+
+impl Forward {
+    /// The port range the backend receives on.
+    pub fn backend_ports(&self) -> PortRange {
+        match self.action {
+            Action::Dnat { port: Some(p), .. } => PortRange::single(p),
+            Action::Redirect { port } => PortRange::single(port),
+            Action::Dnat { port: None, .. } => self.listen_port,
+        }
+    }
+
+    /// DNAT to 127.0.0.0/8 (needs route_localnet for traffic from other hosts).
+    pub fn dnats_to_loopback(&self) -> bool {
+        matches!(self.action, Action::Dnat { addr: IpAddr::V4(a), .. } if a.is_loopback())
+    }
+
+    /// Does this forward route packets between interfaces (so it needs ip_forward)?
+    pub fn needs_forwarding(&self) -> bool {
+        matches!(self.action, Action::Dnat { .. })
+    }
+}
+
+/// A validated masquerade entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Masquerade {
+    pub name: String,
+    pub source: Cidr,
+    pub out_interface: Option<String>,
+    pub to_source: Option<IpAddr>,
+    pub allow_forward: bool,
+}
+
+impl Masquerade {
+    pub fn family(&self) -> Family {
+        self.source.family()
+    }
+}
+
+/// The whole validated desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub state: State,
+    pub instance: String,
+    pub ip_forward: IpForward,
+    pub backend: Backend,
+    pub forwards: Vec<Forward>,
+    pub masquerades: Vec<Masquerade>,
+    pub addresses: Vec<Address>,
+    pub policy_routes: Vec<PolicyRoute>,
+    pub persist: bool,
+    pub route_protocol: u8,
+    /// The conntrack mark bit of forwarded flows (exactly one bit set).
+    pub conn_mark: u32,
+    /// The params as `persist: true` stores them (None when not persisting).
+    pub persisted: Option<String>,
+}
+
+/// Options the caller passes next to the params (Ansible's `_ansible_*` keys or CLI flags).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunMode {
+    pub check: bool,
+    pub diff: bool,
+}

@@ -1,0 +1,309 @@
+//! Validation tests: every bad input is refused with its field and value named.
+
+use super::*;
+use crate::net::Family;
+use rstest::rstest;
+use serde_json::Value;
+
+fn err(input: &str) -> String {
+    match Config::from_json(input) {
+        Ok(_) => panic!("accepted: {input}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[rstest]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4","bogus":1}]}"#,
+    "forwards[0].bogus: unknown field `bogus`"
+)]
+#[case(r#"{"nope":1}"#, "unknown field `nope`")]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":0,"to":"1.2.3.4"}]}"#,
+    r#"forwards[0].listen_port: "0" is not a port (1-65535)"#
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":65536,"to":"1.2.3.4"}]}"#,
+    r#"forwards[0].listen_port: "65536" is not a port"#
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":"9-8","to":"1.2.3.4"}]}"#,
+    "is a reversed range"
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"10.0.0.300:80"}]}"#,
+    r#"forwards[0].to: "10.0.0.300" is not an IP address"#
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"db.example.com:80"}]}"#,
+    "hostnames are refused"
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4:0"}]}"#,
+    "has an invalid port"
+)]
+#[case(r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4"},{"name":"a","listen_port":2,"to":"1.2.3.4"}]}"#, r#"forwards[1].name: "a" is a duplicate name"#)]
+#[case(
+    r#"{"forwards":[{"name":"a\nb","listen_port":1,"to":"1.2.3.4"}]}"#,
+    r#"forwards[0].name: "a\nb" must match"#
+)]
+#[case(
+    r#"{"forwards":[{"name":"a\"b","listen_port":1,"to":"1.2.3.4"}]}"#,
+    r#"forwards[0].name: "a\"b" must match"#
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4","in_interface":"eth0;reboot"}]}"#,
+    r#"forwards[0].in_interface: "eth0;reboot" is not an interface name"#
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4","in_interface":"$(id)"}]}"#,
+    "is not an interface name"
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4","sources":["10.0.0.1/8"]}]}"#,
+    "has host bits set (did you mean 10.0.0.0/8?)"
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4","sources":["::/0"]}]}"#,
+    "cannot mix address families"
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1}]}"#,
+    "one of `to` or `redirect_to_port` is required"
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4","redirect_to_port":2}]}"#,
+    "exclusive"
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"redirect_to_port":2,"snat":"none"}]}"#,
+    "applies only to `to` forwards"
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4","proto":"icmp"}]}"#,
+    "forwards[0].proto: unknown variant `icmp`"
+)]
+#[case(r#"{"instance":"Web"}"#, r#"instance: "Web" must match"#)]
+#[case(r#"{"instance":"waytoolonginstance"}"#, "must match [a-z0-9-]{1,12}")]
+#[case(
+    r#"{"ip_forward":"yes"}"#,
+    "ip_forward: \"yes\" is not one of true, false, \"auto\""
+)]
+#[case(
+    r#"{"masquerade":[{"name":"m","source":"192.168.0.1/24"}]}"#,
+    "masquerade[0].source"
+)]
+#[case(
+    r#"{"masquerade":[{"name":"m","source":"192.168.0.0/24","to_source":"::1"}]}"#,
+    "cannot mix"
+)]
+#[case(r#"[1]"#, "params must be a JSON object")]
+#[case(
+    r#"{"addresses":[{"address":"10.10.10.10","dev":"eth0"}]}"#,
+    "addresses[0].address: \"10.10.10.10\" needs a prefix length"
+)]
+#[case(
+    r#"{"addresses":[{"address":"fd00::1/64","dev":"eth0","label":"eth0:1"}]}"#,
+    "applies to IPv4 addresses only"
+)]
+#[case(
+    r#"{"addresses":[{"address":"10.0.0.1/24","dev":"eth0","label":"eth1:1"}]}"#,
+    "must start with the device name"
+)]
+#[case(
+    r#"{"policy_routes":[{"from":"10.0.0.1","table":254}]}"#,
+    "policy_routes[0].table: \"254\" is reserved"
+)]
+#[case(r#"{"policy_routes":[{"from":"10.0.0.1","table":0}]}"#, "is reserved")]
+#[case(
+    r#"{"policy_routes":[{"from":"10.0.0.1","table":4294967296}]}"#,
+    "is not a routing table"
+)]
+#[case(
+    r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"priority":32766}]}"#,
+    "is outside 1-32765"
+)]
+#[case(
+    r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"fwmark":"0xzz"}]}"#,
+    "is not a firewall mark"
+)]
+#[case(
+    r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"routes":[{"to":"default"}]}]}"#,
+    "routes[0]: needs `via`, `dev` or both"
+)]
+#[case(r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"routes":[{"to":"default","via":"fd00::1"}]}]}"#, "cannot mix address families")]
+#[case(r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"routes":[{"to":"default","via":"10.0.0.9"},{"to":"default","dev":"eth0"}]}]}"#, "is listed twice in this table")]
+#[case(r#"{"route_protocol":3}"#, "route_protocol: \"3\" is reserved")]
+#[case(r#"{"#, "params are not valid JSON")]
+fn refuses_bad_input(#[case] input: &str, #[case] needle: &str) {
+    let message = err(input);
+    assert!(
+        message.contains(needle),
+        "{message:?} does not contain {needle:?}"
+    );
+}
+
+/// Newlines, quotes and NUL in any string field are refused, naming that field.
+#[test]
+fn hostile_characters_in_any_string_field_are_refused() {
+    let base = serde_json::json!({
+        "instance": "t",
+        "forwards": [{"name": "f", "listen_port": "80", "listen_address": "10.0.0.1", "in_interface": "eth0",
+                      "sources": ["10.1.0.0/16"], "to": "10.0.0.2:80", "snat": "10.0.0.1"},
+                     {"name": "r", "listen_port": 81, "redirect_to_port": "8080"}],
+        "masquerade": [{"name": "m", "source": "10.2.0.0/16", "out_interface": "eth1", "to_source": "10.0.0.1"}],
+        "addresses": [{"address": "10.0.0.9/24", "dev": "eth0", "label": "eth0:1"}],
+        "policy_routes": [{"from": "10.0.0.9", "to": "10.3.0.0/16", "table": "100", "priority": "1000", "fwmark": "0x10",
+                           "iif": "eth0", "routes": [{"to": "default", "via": "10.0.0.1", "dev": "eth0"}]}]
+    });
+    assert!(
+        Config::from_json(&base.to_string()).is_ok(),
+        "the base params are valid"
+    );
+    let fields: &[&[&str]] = &[
+        &["instance"],
+        &["forwards", "0", "name"],
+        &["forwards", "0", "listen_port"],
+        &["forwards", "0", "listen_address"],
+        &["forwards", "0", "in_interface"],
+        &["forwards", "0", "sources", "0"],
+        &["forwards", "0", "to"],
+        &["forwards", "0", "snat"],
+        &["forwards", "1", "redirect_to_port"],
+        &["masquerade", "0", "name"],
+        &["masquerade", "0", "source"],
+        &["masquerade", "0", "out_interface"],
+        &["masquerade", "0", "to_source"],
+        &["addresses", "0", "address"],
+        &["addresses", "0", "dev"],
+        &["addresses", "0", "label"],
+        &["policy_routes", "0", "from"],
+        &["policy_routes", "0", "to"],
+        &["policy_routes", "0", "table"],
+        &["policy_routes", "0", "priority"],
+        &["policy_routes", "0", "fwmark"],
+        &["policy_routes", "0", "iif"],
+        &["policy_routes", "0", "routes", "0", "to"],
+        &["policy_routes", "0", "routes", "0", "via"],
+        &["policy_routes", "0", "routes", "0", "dev"],
+    ];
+    for path in fields {
+        for bad in ["\n", "\"", "\u{0}", "'", " -j ACCEPT", "$(reboot)"] {
+            let mut params = base.clone();
+            let mut slot = &mut params;
+            for key in *path {
+                slot = match key.parse::<usize>() {
+                    Ok(i) => &mut slot[i],
+                    Err(_) => &mut slot[*key],
+                };
+            }
+            let value = format!("{}{bad}", slot.as_str().unwrap_or("x"));
+            *slot = Value::from(value);
+            let shown = path.iter().enumerate().fold(String::new(), |acc, (i, k)| {
+                match k.parse::<usize>() {
+                    Ok(n) => format!("{acc}[{n}]"),
+                    Err(_) if i == 0 => k.to_string(),
+                    Err(_) => format!("{acc}.{k}"),
+                }
+            });
+            match Config::from_json(&params.to_string()) {
+                Ok(_) => panic!("{shown} accepted {bad:?}"),
+                Err(e) => assert!(e.to_string().contains(&shown), "{shown} with {bad:?}: {e}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn reports_every_problem_at_once() {
+    let message = err(
+        r#"{"forwards":[{"name":"a","listen_port":0,"to":"x:1"},{"name":"b b","listen_port":1,"to":"1.2.3.4"}]}"#,
+    );
+    assert!(message.contains("forwards[0].listen_port"), "{message}");
+    assert!(message.contains("forwards[0].to"), "{message}");
+    assert!(message.contains("forwards[1].name"), "{message}");
+}
+
+#[test]
+fn ignores_ansible_keys_and_reads_modes() {
+    let (config, _, mode) = Config::from_json(
+        r#"{"_ansible_check_mode":true,"_ansible_diff":true,"_ansible_future_key":{"x":1},"forwards":[]}"#,
+    )
+    .unwrap();
+    assert!(mode.check && mode.diff);
+    assert_eq!(config.instance, "portfwd");
+}
+
+#[test]
+fn normalises_a_forward() {
+    let (config, _, _) = Config::from_json(
+        r#"{"forwards":[{"name":"v6","proto":"both","listen_port":"8000-8100","to":"[2001:db8::2]","sources":["2001:db8:1::/48"]}]}"#,
+    )
+    .unwrap();
+    let f = &config.forwards[0];
+    assert_eq!(f.family, Family::V6);
+    assert_eq!(f.protos, vec![Proto::Tcp, Proto::Udp]);
+    assert_eq!(f.backend_ports().to_string(), "8000:8100");
+    assert_eq!(
+        f.action,
+        Action::Dnat {
+            addr: "2001:db8::2".parse().unwrap(),
+            port: None,
+            snat: Snat::Masquerade
+        }
+    );
+}
+
+#[test]
+fn sysctl_names_are_not_interfaces() {
+    for name in ["all", "default"] {
+        let input = format!(
+            r#"{{"forwards":[{{"name":"l","listen_port":1,"in_interface":"{name}","to":"127.0.0.1:80"}}]}}"#
+        );
+        let message = err(&input);
+        assert!(
+            message.contains(&format!(
+                "forwards[0].in_interface: \"{name}\" is not an interface"
+            )),
+            "{message}"
+        );
+    }
+}
+
+/// What the kernel reports must be what the model holds, or every run churns.
+#[test]
+fn normalises_what_the_kernel_would_show_differently() {
+    let (config, _, _) = Config::from_json(
+        r#"{"forwards":[{"name":"a","listen_port":1,"to":"10.0.0.2","sources":["10.0.0.0/8","0.0.0.0/0"]}],
+            "addresses":[{"address":"10.0.0.1/24","dev":"eth0","label":"eth0"}],
+            "policy_routes":[{"from":"10.0.0.1","to":"0.0.0.0/0","table":7,
+                "routes":[{"to":"0.0.0.0/0","via":"10.0.0.254"}]}]}"#,
+    )
+    .unwrap();
+    assert!(
+        config.forwards[0].sources.is_empty(),
+        "0.0.0.0/0 is everyone"
+    );
+    assert_eq!(
+        config.addresses[0].label, None,
+        "a label equal to the device is none"
+    );
+    assert_eq!(
+        config.policy_routes[0].to, None,
+        "an all-zero `to` is no selector"
+    );
+    assert_eq!(
+        config.policy_routes[0].routes[0].to, None,
+        "0.0.0.0/0 is default"
+    );
+}
+
+#[test]
+fn ports_may_be_strings_as_templating_produces() {
+    let (config, _, _) = Config::from_json(
+        r#"{"forwards":[{"name":"r","listen_port":"2222","redirect_to_port":"1111"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(config.forwards[0].action, Action::Redirect { port: 1111 });
+    assert_eq!(config.forwards[0].family, Family::V4);
+}

@@ -1,0 +1,815 @@
+//! Every check of the params, collected rather than stopping at the first: each problem is a
+//! typed value (`path`, `value`, `reason`) rendered once, so the user fixes everything in one go
+//! and nothing reaches the system unless the whole input is valid.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use serde_json::Value;
+
+use super::config::*;
+use super::params::*;
+use crate::net::{Cidr, CidrError, Family, PortRange};
+use crate::Error;
+
+impl Params {
+    /// Checks every field and returns the typed config, or every problem found.
+    pub fn validate(&self) -> Result<Config, Error> {
+        let mut errors = Errors::default();
+        if !valid_instance(&self.instance) {
+            errors.push("instance", &self.instance, INSTANCE_RULE.into());
+        }
+        let mut names = HashSet::new();
+        let forwards = self
+            .forwards
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| {
+                let path = format!("forwards[{i}]");
+                if !names.insert(f.name.as_str()) {
+                    errors.push(
+                        &format!("{path}.name"),
+                        &f.name,
+                        "is a duplicate name".into(),
+                    );
+                }
+                validate_forward(&path, f, &mut errors)
+            })
+            .collect();
+        let mut names = HashSet::new();
+        let masquerades = self
+            .masquerade
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                let path = format!("masquerade[{i}]");
+                if !names.insert(m.name.as_str()) {
+                    errors.push(
+                        &format!("{path}.name"),
+                        &m.name,
+                        "is a duplicate name".into(),
+                    );
+                }
+                validate_masquerade(&path, m, &mut errors)
+            })
+            .collect();
+        let addresses = validate_addresses(&self.addresses, &mut errors);
+        let policy_routes = validate_policy_routes(&self.policy_routes, &mut errors);
+        let route_protocol = match self.route_protocol {
+            Some(p) if p <= 4 => {
+                errors.push(
+                    "route_protocol",
+                    &p.to_string(),
+                    "is reserved by the kernel (use 5-255)".into(),
+                );
+                0
+            }
+            Some(p) => p,
+            None => default_route_protocol(&self.instance),
+        };
+        let conn_mark = match &self.conn_mark {
+            None => DEFAULT_CONN_MARK,
+            Some(v) => match parse_conn_mark(v, &mut errors) {
+                Some(bit) if bit.is_power_of_two() => bit,
+                Some(bit) => {
+                    errors.push(
+                        "conn_mark",
+                        &format!("{bit:#x}"),
+                        "must be exactly one bit (a power of two, like 0x2000)".into(),
+                    );
+                    DEFAULT_CONN_MARK
+                }
+                None => DEFAULT_CONN_MARK,
+            },
+        };
+        errors.finish()?;
+        Ok(Config {
+            state: self.state,
+            instance: self.instance.clone(),
+            ip_forward: self.ip_forward,
+            backend: self.backend,
+            forwards,
+            masquerades,
+            addresses,
+            policy_routes,
+            persist: self.persist,
+            route_protocol,
+            conn_mark,
+            persisted: (self.persist && self.state == State::Present)
+                .then(|| serde_json::to_string_pretty(self).unwrap_or_default()),
+        })
+    }
+}
+
+/// One thing wrong with the input: where, the value found (when there is one), and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The field path, `forwards[2].to`; empty for the input as a whole.
+    pub path: String,
+    pub value: Option<String>,
+    pub reason: String,
+}
+
+impl Problem {
+    /// A problem with the input as a whole (not JSON, not an object).
+    pub fn whole(reason: impl Into<String>) -> Problem {
+        Problem {
+            path: String::new(),
+            value: None,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Rendered once, as `path: "value" reason`. Debug formatting of the value escapes quotes,
+/// newlines and NULs, so a message stays one line whatever the user wrote.
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.value, self.path.is_empty()) {
+            (Some(value), _) => write!(f, "{}: {value:?} {}", self.path, self.reason),
+            (None, false) => write!(f, "{}: {}", self.path, self.reason),
+            (None, true) => f.write_str(&self.reason),
+        }
+    }
+}
+
+/// The problems found so far.
+#[derive(Default)]
+struct Errors(Vec<Problem>);
+
+impl Errors {
+    fn push(&mut self, path: &str, value: &str, reason: String) {
+        self.0.push(Problem {
+            path: path.to_string(),
+            value: Some(value.to_string()),
+            reason,
+        });
+    }
+
+    /// A problem of a field as a whole (a missing or conflicting part), no single value.
+    fn field(&mut self, path: &str, reason: &str) {
+        self.0.push(Problem {
+            path: path.to_string(),
+            value: None,
+            reason: reason.to_string(),
+        });
+    }
+
+    fn finish(self) -> Result<(), Error> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Invalid(self.0))
+        }
+    }
+}
+
+/// What an instance name may be: it becomes part of chain names (`PFWD-<instance>-FWD`, at
+/// most 29 characters with a sub-chain suffix) and file names.
+pub fn valid_instance(name: &str) -> bool {
+    valid_token(name, 12, |c| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
+    })
+}
+
+/// How [`valid_instance`] is explained to the user.
+pub const INSTANCE_RULE: &str = "must match [a-z0-9-]{1,12}";
+
+fn valid_token(text: &str, max: usize, allowed: impl Fn(char) -> bool) -> bool {
+    !text.is_empty() && text.len() <= max && text.chars().all(allowed)
+}
+
+fn valid_name(name: &str) -> bool {
+    valid_token(name, 32, |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
+    })
+}
+
+/// Linux interface names: at most 15 bytes, no slash or whitespace; we also refuse anything
+/// outside `[A-Za-z0-9_.-]` (plus iptables' trailing `+` wildcard) so no shell or restore
+/// metacharacter can ever reach a payload.
+fn valid_interface(name: &str) -> bool {
+    let body = name.strip_suffix('+').unwrap_or(name);
+    valid_token(body, 15, |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
+    }) && body != "."
+        && body != ".."
+}
+
+fn parse_ip(path: &str, text: &str, errors: &mut Errors) -> Option<IpAddr> {
+    match text.parse::<IpAddr>() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            let hint = if text.chars().any(|c| c.is_ascii_alphabetic()) && !text.contains(':') {
+                " (hostnames are refused: DNS at apply time is not idempotent)"
+            } else {
+                ""
+            };
+            errors.push(path, text, format!("is not an IP address{hint}"));
+            None
+        }
+    }
+}
+
+fn parse_cidr(path: &str, text: &str, errors: &mut Errors) -> Option<Cidr> {
+    match Cidr::parse(text) {
+        Ok(c) => Some(c),
+        Err(CidrError::Syntax) => {
+            errors.push(path, text, "is not an IP address or CIDR".into());
+            None
+        }
+        Err(CidrError::Prefix) => {
+            errors.push(path, text, "has an invalid prefix length".into());
+            None
+        }
+        Err(CidrError::HostBits(net)) => {
+            errors.push(
+                path,
+                text,
+                format!("has host bits set (did you mean {net}?)"),
+            );
+            None
+        }
+    }
+}
+
+fn parse_port_number(text: &str) -> Option<u16> {
+    if text.is_empty() || text.len() > 5 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<u16>().ok().filter(|p| *p >= 1)
+}
+
+fn value_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn parse_port_value(path: &str, value: &Value, errors: &mut Errors) -> Option<u16> {
+    let port = match value {
+        Value::Number(n) => n
+            .as_u64()
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|p| *p >= 1),
+        Value::String(s) => parse_port_number(s),
+        _ => None,
+    };
+    if port.is_none() {
+        errors.push(path, &value_text(value), "is not a port (1-65535)".into());
+    }
+    port
+}
+
+fn parse_port_range(path: &str, value: &Value, errors: &mut Errors) -> Option<PortRange> {
+    if let Value::String(s) = value {
+        if let Some((a, b)) = s.split_once('-') {
+            let range = parse_port_number(a)
+                .zip(parse_port_number(b))
+                .map(|(first, last)| PortRange { first, last });
+            return match range {
+                Some(r) if r.first <= r.last => Some(r),
+                Some(_) => {
+                    errors.push(
+                        path,
+                        s,
+                        "is a reversed range (first port above last)".into(),
+                    );
+                    None
+                }
+                None => {
+                    errors.push(path, s, "is not a port range FIRST-LAST (1-65535)".into());
+                    None
+                }
+            };
+        }
+    }
+    parse_port_value(path, value, errors).map(PortRange::single)
+}
+
+/// Parses `IP:PORT`, `[IPv6]:PORT`, `IP` or `[IPv6]`.
+fn parse_target(path: &str, text: &str, errors: &mut Errors) -> Option<(IpAddr, Option<u16>)> {
+    let (addr_text, port_text) = if let Some(rest) = text.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((a, "")) => (a, None),
+            Some((a, p)) if p.starts_with(':') => (a, Some(&p[1..])),
+            _ => {
+                errors.push(path, text, "is not IP:PORT, [IPv6]:PORT or IP".into());
+                return None;
+            }
+        }
+    } else if text.matches(':').count() == 1 {
+        let (a, p) = text.split_once(':')?;
+        (a, Some(p))
+    } else {
+        (text, None)
+    };
+    let addr = parse_ip(path, addr_text, errors)?;
+    if text.starts_with('[') && addr.is_ipv4() {
+        errors.push(path, text, "uses brackets around an IPv4 address".into());
+        return None;
+    }
+    let port = match port_text {
+        None => None,
+        Some(p) => match parse_port_number(p) {
+            Some(p) => Some(p),
+            None => {
+                errors.push(path, text, "has an invalid port (1-65535)".into());
+                return None;
+            }
+        },
+    };
+    Some((addr, port))
+}
+
+fn check_interface(path: &str, name: &Option<String>, errors: &mut Errors) {
+    if let Some(name) = name {
+        if name == "all" || name == "default" {
+            errors.push(
+                path,
+                name,
+                "is not an interface: `all` and `default` name every interface in sysctl paths (conf/all, conf/default)".into(),
+            );
+        } else if !valid_interface(name) {
+            errors.push(
+                path,
+                name,
+                "is not an interface name ([A-Za-z0-9_.-], at most 15 characters, optional trailing +)"
+                    .into(),
+            );
+        }
+    }
+}
+
+/// Records the family each address implies and reports the first one that disagrees.
+struct FamilyCheck<'a> {
+    path: &'a str,
+    seen: Option<(Family, String)>,
+}
+
+impl FamilyCheck<'_> {
+    fn note(&mut self, field: &str, family: Family, errors: &mut Errors, value: &str) {
+        match &self.seen {
+            None => self.seen = Some((family, field.to_string())),
+            Some((f, first)) if *f != family => errors.push(
+                &format!("{}.{field}", self.path),
+                value,
+                format!(
+                    "is {} but {first} is {}: one entry cannot mix address families",
+                    family.label(),
+                    f.label()
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+}
+
+fn validate_forward(path: &str, f: &ForwardParams, errors: &mut Errors) -> Option<Forward> {
+    let before = errors.0.len();
+    if !valid_name(&f.name) {
+        errors.push(
+            &format!("{path}.name"),
+            &f.name,
+            "must match [A-Za-z0-9_.-]{1,32}".into(),
+        );
+    }
+    let listen_port = parse_port_range(&format!("{path}.listen_port"), &f.listen_port, errors);
+    let mut families = FamilyCheck { path, seen: None };
+    let listen_address = f.listen_address.as_ref().and_then(|a| {
+        let ip = parse_ip(&format!("{path}.listen_address"), a, errors)?;
+        families.note("listen_address", Family::of(&ip), errors, a);
+        Some(ip)
+    });
+    check_interface(&format!("{path}.in_interface"), &f.in_interface, errors);
+    let mut sources = Vec::new();
+    for (j, s) in f.sources.iter().enumerate() {
+        if let Some(c) = parse_cidr(&format!("{path}.sources[{j}]"), s, errors) {
+            families.note(&format!("sources[{j}]"), c.family(), errors, s);
+            if sources.contains(&c) {
+                errors.push(&format!("{path}.sources[{j}]"), s, "is listed twice".into());
+            }
+            sources.push(c);
+        }
+    }
+    // `0.0.0.0/0` (or `::/0`) lets everyone in, which is what no `sources` says: iptables
+    // prints no `-s` for it, so keeping it would make `show` disagree with the params.
+    if sources.iter().any(|c| c.prefix == 0) {
+        sources.clear();
+    }
+    let action = match (&f.to, &f.redirect_to_port) {
+        (Some(_), Some(_)) => {
+            errors.push(
+                &format!("{path}.to"),
+                f.to.as_deref().unwrap_or_default(),
+                "and redirect_to_port are exclusive: give exactly one".into(),
+            );
+            None
+        }
+        (None, None) => {
+            errors.field(path, "one of `to` or `redirect_to_port` is required");
+            None
+        }
+        (Some(to), None) => {
+            let target = parse_target(&format!("{path}.to"), to, errors);
+            if let Some((addr, _)) = target {
+                families.note("to", Family::of(&addr), errors, to);
+            }
+            let snat = match f.snat.as_deref() {
+                None | Some("masquerade") => Some(Snat::Masquerade),
+                Some("none") => Some(Snat::None),
+                Some(ip) => parse_ip(&format!("{path}.snat"), ip, errors).map(|ip| {
+                    families.note("snat", Family::of(&ip), errors, &ip.to_string());
+                    Snat::To(ip)
+                }),
+            };
+            target
+                .zip(snat)
+                .map(|((addr, port), snat)| Action::Dnat { addr, port, snat })
+        }
+        (None, Some(port)) => {
+            if let Some(snat) = &f.snat {
+                errors.push(
+                    &format!("{path}.snat"),
+                    snat,
+                    "applies only to `to` forwards, not to redirect_to_port".into(),
+                );
+            }
+            parse_port_value(&format!("{path}.redirect_to_port"), port, errors)
+                .map(|port| Action::Redirect { port })
+        }
+    };
+    if errors.0.len() != before {
+        return None;
+    }
+    let protos = match f.proto {
+        ProtoParam::Tcp => vec![Proto::Tcp],
+        ProtoParam::Udp => vec![Proto::Udp],
+        ProtoParam::Both => vec![Proto::Tcp, Proto::Udp],
+    };
+    Some(Forward {
+        name: f.name.clone(),
+        family: families.seen.map_or(Family::V4, |(f, _)| f),
+        protos,
+        listen_port: listen_port?,
+        listen_address,
+        in_interface: f.in_interface.clone(),
+        sources,
+        action: action?,
+        local: f.local,
+        allow_forward: f.allow_forward,
+        reset_connections: f.reset_connections,
+    })
+}
+
+fn validate_masquerade(
+    path: &str,
+    m: &MasqueradeParams,
+    errors: &mut Errors,
+) -> Option<Masquerade> {
+    let before = errors.0.len();
+    if !valid_name(&m.name) {
+        errors.push(
+            &format!("{path}.name"),
+            &m.name,
+            "must match [A-Za-z0-9_.-]{1,32}".into(),
+        );
+    }
+    let source = parse_cidr(&format!("{path}.source"), &m.source, errors);
+    check_interface(&format!("{path}.out_interface"), &m.out_interface, errors);
+    let to_source = m
+        .to_source
+        .as_ref()
+        .and_then(|t| parse_ip(&format!("{path}.to_source"), t, errors));
+    if let (Some(s), Some(t)) = (source, to_source) {
+        if s.family() != Family::of(&t) {
+            errors.push(
+                &format!("{path}.to_source"),
+                &t.to_string(),
+                format!(
+                    "is {} but source is {}: one entry cannot mix address families",
+                    Family::of(&t).label(),
+                    s.family().label()
+                ),
+            );
+        }
+    }
+    if errors.0.len() != before {
+        return None;
+    }
+    Some(Masquerade {
+        name: m.name.clone(),
+        source: source?,
+        out_interface: m.out_interface.clone(),
+        to_source,
+        allow_forward: m.allow_forward,
+    })
+}
+
+/// 200-249, from the instance name: stable across runs and releases (FNV-1a).
+pub fn default_route_protocol(instance: &str) -> u8 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in instance.bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    200 + (hash % 50) as u8
+}
+
+/// An interface address: `ADDR/LEN` with host bits allowed (that is the point of it).
+fn parse_interface_address(path: &str, text: &str, errors: &mut Errors) -> Option<(IpAddr, u8)> {
+    let Some((a, p)) = text.split_once('/') else {
+        errors.push(
+            path,
+            text,
+            "needs a prefix length, like 10.10.10.10/24".into(),
+        );
+        return None;
+    };
+    let addr = parse_ip(path, a, errors)?;
+    match p.parse::<u8>() {
+        Ok(prefix)
+            if !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && prefix <= Family::of(&addr).host_prefix() =>
+        {
+            Some((addr, prefix))
+        }
+        _ => {
+            errors.push(path, text, "has an invalid prefix length".into());
+            None
+        }
+    }
+}
+
+fn validate_addresses(list: &[AddressParams], errors: &mut Errors) -> Vec<Address> {
+    let mut out: Vec<Address> = Vec::new();
+    for (i, a) in list.iter().enumerate() {
+        let path = format!("addresses[{i}]");
+        let before = errors.0.len();
+        let parsed = parse_interface_address(&format!("{path}.address"), &a.address, errors);
+        check_interface(&format!("{path}.dev"), &Some(a.dev.clone()), errors);
+        if a.dev.ends_with('+') {
+            errors.push(
+                &format!("{path}.dev"),
+                &a.dev,
+                "must name one interface, not a wildcard".into(),
+            );
+        }
+        if let Some(label) = &a.label {
+            let ok = label.starts_with(a.dev.as_str())
+                && valid_token(label, 15, |c| {
+                    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':')
+                });
+            if !ok {
+                errors.push(&format!("{path}.label"), label, "must start with the device name and use [A-Za-z0-9_.:-], at most 15 characters (like eth0:1)".into());
+            }
+            if parsed.is_some_and(|(addr, _)| addr.is_ipv6()) {
+                errors.push(
+                    &format!("{path}.label"),
+                    label,
+                    "applies to IPv4 addresses only".into(),
+                );
+            }
+        }
+        if errors.0.len() != before {
+            continue;
+        }
+        let Some((addr, prefix)) = parsed else {
+            continue;
+        };
+        if out.iter().any(|o| o.addr == addr && o.dev == a.dev) {
+            errors.push(
+                &format!("{path}.address"),
+                &a.address,
+                "is listed twice on the same device".into(),
+            );
+            continue;
+        }
+        out.push(Address {
+            addr,
+            prefix,
+            dev: a.dev.clone(),
+            // The kernel labels an address with its device name by default: the same thing.
+            label: a.label.clone().filter(|l| *l != a.dev),
+        });
+    }
+    out
+}
+
+fn parse_u32(path: &str, value: &Value, what: &str, errors: &mut Errors) -> Option<u32> {
+    let n = match value {
+        Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        Value::String(s)
+            if !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            s.parse().ok()
+        }
+        _ => None,
+    };
+    if n.is_none() {
+        errors.push(path, &value_text(value), format!("is not {what}"));
+    }
+    n
+}
+
+fn parse_mark_number(text: &str) -> Option<u32> {
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) if !hex.is_empty() && hex.len() <= 8 => u32::from_str_radix(hex, 16).ok(),
+        Some(_) => None,
+        None if !text.is_empty()
+            && text.len() <= 10
+            && text.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            text.parse().ok()
+        }
+        None => None,
+    }
+}
+
+fn parse_conn_mark(value: &Value, errors: &mut Errors) -> Option<u32> {
+    let bit = match value {
+        Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+        Value::String(s) => parse_mark_number(s),
+        _ => None,
+    };
+    if bit.is_none() {
+        errors.push(
+            "conn_mark",
+            &value_text(value),
+            "is not a mark bit (8192 or \"0x2000\")".into(),
+        );
+    }
+    bit
+}
+
+fn parse_fwmark(path: &str, value: &Value, errors: &mut Errors) -> Option<(u32, u32)> {
+    let mark = match value {
+        Value::Number(n) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(|m| (m, u32::MAX)),
+        Value::String(s) => match s.split_once('/') {
+            Some((m, k)) => parse_mark_number(m).zip(parse_mark_number(k)),
+            None => parse_mark_number(s).map(|m| (m, u32::MAX)),
+        },
+        _ => None,
+    };
+    if mark.is_none() {
+        errors.push(
+            path,
+            &value_text(value),
+            "is not a firewall mark (16, \"0x10\" or \"0x10/0xff\")".into(),
+        );
+    }
+    mark
+}
+
+fn validate_policy_routes(list: &[PolicyRouteParams], errors: &mut Errors) -> Vec<PolicyRoute> {
+    let mut out: Vec<PolicyRoute> = Vec::new();
+    for (i, p) in list.iter().enumerate() {
+        let path = format!("policy_routes[{i}]");
+        let before = errors.0.len();
+        let mut families = FamilyCheck {
+            path: &path,
+            seen: None,
+        };
+        let from = parse_cidr(&format!("{path}.from"), &p.from, errors);
+        if let Some(c) = from {
+            families.note("from", c.family(), errors, &p.from);
+        }
+        // An all-zero `to` selects everything: the kernel stores it as no selector at all.
+        let to = p.to.as_ref().and_then(|t| {
+            let c = parse_cidr(&format!("{path}.to"), t, errors)?;
+            families.note("to", c.family(), errors, t);
+            (c.prefix != 0).then_some(c)
+        });
+        let table = parse_u32(
+            &format!("{path}.table"),
+            &p.table,
+            "a routing table (1-4294967295)",
+            errors,
+        )
+        .and_then(|t| {
+            if t == 0 || (253..=255).contains(&t) {
+                errors.push(
+                    &format!("{path}.table"),
+                    &t.to_string(),
+                    "is reserved (0 unspec, 253 default, 254 main, 255 local)".into(),
+                );
+                None
+            } else {
+                Some(t)
+            }
+        });
+        let priority = p.priority.as_ref().and_then(|v| {
+            let n = parse_u32(
+                &format!("{path}.priority"),
+                v,
+                "a rule priority (1-32765)",
+                errors,
+            )?;
+            if (1..=32765).contains(&n) {
+                Some(n)
+            } else {
+                errors.push(
+                    &format!("{path}.priority"),
+                    &n.to_string(),
+                    "is outside 1-32765 (0 is the local table's rule, 32766+ main and default)"
+                        .into(),
+                );
+                None
+            }
+        });
+        let fwmark = p
+            .fwmark
+            .as_ref()
+            .and_then(|v| parse_fwmark(&format!("{path}.fwmark"), v, errors));
+        check_interface(&format!("{path}.iif"), &p.iif, errors);
+        let mut routes: Vec<Route> = Vec::new();
+        for (j, r) in p.routes.iter().enumerate() {
+            let rpath = format!("{path}.routes[{j}]");
+            let dest = if r.to == "default" {
+                Some(None)
+            } else {
+                parse_cidr(&format!("{rpath}.to"), &r.to, errors).map(Some)
+            };
+            if let Some(Some(c)) = dest {
+                families.note(&format!("routes[{j}].to"), c.family(), errors, &r.to);
+            }
+            // `0.0.0.0/0` and `::/0` are the default route: the kernel shows them as such.
+            let dest = dest.map(|d| d.filter(|c| c.prefix != 0));
+            let via = r.via.as_ref().and_then(|v| {
+                let ip = parse_ip(&format!("{rpath}.via"), v, errors)?;
+                families.note(&format!("routes[{j}].via"), Family::of(&ip), errors, v);
+                Some(ip)
+            });
+            check_interface(&format!("{rpath}.dev"), &r.dev, errors);
+            if r.via.is_none() && r.dev.is_none() {
+                errors.field(&rpath, "needs `via`, `dev` or both");
+            }
+            if let Some(to) = dest {
+                if routes.iter().any(|o| o.to == to) {
+                    errors.push(
+                        &format!("{rpath}.to"),
+                        &r.to,
+                        "is listed twice in this table".into(),
+                    );
+                }
+                routes.push(Route {
+                    to,
+                    via,
+                    dev: r.dev.clone(),
+                });
+            }
+        }
+        if errors.0.len() != before {
+            continue;
+        }
+        let (Some(from), Some(table)) = (from, table) else {
+            continue;
+        };
+        let family = families.seen.map_or(Family::V4, |(f, _)| f);
+        let entry = PolicyRoute {
+            family,
+            from,
+            to,
+            table,
+            priority,
+            fwmark,
+            iif: p.iif.clone(),
+            routes,
+        };
+        for other in &out {
+            if other.table == entry.table && other.family == entry.family {
+                for r in &entry.routes {
+                    if other.routes.iter().any(|o| o.to == r.to && o != r) {
+                        errors.field(&format!("{path}.routes"), &format!("a different route to {} in table {} is already given by another entry", r.to.map_or("default".to_string(), |c| c.to_string()), entry.table));
+                    }
+                }
+            }
+            if (
+                other.family,
+                other.from,
+                other.to,
+                other.table,
+                other.priority,
+                other.fwmark,
+                &other.iif,
+            ) == (
+                entry.family,
+                entry.from,
+                entry.to,
+                entry.table,
+                entry.priority,
+                entry.fwmark,
+                &entry.iif,
+            ) {
+                errors.field(&path, "the same rule is listed twice");
+            }
+        }
+        out.push(entry);
+    }
+    out
+}
