@@ -10,10 +10,10 @@ use crate::compile::Desired;
 use crate::model::Backend;
 use crate::net::Family;
 use crate::observe::{observe, Observed, Scope};
+use crate::ownership::Record;
 use crate::plan::Plan;
 use crate::routing::{IpBatch, Routing};
 use crate::rules::Table;
-use crate::system::Record;
 use crate::system::{restore_command, System, SystemError};
 
 /// What went wrong during an apply, and whether the host was put back.

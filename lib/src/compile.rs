@@ -9,6 +9,10 @@ use std::net::IpAddr;
 
 use crate::model::{Action, Config, Forward, IpForward, Masquerade, Proto, Snat, State};
 use crate::net::Family;
+use crate::ownership::{
+    entry_comment, jump_comment, parse_comment, StableHash, Tag, FLOW_DISPATCH, FLOW_ESTABLISHED,
+    FLOW_MARKED, FLOW_NOT_DNAT, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE,
+};
 use crate::routing::{IfAddr, IpRoute, IpRule, Routing};
 use crate::rules::{subchain_name, Hook, Jump, OwnedChain, OwnedRules, Rule, BUCKET_PORTS};
 
@@ -25,43 +29,23 @@ pub struct Desired {
     pub warnings: Vec<String>,
 }
 
-/// Entry kinds as they appear in comments.
-pub const KIND_FORWARD: &str = "fwd";
-pub const KIND_MASQUERADE: &str = "masq";
-pub const KIND_JUMP: &str = "jump";
-/// The instance's own FORWARD rules that serve every forward: `flow:established` (the first
-/// rule: established and related packets of marked flows) and `flow:marked` (after the
-/// per-forward rules: the new packet a forward just marked).
-pub const KIND_FLOW: &str = "flow";
-pub const FLOW_ESTABLISHED: &str = "established";
-pub const FLOW_MARKED: &str = "marked";
-pub const FLOW_NOT_DNAT: &str = "not-dnat";
-/// A nat chain's rule that jumps to the sub-chain of one protocol and port bucket.
-pub const FLOW_DISPATCH: &str = "dispatch";
-
 /// The FORWARD chain's order: `flow:established` first (every later packet of a marked flow
 /// stops there), then the masquerade accepts, `flow:not-dnat` (everything else that was not
 /// DNATed returns), the forwards' mark rules, and `flow:marked` (the new packet just marked).
 fn order_forward_chain(instance: &str, chain: &mut OwnedChain) {
     let rank = |rule: &Rule| -> u8 {
-        let mut parts = rule.comment().unwrap_or_default().split(':');
-        if parts.next() != Some(instance) {
-            return 3;
-        }
-        match (parts.next(), parts.next()) {
-            (Some(KIND_FLOW), Some(FLOW_ESTABLISHED)) => 0,
-            (Some(KIND_MASQUERADE), _) => 1,
-            (Some(KIND_FLOW), Some(FLOW_NOT_DNAT)) => 2,
-            (Some(KIND_FLOW), Some(FLOW_MARKED)) => 4,
+        let tag = rule.comment().and_then(|c| parse_comment(c, instance));
+        match tag.map(|t| (t.kind, t.name)) {
+            Some((KIND_FLOW, FLOW_ESTABLISHED)) => 0,
+            Some((KIND_MASQUERADE, _)) => 1,
+            Some((KIND_FLOW, FLOW_NOT_DNAT)) => 2,
+            Some((KIND_FLOW, FLOW_MARKED)) => 4,
             _ => 3,
         }
     };
     // Stable: entries keep their order within each group.
     chain.rules.sort_by_cached_key(|r| rank(r));
 }
-/// Appended to the comment of a forward's DNAT/REDIRECT rules when `reset_connections` is
-/// set, so a later run that removes the forward still knows to cut its TCP connections.
-pub const RESET_MARKER: &str = ":reset";
 
 /// Compiles the whole config. `state: absent` compiles to nothing.
 pub fn compile(config: &Config) -> Desired {
@@ -206,7 +190,10 @@ fn compile_routing(config: &Config) -> Routing {
 
 /// 10000-29999 from the rule's selector: stable across runs and list order, below main (32766).
 fn stable_priority(instance: &str, rule: &IpRule) -> u32 {
-    10_000 + fnv1a(instance.as_bytes(), &[rule.to_string()], &[]) % 20_000
+    let hash = StableHash::new()
+        .part(instance.as_bytes())
+        .part(rule.to_string().as_bytes());
+    10_000 + hash.finish() % 20_000
 }
 
 /// The jump from a built-in chain into the instance's chain.
@@ -215,7 +202,7 @@ pub fn jump_rule(instance: &str, hook: Hook) -> Rule {
         "-m".to_string(),
         "comment".to_string(),
         "--comment".to_string(),
-        format!("{instance}:{KIND_JUMP}"),
+        jump_comment(instance),
         "-j".to_string(),
         hook.chain(instance),
     ])
@@ -326,14 +313,6 @@ struct Builder<'a> {
     buckets: BTreeMap<(Family, Hook), BTreeSet<(Proto, u16)>>,
 }
 
-/// Who a rule belongs to: its comment's kind and name, and the reset marker.
-#[derive(Debug, Clone, Copy)]
-struct Owner<'a> {
-    kind: &'a str,
-    name: &'a str,
-    reset: bool,
-}
-
 impl Builder<'_> {
     /// Appends a rule, adding the comment key before the target.
     fn push(
@@ -345,7 +324,7 @@ impl Builder<'_> {
         matches: Vec<String>,
         target: Vec<String>,
     ) {
-        let owner = Owner {
+        let owner = Tag {
             kind,
             name,
             reset: false,
@@ -359,7 +338,7 @@ impl Builder<'_> {
         family: Family,
         hook: Hook,
         bucket: Option<(Proto, u16)>,
-        owner: Owner,
+        owner: Tag,
         matches: Vec<String>,
         target: Vec<String>,
     ) {
@@ -367,12 +346,13 @@ impl Builder<'_> {
             Some((proto, b)) => subchain_name(&hook.chain(self.instance), proto, b),
             None => hook.chain(self.instance),
         };
-        let hash = fnv1a(chain_name.as_bytes(), &matches, &target);
-        let marker = if owner.reset { RESET_MARKER } else { "" };
-        let key = format!(
-            "{}:{}:{}:{hash:08x}{marker}",
-            self.instance, owner.kind, owner.name
-        );
+        let hash = matches
+            .iter()
+            .chain(&target)
+            .fold(StableHash::new().part(chain_name.as_bytes()), |h, arg| {
+                h.part(arg.as_bytes())
+            });
+        let key = entry_comment(self.instance, owner, hash.finish());
         let mut args = matches;
         args.extend([
             "-m".to_string(),
@@ -482,7 +462,7 @@ impl Builder<'_> {
                     }
                     // Into the sub-chain of each bucket the listen ports touch: a new
                     // connection then visits the buckets and its bucket's rules only.
-                    let owner = Owner {
+                    let owner = Tag {
                         kind: KIND_FORWARD,
                         name: &f.name,
                         reset: f.reset_connections,
@@ -552,7 +532,7 @@ impl Builder<'_> {
             // The SNAT and the FORWARD marks are dispatched by the flow's original port, like
             // the DNAT: a new connection never walks every forward in any chain.
             let buckets = f.listen_port.first / BUCKET_PORTS..=f.listen_port.last / BUCKET_PORTS;
-            let owner = Owner {
+            let owner = Tag {
                 kind: KIND_FORWARD,
                 name: &f.name,
                 reset: false,
@@ -645,20 +625,6 @@ fn strings<const N: usize>(items: [&str; N]) -> Vec<String> {
 
 /// FNV-1a, 32 bits: stable across Rust versions and builds, unlike `DefaultHasher`, so keys
 /// written by one portfwd release are recognised by the next.
-fn fnv1a(chain: &[u8], matches: &[String], target: &[String]) -> u32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes.iter().chain(std::iter::once(&0u8)) {
-            hash ^= u32::from(*b);
-            hash = hash.wrapping_mul(0x0100_0193);
-        }
-    };
-    eat(chain);
-    for arg in matches.iter().chain(target) {
-        eat(arg.as_bytes());
-    }
-    hash
-}
 
 #[cfg(test)]
 mod tests {

@@ -18,6 +18,7 @@ pub mod fuzzing;
 pub mod model;
 pub mod net;
 pub mod observe;
+pub mod ownership;
 pub mod plan;
 #[cfg(test)]
 mod proptests;

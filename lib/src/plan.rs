@@ -7,13 +7,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::compile::{is_reverted_sysctl, Desired, KIND_FORWARD, KIND_MASQUERADE};
+use crate::compile::{is_reverted_sysctl, Desired};
 use crate::net::Family;
 use crate::observe::params_view::entry_of;
 use crate::observe::Observed;
+use crate::ownership::Record;
+use crate::ownership::{table_key, KIND_FORWARD, KIND_MASQUERADE};
 use crate::routing::{plan_routing, IpRoute, IpRule, RoutingPlan};
 use crate::rules::{Hook, OwnedChain, OwnedRules, Rule, Table};
-use crate::system::Record;
 
 /// Everything a run would change, in execution order: iproute2 additions, iptables tables,
 /// sysctls, iproute2 removals, then the stored params (make before break).
@@ -131,7 +132,7 @@ pub fn plan(instance: &str, protocol: u8, desired: &Desired, observed: &Observed
     // legacy tables cannot be deleted).
     for t in &plan.tables {
         if !observed.tables.contains_key(&(t.family, t.table)) {
-            record.tables.insert(table_key(t.family, t.table));
+            record.tables.insert(table_key(t.family, t.table.name()));
         }
     }
     let wanted: BTreeSet<(Family, Table)> = desired
@@ -141,7 +142,7 @@ pub fn plan(instance: &str, protocol: u8, desired: &Desired, observed: &Observed
         .map(|(f, h)| (*f, h.table()))
         .collect();
     for (&(family, table), facts) in &observed.tables {
-        let key = table_key(family, table);
+        let key = table_key(family, table.name());
         if !wanted.contains(&(family, table))
             && facts.only_ours
             && facts.nf_tables
@@ -209,11 +210,6 @@ fn plan_sysctl_ownership(
             .collect();
         plan.sysctls.splice(0..0, guards);
     }
-}
-
-/// How a table appears in the record: `ipv4 nat`.
-pub fn table_key(family: Family, table: Table) -> String {
-    format!("{} {}", family.label(), table.name())
 }
 
 /// The iptables and sysctl part of the diff.

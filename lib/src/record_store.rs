@@ -21,7 +21,8 @@ use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::system::{Record, SystemError};
+use crate::ownership::Record;
+use crate::system::SystemError;
 
 /// Set to `1` to act as on a kernel without `SO_NETNS_COOKIE` (before 5.14): records are then
 /// keyed by inode, device and boot id. Used by the tests; harmless anywhere.

@@ -3,7 +3,7 @@
 //! [`RealSystem`] runs the real tools, found through `PATH` so tests can put shims in front of
 //! them. Tests of the planner use a recording fake instead.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -16,6 +16,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::model::{Backend, Proto};
 use crate::net::Family;
+use crate::ownership::Record;
 use crate::record_store::{self, NetnsId, Stamp};
 
 /// A failure talking to the host.
@@ -97,36 +98,6 @@ pub trait System {
     ) -> Result<Option<String>, SystemError>;
     /// `conntrack ARGS` (a `-D` naming one entry); false when the entry was already gone.
     fn conntrack_delete(&mut self, args: &[String]) -> Result<bool, SystemError>;
-}
-
-/// What this instance created: addresses (`dev addr/prefix`, which the kernel cannot tag),
-/// iptables tables (`ipv4 nat`) that did not exist before it, and its ip rules and routes
-/// (which carry its protocol number, but 50 default numbers cannot keep every instance
-/// apart). Only what is recorded is ever removed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Record {
-    #[serde(default)]
-    pub addresses: BTreeSet<String>,
-    #[serde(default)]
-    pub tables: BTreeSet<String>,
-    #[serde(default)]
-    pub rules: BTreeSet<String>,
-    #[serde(default)]
-    pub routes: BTreeSet<String>,
-    /// Sysctls portfwd set (route_localnet) → the value they had before, put back when no
-    /// entry needs them any more.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub sysctls: BTreeMap<String, String>,
-}
-
-impl Record {
-    pub fn is_empty(&self) -> bool {
-        self.addresses.is_empty()
-            && self.tables.is_empty()
-            && self.rules.is_empty()
-            && self.routes.is_empty()
-            && self.sysctls.is_empty()
-    }
 }
 
 /// Where `persist: true` stores params: `--state-dir`, else `PORTFWD_STATE_DIR`, else `/etc/portfwd`.

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 
 use crate::model::Proto;
 use crate::net::Family;
+use crate::ownership::Record;
 use crate::rules::{Hook, OwnedRules, Table};
-use crate::system::{Record, System, SystemError};
+use crate::system::{System, SystemError};
 
 #[derive(Default)]
 pub struct FakeSystem {

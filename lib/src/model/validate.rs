@@ -507,14 +507,10 @@ fn validate_masquerade(
     })
 }
 
-/// 200-249, from the instance name: stable across runs and releases (FNV-1a).
+/// 200-249, from the instance name: stable across runs and releases.
 pub fn default_route_protocol(instance: &str) -> u8 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for b in instance.bytes() {
-        hash ^= u32::from(b);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    200 + (hash % 50) as u8
+    let hash = crate::ownership::StableHash::new().bytes(instance.as_bytes());
+    200 + (hash.finish() % 50) as u8
 }
 
 /// An interface address: `ADDR/LEN` with host bits allowed (that is the point of it).

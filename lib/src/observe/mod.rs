@@ -10,9 +10,9 @@ pub mod params_view;
 use std::collections::{BTreeMap, HashMap};
 
 use crate::net::Family;
+use crate::ownership::Record;
 use crate::routing::RoutingObserved;
 use crate::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Table};
-use crate::system::Record;
 use crate::system::{Read, System, SystemError};
 use iptables_save::{Dump, RuleLine};
 
@@ -275,7 +275,9 @@ fn extract_connmark_users(dump: &Dump, instance: &str, observed: &mut Observed) 
 /// else's rule into our chain (say `-i eth9 -j PFWD-...`) is theirs and never touched.
 fn is_our_jump(rule: &crate::rules::Rule, chain: &str, instance: &str) -> bool {
     (rule.option("-j") == Some(chain) || rule.option("-g") == Some(chain))
-        && rule.comment() == Some(format!("{instance}:{}", crate::compile::KIND_JUMP).as_str())
+        && rule
+            .comment()
+            .is_some_and(|c| crate::ownership::is_jump_comment(c, instance))
 }
 
 fn table_facts(

@@ -6,28 +6,26 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use crate::compile::{FLOW_ESTABLISHED, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE, RESET_MARKER};
 use crate::model::{
     default_route_protocol, AddressParams, ForwardParams, MasqueradeParams, Params,
     PolicyRouteParams, ProtoParam, RouteParams, DEFAULT_CONN_MARK,
 };
 use crate::net::{Family, PortRange};
+use crate::ownership::{
+    has_reset_marker, parse_comment, FLOW_ESTABLISHED, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE,
+};
 use crate::routing::Routing;
 use crate::rules::{Hook, OwnedRules, Rule};
 
-/// The `(kind, name)` a portfwd comment `<instance>:<kind>:<name>:<hash>` names.
-/// A trailing `:reset` ([`RESET_MARKER`]) is part of the grammar.
+/// The `(kind, name)` of one of the instance's rules (see [`crate::ownership`]).
 pub fn entry_of<'a>(rule: &'a Rule, instance: &str) -> Option<(&'a str, &'a str)> {
-    let comment = rule.comment()?;
-    let comment = comment.strip_suffix(RESET_MARKER).unwrap_or(comment);
-    let mut parts = comment.split(':');
-    let (inst, kind, name, _hash) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    (inst == instance && parts.next().is_none()).then_some((kind, name))
+    let tag = parse_comment(rule.comment()?, instance)?;
+    Some((tag.kind, tag.name))
 }
 
 /// Does this owned rule carry the `reset_connections` marker?
-pub fn resets_connections(rule: &Rule) -> bool {
-    rule.comment().is_some_and(|c| c.ends_with(RESET_MARKER))
+fn resets_connections(rule: &Rule) -> bool {
+    rule.comment().is_some_and(has_reset_marker)
 }
 
 /// Rebuilds the whole params: forwards and masquerade from owned iptables rules, addresses and

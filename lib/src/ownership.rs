@@ -1,0 +1,182 @@
+//! What is ours, decided in one place: the comment grammar every owned rule carries, the
+//! stable hash in it, and the [`Record`] of objects the kernel cannot tag.
+//!
+//! A rule is ours when its comment reads `<instance>:<kind>:<name>:<hash>` (plus [`RESET_MARKER`]
+//! on a forward's NAT rules with `reset_connections`), and a jump into the instance's chain
+//! when it reads `<instance>:jump`. The hash covers the chain and the whole rule, so the
+//! comment alone identifies a rule. Compile writes these comments, observe and the plan
+//! recognise them, decompile reads the entries back, all through the functions below.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::net::Family;
+
+/// A forward's rules.
+pub const KIND_FORWARD: &str = "fwd";
+/// A masquerade entry's rules.
+pub const KIND_MASQUERADE: &str = "masq";
+/// The jump from a built-in chain into the instance's chain.
+const KIND_JUMP: &str = "jump";
+/// Rules of no single entry: the FORWARD chain's shared flow rules and the dispatch jumps.
+pub const KIND_FLOW: &str = "flow";
+/// Accepts the later packets of the instance's marked flows (first in FORWARD).
+pub const FLOW_ESTABLISHED: &str = "established";
+/// Accepts the packet that was just marked (last in FORWARD).
+pub const FLOW_MARKED: &str = "marked";
+/// Returns what was not DNATed before the per-forward rules see it.
+pub const FLOW_NOT_DNAT: &str = "not-dnat";
+/// A jump from a hook chain into a per-port sub-chain.
+pub const FLOW_DISPATCH: &str = "dispatch";
+
+/// Appended to the comment of a forward's DNAT/REDIRECT rules when `reset_connections` is
+/// set, so a later run that removes the forward still knows to cut its TCP connections.
+pub const RESET_MARKER: &str = ":reset";
+
+/// What an owned rule's comment says about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tag<'a> {
+    pub kind: &'a str,
+    pub name: &'a str,
+    /// The forward's `reset_connections` marker.
+    pub reset: bool,
+}
+
+/// The comment of an owned rule: `<instance>:<kind>:<name>:<hash>[:reset]`.
+pub fn entry_comment(instance: &str, tag: Tag, hash: u32) -> String {
+    let marker = if tag.reset { RESET_MARKER } else { "" };
+    format!("{instance}:{}:{}:{hash:08x}{marker}", tag.kind, tag.name)
+}
+
+/// The comment of a jump into the instance's chain.
+pub fn jump_comment(instance: &str) -> String {
+    format!("{instance}:{KIND_JUMP}")
+}
+
+/// Is this the instance's jump comment?
+pub fn is_jump_comment(comment: &str, instance: &str) -> bool {
+    comment
+        .strip_prefix(instance)
+        .and_then(|rest| rest.strip_prefix(':'))
+        == Some(KIND_JUMP)
+}
+
+/// Reads an owned rule's comment; None when it is not one of this instance's entries.
+pub fn parse_comment<'a>(comment: &'a str, instance: &str) -> Option<Tag<'a>> {
+    let (comment, reset) = match comment.strip_suffix(RESET_MARKER) {
+        Some(rest) => (rest, true),
+        None => (comment, false),
+    };
+    let mut parts = comment.split(':');
+    let (inst, kind, name, _hash) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    (inst == instance && parts.next().is_none()).then_some(Tag { kind, name, reset })
+}
+
+/// Does an owned rule's comment carry [`RESET_MARKER`]?
+pub fn has_reset_marker(comment: &str) -> bool {
+    comment.ends_with(RESET_MARKER)
+}
+
+/// FNV-1a: stable across runs, releases and platforms (the comments, the default route
+/// protocol and policy-rule priorities must not change when portfwd is upgraded).
+#[derive(Debug, Clone, Copy)]
+pub struct StableHash(u32);
+
+impl StableHash {
+    pub fn new() -> StableHash {
+        StableHash(0x811c_9dc5)
+    }
+
+    pub fn bytes(mut self, bytes: &[u8]) -> StableHash {
+        for b in bytes {
+            self.0 ^= u32::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0193);
+        }
+        self
+    }
+
+    /// A part followed by a NUL, so `("ab", "c")` and `("a", "bc")` differ.
+    pub fn part(self, bytes: &[u8]) -> StableHash {
+        self.bytes(bytes).bytes(&[0])
+    }
+
+    pub fn finish(self) -> u32 {
+        self.0
+    }
+}
+
+impl Default for StableHash {
+    fn default() -> Self {
+        StableHash::new()
+    }
+}
+
+/// What this instance created: addresses (`dev addr/prefix`, which the kernel cannot tag),
+/// iptables tables (`ipv4 nat`) that did not exist before it, and its ip rules and routes
+/// (which carry its protocol number, but 50 default numbers cannot keep every instance
+/// apart). Only what is recorded is ever removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    #[serde(default)]
+    pub addresses: BTreeSet<String>,
+    #[serde(default)]
+    pub tables: BTreeSet<String>,
+    #[serde(default)]
+    pub rules: BTreeSet<String>,
+    #[serde(default)]
+    pub routes: BTreeSet<String>,
+    /// Sysctls portfwd set (route_localnet) → the value they had before, put back when no
+    /// entry needs them any more.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sysctls: BTreeMap<String, String>,
+}
+
+impl Record {
+    pub fn is_empty(&self) -> bool {
+        self.addresses.is_empty()
+            && self.tables.is_empty()
+            && self.rules.is_empty()
+            && self.routes.is_empty()
+            && self.sysctls.is_empty()
+    }
+}
+
+/// How a firewall table appears in the record: `ipv4 nat`.
+pub fn table_key(family: Family, table: &str) -> String {
+    format!("{} {table}", family.label())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comments_round_trip_and_other_instances_are_not_ours() {
+        for reset in [false, true] {
+            let tag = Tag {
+                kind: KIND_FORWARD,
+                name: "web.1",
+                reset,
+            };
+            let comment = entry_comment("edge", tag, 0xdead_beef);
+            assert_eq!(parse_comment(&comment, "edge"), Some(tag));
+            assert_eq!(parse_comment(&comment, "edg"), None);
+            assert_eq!(parse_comment(&comment, "edge-2"), None);
+        }
+        assert_eq!(parse_comment("edge:fwd:web", "edge"), None, "no hash");
+        assert_eq!(parse_comment("edge:fwd:web:1:2", "edge"), None);
+        assert!(is_jump_comment(&jump_comment("edge"), "edge"));
+        assert!(!is_jump_comment(&jump_comment("edge"), "edg"));
+        assert!(!is_jump_comment("edge:jump:x", "edge"));
+    }
+
+    /// Upgrading portfwd must not rename a rule or renumber a route protocol.
+    #[test]
+    fn the_hash_is_fnv1a() {
+        assert_eq!(StableHash::new().finish(), 0x811c_9dc5);
+        assert_eq!(StableHash::new().bytes(b"a").finish(), 0xe40c_292c);
+        assert_ne!(
+            StableHash::new().part(b"ab").part(b"c").finish(),
+            StableHash::new().part(b"a").part(b"bc").finish()
+        );
+    }
+}
