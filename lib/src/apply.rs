@@ -1,20 +1,21 @@
-//! Executes a [`Plan`] as one transaction across iproute2, iptables, sysctls and the stored
-//! params. If any step fails, everything already written is put back to the snapshot taken
-//! before the first write.
+//! The fifth stage: runs a plan's [`Step`]s through [`System`], in the order
+//! [`Plan::steps`] gives, as one transaction across iproute2, the firewall, sysctls, the record
+//! and the stored params. If any step fails, everything already written is put back to the
+//! state observed before the run.
 //!
 //! Neither `iptables-restore --noflush` (atomic per table only) nor `ip -batch` (stops half
-//! way) is a transaction across steps, so rollback is ours: the snapshot is the observed state,
-//! and restoring it is just planning towards it.
+//! way) is a transaction across steps, so rollback is ours: the sysctls written are put back
+//! in reverse, and the rest is planned back to the snapshot from a fresh read
+//! ([`reread_for_rollback`], the one place apply reads the host).
 
 use crate::compile::Desired;
-use crate::model::Backend;
-use crate::net::Family;
+use crate::firewall::{Firewall, TableDrop};
 use crate::observe::{observe, Observed, Scope};
-use crate::ownership::Record;
-use crate::plan::Plan;
-use crate::routing::{IpBatch, Routing};
-use crate::rules::Table;
-use crate::system::{restore_command, System, SystemError};
+use crate::ownership::holds_only_chains;
+use crate::plan::iproute::IpBatch;
+use crate::plan::{Plan, Step};
+use crate::routing::Routing;
+use crate::system::{System, SystemError};
 
 /// What went wrong during an apply, and whether the host was put back.
 #[derive(Debug, thiserror::Error)]
@@ -29,239 +30,134 @@ pub enum ApplyError {
     },
 }
 
-/// The commands a plan runs, shell-like, for the result's `commands` (also in check mode).
-pub fn commands(plan: &Plan, backend: Backend) -> Vec<String> {
-    let mut out = Vec::new();
-    let heredoc =
-        |out: &mut Vec<String>, command: String, body: &mut dyn Iterator<Item = String>| {
-            out.push(format!("{command} <<'EOF'"));
-            out.extend(body);
-            out.push("EOF".to_string());
-        };
-    for batch in &plan.routing.adds {
-        heredoc(
-            &mut out,
-            batch_command(batch),
-            &mut batch.lines.iter().cloned(),
-        );
-    }
-    for table in &plan.tables {
-        heredoc(
-            &mut out,
-            restore_command(backend, table.family),
-            &mut table.payload().lines().map(str::to_string),
-        );
-    }
-    for (family, table) in &plan.drop_tables {
-        out.push(drop_command(*family, *table));
-    }
-    for change in &plan.sysctls {
-        out.push(sysctl_command(&change.key, &change.to));
-    }
-    for batch in &plan.routing.dels {
-        heredoc(
-            &mut out,
-            batch_command(batch),
-            &mut batch.lines.iter().cloned(),
-        );
-    }
-    match &plan.store {
-        Some(Some(_)) => out.push("# store params for `portfwd restore`".to_string()),
-        Some(None) => out.push("# remove stored params".to_string()),
-        None => {}
-    }
-    out
+/// The run as the engine knows it: the backend, whose objects, and the snapshot to go back to.
+pub struct Run<'a, F: Firewall> {
+    pub firewall: &'a F,
+    pub instance: &'a str,
+    pub protocol: u8,
+    pub before: &'a Observed<F>,
 }
 
-fn batch_command(batch: &IpBatch) -> String {
-    format!(
-        "ip {} -batch -",
-        if batch.family == Family::V4 {
-            "-4"
-        } else {
-            "-6"
+/// Runs the plan. On failure restores the state observed before the run.
+pub fn apply<F: Firewall>(
+    run: &Run<F>,
+    plan: &Plan,
+    sys: &mut dyn System,
+) -> Result<(), ApplyError> {
+    let steps = plan.steps();
+    for (done, step) in steps.iter().enumerate() {
+        if let Err(cause) = execute(step, run.instance, sys) {
+            return Err(rollback(run, &steps[..=done], describe(step), cause, sys));
         }
-    )
+    }
+    Ok(())
 }
 
-fn drop_command(family: Family, table: Table) -> String {
+/// Runs one step.
+fn execute(step: &Step, instance: &str, sys: &mut dyn System) -> Result<(), SystemError> {
+    match step {
+        Step::RecordAhead(record) | Step::Record(record) => sys.write_record(instance, record),
+        Step::IpBatch(batch) => sys.ip_batch(batch.family, &script(batch)),
+        Step::Transaction(t) => sys.restore(t.family, &t.payload),
+        Step::DropTable(drop) => drop_if_only_chains(drop, sys),
+        Step::SysctlWrite(change) => sys.write_sysctl(&change.key, &change.to),
+        Step::Store(stored) => sys.write_stored(instance, stored.as_deref()),
+    }
+}
+
+/// Deletes the table only if nft itself shows nothing in it but chains without rules: sets,
+/// maps or rules iptables-save cannot show (or that another tool added since the plan was
+/// made) keep it.
+fn drop_if_only_chains(drop: &TableDrop, sys: &mut dyn System) -> Result<(), SystemError> {
+    let listing = sys.list_nft_table(drop.family, drop.table)?;
+    if holds_only_chains(&listing) {
+        sys.delete_table(drop.family, drop.table)
+    } else {
+        Ok(())
+    }
+}
+
+/// How a failed step is named in the message.
+fn describe(step: &Step) -> String {
+    match step {
+        Step::RecordAhead(_) => "recording what this run creates".to_string(),
+        Step::IpBatch(b) => format!("{} ({} lines)", batch_command(b), b.lines.len()),
+        Step::Transaction(t) => format!("{} {} transaction", t.family.label(), t.table),
+        Step::DropTable(d) => drop_command(d),
+        Step::SysctlWrite(c) => sysctl_command(&c.key, &c.to),
+        Step::Record(_) => "recording created objects".to_string(),
+        Step::Store(_) => "storing params".to_string(),
+    }
+}
+
+/// `ip -4 -batch -`
+pub fn batch_command(batch: &IpBatch) -> String {
+    format!("ip -{} -batch -", batch.family.ip_flag())
+}
+
+/// `nft delete table ip nat`
+pub fn drop_command(drop: &TableDrop) -> String {
     format!(
         "nft delete table {} {}",
-        if family == Family::V4 { "ip" } else { "ip6" },
-        table.name()
+        drop.family.nft_family(),
+        drop.table
     )
 }
 
-fn sysctl_command(key: &str, value: &str) -> String {
+/// `sysctl -w net.ipv4.ip_forward=1`
+pub fn sysctl_command(key: &str, value: &str) -> String {
     format!("sysctl -w {}={value}", key.replace('/', "."))
 }
 
-fn script(batch: &IpBatch) -> String {
+/// The `ip -batch` input.
+pub fn script(batch: &IpBatch) -> String {
     let mut text = batch.lines.join("\n");
     text.push('\n');
     text
 }
 
-/// How far execution got, so rollback undoes exactly that.
-#[derive(Default)]
-struct Progress {
-    /// iproute2 or iptables may have changed (a failed `ip -batch` can stop half way).
-    touched: bool,
-    sysctls_written: usize,
-}
-
-/// Runs the plan. On failure restores `before` (observed at the start of the run).
-pub fn apply(
-    plan: &Plan,
-    before: &Observed,
-    instance: &str,
-    protocol: u8,
-    sys: &mut dyn System,
-) -> Result<(), ApplyError> {
-    let mut progress = Progress::default();
-    match execute(plan, &before.record, instance, sys, &mut progress) {
-        Ok(()) => Ok(()),
-        Err((step, cause)) => Err(rollback(
-            step, cause, &progress, plan, before, instance, protocol, sys,
-        )),
-    }
-}
-
-fn execute(
-    plan: &Plan,
-    recorded: &Record,
-    instance: &str,
-    sys: &mut dyn System,
-    progress: &mut Progress,
-) -> Result<(), (String, SystemError)> {
-    let batch_step = |b: &IpBatch| format!("{} ({} lines)", batch_command(b), b.lines.len());
-    // Write-ahead: record what this run may create before creating it, so a run killed half
-    // way still owns what it made; the final record below drops what was not kept.
-    if let Some(record) = &plan.record {
-        let mut ahead = recorded.clone();
-        ahead.addresses.extend(record.addresses.iter().cloned());
-        ahead.tables.extend(record.tables.iter().cloned());
-        ahead.rules.extend(record.rules.iter().cloned());
-        ahead.routes.extend(record.routes.iter().cloned());
-        if &ahead != recorded {
-            sys.write_record(instance, &ahead)
-                .map_err(|e| ("recording what this run creates".to_string(), e))?;
-        }
-    }
-    for batch in &plan.routing.adds {
-        progress.touched = true;
-        sys.ip_batch(batch.family, &script(batch))
-            .map_err(|e| (batch_step(batch), e))?;
-    }
-    for table in &plan.tables {
-        sys.restore(table.family, &table.payload()).map_err(|e| {
-            (
-                format!(
-                    "{} {} transaction",
-                    table.family.label(),
-                    table.table.name()
-                ),
-                e,
-            )
-        })?;
-        progress.touched = true;
-    }
-    for (family, table) in &plan.drop_tables {
-        progress.touched = true;
-        sys.delete_table(*family, table.name())
-            .map_err(|e| (drop_command(*family, *table), e))?;
-    }
-    for change in &plan.sysctls {
-        sys.write_sysctl(&change.key, &change.to)
-            .map_err(|e| (sysctl_command(&change.key, &change.to), e))?;
-        progress.sysctls_written += 1;
-    }
-    for batch in &plan.routing.dels {
-        progress.touched = true;
-        sys.ip_batch(batch.family, &script(batch))
-            .map_err(|e| (batch_step(batch), e))?;
-    }
-    if let Some(record) = &plan.record {
-        sys.write_record(instance, record)
-            .map_err(|e| ("recording created objects".to_string(), e))?;
-    }
-    if let Some(stored) = &plan.store {
-        sys.write_stored(instance, stored.as_deref())
-            .map_err(|e| ("storing params".to_string(), e))?;
-    }
-    Ok(())
-}
-
-/// The desired state that puts the host back as it was observed.
-fn snapshot_as_desired(before: &Observed) -> Desired {
-    Desired {
-        rules: before.owned.clone(),
-        routing: Routing {
-            addresses: before.routing.owned_addresses(),
-            rules: before.routing.owned.rules.clone(),
-            routes: before.routing.owned.routes.clone(),
-        },
-        stored: before.stored.clone(),
-        ..Desired::default()
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn rollback(
+/// Puts back what `done` (the steps run, the failed one last) changed.
+fn rollback<F: Firewall>(
+    run: &Run<F>,
+    done: &[Step],
     step: String,
     cause: SystemError,
-    progress: &Progress,
-    plan: &Plan,
-    before: &Observed,
-    instance: &str,
-    protocol: u8,
     sys: &mut dyn System,
 ) -> ApplyError {
     let mut problems = Vec::new();
-    for change in plan.sysctls[..progress.sysctls_written].iter().rev() {
-        if let Some(old) = &change.from {
-            if let Err(e) = sys.write_sysctl(&change.key, old) {
-                problems.push(e.to_string());
+    for s in done.iter().rev() {
+        if let Step::SysctlWrite(change) = s {
+            if let Some(old) = &change.from {
+                if let Err(e) = sys.write_sysctl(&change.key, old) {
+                    problems.push(e.to_string());
+                }
             }
         }
     }
-    if progress.touched {
-        match observe(sys, instance, protocol, &[], Scope::ALL) {
-            Ok(mut now) => {
-                // Addresses this run added are not in the on-disk record yet: own them here so
-                // planning back removes them.
-                if let Some(record) = &plan.record {
-                    now.routing
-                        .recorded
-                        .extend(record.addresses.iter().cloned());
-                    now.record.tables.extend(record.tables.iter().cloned());
-                }
-                let back =
-                    crate::plan::plan(instance, protocol, &snapshot_as_desired(before), &now);
-                let mut steps: Vec<Result<(), SystemError>> = Vec::new();
-                for batch in &back.routing.adds {
-                    steps.push(sys.ip_batch(batch.family, &script(batch)));
-                }
-                for table in &back.tables {
-                    steps.push(sys.restore(table.family, &table.payload()));
-                }
-                for (family, table) in &back.drop_tables {
-                    steps.push(sys.delete_table(*family, table.name()));
-                }
-                for batch in &back.routing.dels {
-                    steps.push(sys.ip_batch(batch.family, &script(batch)));
-                }
-                if plan.record.is_some() {
-                    steps.push(sys.write_record(instance, &before.record));
-                }
-                problems.extend(
-                    steps
-                        .into_iter()
-                        .filter_map(Result::err)
-                        .map(|e| e.to_string()),
-                );
-            }
-            Err(e) => problems.push(e.to_string()),
+    // An `ip -batch` or a table drop may stop half way; a failed firewall transaction
+    // changed nothing.
+    let (last, earlier) = done
+        .split_last()
+        .map_or((None, &[][..]), |(l, e)| (Some(l), e));
+    let touched = earlier.iter().any(|s| {
+        matches!(
+            s,
+            Step::IpBatch(_) | Step::Transaction(_) | Step::DropTable(_)
+        )
+    }) || matches!(last, Some(Step::IpBatch(_) | Step::DropTable(_)));
+    if touched {
+        if let Err(e) = plan_back(run, done, sys) {
+            problems.push(e);
+        }
+    }
+    // The record written ahead names what this run was about to create: put back, or it
+    // would claim objects that never came (or someone else's, created later).
+    let record_written = done
+        .iter()
+        .any(|s| matches!(s, Step::RecordAhead(_) | Step::Record(_)));
+    if record_written {
+        if let Err(e) = sys.write_record(run.instance, &run.before.record) {
+            problems.push(e.to_string());
         }
     }
     if problems.is_empty() {
@@ -272,5 +168,75 @@ fn rollback(
             cause,
             rollback: problems.join("; "),
         }
+    }
+}
+
+/// Plans from the host as it is now back to the snapshot, and runs that plan's iproute2
+/// and firewall steps.
+fn plan_back<F: Firewall>(run: &Run<F>, done: &[Step], sys: &mut dyn System) -> Result<(), String> {
+    let now = reread_for_rollback(run, done, sys).map_err(|e| e.to_string())?;
+    let back = crate::plan::plan(
+        run.firewall,
+        run.instance,
+        run.protocol,
+        &snapshot_as_desired(run.firewall, run.before),
+        &now,
+    );
+    let mut problems = Vec::new();
+    for step in back.steps() {
+        if matches!(
+            step,
+            Step::IpBatch(_) | Step::Transaction(_) | Step::DropTable(_)
+        ) {
+            if let Err(e) = execute(&step, run.instance, sys) {
+                problems.push(e.to_string());
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// The host after a failed step. What this run created is not in the on-disk record yet
+/// when the failure came before the final record: it is owned here, so planning back removes
+/// it.
+fn reread_for_rollback<F: Firewall>(
+    run: &Run<F>,
+    done: &[Step],
+    sys: &mut dyn System,
+) -> Result<Observed<F>, SystemError> {
+    let mut now = observe(
+        run.firewall,
+        sys,
+        run.instance,
+        run.protocol,
+        &[],
+        Scope::ALL,
+    )?;
+    for step in done {
+        if let Step::RecordAhead(record) = step {
+            now.routing
+                .recorded
+                .extend(record.addresses.iter().cloned());
+            now.record.tables.extend(record.tables.iter().cloned());
+        }
+    }
+    Ok(now)
+}
+
+/// The desired state that puts the host back as it was observed.
+fn snapshot_as_desired<F: Firewall>(firewall: &F, before: &Observed<F>) -> Desired<F> {
+    Desired {
+        firewall: firewall.snapshot(&before.firewall),
+        routing: Routing {
+            addresses: before.routing.owned_addresses(),
+            rules: before.routing.owned.rules.clone(),
+            routes: before.routing.owned.routes.clone(),
+        },
+        stored: before.stored.clone(),
+        ..Desired::default()
     }
 }

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use std::collections::BTreeMap;
 
+use crate::firewall::Firewall;
 use crate::model::{Action, Config, IpForward, Snat};
 use crate::net::{Cidr, Family};
 use crate::observe::Observed;
@@ -69,7 +70,7 @@ pub fn needs_addresses(config: &Config) -> bool {
 }
 
 /// Warnings that need the observed state.
-pub fn warnings(config: &Config, observed: &Observed) -> Vec<String> {
+pub fn warnings<F: Firewall>(config: &Config, firewall: &F, observed: &Observed<F>) -> Vec<String> {
     let sysctl =
         |key: String| -> Option<u32> { observed.sysctls.get(&key)?.as_deref()?.parse().ok() };
     let mut out = Vec::new();
@@ -98,7 +99,7 @@ pub fn warnings(config: &Config, observed: &Observed) -> Vec<String> {
         }
     }
     let bit = config.conn_mark;
-    for rule in &observed.connmark_rules {
+    for rule in firewall.mark_users(&observed.firewall) {
         if touches_mark_bit(rule, bit) {
             out.push(format!("conn_mark {bit:#x}: another rule uses this conntrack mark bit ({rule}); set conn_mark to a bit nobody else uses, or portfwd's forwarded flows and that rule will disturb each other"));
         }
@@ -149,7 +150,7 @@ fn touches_mark_bit(rule: &str, bit: u32) -> bool {
 }
 
 /// The local address and device whose subnet contains `addr`, if any.
-fn on_link(addr: &IpAddr, observed: &Observed) -> Option<(String, String)> {
+fn on_link<F: Firewall>(addr: &IpAddr, observed: &Observed<F>) -> Option<(String, String)> {
     observed.routing.present.iter().find_map(|a| {
         let net = Cidr {
             addr: a.addr,
@@ -165,6 +166,7 @@ fn on_link(addr: &IpAddr, observed: &Observed) -> Option<(String, String)> {
 mod tests {
     use super::*;
     use crate::compile::compile;
+    use crate::firewall::iptables::Iptables;
     use crate::routing::IfAddr;
 
     fn config(json: &str) -> Config {
@@ -172,7 +174,7 @@ mod tests {
     }
 
     fn observed_with(addresses: &[(&str, u8, &str)], sysctls: &[(&str, &str)]) -> Observed {
-        let mut o = Observed::default();
+        let mut o: Observed = Observed::default();
         o.routing.present = addresses
             .iter()
             .map(|(a, p, d)| IfAddr {
@@ -206,10 +208,11 @@ mod tests {
             assert_eq!(touches_mark_bit(rule, bit), touches, "{rule}");
         }
         let c = config(r#"{"forwards":[{"name":"w","listen_port":1,"to":"10.0.0.2"}]}"#);
-        let mut o = Observed::default();
-        o.connmark_rules
+        let mut o: Observed = Observed::default();
+        o.firewall
+            .connmark_rules
             .push("mangle PREROUTING -j CONNMARK --set-xmark 0x2000/0x2000".into());
-        assert!(warnings(&c, &o)[0].contains("conn_mark 0x2000"));
+        assert!(warnings(&c, &Iptables, &o)[0].contains("conn_mark 0x2000"));
     }
 
     #[test]
@@ -217,13 +220,22 @@ mod tests {
         let c = config(
             r#"{"forwards":[{"name":"db","listen_port":1,"to":"10.0.2.2:80","snat":"none"}]}"#,
         );
-        let on_link = warnings(&c, &observed_with(&[("10.0.2.1", 24, "eth1")], &[]));
+        let on_link = warnings(
+            &c,
+            &Iptables,
+            &observed_with(&[("10.0.2.1", 24, "eth1")], &[]),
+        );
         assert_eq!(on_link.len(), 1);
         assert!(
             on_link[0].contains("on-link (10.0.2.1/24 on eth1)"),
             "{on_link:?}"
         );
-        assert!(warnings(&c, &observed_with(&[("10.0.9.1", 24, "eth1")], &[])).is_empty());
+        assert!(warnings(
+            &c,
+            &Iptables,
+            &observed_with(&[("10.0.9.1", 24, "eth1")], &[])
+        )
+        .is_empty());
     }
 
     #[test]
@@ -231,7 +243,7 @@ mod tests {
         let c = config(
             r#"{"policy_routes":[{"from":"10.10.10.11","table":1,"routes":[{"to":"default","via":"10.10.10.10","dev":"eth0"}]}]}"#,
         );
-        let keys = sysctl_keys(&c, &compile(&c).sysctls);
+        let keys = sysctl_keys(&c, &compile(&c, &Iptables).sysctls);
         assert!(
             keys.contains(&"net/ipv4/conf/eth0/rp_filter".to_string()),
             "{keys:?}"
@@ -243,7 +255,7 @@ mod tests {
                 ("net/ipv4/conf/eth0/rp_filter", "1"),
             ],
         );
-        assert!(warnings(&c, &strict)[0].contains("rp_filter is 1 (strict) for eth0"));
+        assert!(warnings(&c, &Iptables, &strict)[0].contains("rp_filter is 1 (strict) for eth0"));
         let loose = observed_with(
             &[],
             &[
@@ -252,7 +264,7 @@ mod tests {
             ],
         );
         assert!(
-            warnings(&c, &loose).is_empty(),
+            warnings(&c, &Iptables, &loose).is_empty(),
             "the higher of all and the device wins"
         );
     }
@@ -262,7 +274,7 @@ mod tests {
         let auto = config(
             r#"{"forwards":[{"name":"l","listen_port":1,"in_interface":"eth0","to":"127.0.0.1:8080"}]}"#,
         );
-        let desired = compile(&auto);
+        let desired = compile(&auto, &Iptables);
         assert_eq!(
             desired
                 .sysctls
@@ -270,24 +282,24 @@ mod tests {
                 .map(String::as_str),
             Some("1")
         );
-        assert!(warnings(&auto, &Observed::default()).is_empty());
+        assert!(warnings(&auto, &Iptables, &Observed::default()).is_empty());
         // No named interface: nothing sets route_localnet, so the run must say so.
         let unnamed =
             config(r#"{"forwards":[{"name":"l","listen_port":1,"to":"127.0.0.1:8080"}]}"#);
-        assert!(!compile(&unnamed)
+        assert!(!compile(&unnamed, &Iptables)
             .sysctls
             .keys()
             .any(|k| k.contains("route_localnet")));
-        assert!(warnings(&unnamed, &Observed::default())[0].contains("route_localnet=1"));
+        assert!(warnings(&unnamed, &Iptables, &Observed::default())[0].contains("route_localnet=1"));
         let manual = config(
             r#"{"ip_forward":true,"forwards":[{"name":"l","listen_port":1,"to":"127.0.0.1:8080"}]}"#,
         );
-        assert!(!compile(&manual)
+        assert!(!compile(&manual, &Iptables)
             .sysctls
             .keys()
             .any(|k| k.contains("route_localnet")));
-        assert!(warnings(&manual, &Observed::default())[0].contains("route_localnet=1"));
+        assert!(warnings(&manual, &Iptables, &Observed::default())[0].contains("route_localnet=1"));
         let set = observed_with(&[], &[("net/ipv4/conf/all/route_localnet", "1")]);
-        assert!(warnings(&manual, &set).is_empty());
+        assert!(warnings(&manual, &Iptables, &set).is_empty());
     }
 }

@@ -1,22 +1,19 @@
 //! Entry points shared by the fuzz targets (`fuzz/`, cargo-fuzz) and the corpus replay test
 //! that CI runs on stable: each drives one parser and what consumes its output, and must never
-//! panic whatever the input.
-
-use std::collections::BTreeMap;
+//! panic whatever the input. Built only with the `fuzzing` feature.
 
 use crate::compile::compile;
+use crate::firewall::iptables::observe::{extract_owned, IptablesObserved};
+use crate::firewall::iptables::{decompile, plan, save, Iptables};
 use crate::model::Config;
 use crate::net::Family;
 use crate::observe::iproute::{parse_addresses, parse_routes, parse_rules};
-use crate::observe::params_view::params_from_rules;
-use crate::observe::{extract_owned, iptables_save, Observed};
-use crate::plan::plan_rules;
 
 /// Params text → validation → compile → rendered rules → planning from nothing.
 pub fn params(text: &str) {
     if let Ok((config, _, _)) = Config::from_json(text) {
-        let desired = compile(&config);
-        for chain in desired.rules.chains.values() {
+        let desired = compile(&config, &Iptables);
+        for chain in desired.firewall.chains.values() {
             for rule in &chain.rules {
                 let rendered = rule.render();
                 assert!(
@@ -25,22 +22,21 @@ pub fn params(text: &str) {
                 );
             }
         }
-        let _ = plan_rules(
+        let _ = plan::plan_rules(
             &config.instance,
-            &desired.rules,
-            &desired.sysctls,
-            &Observed::default(),
+            &desired.firewall,
+            &IptablesObserved::default(),
         );
     }
 }
 
-/// A dump → parse → owned rules of an instance → params view → plan to remove them all.
+/// A dump → parse → owned rules of an instance → entries → plan to remove them all.
 pub fn iptables_save(text: &str) {
-    let dump = iptables_save::parse(text);
-    let mut observed = Observed::default();
+    let dump = save::parse(text);
+    let mut observed = IptablesObserved::default();
     extract_owned(&dump, Family::V4, "portfwd", &mut observed);
-    let _ = params_from_rules(&observed.owned, "portfwd");
-    let _ = plan_rules("portfwd", &Default::default(), &BTreeMap::new(), &observed);
+    let _ = decompile::entries_from_rules(&observed.owned, "portfwd");
+    let _ = plan::plan_rules("portfwd", &Default::default(), &observed);
 }
 
 /// `ip -j` text through every parser, with a protocol taken from the text.

@@ -1,11 +1,19 @@
 //! portfwd: declarative NAT port forwarding for Linux.
 //!
-//! One straight pipeline:
-//! params ─► [`model`] (validate) ─► [`compile`] (desired rules) ─┐
-//! host ───► [`observe`] (iptables-save, sysctls) ────────────────┴─► [`plan`] ─► [`apply`] ─► [`conntrack`] ─► [`report`]
+//! One straight pipeline; each stage reads only what earlier stages produced:
 //!
-//! [`conntrack`] runs only after a committed change: it deletes the flows the change made
-//! stale. [`record_store`] keeps the record of created objects per network namespace.
+//! ```text
+//! params ─► model ─► compile ──────────────► Desired ─┐
+//!  (input, validate)  (firewall backend, routing,      │
+//!                      sysctls)                        ├─► plan ─► Plan::steps ─► apply ─► report
+//! host ──► observe (firewall reads, ip -j, sysctls, ─► Observed ┘   (the one      (System,  (result,
+//!           record, stored params)                                   order)        rollback) diff)
+//! ```
+//!
+//! [`firewall`] is the seam to the packet-filter backend (iptables today): compile, observe
+//! and plan call it for the firewall objects and do the rest themselves. [`ownership`] says
+//! what is ours (the comment grammar, the record); [`system`] is the boundary to the host.
+//! After a committed change [`conntrack`] deletes the flows the change made stale.
 //!
 //! The engine holds no process-global state and prints nothing; the binary in `module/`
 //! takes the run lock, calls [`run`] and prints the [`report::Report`].
@@ -14,6 +22,8 @@ pub mod apply;
 pub mod checks;
 pub mod compile;
 pub mod conntrack;
+pub mod firewall;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod model;
 pub mod net;
@@ -25,14 +35,15 @@ mod proptests;
 pub mod record_store;
 pub mod report;
 pub mod routing;
-pub mod rules;
 pub mod system;
 #[cfg(test)]
 mod testing;
 
+use firewall::iptables::Iptables;
+use firewall::Firewall;
 use model::{Config, Params, RunMode};
-use observe::params_view::params_from_state;
-use report::{state_text, Diff, Report};
+use report::decompile::params_from_state;
+use report::{Report, StateView};
 use system::{System, SystemError};
 
 /// Errors before anything is applied.
@@ -47,6 +58,15 @@ pub enum Error {
 
 /// Converges the host to `config` (or, in check mode, reports what that would change).
 pub fn run(config: &Config, mode: RunMode, sys: &mut dyn System) -> Report {
+    run_with(&Iptables, config, mode, sys)
+}
+
+fn run_with<F: Firewall>(
+    firewall: &F,
+    config: &Config,
+    mode: RunMode,
+    sys: &mut dyn System,
+) -> Report {
     let managed = compile::sysctls(config);
     let keys = checks::sysctl_keys(config, &managed);
     let protocol = config.route_protocol;
@@ -58,87 +78,71 @@ pub fn run(config: &Config, mode: RunMode, sys: &mut dyn System) -> Report {
     // Compiling thousands of forwards and reading the host are independent: compile on a
     // thread of its own while the reads (an iptables-save of 10,000 rules takes ~0.1 s) run.
     let (desired, observed) = std::thread::scope(|s| {
-        let compiled = s.spawn(|| compile::compile(config));
-        let observed = observe::observe(sys, &config.instance, protocol, &keys, scope);
-        let desired = compiled.join().unwrap_or_else(|_| compile::compile(config));
+        let compiled = s.spawn(|| compile::compile(config, firewall));
+        let observed = observe::observe(firewall, sys, &config.instance, protocol, &keys, scope);
+        let desired = compiled
+            .join()
+            .unwrap_or_else(|_| compile::compile(config, firewall));
         (desired, observed)
     });
     let observed = match observed {
         Ok(o) => o,
         Err(e) => return Report::failure(format!("reading the current state failed: {e}")),
     };
-    let plan = plan::plan(&config.instance, protocol, &desired, &observed);
+    let plan = plan::plan(firewall, &config.instance, protocol, &desired, &observed);
     let mut warnings = desired.warnings.clone();
     warnings.extend(observed.warnings.iter().cloned());
     warnings.extend(plan.warnings.iter().cloned());
-    warnings.extend(checks::warnings(config, &observed));
-    let diff = mode.diff.then(|| {
-        let current: Vec<(String, String)> = desired
-            .sysctls
-            .keys()
-            .filter_map(|k| Some((k.clone(), observed.sysctls.get(k)?.clone()?)))
-            .collect();
-        let wanted: Vec<(String, String)> = desired
-            .sysctls
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let before = params_from_state(
-            &observed.owned,
-            &observed.routing.owned,
-            &config.instance,
-            protocol,
-            observed.stored.is_some(),
-        );
-        let after = params_from_state(
-            &desired.rules,
-            &desired.routing,
-            &config.instance,
-            protocol,
-            desired.stored.is_some(),
-        );
-        Diff {
-            before: state_text(&before, &current),
-            after: state_text(&after, &wanted),
-        }
-    });
-    let mut report = Report {
-        changed: !plan.is_empty(),
-        failed: false,
-        msg: report::summary(&plan),
-        diff,
-        commands: apply::commands(&plan, config.backend),
-        warnings,
-        forwards: (&plan.forwards).into(),
-        masquerade: (&plan.masquerade).into(),
-        backend: observed.flavour.map(str::to_string),
+    warnings.extend(checks::warnings(config, firewall, &observed));
+    let view = StateView {
+        firewall,
+        instance: &config.instance,
+        protocol,
+        desired: &desired,
+        observed: &observed,
     };
+    let mut report = report::planned(&view, &plan, config.backend, warnings, mode.diff);
     if plan.is_empty() {
-        report.msg = "no changes".to_string();
-    } else if mode.check {
+        return report;
+    }
+    if mode.check {
         report.msg = format!("check mode, nothing applied: {}", report.msg);
-    } else if let Err(e) = apply::apply(&plan, &observed, &config.instance, protocol, sys) {
+        return report;
+    }
+    let run = apply::Run {
+        firewall,
+        instance: &config.instance,
+        protocol,
+        before: &observed,
+    };
+    if let Err(e) = apply::apply(&run, &plan, sys) {
         report.failed = true;
         report.msg = e.to_string();
     } else {
-        follow_live_flows(config, &plan, &observed, sys, &mut report);
+        follow_live_flows(firewall, config, &plan, &observed, sys, &mut report);
     }
     report
 }
 
 /// After a committed change, deletes the conntrack entries it made stale (see [`conntrack`]).
-fn follow_live_flows(
+fn follow_live_flows<F: Firewall>(
+    firewall: &F,
     config: &Config,
     plan: &plan::Plan,
-    observed: &observe::Observed,
+    observed: &observe::Observed<F>,
     sys: &mut dyn System,
     report: &mut Report,
 ) {
-    let changed = &plan.forwards;
+    let changed = plan.forwards();
     if changed.count() == 0 {
         return;
     }
-    let old_params = observe::params_view::params_from_rules(&observed.owned, &config.instance);
+    let entries = firewall.decompile(&config.instance, &firewall.snapshot(&observed.firewall));
+    let old_params = Params {
+        instance: config.instance.clone(),
+        forwards: entries.forwards,
+        ..Params::default()
+    };
     // The owned rules decompile to valid params; if they ever did not, no old forward is
     // known and only new forwards' flows are considered.
     let old: Vec<model::Forward> = old_params
@@ -200,9 +204,10 @@ fn follow_live_flows(
 /// The instance's current managed state as params; applying them is a no-op.
 pub fn show(instance: &str, protocol: Option<u8>, sys: &mut dyn System) -> Result<Params, Error> {
     let protocol = protocol.unwrap_or_else(|| model::default_route_protocol(instance));
-    let observed = observe::observe(sys, instance, protocol, &[], observe::Scope::ALL)?;
+    let firewall = Iptables;
+    let observed = observe::observe(&firewall, sys, instance, protocol, &[], observe::Scope::ALL)?;
     Ok(params_from_state(
-        &observed.owned,
+        firewall.decompile(instance, &firewall.snapshot(&observed.firewall)),
         &observed.routing.owned,
         instance,
         protocol,
@@ -214,7 +219,7 @@ pub fn show(instance: &str, protocol: Option<u8>, sys: &mut dyn System) -> Resul
 mod tests {
     use super::*;
     use crate::net::Family;
-    use crate::testing::{dump_of, FakeSystem};
+    use crate::testing::{dump_of, FakeHost};
 
     const PARAMS: &str = r#"{"forwards":[{"name":"web","listen_port":4321,"to":"10.0.2.2:1234"},{"name":"v6","listen_port":80,"to":"[fd00:2::2]:80"}]}"#;
 
@@ -223,18 +228,15 @@ mod tests {
     }
 
     /// A fake host that already holds what `json` compiles to.
-    fn converged(json: &str) -> FakeSystem {
+    fn converged(json: &str) -> FakeHost {
         let c = config(json);
-        let desired = compile::compile(&c);
-        let mut sys = FakeSystem::default();
+        let desired = compile::compile(&c, &Iptables);
+        let mut sys = FakeHost::default();
         for family in [Family::V4, Family::V6] {
-            sys.saves.insert(
-                family,
-                (dump_of(&desired.rules, &c.instance, family), String::new()),
-            );
+            sys.set_dump(family, &dump_of(&desired.firewall, &c.instance, family));
         }
         for (k, v) in &desired.sysctls {
-            sys.sysctls.insert(k.clone(), v.clone());
+            sys.state.sysctls.insert(k.clone(), v.clone());
         }
         sys
     }
@@ -252,8 +254,11 @@ mod tests {
             "masquerade":[{"name":"lan","source":"192.168.0.0/24"}]}"#;
         let mut sys = converged(json);
         let shown = show("portfwd", None, &mut sys).unwrap();
-        let again = compile::compile(&shown.validate().unwrap());
-        assert_eq!(again.rules, compile::compile(&config(json)).rules);
+        let again = compile::compile(&shown.validate().unwrap(), &Iptables);
+        assert_eq!(
+            again.firewall,
+            compile::compile(&config(json), &Iptables).firewall
+        );
     }
 
     #[test]
@@ -267,9 +272,12 @@ mod tests {
 
     #[test]
     fn check_mode_reads_but_never_writes() {
-        let mut sys = FakeSystem::default();
-        sys.sysctls.insert("net/ipv4/ip_forward".into(), "0".into());
-        sys.sysctls
+        let mut sys = FakeHost::default();
+        sys.state
+            .sysctls
+            .insert("net/ipv4/ip_forward".into(), "0".into());
+        sys.state
+            .sysctls
             .insert("net/ipv6/conf/all/forwarding".into(), "0".into());
         let report = run(
             &config(PARAMS),
@@ -293,9 +301,12 @@ mod tests {
 
     #[test]
     fn apply_writes_one_transaction_per_table_then_sysctls() {
-        let mut sys = FakeSystem::default();
-        sys.sysctls.insert("net/ipv4/ip_forward".into(), "0".into());
-        sys.sysctls
+        let mut sys = FakeHost::default();
+        sys.state
+            .sysctls
+            .insert("net/ipv4/ip_forward".into(), "0".into());
+        sys.state
+            .sysctls
             .insert("net/ipv6/conf/all/forwarding".into(), "1".into());
         let report = run(&config(PARAMS), RunMode::default(), &mut sys);
         assert!(report.changed && !report.failed, "{report:?}");
@@ -324,12 +335,15 @@ mod tests {
 
     #[test]
     fn a_failed_step_is_reported_as_rolled_back() {
-        let mut sys = FakeSystem {
+        let mut sys = FakeHost {
             fail: Some("restore ipv6".into()),
-            ..FakeSystem::default()
+            ..FakeHost::default()
         };
-        sys.sysctls.insert("net/ipv4/ip_forward".into(), "1".into());
-        sys.sysctls
+        sys.state
+            .sysctls
+            .insert("net/ipv4/ip_forward".into(), "1".into());
+        sys.state
+            .sysctls
             .insert("net/ipv6/conf/all/forwarding".into(), "1".into());
         let report = run(&config(PARAMS), RunMode::default(), &mut sys);
         assert!(report.failed, "{report:?}");
@@ -348,11 +362,11 @@ mod tests {
     #[test]
     fn legacy_tables_warning_on_stderr_is_reported_and_not_parsed() {
         let mut sys = converged(PARAMS);
-        if let Some(v4) = sys.saves.get_mut(&Family::V4) {
-            v4.1 =
-                "# Warning: iptables-legacy tables present, use iptables-legacy-save to see them\n"
-                    .into();
-        }
+        sys.save_stderr.insert(
+            Family::V4,
+            "# Warning: iptables-legacy tables present, use iptables-legacy-save to see them\n"
+                .into(),
+        );
         let report = run(&config(PARAMS), RunMode::default(), &mut sys);
         assert!(!report.changed, "{report:?}");
         assert!(
@@ -368,11 +382,11 @@ mod tests {
     #[test]
     fn foreign_rules_that_look_like_ours_are_never_touched() {
         let mut sys = converged(PARAMS);
-        let dump = sys.saves[&Family::V4].0.replace(
+        let dump = sys.dump(Family::V4).replace(
             "COMMIT\n*nat",
             "-A INPUT -m comment --comment \"portfwd:fwd:web:deadbeef\" -j ACCEPT\nCOMMIT\n*nat",
         );
-        sys.saves.insert(Family::V4, (dump, String::new()));
+        sys.set_dump(Family::V4, &dump);
         let report = run(
             &config(r#"{"state":"absent"}"#),
             RunMode::default(),

@@ -31,6 +31,22 @@ impl Family {
     }
 
     /// The sysctl that turns routing between interfaces on for this family.
+    /// `4` / `6`, as in `ip -4`.
+    pub fn ip_flag(self) -> &'static str {
+        match self {
+            Family::V4 => "4",
+            Family::V6 => "6",
+        }
+    }
+
+    /// `ip` / `ip6`, the nftables family of iptables-nft's tables.
+    pub fn nft_family(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
     pub fn forwarding_sysctl(self) -> &'static str {
         match self {
             Family::V4 => "net/ipv4/ip_forward",

@@ -145,6 +145,23 @@ pub fn table_key(family: Family, table: &str) -> String {
     format!("{} {table}", family.label())
 }
 
+/// May an nf_tables table portfwd created be deleted? Only when `nft -j list table` shows
+/// nothing in it but chains (no rules, sets, maps or flowtables, which iptables-save cannot
+/// show and someone else may have added).
+pub fn holds_only_chains(nft_listing: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(nft_listing)
+        .ok()
+        .and_then(|v| v.get("nftables").and_then(|n| n.as_array()).cloned())
+        .is_some_and(|items| {
+            items.iter().all(|item| {
+                item.as_object().is_some_and(|o| {
+                    o.keys()
+                        .all(|k| k == "metainfo" || k == "table" || k == "chain")
+                })
+            })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +184,20 @@ mod tests {
         assert!(is_jump_comment(&jump_comment("edge"), "edge"));
         assert!(!is_jump_comment(&jump_comment("edge"), "edg"));
         assert!(!is_jump_comment("edge:jump:x", "edge"));
+    }
+
+    #[test]
+    fn only_a_table_of_bare_chains_may_be_dropped() {
+        let bare = r#"{"nftables":[{"metainfo":{"version":"1.0.6"}},{"table":{"family":"ip","name":"nat"}},{"chain":{"family":"ip","table":"nat","name":"PREROUTING"}}]}"#;
+        assert!(holds_only_chains(bare));
+        let with_rule = bare.replace(
+            "]}",
+            r#",{"rule":{"family":"ip","table":"nat","chain":"PREROUTING"}}]}"#,
+        );
+        assert!(!holds_only_chains(&with_rule));
+        let with_set = bare.replace("]}", r#",{"set":{"family":"ip","name":"s"}}]}"#);
+        assert!(!holds_only_chains(&with_set));
+        assert!(!holds_only_chains("not json"));
     }
 
     /// Upgrading portfwd must not rename a rule or renumber a route protocol.

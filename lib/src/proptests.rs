@@ -6,12 +6,13 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 
 use crate::compile::compile;
+use crate::firewall::iptables::observe::{extract_owned, IptablesObserved};
+use crate::firewall::iptables::plan::plan_rules;
+use crate::firewall::iptables::rules::{Hook, Rule};
+use crate::firewall::iptables::save::{parse, tokenize};
+use crate::firewall::iptables::Iptables;
 use crate::model::Config;
 use crate::net::Family;
-use crate::observe::iptables_save::{parse, tokenize};
-use crate::observe::{extract_owned, Observed};
-use crate::plan::plan_rules;
-use crate::rules::{Hook, Rule};
 use crate::testing::dump_of;
 
 fn v4() -> impl Strategy<Value = String> {
@@ -81,15 +82,15 @@ proptest! {
     #[test]
     fn compiled_rules_survive_save_and_parse(p in params()) {
         let (config, _, _) = Config::from_json(&p.to_string()).expect("generated params are valid");
-        let desired = compile(&config);
-        let mut observed = Observed::default();
+        let desired = compile(&config, &Iptables);
+        let mut observed = IptablesObserved::default();
         for family in [Family::V4, Family::V6] {
-            let text = dump_of(&desired.rules, &config.instance, family);
+            let text = dump_of(&desired.firewall, &config.instance, family);
             let dump = parse(&text);
             extract_owned(&dump, family, &config.instance, &mut observed);
         }
-        prop_assert_eq!(&observed.owned, &desired.rules);
-        let plan = plan_rules(&config.instance, &desired.rules, &Default::default(), &observed);
+        prop_assert_eq!(&observed.owned, &desired.firewall);
+        let plan = plan_rules(&config.instance, &desired.firewall, &observed);
         prop_assert!(plan.tables.is_empty(), "{:?}", plan.tables);
     }
 

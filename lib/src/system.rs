@@ -1,7 +1,8 @@
 //! The boundary to the host: every read and write the engine makes goes through [`System`].
 //!
 //! [`RealSystem`] runs the real tools, found through `PATH` so tests can put shims in front of
-//! them. Tests of the planner use a recording fake instead.
+//! them. It executes and reads; it decides nothing (what a read means is the observe stage's
+//! business, whether a step runs the plan's). Unit tests use the fake host in `testing`.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -84,7 +85,9 @@ pub trait System {
     /// when the stored record could not be trusted (corrupt, or another namespace's).
     fn read_record(&mut self, instance: &str) -> Result<(Record, Option<String>), SystemError>;
     fn write_record(&mut self, instance: &str, record: &Record) -> Result<(), SystemError>;
-    /// `nft delete table ip|ip6 TABLE`: drops an nf_tables table portfwd created and emptied.
+    /// `nft -j list table ip|ip6 TABLE`: what a table holds, as nft sees it.
+    fn list_nft_table(&mut self, family: Family, table: &str) -> Result<String, SystemError>;
+    /// `nft delete table ip|ip6 TABLE`.
     fn delete_table(&mut self, family: Family, table: &str) -> Result<(), SystemError>;
     /// The params stored by `persist: true`, if any.
     fn read_stored(&mut self, instance: &str) -> Result<Option<String>, SystemError>;
@@ -330,11 +333,8 @@ impl System for RealSystem {
     }
 
     fn ip_batch(&mut self, family: Family, script: &str) -> Result<(), SystemError> {
-        let flag = match family {
-            Family::V4 => "-4",
-            Family::V6 => "-6",
-        };
-        self.run("ip", &[flag, "-batch", "-"], Some(script))
+        let flag = format!("-{}", family.ip_flag());
+        self.run("ip", &[&flag, "-batch", "-"], Some(script))
             .map(drop)
     }
 
@@ -356,31 +356,18 @@ impl System for RealSystem {
         record_store::store(&self.run_dir, &path, record, stamp, write_private)
     }
 
-    /// Deletes the table only if nft itself shows nothing in it but chains without rules:
-    /// sets, maps or rules that iptables-save cannot show (or that another tool added since
-    /// the plan was made) keep it.
+    fn list_nft_table(&mut self, family: Family, table: &str) -> Result<String, SystemError> {
+        let args = ["-j", "list", "table", family.nft_family(), table];
+        self.run("nft", &args, None).map(|(out, _)| out)
+    }
+
     fn delete_table(&mut self, family: Family, table: &str) -> Result<(), SystemError> {
-        let family = match family {
-            Family::V4 => "ip",
-            Family::V6 => "ip6",
-        };
-        let (listing, _) = self.run("nft", &["-j", "list", "table", family, table], None)?;
-        let empty = serde_json::from_str::<serde_json::Value>(&listing)
-            .ok()
-            .and_then(|v| v.get("nftables").and_then(|n| n.as_array()).cloned())
-            .is_some_and(|items| {
-                items.iter().all(|item| {
-                    item.as_object().is_some_and(|o| {
-                        o.keys()
-                            .all(|k| k == "metainfo" || k == "table" || k == "chain")
-                    })
-                })
-            });
-        if !empty {
-            return Ok(());
-        }
-        self.run("nft", &["delete", "table", family, table], None)
-            .map(drop)
+        self.run(
+            "nft",
+            &["delete", "table", family.nft_family(), table],
+            None,
+        )
+        .map(drop)
     }
 
     fn read_stored(&mut self, instance: &str) -> Result<Option<String>, SystemError> {

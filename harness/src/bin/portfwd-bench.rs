@@ -502,7 +502,7 @@ fn per_rule_commands(pf: &Portfwd, ns: &Netns, params: &Value) -> Result<PerRule
             if let Some(t) = line.strip_prefix('*') {
                 table_name = t.to_string();
             } else if let Some(rest) = line.strip_prefix("-A ") {
-                let tokens = portfwd::observe::iptables_save::tokenize(rest).unwrap_or_default();
+                let tokens = shlex::split(rest).unwrap_or_default();
                 if let Some((chain, spec)) = tokens.split_first() {
                     rules.push((chain.clone(), table_name.clone(), spec.to_vec()));
                 }

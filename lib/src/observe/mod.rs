@@ -1,60 +1,110 @@
-//! Reads the current state: one `iptables-save` per family and the sysctls the plan needs.
+//! The third stage: reads the host as the plan needs it. The firewall backend names its reads
+//! and parses them; the ip rules, routes and addresses (`ip -j`), the sysctls, the record of
+//! created objects and the stored params are read here. Everything the plan decides on is read
+//! here; [`System`] only runs the reads.
 //!
 //! Read once, write once: with 10,000 foreign rules one save costs ~0.15 s, one `iptables -C`
-//! ~0.1 s, so nothing here ever checks rule by rule.
+//! ~0.1 s, so nothing ever checks rule by rule; the independent reads run at once.
 
 pub mod iproute;
-pub mod iptables_save;
-pub mod params_view;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
+use crate::firewall::iptables::Iptables;
+use crate::firewall::Firewall;
 use crate::net::Family;
 use crate::ownership::Record;
-use crate::routing::RoutingObserved;
-use crate::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Table};
+use crate::routing::{IfAddr, IpRule, Routing};
 use crate::system::{Read, System, SystemError};
-use iptables_save::{Dump, RuleLine};
 
 /// The host as the plan sees it.
-#[derive(Debug, Clone, Default)]
-pub struct Observed {
-    pub owned: OwnedRules,
-    /// Rule count of each built-in chain that has or may get a jump (to place jumps).
-    pub builtin_len: BTreeMap<(Family, Hook), usize>,
-    /// Which families already have the table a hook lives in.
-    pub tables_present: BTreeMap<(Family, Hook), bool>,
+pub struct Observed<F: Firewall = Iptables> {
+    /// What the firewall backend found of the instance.
+    pub firewall: F::Observed,
     pub sysctls: BTreeMap<String, Option<String>>,
     pub routing: RoutingObserved,
-    /// The iptables flavour the dumps came from (`nf_tables` or `legacy`), when any table exists.
-    pub flavour: Option<&'static str>,
-    /// What the instance recorded creating (addresses, tables).
+    /// What the instance recorded creating (addresses, tables, rules, routes, sysctls).
     pub record: Record,
-    /// Facts about each table portfwd may write to.
-    pub tables: BTreeMap<(Family, Table), TableFacts>,
     /// The instance's stored params file, if any.
     pub stored: Option<String>,
-    /// Dispatch sub-chains of the instance whose hook chain does not exist.
-    pub stray_subchains: BTreeMap<(Family, Hook), BTreeMap<String, Vec<Rule>>>,
     /// Whether the addresses were read (see [`Scope`]).
     pub addresses_read: bool,
-    /// Other software's rules that read or write conntrack marks (`table chain args`), to warn
-    /// when one touches the instance's `conn_mark` bit.
-    pub connmark_rules: Vec<String>,
     /// Interfaces with an IPv6 default route from router advertisements, and their
     /// `accept_ra` (enabling forwarding drops those routes unless it is 2).
     pub ra_default_routes: Vec<(String, Option<String>)>,
     pub warnings: Vec<String>,
 }
 
-/// What the plan needs to know about one iptables table.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TableFacts {
-    /// The dump is from nf_tables (whose tables can be deleted).
-    pub nf_tables: bool,
-    /// Nothing in it but built-in chains with policy ACCEPT, this instance's chains, and the
-    /// jumps into them.
-    pub only_ours: bool,
+// By hand: a derive would ask the backend type itself (not its state types) for the traits.
+impl<F: Firewall> Default for Observed<F> {
+    fn default() -> Self {
+        Observed {
+            firewall: F::Observed::default(),
+            sysctls: BTreeMap::new(),
+            routing: RoutingObserved::default(),
+            record: Record::default(),
+            stored: None,
+            addresses_read: false,
+            ra_default_routes: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+}
+
+impl<F: Firewall> Clone for Observed<F> {
+    fn clone(&self) -> Self {
+        Observed {
+            firewall: self.firewall.clone(),
+            sysctls: self.sysctls.clone(),
+            routing: self.routing.clone(),
+            record: self.record.clone(),
+            stored: self.stored.clone(),
+            addresses_read: self.addresses_read,
+            ra_default_routes: self.ra_default_routes.clone(),
+            warnings: self.warnings.clone(),
+        }
+    }
+}
+
+impl<F: Firewall> std::fmt::Debug for Observed<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observed")
+            .field("firewall", &self.firewall)
+            .field("sysctls", &self.sysctls)
+            .field("routing", &self.routing)
+            .field("record", &self.record)
+            .field("stored", &self.stored)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The host's iproute2 state as the plan needs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutingObserved {
+    /// Rules and routes carrying the instance's protocol.
+    pub owned: Routing,
+    /// Every address on every interface.
+    pub present: Vec<IfAddr>,
+    /// Record keys (`dev addr/prefix`) of the addresses portfwd added.
+    pub recorded: BTreeSet<String>,
+    /// Every rule carrying the instance's protocol, whoever's, in the kernel's order (what a
+    /// `rule del ... protocol N` may hit first).
+    pub protocol_rules: Vec<IpRule>,
+    /// Record keys of every rule and route on the host, any protocol: what already exists
+    /// and so can never be claimed as created by this instance.
+    pub existing_rules: BTreeSet<String>,
+    pub existing_routes: BTreeSet<String>,
+}
+
+impl RoutingObserved {
+    /// The recorded addresses that are present, as they are now.
+    pub fn owned_addresses(&self) -> Vec<IfAddr> {
+        self.present
+            .iter()
+            .filter(|a| self.recorded.contains(&a.record_key()))
+            .cloned()
+            .collect()
+    }
 }
 
 /// What a run needs to read besides the rulesets, sysctls and records. A no-op of a plain
@@ -78,21 +128,23 @@ impl Scope {
 
 /// Reads both families' rulesets, the instance's ip rules, routes and addresses, its
 /// records, and the given sysctls. The independent reads run at once ([`System::read_batch`]).
-pub fn observe(
+pub fn observe<F: Firewall>(
+    firewall: &F,
     sys: &mut dyn System,
     instance: &str,
     protocol: u8,
     sysctl_keys: &[String],
     scope: Scope,
-) -> Result<Observed, SystemError> {
-    let mut observed = Observed::default();
+) -> Result<Observed<F>, SystemError> {
+    let mut observed = Observed::<F>::default();
     let (record, warning) = sys.read_record(instance)?;
     observed.record = record;
     observed.warnings.extend(warning);
     let record = &observed.record;
     let routing = scope.routing || !record.rules.is_empty() || !record.routes.is_empty();
     let addresses = scope.addresses || !record.addresses.is_empty();
-    let mut reads = vec![Read::Save(Family::V4), Read::Save(Family::V6)];
+    let mut reads = firewall.reads();
+    let firewall_reads = reads.len();
     if routing {
         for flag in ["-4", "-6"] {
             reads.push(Read::IpJson(vec![flag, "rule", "show"]));
@@ -108,21 +160,10 @@ pub fn observe(
             .next()
             .unwrap_or_else(|| Ok((String::new(), String::new())))
     };
-    for family in [Family::V4, Family::V6] {
-        let (stdout, stderr) = next()?;
-        if stderr.contains("iptables-legacy tables present") {
-            observed.warnings.push(format!(
-                "{} rules also exist in iptables-legacy tables; portfwd manages the nf_tables ones (set backend: legacy to manage those instead)",
-                family.label()
-            ));
-        }
-        let dump = iptables_save::parse(&stdout);
-        if let (None, Some(nft)) = (observed.flavour, dump.nf_tables) {
-            observed.flavour = Some(if nft { "nf_tables" } else { "legacy" });
-        }
-        extract_owned(&dump, family, instance, &mut observed);
-        extract_connmark_users(&dump, instance, &mut observed);
-    }
+    let outputs = (0..firewall_reads)
+        .map(|_| next())
+        .collect::<Result<Vec<_>, _>>()?;
+    observed.firewall = firewall.observe(instance, outputs, &mut observed.warnings);
     let mut ra_devices = Vec::new();
     if routing {
         for family in [Family::V4, Family::V6] {
@@ -180,178 +221,4 @@ pub fn observe(
     observed.routing.owned.addresses = observed.routing.owned_addresses();
     observed.stored = sys.read_stored(instance)?;
     Ok(observed)
-}
-
-/// Pulls the instance's chains, and the jumps into them, out of a dump.
-pub fn extract_owned(dump: &Dump, family: Family, instance: &str, observed: &mut Observed) {
-    for table in [Table::Filter, Table::Nat] {
-        if let Some(t) = dump.table(table.name()) {
-            observed.tables.insert(
-                (family, table),
-                table_facts(t, table, dump.nf_tables == Some(true), instance),
-            );
-        }
-    }
-    // Each table's rules grouped by chain once: every hook, and every one of its sub-chains,
-    // reads its own rules without scanning the whole table again.
-    // (Lines only: foreign rules are never materialised.)
-    let mut by_chain: BTreeMap<&str, HashMap<&str, Vec<&RuleLine>>> = BTreeMap::new();
-    for table in [Table::Filter, Table::Nat] {
-        if let Some(t) = dump.table(table.name()) {
-            let chains = by_chain.entry(table.name()).or_default();
-            for line in &t.rules {
-                chains.entry(line.chain).or_default().push(line);
-            }
-        }
-    }
-    let rules_of = |lines: Option<&Vec<&RuleLine>>| -> Vec<Rule> {
-        lines.map_or_else(Vec::new, |l| l.iter().map(|r| r.rule()).collect())
-    };
-    for hook in Hook::ALL {
-        let Some(table) = dump.table(hook.table().name()) else {
-            continue;
-        };
-        let Some(chains) = by_chain.get(hook.table().name()) else {
-            continue;
-        };
-        observed.tables_present.insert((family, hook), true);
-        let chain_name = hook.chain(instance);
-        let builtin = rules_of(chains.get(hook.builtin()));
-        observed.builtin_len.insert((family, hook), builtin.len());
-        let prefix = format!("{chain_name}-");
-        let subchains: BTreeMap<String, Vec<Rule>> = table
-            .chains
-            .iter()
-            .filter(|c| c.name.starts_with(&prefix))
-            .map(|c| (c.name.to_string(), rules_of(chains.get(c.name))))
-            .collect();
-        if !table.has_chain(&chain_name) {
-            // Sub-chains whose chain is gone (a crash, a hand edit) are still ours by name:
-            // reused or removed, never left to block a later `-N`.
-            if !subchains.is_empty() {
-                observed.stray_subchains.insert((family, hook), subchains);
-            }
-            continue;
-        }
-        let jumps = builtin
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| is_our_jump(r, &chain_name, instance))
-            .map(|(i, r)| Jump {
-                position: i + 1,
-                rule: r.clone(),
-            })
-            .collect();
-        let rules = rules_of(chains.get(chain_name.as_str()));
-        observed.owned.chains.insert(
-            (family, hook),
-            OwnedChain {
-                rules,
-                jumps,
-                subchains,
-            },
-        );
-    }
-}
-
-/// Foreign rules using `-m connmark` or `-j CONNMARK` (checked on the text first: a host
-/// with 10,000 rules has a handful of these).
-fn extract_connmark_users(dump: &Dump, instance: &str, observed: &mut Observed) {
-    let ours = format!("PFWD-{instance}-");
-    for table in &dump.tables {
-        for rule in &table.rules {
-            if (rule.text.contains("connmark") || rule.text.contains("CONNMARK"))
-                && !rule.chain.starts_with(&ours)
-            {
-                observed
-                    .connmark_rules
-                    .push(format!("{} {} {}", table.name, rule.chain, rule.text));
-            }
-        }
-    }
-}
-
-/// A jump portfwd made: into the instance's chain and carrying its jump comment. Someone
-/// else's rule into our chain (say `-i eth9 -j PFWD-...`) is theirs and never touched.
-fn is_our_jump(rule: &crate::rules::Rule, chain: &str, instance: &str) -> bool {
-    (rule.option("-j") == Some(chain) || rule.option("-g") == Some(chain))
-        && rule
-            .comment()
-            .is_some_and(|c| crate::ownership::is_jump_comment(c, instance))
-}
-
-fn table_facts(
-    t: &iptables_save::TableDump,
-    table: Table,
-    nf_tables: bool,
-    instance: &str,
-) -> TableFacts {
-    let ours: Vec<String> = Hook::ALL
-        .iter()
-        .filter(|h| h.table() == table)
-        .map(|h| h.chain(instance))
-        .collect();
-    let builtin = ["INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"];
-    // An owned chain, or one of its dispatch sub-chains (`<chain>-T12`).
-    let owned = |name: &str| {
-        ours.iter().any(|o| {
-            name == o
-                || name
-                    .strip_prefix(o.as_str())
-                    .is_some_and(|rest| rest.starts_with('-'))
-        })
-    };
-    let chains_ok = t
-        .chains
-        .iter()
-        .all(|c| owned(c.name) || (builtin.contains(&c.name) && c.policy == "ACCEPT"));
-    // Checked on the text first: most foreign rules never mention our chains.
-    let rules_ok = t.rules.iter().all(|r| {
-        owned(r.chain)
-            || (ours.iter().any(|o| r.text.contains(o.as_str()))
-                && ours.iter().any(|o| is_our_jump(&r.rule(), o, instance)))
-    });
-    TableFacts {
-        nf_tables,
-        only_ours: chains_ok && rules_ok,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const NFT_DUMP: &str = include_str!("../../tests/data/nft-docker-portfwd.save");
-
-    #[test]
-    fn extracts_only_the_instance_chains() {
-        let dump = iptables_save::parse(NFT_DUMP);
-        assert_eq!(dump.nf_tables, Some(true));
-        let mut observed = Observed::default();
-        extract_owned(&dump, Family::V4, "portfwd", &mut observed);
-        insta::assert_debug_snapshot!(observed.owned);
-        assert_eq!(observed.builtin_len[&(Family::V4, Hook::Prerouting)], 2);
-        assert_eq!(observed.builtin_len[&(Family::V4, Hook::Forward)], 9);
-        let mut other = Observed::default();
-        extract_owned(&dump, Family::V4, "other", &mut other);
-        assert_eq!(other.owned.rule_count(), 1);
-    }
-
-    #[test]
-    fn parses_a_docker_host_faithfully() {
-        insta::assert_debug_snapshot!(iptables_save::parse(NFT_DUMP));
-    }
-
-    #[test]
-    fn legacy_dump_with_incompatible_table_line() {
-        let text = "# Generated by iptables-save v1.8.9 on Sat Nov 21 23:01:53 2026\n*nat\n:PREROUTING ACCEPT [3:180]\n:PFWD-portfwd-PRE - [0:0]\n-A PREROUTING -m comment --comment portfwd:jump -j PFWD-portfwd-PRE\n-A PFWD-portfwd-PRE -p udp -m udp --dport 53 -m comment --comment \"portfwd:fwd:dns:0000abcd\" -j DNAT --to-destination 10.0.0.53\nCOMMIT\n# Table `mangle' is incompatible, use 'nft' tool.\n";
-        let dump = iptables_save::parse(text);
-        assert_eq!(dump.nf_tables, Some(false));
-        let mut observed = Observed::default();
-        extract_owned(&dump, Family::V4, "portfwd", &mut observed);
-        let chain = &observed.owned.chains[&(Family::V4, Hook::Prerouting)];
-        assert_eq!(chain.rules.len(), 1);
-        assert_eq!(chain.jumps[0].position, 1);
-        assert_eq!(chain.rules[0].comment(), Some("portfwd:fwd:dns:0000abcd"));
-    }
 }

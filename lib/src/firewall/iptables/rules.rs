@@ -117,7 +117,7 @@ impl Rule {
         self.args.get_or_init(|| {
             self.text
                 .as_deref()
-                .and_then(crate::observe::iptables_save::tokenize)
+                .and_then(super::save::tokenize)
                 .unwrap_or_default()
         })
     }
@@ -127,7 +127,7 @@ impl Rule {
         match (&self.text, self.args.get()) {
             (Some(text), None) => self
                 .comment
-                .get_or_init(|| crate::observe::iptables_save::comment_of(text))
+                .get_or_init(|| super::save::comment_of(text))
                 .as_deref(),
             _ => self.option("--comment"),
         }

@@ -3,7 +3,7 @@
 //! It understands tables, chain declarations and `-A` rules with iptables' own quoting; any
 //! other line is kept as opaque text and never interpreted.
 
-use crate::rules::Rule;
+use super::rules::Rule;
 
 /// A whole dump of one address family.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -1,11 +1,20 @@
-//! The result JSON (`changed`, `failed`, `msg`, `diff`, `commands`, `warnings`) and the
-//! human-readable diff, keyed by the user's entry names rather than raw rule text.
+//! The last stage: the result JSON (`changed`, `failed`, `msg`, `diff`, `commands`,
+//! `warnings`, entry names by outcome) and the human-readable diff, keyed by the user's entry
+//! names rather than raw rule text ([`decompile`] reads the state back as params).
+
+pub mod decompile;
 
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::model::Params;
-use crate::plan::{EntryChanges, Plan};
+use crate::apply::{batch_command, drop_command, sysctl_command};
+use crate::compile::Desired;
+use crate::firewall::{EntryChanges, Firewall};
+use crate::model::{Backend, Params};
+use crate::observe::Observed;
+use crate::plan::{Plan, Step};
+use crate::system::restore_command;
+use decompile::params_from_state;
 
 /// What a run did, as printed on stdout.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -66,12 +75,118 @@ impl Report {
     }
 }
 
+/// The result of a run before it is applied: what changes, the commands, the warnings, and
+/// the diff when asked for.
+pub fn planned<F: Firewall>(
+    view: &StateView<F>,
+    plan: &Plan,
+    backend: Backend,
+    warnings: Vec<String>,
+    with_diff: bool,
+) -> Report {
+    Report {
+        changed: !plan.is_empty(),
+        failed: false,
+        msg: if plan.is_empty() {
+            "no changes".to_string()
+        } else {
+            summary(plan)
+        },
+        diff: with_diff.then(|| view.diff()),
+        commands: commands(plan, backend),
+        warnings,
+        forwards: plan.forwards().into(),
+        masquerade: plan.masquerade().into(),
+        backend: view
+            .firewall
+            .flavour(&view.observed.firewall)
+            .map(str::to_string),
+    }
+}
+
+/// What the diff compares: the desired state against the observed one.
+pub struct StateView<'a, F: Firewall> {
+    pub firewall: &'a F,
+    pub instance: &'a str,
+    pub protocol: u8,
+    pub desired: &'a Desired<F>,
+    pub observed: &'a Observed<F>,
+}
+
+impl<F: Firewall> StateView<'_, F> {
+    /// Both sides as one line per entry, plus the managed sysctls.
+    fn diff(&self) -> Diff {
+        let (desired, observed) = (self.desired, self.observed);
+        let current: Vec<(String, String)> = desired
+            .sysctls
+            .keys()
+            .filter_map(|k| Some((k.clone(), observed.sysctls.get(k)?.clone()?)))
+            .collect();
+        let wanted: Vec<(String, String)> = desired
+            .sysctls
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let before = params_from_state(
+            self.firewall
+                .decompile(self.instance, &self.firewall.snapshot(&observed.firewall)),
+            &observed.routing.owned,
+            self.instance,
+            self.protocol,
+            observed.stored.is_some(),
+        );
+        let after = params_from_state(
+            self.firewall.decompile(self.instance, &desired.firewall),
+            &desired.routing,
+            self.instance,
+            self.protocol,
+            desired.stored.is_some(),
+        );
+        Diff {
+            before: state_text(&before, &current),
+            after: state_text(&after, &wanted),
+        }
+    }
+}
+
+/// The commands a plan runs, shell-like, for the result's `commands` (also in check mode).
+pub fn commands(plan: &Plan, backend: Backend) -> Vec<String> {
+    let mut out = Vec::new();
+    for step in plan.steps() {
+        match step {
+            Step::IpBatch(b) => heredoc(
+                &mut out,
+                batch_command(&b),
+                b.lines.iter().map(String::as_str),
+            ),
+            Step::Transaction(t) => heredoc(
+                &mut out,
+                restore_command(backend, t.family),
+                t.payload.lines(),
+            ),
+            Step::DropTable(d) => out.push(drop_command(&d)),
+            Step::SysctlWrite(c) => out.push(sysctl_command(&c.key, &c.to)),
+            Step::Store(Some(_)) => out.push("# store params for `portfwd restore`".to_string()),
+            Step::Store(None) => out.push("# remove stored params".to_string()),
+            Step::RecordAhead(_) | Step::Record(_) => {}
+        }
+    }
+    out
+}
+
+/// `COMMAND <<'EOF'`, the body, `EOF`.
+fn heredoc<'a>(out: &mut Vec<String>, command: String, body: impl Iterator<Item = &'a str>) {
+    out.push(format!("{command} <<'EOF'"));
+    out.extend(body.map(str::to_string));
+    out.push("EOF".to_string());
+}
+
 /// One-line summary: `forwards: 1 added, 1 updated, 0 removed; masquerade: 0 changed; ...`.
 pub fn summary(plan: &Plan) -> String {
     let mut parts = Vec::new();
     for (label, changes) in [
-        ("forwards", &plan.forwards),
-        ("masquerade", &plan.masquerade),
+        ("forwards", plan.forwards()),
+        ("masquerade", plan.masquerade()),
     ] {
         if changes.count() == 0 {
             parts.push(format!("{label}: 0 changed"));
@@ -104,7 +219,8 @@ pub fn summary(plan: &Plan) -> String {
         Some(None) => parts.push("stored params removed".to_string()),
         None => {}
     }
-    let moved = !plan.tables.is_empty() && plan.forwards.count() + plan.masquerade.count() == 0;
+    let moved = !plan.firewall.transactions.is_empty()
+        && plan.forwards().count() + plan.masquerade().count() == 0;
     if moved {
         parts.push("owned rules repaired (order, jumps or stray rules)".to_string());
     }

@@ -1,33 +1,22 @@
-//! Turns a validated [`Config`] into the exact rules and sysctls that should exist.
+//! Compiles forwards and masquerade entries into the exact iptables rules of the instance's
+//! chains: NAT dispatch by port bucket, SNAT of the forwarded flow only, and the FORWARD
+//! chain's shared flow rules around the per-forward accepts.
 //!
-//! Every rule carries `-m comment --comment <instance>:<kind>:<name>:<hash>`. The hash covers
-//! the chain and the whole rule, so the comment alone identifies a rule: the diff never has to
+//! Every rule carries its owner's comment (see [`crate::ownership`]). The hash in it covers the
+//! chain and the whole rule, so the comment alone identifies a rule: the diff never has to
 //! guess how iptables canonicalises what we wrote, and an edited entry gets new keys.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 
-use crate::model::{Action, Config, Forward, IpForward, Masquerade, Proto, Snat, State};
+use super::rules::{subchain_name, Hook, Jump, OwnedChain, OwnedRules, Rule, BUCKET_PORTS};
+use crate::compile::localnet_devices;
+use crate::model::{Action, Config, Forward, Masquerade, Proto, Snat, State};
 use crate::net::Family;
 use crate::ownership::{
     entry_comment, jump_comment, parse_comment, StableHash, Tag, FLOW_DISPATCH, FLOW_ESTABLISHED,
     FLOW_MARKED, FLOW_NOT_DNAT, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE,
 };
-use crate::routing::{IfAddr, IpRoute, IpRule, Routing};
-use crate::rules::{subchain_name, Hook, Jump, OwnedChain, OwnedRules, Rule, BUCKET_PORTS};
-
-/// What should exist after the run.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Desired {
-    pub rules: OwnedRules,
-    /// sysctl path under `/proc/sys` → value to ensure.
-    pub sysctls: BTreeMap<String, String>,
-    /// Addresses, ip rules and routes.
-    pub routing: Routing,
-    /// The params file `persist: true` keeps (None: no file).
-    pub stored: Option<String>,
-    pub warnings: Vec<String>,
-}
 
 /// The FORWARD chain's order: `flow:established` first (every later packet of a marked flow
 /// stops there), then the masquerade accepts, `flow:not-dnat` (everything else that was not
@@ -47,15 +36,16 @@ fn order_forward_chain(instance: &str, chain: &mut OwnedChain) {
     chain.rules.sort_by_cached_key(|r| rank(r));
 }
 
-/// Compiles the whole config. `state: absent` compiles to nothing.
-pub fn compile(config: &Config) -> Desired {
-    let mut desired = Desired::default();
+/// The rules of the config's forwards and masquerade entries. `state: absent` compiles to
+/// nothing.
+pub fn compile_rules(config: &Config) -> OwnedRules {
+    let mut rules = OwnedRules::default();
     if config.state == State::Absent {
-        return desired;
+        return rules;
     }
     let mut builder = Builder {
         instance: &config.instance,
-        rules: &mut desired.rules,
+        rules: &mut rules,
         seen: HashSet::new(),
         localnet_devices: localnet_devices(config),
         conn_mark: String::new(),
@@ -121,79 +111,17 @@ pub fn compile(config: &Config) -> Desired {
         builder.masquerade(masquerade);
     }
     for family in marking {
-        if let Some(chain) = desired.rules.chains.get_mut(&(family, Hook::Forward)) {
+        if let Some(chain) = rules.chains.get_mut(&(family, Hook::Forward)) {
             order_forward_chain(&config.instance, chain);
         }
     }
-    for (&(_, hook), chain) in desired.rules.chains.iter_mut() {
+    for (&(_, hook), chain) in rules.chains.iter_mut() {
         chain.jumps.push(Jump {
             position: 1,
             rule: jump_rule(&config.instance, hook),
         });
     }
-    desired.sysctls = sysctls(config);
-    desired.routing = compile_routing(config);
-    desired.stored = config.persisted.clone();
-    desired.warnings.extend(static_warnings(config));
-    desired
-}
-
-/// Addresses as given; one rule per policy route (a stable priority when none is given);
-/// its routes in its table, shared tables merged.
-fn compile_routing(config: &Config) -> Routing {
-    let addresses = config
-        .addresses
-        .iter()
-        .map(|a| IfAddr {
-            addr: a.addr,
-            prefix: a.prefix,
-            dev: a.dev.clone(),
-            label: a.label.clone(),
-            secondary: false,
-        })
-        .collect();
-    let mut rules = Vec::new();
-    let mut routes: Vec<IpRoute> = Vec::new();
-    for p in &config.policy_routes {
-        let mut rule = IpRule {
-            family: p.family,
-            priority: 0,
-            from: p.from,
-            to: p.to,
-            fwmark: p.fwmark,
-            iif: p.iif.clone(),
-            table: p.table,
-        };
-        rule.priority = p
-            .priority
-            .unwrap_or_else(|| stable_priority(&config.instance, &rule));
-        rules.push(rule);
-        for r in &p.routes {
-            let route = IpRoute {
-                family: p.family,
-                table: p.table,
-                to: r.to,
-                via: r.via,
-                dev: r.dev.clone(),
-            };
-            if !routes.contains(&route) {
-                routes.push(route);
-            }
-        }
-    }
-    Routing {
-        addresses,
-        rules,
-        routes,
-    }
-}
-
-/// 10000-29999 from the rule's selector: stable across runs and list order, below main (32766).
-fn stable_priority(instance: &str, rule: &IpRule) -> u32 {
-    let hash = StableHash::new()
-        .part(instance.as_bytes())
-        .part(rule.to_string().as_bytes());
-    10_000 + hash.finish() % 20_000
+    rules
 }
 
 /// The jump from a built-in chain into the instance's chain.
@@ -206,99 +134,6 @@ pub fn jump_rule(instance: &str, hook: Hook) -> Rule {
         "-j".to_string(),
         hook.chain(instance),
     ])
-}
-
-/// The sysctls the config manages (forwarding of the families it uses, route_localnet),
-/// with the value each should have. Cheap, so a run knows what to read before compiling.
-pub fn sysctls(config: &Config) -> BTreeMap<String, String> {
-    let mut desired = Desired::default();
-    if config.state != State::Absent {
-        compile_sysctls(config, &mut desired);
-    }
-    desired.sysctls
-}
-
-/// The families whose forwarding sysctl the config manages, and the value each should have.
-fn compile_sysctls(config: &Config, desired: &mut Desired) {
-    let needing: BTreeSet<Family> = config
-        .forwards
-        .iter()
-        .filter(|f| f.needs_forwarding())
-        .map(|f| f.family)
-        .chain(config.masquerades.iter().map(Masquerade::family))
-        .collect();
-    let mut used: BTreeSet<Family> = config
-        .forwards
-        .iter()
-        .map(|f| f.family)
-        .chain(config.masquerades.iter().map(Masquerade::family))
-        .collect();
-    if used.is_empty() {
-        used.insert(Family::V4);
-    }
-    let (families, value) = match config.ip_forward {
-        IpForward::Auto => (needing, "1"),
-        IpForward::On => (used, "1"),
-        IpForward::Off => (used, "0"),
-    };
-    for family in families {
-        desired
-            .sysctls
-            .insert(family.forwarding_sysctl().to_string(), value.to_string());
-    }
-    for dev in localnet_devices(config).values() {
-        desired
-            .sysctls
-            .insert(localnet_sysctl(dev), "1".to_string());
-    }
-}
-
-/// `net/ipv4/conf/DEV/route_localnet`
-pub fn localnet_sysctl(dev: &str) -> String {
-    format!("net/ipv4/conf/{dev}/route_localnet")
-}
-
-/// Does portfwd own this sysctl's value (set it, record the old one, put it back)?
-pub fn is_reverted_sysctl(key: &str) -> bool {
-    key.starts_with("net/ipv4/conf/") && key.ends_with("/route_localnet")
-}
-
-/// DNAT to 127.0.0.0/8 from other hosts needs route_localnet on the ingress interface.
-/// Only a named interface gets it: on `all` it would expose every localhost-only service to
-/// every neighbour (CVE-2020-8558); without in_interface the run warns instead.
-fn localnet_devices(config: &Config) -> BTreeMap<String, String> {
-    if config.ip_forward != IpForward::Auto || config.state == State::Absent {
-        return BTreeMap::new();
-    }
-    config
-        .forwards
-        .iter()
-        .filter(|f| f.dnats_to_loopback())
-        .filter_map(|f| {
-            let dev = f.in_interface.as_deref().filter(|i| !i.ends_with('+'))?;
-            Some((f.name.clone(), dev.to_string()))
-        })
-        .collect()
-}
-
-fn static_warnings(config: &Config) -> Vec<String> {
-    let mut warnings = Vec::new();
-    let needs_forwarding =
-        config.forwards.iter().any(Forward::needs_forwarding) || !config.masquerades.is_empty();
-    if config.ip_forward == IpForward::Off && needs_forwarding {
-        warnings.push("ip_forward is false but forwards or masquerade entries route traffic between interfaces: they will not work until forwarding is enabled".to_string());
-    }
-    for f in &config.forwards {
-        if let Action::Dnat {
-            addr,
-            snat: Snat::None,
-            ..
-        } = f.action
-        {
-            warnings.push(format!("forward {:?}: snat is none, so {addr} sees the client's address and must send its replies back through this host (make this host its gateway, or use policy routing on it)", f.name));
-        }
-    }
-    warnings
 }
 
 struct Builder<'a> {
@@ -623,16 +458,18 @@ fn strings<const N: usize>(items: [&str; N]) -> Vec<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
-/// FNV-1a, 32 bits: stable across Rust versions and builds, unlike `DefaultHasher`, so keys
-/// written by one portfwd release are recognised by the next.
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use crate::compile::{compile, Desired};
+    use crate::firewall::iptables::Iptables;
+
+    /// The whole desired state: these tests also check the sysctls and warnings that come
+    /// with the rules.
     fn desired(json: &str) -> Desired {
         let (config, _, _) = Config::from_json(json).unwrap();
-        compile(&config)
+        compile(&config, &Iptables)
     }
 
     #[test]
@@ -640,7 +477,7 @@ mod tests {
         let d = desired(
             r#"{"forwards":[{"name":"web","listen_port":4321,"to":"172.100.102.101:1234"}]}"#,
         );
-        insta::assert_snapshot!(d.rules.listing("portfwd"));
+        insta::assert_snapshot!(d.firewall.listing("portfwd"));
         assert_eq!(
             d.sysctls.get("net/ipv4/ip_forward").map(String::as_str),
             Some("1")
@@ -653,7 +490,7 @@ mod tests {
         let d = desired(
             r#"{"forwards":[{"name":"r","listen_port":2222,"redirect_to_port":1111,"local":true}]}"#,
         );
-        insta::assert_snapshot!(d.rules.listing("portfwd"));
+        insta::assert_snapshot!(d.firewall.listing("portfwd"));
         assert!(d.sysctls.is_empty());
     }
 
@@ -663,7 +500,7 @@ mod tests {
             r#"{"instance":"gw","forwards":[{"name":"db","proto":"both","listen_address":"1.2.3.4","listen_port":81,
                 "in_interface":"eth0","sources":["6.7.8.0/24","9.9.9.9"],"to":"192.168.0.2:8180","snat":"none"}]}"#,
         );
-        insta::assert_snapshot!(d.rules.listing("gw"));
+        insta::assert_snapshot!(d.firewall.listing("gw"));
         assert_eq!(d.warnings.len(), 1, "{:?}", d.warnings);
     }
 
@@ -673,28 +510,8 @@ mod tests {
             r#"{"ip_forward":true,"masquerade":[{"name":"vpn","source":"fd00:1::/64","out_interface":"eth0"},
                {"name":"lan","source":"192.168.0.0/24","to_source":"1.2.3.4","allow_forward":false}]}"#,
         );
-        insta::assert_snapshot!(d.rules.listing("portfwd"));
+        insta::assert_snapshot!(d.firewall.listing("portfwd"));
         assert_eq!(d.sysctls.len(), 2);
-    }
-
-    #[test]
-    fn absent_compiles_to_nothing() {
-        let d = desired(
-            r#"{"state":"absent","forwards":[{"name":"w","listen_port":1,"to":"1.2.3.4"}]}"#,
-        );
-        assert_eq!(d, Desired::default());
-    }
-
-    #[test]
-    fn ip_forward_off_with_forwards_warns() {
-        let d = desired(
-            r#"{"ip_forward":false,"forwards":[{"name":"w","listen_port":1,"to":"1.2.3.4"}]}"#,
-        );
-        assert_eq!(
-            d.sysctls.get("net/ipv4/ip_forward").map(String::as_str),
-            Some("0")
-        );
-        assert!(d.warnings[0].contains("ip_forward is false"));
     }
 
     #[test]
@@ -703,7 +520,7 @@ mod tests {
         let b = desired(r#"{"forwards":[{"name":"w","listen_port":1,"to":"1.2.3.4:80"}]}"#);
         let c = desired(r#"{"forwards":[{"name":"w","listen_port":1,"to":"1.2.3.5:80"}]}"#);
         let keys = |d: &Desired| {
-            d.rules
+            d.firewall
                 .chains
                 .values()
                 .flat_map(|c| c.rules.iter().map(Rule::key))

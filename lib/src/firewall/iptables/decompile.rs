@@ -1,21 +1,18 @@
-//! Reads the params back out of the rules an instance owns, for `portfwd show` and the
-//! `before` side of `--diff`. Compiling the result reproduces the same rules, so applying
-//! what `show` prints is a no-op.
+//! Reads forwards and masquerade entries back out of the rules an instance owns, for
+//! `portfwd show`, the `before` side of `--diff` and the conntrack reset. Compiling the
+//! result reproduces the same rules, so applying what `show` prints is a no-op.
 
 use std::collections::HashMap;
 
 use serde_json::Value;
 
-use crate::model::{
-    default_route_protocol, AddressParams, ForwardParams, MasqueradeParams, Params,
-    PolicyRouteParams, ProtoParam, RouteParams, DEFAULT_CONN_MARK,
-};
+use super::rules::{Hook, OwnedRules, Rule};
+use crate::firewall::Entries;
+use crate::model::{ForwardParams, MasqueradeParams, ProtoParam, DEFAULT_CONN_MARK};
 use crate::net::{Family, PortRange};
 use crate::ownership::{
     has_reset_marker, parse_comment, FLOW_ESTABLISHED, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE,
 };
-use crate::routing::Routing;
-use crate::rules::{Hook, OwnedRules, Rule};
 
 /// The `(kind, name)` of one of the instance's rules (see [`crate::ownership`]).
 pub fn entry_of<'a>(rule: &'a Rule, instance: &str) -> Option<(&'a str, &'a str)> {
@@ -28,72 +25,11 @@ fn resets_connections(rule: &Rule) -> bool {
     rule.comment().is_some_and(has_reset_marker)
 }
 
-/// Rebuilds the whole params: forwards and masquerade from owned iptables rules, addresses and
-/// policy routes from owned iproute2 objects (each table's routes under its first rule).
-pub fn params_from_state(
-    owned: &OwnedRules,
-    routing: &Routing,
-    instance: &str,
-    protocol: u8,
-    persist: bool,
-) -> Params {
-    let mut params = params_from_rules(owned, instance);
-    params.addresses = routing
-        .addresses
-        .iter()
-        .map(|a| AddressParams {
-            address: format!("{}/{}", a.addr, a.prefix),
-            dev: a.dev.clone(),
-            label: a.label.clone(),
-        })
-        .collect();
-    params.policy_routes = routing
-        .rules
-        .iter()
-        .map(|r| PolicyRouteParams {
-            from: r.from.to_string(),
-            to: r.to.map(|c| c.to_string()),
-            table: Value::from(r.table),
-            priority: Some(Value::from(r.priority)),
-            fwmark: r.fwmark.map(|(mark, mask)| {
-                Value::from(if mask == u32::MAX {
-                    format!("{mark:#x}")
-                } else {
-                    format!("{mark:#x}/{mask:#x}")
-                })
-            }),
-            iif: r.iif.clone(),
-            routes: Vec::new(),
-        })
-        .collect();
-    for route in &routing.routes {
-        let owner = routing
-            .rules
-            .iter()
-            .position(|r| r.table == route.table && r.family == route.family);
-        if let Some(entry) = owner.and_then(|i| params.policy_routes.get_mut(i)) {
-            entry.routes.push(RouteParams {
-                to: route
-                    .to
-                    .map_or_else(|| "default".to_string(), |c| c.to_string()),
-                via: route.via.map(|v| v.to_string()),
-                dev: route.dev.clone(),
-            });
-        }
-    }
-    params.persist = persist;
-    if protocol != default_route_protocol(instance) {
-        params.route_protocol = Some(protocol);
-    }
-    params
-}
-
-/// Rebuilds params from owned rules, entries in rule order (IPv4 chains first).
-pub fn params_from_rules(owned: &OwnedRules, instance: &str) -> Params {
-    let mut params = Params {
-        instance: instance.to_string(),
+/// Rebuilds the entries from owned rules, in rule order (IPv4 chains first).
+pub fn entries_from_rules(owned: &OwnedRules, instance: &str) -> Entries {
+    let mut params = Entries {
         conn_mark: conn_mark_of(owned, instance),
-        ..Params::default()
+        ..Entries::default()
     };
     const HOOKS: [Hook; 4] = [
         Hook::Prerouting,

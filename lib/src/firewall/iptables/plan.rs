@@ -1,38 +1,76 @@
-//! The diff: a pure function of (desired, observed) that yields the minimal edit.
-//!
-//! Per owned chain it deletes what should go, keeps the longest run of rules already in the
-//! right order, and inserts the rest at their place. It never re-declares an owned chain
-//! (`:CHAIN - [0:0]` under `--noflush` flushes it), so untouched rules keep their counters
-//! and the connections through them survive.
+//! Plans the rule edit: per owned chain it deletes what should go, keeps the longest run of
+//! rules already in the right order, and inserts the rest at their place. It never
+//! re-declares an owned chain (`:CHAIN - [0:0]` under `--noflush` flushes it), so untouched
+//! rules keep their counters and the connections through them survive.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::compile::{is_reverted_sysctl, Desired};
+use super::observe::IptablesObserved;
+use super::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Table};
+use crate::firewall::{EntryChanges, FirewallPlan, TableDrop, Transaction};
 use crate::net::Family;
-use crate::observe::params_view::entry_of;
-use crate::observe::Observed;
-use crate::ownership::Record;
-use crate::ownership::{table_key, KIND_FORWARD, KIND_MASQUERADE};
-use crate::routing::{plan_routing, IpRoute, IpRule, RoutingPlan};
-use crate::rules::{Hook, OwnedChain, OwnedRules, Rule, Table};
+use crate::ownership::{parse_comment, table_key, Record, KIND_FORWARD, KIND_MASQUERADE};
 
-/// Everything a run would change, in execution order: iproute2 additions, iptables tables,
-/// sysctls, iproute2 removals, then the stored params (make before break).
+/// The rule edit of one run: one transaction per table that changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
-    /// One `iptables-restore --noflush` transaction each.
+pub struct RulesPlan {
     pub tables: Vec<TablePlan>,
-    pub sysctls: Vec<SysctlChange>,
-    pub routing: RoutingPlan,
-    /// Empty nf_tables tables portfwd created, dropped after the table transactions.
-    pub drop_tables: Vec<(Family, Table)>,
-    /// The record of created objects to write, when it changes.
-    pub record: Option<Record>,
-    /// `Some(new content)` when the stored params file changes (`Some(None)`: remove it).
-    pub store: Option<Option<String>>,
     pub forwards: EntryChanges,
     pub masquerade: EntryChanges,
-    pub warnings: Vec<String>,
+}
+
+impl RulesPlan {
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+}
+
+/// The whole iptables part of the plan: the rule edits as `iptables-restore` payloads, and
+/// the tables portfwd created that are now empty. Tables the edit creates are recorded, so
+/// `absent` leaves iptables-save as it was (nf_tables only: legacy tables cannot be deleted).
+pub fn plan(
+    instance: &str,
+    want: &OwnedRules,
+    have: &IptablesObserved,
+    record: &mut Record,
+) -> FirewallPlan {
+    let rules = plan_rules(instance, want, have);
+    for t in &rules.tables {
+        if !have.tables.contains_key(&(t.family, t.table)) {
+            record.tables.insert(table_key(t.family, t.table.name()));
+        }
+    }
+    let wanted: BTreeSet<(Family, Table)> =
+        want.chains.keys().map(|(f, h)| (*f, h.table())).collect();
+    let mut drops = Vec::new();
+    for (&(family, table), facts) in &have.tables {
+        let key = table_key(family, table.name());
+        if !wanted.contains(&(family, table))
+            && facts.only_ours
+            && facts.nf_tables
+            && record.tables.contains(&key)
+        {
+            drops.push(TableDrop {
+                family,
+                table: table.name(),
+            });
+            record.tables.remove(&key);
+        }
+    }
+    FirewallPlan {
+        transactions: rules
+            .tables
+            .iter()
+            .map(|t| Transaction {
+                family: t.family,
+                table: t.table.name(),
+                payload: t.payload(),
+            })
+            .collect(),
+        drops,
+        forwards: rules.forwards,
+        masquerade: rules.masquerade,
+    }
 }
 
 /// The edit lines for one table of one family (without `*table` / `COMMIT`).
@@ -56,169 +94,8 @@ impl TablePlan {
     }
 }
 
-/// A sysctl write, with the value it replaces (for rollback and the diff).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SysctlChange {
-    pub key: String,
-    pub from: Option<String>,
-    pub to: String,
-}
-
-/// Entry names by what happens to them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EntryChanges {
-    pub added: Vec<String>,
-    pub updated: Vec<String>,
-    pub removed: Vec<String>,
-}
-
-impl EntryChanges {
-    pub fn count(&self) -> usize {
-        self.added.len() + self.updated.len() + self.removed.len()
-    }
-}
-
-impl Plan {
-    /// True when the host would not change (a pruned address record alone is housekeeping).
-    pub fn is_empty(&self) -> bool {
-        self.tables.is_empty()
-            && self.sysctls.is_empty()
-            && self.routing.adds.is_empty()
-            && self.routing.dels.is_empty()
-            && self.drop_tables.is_empty()
-            && self.store.is_none()
-    }
-
-    /// Lines written to iptables, all tables together (the unit of "minimal").
-    pub fn payload_lines(&self) -> usize {
-        self.tables.iter().map(|t| t.lines.len()).sum()
-    }
-}
-
-/// Diffs the desired state against what was observed.
-pub fn plan(instance: &str, protocol: u8, desired: &Desired, observed: &Observed) -> Plan {
-    let mut plan = plan_rules(instance, &desired.rules, &desired.sysctls, observed);
-    plan.routing = plan_routing(&desired.routing, &observed.routing, protocol);
-    plan.warnings.extend(plan.routing.warnings.iter().cloned());
-    let mut record = observed.record.clone();
-    plan_sysctl_ownership(desired, observed, &mut plan, &mut record);
-    if let Some(addresses) = &plan.routing.record {
-        record.addresses = addresses.clone();
-    }
-    // After the run exactly the desired rules and routes exist and are ours, except those
-    // that existed before without being ours: never claimed, not even ahead of the write (a
-    // rollback after `File exists` would otherwise delete someone else's rule or route).
-    let routing = &observed.routing;
-    let claimable = |key: &String, existing: &BTreeSet<String>, owned: &BTreeSet<String>| {
-        owned.contains(key) || !existing.contains(key)
-    };
-    record.rules = desired
-        .routing
-        .rules
-        .iter()
-        .map(IpRule::record_key)
-        .filter(|k| claimable(k, &routing.existing_rules, &observed.record.rules))
-        .chain(plan.routing.kept_rules.iter().cloned())
-        .collect();
-    record.routes = desired
-        .routing
-        .routes
-        .iter()
-        .map(IpRoute::record_key)
-        .filter(|k| claimable(k, &routing.existing_routes, &observed.record.routes))
-        .collect();
-    // Tables this run creates are recorded; recorded tables left with nothing but our (now
-    // removed) chains are dropped, so absent leaves iptables-save as it was (nf_tables only:
-    // legacy tables cannot be deleted).
-    for t in &plan.tables {
-        if !observed.tables.contains_key(&(t.family, t.table)) {
-            record.tables.insert(table_key(t.family, t.table.name()));
-        }
-    }
-    let wanted: BTreeSet<(Family, Table)> = desired
-        .rules
-        .chains
-        .keys()
-        .map(|(f, h)| (*f, h.table()))
-        .collect();
-    for (&(family, table), facts) in &observed.tables {
-        let key = table_key(family, table.name());
-        if !wanted.contains(&(family, table))
-            && facts.only_ours
-            && facts.nf_tables
-            && record.tables.contains(&key)
-        {
-            plan.drop_tables.push((family, table));
-            record.tables.remove(&key);
-        }
-    }
-    if record != observed.record {
-        plan.record = Some(record);
-    }
-    if desired.stored != observed.stored {
-        plan.store = Some(desired.stored.clone());
-    }
-    plan
-}
-
-/// Sysctls portfwd owns the value of: route_localnet is recorded with its old value when
-/// set and put back once no entry needs it. Turning IPv6 forwarding on first sets
-/// `accept_ra=2` on interfaces whose default route came from router advertisements: with
-/// `accept_ra=1` the kernel drops those routes the moment forwarding is on.
-fn plan_sysctl_ownership(
-    desired: &Desired,
-    observed: &Observed,
-    plan: &mut Plan,
-    record: &mut Record,
-) {
-    for change in &plan.sysctls {
-        if is_reverted_sysctl(&change.key) && !record.sysctls.contains_key(&change.key) {
-            if let Some(old) = &change.from {
-                record.sysctls.insert(change.key.clone(), old.clone());
-            }
-        }
-    }
-    let unneeded: Vec<(String, String)> = record
-        .sysctls
-        .iter()
-        .filter(|(k, _)| !desired.sysctls.contains_key(*k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    for (key, old) in unneeded {
-        record.sysctls.remove(&key);
-        match observed.sysctls.get(&key) {
-            Some(Some(now)) if *now != old => plan.sysctls.push(SysctlChange {
-                key,
-                from: Some(now.clone()),
-                to: old,
-            }),
-            _ => {}
-        }
-    }
-    let v6 = Family::V6.forwarding_sysctl();
-    let enabling = plan.sysctls.iter().any(|c| c.key == v6 && c.to == "1");
-    if enabling {
-        let guards: Vec<SysctlChange> = observed
-            .ra_default_routes
-            .iter()
-            .filter(|(_, accept_ra)| accept_ra.as_deref() == Some("1"))
-            .map(|(dev, _)| SysctlChange {
-                key: format!("net/ipv6/conf/{dev}/accept_ra"),
-                from: Some("1".to_string()),
-                to: "2".to_string(),
-            })
-            .collect();
-        plan.sysctls.splice(0..0, guards);
-    }
-}
-
-/// The iptables and sysctl part of the diff.
-pub fn plan_rules(
-    instance: &str,
-    desired: &OwnedRules,
-    sysctls: &BTreeMap<String, String>,
-    observed: &Observed,
-) -> Plan {
+/// The rule edit of every table, and the entries it changes.
+pub fn plan_rules(instance: &str, desired: &OwnedRules, observed: &IptablesObserved) -> RulesPlan {
     let mut by_table: BTreeMap<(Family, Table), Vec<String>> = BTreeMap::new();
     let hooks: BTreeSet<(Family, Hook)> = desired
         .chains
@@ -256,25 +133,6 @@ pub fn plan_rules(
             lines,
         })
         .collect();
-    let mut warnings = Vec::new();
-    let sysctls = sysctls
-        .iter()
-        .filter_map(|(key, want)| match observed.sysctls.get(key) {
-            Some(Some(have)) if have == want => None,
-            Some(Some(have)) => Some(SysctlChange {
-                key: key.clone(),
-                from: Some(have.clone()),
-                to: want.clone(),
-            }),
-            _ => {
-                warnings.push(format!(
-                    "sysctl {} does not exist on this host; not set",
-                    key.replace('/', ".")
-                ));
-                None
-            }
-        })
-        .collect();
     // No table edit means every owned rule is already there: no entry changed.
     let changes = |kind: &str| {
         if tables.is_empty() {
@@ -283,13 +141,10 @@ pub fn plan_rules(
             entry_changes(instance, kind, desired, &observed.owned)
         }
     };
-    Plan {
+    RulesPlan {
         forwards: changes(KIND_FORWARD),
         masquerade: changes(KIND_MASQUERADE),
         tables,
-        sysctls,
-        warnings,
-        ..Plan::default()
     }
 }
 
@@ -364,12 +219,7 @@ fn chain_edit(
 }
 
 /// Inserts jumps at their positions, clamped to the chain's end.
-fn insert_jumps(
-    builtin: &str,
-    jumps: &[crate::rules::Jump],
-    mut len: usize,
-    lines: &mut Vec<String>,
-) {
+fn insert_jumps(builtin: &str, jumps: &[Jump], mut len: usize, lines: &mut Vec<String>) {
     for jump in jumps {
         let position = jump.position.clamp(1, len + 1);
         lines.push(format!("-I {builtin} {position} {}", jump.rule.render()));
@@ -455,12 +305,13 @@ fn entry_changes(
         let mut map: HashMap<String, BTreeSet<String>> = HashMap::new();
         for chain in rules.chains.values() {
             for rule in chain.all_rules() {
-                let Some((k, name)) = entry_of(rule, instance) else {
+                let Some(tag) = rule.comment().and_then(|c| parse_comment(c, instance)) else {
                     continue;
                 };
-                if k != kind {
+                if tag.kind != kind {
                     continue;
                 }
+                let name = tag.name;
                 map.entry(name.to_string())
                     .or_insert_with(|| {
                         order.push(name.to_string());
@@ -491,9 +342,8 @@ fn entry_changes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::compile;
+    use crate::firewall::iptables::compile::compile_rules;
     use crate::model::Config;
-    use crate::rules::{Jump, Rule};
     use rstest::rstest;
 
     fn rules(keys: &[&str]) -> OwnedChain {
@@ -541,7 +391,7 @@ mod tests {
     #[test]
     fn stray_subchains_are_reused_or_removed() {
         let want = desired(&FIFTY(usize::MAX));
-        let mut observed = Observed::default();
+        let mut observed = IptablesObserved::default();
         let kept = "PFWD-portfwd-PRE-T39".to_string();
         let stray_rules = want.chains[&(Family::V4, Hook::Prerouting)].subchains[&kept].clone();
         observed.stray_subchains.insert(
@@ -551,7 +401,7 @@ mod tests {
                 ("PFWD-portfwd-PRE-U7".into(), Vec::new()),
             ]),
         );
-        let p = plan_rules("portfwd", &want, &BTreeMap::new(), &observed);
+        let p = plan_rules("portfwd", &want, &observed);
         let all: Vec<&String> = p.tables.iter().flat_map(|t| &t.lines).collect();
         assert!(
             !all.iter().any(|l| l.contains(&format!("-N {kept}"))),
@@ -572,13 +422,13 @@ mod tests {
     }
 
     fn desired(json: &str) -> OwnedRules {
-        compile(&Config::from_json(json).unwrap().0).rules
+        compile_rules(&Config::from_json(json).unwrap().0)
     }
 
-    fn observed_from(rules: &OwnedRules) -> Observed {
-        Observed {
+    fn observed_from(rules: &OwnedRules) -> IptablesObserved {
+        IptablesObserved {
             owned: rules.clone(),
-            ..Observed::default()
+            ..IptablesObserved::default()
         }
     }
 
@@ -598,7 +448,7 @@ mod tests {
     #[test]
     fn second_run_is_empty() {
         let want = desired(&FIFTY(usize::MAX));
-        let p = plan_rules("portfwd", &want, &BTreeMap::new(), &observed_from(&want));
+        let p = plan_rules("portfwd", &want, &observed_from(&want));
         assert!(p.is_empty(), "{p:?}");
         assert_eq!(p.forwards.count(), 0);
     }
@@ -607,7 +457,7 @@ mod tests {
     fn editing_one_of_fifty_touches_only_its_rules() {
         let before = desired(&FIFTY(usize::MAX));
         let after = desired(&FIFTY(7));
-        let p = plan_rules("portfwd", &after, &BTreeMap::new(), &observed_from(&before));
+        let p = plan_rules("portfwd", &after, &observed_from(&before));
         assert_eq!(p.forwards.updated, vec!["f7"]);
         assert_eq!(p.forwards.added.len() + p.forwards.removed.len(), 0);
         let all: Vec<&String> = p.tables.iter().flat_map(|t| &t.lines).collect();
@@ -626,16 +476,11 @@ mod tests {
         let want = desired(
             r#"{"forwards":[{"name":"web","listen_port":4321,"to":"172.100.102.101:1234"}]}"#,
         );
-        let mut empty = Observed::default();
+        let mut empty = IptablesObserved::default();
         empty.builtin_len.insert((Family::V4, Hook::Prerouting), 3);
-        let first = plan_rules("portfwd", &want, &BTreeMap::new(), &empty);
+        let first = plan_rules("portfwd", &want, &empty);
         assert_eq!(first.forwards.added, vec!["web"]);
-        let removal = plan_rules(
-            "portfwd",
-            &OwnedRules::default(),
-            &BTreeMap::new(),
-            &observed_from(&want),
-        );
+        let removal = plan_rules("portfwd", &OwnedRules::default(), &observed_from(&want));
         assert_eq!(removal.forwards.removed, vec!["web"]);
         insta::assert_snapshot!([&first, &removal]
             .iter()
@@ -665,7 +510,7 @@ mod tests {
             .builtin_len
             .insert((Family::V4, Hook::Prerouting), 2);
         observed.builtin_len.insert((Family::V4, Hook::Forward), 9);
-        let p = plan_rules("portfwd", &want, &BTreeMap::new(), &observed);
+        let p = plan_rules("portfwd", &want, &observed);
         let lines: Vec<&String> = p.tables.iter().flat_map(|t| &t.lines).collect();
         assert_eq!(
             lines,
@@ -673,30 +518,6 @@ mod tests {
                 "-D FORWARD -m comment --comment portfwd:jump -j PFWD-portfwd-FWD",
                 "-I PREROUTING 1 -m comment --comment portfwd:jump -j PFWD-portfwd-PRE",
             ]
-        );
-    }
-
-    #[test]
-    fn sysctl_changes_only_when_different() {
-        let mut observed = Observed::default();
-        observed
-            .sysctls
-            .insert("net/ipv4/ip_forward".into(), Some("0".into()));
-        observed
-            .sysctls
-            .insert("net/ipv6/conf/all/forwarding".into(), Some("1".into()));
-        let want = BTreeMap::from([
-            ("net/ipv4/ip_forward".to_string(), "1".to_string()),
-            ("net/ipv6/conf/all/forwarding".to_string(), "1".to_string()),
-        ]);
-        let p = plan_rules("portfwd", &OwnedRules::default(), &want, &observed);
-        assert_eq!(
-            p.sysctls,
-            vec![SysctlChange {
-                key: "net/ipv4/ip_forward".into(),
-                from: Some("0".into()),
-                to: "1".into()
-            }]
         );
     }
 }

@@ -1,0 +1,265 @@
+//! The second stage: a validated [`Config`] in, the desired state out. The firewall objects
+//! come from the backend ([`Firewall::compile`]); the addresses, policy routes, sysctls and
+//! the stored params are compiled here, the same for every backend.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::firewall::iptables::Iptables;
+use crate::firewall::Firewall;
+use crate::model::{Action, Config, Forward, IpForward, Masquerade, Snat, State};
+use crate::net::Family;
+use crate::ownership::StableHash;
+use crate::routing::{IfAddr, IpRoute, IpRule, Routing};
+
+/// What should exist after the run.
+pub struct Desired<F: Firewall = Iptables> {
+    /// The backend's objects (iptables: the instance's chains and the jumps into them).
+    pub firewall: F::Desired,
+    /// sysctl path under `/proc/sys` → value to ensure.
+    pub sysctls: BTreeMap<String, String>,
+    /// Addresses, ip rules and routes.
+    pub routing: Routing,
+    /// The params file `persist: true` keeps (None: no file).
+    pub stored: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+// By hand: a derive would ask the backend type itself (not its state types) for the traits.
+impl<F: Firewall> Default for Desired<F> {
+    fn default() -> Self {
+        Desired {
+            firewall: F::Desired::default(),
+            sysctls: BTreeMap::new(),
+            routing: Routing::default(),
+            stored: None,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+impl<F: Firewall> Clone for Desired<F> {
+    fn clone(&self) -> Self {
+        Desired {
+            firewall: self.firewall.clone(),
+            sysctls: self.sysctls.clone(),
+            routing: self.routing.clone(),
+            stored: self.stored.clone(),
+            warnings: self.warnings.clone(),
+        }
+    }
+}
+
+impl<F: Firewall> PartialEq for Desired<F> {
+    fn eq(&self, other: &Self) -> bool {
+        self.firewall == other.firewall
+            && self.sysctls == other.sysctls
+            && self.routing == other.routing
+            && self.stored == other.stored
+            && self.warnings == other.warnings
+    }
+}
+
+impl<F: Firewall> std::fmt::Debug for Desired<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Desired")
+            .field("firewall", &self.firewall)
+            .field("sysctls", &self.sysctls)
+            .field("routing", &self.routing)
+            .field("stored", &self.stored)
+            .field("warnings", &self.warnings)
+            .finish()
+    }
+}
+
+/// Compiles the whole config. `state: absent` compiles to nothing.
+pub fn compile<F: Firewall>(config: &Config, firewall: &F) -> Desired<F> {
+    let mut desired = Desired {
+        firewall: firewall.compile(config),
+        ..Desired::default()
+    };
+    if config.state == State::Absent {
+        return desired;
+    }
+    desired.sysctls = sysctls(config);
+    desired.routing = compile_routing(config);
+    desired.stored = config.persisted.clone();
+    desired.warnings.extend(static_warnings(config));
+    desired
+}
+
+/// Addresses as given; one rule per policy route (a stable priority when none is given);
+/// its routes in its table, shared tables merged.
+fn compile_routing(config: &Config) -> Routing {
+    let addresses = config
+        .addresses
+        .iter()
+        .map(|a| IfAddr {
+            addr: a.addr,
+            prefix: a.prefix,
+            dev: a.dev.clone(),
+            label: a.label.clone(),
+            secondary: false,
+        })
+        .collect();
+    let mut rules = Vec::new();
+    let mut routes: Vec<IpRoute> = Vec::new();
+    for p in &config.policy_routes {
+        let mut rule = IpRule {
+            family: p.family,
+            priority: 0,
+            from: p.from,
+            to: p.to,
+            fwmark: p.fwmark,
+            iif: p.iif.clone(),
+            table: p.table,
+        };
+        rule.priority = p
+            .priority
+            .unwrap_or_else(|| stable_priority(&config.instance, &rule));
+        rules.push(rule);
+        for r in &p.routes {
+            let route = IpRoute {
+                family: p.family,
+                table: p.table,
+                to: r.to,
+                via: r.via,
+                dev: r.dev.clone(),
+            };
+            if !routes.contains(&route) {
+                routes.push(route);
+            }
+        }
+    }
+    Routing {
+        addresses,
+        rules,
+        routes,
+    }
+}
+
+/// 10000-29999 from the rule's selector: stable across runs and list order, below main (32766).
+fn stable_priority(instance: &str, rule: &IpRule) -> u32 {
+    let hash = StableHash::new()
+        .part(instance.as_bytes())
+        .part(rule.to_string().as_bytes());
+    10_000 + hash.finish() % 20_000
+}
+
+/// The sysctls the config manages (forwarding of the families it uses, route_localnet),
+/// with the value each should have. Cheap, so a run knows what to read before compiling.
+pub fn sysctls(config: &Config) -> BTreeMap<String, String> {
+    let mut sysctls = BTreeMap::new();
+    if config.state != State::Absent {
+        compile_sysctls(config, &mut sysctls);
+    }
+    sysctls
+}
+
+/// The families whose forwarding sysctl the config manages, and the value each should have.
+fn compile_sysctls(config: &Config, sysctls: &mut BTreeMap<String, String>) {
+    let needing: BTreeSet<Family> = config
+        .forwards
+        .iter()
+        .filter(|f| f.needs_forwarding())
+        .map(|f| f.family)
+        .chain(config.masquerades.iter().map(Masquerade::family))
+        .collect();
+    let mut used: BTreeSet<Family> = config
+        .forwards
+        .iter()
+        .map(|f| f.family)
+        .chain(config.masquerades.iter().map(Masquerade::family))
+        .collect();
+    if used.is_empty() {
+        used.insert(Family::V4);
+    }
+    let (families, value) = match config.ip_forward {
+        IpForward::Auto => (needing, "1"),
+        IpForward::On => (used, "1"),
+        IpForward::Off => (used, "0"),
+    };
+    for family in families {
+        sysctls.insert(family.forwarding_sysctl().to_string(), value.to_string());
+    }
+    for dev in localnet_devices(config).values() {
+        sysctls.insert(localnet_sysctl(dev), "1".to_string());
+    }
+}
+
+/// `net/ipv4/conf/DEV/route_localnet`
+pub fn localnet_sysctl(dev: &str) -> String {
+    format!("net/ipv4/conf/{dev}/route_localnet")
+}
+
+/// Does portfwd own this sysctl's value (set it, record the old one, put it back)?
+pub fn is_reverted_sysctl(key: &str) -> bool {
+    key.starts_with("net/ipv4/conf/") && key.ends_with("/route_localnet")
+}
+
+/// DNAT to 127.0.0.0/8 from other hosts needs route_localnet on the ingress interface.
+/// Only a named interface gets it: on `all` it would expose every localhost-only service to
+/// every neighbour (CVE-2020-8558); without in_interface the run warns instead.
+pub fn localnet_devices(config: &Config) -> BTreeMap<String, String> {
+    if config.ip_forward != IpForward::Auto || config.state == State::Absent {
+        return BTreeMap::new();
+    }
+    config
+        .forwards
+        .iter()
+        .filter(|f| f.dnats_to_loopback())
+        .filter_map(|f| {
+            let dev = f.in_interface.as_deref().filter(|i| !i.ends_with('+'))?;
+            Some((f.name.clone(), dev.to_string()))
+        })
+        .collect()
+}
+
+fn static_warnings(config: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let needs_forwarding =
+        config.forwards.iter().any(Forward::needs_forwarding) || !config.masquerades.is_empty();
+    if config.ip_forward == IpForward::Off && needs_forwarding {
+        warnings.push("ip_forward is false but forwards or masquerade entries route traffic between interfaces: they will not work until forwarding is enabled".to_string());
+    }
+    for f in &config.forwards {
+        if let Action::Dnat {
+            addr,
+            snat: Snat::None,
+            ..
+        } = f.action
+        {
+            warnings.push(format!("forward {:?}: snat is none, so {addr} sees the client's address and must send its replies back through this host (make this host its gateway, or use policy routing on it)", f.name));
+        }
+    }
+    warnings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(json: &str) -> Desired {
+        let (config, _, _) = Config::from_json(json).unwrap();
+        compile(&config, &Iptables)
+    }
+
+    #[test]
+    fn absent_compiles_to_nothing() {
+        let d = desired(
+            r#"{"state":"absent","forwards":[{"name":"w","listen_port":1,"to":"1.2.3.4"}]}"#,
+        );
+        assert_eq!(d, Desired::default());
+    }
+
+    #[test]
+    fn ip_forward_off_with_forwards_warns() {
+        let d = desired(
+            r#"{"ip_forward":false,"forwards":[{"name":"w","listen_port":1,"to":"1.2.3.4"}]}"#,
+        );
+        assert_eq!(
+            d.sysctls.get("net/ipv4/ip_forward").map(String::as_str),
+            Some("0")
+        );
+        assert!(d.warnings[0].contains("ip_forward is false"));
+    }
+}

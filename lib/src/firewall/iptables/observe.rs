@@ -1,0 +1,226 @@
+//! Reads the iptables state of an instance out of `iptables-save` dumps: its chains, its
+//! sub-chains, the jumps into them, and the facts the plan needs about each table. Foreign
+//! rules are never materialised beyond a text check.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Table};
+use super::save::{Dump, RuleLine, TableDump};
+use crate::net::Family;
+use crate::ownership::is_jump_comment;
+
+/// What the iptables backend found of an instance.
+#[derive(Debug, Clone, Default)]
+pub struct IptablesObserved {
+    pub owned: OwnedRules,
+    /// Rule count of each built-in chain that has or may get a jump (to place jumps).
+    pub builtin_len: BTreeMap<(Family, Hook), usize>,
+    /// The iptables flavour the dumps came from (`nf_tables` or `legacy`), when any table exists.
+    pub flavour: Option<&'static str>,
+    /// Facts about each table portfwd may write to.
+    pub tables: BTreeMap<(Family, Table), TableFacts>,
+    /// Dispatch sub-chains of the instance whose hook chain does not exist.
+    pub stray_subchains: BTreeMap<(Family, Hook), BTreeMap<String, Vec<Rule>>>,
+    /// Other software's rules that read or write conntrack marks (`table chain args`), to warn
+    /// when one touches the instance's `conn_mark` bit.
+    pub connmark_rules: Vec<String>,
+}
+
+/// Parses one family's dump into `observed`; the stderr warning of iptables-nft about legacy
+/// tables becomes a run warning.
+pub fn observe_family(
+    family: Family,
+    (stdout, stderr): &(String, String),
+    instance: &str,
+    observed: &mut IptablesObserved,
+    warnings: &mut Vec<String>,
+) {
+    if stderr.contains("iptables-legacy tables present") {
+        warnings.push(format!(
+            "{} rules also exist in iptables-legacy tables; portfwd manages the nf_tables ones (set backend: legacy to manage those instead)",
+            family.label()
+        ));
+    }
+    let dump = super::save::parse(stdout);
+    if let (None, Some(nft)) = (observed.flavour, dump.nf_tables) {
+        observed.flavour = Some(if nft { "nf_tables" } else { "legacy" });
+    }
+    extract_owned(&dump, family, instance, observed);
+    extract_connmark_users(&dump, instance, observed);
+}
+
+/// What the plan needs to know about one iptables table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableFacts {
+    /// The dump is from nf_tables (whose tables can be deleted).
+    pub nf_tables: bool,
+    /// Nothing in it but built-in chains with policy ACCEPT, this instance's chains, and the
+    /// jumps into them.
+    pub only_ours: bool,
+}
+
+/// Pulls the instance's chains, and the jumps into them, out of a dump.
+pub fn extract_owned(dump: &Dump, family: Family, instance: &str, observed: &mut IptablesObserved) {
+    for table in [Table::Filter, Table::Nat] {
+        if let Some(t) = dump.table(table.name()) {
+            observed.tables.insert(
+                (family, table),
+                table_facts(t, table, dump.nf_tables == Some(true), instance),
+            );
+        }
+    }
+    // Each table's rules grouped by chain once: every hook, and every one of its sub-chains,
+    // reads its own rules without scanning the whole table again.
+    // (Lines only: foreign rules are never materialised.)
+    let mut by_chain: BTreeMap<&str, HashMap<&str, Vec<&RuleLine>>> = BTreeMap::new();
+    for table in [Table::Filter, Table::Nat] {
+        if let Some(t) = dump.table(table.name()) {
+            let chains = by_chain.entry(table.name()).or_default();
+            for line in &t.rules {
+                chains.entry(line.chain).or_default().push(line);
+            }
+        }
+    }
+    let rules_of = |lines: Option<&Vec<&RuleLine>>| -> Vec<Rule> {
+        lines.map_or_else(Vec::new, |l| l.iter().map(|r| r.rule()).collect())
+    };
+    for hook in Hook::ALL {
+        let Some(table) = dump.table(hook.table().name()) else {
+            continue;
+        };
+        let Some(chains) = by_chain.get(hook.table().name()) else {
+            continue;
+        };
+        let chain_name = hook.chain(instance);
+        let builtin = rules_of(chains.get(hook.builtin()));
+        observed.builtin_len.insert((family, hook), builtin.len());
+        let prefix = format!("{chain_name}-");
+        let subchains: BTreeMap<String, Vec<Rule>> = table
+            .chains
+            .iter()
+            .filter(|c| c.name.starts_with(&prefix))
+            .map(|c| (c.name.to_string(), rules_of(chains.get(c.name))))
+            .collect();
+        if !table.has_chain(&chain_name) {
+            // Sub-chains whose chain is gone (a crash, a hand edit) are still ours by name:
+            // reused or removed, never left to block a later `-N`.
+            if !subchains.is_empty() {
+                observed.stray_subchains.insert((family, hook), subchains);
+            }
+            continue;
+        }
+        let jumps = builtin
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| is_our_jump(r, &chain_name, instance))
+            .map(|(i, r)| Jump {
+                position: i + 1,
+                rule: r.clone(),
+            })
+            .collect();
+        let rules = rules_of(chains.get(chain_name.as_str()));
+        observed.owned.chains.insert(
+            (family, hook),
+            OwnedChain {
+                rules,
+                jumps,
+                subchains,
+            },
+        );
+    }
+}
+
+/// Foreign rules using `-m connmark` or `-j CONNMARK` (checked on the text first: a host
+/// with 10,000 rules has a handful of these).
+fn extract_connmark_users(dump: &Dump, instance: &str, observed: &mut IptablesObserved) {
+    let ours = format!("PFWD-{instance}-");
+    for table in &dump.tables {
+        for rule in &table.rules {
+            if (rule.text.contains("connmark") || rule.text.contains("CONNMARK"))
+                && !rule.chain.starts_with(&ours)
+            {
+                observed
+                    .connmark_rules
+                    .push(format!("{} {} {}", table.name, rule.chain, rule.text));
+            }
+        }
+    }
+}
+
+/// A jump portfwd made: into the instance's chain and carrying its jump comment. Someone
+/// else's rule into our chain (say `-i eth9 -j PFWD-...`) is theirs and never touched.
+fn is_our_jump(rule: &Rule, chain: &str, instance: &str) -> bool {
+    (rule.option("-j") == Some(chain) || rule.option("-g") == Some(chain))
+        && rule.comment().is_some_and(|c| is_jump_comment(c, instance))
+}
+
+fn table_facts(t: &TableDump, table: Table, nf_tables: bool, instance: &str) -> TableFacts {
+    let ours: Vec<String> = Hook::ALL
+        .iter()
+        .filter(|h| h.table() == table)
+        .map(|h| h.chain(instance))
+        .collect();
+    let builtin = ["INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"];
+    // An owned chain, or one of its dispatch sub-chains (`<chain>-T12`).
+    let owned = |name: &str| {
+        ours.iter().any(|o| {
+            name == o
+                || name
+                    .strip_prefix(o.as_str())
+                    .is_some_and(|rest| rest.starts_with('-'))
+        })
+    };
+    let chains_ok = t
+        .chains
+        .iter()
+        .all(|c| owned(c.name) || (builtin.contains(&c.name) && c.policy == "ACCEPT"));
+    // Checked on the text first: most foreign rules never mention our chains.
+    let rules_ok = t.rules.iter().all(|r| {
+        owned(r.chain)
+            || (ours.iter().any(|o| r.text.contains(o.as_str()))
+                && ours.iter().any(|o| is_our_jump(&r.rule(), o, instance)))
+    });
+    TableFacts {
+        nf_tables,
+        only_ours: chains_ok && rules_ok,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NFT_DUMP: &str = include_str!("../../../tests/data/nft-docker-portfwd.save");
+
+    #[test]
+    fn extracts_only_the_instance_chains() {
+        let dump = super::super::save::parse(NFT_DUMP);
+        assert_eq!(dump.nf_tables, Some(true));
+        let mut observed = IptablesObserved::default();
+        extract_owned(&dump, Family::V4, "portfwd", &mut observed);
+        insta::assert_debug_snapshot!(observed.owned);
+        assert_eq!(observed.builtin_len[&(Family::V4, Hook::Prerouting)], 2);
+        assert_eq!(observed.builtin_len[&(Family::V4, Hook::Forward)], 9);
+        let mut other = IptablesObserved::default();
+        extract_owned(&dump, Family::V4, "other", &mut other);
+        assert_eq!(other.owned.rule_count(), 1);
+    }
+
+    #[test]
+    fn parses_a_docker_host_faithfully() {
+        insta::assert_debug_snapshot!(super::super::save::parse(NFT_DUMP));
+    }
+
+    #[test]
+    fn legacy_dump_with_incompatible_table_line() {
+        let text = "# Generated by iptables-save v1.8.9 on Sat Nov 21 23:01:53 2026\n*nat\n:PREROUTING ACCEPT [3:180]\n:PFWD-portfwd-PRE - [0:0]\n-A PREROUTING -m comment --comment portfwd:jump -j PFWD-portfwd-PRE\n-A PFWD-portfwd-PRE -p udp -m udp --dport 53 -m comment --comment \"portfwd:fwd:dns:0000abcd\" -j DNAT --to-destination 10.0.0.53\nCOMMIT\n# Table `mangle' is incompatible, use 'nft' tool.\n";
+        let dump = super::super::save::parse(text);
+        assert_eq!(dump.nf_tables, Some(false));
+        let mut observed = IptablesObserved::default();
+        extract_owned(&dump, Family::V4, "portfwd", &mut observed);
+        let chain = &observed.owned.chains[&(Family::V4, Hook::Prerouting)];
+        assert_eq!(chain.rules.len(), 1);
+        assert_eq!(chain.jumps[0].position, 1);
+        assert_eq!(chain.rules[0].comment(), Some("portfwd:fwd:dns:0000abcd"));
+    }
+}

@@ -1,0 +1,117 @@
+//! The seam to a packet-filter backend: everything that depends on how rules are stored
+//! (iptables today; nftables is the next sibling module) sits behind [`Firewall`].
+//!
+//! The engine stays backend-neutral: it asks a backend to compile a config into its own
+//! desired objects, to name the reads it needs and parse them, to plan the edit as rendered
+//! [`Transaction`]s, and to read entries back as params. Addresses, policy routes, sysctls,
+//! the record and the step order belong to the engine, not to a backend.
+//!
+//! To add a backend: a module beside [`iptables`] implementing [`Firewall`], a [`Read`] and a
+//! [`crate::plan::Step`] kind for its tool when it needs new ones, and a branch in
+//! [`crate::run`] that picks it.
+
+pub mod iptables;
+
+use std::fmt::Debug;
+
+use crate::model::{Config, ForwardParams, MasqueradeParams};
+use crate::net::Family;
+use crate::ownership::Record;
+use crate::system::Read;
+
+/// One packet-filter backend.
+pub trait Firewall: Sync {
+    /// The objects the backend wants on the host for a config.
+    type Desired: Clone + Debug + Default + PartialEq + Send;
+    /// What the backend found of an instance on the host.
+    type Observed: Clone + Debug + Default;
+
+    /// Compiles the forwards and masquerade entries (a pure function of the config).
+    fn compile(&self, config: &Config) -> Self::Desired;
+
+    /// The reads the backend needs; they run in one batch with the engine's own.
+    fn reads(&self) -> Vec<Read>;
+
+    /// Parses the outputs of [`Firewall::reads`] (stdout, stderr), in the same order.
+    fn observe(
+        &self,
+        instance: &str,
+        outputs: Vec<(String, String)>,
+        warnings: &mut Vec<String>,
+    ) -> Self::Observed;
+
+    /// The observed objects as a desired state: the rollback target and what `show` reads.
+    fn snapshot(&self, observed: &Self::Observed) -> Self::Desired;
+
+    /// The edit from `have` to `want`: rendered transactions, tables to drop, and which
+    /// entries change. Tables the edit creates or drops are noted in `record`.
+    fn plan(
+        &self,
+        instance: &str,
+        want: &Self::Desired,
+        have: &Self::Observed,
+        record: &mut Record,
+    ) -> FirewallPlan;
+
+    /// The entries a state holds, as params (applying them compiles to the same state).
+    fn decompile(&self, instance: &str, state: &Self::Desired) -> Entries;
+
+    /// The backend's name for the result (`nf_tables`, `legacy`), when it could tell.
+    fn flavour(&self, observed: &Self::Observed) -> Option<&'static str>;
+
+    /// Other software's rules that read or write conntrack marks (`table chain rule`), for
+    /// the `conn_mark` collision warning.
+    fn mark_users<'a>(&self, observed: &'a Self::Observed) -> &'a [String];
+}
+
+/// Forwards and masquerade entries read back from the firewall.
+#[derive(Debug, Clone, Default)]
+pub struct Entries {
+    pub forwards: Vec<ForwardParams>,
+    pub masquerade: Vec<MasqueradeParams>,
+    /// The `conn_mark` the rules use, when it is not the default.
+    pub conn_mark: Option<serde_json::Value>,
+}
+
+/// A backend's part of the plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FirewallPlan {
+    /// Each one atomic on its own, in order.
+    pub transactions: Vec<Transaction>,
+    /// Tables portfwd created and has emptied, dropped after the transactions.
+    pub drops: Vec<TableDrop>,
+    pub forwards: EntryChanges,
+    pub masquerade: EntryChanges,
+}
+
+/// One atomic write to the firewall, rendered by its backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    pub family: Family,
+    /// The table it edits (`nat`), for messages.
+    pub table: &'static str,
+    /// The tool's input (an `iptables-restore --noflush` payload).
+    pub payload: String,
+}
+
+/// An nf_tables table to delete (`nft delete table ip nat`), only if it holds nothing but
+/// empty chains when the step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableDrop {
+    pub family: Family,
+    pub table: &'static str,
+}
+
+/// Entry names by what happens to them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryChanges {
+    pub added: Vec<String>,
+    pub updated: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl EntryChanges {
+    pub fn count(&self) -> usize {
+        self.added.len() + self.updated.len() + self.removed.len()
+    }
+}

@@ -1,0 +1,54 @@
+//! Plans the record of created objects (see [`crate::ownership::Record`]): after the run,
+//! exactly the desired addresses, rules and routes are recorded, except those that existed
+//! before without being ours; and before it, the union, so a run killed half way still owns
+//! what it made.
+
+use std::collections::BTreeSet;
+
+use super::iproute::RoutingPlan;
+use crate::firewall::Firewall;
+use crate::observe::Observed;
+use crate::ownership::Record;
+use crate::routing::{IpRoute, IpRule, Routing};
+
+/// Notes the iproute2 objects of the run in `record`. What existed before without being ours
+/// is never claimed, not even ahead of the write (a rollback after `File exists` would
+/// otherwise delete someone else's rule or route).
+pub fn plan_routing_record<F: Firewall>(
+    want: &Routing,
+    observed: &Observed<F>,
+    routing: &RoutingPlan,
+    record: &mut Record,
+) {
+    if let Some(addresses) = &routing.record {
+        record.addresses = addresses.clone();
+    }
+    let have = &observed.routing;
+    let claimable = |key: &String, existing: &BTreeSet<String>, owned: &BTreeSet<String>| {
+        owned.contains(key) || !existing.contains(key)
+    };
+    record.rules = want
+        .rules
+        .iter()
+        .map(IpRule::record_key)
+        .filter(|k| claimable(k, &have.existing_rules, &observed.record.rules))
+        .chain(routing.kept_rules.iter().cloned())
+        .collect();
+    record.routes = want
+        .routes
+        .iter()
+        .map(IpRoute::record_key)
+        .filter(|k| claimable(k, &have.existing_routes, &observed.record.routes))
+        .collect();
+}
+
+/// The record written before the first change: what was recorded plus everything the run
+/// may create (None when that is what is recorded already).
+pub fn ahead(recorded: &Record, after: &Record) -> Option<Record> {
+    let mut ahead = recorded.clone();
+    ahead.addresses.extend(after.addresses.iter().cloned());
+    ahead.tables.extend(after.tables.iter().cloned());
+    ahead.rules.extend(after.rules.iter().cloned());
+    ahead.routes.extend(after.routes.iter().cloned());
+    (&ahead != recorded).then_some(ahead)
+}

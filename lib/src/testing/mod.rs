@@ -1,0 +1,312 @@
+//! A stateful fake host for unit tests of the engine: it holds iptables tables as dumps and
+//! applies restore payloads to them, applies `ip -batch` scripts to its addresses, rules and
+//! routes, keeps sysctls, the record and the stored params, so the engine can run against it
+//! again and again. Every call is logged; a failure can be injected at the k-th write or at a
+//! call starting with a given text. The end-to-end tests in `tests/` use the real host.
+
+mod iproute;
+mod tables;
+
+use std::collections::BTreeMap;
+
+use crate::firewall::iptables::rules::OwnedRules;
+use crate::model::Proto;
+use crate::net::Family;
+use crate::ownership::Record;
+use crate::system::{System, SystemError};
+use iproute::IpState;
+use tables::Tables;
+
+/// Everything the fake host holds: two hosts are the same when these are equal.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostState {
+    pub tables: BTreeMap<Family, Tables>,
+    pub ip: IpState,
+    pub sysctls: BTreeMap<String, String>,
+    pub record: Record,
+    pub stored: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FakeHost {
+    pub state: HostState,
+    /// Extra stderr of `iptables-save` per family (the legacy-tables warning).
+    pub save_stderr: BTreeMap<Family, String>,
+    /// `conntrack -L` output per (family, protocol); a missing key is an empty table.
+    pub flows: BTreeMap<(Family, Proto), String>,
+    /// Every call, e.g. `restore ipv4 *nat | ...`, `sysctl net/ipv4/ip_forward=1`.
+    pub calls: Vec<String>,
+    /// A call starting with this fails.
+    pub fail: Option<String>,
+    /// The k-th write call (1-based) fails; an `ip -batch` applies its first line first.
+    pub fail_at: Option<usize>,
+    /// Write calls so far.
+    pub writes: usize,
+}
+
+const READS: [&str; 6] = [
+    "save ",
+    "read-sysctl ",
+    "ip-json ",
+    "read-",
+    "conntrack-list ",
+    "list-table ",
+];
+
+impl FakeHost {
+    /// A host whose forwarding sysctls exist and are off.
+    pub fn new() -> FakeHost {
+        let mut host = FakeHost::default();
+        for family in [Family::V4, Family::V6] {
+            host.state
+                .sysctls
+                .insert(family.forwarding_sysctl().to_string(), "0".to_string());
+        }
+        host
+    }
+
+    /// The calls that would change the host.
+    pub fn writes(&self) -> Vec<&String> {
+        self.calls
+            .iter()
+            .filter(|c| !READS.iter().any(|r| c.starts_with(r)))
+            .collect()
+    }
+
+    /// Replaces a family's tables with a dump.
+    pub fn set_dump(&mut self, family: Family, dump: &str) {
+        self.state.tables.insert(family, Tables::parse(dump));
+    }
+
+    /// A family's tables as `iptables-save` prints them (empty when there are none).
+    pub fn dump(&self, family: Family) -> String {
+        self.state
+            .tables
+            .get(&family)
+            .filter(|t| !t.0.is_empty())
+            .map(Tables::render)
+            .unwrap_or_default()
+    }
+
+    /// A family without tables is no entry, so hosts compare equal however they got there.
+    fn tidy(&mut self) {
+        self.state.tables.retain(|_, t| !t.0.is_empty());
+    }
+
+    /// Logs a call; Err when the injected failure hits it.
+    fn call(&mut self, text: String) -> Result<(), SystemError> {
+        let write = !READS.iter().any(|r| text.starts_with(r));
+        if write {
+            self.writes += 1;
+        }
+        let failing = self
+            .fail
+            .as_ref()
+            .is_some_and(|f| text.starts_with(f.as_str()))
+            || (write && self.fail_at == Some(self.writes));
+        self.calls.push(text.clone());
+        if failing {
+            return Err(refused(format!("injected: {text}")));
+        }
+        Ok(())
+    }
+}
+
+fn refused(stderr: String) -> SystemError {
+    SystemError::Failed {
+        tool: "fake".into(),
+        status: "exit status: 1".into(),
+        stderr,
+    }
+}
+
+impl System for FakeHost {
+    fn save(&mut self, family: Family) -> Result<(String, String), SystemError> {
+        self.call(format!("save {}", family.label()))?;
+        let stderr = self.save_stderr.get(&family).cloned().unwrap_or_default();
+        Ok((self.dump(family), stderr))
+    }
+
+    fn restore(&mut self, family: Family, payload: &str) -> Result<(), SystemError> {
+        self.call(format!(
+            "restore {} {}",
+            family.label(),
+            payload.replace('\n', " | ")
+        ))?;
+        let tables = self.state.tables.entry(family).or_default();
+        let result = tables.restore(payload).map_err(refused);
+        self.tidy();
+        result
+    }
+
+    fn read_sysctl(&mut self, key: &str) -> Result<Option<String>, SystemError> {
+        self.call(format!("read-sysctl {key}"))?;
+        Ok(self.state.sysctls.get(key).cloned())
+    }
+
+    fn write_sysctl(&mut self, key: &str, value: &str) -> Result<(), SystemError> {
+        self.call(format!("sysctl {key}={value}"))?;
+        match self.state.sysctls.get_mut(key) {
+            Some(v) => {
+                *v = value.to_string();
+                Ok(())
+            }
+            None => Err(refused(format!("cannot stat /proc/sys/{key}"))),
+        }
+    }
+
+    fn ip_json(&mut self, args: &[&str]) -> Result<String, SystemError> {
+        self.call(format!("ip-json {}", args.join(" ")))?;
+        Ok(self.state.ip.json(args))
+    }
+
+    fn ip_batch(&mut self, family: Family, script: &str) -> Result<(), SystemError> {
+        let flag = family.ip_flag();
+        let injected = self.call(format!(
+            "ip-batch {} {}",
+            family.label(),
+            script.replace('\n', " | ")
+        ));
+        if let Err(e) = injected {
+            // `ip -batch` stops half way: the first line went through.
+            let first = script.lines().next().unwrap_or_default();
+            let _ = self.state.ip.batch(flag, first);
+            return Err(e);
+        }
+        self.state.ip.batch(flag, script).map_err(refused)
+    }
+
+    fn read_record(&mut self, _instance: &str) -> Result<(Record, Option<String>), SystemError> {
+        self.call("read-record".into())?;
+        Ok((self.state.record.clone(), None))
+    }
+
+    fn write_record(&mut self, _instance: &str, record: &Record) -> Result<(), SystemError> {
+        self.call(format!("write-record {record:?}"))?;
+        self.state.record = record.clone();
+        Ok(())
+    }
+
+    fn list_nft_table(&mut self, family: Family, table: &str) -> Result<String, SystemError> {
+        self.call(format!("list-table {} {table}", family.label()))?;
+        let chains = self
+            .state
+            .tables
+            .get(&family)
+            .and_then(|t| t.0.get(table))
+            .ok_or_else(|| refused(format!("No such file or directory: table {table}")))?;
+        let nft = family.nft_family();
+        let mut items = vec![
+            serde_json::json!({"metainfo": {"version": "1.0.6"}}),
+            serde_json::json!({"table": {"family": nft, "name": table}}),
+        ];
+        for c in chains {
+            items.push(
+                serde_json::json!({"chain": {"family": nft, "table": table, "name": c.name}}),
+            );
+            for _ in &c.rules {
+                items.push(
+                    serde_json::json!({"rule": {"family": nft, "table": table, "chain": c.name}}),
+                );
+            }
+        }
+        Ok(serde_json::json!({ "nftables": items }).to_string())
+    }
+
+    fn delete_table(&mut self, family: Family, table: &str) -> Result<(), SystemError> {
+        self.call(format!("delete-table {} {table}", family.label()))?;
+        let tables = self.state.tables.entry(family).or_default();
+        let result = tables
+            .0
+            .remove(table)
+            .map(drop)
+            .ok_or_else(|| refused(format!("No such file or directory: table {table}")));
+        self.tidy();
+        result
+    }
+
+    fn read_stored(&mut self, _instance: &str) -> Result<Option<String>, SystemError> {
+        self.call("read-stored".into())?;
+        Ok(self.state.stored.clone())
+    }
+
+    fn write_stored(&mut self, _instance: &str, params: Option<&str>) -> Result<(), SystemError> {
+        self.call(format!("write-stored {}", params.is_some()))?;
+        self.state.stored = params.map(str::to_string);
+        Ok(())
+    }
+
+    fn conntrack_list(
+        &mut self,
+        family: Family,
+        proto: Proto,
+    ) -> Result<Option<String>, SystemError> {
+        self.call(format!(
+            "conntrack-list {} {}",
+            family.label(),
+            proto.name()
+        ))?;
+        Ok(Some(
+            self.flows
+                .get(&(family, proto))
+                .cloned()
+                .unwrap_or_default(),
+        ))
+    }
+
+    fn conntrack_delete(&mut self, args: &[String]) -> Result<bool, SystemError> {
+        self.call(format!("conntrack {}", args.join(" ")))?;
+        Ok(true)
+    }
+}
+
+/// What `iptables-save` prints once `rules` are in place (policies ACCEPT, jumps first).
+pub fn dump_of(rules: &OwnedRules, instance: &str, family: Family) -> String {
+    use crate::firewall::iptables::rules::{Hook, Table};
+    let mut out =
+        "# Generated by iptables-save v1.8.9 (nf_tables) on Sat Nov 21 23:10:00 2026\n".to_string();
+    for table in [Table::Filter, Table::Nat] {
+        let hooks: Vec<Hook> = Hook::ALL
+            .into_iter()
+            .filter(|h| h.table() == table && rules.chains.contains_key(&(family, *h)))
+            .collect();
+        if hooks.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("*{}\n", table.name()));
+        let builtins: &[&str] = match table {
+            Table::Filter => &["INPUT", "FORWARD", "OUTPUT"],
+            Table::Nat => &["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"],
+        };
+        for b in builtins {
+            out.push_str(&format!(":{b} ACCEPT [0:0]\n"));
+        }
+        for h in &hooks {
+            out.push_str(&format!(":{} - [0:0]\n", h.chain(instance)));
+            for sub in rules.chains[&(family, *h)].subchains.keys() {
+                out.push_str(&format!(":{sub} - [0:0]\n"));
+            }
+        }
+        for h in &hooks {
+            for jump in &rules.chains[&(family, *h)].jumps {
+                out.push_str(&format!("-A {} {}\n", h.builtin(), jump.rule.render()));
+            }
+        }
+        for h in &hooks {
+            let chain = &rules.chains[&(family, *h)];
+            for rule in &chain.rules {
+                out.push_str(&format!("-A {} {}\n", h.chain(instance), rule.render()));
+            }
+            for (sub, sub_rules) in &chain.subchains {
+                for rule in sub_rules {
+                    out.push_str(&format!("-A {sub} {}\n", rule.render()));
+                }
+            }
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod properties;

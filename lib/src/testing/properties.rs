@@ -1,0 +1,129 @@
+//! Property tests of the whole engine against the fake host, over random params (forwards of
+//! both families, masquerade entries, addresses, policy routes, persist):
+//! - applying, then applying again, writes nothing the second time;
+//! - a failure injected at any write step leaves the host exactly as it was before the run,
+//!   foreign rules included.
+
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+use super::FakeHost;
+use crate::model::{Config, RunMode};
+use crate::net::Family;
+
+/// Another owner's rules: a Docker-like nat chain and a FORWARD policy DROP.
+const FOREIGN: &str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:DOCKER-USER - [0:0]\n-A FORWARD -j DOCKER-USER\n-A DOCKER-USER -j RETURN\nCOMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE\n-A DOCKER -i docker0 -j RETURN\nCOMMIT\n";
+
+fn forward(i: usize) -> impl Strategy<Value = Value> {
+    (
+        any::<bool>(),
+        1u16..2000,
+        0u8..4,
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(move |(six, port, kind, udp, reset)| {
+            let to = if six {
+                format!("[fd00:2::{}]:80", i + 1)
+            } else {
+                format!("10.0.2.{}:80", i + 1)
+            };
+            let mut f = json!({"name": format!("f{i}"), "listen_port": port + 1000 * i as u16,
+                               "proto": if udp { "both" } else { "tcp" }, "to": to,
+                               "reset_connections": reset});
+            match kind {
+                0 => f["snat"] = json!("none"),
+                1 => {
+                    f.as_object_mut().map(|o| o.remove("to"));
+                    f["redirect_to_port"] = json!(8080);
+                }
+                2 => f["local"] = json!(true),
+                _ => f["sources"] = json!([if six { "fd00:9::/64" } else { "10.9.0.0/16" }]),
+            }
+            f
+        })
+}
+
+fn params() -> impl Strategy<Value = Value> {
+    (0usize..5, any::<bool>(), 0usize..3, any::<bool>(), any::<bool>()).prop_flat_map(
+        |(n, masq, routes, persist, absent)| {
+            let forwards: Vec<_> = (0..n).map(forward).collect();
+            (forwards, Just((masq, routes, persist, absent))).prop_map(
+                |(forwards, (masq, routes, persist, absent))| {
+                    let mut p = json!({"forwards": forwards, "persist": persist});
+                    if masq {
+                        p["masquerade"] = json!([{"name": "lan", "source": "192.168.0.0/24", "out_interface": "eth1"}]);
+                    }
+                    let addresses: Vec<Value> = (0..routes)
+                        .map(|i| json!({"address": format!("10.10.10.{}/24", 10 + i), "dev": "eth0", "label": format!("eth0:{i}")}))
+                        .collect();
+                    let policy: Vec<Value> = (0..routes)
+                        .map(|i| json!({"from": format!("10.10.10.{}", 10 + i), "table": 100 + i,
+                                        "routes": [{"to": "default", "via": "10.10.10.1", "dev": "eth0"}]}))
+                        .collect();
+                    p["addresses"] = json!(addresses);
+                    p["policy_routes"] = json!(policy);
+                    if absent {
+                        p["state"] = json!("absent");
+                    }
+                    p
+                },
+            )
+        },
+    )
+}
+
+fn config(p: &Value) -> Config {
+    Config::from_json(&p.to_string())
+        .expect("generated params are valid")
+        .0
+}
+
+/// A host with another owner's rules, after `base` was applied.
+fn host_with(base: &Value) -> FakeHost {
+    let mut host = FakeHost::new();
+    host.set_dump(Family::V4, FOREIGN);
+    let report = crate::run(&config(base), RunMode::default(), &mut host);
+    assert!(!report.failed, "{report:?}");
+    host.calls.clear();
+    host.writes = 0;
+    host
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_second_run_writes_nothing(base in params(), p in params()) {
+        let mut host = host_with(&base);
+        let first = crate::run(&config(&p), RunMode::default(), &mut host);
+        prop_assert!(!first.failed, "{:?}", first);
+        host.calls.clear();
+        let second = crate::run(&config(&p), RunMode::default(), &mut host);
+        prop_assert!(!second.changed && !second.failed, "{:?}", second);
+        prop_assert!(second.commands.is_empty(), "{:?}", second.commands);
+        prop_assert_eq!(host.writes(), Vec::<&String>::new());
+    }
+
+    #[test]
+    fn a_failure_at_any_step_leaves_the_host_as_it_was(base in params(), p in params()) {
+        let pristine = host_with(&base);
+        let mut probe = pristine.clone();
+        let report = crate::run(&config(&p), RunMode::default(), &mut probe);
+        prop_assert!(!report.failed, "{:?}", report);
+        let steps = probe.writes;
+        for k in 1..=steps {
+            let mut host = pristine.clone();
+            host.fail_at = Some(k);
+            let report = crate::run(&config(&p), RunMode::default(), &mut host);
+            prop_assert!(report.failed, "write {} of {}: {:?}", k, steps, report);
+            prop_assert!(report.msg.contains("rolled back every change"), "write {} of {}: {}", k, steps, report.msg);
+            let (now, was) = (&host.state, &pristine.state);
+            prop_assert_eq!(&now.tables, &was.tables, "write {} of {}: {:#?}", k, steps, host.calls);
+            prop_assert_eq!(&now.ip, &was.ip, "write {} of {}: {:#?}", k, steps, host.calls);
+            prop_assert_eq!(&now.sysctls, &was.sysctls, "write {} of {}", k, steps);
+            prop_assert_eq!(&now.record, &was.record, "write {} of {}: {:#?}", k, steps, host.calls);
+            prop_assert_eq!(&now.stored, &was.stored, "write {} of {}", k, steps);
+        }
+    }
+}
