@@ -18,33 +18,40 @@
 //! The engine holds no process-global state and prints nothing; the binary in `module/`
 //! takes the run lock, calls [`run`] and prints the [`report::Report`].
 
-pub mod apply;
-pub mod checks;
-pub mod compile;
-pub mod conntrack;
-pub mod firewall;
+mod apply;
+mod checks;
+mod compile;
+mod conntrack;
+mod firewall;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-pub mod model;
-pub mod net;
-pub mod observe;
-pub mod ownership;
-pub mod plan;
+mod model;
+mod net;
+mod observe;
+mod ownership;
+mod plan;
 #[cfg(test)]
 mod proptests;
-pub mod record_store;
-pub mod report;
-pub mod routing;
-pub mod system;
+mod record_store;
+mod report;
+mod routing;
+mod system;
 #[cfg(test)]
 mod testing;
 
+// The public API: what the binary (and the tests that drive it) need, nothing more.
+pub use model::{
+    default_route_protocol, schema, valid_instance, Backend, Config, Params, Problem, RunMode,
+    INSTANCE_RULE,
+};
+pub use report::{line_diff, Changes, Diff, Report};
+pub use system::{default_state_dir, RealSystem, RunLock, SystemError};
+
 use firewall::iptables::Iptables;
 use firewall::Firewall;
-use model::{Config, Params, RunMode};
 use report::decompile::params_from_state;
-use report::{Report, StateView};
-use system::{System, SystemError};
+use report::StateView;
+use system::System;
 
 /// Errors before anything is applied.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +64,12 @@ pub enum Error {
 }
 
 /// Converges the host to `config` (or, in check mode, reports what that would change).
-pub fn run(config: &Config, mode: RunMode, sys: &mut dyn System) -> Report {
+pub fn run(config: &Config, mode: RunMode, sys: &mut RealSystem) -> Report {
+    run_on(config, mode, sys)
+}
+
+/// [`run`] against any host (the fake one in unit tests).
+pub(crate) fn run_on(config: &Config, mode: RunMode, sys: &mut dyn System) -> Report {
     run_with(&Iptables, config, mode, sys)
 }
 
@@ -202,7 +214,12 @@ fn follow_live_flows<F: Firewall>(
 }
 
 /// The instance's current managed state as params; applying them is a no-op.
-pub fn show(instance: &str, protocol: Option<u8>, sys: &mut dyn System) -> Result<Params, Error> {
+pub fn show(instance: &str, protocol: Option<u8>, sys: &mut RealSystem) -> Result<Params, Error> {
+    show_on(instance, protocol, sys)
+}
+
+/// [`show`] against any host.
+fn show_on(instance: &str, protocol: Option<u8>, sys: &mut dyn System) -> Result<Params, Error> {
     let protocol = protocol.unwrap_or_else(|| model::default_route_protocol(instance));
     let firewall = Iptables;
     let observed = observe::observe(&firewall, sys, instance, protocol, &[], observe::Scope::ALL)?;
@@ -253,7 +270,7 @@ mod tests {
             {"name":"v6","listen_port":80,"to":"[fd00:2::2]:80"}],
             "masquerade":[{"name":"lan","source":"192.168.0.0/24"}]}"#;
         let mut sys = converged(json);
-        let shown = show("portfwd", None, &mut sys).unwrap();
+        let shown = show_on("portfwd", None, &mut sys).unwrap();
         let again = compile::compile(&shown.validate().unwrap(), &Iptables);
         assert_eq!(
             again.firewall,
@@ -264,7 +281,7 @@ mod tests {
     #[test]
     fn converged_host_gets_no_write_at_all() {
         let mut sys = converged(PARAMS);
-        let report = run(&config(PARAMS), RunMode::default(), &mut sys);
+        let report = run_on(&config(PARAMS), RunMode::default(), &mut sys);
         assert!(!report.changed && !report.failed, "{report:?}");
         assert!(report.commands.is_empty());
         assert_eq!(sys.writes(), Vec::<&String>::new());
@@ -279,7 +296,7 @@ mod tests {
         sys.state
             .sysctls
             .insert("net/ipv6/conf/all/forwarding".into(), "0".into());
-        let report = run(
+        let report = run_on(
             &config(PARAMS),
             RunMode {
                 check: true,
@@ -308,7 +325,7 @@ mod tests {
         sys.state
             .sysctls
             .insert("net/ipv6/conf/all/forwarding".into(), "1".into());
-        let report = run(&config(PARAMS), RunMode::default(), &mut sys);
+        let report = run_on(&config(PARAMS), RunMode::default(), &mut sys);
         assert!(report.changed && !report.failed, "{report:?}");
         let writes = sys.writes();
         assert!(
@@ -345,7 +362,7 @@ mod tests {
         sys.state
             .sysctls
             .insert("net/ipv6/conf/all/forwarding".into(), "1".into());
-        let report = run(&config(PARAMS), RunMode::default(), &mut sys);
+        let report = run_on(&config(PARAMS), RunMode::default(), &mut sys);
         assert!(report.failed, "{report:?}");
         assert!(
             report.msg.starts_with("ipv6 filter transaction failed")
@@ -367,7 +384,7 @@ mod tests {
             "# Warning: iptables-legacy tables present, use iptables-legacy-save to see them\n"
                 .into(),
         );
-        let report = run(&config(PARAMS), RunMode::default(), &mut sys);
+        let report = run_on(&config(PARAMS), RunMode::default(), &mut sys);
         assert!(!report.changed, "{report:?}");
         assert!(
             report
@@ -387,7 +404,7 @@ mod tests {
             "-A INPUT -m comment --comment \"portfwd:fwd:web:deadbeef\" -j ACCEPT\nCOMMIT\n*nat",
         );
         sys.set_dump(Family::V4, &dump);
-        let report = run(
+        let report = run_on(
             &config(r#"{"state":"absent"}"#),
             RunMode::default(),
             &mut sys,

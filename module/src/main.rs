@@ -13,9 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[cfg(target_env = "gnu")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use portfwd::model::{Backend, Config, RunMode};
-use portfwd::report::{line_diff, Report};
-use portfwd::system::{RealSystem, RunLock};
+use portfwd::{line_diff, Backend, Config, RealSystem, Report, RunLock, RunMode};
 
 #[derive(Parser)]
 #[command(
@@ -187,10 +185,10 @@ fn main() -> ExitCode {
             backend,
             route_protocol,
         } => {
-            if !portfwd::model::valid_instance(&instance) {
+            if !portfwd::valid_instance(&instance) {
                 return emit(&Report::failure(format!(
                     "--instance: {instance:?} {}",
-                    portfwd::model::INSTANCE_RULE
+                    portfwd::INSTANCE_RULE
                 )));
             }
             let mut sys = RealSystem::new(backend.into());
@@ -208,7 +206,7 @@ fn main() -> ExitCode {
         Command::Schema => {
             say!(
                 "{}",
-                serde_json::to_string_pretty(&portfwd::model::schema()).unwrap_or_default()
+                serde_json::to_string_pretty(&portfwd::schema()).unwrap_or_default()
             );
             ExitCode::SUCCESS
         }
@@ -246,7 +244,7 @@ fn converge(text: &str, flags: RunMode, lock_timeout: u64, state_dir: Option<Pat
         Ok(lock) => lock,
         Err(e) => return Report::failure(e.to_string()),
     };
-    let mut sys = RealSystem::new(config.backend);
+    let mut sys = RealSystem::new(config.backend());
     if let Some(dir) = state_dir {
         sys = sys.with_state_dir(dir);
     }
@@ -255,7 +253,7 @@ fn converge(text: &str, flags: RunMode, lock_timeout: u64, state_dir: Option<Pat
 
 /// Applies every stored instance; prints `{"failed", "changed", "msg", "instances": {name: result}}`.
 fn restore(state_dir: Option<PathBuf>, lock_timeout: u64) -> ExitCode {
-    let dir = state_dir.unwrap_or_else(portfwd::system::default_state_dir);
+    let dir = state_dir.unwrap_or_else(portfwd::default_state_dir);
     let sys = RealSystem::new(Backend::Auto).with_state_dir(dir.clone());
     let names = match sys.stored_instances() {
         Ok(names) => names,

@@ -32,13 +32,6 @@ pub struct Address {
     pub label: Option<String>,
 }
 
-impl Address {
-    /// `10.10.10.10/24`, as iproute2 takes it.
-    pub fn cidr_text(&self) -> String {
-        format!("{}/{}", self.addr, self.prefix)
-    }
-}
-
 /// A validated policy route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyRoute {
@@ -138,20 +131,27 @@ impl Masquerade {
 /// The whole validated desired state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    pub state: State,
-    pub instance: String,
-    pub ip_forward: IpForward,
-    pub backend: Backend,
-    pub forwards: Vec<Forward>,
-    pub masquerades: Vec<Masquerade>,
-    pub addresses: Vec<Address>,
-    pub policy_routes: Vec<PolicyRoute>,
-    pub persist: bool,
-    pub route_protocol: u8,
+    pub(crate) state: State,
+    pub(crate) instance: String,
+    pub(crate) ip_forward: IpForward,
+    pub(crate) backend: Backend,
+    pub(crate) forwards: Vec<Forward>,
+    pub(crate) masquerades: Vec<Masquerade>,
+    pub(crate) addresses: Vec<Address>,
+    pub(crate) policy_routes: Vec<PolicyRoute>,
+    pub(crate) persist: bool,
+    pub(crate) route_protocol: u8,
     /// The conntrack mark bit of forwarded flows (exactly one bit set).
-    pub conn_mark: u32,
+    pub(crate) conn_mark: u32,
     /// The params as `persist: true` stores them (None when not persisting).
-    pub persisted: Option<String>,
+    pub(crate) persisted: Option<String>,
+}
+
+impl Config {
+    /// The iptables flavour the params ask for (the binary builds its host with it).
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
 }
 
 /// Options the caller passes next to the params (Ansible's `_ansible_*` keys or CLI flags).

@@ -83,7 +83,7 @@ fn config(p: &Value) -> Config {
 fn host_with(base: &Value) -> FakeHost {
     let mut host = FakeHost::new();
     host.set_dump(Family::V4, FOREIGN);
-    let report = crate::run(&config(base), RunMode::default(), &mut host);
+    let report = crate::run_on(&config(base), RunMode::default(), &mut host);
     assert!(!report.failed, "{report:?}");
     host.calls.clear();
     host.writes = 0;
@@ -96,10 +96,10 @@ proptest! {
     #[test]
     fn a_second_run_writes_nothing(base in params(), p in params()) {
         let mut host = host_with(&base);
-        let first = crate::run(&config(&p), RunMode::default(), &mut host);
+        let first = crate::run_on(&config(&p), RunMode::default(), &mut host);
         prop_assert!(!first.failed, "{:?}", first);
         host.calls.clear();
-        let second = crate::run(&config(&p), RunMode::default(), &mut host);
+        let second = crate::run_on(&config(&p), RunMode::default(), &mut host);
         prop_assert!(!second.changed && !second.failed, "{:?}", second);
         prop_assert!(second.commands.is_empty(), "{:?}", second.commands);
         prop_assert_eq!(host.writes(), Vec::<&String>::new());
@@ -109,13 +109,13 @@ proptest! {
     fn a_failure_at_any_step_leaves_the_host_as_it_was(base in params(), p in params()) {
         let pristine = host_with(&base);
         let mut probe = pristine.clone();
-        let report = crate::run(&config(&p), RunMode::default(), &mut probe);
+        let report = crate::run_on(&config(&p), RunMode::default(), &mut probe);
         prop_assert!(!report.failed, "{:?}", report);
         let steps = probe.writes;
         for k in 1..=steps {
             let mut host = pristine.clone();
             host.fail_at = Some(k);
-            let report = crate::run(&config(&p), RunMode::default(), &mut host);
+            let report = crate::run_on(&config(&p), RunMode::default(), &mut host);
             prop_assert!(report.failed, "write {} of {}: {:?}", k, steps, report);
             prop_assert!(report.msg.contains("rolled back every change"), "write {} of {}: {}", k, steps, report.msg);
             let (now, was) = (&host.state, &pristine.state);

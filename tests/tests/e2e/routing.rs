@@ -527,11 +527,11 @@ fn instances_sharing_a_protocol_number_never_touch_each_other() {
     }
     let t = Topology::new().unwrap();
     assert_eq!(
-        ::portfwd::model::default_route_protocol("portfwd"),
-        ::portfwd::model::default_route_protocol("db"),
+        ::portfwd::default_route_protocol("portfwd"),
+        ::portfwd::default_route_protocol("db"),
         "the premise: both map to one protocol number"
     );
-    let proto = ::portfwd::model::default_route_protocol("portfwd").to_string();
+    let proto = ::portfwd::default_route_protocol("portfwd").to_string();
     t.backend
         .ip(&[
             "route",

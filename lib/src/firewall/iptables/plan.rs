@@ -20,6 +20,7 @@ pub struct RulesPlan {
 }
 
 impl RulesPlan {
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.tables.is_empty()
     }

@@ -5,7 +5,6 @@
 //! just another desired state.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::OnceLock;
 
 use crate::model::Proto;
@@ -253,12 +252,15 @@ pub struct OwnedRules {
 }
 
 impl OwnedRules {
+    #[cfg(test)]
     pub fn rule_count(&self) -> usize {
         self.chains.values().map(|c| c.all_rules().count()).sum()
     }
 
     /// A readable listing, one `-A CHAIN ...` per rule, used by snapshots and `--diff`.
+    #[cfg(test)]
     pub fn listing(&self, instance: &str) -> String {
+        use std::fmt::Write as _;
         let mut out = String::new();
         for ((family, hook), chain) in &self.chains {
             let _ = writeln!(

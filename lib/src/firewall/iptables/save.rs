@@ -54,14 +54,6 @@ impl Dump<'_> {
 }
 
 impl TableDump<'_> {
-    /// Rules of one chain, in order, split into arguments.
-    pub fn chain_rules<'s>(&'s self, chain: &'s str) -> impl Iterator<Item = Rule> + 's {
-        self.rules
-            .iter()
-            .filter(move |r| r.chain == chain)
-            .map(RuleLine::rule)
-    }
-
     pub fn has_chain(&self, name: &str) -> bool {
         self.chains.iter().any(|c| c.name == name)
     }

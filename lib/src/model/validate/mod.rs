@@ -561,4 +561,3 @@ fn parse_conn_mark(value: &Value, errors: &mut Errors) -> Option<u32> {
     }
     bit
 }
-

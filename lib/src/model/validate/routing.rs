@@ -116,7 +116,10 @@ fn parse_fwmark(path: &str, value: &Value, errors: &mut Errors) -> Option<(u32, 
     mark
 }
 
-pub(super) fn validate_policy_routes(list: &[PolicyRouteParams], errors: &mut Errors) -> Vec<PolicyRoute> {
+pub(super) fn validate_policy_routes(
+    list: &[PolicyRouteParams],
+    errors: &mut Errors,
+) -> Vec<PolicyRoute> {
     let mut out: Vec<PolicyRoute> = Vec::new();
     for (i, p) in list.iter().enumerate() {
         let path = format!("policy_routes[{i}]");
