@@ -289,13 +289,8 @@ mod tests {
 
     #[test]
     fn check_mode_reads_but_never_writes() {
-        let mut sys = FakeHost::default();
-        sys.state
-            .sysctls
-            .insert("net/ipv4/ip_forward".into(), "0".into());
-        sys.state
-            .sysctls
-            .insert("net/ipv6/conf/all/forwarding".into(), "0".into());
+        // Forwarding off in both families.
+        let mut sys = FakeHost::new();
         let report = run_on(
             &config(PARAMS),
             RunMode {
@@ -318,13 +313,9 @@ mod tests {
 
     #[test]
     fn apply_writes_one_transaction_per_table_then_sysctls() {
-        let mut sys = FakeHost::default();
-        sys.state
-            .sysctls
-            .insert("net/ipv4/ip_forward".into(), "0".into());
-        sys.state
-            .sysctls
-            .insert("net/ipv6/conf/all/forwarding".into(), "1".into());
+        let mut sys = FakeHost::new();
+        let v6 = Family::V6.forwarding_sysctl().to_string();
+        sys.state.sysctls.insert(v6, "1".into());
         let report = run_on(&config(PARAMS), RunMode::default(), &mut sys);
         assert!(report.changed && !report.failed, "{report:?}");
         let writes = sys.writes();

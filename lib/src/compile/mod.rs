@@ -12,6 +12,7 @@ use crate::ownership::StableHash;
 use crate::routing::{IfAddr, IpRoute, IpRule, Routing};
 
 /// What should exist after the run.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Desired<F: Firewall = Iptables> {
     /// The backend's objects (iptables: the instance's chains and the jumps into them).
     pub firewall: F::Desired,
@@ -22,53 +23,6 @@ pub struct Desired<F: Firewall = Iptables> {
     /// The params file `persist: true` keeps (None: no file).
     pub stored: Option<String>,
     pub warnings: Vec<String>,
-}
-
-// By hand: a derive would ask the backend type itself (not its state types) for the traits.
-impl<F: Firewall> Default for Desired<F> {
-    fn default() -> Self {
-        Desired {
-            firewall: F::Desired::default(),
-            sysctls: BTreeMap::new(),
-            routing: Routing::default(),
-            stored: None,
-            warnings: Vec::new(),
-        }
-    }
-}
-
-impl<F: Firewall> Clone for Desired<F> {
-    fn clone(&self) -> Self {
-        Desired {
-            firewall: self.firewall.clone(),
-            sysctls: self.sysctls.clone(),
-            routing: self.routing.clone(),
-            stored: self.stored.clone(),
-            warnings: self.warnings.clone(),
-        }
-    }
-}
-
-impl<F: Firewall> PartialEq for Desired<F> {
-    fn eq(&self, other: &Self) -> bool {
-        self.firewall == other.firewall
-            && self.sysctls == other.sysctls
-            && self.routing == other.routing
-            && self.stored == other.stored
-            && self.warnings == other.warnings
-    }
-}
-
-impl<F: Firewall> std::fmt::Debug for Desired<F> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Desired")
-            .field("firewall", &self.firewall)
-            .field("sysctls", &self.sysctls)
-            .field("routing", &self.routing)
-            .field("stored", &self.stored)
-            .field("warnings", &self.warnings)
-            .finish()
-    }
 }
 
 /// Compiles the whole config. `state: absent` compiles to nothing.
@@ -238,10 +192,7 @@ fn static_warnings(config: &Config) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn desired(json: &str) -> Desired {
-        let (config, _, _) = Config::from_json(json).unwrap();
-        compile(&config, &Iptables)
-    }
+    use crate::testing::compiled as desired;
 
     #[test]
     fn absent_compiles_to_nothing() {

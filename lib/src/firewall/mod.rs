@@ -19,8 +19,9 @@ use crate::net::Family;
 use crate::ownership::Record;
 use crate::system::Read;
 
-/// One packet-filter backend.
-pub trait Firewall: Sync {
+/// One packet-filter backend. A backend is a small value (a unit struct for iptables), so the
+/// engine's state types can derive their traits.
+pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     /// The objects the backend wants on the host for a config.
     type Desired: Clone + Debug + Default + PartialEq + Send;
     /// What the backend found of an instance on the host.

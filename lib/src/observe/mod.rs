@@ -18,6 +18,7 @@ use crate::routing::{IfAddr, IpRule, Routing};
 use crate::system::{Read, System, SystemError};
 
 /// The host as the plan sees it.
+#[derive(Debug, Clone, Default)]
 pub struct Observed<F: Firewall = Iptables> {
     /// What the firewall backend found of the instance.
     pub firewall: F::Observed,
@@ -33,49 +34,6 @@ pub struct Observed<F: Firewall = Iptables> {
     /// `accept_ra` (enabling forwarding drops those routes unless it is 2).
     pub ra_default_routes: Vec<(String, Option<String>)>,
     pub warnings: Vec<String>,
-}
-
-// By hand: a derive would ask the backend type itself (not its state types) for the traits.
-impl<F: Firewall> Default for Observed<F> {
-    fn default() -> Self {
-        Observed {
-            firewall: F::Observed::default(),
-            sysctls: BTreeMap::new(),
-            routing: RoutingObserved::default(),
-            record: Record::default(),
-            stored: None,
-            addresses_read: false,
-            ra_default_routes: Vec::new(),
-            warnings: Vec::new(),
-        }
-    }
-}
-
-impl<F: Firewall> Clone for Observed<F> {
-    fn clone(&self) -> Self {
-        Observed {
-            firewall: self.firewall.clone(),
-            sysctls: self.sysctls.clone(),
-            routing: self.routing.clone(),
-            record: self.record.clone(),
-            stored: self.stored.clone(),
-            addresses_read: self.addresses_read,
-            ra_default_routes: self.ra_default_routes.clone(),
-            warnings: self.warnings.clone(),
-        }
-    }
-}
-
-impl<F: Firewall> std::fmt::Debug for Observed<F> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Observed")
-            .field("firewall", &self.firewall)
-            .field("sysctls", &self.sysctls)
-            .field("routing", &self.routing)
-            .field("record", &self.record)
-            .field("stored", &self.stored)
-            .finish_non_exhaustive()
-    }
 }
 
 /// The host's iproute2 state as the plan needs it.

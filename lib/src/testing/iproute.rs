@@ -100,21 +100,13 @@ impl IpState {
             Some(&"-6") => "6",
             _ => "4",
         };
+        let of_family = |list: &[Entry], render: fn(&[String]) -> Value| {
+            let items = list.iter().filter(|(f, _)| f == family);
+            Value::Array(items.map(|(_, w)| render(w)).collect())
+        };
         let value = match args {
-            [_, "rule", "show", ..] => Value::Array(
-                self.rules
-                    .iter()
-                    .filter(|(f, _)| f == family)
-                    .map(|(_, w)| rule_json(w))
-                    .collect(),
-            ),
-            [_, "route", "show", ..] => Value::Array(
-                self.routes
-                    .iter()
-                    .filter(|(f, _)| f == family)
-                    .map(|(_, w)| route_json(w))
-                    .collect(),
-            ),
+            [_, "rule", "show", ..] => of_family(&self.rules, rule_json),
+            [_, "route", "show", ..] => of_family(&self.routes, route_json),
             ["addr", "show", ..] => addresses_json(&self.addresses),
             _ => Value::Array(Vec::new()),
         };

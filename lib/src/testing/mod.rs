@@ -260,6 +260,12 @@ impl System for FakeHost {
     }
 }
 
+/// The desired state of params JSON, compiled for the iptables backend.
+pub fn compiled(json: &str) -> crate::compile::Desired {
+    let (config, _, _) = crate::model::Config::from_json(json).expect("valid params");
+    crate::compile::compile(&config, &crate::firewall::iptables::Iptables)
+}
+
 /// What `iptables-save` prints once `rules` are in place (policies ACCEPT, jumps first).
 pub fn dump_of(rules: &OwnedRules, instance: &str, family: Family) -> String {
     use crate::firewall::iptables::rules::{Hook, Table};

@@ -462,15 +462,9 @@ fn strings<const N: usize>(items: [&str; N]) -> Vec<String> {
 mod tests {
     use super::*;
 
-    use crate::compile::{compile, Desired};
-    use crate::firewall::iptables::Iptables;
-
-    /// The whole desired state: these tests also check the sysctls and warnings that come
-    /// with the rules.
-    fn desired(json: &str) -> Desired {
-        let (config, _, _) = Config::from_json(json).unwrap();
-        compile(&config, &Iptables)
-    }
+    // The whole desired state: these tests also check the sysctls and warnings that come
+    // with the rules.
+    use crate::testing::compiled as desired;
 
     #[test]
     fn cross_host_dnat_with_masquerade() {
@@ -519,7 +513,7 @@ mod tests {
         let a = desired(r#"{"forwards":[{"name":"w","listen_port":1,"to":"1.2.3.4:80"}]}"#);
         let b = desired(r#"{"forwards":[{"name":"w","listen_port":1,"to":"1.2.3.4:80"}]}"#);
         let c = desired(r#"{"forwards":[{"name":"w","listen_port":1,"to":"1.2.3.5:80"}]}"#);
-        let keys = |d: &Desired| {
+        let keys = |d: &crate::compile::Desired| {
             d.firewall
                 .chains
                 .values()

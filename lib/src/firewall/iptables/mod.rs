@@ -26,7 +26,7 @@ use observe::IptablesObserved;
 use rules::OwnedRules;
 
 /// The iptables backend.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Iptables;
 
 impl Firewall for Iptables {
