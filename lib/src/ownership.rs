@@ -140,6 +140,12 @@ impl Record {
     }
 }
 
+/// Does portfwd own this sysctl's value (set it, record the old one in the [`Record`], put it
+/// back when no entry needs it)? route_localnet only; forwarding is never turned off again.
+pub fn is_reverted_sysctl(key: &str) -> bool {
+    key.starts_with("net/ipv4/conf/") && key.ends_with("/route_localnet")
+}
+
 /// How a firewall table appears in the record: `ipv4 nat`.
 pub fn table_key(family: Family, table: &str) -> String {
     format!("{} {table}", family.label())

@@ -145,11 +145,6 @@ pub fn localnet_sysctl(dev: &str) -> String {
     format!("net/ipv4/conf/{dev}/route_localnet")
 }
 
-/// Does portfwd own this sysctl's value (set it, record the old one, put it back)?
-pub fn is_reverted_sysctl(key: &str) -> bool {
-    key.starts_with("net/ipv4/conf/") && key.ends_with("/route_localnet")
-}
-
 /// DNAT to 127.0.0.0/8 from other hosts needs route_localnet on the ingress interface.
 /// Only a named interface gets it: on `all` it would expose every localhost-only service to
 /// every neighbour (CVE-2020-8558); without in_interface the run warns instead.

@@ -5,11 +5,10 @@
 use std::collections::BTreeMap;
 
 use super::SysctlChange;
-use crate::compile::is_reverted_sysctl;
 use crate::firewall::Firewall;
 use crate::net::Family;
 use crate::observe::Observed;
-use crate::ownership::Record;
+use crate::ownership::{is_reverted_sysctl, Record};
 
 /// The writes that bring the sysctls to `desired`, in order; warnings for sysctls the host
 /// does not have. Sysctls portfwd owns the value of are noted in `record`.
