@@ -2,9 +2,11 @@
 # Installs what portfwd's lab and tests need on a fresh Debian machine (run as root).
 # Idempotent: installs only what is missing.
 #   - iptables (both flavours, with nft), iproute2, conntrack, tcpdump, procps
-#   - with --all (the tests): sshd, and ansible-core and salt from PyPI, each in its own
-#     virtualenv under ${PORTFWD_CACHE:-$HOME/.cache/portfwd}
-#     (PORTFWD_ANSIBLE_VENV / PORTFWD_SALT_VENV override)
+#   - the Rust target x86_64-unknown-linux-musl and musl-tools: the shipped binary is static
+#   - with --all (the tests): sshd, strace, man-db, cargo-deb, a Debian 11 root made with
+#     debootstrap, and ansible-core and salt from PyPI in virtualenvs, all cached under
+#     ${PORTFWD_CACHE:-$HOME/.cache/portfwd} (PORTFWD_ANSIBLE_VENV / PORTFWD_SALT_VENV /
+#     PORTFWD_DEBIAN11_ROOT override)
 set -euo pipefail
 
 need=()
@@ -16,6 +18,7 @@ have ip || need+=(iproute2)
 have conntrack || need+=(conntrack)
 have tcpdump || need+=(tcpdump)
 have sysctl || need+=(procps)
+have musl-gcc || need+=(musl-tools)
 all=false
 [ "${1:-}" = "--all" ] && all=true
 if $all; then
@@ -23,6 +26,9 @@ if $all; then
   have ssh-keygen || need+=(openssh-client)
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3 python3-venv)
   have strace || need+=(strace)
+  have man || need+=(man-db)
+  have debootstrap || need+=(debootstrap)
+  have systemd-analyze || need+=(systemd)
 fi
 
 if [ "${#need[@]}" -gt 0 ]; then
@@ -30,6 +36,12 @@ if [ "${#need[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# A toolchain component, like clippy: the release build refuses to ship a glibc binary.
+if command -v rustup >/dev/null 2>&1; then
+  rustup target list --installed | grep -qx x86_64-unknown-linux-musl ||
+    rustup target add x86_64-unknown-linux-musl
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -50,4 +62,16 @@ venv() {  # venv DIR CHECK PACKAGE...
 }
 venv "${PORTFWD_ANSIBLE_VENV:-$cache/ansible-venv}" ansible-playbook 'ansible-core>=2.19,<2.20'
 venv "${PORTFWD_SALT_VENV:-$cache/salt-venv}" salt-call 'salt>=3007'
-
+command -v cargo-deb >/dev/null 2>&1 || cargo install --locked --quiet cargo-deb
+# An older userland for the static binary to prove itself on: Debian 11 (glibc 2.31).
+root=${PORTFWD_DEBIAN11_ROOT:-$cache/debian11-root}
+if [ ! -e "$root/.portfwd-root-v1" ]; then
+  echo "setup: making a Debian 11 root in $root (debootstrap)"
+  rm -rf "$root.tmp" "$root"
+  debootstrap --variant=minbase --include=iptables,iproute2,procps bullseye "$root.tmp" \
+    http://deb.debian.org/debian >/dev/null
+  mkdir -p "$root.tmp/usr/local/sbin"
+  : > "$root.tmp/usr/local/sbin/portfwd"   # mount point for the binary under test
+  touch "$root.tmp/.portfwd-root-v1"
+  mv "$root.tmp" "$root"
+fi

@@ -54,6 +54,9 @@ pub enum Read {
     Save(Family),
     /// `ip -N -j ARGS...`: (stdout, "").
     IpJson(Vec<&'static str>),
+    /// The file the save tool resolves to through links (`/usr/sbin/xtables-nft-multi`):
+    /// (path, ""). iptables before 1.8.8 does not name its flavour in the dump.
+    SaveTool(Family),
 }
 
 /// Reads and writes of host state, each a single call the engine can count and fake.
@@ -66,11 +69,14 @@ pub trait System {
             .map(|read| match read {
                 Read::Save(family) => self.save(*family),
                 Read::IpJson(args) => self.ip_json(args).map(|out| (out, String::new())),
+                Read::SaveTool(family) => self.save_tool(*family).map(|out| (out, String::new())),
             })
             .collect()
     }
     /// `iptables-save` (or `ip6tables-save`): stdout and stderr.
     fn save(&mut self, family: Family) -> Result<(String, String), SystemError>;
+    /// Where `iptables-save` (or `ip6tables-save`) resolves to, links followed.
+    fn save_tool(&mut self, family: Family) -> Result<String, SystemError>;
     /// One `iptables-restore --noflush` transaction (one table per payload).
     fn restore(&mut self, family: Family, payload: &str) -> Result<(), SystemError>;
     /// A sysctl under `/proc/sys` (`net/ipv4/ip_forward`); None when it does not exist.
@@ -215,6 +221,15 @@ impl RealSystem {
         match read {
             Read::Save(family) => self.run(&tool_name(self.backend, *family, "save"), &[], None),
             Read::IpJson(args) => self.ip_json_text(args).map(|out| (out, String::new())),
+            Read::SaveTool(family) => {
+                let tool = tool_name(self.backend, *family, "save");
+                let path = which::which(&tool).map_err(|source| SystemError::NotFound {
+                    tool: tool.clone(),
+                    source,
+                })?;
+                let real = std::fs::canonicalize(&path).unwrap_or(path);
+                Ok((real.display().to_string(), String::new()))
+            }
         }
     }
 
@@ -297,6 +312,10 @@ impl System for RealSystem {
 
     fn save(&mut self, family: Family) -> Result<(String, String), SystemError> {
         self.read_one(&Read::Save(family))
+    }
+
+    fn save_tool(&mut self, family: Family) -> Result<String, SystemError> {
+        self.read_one(&Read::SaveTool(family)).map(|(path, _)| path)
     }
 
     fn restore(&mut self, family: Family, payload: &str) -> Result<(), SystemError> {

@@ -127,6 +127,11 @@ impl System for FakeHost {
         Ok((self.dump(family), stderr))
     }
 
+    fn save_tool(&mut self, family: Family) -> Result<String, SystemError> {
+        self.call(format!("read-tool {}", family.label()))?;
+        Ok("/usr/sbin/xtables-nft-multi".to_string())
+    }
+
     fn restore(&mut self, family: Family, payload: &str) -> Result<(), SystemError> {
         self.call(format!(
             "restore {} {}",

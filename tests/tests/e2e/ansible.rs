@@ -16,14 +16,6 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The module binary Ansible ships: `PORTFWD_MODULE_BIN` (the static release build in
-/// scripts/test.sh), else the freshly built debug binary.
-fn module_bin() -> PathBuf {
-    std::env::var_os("PORTFWD_MODULE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| portfwd().bin)
-}
-
 /// A private Ansible home with the collection built from this tree and installed, plus a
 /// library directory holding the module by its short name.
 struct Ansible {
@@ -38,7 +30,7 @@ impl Ansible {
         let galaxy = venv.join("bin/ansible-galaxy");
         let build = Command::new("bash")
             .arg(repo().join("scripts/build-collection.sh"))
-            .arg(module_bin())
+            .arg(crate::common::module_binary())
             .arg(&out)
             .arg(&galaxy)
             .output()
@@ -66,7 +58,7 @@ impl Ansible {
         );
         let library = dir.path().join("library");
         std::fs::create_dir_all(&library).unwrap();
-        std::fs::copy(module_bin(), library.join("portfwd")).unwrap();
+        std::fs::copy(crate::common::module_binary(), library.join("portfwd")).unwrap();
         std::fs::copy(
             repo().join("playbooks/library/portfwd.yml"),
             library.join("portfwd.yml"),

@@ -98,6 +98,30 @@ pub fn portfwd() -> Portfwd {
     .clone()
 }
 
+/// The static release binary Ansible and the Debian package ship: `PORTFWD_MODULE_BIN` (set by
+/// scripts/test.sh), else built once by scripts/build-release.sh (which fails loudly without
+/// the musl target).
+pub fn module_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("PORTFWD_MODULE_BIN") {
+            return PathBuf::from(bin);
+        }
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = Command::new("bash")
+            .arg(root.join("scripts/build-release.sh"))
+            .output()
+            .expect("run scripts/build-release.sh");
+        assert!(
+            out.status.success(),
+            "scripts/build-release.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        root.join(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
 /// The freshly built portfwd-lab binary.
 pub fn portfwd_lab() -> PathBuf {
     build_binaries();

@@ -10,6 +10,7 @@ mod defects;
 mod foreign;
 mod forward;
 mod lab;
+mod packaging;
 mod records;
 mod routing;
 mod salt;

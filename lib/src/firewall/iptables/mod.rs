@@ -38,7 +38,11 @@ impl Firewall for Iptables {
     }
 
     fn reads(&self) -> Vec<Read> {
-        vec![Read::Save(Family::V4), Read::Save(Family::V6)]
+        vec![
+            Read::Save(Family::V4),
+            Read::Save(Family::V6),
+            Read::SaveTool(Family::V4),
+        ]
     }
 
     fn observe(
@@ -48,8 +52,17 @@ impl Firewall for Iptables {
         warnings: &mut Vec<String>,
     ) -> IptablesObserved {
         let mut observed = IptablesObserved::default();
+        // xtables-nft-multi or xtables-legacy-multi (iptables-nft before 1.8.8 does not say
+        // `(nf_tables)` in its dump).
+        let tool_is_nft = outputs
+            .get(2)
+            .is_some_and(|(path, _)| observe::names_nft_tool(path));
         for (family, output) in [Family::V4, Family::V6].into_iter().zip(&outputs) {
-            observe::observe_family(family, output, instance, &mut observed, warnings);
+            let dump = observe::Dump {
+                output,
+                tool_is_nft,
+            };
+            observe::observe_family(family, dump, instance, &mut observed, warnings);
         }
         observed
     }

@@ -11,7 +11,8 @@ pub struct Dump<'a> {
     pub tables: Vec<TableDump<'a>>,
     /// Lines that are neither tables, chains, rules nor `#` comments: kept, not interpreted.
     pub opaque: Vec<String>,
-    /// True when the header says `(nf_tables)`, false for legacy, None when no header.
+    /// True when the header says `(nf_tables)`, false when it does not (legacy, or nf_tables
+    /// before iptables 1.8.8: the observe stage also asks which tool ran), None when no header.
     pub nf_tables: Option<bool>,
 }
 

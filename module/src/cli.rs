@@ -1,0 +1,96 @@
+//! The command line of `portfwd`, shared by the binary and by `portfwd-assets` (which renders
+//! the man page and shell completions from it, so they cannot drift from `--help`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "portfwd",
+    version,
+    about = "Declarative NAT port forwarding for Linux: desired state in, minimal atomic change out",
+    long_about = "Declarative NAT port forwarding for Linux: iptables NAT and FORWARD rules, interface \
+        addresses, policy routing (ip rule / ip route) and forwarding sysctls.\n\n\
+        Reads the current state (iptables-save, ip6tables-save, ip -j rule/route/addr, /proc/sys), diffs it \
+        against the desired state given as JSON params, and applies the minimal change: ip -batch additions, \
+        one iptables-restore --noflush transaction per table, sysctl writes, ip -batch removals, rolling \
+        everything back if any step fails. After a committed change it deletes the conntrack entries the \
+        change made stale (UDP flows; TCP connections of forwards with reset_connections), so live flows \
+        follow the change.\n\n\
+        As an Ansible binary module it is run as `portfwd ARGS_FILE`; ARGS_FILE holds the params plus \
+        Ansible's _ansible_* keys (check and diff mode are honoured).\n\n\
+        Exit codes: 0 success (changed or not), 1 the run failed (the JSON says failed: true and why), \
+        2 usage error.",
+    after_help = "Environment: PORTFWD_LOCK_FILE (default /run/portfwd.lock), PORTFWD_STATE_DIR (default /etc/portfwd), PORTFWD_RUN_DIR (default /run/portfwd: the record of what portfwd created), PORTFWD_NO_NETNS_COOKIE=1 (key that record as on kernels before 5.14). Tools are found on PATH (conntrack is optional: without it stale flows are only warned about)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Converge the host to the params (JSON from --file, or stdin) and print the result JSON.
+    Apply {
+        #[command(flatten)]
+        input: Input,
+        /// Report what would change without touching anything.
+        #[arg(long)]
+        check: bool,
+        /// Include a before/after diff keyed by entry names.
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Show what apply would change, as a readable diff (or the result JSON with --json).
+    Plan {
+        #[command(flatten)]
+        input: Input,
+        /// Print the result JSON (as `apply --check --diff`) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the instance's current managed state as params JSON (applying it is a no-op).
+    Show {
+        /// The instance to read.
+        #[arg(long, default_value = "portfwd")]
+        instance: String,
+        /// iptables flavour to read.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendArg,
+        /// The instance's route_protocol, when it set one.
+        #[arg(long)]
+        route_protocol: Option<u8>,
+    },
+    /// Re-apply every instance stored with `persist: true` (run at boot by portfwd-restore.service).
+    Restore {
+        /// Directory of stored params [default: $PORTFWD_STATE_DIR or /etc/portfwd].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Seconds to wait for another portfwd run to finish.
+        #[arg(long, default_value_t = 30)]
+        lock_timeout: u64,
+    },
+    /// Print the JSON Schema of the params.
+    Schema,
+}
+
+#[derive(Args)]
+pub struct Input {
+    /// Params JSON file; stdin when omitted.
+    #[arg(long, short)]
+    pub file: Option<PathBuf>,
+    /// Seconds to wait for another portfwd run to finish.
+    #[arg(long, default_value_t = 30)]
+    pub lock_timeout: u64,
+    /// Where `persist: true` stores params [default: $PORTFWD_STATE_DIR or /etc/portfwd].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum BackendArg {
+    Auto,
+    Nft,
+    Legacy,
+}
