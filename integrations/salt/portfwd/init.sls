@@ -1,11 +1,6 @@
-# Salt state: converge portfwd to the params in pillar `portfwd:params`, with Salt's stateful
-# cmd.run contract. The params go to portfwd on stdin as JSON; portfwd prints one JSON object
-# on one line with "changed" (and "msg"), which is exactly what `stateful` reads from the last
-# line, and a failed run exits 1 and fails the state. In test mode (test=True) the `test_name`
-# command runs `portfwd apply --check --diff` instead, which touches nothing.
+# Salt state: converge portfwd to the params in pillar `portfwd:params` with the native state
+# module (_states/portfwd.py, which calls _modules/portfwd.py): test=True is portfwd's check
+# mode, `changes` is the diff keyed by entry names, `comment` is portfwd's msg.
 portfwd-apply:
-  cmd.run:
-    - name: portfwd apply
-    - stdin: {{ salt['pillar.get']('portfwd:params', {}) | json | yaml_dquote }}
-    - stateful:
-      - test_name: portfwd apply --check --diff
+  portfwd.managed:
+    - params: {{ salt['pillar.get']('portfwd:params', {}) | json }}

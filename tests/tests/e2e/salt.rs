@@ -1,6 +1,7 @@
 //! End-to-end with real Salt (`salt-call --local`, from PyPI in a virtualenv that
-//! scripts/setup.sh creates): the shipped state drives `portfwd apply` through `cmd.run`
-//! with `stateful`, in test mode and for real, and the one-liner for other tools works.
+//! scripts/setup.sh creates): the shipped native state (`portfwd.managed`) and execution
+//! module (`portfwd.apply`, `portfwd.show`) in test mode and for real, a re-run with no
+//! changes, bad params failing with the field named, and the one-liner for other tools.
 
 use std::path::{Path, PathBuf};
 
@@ -108,6 +109,25 @@ fn salt_state_applies_portfwd_statefully() {
         run_in(&t.proxy, root, &argv)
     };
 
+    let run = |argv: &[&str]| {
+        let mut full = vec![
+            salt_call.as_str(),
+            "--local",
+            "--config-dir",
+            &config,
+            "--out",
+            "json",
+        ];
+        full.extend_from_slice(argv);
+        run_in(&t.proxy, root, &full)
+    };
+    let (code, out) = run(&["saltutil.sync_all"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("states.portfwd") && out.contains("modules.portfwd"),
+        "{out}"
+    );
+
     let before = ruleset(&t.proxy, "iptables-save").unwrap();
     let (_, out) = salt(&["test=True"]);
     let test = apply_result(&out);
@@ -115,6 +135,19 @@ fn salt_state_applies_portfwd_statefully() {
         test["result"],
         Value::Null,
         "test mode reports a pending change: {out}"
+    );
+    assert_eq!(test["changes"]["forwards.web"]["old"], Value::Null, "{out}");
+    assert!(
+        test["changes"]["forwards.web"]["new"]
+            .as_str()
+            .is_some_and(|n| n.contains("4321")),
+        "the diff keyed by entry name: {out}"
+    );
+    assert!(
+        test["comment"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("check mode, nothing applied")),
+        "{out}"
     );
     assert_eq!(
         ruleset(&t.proxy, "iptables-save").unwrap(),
@@ -127,9 +160,13 @@ fn salt_state_applies_portfwd_statefully() {
     let applied = apply_result(&out);
     assert_eq!(applied["result"], Value::Bool(true), "{out}");
     assert!(
-        applied["changes"]
-            .as_object()
-            .is_some_and(|c| !c.is_empty()),
+        applied["changes"]["forwards.web"]["new"].is_string(),
+        "{out}"
+    );
+    assert!(
+        applied["comment"]
+            .as_str()
+            .is_some_and(|c| c.contains("forwards: 1 added")),
         "{out}"
     );
     assert_eq!(
@@ -146,6 +183,39 @@ fn salt_state_applies_portfwd_statefully() {
         serde_json::json!({}),
         "second run changes nothing: {out}"
     );
+    assert_eq!(again["comment"], "no changes", "{out}");
+
+    // The execution module reads the state back.
+    let (code, out) = run(&["portfwd.show"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("\"listen_port\": 4321"), "{out}");
+
+    // portfwd's warnings are kept in the state's result.
+    let warned = r#"pillar={"portfwd": {"params": {"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234", "snat": "none"}]}}}"#;
+    let (_, out) = salt(&[warned, "test=True"]);
+    let pending = apply_result(&out);
+    assert!(
+        pending["warnings"].as_array().is_some_and(|w| w
+            .iter()
+            .any(|w| w.as_str().is_some_and(|w| w.contains("snat is none")))),
+        "{out}"
+    );
+
+    // Bad params: the state fails with portfwd's message naming the field and value, and
+    // nothing is applied.
+    let applied_rules = ruleset(&t.proxy, "iptables-save").unwrap();
+    let bad = r#"pillar={"portfwd": {"params": {"forwards": [{"name": "web", "listen_port": 70000, "to": "10.0.2.2:1234"}]}}}"#;
+    let (code, out) = salt(&[bad]);
+    assert_ne!(code, 0, "{out}");
+    let failed = apply_result(&out);
+    assert_eq!(failed["result"], Value::Bool(false), "{out}");
+    assert!(
+        failed["comment"]
+            .as_str()
+            .is_some_and(|c| c.contains("forwards[0].listen_port") && c.contains("70000")),
+        "{out}"
+    );
+    assert_eq!(ruleset(&t.proxy, "iptables-save").unwrap(), applied_rules);
 
     // The one-liner of integrations/README.md, for any other tool.
     std::fs::write(
