@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Builds the Ansible collection tarball portfwd-portfwd-<version>.tar.gz.
-# usage: build-collection.sh BINARY OUTDIR [ANSIBLE_GALAXY]
-# BINARY is the portfwd module binary to ship (preferably the static musl build).
+# usage: build-collection.sh BINARY OUTDIR [ANSIBLE_GALAXY] [STAGE]
+# BINARY is the portfwd module binary to ship (the static musl build of build-release.sh).
+# STAGE, when given, keeps the collection tree there (ansible-test sanity runs in it; it must
+# end in ansible_collections/portfwd/portfwd).
 set -euo pipefail
-bin=${1:?binary}; out=${2:?outdir}; galaxy=${3:-ansible-galaxy}
+bin=${1:?binary}; out=${2:?outdir}; galaxy=${3:-ansible-galaxy}; stage=${4:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
-stage=$(mktemp -d)
-trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage/plugins/modules" "$stage/meta" "$out"
-cp "$root/collection/galaxy.yml" "$root/collection/README.md" "$stage/"
-cp "$root/collection/meta/runtime.yml" "$stage/meta/"
+if [ -z "$stage" ]; then
+  stage=$(mktemp -d)
+  trap 'rm -rf "$stage"' EXIT
+fi
+mkdir -p "$stage/plugins/modules" "$out"
+cp -r "$root/collection/." "$stage/"
 install -m 0755 "$bin" "$stage/plugins/modules/portfwd"
 cp "$root/playbooks/library/portfwd.yml" "$stage/plugins/modules/portfwd.yml"
 "$galaxy" collection build --force --output-path "$out" "$stage" >&2

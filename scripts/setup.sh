@@ -62,6 +62,16 @@ venv() {  # venv DIR CHECK PACKAGE...
 }
 venv "${PORTFWD_ANSIBLE_VENV:-$cache/ansible-venv}" ansible-playbook 'ansible-core>=2.19,<2.20'
 venv "${PORTFWD_SALT_VENV:-$cache/salt-venv}" salt-call 'salt>=3007'
+# ansible-test sanity puts pip into each test's virtualenv with a get-pip.py it downloads from
+# ci-files.testing.ansible.com, which this machine cannot reach: an equivalent built on
+# ensurepip + the package index goes into its cache, under the pip version it asks for.
+ansible_venv=${PORTFWD_ANSIBLE_VENV:-$cache/ansible-venv}
+pip_version=$(sed -n "s/^ *pip='\([0-9.]*\)',.*/\1/p" \
+  "$ansible_venv"/lib/python3*/site-packages/ansible_test/_internal/python_requirements.py | head -1)
+if [ -n "$pip_version" ]; then
+  mkdir -p "$HOME/.ansible/test/cache"
+  cp "$(dirname "$0")/get-pip-offline.py" "$HOME/.ansible/test/cache/get_pip_${pip_version//./_}.py"
+fi
 command -v cargo-deb >/dev/null 2>&1 || cargo install --locked --quiet cargo-deb
 # An older userland for the static binary to prove itself on: Debian 11 (glibc 2.31).
 root=${PORTFWD_DEBIAN11_ROOT:-$cache/debian11-root}

@@ -439,6 +439,89 @@ fn probe_tcp(ns: &Netns, target: &str) -> Result<(), String> {
 
 /// The sidecar documentation and `portfwd schema` describe the same options, types, defaults
 /// and choices, recursively.
+/// The collection's example role (roles/portfwd): its defaults plus the play's vars drive the
+/// module; a second run changes nothing.
+#[test]
+fn the_example_role_forwards_and_is_idempotent() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(venv) = common::venv("PORTFWD_ANSIBLE_VENV", "ansible-venv", "ansible-playbook")
+    else {
+        return;
+    };
+    let ansible = Ansible::new(venv.clone());
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let host_dir = ansible.path("role-host");
+    let inventory = write(
+        &ansible.path("role-inventory.ini"),
+        &format!(
+            "proxy ansible_connection=local ansible_python_interpreter={}\n",
+            venv.join("bin/python").display()
+        ),
+    );
+    let play = write(
+        &ansible.path("role.yml"),
+        "- hosts: proxy\n  gather_facts: false\n  roles:\n    - role: portfwd.portfwd.portfwd\n      vars:\n        portfwd_forwards:\n          - {name: web, listen_port: 4321, to: \"10.0.2.2:1234\"}\n",
+    );
+    let (code, out) = ansible.playbook(&t.proxy, &host_dir, &["-i", &inventory, &play]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(recap_changed(&out, "proxy"), Some(1), "{out}");
+    probe_tcp(&t.client, "10.0.1.1:4321").unwrap();
+    let (code, out) = ansible.playbook(&t.proxy, &host_dir, &["-i", &inventory, &play]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(recap_changed(&out, "proxy"), Some(0), "{out}");
+}
+
+/// `ansible-test sanity` on the collection as built (static binary, sidecar docs, role,
+/// changelog fragment, meta/runtime.yml), in the Ansible virtualenv without containers.
+#[test]
+fn ansible_test_sanity_is_clean() {
+    let Some(venv) = common::venv("PORTFWD_ANSIBLE_VENV", "ansible-venv", "ansible-test") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let stage = dir.path().join("ansible_collections/portfwd/portfwd");
+    let build = Command::new("bash")
+        .arg(repo().join("scripts/build-collection.sh"))
+        .arg(crate::common::module_binary())
+        .arg(dir.path().join("dist"))
+        .arg(venv.join("bin/ansible-galaxy"))
+        .arg(&stage)
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let runtime = std::fs::read_to_string(stage.join("meta/runtime.yml")).unwrap();
+    assert!(runtime.contains("requires_ansible"), "{runtime}");
+    assert!(stage.join("roles/portfwd/tasks/main.yml").is_file());
+    let path = format!(
+        "{}:{}",
+        venv.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(venv.join("bin/ansible-test"))
+        .args(["sanity", "--local", "--python", "3.11", "--requirements"])
+        .current_dir(&stage)
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Running sanity test \"validate-modules\"") && !text.contains("ERROR"),
+        "{text}"
+    );
+}
+
 #[test]
 fn sidecar_docs_match_the_json_schema() {
     let docs: Value = serde_yaml_ng::from_str(
