@@ -10,7 +10,7 @@
 
 use crate::compile::Desired;
 use crate::firewall::{Firewall, TableDrop};
-use crate::observe::{observe, Observed, Scope};
+use crate::observe::{self, Observed, Scope};
 use crate::ownership::holds_only_chains;
 use crate::plan::iproute::IpBatch;
 use crate::plan::{Plan, Step};
@@ -208,9 +208,12 @@ fn reread_for_rollback<F: Firewall>(
     done: &[Step],
     sys: &mut dyn System,
 ) -> Result<Observed<F>, SystemError> {
-    let mut now = observe(
+    let prelude = observe::prelude(sys, run.instance)?;
+    let mut now = observe::observe(
         run.firewall,
         sys,
+        prelude,
+        None,
         run.instance,
         run.protocol,
         &[],

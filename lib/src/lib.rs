@@ -89,13 +89,41 @@ fn run_with<F: Firewall>(
     };
     // Compiling thousands of forwards and reading the host are independent: compile on a
     // thread of its own while the reads (an iptables-save of 10,000 rules takes ~0.1 s) run.
+    // Only a read cache of the current nf_tables generation waits for the compiled objects:
+    // if they are the cached ones, the firewall read is skipped.
     let (desired, observed) = std::thread::scope(|s| {
         let compiled = s.spawn(|| compile::compile(config, firewall));
-        let observed = observe::observe(firewall, sys, &config.instance, protocol, &keys, scope);
-        let desired = compiled
-            .join()
-            .unwrap_or_else(|_| compile::compile(config, firewall));
-        (desired, observed)
+        let join = |c: std::thread::ScopedJoinHandle<'_, compile::Desired<F>>| {
+            c.join()
+                .unwrap_or_else(|_| compile::compile(config, firewall))
+        };
+        let prelude = match observe::prelude(sys, &config.instance) {
+            Ok(p) => p,
+            Err(e) => return (join(compiled), Err(e)),
+        };
+        let read = |sys: &mut dyn System, prelude, cached| {
+            observe::observe(
+                firewall,
+                sys,
+                prelude,
+                cached,
+                &config.instance,
+                protocol,
+                &keys,
+                scope,
+            )
+        };
+        if prelude.cache_is_current() {
+            let desired = join(compiled);
+            let cached = prelude
+                .usable_cache(desired.read_key)
+                .map(|cache| (&desired.firewall, cache));
+            let observed = read(sys, prelude, cached);
+            (desired, observed)
+        } else {
+            let observed = read(sys, prelude, None);
+            (join(compiled), observed)
+        }
     });
     let observed = match observed {
         Ok(o) => o,
@@ -114,7 +142,9 @@ fn run_with<F: Firewall>(
         observed: &observed,
     };
     let mut report = report::planned(&view, &plan, config.backend, warnings, mode.diff);
-    if plan.is_empty() {
+    // A plan with nothing to change may still refresh the record (its read cache, a pruned
+    // address): housekeeping, not a change.
+    if plan.is_empty() && (plan.record.is_none() || mode.check) {
         return report;
     }
     if mode.check {
@@ -222,7 +252,17 @@ pub fn show(instance: &str, protocol: Option<u8>, sys: &mut RealSystem) -> Resul
 fn show_on(instance: &str, protocol: Option<u8>, sys: &mut dyn System) -> Result<Params, Error> {
     let protocol = protocol.unwrap_or_else(|| model::default_route_protocol(instance));
     let firewall = Iptables;
-    let observed = observe::observe(&firewall, sys, instance, protocol, &[], observe::Scope::ALL)?;
+    let prelude = observe::prelude(sys, instance)?;
+    let observed = observe::observe(
+        &firewall,
+        sys,
+        prelude,
+        None,
+        instance,
+        protocol,
+        &[],
+        observe::Scope::ALL,
+    )?;
     Ok(params_from_state(
         firewall.decompile(instance, &firewall.snapshot(&observed.firewall)),
         &observed.routing.owned,

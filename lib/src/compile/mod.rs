@@ -20,6 +20,9 @@ pub struct Desired<F: Firewall = Iptables> {
     pub sysctls: BTreeMap<String, String>,
     /// Addresses, ip rules and routes.
     pub routing: Routing,
+    /// What a read cache of these firewall objects is keyed by: their digest, the backend
+    /// setting and portfwd's version (None: nothing to cache).
+    pub read_key: Option<u32>,
     /// The params file `persist: true` keeps (None: no file).
     pub stored: Option<String>,
     pub warnings: Vec<String>,
@@ -31,6 +34,13 @@ pub fn compile<F: Firewall>(config: &Config, firewall: &F) -> Desired<F> {
         firewall: firewall.compile(config),
         ..Desired::default()
     };
+    desired.read_key = firewall.digest(&desired.firewall).map(|digest| {
+        let setting = format!("{:?} {}", config.backend, env!("CARGO_PKG_VERSION"));
+        StableHash::new()
+            .part(&digest.to_le_bytes())
+            .part(setting.as_bytes())
+            .finish()
+    });
     if config.state == State::Absent {
         return desired;
     }

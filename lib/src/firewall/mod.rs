@@ -16,7 +16,7 @@ use std::fmt::Debug;
 
 use crate::model::{Config, ForwardParams, MasqueradeParams};
 use crate::net::Family;
-use crate::ownership::Record;
+use crate::ownership::{ReadCache, Record};
 use crate::system::Read;
 
 /// One packet-filter backend. A backend is a small value (a unit struct for iptables), so the
@@ -40,6 +40,14 @@ pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
         outputs: Vec<(String, String)>,
         warnings: &mut Vec<String>,
     ) -> Self::Observed;
+
+    /// A stable digest of the desired objects (None when there are none): a cached read that
+    /// found objects of the same digest stands for a new read while nothing changed.
+    fn digest(&self, want: &Self::Desired) -> Option<u32>;
+
+    /// What a read would find when the last full read found exactly `want` and nothing has
+    /// changed since (see [`crate::ownership::ReadCache`]).
+    fn assume(&self, want: &Self::Desired, cache: &ReadCache) -> Self::Observed;
 
     /// The observed objects as a desired state: the rollback target and what `show` reads.
     fn snapshot(&self, observed: &Self::Observed) -> Self::Desired;

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::firewall::iptables::Iptables;
 use crate::firewall::Firewall;
 use crate::net::Family;
-use crate::ownership::Record;
+use crate::ownership::{ReadCache, Record};
 use crate::routing::{IfAddr, IpRule, Routing};
 use crate::system::{Read, System, SystemError};
 
@@ -28,6 +28,9 @@ pub struct Observed<F: Firewall = Iptables> {
     pub record: Record,
     /// The instance's stored params file, if any.
     pub stored: Option<String>,
+    /// What this read proves for the next run (see [`ReadCache`]): the cache it used, or a
+    /// new one when the firewall was read at a known generation.
+    pub read_cache: Option<ReadCache>,
     /// Whether the addresses were read (see [`Scope`]).
     pub addresses_read: bool,
     /// Interfaces with an IPv6 default route from router advertisements, and their
@@ -84,24 +87,68 @@ impl Scope {
     };
 }
 
-/// Reads both families' rulesets, the instance's ip rules, routes and addresses, its
-/// records, and the given sysctls. The independent reads run at once ([`System::read_batch`]).
+/// What a run reads first, while the desired state is being compiled: the record of created
+/// objects (with the read cache) and the nf_tables generation.
+pub struct Prelude {
+    pub record: Record,
+    pub warning: Option<String>,
+    pub generation: Option<u32>,
+}
+
+/// Reads the record and the generation (both cheap).
+pub fn prelude(sys: &mut dyn System, instance: &str) -> Result<Prelude, SystemError> {
+    let (record, warning) = sys.read_record(instance)?;
+    let generation = sys.nft_generation()?;
+    Ok(Prelude {
+        record,
+        warning,
+        generation,
+    })
+}
+
+impl Prelude {
+    /// Is there a read cache of the current generation? (Then the desired objects decide.)
+    pub fn cache_is_current(&self) -> bool {
+        self.record
+            .read_cache
+            .as_ref()
+            .is_some_and(|c| Some(c.generation) == self.generation && c.flavour == "nf_tables")
+    }
+
+    /// The read cache that stands for a firewall read of objects with `read_key`.
+    pub fn usable_cache(&self, read_key: Option<u32>) -> Option<ReadCache> {
+        let cache = self.record.read_cache.as_ref()?;
+        (self.cache_is_current() && Some(cache.digest) == read_key).then(|| cache.clone())
+    }
+}
+
+/// Reads both families' rulesets (unless the read cache proves them unchanged), the
+/// instance's ip rules, routes and addresses, and the given sysctls. The independent reads run
+/// at once ([`System::read_batch`]).
+#[allow(clippy::too_many_arguments)]
 pub fn observe<F: Firewall>(
     firewall: &F,
     sys: &mut dyn System,
+    prelude: Prelude,
+    cached: Option<(&F::Desired, ReadCache)>,
     instance: &str,
     protocol: u8,
     sysctl_keys: &[String],
     scope: Scope,
 ) -> Result<Observed<F>, SystemError> {
-    let mut observed = Observed::<F>::default();
-    let (record, warning) = sys.read_record(instance)?;
-    observed.record = record;
-    observed.warnings.extend(warning);
+    let mut observed = Observed::<F> {
+        record: prelude.record,
+        ..Observed::default()
+    };
+    observed.warnings.extend(prelude.warning);
     let record = &observed.record;
     let routing = scope.routing || !record.rules.is_empty() || !record.routes.is_empty();
     let addresses = scope.addresses || !record.addresses.is_empty();
-    let mut reads = firewall.reads();
+    let mut reads = if cached.is_some() {
+        Vec::new()
+    } else {
+        firewall.reads()
+    };
     let firewall_reads = reads.len();
     if routing {
         for flag in ["-4", "-6"] {
@@ -121,7 +168,30 @@ pub fn observe<F: Firewall>(
     let outputs = (0..firewall_reads)
         .map(|_| next())
         .collect::<Result<Vec<_>, _>>()?;
-    observed.firewall = firewall.observe(instance, outputs, &mut observed.warnings);
+    match cached {
+        Some((want, cache)) => {
+            observed.firewall = firewall.assume(want, &cache);
+            observed.warnings.extend(cache.warnings.iter().cloned());
+            observed.read_cache = Some(cache);
+        }
+        _ => {
+            let mut warnings = Vec::new();
+            observed.firewall = firewall.observe(instance, outputs, &mut warnings);
+            let flavour = firewall.flavour(&observed.firewall);
+            // The digest is the desired objects' (the plan sets it once it knows they were
+            // found exactly).
+            if let (Some(generation), Some("nf_tables")) = (prelude.generation, flavour) {
+                observed.read_cache = Some(ReadCache {
+                    generation,
+                    digest: 0,
+                    flavour: "nf_tables".to_string(),
+                    warnings: warnings.clone(),
+                    mark_users: firewall.mark_users(&observed.firewall).to_vec(),
+                });
+            }
+            observed.warnings.extend(warnings);
+        }
+    }
     let mut ra_devices = Vec::new();
     if routing {
         for family in [Family::V4, Family::V6] {

@@ -12,7 +12,7 @@ pub mod sysctl;
 use crate::compile::Desired;
 use crate::firewall::{EntryChanges, Firewall, FirewallPlan, TableDrop, Transaction};
 use crate::observe::Observed;
-use crate::ownership::Record;
+use crate::ownership::{ReadCache, Record};
 use iproute::{plan_routing, IpBatch, RoutingPlan};
 
 /// Everything a run would change.
@@ -111,6 +111,19 @@ pub fn plan<F: Firewall>(
     let mut record = observed.record.clone();
     let mut warnings = Vec::new();
     let firewall_plan = firewall.plan(instance, &desired.firewall, &observed.firewall, &mut record);
+    // A read cache is kept only while the firewall holds exactly the desired objects: a run
+    // that changes them bumps the generation anyway.
+    let untouched = firewall_plan.transactions.is_empty() && firewall_plan.drops.is_empty();
+    record.read_cache = observed
+        .read_cache
+        .clone()
+        .filter(|_| untouched)
+        .and_then(|cache| {
+            Some(ReadCache {
+                digest: desired.read_key?,
+                ..cache
+            })
+        });
     let sysctls = sysctl::plan_sysctls(&desired.sysctls, observed, &mut record, &mut warnings);
     let routing = plan_routing(&desired.routing, &observed.routing, protocol);
     warnings.extend(routing.warnings.iter().cloned());

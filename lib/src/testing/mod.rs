@@ -40,6 +40,8 @@ pub struct FakeHost {
     pub fail: Option<String>,
     /// The k-th write call (1-based) fails; an `ip -batch` applies its first line first.
     pub fail_at: Option<usize>,
+    /// The nf_tables generation, bumped by every restore and table drop (None: not reported).
+    pub generation: Option<u32>,
     /// Write calls so far.
     pub writes: usize,
 }
@@ -54,9 +56,12 @@ const READS: [&str; 6] = [
 ];
 
 impl FakeHost {
-    /// A host whose forwarding sysctls exist and are off.
+    /// A host whose forwarding sysctls exist and are off, with nf_tables (a generation).
     pub fn new() -> FakeHost {
-        let mut host = FakeHost::default();
+        let mut host = FakeHost {
+            generation: Some(1),
+            ..FakeHost::default()
+        };
         for family in [Family::V4, Family::V6] {
             host.state
                 .sysctls
@@ -86,6 +91,13 @@ impl FakeHost {
             .filter(|t| !t.0.is_empty())
             .map(Tables::render)
             .unwrap_or_default()
+    }
+
+    /// A committed nftables transaction bumps the generation.
+    fn bump(&mut self, committed: bool) {
+        if let (true, Some(g)) = (committed, self.generation.as_mut()) {
+            *g += 1;
+        }
     }
 
     /// A family without tables is no entry, so hosts compare equal however they got there.
@@ -127,6 +139,11 @@ impl System for FakeHost {
         Ok((self.dump(family), stderr))
     }
 
+    fn nft_generation(&mut self) -> Result<Option<u32>, SystemError> {
+        self.call("read-gen".into())?;
+        Ok(self.generation)
+    }
+
     fn save_tool(&mut self, family: Family) -> Result<String, SystemError> {
         self.call(format!("read-tool {}", family.label()))?;
         Ok("/usr/sbin/xtables-nft-multi".to_string())
@@ -141,6 +158,7 @@ impl System for FakeHost {
         let tables = self.state.tables.entry(family).or_default();
         let result = tables.restore(payload).map_err(refused);
         self.tidy();
+        self.bump(result.is_ok());
         result
     }
 
@@ -227,6 +245,7 @@ impl System for FakeHost {
             .map(drop)
             .ok_or_else(|| refused(format!("No such file or directory: table {table}")));
         self.tidy();
+        self.bump(result.is_ok());
         result
     }
 

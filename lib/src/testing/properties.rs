@@ -1,6 +1,8 @@
 //! Property tests of the whole engine against the fake host, over random params (forwards of
 //! both families, masquerade entries, addresses, policy routes, persist):
-//! - applying, then applying again, writes nothing the second time;
+//! - applying, then applying again, changes nothing the second time (at most the record gains
+//!   the read cache) and writes nothing at all the third time, which skips the firewall read;
+//! - the read cache never hides a change: another writer's edit is repaired;
 //! - a failure injected at any write step leaves the host exactly as it was before the run,
 //!   foreign rules included.
 
@@ -94,15 +96,50 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
-    fn a_second_run_writes_nothing(base in params(), p in params()) {
+    fn a_second_run_changes_nothing_and_a_third_writes_nothing(base in params(), p in params()) {
         let mut host = host_with(&base);
         let first = crate::run_on(&config(&p), RunMode::default(), &mut host);
         prop_assert!(!first.failed, "{:?}", first);
+        let after_first = host.state.clone();
         host.calls.clear();
         let second = crate::run_on(&config(&p), RunMode::default(), &mut host);
         prop_assert!(!second.changed && !second.failed, "{:?}", second);
         prop_assert!(second.commands.is_empty(), "{:?}", second.commands);
+        prop_assert!(host.writes().iter().all(|w| w.starts_with("write-record")), "{:#?}", host.writes());
+        let mut without_cache = host.state.clone();
+        without_cache.record.read_cache = after_first.record.read_cache.clone();
+        prop_assert_eq!(&without_cache, &after_first);
+        host.calls.clear();
+        let third = crate::run_on(&config(&p), RunMode::default(), &mut host);
+        prop_assert!(!third.changed && !third.failed, "{:?}", third);
         prop_assert_eq!(host.writes(), Vec::<&String>::new());
+        prop_assert_eq!(&third.warnings, &second.warnings);
+        let has_rules = host.state.tables.values().any(|t| t.render().contains("PFWD-portfwd"));
+        let saved = host.calls.iter().any(|c| c.starts_with("save "));
+        prop_assert_eq!(saved, !has_rules, "the cached read is used exactly when there are rules: {:#?}", host.calls);
+    }
+
+    #[test]
+    fn the_read_cache_never_hides_another_writers_change(p in params()) {
+        let mut host = host_with(&json!({}));
+        let c = config(&p);
+        for _ in 0..3 {
+            let report = crate::run_on(&c, RunMode::default(), &mut host);
+            prop_assert!(!report.failed, "{:?}", report);
+        }
+        let converged = host.state.clone();
+        // Someone flushes our FORWARD chain (a committed transaction: the generation moves).
+        let flushed = host
+            .state
+            .tables
+            .get_mut(&Family::V4)
+            .map(|t| t.restore("*filter\n-F PFWD-portfwd-FWD\nCOMMIT\n").is_ok())
+            .unwrap_or(false);
+        prop_assume!(flushed);
+        host.generation = host.generation.map(|g| g + 1);
+        let repair = crate::run_on(&c, RunMode::default(), &mut host);
+        prop_assert!(repair.changed && !repair.failed, "{:?}", repair);
+        prop_assert_eq!(&host.state.tables, &converged.tables);
     }
 
     #[test]

@@ -450,3 +450,111 @@ fn concurrent_runs_are_serialised() {
         "the final state is exactly one of the param sets:\n{rules}"
     );
 }
+
+/// Shims that log every `iptables-save`/`ip6tables-save` call (any flavour) and run the tool.
+struct SaveCounter {
+    dir: tempfile::TempDir,
+}
+
+impl SaveCounter {
+    fn new() -> SaveCounter {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        for tool in [
+            "iptables-save",
+            "ip6tables-save",
+            "iptables-legacy-save",
+            "ip6tables-legacy-save",
+        ] {
+            let real = crate::common::which(tool).unwrap();
+            let path = dir.path().join(tool);
+            std::fs::write(
+                &path,
+                format!(
+                    "#!/bin/sh\necho {tool} >> '{}'\nexec '{}' \"$@\"\n",
+                    dir.path().join("log").display(),
+                    real.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        SaveCounter { dir }
+    }
+
+    fn path(&self) -> String {
+        format!(
+            "{}:{}",
+            self.dir.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        )
+    }
+
+    fn calls(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("log"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    }
+}
+
+/// A no-op whose firewall state is proven unchanged by the nf_tables generation skips the
+/// `iptables-save` reads; any other writer's change (here an `iptables -F` of our chain) moves
+/// the generation, and the next run reads and repairs. The legacy flavour never skips.
+#[test]
+fn the_firewall_read_is_skipped_only_while_nothing_changed() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _tcp = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let params = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    let run = |params: &Value| {
+        let counter = SaveCounter::new();
+        let r = portfwd()
+            .run(
+                &t.proxy,
+                &["apply"],
+                &params.to_string(),
+                &[("PATH", &counter.path())],
+            )
+            .unwrap();
+        assert_eq!(r.code, 0, "{}", r.stdout);
+        (r.changed(), counter.calls())
+    };
+    assert_eq!(run(&params), (true, 2), "a first run reads both families");
+    assert!(!run(&params).0);
+    assert_eq!(
+        run(&params),
+        (false, 0),
+        "nothing changed since the last full read: no iptables-save"
+    );
+    t.proxy
+        .exec(&["iptables", "-t", "nat", "-F", "PFWD-portfwd-PRE"])
+        .unwrap();
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err());
+    assert_eq!(
+        run(&params),
+        (true, 2),
+        "another writer's change is read and repaired"
+    );
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
+        ip("10.0.2.1")
+    );
+    let changed =
+        json!({"forwards": [{"name": "web", "listen_port": 4322, "to": "10.0.2.2:1234"}]});
+    run(&changed);
+    assert_eq!(run(&changed).1, 2, "the first no-op after a change reads");
+    assert_eq!(run(&changed), (false, 0));
+
+    let legacy = json!({"backend": "legacy", "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    run(&json!({"state": "absent"}));
+    for _ in 0..3 {
+        assert_eq!(
+            run(&legacy).1,
+            2,
+            "iptables-legacy does not move the generation"
+        );
+    }
+}

@@ -20,7 +20,7 @@ pub mod save;
 use super::{Entries, Firewall, FirewallPlan};
 use crate::model::Config;
 use crate::net::Family;
-use crate::ownership::Record;
+use crate::ownership::{ReadCache, Record, StableHash};
 use crate::system::Read;
 use observe::IptablesObserved;
 use rules::OwnedRules;
@@ -65,6 +65,48 @@ impl Firewall for Iptables {
             observe::observe_family(family, dump, instance, &mut observed, warnings);
         }
         observed
+    }
+
+    fn digest(&self, want: &OwnedRules) -> Option<u32> {
+        // Every rule's comment hashes its chain and arguments; chain names and jump positions
+        // complete the picture.
+        if want.chains.is_empty() {
+            return None;
+        }
+        let mut hash = StableHash::new();
+        for ((family, hook), chain) in &want.chains {
+            hash = hash
+                .part(family.label().as_bytes())
+                .part(hook.builtin().as_bytes());
+            for jump in &chain.jumps {
+                hash = hash
+                    .part(&jump.position.to_le_bytes())
+                    .part(jump.rule.render().as_bytes());
+            }
+            for rule in &chain.rules {
+                hash = hash.part(rule.comment().unwrap_or_default().as_bytes());
+            }
+            for (name, rules) in &chain.subchains {
+                hash = hash.part(name.as_bytes());
+                for rule in rules {
+                    hash = hash.part(rule.comment().unwrap_or_default().as_bytes());
+                }
+            }
+        }
+        Some(hash.finish())
+    }
+
+    fn assume(&self, want: &OwnedRules, cache: &ReadCache) -> IptablesObserved {
+        IptablesObserved {
+            owned: want.clone(),
+            flavour: Some(if cache.flavour == "legacy" {
+                "legacy"
+            } else {
+                "nf_tables"
+            }),
+            connmark_rules: cache.mark_users.clone(),
+            ..IptablesObserved::default()
+        }
     }
 
     fn snapshot(&self, observed: &IptablesObserved) -> OwnedRules {

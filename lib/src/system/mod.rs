@@ -20,6 +20,8 @@ use crate::net::Family;
 use crate::ownership::Record;
 use crate::record_store::{self, NetnsId, Stamp};
 
+mod nfgen;
+
 /// A failure talking to the host.
 #[derive(Debug, thiserror::Error)]
 pub enum SystemError {
@@ -75,6 +77,9 @@ pub trait System {
     }
     /// `iptables-save` (or `ip6tables-save`): stdout and stderr.
     fn save(&mut self, family: Family) -> Result<(String, String), SystemError>;
+    /// The nf_tables ruleset generation of this network namespace (bumped by every committed
+    /// nftables transaction); None when the kernel has no nf_tables or the host cannot say.
+    fn nft_generation(&mut self) -> Result<Option<u32>, SystemError>;
     /// Where `iptables-save` (or `ip6tables-save`) resolves to, links followed.
     fn save_tool(&mut self, family: Family) -> Result<String, SystemError>;
     /// One `iptables-restore --noflush` transaction (one table per payload).
@@ -312,6 +317,13 @@ impl System for RealSystem {
 
     fn save(&mut self, family: Family) -> Result<(String, String), SystemError> {
         self.read_one(&Read::Save(family))
+    }
+
+    fn nft_generation(&mut self) -> Result<Option<u32>, SystemError> {
+        nfgen::generation().map_err(|source| SystemError::Io {
+            path: "netlink NFT_MSG_GETGEN".into(),
+            source,
+        })
     }
 
     fn save_tool(&mut self, family: Family) -> Result<String, SystemError> {
