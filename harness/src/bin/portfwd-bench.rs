@@ -328,6 +328,40 @@ fn control(reps: usize, out: &Path, svg: &Path) -> Result<(), LabError> {
         .copied()
         .max_by(|a, b| (a.0 / a.1).total_cmp(&(b.0 / b.1)))
         .unwrap_or((f64::NAN, f64::NAN));
+    // The same no-op when another writer has just committed something (a table added and
+    // removed: the nf_tables generation moves), so portfwd cannot use its read cache and reads
+    // the whole ruleset: the cost of a no-op on a busy host.
+    let bump = || {
+        run_ok(&ns, &["nft", "add", "table", "inet", "pfbench"], "")?;
+        run_ok(&ns, &["nft", "delete", "table", "inet", "pfbench"], "")
+    };
+    let mut full_rounds = Vec::new();
+    for _ in 0..5 {
+        let mut pairs = Vec::new();
+        for _ in 0..reps {
+            let noop = measure(1, bump, || apply(&pf, &ns, &thousand).map(drop))?;
+            let reads = measure(1, || Ok(()), || bare_reads(&ns))?;
+            pairs.push((noop, reads));
+        }
+        pairs.sort_by(|a, b| (a.0 / a.1).total_cmp(&(b.0 / b.1)));
+        full_rounds.push(pairs[pairs.len() / 2]);
+    }
+    let _ = writeln!(
+        table,
+        "no-op after another writer's change, full read (portfwd s / bare reads s = ratio): {}",
+        full_rounds
+            .iter()
+            .map(|(n, r)| format!("{n:.3}/{r:.3}={:.2}x", n / r))
+            .collect::<Vec<_>>()
+            .join("  ")
+    );
+    results.insert(
+        "noop_full_read_rounds".into(),
+        json!(full_rounds
+            .iter()
+            .map(|(n, r)| json!({"noop_s": n, "bare_reads_s": r, "ratio": n / r}))
+            .collect::<Vec<_>>()),
+    );
     let changed = forwards(1000, Some(500));
     let mut change_lines = 0;
     let change = measure(
