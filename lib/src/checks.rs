@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::collections::BTreeMap;
 
 use crate::firewall::Firewall;
-use crate::model::{Action, Config, IpForward, Snat};
+use crate::model::{Action, Config, Forward, IpForward, Snat};
 use crate::net::{Cidr, Family};
 use crate::observe::Observed;
 
@@ -69,6 +69,11 @@ pub fn needs_addresses(config: &Config) -> bool {
     })
 }
 
+/// Does anything of the config cross the forward hook (a DNAT forward, a masquerade entry)?
+pub fn forwards_traffic(config: &Config) -> bool {
+    config.forwards.iter().any(Forward::needs_forwarding) || !config.masquerades.is_empty()
+}
+
 /// Warnings that need the observed state.
 pub fn warnings<F: Firewall>(config: &Config, firewall: &F, observed: &Observed<F>) -> Vec<String> {
     let sysctl =
@@ -104,11 +109,53 @@ pub fn warnings<F: Firewall>(config: &Config, firewall: &F, observed: &Observed<
             out.push(format!("conn_mark {bit:#x}: another rule uses this conntrack mark bit ({rule}); set conn_mark to a bit nobody else uses, or portfwd's forwarded flows and that rule will disturb each other"));
         }
     }
+    out.extend(forward_hook_warnings(config, observed));
     for dev in policy_route_devices(config) {
         let strict = sysctl(rp_filter_key("all")).max(sysctl(rp_filter_key(&dev))) == Some(1);
         if strict {
             out.push(format!("rp_filter is 1 (strict) for {dev}, which a policy route uses: packets routed asymmetrically through it may be dropped; set net.ipv4.conf.{dev}.rp_filter=2 (loose)"));
         }
+    }
+    out
+}
+
+/// Another table's chain at the forward hook that drops what reaches its end also drops what
+/// portfwd accepts in its own chain (an accept ends a packet's walk of one base chain only).
+/// DNAT forwards pass a chain that accepts `ct status dnat` first (firewalld's does);
+/// masquerade entries route traffic that is not DNATed.
+fn forward_hook_warnings<F: Firewall>(config: &Config, observed: &Observed<F>) -> Vec<String> {
+    let mut out = Vec::new();
+    for chain in observed.forward_chains.iter().filter(|c| c.drops()) {
+        let mut affected: Vec<String> = Vec::new();
+        if !chain.accepts_dnat {
+            affected.extend(
+                config
+                    .forwards
+                    .iter()
+                    .filter(|f| f.needs_forwarding())
+                    .map(|f| format!("forward {:?}", f.name)),
+            );
+        }
+        affected.extend(
+            config
+                .masquerades
+                .iter()
+                .map(|m| format!("masquerade {:?}", m.name)),
+        );
+        if affected.is_empty() {
+            continue;
+        }
+        let how = if chain.policy_drop {
+            "has policy drop"
+        } else {
+            "ends in a drop or reject"
+        };
+        out.push(format!(
+            "{}: the nftables chain `{}` (hook forward, priority {}) {how}, and an accept in portfwd's own chain does not override it: forwarded packets are dropped there unless that chain accepts them (for DNAT forwards `ct status dnat accept`; firewalld: add the forward to its zone or policy)",
+            affected.join(", "),
+            chain.label(),
+            chain.priority
+        ));
     }
     out
 }

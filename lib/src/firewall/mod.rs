@@ -65,6 +65,16 @@ pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     /// The entries a state holds, as params (applying them compiles to the same state).
     fn decompile(&self, instance: &str, state: &Self::Desired) -> Entries;
 
+    /// Is this base chain (`nft -j list chains`: family, table, name) the backend's own way
+    /// into the hook, where its accept does take effect?
+    fn owns_hook_chain(
+        &self,
+        observed: &Self::Observed,
+        family: &str,
+        table: &str,
+        chain: &str,
+    ) -> bool;
+
     /// The backend's name for the result (`nf_tables`, `legacy`), when it could tell.
     fn flavour(&self, observed: &Self::Observed) -> Option<&'static str>;
 

@@ -7,6 +7,7 @@
 //! ~0.1 s, so nothing ever checks rule by rule; the independent reads run at once.
 
 pub mod iproute;
+pub mod nft;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -31,6 +32,8 @@ pub struct Observed<F: Firewall = Iptables> {
     /// What this read proves for the next run (see [`ReadCache`]): the cache it used, or a
     /// new one when the firewall was read at a known generation.
     pub read_cache: Option<ReadCache>,
+    /// Other tables' base chains at the forward hook (see [`nft`]).
+    pub forward_chains: Vec<nft::ForwardChain>,
     /// Whether the addresses were read (see [`Scope`]).
     pub addresses_read: bool,
     /// Interfaces with an IPv6 default route from router advertisements, and their
@@ -77,6 +80,8 @@ pub struct Scope {
     pub routing: bool,
     /// Addresses: wanted or recorded, or needed by a warning.
     pub addresses: bool,
+    /// Other tables' base chains at the forward hook (something is forwarded).
+    pub forward_hook: bool,
 }
 
 impl Scope {
@@ -84,6 +89,7 @@ impl Scope {
     pub const ALL: Scope = Scope {
         routing: true,
         addresses: true,
+        forward_hook: false,
     };
 }
 
@@ -159,6 +165,9 @@ pub fn observe<F: Firewall>(
     if addresses {
         reads.push(Read::IpJson(vec!["addr", "show"]));
     }
+    if scope.forward_hook {
+        reads.push(Read::NftJson(vec!["list".into(), "chains".into()]));
+    }
     let mut results = sys.read_batch(&reads).into_iter();
     let mut next = || {
         results
@@ -217,6 +226,10 @@ pub fn observe<F: Firewall>(
         observed.routing.present = iproute::parse_addresses(&next()?.0);
     }
     observed.addresses_read = addresses;
+    if scope.forward_hook {
+        let chains = next()?.0;
+        observed.forward_chains = forward_chains(firewall, sys, &observed.firewall, &chains)?;
+    }
     for key in sysctl_keys {
         let value = sys.read_sysctl(key)?;
         observed.sysctls.insert(key.clone(), value);
@@ -249,4 +262,40 @@ pub fn observe<F: Firewall>(
     observed.routing.owned.addresses = observed.routing.owned_addresses();
     observed.stored = sys.read_stored(instance)?;
     Ok(observed)
+}
+
+/// The forward-hook chains of other tables, with the rules of those whose names nft takes
+/// back safely (read at once, one `nft -j list chain` each).
+fn forward_chains<F: Firewall>(
+    firewall: &F,
+    sys: &mut dyn System,
+    ours: &F::Observed,
+    listing: &str,
+) -> Result<Vec<nft::ForwardChain>, SystemError> {
+    let mut chains = nft::forward_chains(listing, |family, table, name| {
+        firewall.owns_hook_chain(ours, family, table, name)
+    });
+    let readable: Vec<usize> = (0..chains.len())
+        .filter(|&i| {
+            let c = &chains[i];
+            nft::safe_name(&c.family) && nft::safe_name(&c.table) && nft::safe_name(&c.name)
+        })
+        .collect();
+    let reads: Vec<Read> = readable
+        .iter()
+        .map(|&i| {
+            let c = &chains[i];
+            Read::NftJson(vec![
+                "list".into(),
+                "chain".into(),
+                c.family.clone(),
+                c.table.clone(),
+                c.name.clone(),
+            ])
+        })
+        .collect();
+    for (i, result) in readable.into_iter().zip(sys.read_batch(&reads)) {
+        nft::read_rules(&result?.0, &mut chains[i]);
+    }
+    Ok(chains)
 }

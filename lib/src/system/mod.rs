@@ -56,6 +56,9 @@ pub enum Read {
     Save(Family),
     /// `ip -N -j ARGS...`: (stdout, "").
     IpJson(Vec<&'static str>),
+    /// `nft -j ARGS...`: (stdout, ""); empty when `nft` is not installed. Callers pass only
+    /// words nft's parser takes back as one word each (nft joins its arguments into a line).
+    NftJson(Vec<String>),
     /// The file the save tool resolves to through links (`/usr/sbin/xtables-nft-multi`):
     /// (path, ""). iptables before 1.8.8 does not name its flavour in the dump.
     SaveTool(Family),
@@ -72,11 +75,14 @@ pub trait System {
                 Read::Save(family) => self.save(*family),
                 Read::IpJson(args) => self.ip_json(args).map(|out| (out, String::new())),
                 Read::SaveTool(family) => self.save_tool(*family).map(|out| (out, String::new())),
+                Read::NftJson(args) => self.nft_json(args).map(|out| (out, String::new())),
             })
             .collect()
     }
     /// `iptables-save` (or `ip6tables-save`): stdout and stderr.
     fn save(&mut self, family: Family) -> Result<(String, String), SystemError>;
+    /// `nft -j ARGS...` (a read); empty output when `nft` is not installed.
+    fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError>;
     /// The nf_tables ruleset generation of this network namespace (bumped by every committed
     /// nftables transaction); None when the kernel has no nf_tables or the host cannot say.
     fn nft_generation(&mut self) -> Result<Option<u32>, SystemError>;
@@ -226,6 +232,14 @@ impl RealSystem {
         match read {
             Read::Save(family) => self.run(&tool_name(self.backend, *family, "save"), &[], None),
             Read::IpJson(args) => self.ip_json_text(args).map(|out| (out, String::new())),
+            Read::NftJson(args) => {
+                if which::which("nft").is_err() {
+                    return Ok((String::new(), String::new()));
+                }
+                let mut full = vec!["-j"];
+                full.extend(args.iter().map(String::as_str));
+                self.run("nft", &full, None)
+            }
             Read::SaveTool(family) => {
                 let tool = tool_name(self.backend, *family, "save");
                 let path = which::which(&tool).map_err(|source| SystemError::NotFound {
@@ -317,6 +331,11 @@ impl System for RealSystem {
 
     fn save(&mut self, family: Family) -> Result<(String, String), SystemError> {
         self.read_one(&Read::Save(family))
+    }
+
+    fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError> {
+        self.read_one(&Read::NftJson(args.to_vec()))
+            .map(|(out, _)| out)
     }
 
     fn nft_generation(&mut self) -> Result<Option<u32>, SystemError> {

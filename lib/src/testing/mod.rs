@@ -42,6 +42,8 @@ pub struct FakeHost {
     pub fail_at: Option<usize>,
     /// The nf_tables generation, bumped by every restore and table drop (None: not reported).
     pub generation: Option<u32>,
+    /// `nft -j` output by its arguments (`list chains`); a missing key answers nothing.
+    pub nft: BTreeMap<String, String>,
     /// Write calls so far.
     pub writes: usize,
 }
@@ -137,6 +139,12 @@ impl System for FakeHost {
         self.call(format!("save {}", family.label()))?;
         let stderr = self.save_stderr.get(&family).cloned().unwrap_or_default();
         Ok((self.dump(family), stderr))
+    }
+
+    fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError> {
+        let key = args.join(" ");
+        self.call(format!("read-nft {key}"))?;
+        Ok(self.nft.get(&key).cloned().unwrap_or_default())
     }
 
     fn nft_generation(&mut self) -> Result<Option<u32>, SystemError> {

@@ -258,3 +258,74 @@ fn only_marked_flows_are_accepted_legacy() {
         only_marked_flows_are_accepted("legacy");
     }
 }
+
+/// Another nftables table whose forward chain ends in a reject (as firewalld's does) drops
+/// what portfwd accepts in its own chain: the run says so, naming the chain and the forward,
+/// and traffic indeed fails. Once that chain accepts DNATed flows, the warning goes and
+/// traffic flows. iptables' own `filter FORWARD` with policy DROP (Docker) is not warned
+/// about: portfwd's accept comes first there.
+#[test]
+fn a_drop_in_another_table_at_the_forward_hook_is_warned() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    t.proxy
+        .exec(&["iptables", "-P", "FORWARD", "DROP"])
+        .unwrap();
+    for cmd in [
+        "add table inet fw",
+        "add chain inet fw filter_FORWARD { type filter hook forward priority filter + 10; policy accept; }",
+        "add rule inet fw filter_FORWARD ct state established,related accept",
+        "add rule inet fw filter_FORWARD reject with icmpx admin-prohibited",
+    ] {
+        t.proxy.exec(&["sh", "-c", &format!("nft '{cmd}'")]).unwrap();
+    }
+    let params = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    let warned = |r: &portfwd_harness::RunResult| {
+        r.json["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|w| w.as_str())
+            .filter(|w| w.contains("nftables chain"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let first = portfwd().apply(&t.proxy, &params).unwrap();
+    assert!(!first.failed(), "{}", first.stdout);
+    let warnings = warned(&first);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("`inet fw filter_FORWARD`")
+            && warnings[0].contains("forward \"web\"")
+            && warnings[0].contains("ends in a drop or reject"),
+        "{warnings:?}"
+    );
+    assert!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err(),
+        "the warning is true: the other table drops the flow"
+    );
+    t.proxy
+        .exec(&[
+            "nft",
+            "insert",
+            "rule",
+            "inet",
+            "fw",
+            "filter_FORWARD",
+            "ct",
+            "status",
+            "dnat",
+            "accept",
+        ])
+        .unwrap();
+    let again = portfwd().apply(&t.proxy, &params).unwrap();
+    assert!(!again.changed(), "{}", again.stdout);
+    assert_eq!(warned(&again), Vec::<String>::new());
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
+        "10.0.2.1".parse::<std::net::IpAddr>().unwrap()
+    );
+}

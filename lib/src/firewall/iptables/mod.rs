@@ -127,6 +127,21 @@ impl Firewall for Iptables {
         decompile::entries_from_rules(state, instance)
     }
 
+    /// iptables-nft's `filter FORWARD`, where portfwd's jump and accepts live (a policy drop
+    /// there is no problem: the accept comes first).
+    fn owns_hook_chain(
+        &self,
+        observed: &IptablesObserved,
+        family: &str,
+        table: &str,
+        chain: &str,
+    ) -> bool {
+        observed.flavour == Some("nf_tables")
+            && matches!(family, "ip" | "ip6")
+            && table == "filter"
+            && chain == "FORWARD"
+    }
+
     fn flavour(&self, observed: &IptablesObserved) -> Option<&'static str> {
         observed.flavour
     }
