@@ -74,8 +74,43 @@ pub fn forwards_traffic(config: &Config) -> bool {
     config.forwards.iter().any(Forward::needs_forwarding) || !config.masquerades.is_empty()
 }
 
+/// How bad a finding is: an error means a forward does not work as asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+    Info,
+}
+
+/// One pitfall found on the host: a run shows its `msg` as a warning; `portfwd doctor` shows
+/// all of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Finding {
+    /// Stable id (`forward_hook_drop`, `reply_bypass`, ...).
+    pub id: &'static str,
+    pub severity: Severity,
+    /// The entry it concerns (`forwards.web`), when it is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<String>,
+    pub msg: String,
+    pub fix: String,
+}
+
 /// Warnings that need the observed state.
 pub fn warnings<F: Firewall>(config: &Config, firewall: &F, observed: &Observed<F>) -> Vec<String> {
+    findings(config, firewall, observed)
+        .into_iter()
+        .map(|f| f.msg)
+        .collect()
+}
+
+/// The pitfalls a run can see from the desired and the observed state.
+pub fn findings<F: Firewall>(
+    config: &Config,
+    firewall: &F,
+    observed: &Observed<F>,
+) -> Vec<Finding> {
     let sysctl =
         |key: String| -> Option<u32> { observed.sysctls.get(&key)?.as_deref()?.parse().ok() };
     let mut out = Vec::new();
@@ -87,7 +122,13 @@ pub fn warnings<F: Firewall>(config: &Config, firewall: &F, observed: &Observed<
         let on = sysctl(localnet_key("all")) == Some(1)
             || named.is_some_and(|i| sysctl(localnet_key(i)) == Some(1));
         if !on {
-            out.push(format!("forward {:?}: DNAT to a loopback address only works for connections from other hosts when route_localnet=1 on the ingress interface; portfwd sets it only on a named in_interface with ip_forward \"auto\"", f.name));
+            out.push(Finding {
+                id: "route_localnet",
+                severity: Severity::Error,
+                entry: Some(format!("forwards.{}", f.name)),
+                msg: format!("forward {:?}: DNAT to a loopback address only works for connections from other hosts when route_localnet=1 on the ingress interface; portfwd sets it only on a named in_interface with ip_forward \"auto\"", f.name),
+                fix: "give the forward an in_interface (with ip_forward \"auto\" portfwd sets route_localnet=1 on it and guards it), or set net.ipv4.conf.<in_interface>.route_localnet=1 yourself".into(),
+            });
         }
     }
     for f in &config.forwards {
@@ -100,20 +141,38 @@ pub fn warnings<F: Firewall>(config: &Config, firewall: &F, observed: &Observed<
             continue;
         };
         if let Some(local) = on_link(&addr, observed) {
-            out.push(format!("forward {:?}: backend {addr} is on-link ({} on {}): with snat none its replies go straight back to the client and bypass this host, unless this host is its default gateway or it policy-routes them here", f.name, local.0, local.1));
+            out.push(Finding {
+                id: "reply_bypass",
+                severity: Severity::Warning,
+                entry: Some(format!("forwards.{}", f.name)),
+                msg: format!("forward {:?}: backend {addr} is on-link ({} on {}): with snat none its replies go straight back to the client and bypass this host, unless this host is its default gateway or it policy-routes them here", f.name, local.0, local.1),
+                fix: format!("use snat: masquerade, or make this host {addr}'s gateway for the clients (or policy-route its replies here, as seed 004 does)"),
+            });
         }
     }
     let bit = config.conn_mark;
     for rule in firewall.mark_users(&observed.firewall) {
         if touches_mark_bit(rule, bit) {
-            out.push(format!("conn_mark {bit:#x}: another rule uses this conntrack mark bit ({rule}); set conn_mark to a bit nobody else uses, or portfwd's forwarded flows and that rule will disturb each other"));
+            out.push(Finding {
+                id: "conn_mark_collision",
+                severity: Severity::Warning,
+                entry: None,
+                msg: format!("conn_mark {bit:#x}: another rule uses this conntrack mark bit ({rule}); set conn_mark to a bit nobody else uses, or portfwd's forwarded flows and that rule will disturb each other"),
+                fix: "set conn_mark to a bit no other rule reads or writes".into(),
+            });
         }
     }
-    out.extend(forward_hook_warnings(config, observed));
+    out.extend(forward_hook_findings(config, observed));
     for dev in policy_route_devices(config) {
         let strict = sysctl(rp_filter_key("all")).max(sysctl(rp_filter_key(&dev))) == Some(1);
         if strict {
-            out.push(format!("rp_filter is 1 (strict) for {dev}, which a policy route uses: packets routed asymmetrically through it may be dropped; set net.ipv4.conf.{dev}.rp_filter=2 (loose)"));
+            out.push(Finding {
+                id: "rp_filter",
+                severity: Severity::Warning,
+                entry: None,
+                msg: format!("rp_filter is 1 (strict) for {dev}, which a policy route uses: packets routed asymmetrically through it may be dropped; set net.ipv4.conf.{dev}.rp_filter=2 (loose)"),
+                fix: format!("sysctl -w net.ipv4.conf.{dev}.rp_filter=2"),
+            });
         }
     }
     out
@@ -123,25 +182,30 @@ pub fn warnings<F: Firewall>(config: &Config, firewall: &F, observed: &Observed<
 /// portfwd accepts in its own chain (an accept ends a packet's walk of one base chain only).
 /// DNAT forwards pass a chain that accepts `ct status dnat` first (firewalld's does);
 /// masquerade entries route traffic that is not DNATed.
-fn forward_hook_warnings<F: Firewall>(config: &Config, observed: &Observed<F>) -> Vec<String> {
+fn forward_hook_findings<F: Firewall>(config: &Config, observed: &Observed<F>) -> Vec<Finding> {
     let mut out = Vec::new();
     for chain in observed.forward_chains.iter().filter(|c| c.drops()) {
-        let mut affected: Vec<String> = Vec::new();
+        let mut affected: Vec<(String, String)> = Vec::new();
         if !chain.accepts_dnat {
             affected.extend(
                 config
                     .forwards
                     .iter()
                     .filter(|f| f.needs_forwarding())
-                    .map(|f| format!("forward {:?}", f.name)),
+                    .map(|f| {
+                        (
+                            format!("forward {:?}", f.name),
+                            format!("forwards.{}", f.name),
+                        )
+                    }),
             );
         }
-        affected.extend(
-            config
-                .masquerades
-                .iter()
-                .map(|m| format!("masquerade {:?}", m.name)),
-        );
+        affected.extend(config.masquerades.iter().map(|m| {
+            (
+                format!("masquerade {:?}", m.name),
+                format!("masquerade.{}", m.name),
+            )
+        }));
         if affected.is_empty() {
             continue;
         }
@@ -150,12 +214,23 @@ fn forward_hook_warnings<F: Firewall>(config: &Config, observed: &Observed<F>) -
         } else {
             "ends in a drop or reject"
         };
-        out.push(format!(
-            "{}: the nftables chain `{}` (hook forward, priority {}) {how}, and an accept in portfwd's own chain does not override it: forwarded packets are dropped there unless that chain accepts them (for DNAT forwards `ct status dnat accept`; firewalld: add the forward to its zone or policy)",
-            affected.join(", "),
-            chain.label(),
-            chain.priority
-        ));
+        let names: Vec<&str> = affected.iter().map(|a| a.0.as_str()).collect();
+        out.push(Finding {
+            id: "forward_hook_drop",
+            severity: Severity::Error,
+            entry: (affected.len() == 1).then(|| affected[0].1.clone()),
+            msg: format!(
+                "{}: the nftables chain `{}` (hook forward, priority {}) {how}, and an accept in portfwd's own chain does not override it: forwarded packets are dropped there unless that chain accepts them (for DNAT forwards `ct status dnat accept`; firewalld: add the forward to its zone or policy)",
+                names.join(", "),
+                chain.label(),
+                chain.priority
+            ),
+            fix: format!(
+                "nft insert rule {} ct status dnat accept (or let the owner of `{}` accept the flow)",
+                chain.label(),
+                chain.label()
+            ),
+        });
     }
     out
 }

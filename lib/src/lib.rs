@@ -22,6 +22,7 @@ mod apply;
 mod checks;
 mod compile;
 mod conntrack;
+mod doctor;
 mod firewall;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
@@ -40,6 +41,8 @@ mod system;
 mod testing;
 
 // The public API: what the binary (and the tests that drive it) need, nothing more.
+pub use checks::{Finding, Severity};
+pub use doctor::Diagnosis;
 pub use model::{
     default_route_protocol, schema, valid_instance, Backend, Config, Params, Problem, RunMode,
     INSTANCE_RULE,
@@ -242,6 +245,11 @@ fn follow_live_flows<F: Firewall>(
     }
     report.commands.extend(reset.commands);
     report.warnings.extend(reset.warnings);
+}
+
+/// What keeps `config`'s forwards from working on this host (it changes nothing).
+pub fn doctor(config: &Config, sys: &mut RealSystem) -> Result<Diagnosis, Error> {
+    doctor::diagnose(&Iptables, config, sys)
 }
 
 /// The instance's current managed state as params; applying them is a no-op.

@@ -71,6 +71,23 @@ pub enum Command {
         #[arg(long, default_value_t = 30)]
         lock_timeout: u64,
     },
+    /// Find what keeps forwards from working (changes nothing): params from --file or stdin,
+    /// else the instance's stored params, else what it has installed. Exit 1 when a finding is
+    /// an error.
+    Doctor {
+        /// Params JSON file; else stdin when it is not a terminal.
+        #[arg(long, short)]
+        file: Option<PathBuf>,
+        /// Print `{"ok", "findings": [{"id", "severity", "entry", "msg", "fix"}]}`.
+        #[arg(long)]
+        json: bool,
+        /// The instance to diagnose when no params are given.
+        #[arg(long, default_value = "portfwd")]
+        instance: String,
+        /// Where stored params are looked for [default: $PORTFWD_STATE_DIR or /etc/portfwd].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Print the JSON Schema of the params.
     Schema,
 }

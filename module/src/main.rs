@@ -43,7 +43,9 @@ macro_rules! say_raw {
     }};
 }
 
-const SUBCOMMANDS: [&str; 6] = ["apply", "plan", "show", "schema", "restore", "help"];
+const SUBCOMMANDS: [&str; 7] = [
+    "apply", "plan", "show", "schema", "restore", "doctor", "help",
+];
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
@@ -115,6 +117,12 @@ fn main() -> ExitCode {
                 Err(e) => emit(&Report::failure(e.to_string())),
             }
         }
+        Command::Doctor {
+            file,
+            json,
+            instance,
+            state_dir,
+        } => doctor(file, json, &instance, state_dir),
         Command::Schema => {
             say!(
                 "{}",
@@ -161,6 +169,91 @@ fn converge(text: &str, flags: RunMode, lock_timeout: u64, state_dir: Option<Pat
         sys = sys.with_state_dir(dir);
     }
     portfwd::run(&config, mode, &mut sys)
+}
+
+/// The params `doctor` diagnoses: --file, else piped stdin, else the instance's stored params,
+/// else its installed state.
+fn doctor_params(
+    file: Option<PathBuf>,
+    instance: &str,
+    state_dir: Option<PathBuf>,
+) -> Result<Config, String> {
+    use std::io::IsTerminal as _;
+    let text = match file {
+        Some(path) => std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+        None if !std::io::stdin().is_terminal() => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| format!("cannot read params from stdin: {e}"))?;
+            text
+        }
+        None => String::new(),
+    };
+    if !text.trim().is_empty() {
+        return Config::from_json(&text)
+            .map(|(config, _, _)| config)
+            .map_err(|e| e.to_string());
+    }
+    if !portfwd::valid_instance(instance) {
+        return Err(format!(
+            "--instance: {instance:?} {}",
+            portfwd::INSTANCE_RULE
+        ));
+    }
+    let dir = state_dir.unwrap_or_else(portfwd::default_state_dir);
+    if let Ok(stored) = std::fs::read_to_string(dir.join(format!("{instance}.json"))) {
+        return Config::from_json(&stored)
+            .map(|(config, _, _)| config)
+            .map_err(|e| e.to_string());
+    }
+    let mut sys = RealSystem::new(Backend::Auto);
+    let installed = portfwd::show(instance, None, &mut sys).map_err(|e| e.to_string())?;
+    installed.validate().map_err(|e| e.to_string())
+}
+
+/// `portfwd doctor`: findings as lines (or JSON); exit 1 when one is an error.
+fn doctor(
+    file: Option<PathBuf>,
+    json: bool,
+    instance: &str,
+    state_dir: Option<PathBuf>,
+) -> ExitCode {
+    let config = match doctor_params(file, instance, state_dir) {
+        Ok(config) => config,
+        Err(msg) => return emit(&Report::failure(msg)),
+    };
+    let mut sys = RealSystem::new(config.backend());
+    let diagnosis = match portfwd::doctor(&config, &mut sys) {
+        Ok(d) => d,
+        Err(e) => return emit(&Report::failure(e.to_string())),
+    };
+    if json {
+        say!("{}", serde_json::to_string(&diagnosis).unwrap_or_default());
+    } else if diagnosis.findings.is_empty() {
+        say!("ok: nothing found that keeps the forwards from working");
+    } else {
+        for f in &diagnosis.findings {
+            let severity = serde_json::to_value(f.severity).unwrap_or_default();
+            say!(
+                "{} {}{}: {}",
+                severity.as_str().unwrap_or("?"),
+                f.id,
+                f.entry
+                    .as_ref()
+                    .map(|e| format!(" [{e}]"))
+                    .unwrap_or_default(),
+                f.msg
+            );
+            say!("    fix: {}", f.fix);
+        }
+    }
+    if diagnosis.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 /// Applies every stored instance; prints `{"failed", "changed", "msg", "instances": {name: result}}`.

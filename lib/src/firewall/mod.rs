@@ -75,6 +75,9 @@ pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
         chain: &str,
     ) -> bool;
 
+    /// Pitfalls of the backend's own (`mixed_iptables_flavours`), for `portfwd doctor`.
+    fn findings(&self, observed: &Self::Observed) -> Vec<crate::checks::Finding>;
+
     /// The backend's name for the result (`nf_tables`, `legacy`), when it could tell.
     fn flavour(&self, observed: &Self::Observed) -> Option<&'static str>;
 

@@ -7,6 +7,7 @@ mod common;
 mod ansible;
 mod conntrack;
 mod defects;
+mod doctor;
 mod foreign;
 mod forward;
 mod lab;

@@ -18,6 +18,7 @@ pub mod rules;
 pub mod save;
 
 use super::{Entries, Firewall, FirewallPlan};
+use crate::checks::{Finding, Severity};
 use crate::model::Config;
 use crate::net::Family;
 use crate::ownership::{ReadCache, Record, StableHash};
@@ -140,6 +141,19 @@ impl Firewall for Iptables {
             && matches!(family, "ip" | "ip6")
             && table == "filter"
             && chain == "FORWARD"
+    }
+
+    fn findings(&self, observed: &IptablesObserved) -> Vec<Finding> {
+        if !observed.legacy_beside {
+            return Vec::new();
+        }
+        vec![Finding {
+            id: "mixed_iptables_flavours",
+            severity: Severity::Warning,
+            entry: None,
+            msg: "iptables-legacy tables exist beside the nf_tables ones: both filter every packet, and a drop in one is not undone by an accept in the other".into(),
+            fix: "move the legacy rules to iptables-nft (iptables-legacy-save | iptables-nft-restore, then flush the legacy tables), or manage the legacy ones with backend: legacy".into(),
+        }]
     }
 
     fn flavour(&self, observed: &IptablesObserved) -> Option<&'static str> {

@@ -24,6 +24,8 @@ pub struct IptablesObserved {
     /// Other software's rules that read or write conntrack marks (`table chain args`), to warn
     /// when one touches the instance's `conn_mark` bit.
     pub connmark_rules: Vec<String>,
+    /// iptables-nft said legacy tables exist beside its own.
+    pub legacy_beside: bool,
 }
 
 /// One family's `iptables-save` output, and whether the tool is the nf_tables one.
@@ -53,6 +55,7 @@ pub fn observe_family(
     let (stdout, stderr) = dump.output;
     let tool_is_nft = dump.tool_is_nft;
     if stderr.contains("iptables-legacy tables present") {
+        observed.legacy_beside = true;
         warnings.push(format!(
             "{} rules also exist in iptables-legacy tables; portfwd manages the nf_tables ones (set backend: legacy to manage those instead)",
             family.label()

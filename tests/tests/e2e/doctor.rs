@@ -1,0 +1,203 @@
+//! End-to-end: `portfwd doctor` in namespaces. Each finding is made to appear by creating its
+//! condition on a client/proxy/backend topology, and to go away once the condition is gone;
+//! doctor itself never changes the host.
+
+use crate::common::{portfwd, prerequisites, ruleset, sa, Topology};
+use portfwd_harness::{probe, Netns, Proto, Server};
+use serde_json::{json, Value};
+
+/// `(exit code, ids of the findings)` of `portfwd doctor --json` with `params` on stdin.
+fn doctor(ns: &Netns, params: &Value) -> (i32, Vec<String>, Value) {
+    let r = portfwd()
+        .run(ns, &["doctor", "--json"], &params.to_string(), &[])
+        .unwrap();
+    let ids = r.json["findings"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no findings in {}{}", r.stdout, r.stderr))
+        .iter()
+        .map(|f| f["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    (r.code, ids, r.json)
+}
+
+fn apply(ns: &Netns, params: &Value) {
+    let r = portfwd().apply(ns, params).unwrap();
+    assert!(!r.failed(), "{}", r.stdout);
+}
+
+const WEB: &str = r#"{"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]}"#;
+
+/// not_applied, ip_forward_off and forward_hook_drop: the seeds' traps, and firewalld's.
+#[test]
+fn doctor_finds_drift_forwarding_off_and_a_foreign_drop() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let params: Value = serde_json::from_str(WEB).unwrap();
+
+    let before = ruleset(&t.proxy, "iptables-save").unwrap();
+    let (code, ids, report) = doctor(&t.proxy, &params);
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(ids, ["not_applied", "ip_forward_off"], "{report}");
+    assert_eq!(report["ok"], false);
+    let f = &report["findings"][1];
+    assert_eq!(f["severity"], "error");
+    assert_eq!(f["entry"], "forwards.web");
+    assert!(
+        f["fix"].as_str().unwrap().contains("ip_forward"),
+        "{report}"
+    );
+    assert_eq!(
+        ruleset(&t.proxy, "iptables-save").unwrap(),
+        before,
+        "doctor changes nothing"
+    );
+
+    apply(&t.proxy, &params);
+    let (code, ids, report) = doctor(&t.proxy, &params);
+    assert_eq!((code, ids.len()), (0, 0), "{report}");
+    assert_eq!(report["ok"], true);
+    // Without params: the installed state is what doctor checks.
+    let r = portfwd().run(&t.proxy, &["doctor"], "", &[]).unwrap();
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.starts_with("ok:"), "{}", r.stdout);
+
+    t.proxy
+        .exec(&["sysctl", "-w", "net.ipv4.ip_forward=0"])
+        .unwrap();
+    let (code, ids, _) = doctor(&t.proxy, &params);
+    assert_eq!(
+        (code, ids),
+        (1, vec!["not_applied".to_string(), "ip_forward_off".into()])
+    );
+    apply(&t.proxy, &params);
+    assert_eq!(doctor(&t.proxy, &params).1, Vec::<String>::new());
+
+    for cmd in [
+        "add table inet fw",
+        "add chain inet fw filter_FORWARD { type filter hook forward priority filter + 10; policy accept; }",
+        "add rule inet fw filter_FORWARD reject with icmpx admin-prohibited",
+    ] {
+        t.proxy.exec(&["sh", "-c", &format!("nft '{cmd}'")]).unwrap();
+    }
+    let (code, ids, report) = doctor(&t.proxy, &params);
+    assert_eq!((code, ids), (1, vec!["forward_hook_drop".to_string()]));
+    assert!(
+        report["findings"][0]["msg"]
+            .as_str()
+            .unwrap()
+            .contains("`inet fw filter_FORWARD`"),
+        "{report}"
+    );
+    assert!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err(),
+        "it is true"
+    );
+    t.proxy
+        .exec(&["nft", "delete", "table", "inet", "fw"])
+        .unwrap();
+    assert_eq!(doctor(&t.proxy, &params).1, Vec::<String>::new());
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_ok());
+}
+
+/// reply_bypass, route_localnet and mixed_iptables_flavours.
+#[test]
+fn doctor_finds_bypassing_replies_loopback_dnat_and_mixed_flavours() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let bypass = json!({"forwards": [{"name": "db", "listen_port": 4321, "to": "10.0.2.2:1234", "snat": "none"}]});
+    apply(&t.proxy, &bypass);
+    let (code, ids, report) = doctor(&t.proxy, &bypass);
+    assert_eq!(
+        (code, ids),
+        (0, vec!["reply_bypass".to_string()]),
+        "{report}"
+    );
+    assert_eq!(report["findings"][0]["severity"], "warning");
+    let masq: Value = serde_json::from_str(&WEB.replace("web", "db")).unwrap();
+    apply(&t.proxy, &masq);
+    assert_eq!(doctor(&t.proxy, &masq).1, Vec::<String>::new());
+
+    let local = json!({"forwards": [{"name": "admin", "listen_port": 8080, "to": "127.0.0.1:80"}]});
+    apply(&t.proxy, &local);
+    let (code, ids, report) = doctor(&t.proxy, &local);
+    assert_eq!(
+        (code, ids),
+        (1, vec!["route_localnet".to_string()]),
+        "{report}"
+    );
+    let named = json!({"forwards": [{"name": "admin", "listen_port": 8080, "to": "127.0.0.1:80", "in_interface": "eth0"}]});
+    apply(&t.proxy, &named);
+    assert_eq!(doctor(&t.proxy, &named).1, Vec::<String>::new());
+
+    // Legacy tables cannot be removed again: their absence was shown by every check above.
+    t.proxy
+        .exec(&["iptables-legacy", "-t", "nat", "-N", "OTHER"])
+        .unwrap();
+    let (code, ids, _) = doctor(&t.proxy, &named);
+    assert_eq!(
+        (code, ids),
+        (0, vec!["mixed_iptables_flavours".to_string()])
+    );
+}
+
+/// rp_filter on a policy-route device and an IPv6 default route from router advertisements.
+#[test]
+fn doctor_finds_strict_rp_filter_and_router_advertised_routes() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let routed = json!({"policy_routes": [{"from": "10.0.2.0/24", "table": 100,
+        "routes": [{"to": "default", "via": "10.0.1.2", "dev": "eth0"}]}]});
+    apply(&t.proxy, &routed);
+    t.proxy
+        .exec(&["sysctl", "-w", "net.ipv4.conf.eth0.rp_filter=1"])
+        .unwrap();
+    let (code, ids, _) = doctor(&t.proxy, &routed);
+    assert_eq!((code, ids), (0, vec!["rp_filter".to_string()]));
+    t.proxy
+        .exec(&["sysctl", "-w", "net.ipv4.conf.eth0.rp_filter=2"])
+        .unwrap();
+    t.proxy
+        .exec(&["sysctl", "-w", "net.ipv4.conf.all.rp_filter=0"])
+        .unwrap();
+    assert_eq!(doctor(&t.proxy, &routed).1, Vec::<String>::new());
+
+    let six = json!({"forwards": [{"name": "v6", "listen_port": 80, "to": "[fd00:2::2]:80"}]});
+    t.proxy
+        .exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "fd00:1::2",
+            "dev",
+            "eth0",
+            "proto",
+            "ra",
+        ])
+        .unwrap();
+    t.proxy
+        .exec(&["sysctl", "-w", "net.ipv6.conf.eth0.accept_ra=1"])
+        .unwrap();
+    let (_, ids, report) = doctor(&t.proxy, &six);
+    assert!(
+        ids.contains(&"ipv6_ra_default_route".to_string()),
+        "{report}"
+    );
+    t.proxy
+        .exec(&["sysctl", "-w", "net.ipv6.conf.eth0.accept_ra=2"])
+        .unwrap();
+    let (_, ids, report) = doctor(&t.proxy, &six);
+    assert!(
+        !ids.contains(&"ipv6_ra_default_route".to_string()),
+        "{report}"
+    );
+}
