@@ -5,7 +5,7 @@
 use crate::checks::{self, Finding, Severity};
 use crate::compile;
 use crate::firewall::Firewall;
-use crate::model::Config;
+use crate::model::{Action, Config, Forward, Proto};
 use crate::net::Family;
 use crate::observe::{self, Observed, Scope};
 use crate::plan;
@@ -25,9 +25,11 @@ const CONNTRACK_COUNT: &str = "net/netfilter/nf_conntrack_count";
 const CONNTRACK_MAX: &str = "net/netfilter/nf_conntrack_max";
 
 /// Diagnoses the host against `config` (the params, or the installed state as params).
+/// With `probe`, also connects to every TCP backend (this sends traffic).
 pub fn diagnose<F: Firewall>(
     firewall: &F,
     config: &Config,
+    probe: bool,
     sys: &mut dyn System,
 ) -> Result<Diagnosis, Error> {
     let desired = compile::compile(config, firewall);
@@ -79,6 +81,12 @@ pub fn diagnose<F: Firewall>(
     findings.extend(firewall.findings(&observed.firewall));
     findings.extend(router_advertisements(config, &observed));
     findings.extend(conntrack_table(&observed));
+    findings.extend(backend_routes(config, sys));
+    let sockets = listening(&sys.listening_sockets().unwrap_or_default());
+    findings.extend(listeners(config, &sockets));
+    if probe {
+        findings.extend(probes(config, sys));
+    }
     Ok(Diagnosis {
         ok: findings.iter().all(|f| f.severity != Severity::Error),
         findings,
@@ -164,6 +172,154 @@ fn conntrack_table<F: Firewall>(observed: &Observed<F>) -> Option<Finding> {
     })
 }
 
+/// A backend the routing table cannot reach (`ip route get` fails): the DNATed packet is
+/// dropped on this host.
+fn backend_routes(config: &Config, sys: &mut dyn System) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for f in &config.forwards {
+        let Action::Dnat { addr, .. } = f.action else {
+            continue;
+        };
+        let target = addr.to_string();
+        if let Err(e) = sys.ip_json(&["route", "get", &target]) {
+            out.push(Finding {
+                id: "no_route_to_backend",
+                severity: Severity::Error,
+                entry: Some(format!("forwards.{}", f.name)),
+                msg: format!(
+                    "forward {:?}: this host has no route to the backend {addr} ({e})",
+                    f.name
+                ),
+                fix: format!(
+                    "add a route to {addr} (ip route add {addr} via GATEWAY), or fix `to`"
+                ),
+            });
+        }
+    }
+    out
+}
+
+/// A listening TCP or bound UDP socket: protocol, address (None: any), port.
+type Socket = (Proto, Option<std::net::IpAddr>, u16);
+
+/// Parses `ss -H -l -n -t -u` (`tcp LISTEN 0 128 0.0.0.0:4321 0.0.0.0:*`, `udp UNCONN 0 0
+/// [::1]%lo:53 [::]:*`).
+fn listening(text: &str) -> Vec<Socket> {
+    text.lines()
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let proto = match *words.first()? {
+                "tcp" => Proto::Tcp,
+                "udp" => Proto::Udp,
+                _ => return None,
+            };
+            let (host, port) = words.get(4)?.rsplit_once(':')?;
+            let host = host
+                .split('%')
+                .next()?
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let addr = match host {
+                "*" | "0.0.0.0" | "::" => None,
+                other => Some(other.parse().ok()?),
+            };
+            Some((proto, addr, port.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Is something of `proto` listening on a port of `ports` at `addr` (or on any address)?
+fn listens(
+    sockets: &[Socket],
+    proto: Proto,
+    addr: Option<std::net::IpAddr>,
+    first: u16,
+    last: u16,
+) -> bool {
+    sockets.iter().any(|(p, a, port)| {
+        *p == proto
+            && (first..=last).contains(port)
+            && (a.is_none() || addr.is_none() || *a == addr)
+    })
+}
+
+/// REDIRECT targets nobody listens on; forwarded ports a local process also listens on.
+fn listeners(config: &Config, sockets: &[Socket]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for f in &config.forwards {
+        let entry = Some(format!("forwards.{}", f.name));
+        match f.action {
+            Action::Redirect { port } => {
+                for &proto in &f.protos {
+                    if !listens(sockets, proto, f.listen_address, port, port) {
+                        out.push(Finding {
+                            id: "redirect_target_not_listening",
+                            severity: Severity::Error,
+                            entry: entry.clone(),
+                            msg: format!("forward {:?}: nothing listens on {} port {port} on this host, where it redirects", f.name, proto.name()),
+                            fix: format!("start the service on {} port {port}, or fix redirect_to_port", proto.name()),
+                        });
+                    }
+                }
+            }
+            Action::Dnat { .. } => {
+                for &proto in &f.protos {
+                    let (first, last) = (f.listen_port.first, f.listen_port.last);
+                    if listens(sockets, proto, f.listen_address, first, last) {
+                        out.push(shadowed(f, proto));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn shadowed(f: &Forward, proto: Proto) -> Finding {
+    let who = if f.local {
+        "nobody reaches it: every connection, local ones too, goes to the backend"
+    } else {
+        "connections from other hosts go to the backend, connections made on this host reach that process"
+    };
+    Finding {
+        id: "listen_port_shadowed",
+        severity: Severity::Warning,
+        entry: Some(format!("forwards.{}", f.name)),
+        msg: format!(
+            "forward {:?}: a local process listens on {} port {}: {who}",
+            f.name,
+            proto.name(),
+            f.listen_port.user_text()
+        ),
+        fix: "move the local service to another port, or the forward to another listen_port".into(),
+    }
+}
+
+/// `--probe`: a TCP connection from this host to every TCP backend.
+fn probes(config: &Config, sys: &mut dyn System) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for f in config
+        .forwards
+        .iter()
+        .filter(|f| f.protos.contains(&Proto::Tcp))
+    {
+        let Action::Dnat { addr, port, .. } = f.action else {
+            continue;
+        };
+        let target = std::net::SocketAddr::new(addr, port.unwrap_or(f.listen_port.first));
+        if let Err(e) = sys.connect(target) {
+            out.push(Finding {
+                id: "backend_unreachable",
+                severity: Severity::Error,
+                entry: Some(format!("forwards.{}", f.name)),
+                msg: format!("forward {:?}: connecting from this host to the backend {target} failed: {e}", f.name),
+                fix: format!("check that the service runs on {target} and that the path to it (firewalls on the way, the backend's own) accepts the connection"),
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +328,30 @@ mod tests {
 
     /// A namespace cannot set nf_conntrack_max (only the initial one can), so this finding is
     /// shown on the fake host: found at 90%, not below.
+    #[test]
+    fn reads_ss_output() {
+        let text = "udp UNCONN 0      0            *:53         *:*\ntcp LISTEN 0      128    0.0.0.0:4321 0.0.0.0:*\ntcp LISTEN 0 4096 [::1]%lo:8080 [::]:*\ntcp LISTEN 0 5 10.0.1.1:22 0.0.0.0:*\n";
+        let sockets = listening(text);
+        assert_eq!(sockets.len(), 4);
+        assert!(listens(&sockets, Proto::Udp, None, 53, 53));
+        assert!(listens(&sockets, Proto::Tcp, None, 4000, 5000));
+        assert!(!listens(&sockets, Proto::Udp, None, 4321, 4321));
+        assert!(listens(
+            &sockets,
+            Proto::Tcp,
+            "::1".parse().ok(),
+            8080,
+            8080
+        ));
+        assert!(!listens(
+            &sockets,
+            Proto::Tcp,
+            "10.0.1.2".parse().ok(),
+            22,
+            22
+        ));
+    }
+
     #[test]
     fn a_conntrack_table_at_ninety_percent_is_found() {
         let (config, _, _) = Config::from_json("{}").unwrap();
@@ -183,7 +363,7 @@ mod tests {
             host.state
                 .sysctls
                 .insert(CONNTRACK_MAX.into(), "1000".into());
-            let d = diagnose(&Iptables, &config, &mut host).unwrap();
+            let d = diagnose(&Iptables, &config, false, &mut host).unwrap();
             let ids: Vec<&str> = d.findings.iter().map(|f| f.id).collect();
             assert_eq!(
                 ids.contains(&"conntrack_near_full"),

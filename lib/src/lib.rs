@@ -248,8 +248,9 @@ fn follow_live_flows<F: Firewall>(
 }
 
 /// What keeps `config`'s forwards from working on this host (it changes nothing).
-pub fn doctor(config: &Config, sys: &mut RealSystem) -> Result<Diagnosis, Error> {
-    doctor::diagnose(&Iptables, config, sys)
+/// With `probe`, it connects to every TCP backend (sends traffic).
+pub fn doctor(config: &Config, probe: bool, sys: &mut RealSystem) -> Result<Diagnosis, Error> {
+    doctor::diagnose(&Iptables, config, probe, sys)
 }
 
 /// The instance's current managed state as params; applying them is a no-op.

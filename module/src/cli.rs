@@ -87,6 +87,9 @@ pub enum Command {
         /// Where stored params are looked for [default: $PORTFWD_STATE_DIR or /etc/portfwd].
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Also connect from this host to every TCP backend (sends traffic).
+        #[arg(long)]
+        probe: bool,
     },
     /// Print the JSON Schema of the params.
     Schema,

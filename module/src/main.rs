@@ -122,7 +122,8 @@ fn main() -> ExitCode {
             json,
             instance,
             state_dir,
-        } => doctor(file, json, &instance, state_dir),
+            probe,
+        } => doctor(file, json, &instance, state_dir, probe),
         Command::Schema => {
             say!(
                 "{}",
@@ -219,13 +220,14 @@ fn doctor(
     json: bool,
     instance: &str,
     state_dir: Option<PathBuf>,
+    probe: bool,
 ) -> ExitCode {
     let config = match doctor_params(file, instance, state_dir) {
         Ok(config) => config,
         Err(msg) => return emit(&Report::failure(msg)),
     };
     let mut sys = RealSystem::new(config.backend());
-    let diagnosis = match portfwd::doctor(&config, &mut sys) {
+    let diagnosis = match portfwd::doctor(&config, probe, &mut sys) {
         Ok(d) => d,
         Err(e) => return emit(&Report::failure(e.to_string())),
     };

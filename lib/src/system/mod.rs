@@ -81,6 +81,10 @@ pub trait System {
     }
     /// `iptables-save` (or `ip6tables-save`): stdout and stderr.
     fn save(&mut self, family: Family) -> Result<(String, String), SystemError>;
+    /// `ss -H -l -n -t -u`: the listening TCP and bound UDP sockets of this namespace.
+    fn listening_sockets(&mut self) -> Result<String, SystemError>;
+    /// Opens a TCP connection to `target` and closes it (doctor's opt-in `--probe`).
+    fn connect(&mut self, target: std::net::SocketAddr) -> Result<(), SystemError>;
     /// `nft -j ARGS...` (a read); empty output when `nft` is not installed.
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError>;
     /// The nf_tables ruleset generation of this network namespace (bumped by every committed
@@ -331,6 +335,20 @@ impl System for RealSystem {
 
     fn save(&mut self, family: Family) -> Result<(String, String), SystemError> {
         self.read_one(&Read::Save(family))
+    }
+
+    fn listening_sockets(&mut self) -> Result<String, SystemError> {
+        self.run("ss", &["-H", "-l", "-n", "-t", "-u"], None)
+            .map(|(out, _)| out)
+    }
+
+    fn connect(&mut self, target: std::net::SocketAddr) -> Result<(), SystemError> {
+        std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))
+            .map(drop)
+            .map_err(|source| SystemError::Io {
+                path: format!("connect {target}"),
+                source,
+            })
     }
 
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError> {

@@ -141,6 +141,15 @@ impl System for FakeHost {
         Ok((self.dump(family), stderr))
     }
 
+    fn listening_sockets(&mut self) -> Result<String, SystemError> {
+        self.call("read-sockets".into())?;
+        Ok(String::new())
+    }
+
+    fn connect(&mut self, target: std::net::SocketAddr) -> Result<(), SystemError> {
+        self.call(format!("read-connect {target}"))
+    }
+
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError> {
         let key = args.join(" ");
         self.call(format!("read-nft {key}"))?;

@@ -201,3 +201,66 @@ fn doctor_finds_strict_rp_filter_and_router_advertised_routes() {
         "{report}"
     );
 }
+
+/// no_route_to_backend, redirect_target_not_listening, listen_port_shadowed, and with
+/// `--probe` backend_unreachable.
+#[test]
+fn doctor_finds_unroutable_backends_idle_redirects_shadowed_ports_and_dead_backends() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let nowhere = json!({"forwards": [{"name": "far", "listen_port": 4321, "to": "10.99.0.1:80"}]});
+    apply(&t.proxy, &nowhere);
+    let (code, ids, report) = doctor(&t.proxy, &nowhere);
+    assert_eq!(
+        (code, ids),
+        (1, vec!["no_route_to_backend".to_string()]),
+        "{report}"
+    );
+    assert!(report["findings"][0]["msg"]
+        .as_str()
+        .unwrap()
+        .contains("unreachable"));
+    let params: Value = serde_json::from_str(WEB).unwrap();
+    apply(&t.proxy, &params);
+    assert_eq!(doctor(&t.proxy, &params).1, Vec::<String>::new());
+
+    let redirect =
+        json!({"forwards": [{"name": "r", "listen_port": 2222, "redirect_to_port": 1111}]});
+    apply(&t.proxy, &redirect);
+    let (code, ids, _) = doctor(&t.proxy, &redirect);
+    assert_eq!(
+        (code, ids),
+        (1, vec!["redirect_target_not_listening".to_string()])
+    );
+    {
+        let _service = Server::start(&t.proxy, Proto::Tcp, sa("0.0.0.0:1111")).unwrap();
+        assert_eq!(doctor(&t.proxy, &redirect).1, Vec::<String>::new());
+    }
+
+    apply(&t.proxy, &params);
+    {
+        let _local = Server::start(&t.proxy, Proto::Tcp, sa("0.0.0.0:4321")).unwrap();
+        let (code, ids, _) = doctor(&t.proxy, &params);
+        assert_eq!((code, ids), (0, vec!["listen_port_shadowed".to_string()]));
+    }
+    assert_eq!(doctor(&t.proxy, &params).1, Vec::<String>::new());
+
+    let probe_run = |args: &[&str]| {
+        portfwd()
+            .run(&t.proxy, args, &params.to_string(), &[])
+            .unwrap()
+    };
+    let dead = probe_run(&["doctor", "--json", "--probe"]);
+    assert_eq!(dead.code, 1, "{}", dead.stdout);
+    assert_eq!(
+        dead.json["findings"][0]["id"], "backend_unreachable",
+        "{}",
+        dead.stdout
+    );
+    let _backend = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let alive = probe_run(&["doctor", "--json", "--probe"]);
+    assert_eq!(alive.code, 0, "{}", alive.stdout);
+    assert_eq!(alive.json["findings"], json!([]));
+}
