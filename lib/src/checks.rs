@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use std::collections::BTreeMap;
 
-use crate::firewall::Firewall;
+use crate::firewall::{Firewall, ForeignNat};
 use crate::model::{Action, Config, Forward, IpForward, Snat};
 use crate::net::{Cidr, Family};
 use crate::observe::Observed;
@@ -163,6 +163,10 @@ pub fn findings<F: Firewall>(
         }
     }
     out.extend(forward_hook_findings(config, observed));
+    out.extend(foreign_nat_findings(
+        config,
+        firewall.foreign_nat(&observed.firewall),
+    ));
     for dev in policy_route_devices(config) {
         let strict = sysctl(rp_filter_key("all")).max(sysctl(rp_filter_key(&dev))) == Some(1);
         if strict {
@@ -176,6 +180,53 @@ pub fn findings<F: Firewall>(
         }
     }
     out
+}
+
+/// Another owner's DNAT or REDIRECT met before portfwd's jump, on a forward's protocol and
+/// port, takes its connections first (NAT is decided once, by the first rule that applies).
+fn foreign_nat_findings(config: &Config, foreign: &[ForeignNat]) -> Vec<Finding> {
+    if foreign.is_empty() {
+        return Vec::new();
+    }
+    // Forwards by first port, so each foreign rule looks only at forwards that may overlap.
+    let mut by_port: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+    for (i, f) in config.forwards.iter().enumerate() {
+        by_port.entry(f.listen_port.first).or_default().push(i);
+    }
+    let mut hits: BTreeMap<usize, (usize, &ForeignNat)> = BTreeMap::new();
+    for rule in foreign {
+        let (low, high) = rule.ports.map_or((1, u16::MAX), |p| (p.first, p.last));
+        for i in by_port.range(..=high).flat_map(|(_, v)| v) {
+            let f = &config.forwards[*i];
+            let takes = f.family == rule.family
+                && f.listen_port.last >= low
+                && rule.proto.is_none_or(|p| f.protos.contains(&p))
+                && (!rule.local || f.local);
+            if takes {
+                hits.entry(*i).or_insert((0, rule)).0 += 1;
+            }
+        }
+    }
+    hits.into_iter()
+        .map(|(i, (count, rule))| {
+            let f = &config.forwards[i];
+            let more = if count > 1 {
+                format!(" (and {} more)", count - 1)
+            } else {
+                String::new()
+            };
+            Finding {
+                id: "foreign_nat_first",
+                severity: Severity::Warning,
+                entry: Some(format!("forwards.{}", f.name)),
+                msg: format!(
+                    "forward {:?}: another owner's NAT rule comes before portfwd's and matches its port, so it takes those connections first: {}: {}{more}",
+                    f.name, rule.place, rule.rule
+                ),
+                fix: "move the forward to another listen_port, or narrow or remove that rule (its owner's tool may put it back)".into(),
+            }
+        })
+        .collect()
 }
 
 /// Another table's chain at the forward hook that drops what reaches its end also drops what

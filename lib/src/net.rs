@@ -8,7 +8,10 @@ use std::net::IpAddr;
 use std::str::FromStr;
 
 /// IPv4 or IPv6: selects `iptables-*` or `ip6tables-*` and the forwarding sysctl.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Family {
     V4,
     V6,
@@ -159,7 +162,7 @@ impl fmt::Display for Cidr {
 }
 
 /// One port or an inclusive range; renders as `80` or `8000:8100` (iptables syntax).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct PortRange {
     pub first: u16,
     pub last: u16,

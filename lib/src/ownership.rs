@@ -149,9 +149,10 @@ pub struct ReadCache {
     pub flavour: String,
     #[serde(default)]
     pub warnings: Vec<String>,
-    /// Other software's rules using conntrack marks (for the `conn_mark` warning).
+    /// The backend's facts about other software's rules (conntrack mark users, NAT rules
+    /// met before portfwd's), which the checks use.
     #[serde(default)]
-    pub mark_users: Vec<String>,
+    pub facts: serde_json::Value,
 }
 
 impl Record {

@@ -84,6 +84,30 @@ pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     /// Other software's rules that read or write conntrack marks (`table chain rule`), for
     /// the `conn_mark` collision warning.
     fn mark_users<'a>(&self, observed: &'a Self::Observed) -> &'a [String];
+
+    /// Other owners' NAT rules a connection meets before portfwd's.
+    fn foreign_nat<'a>(&self, observed: &'a Self::Observed) -> &'a [ForeignNat];
+
+    /// The facts about other software a read found that the checks use (kept in the read
+    /// cache, and given back to [`Firewall::assume`]).
+    fn foreign_facts(&self, observed: &Self::Observed) -> serde_json::Value;
+}
+
+/// Another owner's NAT rule that a connection meets before portfwd's (a DNAT or REDIRECT in
+/// the same hook, earlier), so it may take a forward's connections first.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ForeignNat {
+    pub family: crate::net::Family,
+    /// `nat PREROUTING` or `inet docker prerouting`: where it was found.
+    pub place: String,
+    /// The rule as its tool shows it.
+    pub rule: String,
+    /// The protocol it matches (None: any).
+    pub proto: Option<crate::model::Proto>,
+    /// The destination ports it matches (None: any).
+    pub ports: Option<crate::net::PortRange>,
+    /// Whether it runs for locally made connections (nat OUTPUT) rather than arriving ones.
+    pub local: bool,
 }
 
 /// Forwards and masquerade entries read back from the firewall.

@@ -8,7 +8,10 @@ use crate::net::{Cidr, Family, PortRange};
 use super::params::{Backend, IpForward, State};
 
 /// One transport protocol as it appears in a rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,
     Udp,

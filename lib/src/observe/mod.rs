@@ -195,7 +195,7 @@ pub fn observe<F: Firewall>(
                     digest: 0,
                     flavour: "nf_tables".to_string(),
                     warnings: warnings.clone(),
-                    mark_users: firewall.mark_users(&observed.firewall).to_vec(),
+                    facts: firewall.foreign_facts(&observed.firewall),
                 });
             }
             observed.warnings.extend(warnings);

@@ -264,3 +264,57 @@ fn doctor_finds_unroutable_backends_idle_redirects_shadowed_ports_and_dead_backe
     assert_eq!(alive.code, 0, "{}", alive.stdout);
     assert_eq!(alive.json["findings"], json!([]));
 }
+
+/// foreign_nat_first: another owner's DNAT on the same port, met before portfwd's jump (a
+/// Docker-like chain inserted at the top of PREROUTING), takes the connections; every apply
+/// warns, doctor finds it, and both stop once the rule is gone.
+#[test]
+fn doctor_finds_a_foreign_dnat_that_takes_the_port_first() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _ours = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let params: Value = serde_json::from_str(WEB).unwrap();
+    apply(&t.proxy, &params);
+    for rule in [
+        "-N OTHER",
+        "-A OTHER -p tcp -m tcp --dport 4000:4400 -j DNAT --to-destination 10.0.2.2:9",
+        "-I PREROUTING 1 -m addrtype --dst-type LOCAL -j OTHER",
+    ] {
+        let mut argv = vec!["iptables", "-t", "nat"];
+        argv.extend(rule.split(' '));
+        t.proxy.exec(&argv).unwrap();
+    }
+    assert!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err(),
+        "the other DNAT (to a closed port) takes it"
+    );
+    let (code, ids, report) = doctor(&t.proxy, &params);
+    assert_eq!(
+        (code, ids),
+        (0, vec!["foreign_nat_first".to_string()]),
+        "{report}"
+    );
+    assert!(
+        report["findings"][0]["msg"]
+            .as_str()
+            .unwrap()
+            .contains("nat OTHER: -p tcp -m tcp --dport 4000:4400 -j DNAT"),
+        "{report}"
+    );
+    let again = portfwd().apply(&t.proxy, &params).unwrap();
+    assert!(
+        again.json["warnings"].as_array().unwrap().iter().any(|w| w
+            .as_str()
+            .unwrap_or_default()
+            .contains("takes those connections first")),
+        "{}",
+        again.stdout
+    );
+    t.proxy
+        .exec(&["iptables", "-t", "nat", "-D", "PREROUTING", "1"])
+        .unwrap();
+    assert_eq!(doctor(&t.proxy, &params).1, Vec::<String>::new());
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_ok());
+}

@@ -17,7 +17,7 @@ pub mod plan;
 pub mod rules;
 pub mod save;
 
-use super::{Entries, Firewall, FirewallPlan};
+use super::{Entries, Firewall, FirewallPlan, ForeignNat};
 use crate::checks::{Finding, Severity};
 use crate::model::Config;
 use crate::net::Family;
@@ -25,6 +25,15 @@ use crate::ownership::{ReadCache, Record, StableHash};
 use crate::system::Read;
 use observe::IptablesObserved;
 use rules::OwnedRules;
+
+/// What the read cache keeps of other software's rules.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct ForeignFacts {
+    #[serde(default)]
+    mark_users: Vec<String>,
+    #[serde(default)]
+    foreign_nat: Vec<ForeignNat>,
+}
 
 /// The iptables backend.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -98,6 +107,7 @@ impl Firewall for Iptables {
     }
 
     fn assume(&self, want: &OwnedRules, cache: &ReadCache) -> IptablesObserved {
+        let facts: ForeignFacts = serde_json::from_value(cache.facts.clone()).unwrap_or_default();
         IptablesObserved {
             owned: want.clone(),
             flavour: Some(if cache.flavour == "legacy" {
@@ -105,7 +115,8 @@ impl Firewall for Iptables {
             } else {
                 "nf_tables"
             }),
-            connmark_rules: cache.mark_users.clone(),
+            connmark_rules: facts.mark_users,
+            foreign_nat: facts.foreign_nat,
             ..IptablesObserved::default()
         }
     }
@@ -162,5 +173,17 @@ impl Firewall for Iptables {
 
     fn mark_users<'a>(&self, observed: &'a IptablesObserved) -> &'a [String] {
         &observed.connmark_rules
+    }
+
+    fn foreign_nat<'a>(&self, observed: &'a IptablesObserved) -> &'a [ForeignNat] {
+        &observed.foreign_nat
+    }
+
+    fn foreign_facts(&self, observed: &IptablesObserved) -> serde_json::Value {
+        serde_json::to_value(ForeignFacts {
+            mark_users: observed.connmark_rules.clone(),
+            foreign_nat: observed.foreign_nat.clone(),
+        })
+        .unwrap_or_default()
     }
 }

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Table};
 use super::save::{RuleLine, TableDump};
-use crate::net::Family;
+use crate::firewall::ForeignNat;
+use crate::model::Proto;
+use crate::net::{Family, PortRange};
 use crate::ownership::is_jump_comment;
 
 /// What the iptables backend found of an instance.
@@ -24,6 +26,8 @@ pub struct IptablesObserved {
     /// Other software's rules that read or write conntrack marks (`table chain args`), to warn
     /// when one touches the instance's `conn_mark` bit.
     pub connmark_rules: Vec<String>,
+    /// Other owners' DNAT/REDIRECT rules a connection meets before portfwd's jump.
+    pub foreign_nat: Vec<ForeignNat>,
     /// iptables-nft said legacy tables exist beside its own.
     pub legacy_beside: bool,
 }
@@ -71,6 +75,87 @@ pub fn observe_family(
     }
     extract_owned(&dump, family, instance, observed);
     extract_connmark_users(&dump, instance, observed);
+    extract_foreign_nat(&dump, family, instance, observed);
+}
+
+/// The DNAT and REDIRECT rules of other owners in nat PREROUTING and OUTPUT before portfwd's
+/// jump, and in the foreign chains those earlier rules jump to (transitively). Found on the
+/// text (flags are single words in iptables-save output), so 10,000 foreign rules stay cheap.
+fn extract_foreign_nat(
+    dump: &super::save::Dump,
+    family: Family,
+    instance: &str,
+    observed: &mut IptablesObserved,
+) {
+    let Some(nat) = dump.table(Table::Nat.name()) else {
+        return;
+    };
+    let ours = format!("PFWD-{instance}-");
+    let mut by_chain: HashMap<&str, Vec<&str>> = HashMap::new();
+    for line in &nat.rules {
+        by_chain.entry(line.chain).or_default().push(line.text);
+    }
+    for (builtin, hook_chain, local) in [
+        ("PREROUTING", Hook::Prerouting.chain(instance), false),
+        ("OUTPUT", Hook::Output.chain(instance), true),
+    ] {
+        let rules = by_chain.get(builtin).cloned().unwrap_or_default();
+        let ours_at = rules
+            .iter()
+            .position(|r| words(r).any(|w| w == hook_chain))
+            .unwrap_or(rules.len());
+        // Chains met before our jump: the built-in chain's earlier rules, and every foreign
+        // chain they (or chains they reach) jump to.
+        let mut queue: Vec<(&str, Vec<&str>)> = vec![(builtin, rules[..ours_at].to_vec())];
+        let mut seen: Vec<&str> = vec![builtin];
+        while let Some((chain, rules)) = queue.pop() {
+            for rule in rules {
+                let target = target_of(rule);
+                match target {
+                    Some("DNAT" | "REDIRECT") => observed.foreign_nat.push(ForeignNat {
+                        family,
+                        place: format!("nat {chain}"),
+                        rule: rule.to_string(),
+                        proto: flag(rule, "-p").and_then(|p| match p {
+                            "tcp" => Some(Proto::Tcp),
+                            "udp" => Some(Proto::Udp),
+                            _ => None,
+                        }),
+                        ports: flag(rule, "--dport")
+                            .or_else(|| flag(rule, "--dports"))
+                            .and_then(PortRange::parse_iptables),
+                        local,
+                    }),
+                    Some(next) if !next.starts_with(&ours) && !seen.contains(&next) => {
+                        if let Some(next_rules) = by_chain.get(next) {
+                            seen.push(next);
+                            queue.push((next, next_rules.clone()));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn words(rule: &str) -> impl Iterator<Item = &str> {
+    rule.split_whitespace()
+}
+
+/// The word after `name` (`-p tcp` → `tcp`); a negated match (`! --dport`) is no match.
+fn flag<'a>(rule: &'a str, name: &str) -> Option<&'a str> {
+    let all: Vec<&str> = words(rule).collect();
+    let at = all.iter().position(|w| *w == name)?;
+    if at > 0 && all[at - 1] == "!" {
+        return None;
+    }
+    all.get(at + 1).copied()
+}
+
+/// `-j X` or `-g X`.
+fn target_of(rule: &str) -> Option<&str> {
+    flag(rule, "-j").or_else(|| flag(rule, "-g"))
 }
 
 /// What the plan needs to know about one iptables table.
