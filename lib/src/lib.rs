@@ -39,14 +39,17 @@ mod routing;
 mod system;
 #[cfg(test)]
 mod testing;
+pub mod trace;
 
 // The public API: what the binary (and the tests that drive it) need, nothing more.
 pub use checks::{Finding, Severity};
 pub use doctor::Diagnosis;
+pub use model::Proto;
 pub use model::{
     default_route_protocol, schema, valid_instance, Backend, Config, Params, Problem, RunMode,
     INSTANCE_RULE,
 };
+pub use net::Cidr;
 pub use report::{line_diff, Changes, Diff, Report};
 pub use system::{default_state_dir, RealSystem, RunLock, SystemError};
 
@@ -251,6 +254,23 @@ fn follow_live_flows<F: Firewall>(
 /// With `probe`, it connects to every TCP backend (sends traffic).
 pub fn doctor(config: &Config, probe: bool, sys: &mut RealSystem) -> Result<Diagnosis, Error> {
     doctor::diagnose(&Iptables, config, probe, sys)
+}
+
+/// The forwards an instance has installed, to label its rules in a trace.
+pub fn trace_entries(instance: &str, sys: &mut RealSystem) -> Result<trace::Entries, Error> {
+    let config = show(instance, None, sys)?.validate()?;
+    Ok(config
+        .forwards
+        .iter()
+        .map(|f| {
+            (
+                instance.to_string(),
+                f.name.clone(),
+                f.protos.clone(),
+                f.listen_port,
+            )
+        })
+        .collect())
 }
 
 /// The instance's current managed state as params; applying them is a no-op.

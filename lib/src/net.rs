@@ -88,6 +88,16 @@ pub enum CidrError {
     HostBits(Cidr),
 }
 
+impl fmt::Display for CidrError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CidrError::Syntax => f.write_str("is not an address or ADDRESS/PREFIX"),
+            CidrError::Prefix => f.write_str("has a prefix length out of range"),
+            CidrError::HostBits(net) => write!(f, "has host bits set (the network is {net})"),
+        }
+    }
+}
+
 impl Cidr {
     pub fn family(&self) -> Family {
         Family::of(&self.addr)

@@ -91,6 +91,40 @@ pub enum Command {
         #[arg(long)]
         probe: bool,
     },
+    /// Show the path of real packets through netfilter while you make a connection: a
+    /// temporary nftables table marks matching packets for tracing, and every table, chain,
+    /// rule and verdict they meet is printed (portfwd's rules labelled with their entry).
+    /// Exit 0 when at least one packet was seen, 1 otherwise; the table is removed on exit,
+    /// Ctrl-C and SIGTERM.
+    Trace {
+        /// tcp or udp.
+        #[arg(long, value_parser = ["tcp", "udp"], required_unless_present = "clean")]
+        proto: Option<String>,
+        /// Destination port of the packets to trace.
+        #[arg(long, required_unless_present = "clean")]
+        dport: Option<u16>,
+        /// Only packets from this source (CIDR).
+        #[arg(long)]
+        src: Option<String>,
+        /// Only packets to this destination address.
+        #[arg(long)]
+        dst: Option<String>,
+        /// Stop after this many packets.
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// One JSON object per packet per line: {"packet", "summary", "hops": [{"table", "chain", "rule", "verdict", "entry"}], "nat", "verdict"}.
+        #[arg(long)]
+        json: bool,
+        /// The instance whose entries label its rules.
+        #[arg(long, default_value = "portfwd")]
+        instance: String,
+        /// Remove the tables of traces that died, and nothing else.
+        #[arg(long)]
+        clean: bool,
+    },
     /// Print the JSON Schema of the params.
     Schema,
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 
 mod cli;
+mod trace;
 use cli::{BackendArg, Cli, Command, Input};
 
 #[global_allocator]
@@ -43,8 +44,8 @@ macro_rules! say_raw {
     }};
 }
 
-const SUBCOMMANDS: [&str; 7] = [
-    "apply", "plan", "show", "schema", "restore", "doctor", "help",
+const SUBCOMMANDS: [&str; 8] = [
+    "apply", "plan", "show", "schema", "restore", "doctor", "trace", "help",
 ];
 
 fn main() -> ExitCode {
@@ -124,6 +125,59 @@ fn main() -> ExitCode {
             state_dir,
             probe,
         } => doctor(file, json, &instance, state_dir, probe),
+        Command::Trace {
+            proto,
+            dport,
+            src,
+            dst,
+            count,
+            timeout,
+            json,
+            instance,
+            clean,
+        } => {
+            if clean {
+                return trace::clean();
+            }
+            let proto = match proto.as_deref() {
+                Some("udp") => portfwd::Proto::Udp,
+                _ => portfwd::Proto::Tcp,
+            };
+            let src = match src.map(|s| portfwd::Cidr::parse(&s).map_err(|e| (s, e.to_string()))) {
+                None => None,
+                Some(Ok(c)) => Some(c),
+                Some(Err((s, e))) => {
+                    return emit(&Report::failure(format!("--src: {s:?} {e}")));
+                }
+            };
+            let dst = match dst.map(|d| d.parse::<std::net::IpAddr>().map_err(|_| d)) {
+                None => None,
+                Some(Ok(a)) => Some(a),
+                Some(Err(d)) => {
+                    return emit(&Report::failure(format!(
+                        "--dst: {d:?} is not an IP address"
+                    )));
+                }
+            };
+            if !portfwd::valid_instance(&instance) {
+                return emit(&Report::failure(format!(
+                    "--instance: {instance:?} {}",
+                    portfwd::INSTANCE_RULE
+                )));
+            }
+            trace::run(trace::Options {
+                filter: portfwd::trace::Filter {
+                    proto,
+                    dport: dport.unwrap_or_default(),
+                    src,
+                    dst,
+                },
+                count: count.max(1),
+                timeout: Duration::from_secs(timeout),
+                json,
+                instance,
+            })
+        }
         Command::Schema => {
             say!(
                 "{}",

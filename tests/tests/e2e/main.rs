@@ -15,3 +15,4 @@ mod packaging;
 mod records;
 mod routing;
 mod salt;
+mod trace;

@@ -1,0 +1,342 @@
+//! `portfwd trace`: the path of real packets through netfilter. A temporary nftables table of
+//! its own marks matching packets with `meta nftrace set 1` before every other chain; the
+//! kernel then reports each table, chain, rule and verdict the packet meets (`nft monitor
+//! trace`), iptables-nft's included. This module writes that table and reads the reports; the
+//! binary runs the processes.
+
+use std::collections::HashMap;
+
+use crate::model::Proto;
+use crate::net::{Cidr, PortRange};
+
+/// The prefix of the trace tables: `inet portfwd-trace-<pid>`.
+pub const TABLE_PREFIX: &str = "portfwd-trace-";
+
+/// What to trace.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    pub proto: Proto,
+    pub dport: u16,
+    pub src: Option<Cidr>,
+    pub dst: Option<std::net::IpAddr>,
+}
+
+/// The `nft -f` script that adds the trace table (priority -350: before conntrack, raw and
+/// every NAT or filter chain).
+pub fn table_script(table: &str, filter: &Filter) -> String {
+    let mut matches = format!(
+        "meta l4proto {} th dport {}",
+        filter.proto.name(),
+        filter.dport
+    );
+    if let Some(src) = &filter.src {
+        let ip = if src.addr.is_ipv4() { "ip" } else { "ip6" };
+        matches.push_str(&format!(" {ip} saddr {src}"));
+    }
+    if let Some(dst) = &filter.dst {
+        let ip = if dst.is_ipv4() { "ip" } else { "ip6" };
+        matches.push_str(&format!(" {ip} daddr {dst}"));
+    }
+    let mut out = format!("add table inet {table}\n");
+    for (chain, hook) in [("pre", "prerouting"), ("out", "output")] {
+        out.push_str(&format!(
+            "add chain inet {table} {chain} {{ type filter hook {hook} priority -350; policy accept; }}\n"
+        ));
+        out.push_str(&format!(
+            "add rule inet {table} {chain} {matches} meta nftrace set 1\n"
+        ));
+    }
+    out
+}
+
+/// One step of a packet: a rule it matched (or a chain's policy) and the verdict.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Hop {
+    /// `ip nat`
+    pub table: String,
+    pub chain: String,
+    /// The rule as nft prints it (`policy` for a chain's policy).
+    pub rule: String,
+    pub verdict: String,
+    /// `portfwd:web` for the rules of a portfwd instance's chains, when the entry is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<String>,
+}
+
+/// One traced packet.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Packet {
+    pub packet: usize,
+    /// `tcp 10.0.1.2:44880 -> 10.0.1.1:4321 iif eth0`
+    pub summary: String,
+    pub hops: Vec<Hop>,
+    /// The NAT it got (`dnat to 10.0.2.2:1234`, `masquerade`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat: Option<String>,
+    /// `accept`, or `drop` with where (`drop in inet fw filter_FORWARD`).
+    pub verdict: String,
+}
+
+/// The entries of portfwd instances, to label their rules: (instance, entry name, protocols,
+/// listen ports).
+pub type Entries = Vec<(String, String, Vec<Proto>, PortRange)>;
+
+/// Groups `nft monitor trace` lines into packets.
+#[derive(Default)]
+pub struct Tracker {
+    table: String,
+    entries: Entries,
+    open: HashMap<String, Packet>,
+    /// The original destination port of each open packet, for labelling.
+    dports: HashMap<String, (Option<Proto>, u16)>,
+    count: usize,
+}
+
+impl Tracker {
+    pub fn new(table: &str, entries: Entries) -> Tracker {
+        Tracker {
+            table: table.to_string(),
+            entries,
+            ..Tracker::default()
+        }
+    }
+
+    /// Takes one line; returns the packet it completes (a new packet with the same trace id
+    /// completes the one before).
+    pub fn line(&mut self, line: &str) -> Option<Packet> {
+        let rest = line.strip_prefix("trace id ")?;
+        let (id, rest) = rest.split_once(' ')?;
+        let mut words = rest.splitn(4, ' ');
+        let family = words.next()?;
+        let table = words.next()?;
+        let chain = words.next()?;
+        let event = words.next().unwrap_or_default();
+        let ours = table == self.table;
+        if let Some(packet) = event.strip_prefix("packet: ") {
+            if !ours {
+                return None;
+            }
+            let done = self.open.remove(id).map(finish);
+            self.count += 1;
+            let (summary, proto, dport) = summarize(packet);
+            self.dports.insert(id.to_string(), (proto, dport));
+            self.open.insert(
+                id.to_string(),
+                Packet {
+                    packet: self.count,
+                    summary,
+                    hops: Vec::new(),
+                    nat: None,
+                    verdict: String::new(),
+                },
+            );
+            return done;
+        }
+        if ours {
+            return None;
+        }
+        let (rule, verdict) = if let Some(policy) = event.strip_prefix("policy ") {
+            ("policy".to_string(), policy.trim().to_string())
+        } else if let Some(rule) = event.strip_prefix("rule ") {
+            match rule.rsplit_once(" (verdict ") {
+                Some((text, verdict)) => (
+                    text.trim().to_string(),
+                    verdict.trim_end_matches(')').to_string(),
+                ),
+                None => (rule.trim().to_string(), String::new()),
+            }
+        } else {
+            return None;
+        };
+        let entry = self.entry_of(id, chain);
+        let packet = self.open.get_mut(id)?;
+        if packet.nat.is_none() {
+            packet.nat = nat_of(&rule);
+        }
+        packet.hops.push(Hop {
+            table: format!("{family} {table}"),
+            chain: chain.to_string(),
+            rule: clean(&rule),
+            verdict,
+            entry,
+        });
+        None
+    }
+
+    /// Every packet still open (at the end of the trace).
+    pub fn finish_all(&mut self) -> Vec<Packet> {
+        let mut out: Vec<Packet> = self.open.drain().map(|(_, p)| finish(p)).collect();
+        out.sort_by_key(|p| p.packet);
+        out
+    }
+
+    /// Packets seen so far.
+    pub fn seen(&self) -> usize {
+        self.count
+    }
+
+    /// `portfwd:web` for a hop in a chain of instance `portfwd` on the forward whose listen
+    /// ports hold the packet's original destination port.
+    fn entry_of(&self, id: &str, chain: &str) -> Option<String> {
+        let rest = chain.strip_prefix("PFWD-")?;
+        let (instance, _) = rest.split_once('-')?;
+        let (proto, dport) = *self.dports.get(id)?;
+        let name = self
+            .entries
+            .iter()
+            .find(|(inst, _, protos, ports)| {
+                inst == instance
+                    && ports.contains(dport)
+                    && proto.is_none_or(|p| protos.contains(&p))
+            })
+            .map(|(_, name, _, _)| name.as_str());
+        Some(match name {
+            Some(name) => format!("{instance}:{name}"),
+            None => instance.to_string(),
+        })
+    }
+}
+
+/// The verdict of a finished packet: the first drop or reject, else accept.
+fn finish(mut packet: Packet) -> Packet {
+    let dropped = packet.hops.iter().find(|h| {
+        let v = h.verdict.as_str();
+        v == "drop" || v.starts_with("reject") || (h.rule.starts_with("reject") && v.is_empty())
+    });
+    packet.verdict = match dropped {
+        Some(h) => format!("drop in {} {}", h.table, h.chain),
+        None => "accept".to_string(),
+    };
+    packet
+}
+
+/// `dnat to 10.0.2.2:1234`, `redirect to :8080`, `masquerade`, `snat to ...` in a rule.
+fn nat_of(rule: &str) -> Option<String> {
+    for verb in ["dnat to", "snat to", "redirect to", "masquerade"] {
+        if let Some(at) = rule.find(verb) {
+            let tail: String = rule[at..]
+                .split_whitespace()
+                .take(if verb == "masquerade" { 1 } else { 3 })
+                .collect::<Vec<_>>()
+                .join(" ");
+            return Some(tail);
+        }
+    }
+    None
+}
+
+/// A rule without its counter (`counter packets 0 bytes 0`), which says nothing here.
+fn clean(rule: &str) -> String {
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        if words[i] == "counter" && words.get(1 + i) == Some(&"packets") {
+            i += 5;
+            continue;
+        }
+        out.push(words[i]);
+        i += 1;
+    }
+    out.join(" ")
+}
+
+/// `tcp 10.0.1.2:44880 -> 10.0.1.1:4321 iif "eth0"`, the protocol and destination port.
+fn summarize(packet: &str) -> (String, Option<Proto>, u16) {
+    let words: Vec<&str> = packet.split_whitespace().collect();
+    let after = |key: &[&str]| -> Option<&str> {
+        words
+            .windows(key.len() + 1)
+            .find(|w| w[..key.len()] == *key)
+            .map(|w| w[key.len()])
+    };
+    let (proto, sport, dport) = if let Some(d) = after(&["tcp", "dport"]) {
+        (Some(Proto::Tcp), after(&["tcp", "sport"]), d)
+    } else if let Some(d) = after(&["udp", "dport"]) {
+        (Some(Proto::Udp), after(&["udp", "sport"]), d)
+    } else {
+        (None, None, "?")
+    };
+    let src = after(&["ip", "saddr"])
+        .or_else(|| after(&["ip6", "saddr"]))
+        .unwrap_or("?");
+    let dst = after(&["ip", "daddr"])
+        .or_else(|| after(&["ip6", "daddr"]))
+        .unwrap_or("?");
+    let iif = after(&["iif"])
+        .map(|i| format!(" iif {}", i.trim_matches('"')))
+        .unwrap_or_default();
+    let name = proto.map_or("?", |p| p.name());
+    (
+        format!(
+            "{name} {src}:{} -> {dst}:{dport}{iif}",
+            sport.unwrap_or("?")
+        ),
+        proto,
+        dport.parse().unwrap_or(0),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Captured from `nft monitor trace` (nft 1.0.6, kernel 6.18): the first packet of a TCP
+    // connection through a portfwd forward, and the second packet of the same connection.
+    const TRACE: &str = "trace id e869f546 inet portfwd-trace-7 pre packet: iif \"trp0\" ether saddr f2:91:0e:34:46:8a ether daddr 86:8f:1c:ec:ec:fe ip saddr 10.0.1.2 ip daddr 10.0.1.1 ip dscp cs0 ip ecn not-ect ip ttl 64 ip id 4135 ip protocol tcp ip length 60 tcp sport 44880 tcp dport 4321 tcp flags == syn tcp window 64240
+trace id e869f546 inet portfwd-trace-7 pre rule meta l4proto tcp th dport 4321 meta nftrace set 1 (verdict continue)
+trace id e869f546 inet portfwd-trace-7 pre policy accept
+trace id e869f546 ip nat PREROUTING packet: iif \"trp0\" ip saddr 10.0.1.2 ip daddr 10.0.1.1 tcp sport 44880 tcp dport 4321
+trace id e869f546 ip nat PREROUTING rule  counter packets 0 bytes 0 jump PFWD-portfwd-PRE (verdict jump PFWD-portfwd-PRE)
+trace id e869f546 ip nat PFWD-portfwd-PRE rule tcp dport 4096-4351  counter packets 0 bytes 0 jump PFWD-portfwd-PRE-T16 (verdict jump PFWD-portfwd-PRE-T16)
+trace id e869f546 ip nat PFWD-portfwd-PRE-T16 rule tcp dport 4321 fib daddr type local  counter packets 0 bytes 0 dnat to 10.0.2.2:1234 (verdict accept)
+trace id e869f546 ip filter FORWARD rule  counter packets 0 bytes 0 jump PFWD-portfwd-FWD (verdict jump PFWD-portfwd-FWD)
+trace id e869f546 ip filter PFWD-portfwd-FWD rule ct mark and 0x2000 == 0x2000  counter packets 0 bytes 0 accept (verdict accept)
+trace id e869f546 inet fw filter_FORWARD rule reject with icmpx admin-prohibited (verdict drop)
+trace id e869f546 inet portfwd-trace-7 pre packet: iif \"trp0\" ip saddr 10.0.1.2 ip daddr 10.0.1.1 ip protocol tcp tcp sport 44880 tcp dport 4321 tcp flags == ack
+trace id e869f546 ip filter FORWARD rule  counter packets 0 bytes 0 jump PFWD-portfwd-FWD (verdict jump PFWD-portfwd-FWD)";
+
+    #[test]
+    fn groups_lines_into_packets_labels_portfwd_rules_and_finds_the_drop() {
+        let entries = vec![(
+            "portfwd".to_string(),
+            "web".to_string(),
+            vec![Proto::Tcp],
+            PortRange::single(4321),
+        )];
+        let mut tracker = Tracker::new("portfwd-trace-7", entries);
+        let mut done: Vec<Packet> = TRACE.lines().filter_map(|l| tracker.line(l)).collect();
+        done.extend(tracker.finish_all());
+        assert_eq!(done.len(), 2);
+        let first = &done[0];
+        assert_eq!(
+            first.summary,
+            "tcp 10.0.1.2:44880 -> 10.0.1.1:4321 iif trp0"
+        );
+        assert_eq!(first.nat.as_deref(), Some("dnat to 10.0.2.2:1234"));
+        assert_eq!(first.verdict, "drop in inet fw filter_FORWARD");
+        let dnat = &first.hops[2];
+        assert_eq!(dnat.chain, "PFWD-portfwd-PRE-T16");
+        assert_eq!(
+            dnat.rule,
+            "tcp dport 4321 fib daddr type local dnat to 10.0.2.2:1234"
+        );
+        assert_eq!(dnat.entry.as_deref(), Some("portfwd:web"));
+        assert_eq!(first.hops[0].entry, None, "ip nat PREROUTING is not ours");
+        assert_eq!(done[1].verdict, "accept");
+        assert_eq!(done[1].hops.len(), 1);
+    }
+
+    #[test]
+    fn the_table_marks_only_the_asked_packets() {
+        let filter = Filter {
+            proto: Proto::Udp,
+            dport: 53,
+            src: Cidr::parse("10.0.1.0/24").ok(),
+            dst: "10.0.1.1".parse().ok(),
+        };
+        let script = table_script("portfwd-trace-9", &filter);
+        assert!(script.contains("add chain inet portfwd-trace-9 pre { type filter hook prerouting priority -350; policy accept; }"));
+        assert!(script.contains("add rule inet portfwd-trace-9 out meta l4proto udp th dport 53 ip saddr 10.0.1.0/24 ip daddr 10.0.1.1 meta nftrace set 1"));
+    }
+}

@@ -1,0 +1,183 @@
+//! End-to-end: `portfwd trace` follows real packets through netfilter in namespaces: the path
+//! through portfwd's chains labelled with the entry, the NAT, and where a packet dies; it
+//! stops on its count, on its timeout and on SIGTERM, and always removes its table; `--clean`
+//! removes only dead traces' tables.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{portfwd, prerequisites, sa, Topology};
+use portfwd_harness::{probe, Netns, Proto, Server};
+use serde_json::{json, Value};
+
+fn start(ns: &Netns, args: &[&str]) -> Child {
+    let bin = portfwd().bin.display().to_string();
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns.name(), &bin, "trace"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Traffic only once the trace table is in place.
+    let started = Instant::now();
+    while !trace_tables(ns)
+        .iter()
+        .any(|t| t.ends_with(&child.id().to_string()))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no trace table"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+fn trace_tables(ns: &Netns) -> Vec<String> {
+    ns.stdout(&["nft", "list", "tables"])
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("table inet "))
+        .filter(|t| t.starts_with("portfwd-trace-"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Exit code and the JSON packets printed.
+fn finish(child: Child) -> (i32, Vec<Value>, String) {
+    let out = child.wait_with_output().unwrap();
+    let packets = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    (
+        out.status.code().unwrap_or(-1),
+        packets,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn trace_shows_the_path_through_portfwd_and_where_a_packet_dies() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let params = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    let r = portfwd().apply(&t.proxy, &params).unwrap();
+    assert!(!r.failed(), "{}", r.stdout);
+
+    let args = [
+        "--proto",
+        "tcp",
+        "--dport",
+        "4321",
+        "--count",
+        "1",
+        "--timeout",
+        "15",
+        "--json",
+    ];
+    let tracing = start(&t.proxy, &args);
+    probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap();
+    let (code, packets, stderr) = finish(tracing);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(packets.len(), 1, "{packets:?}");
+    let p = &packets[0];
+    assert_eq!(p["verdict"], "accept", "{p}");
+    assert_eq!(p["nat"], "dnat to 10.0.2.2:1234", "{p}");
+    let hops = p["hops"].as_array().unwrap();
+    let dnat = hops
+        .iter()
+        .find(|h| h["rule"].as_str().unwrap_or_default().contains("dnat to"))
+        .unwrap_or_else(|| panic!("{p}"));
+    assert_eq!(dnat["table"], "ip nat");
+    assert_eq!(dnat["entry"], "portfwd:web", "{p}");
+    assert!(
+        hops.iter()
+            .any(|h| h["chain"] == "PFWD-portfwd-FWD" && h["verdict"] == "accept"),
+        "{p}"
+    );
+    assert_eq!(
+        trace_tables(&t.proxy),
+        Vec::<String>::new(),
+        "table removed"
+    );
+
+    // Another table rejects forwarded traffic: the trace says where the packet died.
+    for cmd in [
+        "add table inet fw",
+        "add chain inet fw filter_FORWARD { type filter hook forward priority filter + 10; policy accept; }",
+        "add rule inet fw filter_FORWARD reject with icmpx admin-prohibited",
+    ] {
+        t.proxy.exec(&["sh", "-c", &format!("nft '{cmd}'")]).unwrap();
+    }
+    let tracing = start(&t.proxy, &args);
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err());
+    let (code, packets, stderr) = finish(tracing);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        packets[0]["verdict"], "drop in inet fw filter_FORWARD",
+        "{packets:?}"
+    );
+    assert_eq!(trace_tables(&t.proxy), Vec::<String>::new());
+}
+
+#[test]
+fn trace_stops_on_timeout_and_sigterm_and_clean_removes_only_dead_traces() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let quiet = start(
+        &t.proxy,
+        &["--proto", "udp", "--dport", "9", "--timeout", "1"],
+    );
+    let (code, packets, stderr) = finish(quiet);
+    assert_eq!((code, packets.len()), (1, 0), "{stderr}");
+    assert!(stderr.contains("no matching packet"), "{stderr}");
+    assert_eq!(trace_tables(&t.proxy), Vec::<String>::new());
+
+    let long = start(
+        &t.proxy,
+        &["--proto", "tcp", "--dport", "9", "--timeout", "60"],
+    );
+    let started = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(long.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let (code, _, stderr) = finish(long);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "it stopped at once"
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(
+        trace_tables(&t.proxy),
+        Vec::<String>::new(),
+        "removed on SIGTERM"
+    );
+
+    // A crashed trace's table (no such process) and someone else's table.
+    t.proxy
+        .exec(&["nft", "add", "table", "inet", "portfwd-trace-999999"])
+        .unwrap();
+    t.proxy
+        .exec(&["nft", "add", "table", "inet", "keep"])
+        .unwrap();
+    let r = portfwd()
+        .run(&t.proxy, &["trace", "--clean"], "", &[])
+        .unwrap();
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.json["removed"], json!(["portfwd-trace-999999"]));
+    assert_eq!(trace_tables(&t.proxy), Vec::<String>::new());
+    assert!(t
+        .proxy
+        .stdout(&["nft", "list", "tables"])
+        .unwrap()
+        .contains("table inet keep"));
+}
