@@ -96,6 +96,18 @@ impl Lab {
                     });
                 }
             }
+            if let Some(file) = &node.nft {
+                let path = scenario.dir.join(file);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| LabError::Traffic(format!("{}: {e}", path.display())))?;
+                let out = ns.exec_with_input(&["nft", "-f", "-"], &text)?;
+                if !out.status.success() {
+                    return Err(LabError::Command {
+                        command: format!("nft -f {}", path.display()),
+                        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                    });
+                }
+            }
             if !node.switch {
                 lab.original.insert(name.clone(), lab.ruleset(name)?);
             }

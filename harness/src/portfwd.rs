@@ -159,3 +159,81 @@ impl Portfwd {
         self.run(ns, &["apply"], &params.to_string(), &[])
     }
 }
+
+impl Portfwd {
+    /// Runs `portfwd trace --json` for `proto`/`target`'s port in `on`, sends one probe from
+    /// `from` while it runs, and returns the traced packets (JSON objects, one per packet).
+    pub fn traced(
+        &self,
+        on: &Netns,
+        from: &Netns,
+        proto: crate::traffic::Proto,
+        target: std::net::SocketAddr,
+    ) -> Result<Vec<Value>, LabError> {
+        use std::process::{Command, Stdio};
+        let proto_name = match proto {
+            crate::traffic::Proto::Tcp => "tcp",
+            crate::traffic::Proto::Udp => "udp",
+        };
+        let port = target.port().to_string();
+        let child = Command::new("ip")
+            .args(["netns", "exec", on.name()])
+            .arg(&self.bin)
+            .args(["trace", "--proto", proto_name, "--dport", &port])
+            .args(["--count", "1", "--timeout", "8", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| LabError::Traffic(format!("portfwd trace: {e}")))?;
+        let table = format!("portfwd-trace-{}", child.id());
+        let started = std::time::Instant::now();
+        while !on
+            .stdout(&["nft", "list", "tables"])
+            .unwrap_or_default()
+            .contains(&table)
+        {
+            if started.elapsed() > std::time::Duration::from_secs(5) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = crate::traffic::probe(from, proto, target);
+        let out = child
+            .wait_with_output()
+            .map_err(|e| LabError::Traffic(format!("portfwd trace: {e}")))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+}
+
+/// A traced packet as lines (`table chain: rule => verdict [entry]`), for failure reports.
+pub fn format_packet(packet: &Value) -> String {
+    let mut out = format!(
+        "packet {}: {}\n",
+        packet["packet"],
+        packet["summary"].as_str().unwrap_or_default()
+    );
+    for hop in packet["hops"].as_array().into_iter().flatten() {
+        let entry = hop["entry"]
+            .as_str()
+            .map(|e| format!("   [{e}]"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  {} {}: {} => {}{entry}\n",
+            hop["table"].as_str().unwrap_or_default(),
+            hop["chain"].as_str().unwrap_or_default(),
+            hop["rule"].as_str().unwrap_or_default(),
+            hop["verdict"].as_str().unwrap_or_default()
+        ));
+    }
+    if let Some(nat) = packet["nat"].as_str() {
+        out.push_str(&format!("  nat: {nat}\n"));
+    }
+    out.push_str(&format!(
+        "  verdict: {}\n",
+        packet["verdict"].as_str().unwrap_or_default()
+    ));
+    out
+}

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::lab::{Lab, Naming};
 use crate::netns::LabError;
 use crate::portfwd::{Portfwd, RunResult};
-use crate::scenario::{Expect, ProbeSpec, Scenario, Step};
+use crate::scenario::{Expect, ProbeSpec, Scenario, Step, TraceSpec};
 use crate::traffic::probe;
 
 /// Options of `portfwd-lab run`.
@@ -131,6 +131,14 @@ fn run_step(
     last_params: &mut Vec<(String, Value)>,
 ) -> Vec<String> {
     let mut failures = Vec::new();
+    for (node, commands) in &step.run {
+        for command in commands {
+            match lab.nodes[node].exec(&["sh", "-c", command]) {
+                Ok(_) => {}
+                Err(e) => failures.push(format!("{node}: `{command}`: {e}")),
+            }
+        }
+    }
     for (node, params) in &step.apply {
         let expect = step.expect.unwrap_or(Expect::Changed);
         match portfwd.apply(&lab.nodes[node], params) {
@@ -189,10 +197,151 @@ fn run_step(
     }
     for p in &step.probes {
         if let Err(e) = check_probe(p, lab) {
-            failures.push(e);
+            failures.push(format!("{e}{}", trace_of_failed_probe(p, lab, portfwd)));
+        }
+    }
+    for (node, expected) in &step.doctor {
+        failures.extend(check_doctor(node, expected, lab, portfwd, last_params));
+    }
+    for spec in &step.trace {
+        failures.extend(check_trace(spec, lab, portfwd));
+    }
+    failures
+}
+
+/// `portfwd doctor --json` on `node` (with its last applied params) must report exactly the
+/// `expected` finding ids.
+fn check_doctor(
+    node: &str,
+    expected: &[String],
+    lab: &Lab,
+    portfwd: &Portfwd,
+    last_params: &[(String, Value)],
+) -> Vec<String> {
+    let params = last_params
+        .iter()
+        .find(|(n, _)| n == node)
+        .map(|(_, p)| p.to_string())
+        .unwrap_or_default();
+    let run = match portfwd.run(&lab.nodes[node], &["doctor", "--json"], &params, &[]) {
+        Ok(run) => run,
+        Err(e) => return vec![format!("{node}: portfwd doctor did not run: {e}")],
+    };
+    let mut found: Vec<String> = run.json["findings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["id"].as_str().map(str::to_string))
+        .collect();
+    found.sort();
+    let mut want = expected.to_vec();
+    want.sort();
+    let mut failures = Vec::new();
+    if found != want {
+        failures.push(format!(
+            "{node}: doctor found {found:?}, expected {want:?}: {}",
+            run.stdout.trim()
+        ));
+    }
+    let errors = run.json["findings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|f| f["severity"] == "error");
+    if (run.code == 0) == errors {
+        failures.push(format!(
+            "{node}: doctor exited {} with{} error findings",
+            run.code,
+            if errors { "" } else { "out" }
+        ));
+    }
+    failures
+}
+
+/// A probe under `portfwd trace` must pass the named entries and end as asked.
+fn check_trace(spec: &TraceSpec, lab: &Lab, portfwd: &Portfwd) -> Vec<String> {
+    let label = format!("trace on {} of {} -> {}", spec.on, spec.from, spec.to);
+    let Ok(target) = spec.to.parse::<std::net::SocketAddr>() else {
+        return vec![format!("{label}: {:?} is not IP:PORT", spec.to)];
+    };
+    let packets = match portfwd.traced(
+        &lab.nodes[&spec.on],
+        &lab.nodes[&spec.from],
+        spec.proto.into(),
+        target,
+    ) {
+        Ok(p) => p,
+        Err(e) => return vec![format!("{label}: {e}")],
+    };
+    let Some(packet) = packets.first() else {
+        return vec![format!("{label}: no packet was traced")];
+    };
+    let shown = crate::portfwd::format_packet(packet);
+    let mut failures = Vec::new();
+    let entries: Vec<&str> = packet["hops"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h["entry"].as_str())
+        .filter_map(|e| e.split_once(':').map(|(_, name)| name))
+        .collect();
+    for name in &spec.through {
+        if !entries.contains(&name.as_str()) {
+            failures.push(format!("{label}: did not pass entry {name:?}:\n{shown}"));
+        }
+    }
+    let verdict = packet["verdict"].as_str().unwrap_or_default();
+    if let Some(want) = &spec.verdict {
+        if verdict != want {
+            failures.push(format!(
+                "{label}: verdict {verdict:?}, expected {want:?}:\n{shown}"
+            ));
+        }
+    }
+    if let Some(place) = &spec.dropped_in {
+        let want = format!("drop in {}", place.replacen('/', " ", 1));
+        if verdict != want {
+            failures.push(format!(
+                "{label}: verdict {verdict:?}, expected {want:?}:\n{shown}"
+            ));
         }
     }
     failures
+}
+
+/// Where a failed probe's packet went: the probe again, under `portfwd trace` on the node that
+/// owns the target address (empty when none does, or nothing was traced).
+fn trace_of_failed_probe(p: &ProbeSpec, lab: &Lab, portfwd: &Portfwd) -> String {
+    let Ok(target) = p.target() else {
+        return String::new();
+    };
+    let Some(owner) = lab
+        .addresses
+        .iter()
+        .find(|(_, addrs)| addrs.contains(&target.ip()))
+        .map(|(node, _)| node)
+    else {
+        return String::new();
+    };
+    match portfwd.traced(
+        &lab.nodes[owner],
+        &lab.nodes[&p.from],
+        p.proto.into(),
+        target,
+    ) {
+        Ok(packets) if !packets.is_empty() => format!(
+            "\n  the probe again under `portfwd trace` on {owner}:\n{}",
+            packets
+                .iter()
+                .map(crate::portfwd::format_packet)
+                .collect::<String>()
+                .lines()
+                .map(|l| format!("    {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+        _ => String::new(),
+    }
 }
 
 /// The lines of `now` that are not portfwd's. A table that did not exist in `original` and holds

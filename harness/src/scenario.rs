@@ -22,7 +22,13 @@
 //!       - {from: client, to: "10.0.1.1:4321", sees: proxy}
 //!   - name: second run changes nothing
 //!     reapply: true
+//!     doctor: {proxy: []}                 # portfwd doctor finds nothing
+//!     trace:                              # the probe's first packet, under portfwd trace
+//!       - {on: proxy, from: client, to: "10.0.1.1:4321", through: [web], verdict: accept}
 //! ```
+//!
+//! A step may also `run` shell commands on a node first (another tool's change, an operator's
+//! fix), and a node may load an `nft` script at start (another tool's nftables tables).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -71,6 +77,9 @@ pub struct Node {
     /// The iptables flavour of `ruleset` and of this node's checks.
     #[serde(default)]
     pub flavour: Flavour,
+    /// An `nft -f` script loaded at start (another tool's nftables tables, e.g. firewalld's).
+    #[serde(default)]
+    pub nft: Option<String>,
 }
 
 /// sysctl values may be written as numbers or strings.
@@ -187,6 +196,38 @@ pub struct Step {
     pub foreign_rules_unchanged: Vec<String>,
     #[serde(default)]
     pub probes: Vec<ProbeSpec>,
+    /// Shell commands per node, run first (an operator's fix, another tool's change).
+    #[serde(default)]
+    pub run: BTreeMap<String, Vec<String>>,
+    /// Per node, the ids of the findings `portfwd doctor` must report (exactly these; `[]`:
+    /// none), with the node's last applied params.
+    #[serde(default)]
+    pub doctor: BTreeMap<String, Vec<String>>,
+    /// Probes run under `portfwd trace`, with the path they must take.
+    #[serde(default)]
+    pub trace: Vec<TraceSpec>,
+}
+
+/// A probe traced on a node: the portfwd entries its first packet must pass, and its fate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceSpec {
+    /// The node that traces (where the packet is forwarded).
+    pub on: String,
+    pub from: String,
+    /// `IP:PORT`.
+    pub to: String,
+    #[serde(default)]
+    pub proto: ProtoSpec,
+    /// Entry names (`web`) the packet must pass, in any order.
+    #[serde(default)]
+    pub through: Vec<String>,
+    /// `accept`
+    #[serde(default)]
+    pub verdict: Option<String>,
+    /// `TABLE/CHAIN` where it must be dropped, e.g. `inet fw/filter_FORWARD`.
+    #[serde(default)]
+    pub dropped_in: Option<String>,
 }
 
 /// Traffic from a node to an address, and what must happen.
@@ -282,8 +323,20 @@ impl Scenario {
                 .keys()
                 .chain(&step.ruleset_is_original)
                 .chain(&step.foreign_rules_unchanged)
+                .chain(step.run.keys())
+                .chain(step.doctor.keys())
             {
                 known(node, &what)?;
+            }
+            for trace in &step.trace {
+                known(&trace.on, &what)?;
+                known(&trace.from, &what)?;
+                if trace.to.parse::<SocketAddr>().is_err() {
+                    return Err(invalid(
+                        name,
+                        format!("{what}: trace target {:?} is not IP:PORT", trace.to),
+                    ));
+                }
             }
             for probe in &step.probes {
                 known(&probe.from, &what)?;
