@@ -163,10 +163,9 @@ pub fn findings<F: Firewall>(
         }
     }
     out.extend(forward_hook_findings(config, observed));
-    out.extend(foreign_nat_findings(
-        config,
-        firewall.foreign_nat(&observed.firewall),
-    ));
+    let mut foreign = firewall.foreign_nat(&observed.firewall).to_vec();
+    foreign.extend(observed.foreign_nat.iter().cloned());
+    out.extend(foreign_nat_findings(config, &foreign));
     for dev in policy_route_devices(config) {
         let strict = sysctl(rp_filter_key("all")).max(sysctl(rp_filter_key(&dev))) == Some(1);
         if strict {

@@ -34,6 +34,8 @@ pub struct Observed<F: Firewall = Iptables> {
     pub read_cache: Option<ReadCache>,
     /// Other tables' base chains at the forward hook (see [`nft`]).
     pub forward_chains: Vec<nft::ForwardChain>,
+    /// DNAT/REDIRECT rules of other nftables tables whose NAT runs before portfwd's.
+    pub foreign_nat: Vec<crate::firewall::ForeignNat>,
     /// Whether the addresses were read (see [`Scope`]).
     pub addresses_read: bool,
     /// Interfaces with an IPv6 default route from router advertisements, and their
@@ -80,7 +82,8 @@ pub struct Scope {
     pub routing: bool,
     /// Addresses: wanted or recorded, or needed by a warning.
     pub addresses: bool,
-    /// Other tables' base chains at the forward hook (something is forwarded).
+    /// Other nftables tables' base chains at the forward hook, and their NAT chains that run
+    /// before iptables' (something is forwarded).
     pub forward_hook: bool,
 }
 
@@ -228,7 +231,9 @@ pub fn observe<F: Firewall>(
     observed.addresses_read = addresses;
     if scope.forward_hook {
         let chains = next()?.0;
-        observed.forward_chains = forward_chains(firewall, sys, &observed.firewall, &chains)?;
+        let (forward, nat) = other_tables(firewall, sys, &observed.firewall, &chains)?;
+        observed.forward_chains = forward;
+        observed.foreign_nat = nat;
     }
     for key in sysctl_keys {
         let value = sys.read_sysctl(key)?;
@@ -264,38 +269,57 @@ pub fn observe<F: Firewall>(
     Ok(observed)
 }
 
-/// The forward-hook chains of other tables, with the rules of those whose names nft takes
-/// back safely (read at once, one `nft -j list chain` each).
-fn forward_chains<F: Firewall>(
+/// The forward-hook chains of other tables, and the NAT rules of other tables' nat chains that
+/// run before iptables' (priority -100 or earlier), with the rules of those whose names nft
+/// takes back safely (read at once, one `nft -j list chain` each).
+fn other_tables<F: Firewall>(
     firewall: &F,
     sys: &mut dyn System,
     ours: &F::Observed,
     listing: &str,
-) -> Result<Vec<nft::ForwardChain>, SystemError> {
-    let mut chains = nft::forward_chains(listing, |family, table, name| {
-        firewall.owns_hook_chain(ours, family, table, name)
-    });
+) -> Result<(Vec<nft::ForwardChain>, Vec<crate::firewall::ForeignNat>), SystemError> {
+    let skip =
+        |family: &str, table: &str, name: &str| firewall.owns_hook_chain(ours, family, table, name);
+    let mut chains = nft::forward_chains(listing, skip);
+    let nat_chains = nft::nat_chains_before(listing, -100, skip);
+    let safe =
+        |f: &str, t: &str, n: &str| nft::safe_name(f) && nft::safe_name(t) && nft::safe_name(n);
+    let list = |f: &str, t: &str, n: &str| {
+        Read::NftJson(vec![
+            "list".into(),
+            "chain".into(),
+            f.to_string(),
+            t.to_string(),
+            n.to_string(),
+        ])
+    };
     let readable: Vec<usize> = (0..chains.len())
-        .filter(|&i| {
-            let c = &chains[i];
-            nft::safe_name(&c.family) && nft::safe_name(&c.table) && nft::safe_name(&c.name)
-        })
+        .filter(|&i| safe(&chains[i].family, &chains[i].table, &chains[i].name))
+        .collect();
+    let nat_readable: Vec<&nft::NatChain> = nat_chains
+        .iter()
+        .filter(|c| safe(&c.family, &c.table, &c.name))
         .collect();
     let reads: Vec<Read> = readable
         .iter()
-        .map(|&i| {
-            let c = &chains[i];
-            Read::NftJson(vec![
-                "list".into(),
-                "chain".into(),
-                c.family.clone(),
-                c.table.clone(),
-                c.name.clone(),
-            ])
-        })
+        .map(|&i| list(&chains[i].family, &chains[i].table, &chains[i].name))
+        .chain(
+            nat_readable
+                .iter()
+                .map(|c| list(&c.family, &c.table, &c.name)),
+        )
         .collect();
-    for (i, result) in readable.into_iter().zip(sys.read_batch(&reads)) {
-        nft::read_rules(&result?.0, &mut chains[i]);
+    let mut results = sys.read_batch(&reads).into_iter();
+    for &i in &readable {
+        if let Some(result) = results.next() {
+            nft::read_rules(&result?.0, &mut chains[i]);
+        }
     }
-    Ok(chains)
+    let mut nat = Vec::new();
+    for chain in nat_readable {
+        if let Some(result) = results.next() {
+            nat.extend(nft::nat_rules(&result?.0, chain));
+        }
+    }
+    Ok((chains, nat))
 }

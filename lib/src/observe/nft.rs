@@ -5,6 +5,10 @@
 
 use serde_json::Value;
 
+use crate::firewall::ForeignNat;
+use crate::model::Proto;
+use crate::net::{Family, PortRange};
+
 /// A base chain at the forward hook, and what it does to a forwarded packet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ForwardChain {
@@ -106,6 +110,129 @@ pub fn read_rules(text: &str, chain: &mut ForwardChain) {
     });
 }
 
+/// Another table's NAT chain that runs at a hook before (or with) portfwd's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatChain {
+    pub family: String,
+    pub table: String,
+    pub name: String,
+    /// Output (locally made connections) rather than prerouting.
+    pub local: bool,
+}
+
+/// The nat chains at prerouting or output with a priority at or before `limit` (iptables'
+/// NAT runs at -100, dstnat), except `skip(family, table, name)`.
+pub fn nat_chains_before(
+    text: &str,
+    limit: i64,
+    skip: impl Fn(&str, &str, &str) -> bool,
+) -> Vec<NatChain> {
+    items(text)
+        .iter()
+        .filter_map(|item| item.get("chain"))
+        .filter(|c| c.get("type").and_then(Value::as_str) == Some("nat"))
+        .filter(|c| c.get("prio").and_then(Value::as_i64).unwrap_or(0) <= limit)
+        .filter_map(|c| {
+            let field = |k: &str| c.get(k).and_then(Value::as_str).map(str::to_string);
+            let local = match field("hook")?.as_str() {
+                "prerouting" => false,
+                "output" => true,
+                _ => return None,
+            };
+            let chain = NatChain {
+                family: field("family")?,
+                table: field("table")?,
+                name: field("name")?,
+                local,
+            };
+            (!skip(&chain.family, &chain.table, &chain.name)).then_some(chain)
+        })
+        .collect()
+}
+
+/// The DNAT and REDIRECT rules of a NAT chain (`nft -j list chain ...`), with the protocol
+/// and destination ports they match.
+pub fn nat_rules(text: &str, chain: &NatChain) -> Vec<ForeignNat> {
+    let families: &[Family] = match chain.family.as_str() {
+        "ip" => &[Family::V4],
+        "ip6" => &[Family::V6],
+        _ => &[Family::V4, Family::V6],
+    };
+    let mut out = Vec::new();
+    for item in items(text) {
+        let Some(exprs) = item
+            .get("rule")
+            .and_then(|r| r.get("expr"))
+            .and_then(Value::as_array)
+        else {
+            continue;
+        };
+        let nat = exprs.iter().find_map(|e| {
+            ["dnat", "redirect"]
+                .into_iter()
+                .find(|k| e.get(*k).is_some())
+        });
+        let Some(nat) = nat else {
+            continue;
+        };
+        let mut proto = None;
+        let mut ports = None;
+        for e in exprs {
+            let Some(m) = e.get("match") else { continue };
+            if m.get("op").and_then(Value::as_str) == Some("!=") {
+                continue;
+            }
+            let left = m.get("left");
+            let right = m.get("right");
+            if let Some(p) = left.and_then(|l| l.get("payload")) {
+                if p.get("field").and_then(Value::as_str) == Some("dport") {
+                    proto = match p.get("protocol").and_then(Value::as_str) {
+                        Some("tcp") => Some(Proto::Tcp),
+                        Some("udp") => Some(Proto::Udp),
+                        _ => proto,
+                    };
+                    ports = right.and_then(port_range);
+                }
+            }
+            if left.and_then(|l| l.get("meta")?.get("key")?.as_str()) == Some("l4proto") {
+                proto = match right.and_then(Value::as_str) {
+                    Some("tcp") => Some(Proto::Tcp),
+                    Some("udp") => Some(Proto::Udp),
+                    _ => proto,
+                };
+            }
+        }
+        let what = match (proto, ports) {
+            (Some(p), Some(r)) => format!("{} dport {} {nat}", p.name(), r.user_text()),
+            (Some(p), None) => format!("{} {nat}", p.name()),
+            (None, Some(r)) => format!("dport {} {nat}", r.user_text()),
+            (None, None) => nat.to_string(),
+        };
+        for &family in families {
+            out.push(ForeignNat {
+                family,
+                place: format!("{} {} {}", chain.family, chain.table, chain.name),
+                rule: what.clone(),
+                proto,
+                ports,
+                local: chain.local,
+            });
+        }
+    }
+    out
+}
+
+/// A port (`4321`) or a range (`{"range": [5000, 5100]}`).
+fn port_range(value: &Value) -> Option<PortRange> {
+    if let Some(p) = value.as_u64() {
+        return Some(PortRange::single(u16::try_from(p).ok()?));
+    }
+    let range = value.get("range")?.as_array()?;
+    let first = u16::try_from(range.first()?.as_u64()?).ok()?;
+    let last = u16::try_from(range.get(1)?.as_u64()?).ok()?;
+    (first <= last).then_some(PortRange { first, last })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +253,21 @@ mod tests {
         read_rules(&RULES.replace("\"dnat\"", "\"snat\""), &mut without);
         assert!(!without.accepts_dnat);
         assert!(!safe_name("a;flush ruleset") && !safe_name("") && safe_name("filter_FORWARD"));
+    }
+
+    #[test]
+    fn finds_nat_rules_of_chains_that_run_first() {
+        let chains = r#"{"nftables": [{"chain": {"family": "inet", "table": "dock", "name": "pre", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -150, "policy": "accept"}}, {"chain": {"family": "ip", "table": "nat", "name": "PREROUTING", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}}, {"chain": {"family": "inet", "table": "late", "name": "pre", "handle": 1, "type": "nat", "hook": "prerouting", "prio": 100, "policy": "accept"}}]}"#;
+        let found = nat_chains_before(chains, -100, |f, t, _| f == "ip" && t == "nat");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].table, "dock");
+        // Captured from nft 1.0.6.
+        let rules = r#"{"nftables": [{"rule": {"family": "inet", "table": "dock", "chain": "pre", "handle": 2, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 4321}}, {"dnat": {"family": "ip", "addr": "10.0.2.2", "port": 9}}]}}, {"rule": {"family": "inet", "table": "dock", "chain": "pre", "handle": 3, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": {"range": [5000, 5100]}}}, {"redirect": {"port": 53}}]}}]}"#;
+        let nat = nat_rules(rules, &found[0]);
+        assert_eq!(nat.len(), 4, "two rules, inet: both families");
+        assert_eq!(nat[0].rule, "tcp dport 4321 dnat");
+        assert_eq!(nat[0].ports, Some(PortRange::single(4321)));
+        assert_eq!(nat[2].rule, "udp dport 5000-5100 redirect");
+        assert_eq!(nat[2].place, "inet dock pre");
     }
 }

@@ -318,3 +318,44 @@ fn doctor_finds_a_foreign_dnat_that_takes_the_port_first() {
     assert_eq!(doctor(&t.proxy, &params).1, Vec::<String>::new());
     assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_ok());
 }
+
+/// foreign_nat_first from another nftables table: its NAT chain runs at priority -150, before
+/// iptables' (-100), and DNATs the forward's port elsewhere.
+#[test]
+fn doctor_finds_an_earlier_nat_chain_of_another_nftables_table() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _ours = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let params: Value = serde_json::from_str(WEB).unwrap();
+    apply(&t.proxy, &params);
+    for cmd in [
+        "add table inet dock",
+        "add chain inet dock pre { type nat hook prerouting priority -150; }",
+        "add rule inet dock pre tcp dport 4321 dnat ip to 10.0.2.2:9",
+    ] {
+        t.proxy
+            .exec(&["sh", "-c", &format!("nft '{cmd}'")])
+            .unwrap();
+    }
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err());
+    let (code, ids, report) = doctor(&t.proxy, &params);
+    assert_eq!(
+        (code, ids),
+        (0, vec!["foreign_nat_first".to_string()]),
+        "{report}"
+    );
+    assert!(
+        report["findings"][0]["msg"]
+            .as_str()
+            .unwrap()
+            .contains("inet dock pre: tcp dport 4321 dnat"),
+        "{report}"
+    );
+    t.proxy
+        .exec(&["nft", "delete", "table", "inet", "dock"])
+        .unwrap();
+    assert_eq!(doctor(&t.proxy, &params).1, Vec::<String>::new());
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_ok());
+}

@@ -140,7 +140,8 @@ impl Firewall for Iptables {
     }
 
     /// iptables-nft's `filter FORWARD`, where portfwd's jump and accepts live (a policy drop
-    /// there is no problem: the accept comes first).
+    /// there is no problem: the accept comes first), and its `nat` chains (their rules are read
+    /// from the dump, in order).
     fn owns_hook_chain(
         &self,
         observed: &IptablesObserved,
@@ -150,8 +151,7 @@ impl Firewall for Iptables {
     ) -> bool {
         observed.flavour == Some("nf_tables")
             && matches!(family, "ip" | "ip6")
-            && table == "filter"
-            && chain == "FORWARD"
+            && ((table == "filter" && chain == "FORWARD") || table == "nat")
     }
 
     fn findings(&self, observed: &IptablesObserved) -> Vec<Finding> {
