@@ -163,6 +163,21 @@ pub fn findings<F: Firewall>(
         }
     }
     out.extend(forward_hook_findings(config, observed));
+    for f in config
+        .forwards
+        .iter()
+        .filter(|f| f.needs_forwarding() && !f.allow_forward)
+    {
+        if let Some(chain) = firewall.forward_drop(&observed.firewall, f.family) {
+            out.push(Finding {
+                id: "forward_hook_drop",
+                severity: Severity::Error,
+                entry: Some(format!("forwards.{}", f.name)),
+                msg: format!("forward {:?}: allow_forward is false and {chain}: the forwarded packets are dropped there (seeds 002/003: a FORWARD chain with policy DROP)", f.name),
+                fix: "set allow_forward: true (portfwd then accepts exactly the forwarded flow and its replies), or accept the flow in that chain yourself".into(),
+            });
+        }
+    }
     let mut foreign = firewall.foreign_nat(&observed.firewall).to_vec();
     foreign.extend(observed.foreign_nat.iter().cloned());
     out.extend(foreign_nat_findings(config, &foreign));

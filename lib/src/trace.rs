@@ -58,8 +58,8 @@ pub struct Hop {
     /// The rule as nft prints it (`policy` for a chain's policy).
     pub rule: String,
     pub verdict: String,
-    /// `portfwd:web` for the rules of a portfwd instance's chains, when the entry is known.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `portfwd:web` for the rules of a portfwd instance's chains, when the entry is known
+    /// (null otherwise).
     pub entry: Option<String>,
 }
 
@@ -70,8 +70,7 @@ pub struct Packet {
     /// `tcp 10.0.1.2:44880 -> 10.0.1.1:4321 iif eth0`
     pub summary: String,
     pub hops: Vec<Hop>,
-    /// The NAT it got (`dnat to 10.0.2.2:1234`, `masquerade`), if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The NAT it got (`dnat to 10.0.2.2:1234`, `masquerade`), null if none.
     pub nat: Option<String>,
     /// `accept`, or `drop` with where (`drop in inet fw filter_FORWARD`).
     pub verdict: String,

@@ -85,6 +85,11 @@ pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     /// the `conn_mark` collision warning.
     fn mark_users<'a>(&self, observed: &'a Self::Observed) -> &'a [String];
 
+    /// Does the backend's own forward hook drop what it does not accept for `family`
+    /// (iptables: filter FORWARD with policy DROP)? Named, for the finding.
+    fn forward_drop(&self, observed: &Self::Observed, family: crate::net::Family)
+        -> Option<String>;
+
     /// Other owners' NAT rules a connection meets before portfwd's.
     fn foreign_nat<'a>(&self, observed: &'a Self::Observed) -> &'a [ForeignNat];
 

@@ -33,6 +33,8 @@ struct ForeignFacts {
     mark_users: Vec<String>,
     #[serde(default)]
     foreign_nat: Vec<ForeignNat>,
+    #[serde(default)]
+    forward_drop: Vec<Family>,
 }
 
 /// The iptables backend.
@@ -117,6 +119,7 @@ impl Firewall for Iptables {
             }),
             connmark_rules: facts.mark_users,
             foreign_nat: facts.foreign_nat,
+            forward_drop: facts.forward_drop,
             ..IptablesObserved::default()
         }
     }
@@ -175,6 +178,18 @@ impl Firewall for Iptables {
         &observed.connmark_rules
     }
 
+    fn forward_drop(&self, observed: &IptablesObserved, family: Family) -> Option<String> {
+        let tool = if family == Family::V4 {
+            "iptables"
+        } else {
+            "ip6tables"
+        };
+        observed
+            .forward_drop
+            .contains(&family)
+            .then(|| format!("the {tool} filter FORWARD chain has policy DROP"))
+    }
+
     fn foreign_nat<'a>(&self, observed: &'a IptablesObserved) -> &'a [ForeignNat] {
         &observed.foreign_nat
     }
@@ -183,6 +198,7 @@ impl Firewall for Iptables {
         serde_json::to_value(ForeignFacts {
             mark_users: observed.connmark_rules.clone(),
             foreign_nat: observed.foreign_nat.clone(),
+            forward_drop: observed.forward_drop.clone(),
         })
         .unwrap_or_default()
     }

@@ -26,6 +26,9 @@ pub struct IptablesObserved {
     /// Other software's rules that read or write conntrack marks (`table chain args`), to warn
     /// when one touches the instance's `conn_mark` bit.
     pub connmark_rules: Vec<String>,
+    /// Families whose filter FORWARD chain has policy DROP (Docker sets it): forwards with
+    /// `allow_forward: false` are dropped there.
+    pub forward_drop: Vec<Family>,
     /// Other owners' DNAT/REDIRECT rules a connection meets before portfwd's jump.
     pub foreign_nat: Vec<ForeignNat>,
     /// iptables-nft said legacy tables exist beside its own.
@@ -76,6 +79,14 @@ pub fn observe_family(
     extract_owned(&dump, family, instance, observed);
     extract_connmark_users(&dump, instance, observed);
     extract_foreign_nat(&dump, family, instance, observed);
+    let drops = dump.table(Table::Filter.name()).is_some_and(|t| {
+        t.chains
+            .iter()
+            .any(|c| c.name == "FORWARD" && c.policy == "DROP")
+    });
+    if drops {
+        observed.forward_drop.push(family);
+    }
 }
 
 /// The DNAT and REDIRECT rules of other owners in nat PREROUTING and OUTPUT before portfwd's
