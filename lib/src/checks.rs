@@ -280,21 +280,27 @@ fn forward_hook_findings<F: Firewall>(config: &Config, observed: &Observed<F>) -
             "ends in a drop or reject"
         };
         let names: Vec<&str> = affected.iter().map(|a| a.0.as_str()).collect();
+        let fix = if chain.legacy {
+            format!("{} -I FORWARD -m conntrack --ctstate DNAT -j ACCEPT (for DNAT forwards), or manage the legacy tables with backend: legacy", chain.label().replace(" filter FORWARD", ""))
+        } else {
+            format!(
+                "nft insert rule {} ct status dnat accept (or let the owner of `{}` accept the flow)",
+                chain.label(),
+                chain.label()
+            )
+        };
         out.push(Finding {
             id: "forward_hook_drop",
             severity: Severity::Error,
             entry: (affected.len() == 1).then(|| affected[0].1.clone()),
             msg: format!(
-                "{}: the nftables chain `{}` (hook forward, priority {}) {how}, and an accept in portfwd's own chain does not override it: forwarded packets are dropped there unless that chain accepts them (for DNAT forwards `ct status dnat accept`; firewalld: add the forward to its zone or policy)",
+                "{}: the {} chain `{}` (hook forward, priority {}) {how}, and an accept in portfwd's own chain does not override it: forwarded packets are dropped there unless that chain accepts them (for DNAT forwards `ct status dnat accept`; firewalld: add the forward to its zone or policy)",
                 names.join(", "),
+                chain.owner(),
                 chain.label(),
                 chain.priority
             ),
-            fix: format!(
-                "nft insert rule {} ct status dnat accept (or let the owner of `{}` accept the flow)",
-                chain.label(),
-                chain.label()
-            ),
+            fix,
         });
     }
     out

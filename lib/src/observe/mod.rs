@@ -170,6 +170,9 @@ pub fn observe<F: Firewall>(
     }
     if scope.forward_hook {
         reads.push(Read::NftJson(vec!["list".into(), "chains".into()]));
+        for family in [Family::V4, Family::V6] {
+            reads.push(Read::LegacySave(family));
+        }
     }
     let mut results = sys.read_batch(&reads).into_iter();
     let mut next = || {
@@ -234,6 +237,14 @@ pub fn observe<F: Firewall>(
         let (forward, nat) = other_tables(firewall, sys, &observed.firewall, &chains)?;
         observed.forward_chains = forward;
         observed.foreign_nat = nat;
+        for family in [Family::V4, Family::V6] {
+            let dump = next()?.0;
+            if !firewall.is_legacy(&observed.firewall) {
+                observed
+                    .forward_chains
+                    .extend(legacy_forward(&dump, family));
+            }
+        }
     }
     for key in sysctl_keys {
         let value = sys.read_sysctl(key)?;
@@ -322,4 +333,37 @@ fn other_tables<F: Firewall>(
         }
     }
     Ok((chains, nat))
+}
+
+/// iptables-legacy's filter FORWARD of `family` as a forward-hook chain of another filter:
+/// legacy iptables and nf_tables each filter every packet, so a drop there is not undone by
+/// an accept in nf_tables.
+fn legacy_forward(dump: &str, family: Family) -> Option<nft::ForwardChain> {
+    let parsed = crate::firewall::iptables::save::parse(dump);
+    let filter = parsed.table("filter")?;
+    let decl = filter.chains.iter().find(|c| c.name == "FORWARD")?;
+    let rules: Vec<&str> = filter
+        .rules
+        .iter()
+        .filter(|r| r.chain == "FORWARD")
+        .map(|r| r.text)
+        .collect();
+    let ends_in_drop = rules.last().is_some_and(|r| {
+        matches!(r.trim(), "-j DROP" | "-j REJECT") || r.trim().starts_with("-j REJECT ")
+    });
+    let accepts_dnat = rules.iter().any(|r| {
+        r.contains("--ctstate DNAT")
+            && r.trim_end().ends_with("-j ACCEPT")
+            && !r.contains("! --ctstate")
+    });
+    Some(nft::ForwardChain {
+        family: family.nft_family().to_string(),
+        legacy: true,
+        table: "filter".to_string(),
+        name: "FORWARD".to_string(),
+        priority: 0,
+        policy_drop: decl.policy == "DROP",
+        ends_in_drop,
+        accepts_dnat,
+    })
 }

@@ -22,12 +22,31 @@ pub struct ForwardChain {
     pub ends_in_drop: bool,
     /// A rule accepts `ct status dnat` (DNATed flows pass, as firewalld does).
     pub accepts_dnat: bool,
+    /// iptables-legacy's FORWARD rather than an nftables chain.
+    pub legacy: bool,
 }
 
 impl ForwardChain {
-    /// `inet firewalld filter_FORWARD`
+    /// `inet firewalld filter_FORWARD`, or `iptables-legacy filter FORWARD`.
     pub fn label(&self) -> String {
+        if self.legacy {
+            let tool = if self.family == "ip6" {
+                "ip6tables"
+            } else {
+                "iptables"
+            };
+            return format!("{tool}-legacy {} {}", self.table, self.name);
+        }
         format!("{} {} {}", self.family, self.table, self.name)
+    }
+
+    /// What kind of filter it is, for messages.
+    pub fn owner(&self) -> &'static str {
+        if self.legacy {
+            "iptables-legacy"
+        } else {
+            "nftables"
+        }
     }
 
     /// Drops what reaches its end (policy or last rule).

@@ -56,6 +56,9 @@ pub enum Read {
     Save(Family),
     /// `ip -N -j ARGS...`: (stdout, "").
     IpJson(Vec<&'static str>),
+    /// `iptables-legacy-save` / `ip6tables-legacy-save` (lists only tables that exist, loads
+    /// nothing): (stdout, ""); empty when the tool is not installed.
+    LegacySave(Family),
     /// `nft -j ARGS...`: (stdout, ""); empty when `nft` is not installed. Callers pass only
     /// words nft's parser takes back as one word each (nft joins its arguments into a line).
     NftJson(Vec<String>),
@@ -76,6 +79,9 @@ pub trait System {
                 Read::IpJson(args) => self.ip_json(args).map(|out| (out, String::new())),
                 Read::SaveTool(family) => self.save_tool(*family).map(|out| (out, String::new())),
                 Read::NftJson(args) => self.nft_json(args).map(|out| (out, String::new())),
+                Read::LegacySave(family) => {
+                    self.legacy_save(*family).map(|out| (out, String::new()))
+                }
             })
             .collect()
     }
@@ -85,6 +91,8 @@ pub trait System {
     fn listening_sockets(&mut self) -> Result<String, SystemError>;
     /// Opens a TCP connection to `target` and closes it (doctor's opt-in `--probe`).
     fn connect(&mut self, target: std::net::SocketAddr) -> Result<(), SystemError>;
+    /// `iptables-legacy-save` for `family` (a read); empty when not installed.
+    fn legacy_save(&mut self, family: Family) -> Result<String, SystemError>;
     /// `nft -j ARGS...` (a read); empty output when `nft` is not installed.
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError>;
     /// The nf_tables ruleset generation of this network namespace (bumped by every committed
@@ -236,6 +244,13 @@ impl RealSystem {
         match read {
             Read::Save(family) => self.run(&tool_name(self.backend, *family, "save"), &[], None),
             Read::IpJson(args) => self.ip_json_text(args).map(|out| (out, String::new())),
+            Read::LegacySave(family) => {
+                let tool = tool_name(Backend::Legacy, *family, "save");
+                if which::which(&tool).is_err() {
+                    return Ok((String::new(), String::new()));
+                }
+                self.run(&tool, &[], None)
+            }
             Read::NftJson(args) => {
                 if which::which("nft").is_err() {
                     return Ok((String::new(), String::new()));
@@ -349,6 +364,10 @@ impl System for RealSystem {
                 path: format!("connect {target}"),
                 source,
             })
+    }
+
+    fn legacy_save(&mut self, family: Family) -> Result<String, SystemError> {
+        self.read_one(&Read::LegacySave(family)).map(|(out, _)| out)
     }
 
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError> {

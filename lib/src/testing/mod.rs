@@ -150,6 +150,11 @@ impl System for FakeHost {
         self.call(format!("read-connect {target}"))
     }
 
+    fn legacy_save(&mut self, family: Family) -> Result<String, SystemError> {
+        self.call(format!("read-legacy {}", family.label()))?;
+        Ok(String::new())
+    }
+
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError> {
         let key = args.join(" ");
         self.call(format!("read-nft {key}"))?;

@@ -329,3 +329,43 @@ fn a_drop_in_another_table_at_the_forward_hook_is_warned() {
         "10.0.2.1".parse::<std::net::IpAddr>().unwrap()
     );
 }
+
+/// iptables-legacy's FORWARD with policy DROP on a host portfwd manages through iptables-nft:
+/// both filter every packet, so the accept in nf_tables does not help. The run says so; with
+/// the legacy policy ACCEPT the warning goes and traffic flows.
+#[test]
+fn a_legacy_forward_drop_beside_nf_tables_is_warned() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    t.proxy
+        .exec(&["iptables-legacy", "-P", "FORWARD", "DROP"])
+        .unwrap();
+    let params = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    let legacy_warning = |r: &portfwd_harness::RunResult| {
+        r.json["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|w| w.as_str())
+            .any(|w| w.contains("iptables-legacy chain `iptables-legacy filter FORWARD`"))
+    };
+    let first = portfwd().apply(&t.proxy, &params).unwrap();
+    assert!(!first.failed(), "{}", first.stdout);
+    assert_eq!(
+        first.json["backend"],
+        serde_json::Value::Null,
+        "a fresh host"
+    );
+    assert!(legacy_warning(&first), "{}", first.stdout);
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err());
+    t.proxy
+        .exec(&["iptables-legacy", "-P", "FORWARD", "ACCEPT"])
+        .unwrap();
+    let again = portfwd().apply(&t.proxy, &params).unwrap();
+    assert_eq!(again.json["backend"], "nf_tables", "{}", again.stdout);
+    assert!(!legacy_warning(&again), "{}", again.stdout);
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_ok());
+}
