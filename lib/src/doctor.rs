@@ -326,8 +326,7 @@ mod tests {
     use crate::firewall::iptables::Iptables;
     use crate::testing::FakeHost;
 
-    /// A namespace cannot set nf_conntrack_max (only the initial one can), so this finding is
-    /// shown on the fake host: found at 90%, not below.
+    /// The threshold: found at 90%, not below (the e2e test fills a real table).
     #[test]
     fn reads_ss_output() {
         let text = "udp UNCONN 0      0            *:53         *:*\ntcp LISTEN 0      128    0.0.0.0:4321 0.0.0.0:*\ntcp LISTEN 0 4096 [::1]%lo:8080 [::]:*\ntcp LISTEN 0 5 10.0.1.1:22 0.0.0.0:*\n";

@@ -359,3 +359,63 @@ fn doctor_finds_an_earlier_nat_chain_of_another_nftables_table() {
     assert_eq!(doctor(&t.proxy, &params).1, Vec::<String>::new());
     assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_ok());
 }
+
+/// conntrack_near_full: the proxy's conntrack table is filled past 90% of nf_conntrack_max
+/// (a limit a namespace cannot lower, so it is filled for real: one UDP packet from the client
+/// to each of ~240,000 address and port pairs of the proxy, each an entry), then flushed.
+#[test]
+fn doctor_finds_a_conntrack_table_near_full() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let params: Value = serde_json::from_str(WEB).unwrap();
+    apply(&t.proxy, &params);
+    let max: usize = t
+        .proxy
+        .stdout(&["cat", "/proc/sys/net/netfilter/nf_conntrack_max"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let needed = max * 9 / 10 + 1000;
+    let per_address = 60_000;
+    let addresses: Vec<String> = (0..needed.div_ceil(per_address))
+        .map(|i| format!("10.0.1.{}", 100 + i))
+        .collect();
+    for a in &addresses {
+        t.proxy
+            .exec(&["ip", "addr", "add", &format!("{a}/24"), "dev", "eth0"])
+            .unwrap();
+    }
+    let enter = t.client.enterer();
+    let targets = addresses.clone();
+    std::thread::spawn(move || {
+        enter().unwrap();
+        let socket = std::net::UdpSocket::bind("10.0.1.2:0").unwrap();
+        for a in &targets {
+            let ip: std::net::Ipv4Addr = a.parse().unwrap();
+            for port in 1..=per_address as u16 {
+                let _ = socket.send_to(b"x", (ip, port));
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    let count: usize = t
+        .proxy
+        .stdout(&["cat", "/proc/sys/net/netfilter/nf_conntrack_count"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(count * 10 >= max * 9, "filled {count} of {max}");
+    let (code, ids, report) = doctor(&t.proxy, &params);
+    assert_eq!(
+        (code, ids),
+        (0, vec!["conntrack_near_full".to_string()]),
+        "{report}"
+    );
+    t.proxy.exec(&["conntrack", "-F"]).unwrap();
+    assert_eq!(doctor(&t.proxy, &params).1, Vec::<String>::new());
+}

@@ -21,6 +21,27 @@ fn lab(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// A probe that fails is run again under `portfwd trace`: the report shows where its packet
+/// died.
+#[test]
+fn a_failed_probe_report_shows_where_the_packet_died() {
+    if !prerequisites() {
+        return;
+    }
+    let scenario = data("lab-dropped.yaml");
+    let (code, out) = lab(&["run", scenario.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("the probe again under `portfwd trace` on proxy"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[portfwd:web]")
+            && out.contains("verdict: drop in inet fwlike filter_FORWARD"),
+        "{out}"
+    );
+}
+
 /// A wrong expectation fails the step with every host's state in the report, a JUnit failure,
 /// and packet captures of that step only.
 #[test]

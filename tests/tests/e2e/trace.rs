@@ -181,3 +181,43 @@ fn trace_stops_on_timeout_and_sigterm_and_clean_removes_only_dead_traces() {
         .unwrap()
         .contains("table inet keep"));
 }
+
+/// Where `iptables-save` is the legacy tool, trace says its rules cannot be traced.
+#[test]
+fn trace_says_when_iptables_is_legacy() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let shims = tempfile::tempdir().unwrap();
+    let legacy = crate::common::which("iptables-legacy-save").unwrap();
+    std::os::unix::fs::symlink(
+        std::fs::canonicalize(legacy).unwrap(),
+        shims.path().join("iptables-save"),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        shims.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let r = portfwd()
+        .run(
+            &t.proxy,
+            &["trace", "--proto", "udp", "--dport", "9", "--timeout", "1"],
+            "",
+            &[("PATH", &path)],
+        )
+        .unwrap();
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("legacy flavour") && r.stderr.contains("cannot be traced"),
+        "{}",
+        r.stderr
+    );
+    assert!(!t
+        .proxy
+        .stdout(&["nft", "list", "tables"])
+        .unwrap()
+        .contains("portfwd-trace-"));
+}
