@@ -97,6 +97,25 @@ pub struct Finding {
     pub fix: String,
 }
 
+impl Finding {
+    /// A finding about one forward (its entry is `forwards.NAME`).
+    pub fn forward(
+        id: &'static str,
+        severity: Severity,
+        forward: &Forward,
+        msg: String,
+        fix: impl Into<String>,
+    ) -> Finding {
+        Finding {
+            id,
+            severity,
+            entry: Some(format!("forwards.{}", forward.name)),
+            msg,
+            fix: fix.into(),
+        }
+    }
+}
+
 /// Warnings that need the observed state.
 pub fn warnings<F: Firewall>(config: &Config, firewall: &F, observed: &Observed<F>) -> Vec<String> {
     findings(config, firewall, observed)
@@ -122,13 +141,13 @@ pub fn findings<F: Firewall>(
         let on = sysctl(localnet_key("all")) == Some(1)
             || named.is_some_and(|i| sysctl(localnet_key(i)) == Some(1));
         if !on {
-            out.push(Finding {
-                id: "route_localnet",
-                severity: Severity::Error,
-                entry: Some(format!("forwards.{}", f.name)),
-                msg: format!("forward {:?}: DNAT to a loopback address only works for connections from other hosts when route_localnet=1 on the ingress interface; portfwd sets it only on a named in_interface with ip_forward \"auto\"", f.name),
-                fix: "give the forward an in_interface (with ip_forward \"auto\" portfwd sets route_localnet=1 on it and guards it), or set net.ipv4.conf.<in_interface>.route_localnet=1 yourself".into(),
-            });
+            out.push(Finding::forward(
+                "route_localnet",
+                Severity::Error,
+                f,
+                format!("forward {:?}: DNAT to a loopback address only works for connections from other hosts when route_localnet=1 on the ingress interface; portfwd sets it only on a named in_interface with ip_forward \"auto\"", f.name),
+                "give the forward an in_interface (with ip_forward \"auto\" portfwd sets route_localnet=1 on it and guards it), or set net.ipv4.conf.<in_interface>.route_localnet=1 yourself",
+            ));
         }
     }
     for f in &config.forwards {
@@ -141,13 +160,13 @@ pub fn findings<F: Firewall>(
             continue;
         };
         if let Some(local) = on_link(&addr, observed) {
-            out.push(Finding {
-                id: "reply_bypass",
-                severity: Severity::Warning,
-                entry: Some(format!("forwards.{}", f.name)),
-                msg: format!("forward {:?}: backend {addr} is on-link ({} on {}): with snat none its replies go straight back to the client and bypass this host, unless this host is its default gateway or it policy-routes them here", f.name, local.0, local.1),
-                fix: format!("use snat: masquerade, or make this host {addr}'s gateway for the clients (or policy-route its replies here, as seed 004 does)"),
-            });
+            out.push(Finding::forward(
+                "reply_bypass",
+                Severity::Warning,
+                f,
+                format!("forward {:?}: backend {addr} is on-link ({} on {}): with snat none its replies go straight back to the client and bypass this host, unless this host is its default gateway or it policy-routes them here", f.name, local.0, local.1),
+                format!("use snat: masquerade, or make this host {addr}'s gateway for the clients (or policy-route its replies here, as seed 004 does)"),
+            ));
         }
     }
     let bit = config.conn_mark;
@@ -169,13 +188,13 @@ pub fn findings<F: Firewall>(
         .filter(|f| f.needs_forwarding() && !f.allow_forward)
     {
         if let Some(chain) = firewall.forward_drop(&observed.firewall, f.family) {
-            out.push(Finding {
-                id: "forward_hook_drop",
-                severity: Severity::Error,
-                entry: Some(format!("forwards.{}", f.name)),
-                msg: format!("forward {:?}: allow_forward is false and {chain}: the forwarded packets are dropped there (seeds 002/003: a FORWARD chain with policy DROP)", f.name),
-                fix: "set allow_forward: true (portfwd then accepts exactly the forwarded flow and its replies), or accept the flow in that chain yourself".into(),
-            });
+            out.push(Finding::forward(
+                "forward_hook_drop",
+                Severity::Error,
+                f,
+                format!("forward {:?}: allow_forward is false and {chain}: the forwarded packets are dropped there (seeds 002/003: a FORWARD chain with policy DROP)", f.name),
+                "set allow_forward: true (portfwd then accepts exactly the forwarded flow and its replies), or accept the flow in that chain yourself",
+            ));
         }
     }
     let mut foreign = firewall.foreign_nat(&observed.firewall).to_vec();
@@ -229,16 +248,16 @@ fn foreign_nat_findings(config: &Config, foreign: &[ForeignNat]) -> Vec<Finding>
             } else {
                 String::new()
             };
-            Finding {
-                id: "foreign_nat_first",
-                severity: Severity::Warning,
-                entry: Some(format!("forwards.{}", f.name)),
-                msg: format!(
+            Finding::forward(
+                "foreign_nat_first",
+                Severity::Warning,
+                f,
+                format!(
                     "forward {:?}: another owner's NAT rule comes before portfwd's and matches its port, so it takes those connections first: {}: {}{more}",
                     f.name, rule.place, rule.rule
                 ),
-                fix: "move the forward to another listen_port, or narrow or remove that rule (its owner's tool may put it back)".into(),
-            }
+                "move the forward to another listen_port, or narrow or remove that rule (its owner's tool may put it back)",
+            )
         })
         .collect()
 }

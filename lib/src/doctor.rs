@@ -182,18 +182,16 @@ fn backend_routes(config: &Config, sys: &mut dyn System) -> Vec<Finding> {
         };
         let target = addr.to_string();
         if let Err(e) = sys.ip_json(&["route", "get", &target]) {
-            out.push(Finding {
-                id: "no_route_to_backend",
-                severity: Severity::Error,
-                entry: Some(format!("forwards.{}", f.name)),
-                msg: format!(
+            out.push(Finding::forward(
+                "no_route_to_backend",
+                Severity::Error,
+                f,
+                format!(
                     "forward {:?}: this host has no route to the backend {addr} ({e})",
                     f.name
                 ),
-                fix: format!(
-                    "add a route to {addr} (ip route add {addr} via GATEWAY), or fix `to`"
-                ),
-            });
+                format!("add a route to {addr} (ip route add {addr} via GATEWAY), or fix `to`"),
+            ));
         }
     }
     out
@@ -281,18 +279,18 @@ fn shadowed(f: &Forward, proto: Proto) -> Finding {
     } else {
         "connections from other hosts go to the backend, connections made on this host reach that process"
     };
-    Finding {
-        id: "listen_port_shadowed",
-        severity: Severity::Warning,
-        entry: Some(format!("forwards.{}", f.name)),
-        msg: format!(
+    Finding::forward(
+        "listen_port_shadowed",
+        Severity::Warning,
+        f,
+        format!(
             "forward {:?}: a local process listens on {} port {}: {who}",
             f.name,
             proto.name(),
             f.listen_port.user_text()
         ),
-        fix: "move the local service to another port, or the forward to another listen_port".into(),
-    }
+        "move the local service to another port, or the forward to another listen_port",
+    )
 }
 
 /// `--probe`: a TCP connection from this host to every TCP backend.
@@ -308,13 +306,13 @@ fn probes(config: &Config, sys: &mut dyn System) -> Vec<Finding> {
         };
         let target = std::net::SocketAddr::new(addr, port.unwrap_or(f.listen_port.first));
         if let Err(e) = sys.connect(target) {
-            out.push(Finding {
-                id: "backend_unreachable",
-                severity: Severity::Error,
-                entry: Some(format!("forwards.{}", f.name)),
-                msg: format!("forward {:?}: connecting from this host to the backend {target} failed: {e}", f.name),
-                fix: format!("check that the service runs on {target} and that the path to it (firewalls on the way, the backend's own) accepts the connection"),
-            });
+            out.push(Finding::forward(
+                "backend_unreachable",
+                Severity::Error,
+                f,
+                format!("forward {:?}: connecting from this host to the backend {target} failed: {e}", f.name),
+                format!("check that the service runs on {target} and that the path to it (firewalls on the way, the backend's own) accepts the connection"),
+            ));
         }
     }
     out

@@ -253,6 +253,54 @@ fn peak_rss(pf: &Portfwd, ns: &Netns, params: &Value) -> Result<u64, LabError> {
         .ok_or_else(|| err("no RSS from /usr/bin/time (apt-get install time)"))
 }
 
+/// Five rounds of `reps` pairs (`setup`, then a timed `noop`, then the timed `reads` right
+/// after it); each round's median pair (portfwd s, reads s).
+fn noop_rounds(
+    reps: usize,
+    setup: impl Fn() -> Result<(), LabError> + Copy,
+    noop: impl Fn() -> Result<(), LabError> + Copy,
+    reads: impl Fn() -> Result<(), LabError> + Copy,
+) -> Result<Vec<(f64, f64)>, LabError> {
+    let mut rounds = Vec::new();
+    for _ in 0..5 {
+        let mut pairs = Vec::new();
+        for _ in 0..reps {
+            let portfwd_s = measure(1, setup, noop)?;
+            let reads_s = measure(1, || Ok(()), reads)?;
+            pairs.push((portfwd_s, reads_s));
+        }
+        pairs.sort_by(|a, b| (a.0 / a.1).total_cmp(&(b.0 / b.1)));
+        rounds.push(pairs[pairs.len() / 2]);
+    }
+    Ok(rounds)
+}
+
+/// Prints the rounds and keeps them in the JSON under `key`.
+fn report_rounds(
+    table: &mut String,
+    results: &mut serde_json::Map<String, Value>,
+    label: &str,
+    key: &str,
+    rounds: &[(f64, f64)],
+) {
+    let _ = writeln!(
+        table,
+        "{label} (portfwd s / bare reads s = ratio): {}",
+        rounds
+            .iter()
+            .map(|(n, r)| format!("{n:.3}/{r:.3}={:.2}x", n / r))
+            .collect::<Vec<_>>()
+            .join("  ")
+    );
+    results.insert(
+        key.into(),
+        json!(rounds
+            .iter()
+            .map(|(n, r)| json!({"noop_s": n, "bare_reads_s": r, "ratio": n / r}))
+            .collect::<Vec<_>>()),
+    );
+}
+
 fn control(reps: usize, out: &Path, svg: &Path) -> Result<(), LabError> {
     let pf = Portfwd::locate()?;
     let foreign = foreign_ruleset(10_000);
@@ -296,34 +344,16 @@ fn control(reps: usize, out: &Path, svg: &Path) -> Result<(), LabError> {
     // Five rounds of `reps` pairs, each pair a no-op and the bare reads right after it (so
     // both see the same moment of a noisy machine); a round reports its median pair ratio.
     // Every round must stay at or under 1.0x, not just the best.
-    let mut rounds = Vec::new();
-    for _ in 0..5 {
-        let mut pairs = Vec::new();
-        for _ in 0..reps {
-            let noop = measure(1, || Ok(()), || apply(&pf, &ns, &thousand).map(drop))?;
-            let reads = measure(1, || Ok(()), || bare_reads(&ns))?;
-            pairs.push((noop, reads));
-        }
-        pairs.sort_by(|a, b| (a.0 / a.1).total_cmp(&(b.0 / b.1)));
-        rounds.push(pairs[pairs.len() / 2]);
-    }
-    let _ = writeln!(
-        table,
-        "no-op rounds (portfwd s / bare reads s = ratio): {}",
-        rounds
-            .iter()
-            .map(|(n, r)| format!("{n:.3}/{r:.3}={:.2}x", n / r))
-            .collect::<Vec<_>>()
-            .join("  ")
+    let noop = || apply(&pf, &ns, &thousand).map(drop);
+    let rounds = noop_rounds(reps, || Ok(()), noop, || bare_reads(&ns))?;
+    report_rounds(
+        &mut table,
+        &mut results,
+        "no-op rounds",
+        "noop_rounds",
+        &rounds,
     );
-    results.insert(
-        "noop_rounds".into(),
-        json!(rounds
-            .iter()
-            .map(|(n, r)| json!({"noop_s": n, "bare_reads_s": r, "ratio": n / r}))
-            .collect::<Vec<_>>()),
-    );
-    let (noop, reads) = rounds
+    let (noop_s, reads) = rounds
         .iter()
         .copied()
         .max_by(|a, b| (a.0 / a.1).total_cmp(&(b.0 / b.1)))
@@ -335,32 +365,13 @@ fn control(reps: usize, out: &Path, svg: &Path) -> Result<(), LabError> {
         run_ok(&ns, &["nft", "add", "table", "inet", "pfbench"], "")?;
         run_ok(&ns, &["nft", "delete", "table", "inet", "pfbench"], "")
     };
-    let mut full_rounds = Vec::new();
-    for _ in 0..5 {
-        let mut pairs = Vec::new();
-        for _ in 0..reps {
-            let noop = measure(1, bump, || apply(&pf, &ns, &thousand).map(drop))?;
-            let reads = measure(1, || Ok(()), || bare_reads(&ns))?;
-            pairs.push((noop, reads));
-        }
-        pairs.sort_by(|a, b| (a.0 / a.1).total_cmp(&(b.0 / b.1)));
-        full_rounds.push(pairs[pairs.len() / 2]);
-    }
-    let _ = writeln!(
-        table,
-        "no-op after another writer's change, full read (portfwd s / bare reads s = ratio): {}",
-        full_rounds
-            .iter()
-            .map(|(n, r)| format!("{n:.3}/{r:.3}={:.2}x", n / r))
-            .collect::<Vec<_>>()
-            .join("  ")
-    );
-    results.insert(
-        "noop_full_read_rounds".into(),
-        json!(full_rounds
-            .iter()
-            .map(|(n, r)| json!({"noop_s": n, "bare_reads_s": r, "ratio": n / r}))
-            .collect::<Vec<_>>()),
+    let full_rounds = noop_rounds(reps, bump, noop, || bare_reads(&ns))?;
+    report_rounds(
+        &mut table,
+        &mut results,
+        "no-op after another writer's change, full read",
+        "noop_full_read_rounds",
+        &full_rounds,
     );
     let changed = forwards(1000, Some(500));
     let mut change_lines = 0;
@@ -374,7 +385,7 @@ fn control(reps: usize, out: &Path, svg: &Path) -> Result<(), LabError> {
         },
     )?;
     let rows = [
-        ("no-op converge, 1,000 fwd (worst of 5)", noop, reads, 1.0),
+        ("no-op converge, 1,000 fwd (worst of 5)", noop_s, reads, 1.0),
         ("first apply, 1,000 forwards", first, bare_first, 1.5),
     ];
     for (name, a, b, target) in rows {
@@ -393,9 +404,9 @@ fn control(reps: usize, out: &Path, svg: &Path) -> Result<(), LabError> {
         "-",
         "<=12 ln"
     );
-    results.insert("noop_converge_s".into(), json!(noop));
+    results.insert("noop_converge_s".into(), json!(noop_s));
     results.insert("bare_reads_s".into(), json!(reads));
-    results.insert("noop_ratio".into(), json!(noop / reads));
+    results.insert("noop_ratio".into(), json!(noop_s / reads));
     results.insert("first_apply_s".into(), json!(first));
     results.insert("bare_reads_plus_restore_s".into(), json!(bare_first));
     results.insert("first_apply_ratio".into(), json!(first / bare_first));

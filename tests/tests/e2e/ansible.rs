@@ -152,17 +152,20 @@ fn recap_changed(output: &str, host: &str) -> Option<u32> {
         .and_then(|n| n.parse().ok())
 }
 
-/// `ip netns exec <proxy> ansible-playbook -c local`: check, apply, re-run, bad params, a
-/// registered result, the library layout, and ansible-doc for both layouts.
-#[test]
-fn local_playbook_runs_against_a_lab_proxy() {
-    if !prerequisites() {
-        return;
-    }
-    let Some(venv) = common::venv("PORTFWD_ANSIBLE_VENV", "ansible-venv", "ansible-playbook")
-    else {
-        return;
-    };
+/// A lab proxy that Ansible drives with the local connection: the collection installed, a
+/// backend answering on 1234, an inventory naming `proxy` (group `proxies`).
+struct LocalProxy {
+    venv: PathBuf,
+    ansible: Ansible,
+    t: Topology,
+    _server: Server,
+    host_dir: PathBuf,
+    inventory: String,
+}
+
+/// None (a skip) without the Ansible virtualenv.
+fn local_proxy() -> Option<LocalProxy> {
+    let venv = common::venv("PORTFWD_ANSIBLE_VENV", "ansible-venv", "ansible-playbook")?;
     let ansible = Ansible::new(venv.clone());
     let t = Topology::new().unwrap();
     let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
@@ -174,6 +177,34 @@ fn local_playbook_runs_against_a_lab_proxy() {
             venv.join("bin/python").display()
         ),
     );
+    Some(LocalProxy {
+        venv,
+        ansible,
+        t,
+        _server,
+        host_dir,
+        inventory,
+    })
+}
+
+/// `ip netns exec <proxy> ansible-playbook -c local`: check, apply, re-run, bad params, a
+/// registered result, the library layout, and ansible-doc for both layouts.
+#[test]
+fn local_playbook_runs_against_a_lab_proxy() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(LocalProxy {
+        venv,
+        ansible,
+        t,
+        _server,
+        host_dir,
+        inventory,
+    }) = local_proxy()
+    else {
+        return;
+    };
     let vars = write(
         &ansible.path("vars.json"),
         &json!({"portfwd_forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}], "portfwd_masquerade": []}).to_string(),
@@ -437,8 +468,6 @@ fn probe_tcp(ns: &Netns, target: &str) -> Result<(), String> {
     .unwrap_or_else(|_| Err("panicked".into()))
 }
 
-/// The sidecar documentation and `portfwd schema` describe the same options, types, defaults
-/// and choices, recursively.
 /// The collection's example role (roles/portfwd): its defaults plus the play's vars drive the
 /// module; a second run changes nothing.
 #[test]
@@ -446,21 +475,17 @@ fn the_example_role_forwards_and_is_idempotent() {
     if !prerequisites() {
         return;
     }
-    let Some(venv) = common::venv("PORTFWD_ANSIBLE_VENV", "ansible-venv", "ansible-playbook")
+    let Some(LocalProxy {
+        ansible,
+        t,
+        _server,
+        host_dir,
+        inventory,
+        ..
+    }) = local_proxy()
     else {
         return;
     };
-    let ansible = Ansible::new(venv.clone());
-    let t = Topology::new().unwrap();
-    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
-    let host_dir = ansible.path("role-host");
-    let inventory = write(
-        &ansible.path("role-inventory.ini"),
-        &format!(
-            "proxy ansible_connection=local ansible_python_interpreter={}\n",
-            venv.join("bin/python").display()
-        ),
-    );
     let play = write(
         &ansible.path("role.yml"),
         "- hosts: proxy\n  gather_facts: false\n  roles:\n    - role: portfwd.portfwd.portfwd\n      vars:\n        portfwd_forwards:\n          - {name: web, listen_port: 4321, to: \"10.0.2.2:1234\"}\n",
@@ -522,6 +547,8 @@ fn ansible_test_sanity_is_clean() {
     );
 }
 
+/// The sidecar documentation and `portfwd schema` describe the same options, types, defaults
+/// and choices, recursively.
 #[test]
 fn sidecar_docs_match_the_json_schema() {
     let docs: Value = serde_yaml_ng::from_str(

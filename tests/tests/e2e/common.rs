@@ -144,3 +144,24 @@ pub fn data(name: &str) -> PathBuf {
 pub fn sa(text: &str) -> SocketAddr {
     text.parse().expect("socket address")
 }
+
+/// Runs nft commands (one each) inside `ns`.
+pub fn nft(ns: &portfwd_harness::Netns, commands: &[&str]) {
+    for command in commands {
+        ns.exec(&["sh", "-c", &format!("nft '{command}'")])
+            .unwrap_or_else(|e| panic!("nft {command}: {e}"));
+    }
+}
+
+/// Another owner's firewall shaped like firewalld's: `inet fw filter_FORWARD` ends in a reject
+/// (an accept in any other table does not get a packet past it).
+pub fn firewalld_like(ns: &portfwd_harness::Netns) {
+    nft(
+        ns,
+        &[
+            "add table inet fw",
+            "add chain inet fw filter_FORWARD { type filter hook forward priority filter + 10; policy accept; }",
+            "add rule inet fw filter_FORWARD reject with icmpx admin-prohibited",
+        ],
+    );
+}

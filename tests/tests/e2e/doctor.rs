@@ -25,6 +25,13 @@ fn apply(ns: &Netns, params: &Value) {
     assert!(!r.failed(), "{}", r.stdout);
 }
 
+/// Once another owner's table is gone, doctor finds nothing and the forward works.
+fn fixed_by_deleting(t: &Topology, table: &str, params: &Value) {
+    crate::common::nft(&t.proxy, &[&format!("delete table inet {table}")]);
+    assert_eq!(doctor(&t.proxy, params).1, Vec::<String>::new());
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_ok());
+}
+
 const WEB: &str = r#"{"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]}"#;
 
 /// not_applied, ip_forward_off and forward_hook_drop: the seeds' traps, and firewalld's.
@@ -75,13 +82,7 @@ fn doctor_finds_drift_forwarding_off_and_a_foreign_drop() {
     apply(&t.proxy, &params);
     assert_eq!(doctor(&t.proxy, &params).1, Vec::<String>::new());
 
-    for cmd in [
-        "add table inet fw",
-        "add chain inet fw filter_FORWARD { type filter hook forward priority filter + 10; policy accept; }",
-        "add rule inet fw filter_FORWARD reject with icmpx admin-prohibited",
-    ] {
-        t.proxy.exec(&["sh", "-c", &format!("nft '{cmd}'")]).unwrap();
-    }
+    crate::common::firewalld_like(&t.proxy);
     let (code, ids, report) = doctor(&t.proxy, &params);
     assert_eq!((code, ids), (1, vec!["forward_hook_drop".to_string()]));
     assert!(
@@ -95,11 +96,7 @@ fn doctor_finds_drift_forwarding_off_and_a_foreign_drop() {
         probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err(),
         "it is true"
     );
-    t.proxy
-        .exec(&["nft", "delete", "table", "inet", "fw"])
-        .unwrap();
-    assert_eq!(doctor(&t.proxy, &params).1, Vec::<String>::new());
-    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_ok());
+    fixed_by_deleting(&t, "fw", &params);
 }
 
 /// reply_bypass, route_localnet and mixed_iptables_flavours.
@@ -330,15 +327,14 @@ fn doctor_finds_an_earlier_nat_chain_of_another_nftables_table() {
     let _ours = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
     let params: Value = serde_json::from_str(WEB).unwrap();
     apply(&t.proxy, &params);
-    for cmd in [
-        "add table inet dock",
-        "add chain inet dock pre { type nat hook prerouting priority -150; }",
-        "add rule inet dock pre tcp dport 4321 dnat ip to 10.0.2.2:9",
-    ] {
-        t.proxy
-            .exec(&["sh", "-c", &format!("nft '{cmd}'")])
-            .unwrap();
-    }
+    crate::common::nft(
+        &t.proxy,
+        &[
+            "add table inet dock",
+            "add chain inet dock pre { type nat hook prerouting priority -150; }",
+            "add rule inet dock pre tcp dport 4321 dnat ip to 10.0.2.2:9",
+        ],
+    );
     assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err());
     let (code, ids, report) = doctor(&t.proxy, &params);
     assert_eq!(
@@ -353,11 +349,7 @@ fn doctor_finds_an_earlier_nat_chain_of_another_nftables_table() {
             .contains("inet dock pre: tcp dport 4321 dnat"),
         "{report}"
     );
-    t.proxy
-        .exec(&["nft", "delete", "table", "inet", "dock"])
-        .unwrap();
-    assert_eq!(doctor(&t.proxy, &params).1, Vec::<String>::new());
-    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_ok());
+    fixed_by_deleting(&t, "dock", &params);
 }
 
 /// conntrack_near_full: the proxy's conntrack table is filled past 90% of nf_conntrack_max

@@ -274,14 +274,7 @@ fn a_drop_in_another_table_at_the_forward_hook_is_warned() {
     t.proxy
         .exec(&["iptables", "-P", "FORWARD", "DROP"])
         .unwrap();
-    for cmd in [
-        "add table inet fw",
-        "add chain inet fw filter_FORWARD { type filter hook forward priority filter + 10; policy accept; }",
-        "add rule inet fw filter_FORWARD ct state established,related accept",
-        "add rule inet fw filter_FORWARD reject with icmpx admin-prohibited",
-    ] {
-        t.proxy.exec(&["sh", "-c", &format!("nft '{cmd}'")]).unwrap();
-    }
+    crate::common::firewalld_like(&t.proxy);
     let params = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
     let warned = |r: &portfwd_harness::RunResult| {
         r.json["warnings"]

@@ -510,32 +510,26 @@ fn the_firewall_read_is_skipped_only_while_nothing_changed() {
     let t = Topology::new().unwrap();
     let _tcp = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
     let params = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    // (changed, nf_tables saves, legacy saves) of one apply.
+    let counted = |params: &Value| {
+        let counter = SaveCounter::new();
+        let r = portfwd()
+            .run(
+                &t.proxy,
+                &["apply"],
+                &params.to_string(),
+                &[("PATH", &counter.path())],
+            )
+            .unwrap();
+        assert_eq!(r.code, 0, "{}", r.stdout);
+        let (nft, legacy) = counter.calls();
+        (r.changed(), nft, legacy)
+    };
     let run = |params: &Value| {
-        let counter = SaveCounter::new();
-        let r = portfwd()
-            .run(
-                &t.proxy,
-                &["apply"],
-                &params.to_string(),
-                &[("PATH", &counter.path())],
-            )
-            .unwrap();
-        assert_eq!(r.code, 0, "{}", r.stdout);
-        (r.changed(), counter.calls().0)
+        let (changed, nft, _) = counted(params);
+        (changed, nft)
     };
-    let legacy_reads = |params: &Value| {
-        let counter = SaveCounter::new();
-        let r = portfwd()
-            .run(
-                &t.proxy,
-                &["apply"],
-                &params.to_string(),
-                &[("PATH", &counter.path())],
-            )
-            .unwrap();
-        assert_eq!(r.code, 0, "{}", r.stdout);
-        counter.calls().1
-    };
+    let legacy_reads = |params: &Value| counted(params).2;
     assert_eq!(run(&params), (true, 2), "a first run reads both families");
     assert!(!run(&params).0);
     assert_eq!(

@@ -94,21 +94,7 @@ fn salt_state_applies_portfwd_statefully() {
     .unwrap();
     let salt_call = venv.join("bin/salt-call").display().to_string();
     let config = root.join("config").display().to_string();
-    let salt = |extra: &[&str]| {
-        let mut argv = vec![
-            salt_call.as_str(),
-            "--local",
-            "--config-dir",
-            &config,
-            "--out",
-            "json",
-            "state.apply",
-            "portfwd",
-        ];
-        argv.extend_from_slice(extra);
-        run_in(&t.proxy, root, &argv)
-    };
-
+    // `salt-call --local ... ARGS` in the proxy, JSON out.
     let run = |argv: &[&str]| {
         let mut full = vec![
             salt_call.as_str(),
@@ -120,6 +106,11 @@ fn salt_state_applies_portfwd_statefully() {
         ];
         full.extend_from_slice(argv);
         run_in(&t.proxy, root, &full)
+    };
+    let salt = |extra: &[&str]| {
+        let mut argv = vec!["state.apply", "portfwd"];
+        argv.extend_from_slice(extra);
+        run(&argv)
     };
     let (code, out) = run(&["saltutil.sync_all"]);
     assert_eq!(code, 0, "{out}");

@@ -107,13 +107,7 @@ fn trace_shows_the_path_through_portfwd_and_where_a_packet_dies() {
     );
 
     // Another table rejects forwarded traffic: the trace says where the packet died.
-    for cmd in [
-        "add table inet fw",
-        "add chain inet fw filter_FORWARD { type filter hook forward priority filter + 10; policy accept; }",
-        "add rule inet fw filter_FORWARD reject with icmpx admin-prohibited",
-    ] {
-        t.proxy.exec(&["sh", "-c", &format!("nft '{cmd}'")]).unwrap();
-    }
+    crate::common::firewalld_like(&t.proxy);
     let tracing = start(&t.proxy, &args);
     assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err());
     let (code, packets, stderr) = finish(tracing);
