@@ -233,12 +233,14 @@ pub fn observe<F: Firewall>(
     }
     observed.addresses_read = addresses;
     if scope.forward_hook {
-        let chains = next()?.0;
+        // Other filters are looked at for warnings only: a failed read (no permission, an
+        // older nft) means nothing is known about them, never a failed run.
+        let chains = next().map(|(out, _)| out).unwrap_or_default();
         let (forward, nat) = other_tables(firewall, sys, &observed.firewall, &chains)?;
         observed.forward_chains = forward;
         observed.foreign_nat = nat;
         for family in [Family::V4, Family::V6] {
-            let dump = next()?.0;
+            let dump = next().map(|(out, _)| out).unwrap_or_default();
             if !firewall.is_legacy(&observed.firewall) {
                 observed
                     .forward_chains
@@ -322,14 +324,14 @@ fn other_tables<F: Firewall>(
         .collect();
     let mut results = sys.read_batch(&reads).into_iter();
     for &i in &readable {
-        if let Some(result) = results.next() {
-            nft::read_rules(&result?.0, &mut chains[i]);
+        if let Some(Ok((text, _))) = results.next() {
+            nft::read_rules(&text, &mut chains[i]);
         }
     }
     let mut nat = Vec::new();
     for chain in nat_readable {
-        if let Some(result) = results.next() {
-            nat.extend(nft::nat_rules(&result?.0, chain));
+        if let Some(Ok((text, _))) = results.next() {
+            nat.extend(nft::nat_rules(&text, chain));
         }
     }
     Ok((chains, nat))

@@ -362,3 +362,42 @@ fn a_legacy_forward_drop_beside_nf_tables_is_warned() {
     assert!(!legacy_warning(&again), "{}", again.stdout);
     assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_ok());
 }
+
+/// The other-filter checks are best effort: with an `nft` that fails (an older nft, a
+/// container that refuses netlink) the run still applies, and the forward works.
+#[test]
+fn a_failing_nft_does_not_fail_the_run() {
+    if !prerequisites() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let shims = tempfile::tempdir().unwrap();
+    let nft = shims.path().join("nft");
+    std::fs::write(
+        &nft,
+        "#!/bin/sh\necho 'Error: Operation not permitted' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&nft, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        shims.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let params = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    let r = portfwd()
+        .run(
+            &t.proxy,
+            &["apply"],
+            &params.to_string(),
+            &[("PATH", &path)],
+        )
+        .unwrap();
+    assert!(r.changed() && !r.failed(), "{}", r.stdout);
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
+        "10.0.2.1".parse::<std::net::IpAddr>().unwrap()
+    );
+}
