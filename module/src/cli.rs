@@ -17,7 +17,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
         one iptables-restore --noflush transaction per table, sysctl writes, ip -batch removals, rolling \
         everything back if any step fails. After a committed change it deletes the conntrack entries the \
         change made stale (UDP flows; TCP connections of forwards with reset_connections), so live flows \
-        follow the change.\n\n\
+        follow the change. A run with nothing to change skips the iptables read while the nf_tables \
+        ruleset generation proves it unchanged since the last full read. Other filters on the host (other \
+        nftables tables, iptables-legacy) are read for warnings: a drop at the forward hook or a NAT rule \
+        that takes a forward's port first.\n\n\
         As an Ansible binary module it is run as `portfwd ARGS_FILE`; ARGS_FILE holds the params plus \
         Ansible's _ansible_* keys (check and diff mode are honoured).\n\n\
         Exit codes: 0 success (changed or not), 1 the run failed (the JSON says failed: true and why), \
