@@ -105,8 +105,18 @@ impl FailNth {
         let real =
             real_tool(tool).ok_or_else(|| LabError::Traffic(format!("{tool} not on PATH")))?;
         let counter = dir.path().join("count");
+        // nft also answers portfwd's best-effort looks at other tables (`-j list chains`,
+        // `-j list chain ...`), which never fail a run: they are passed through, not counted.
+        let pass = if tool == "nft" {
+            format!(
+                "case \"$*\" in \"-j list chains\"|\"-j list chain \"*) exec '{}' \"$@\";; esac\n",
+                real.display()
+            )
+        } else {
+            String::new()
+        };
         let body = format!(
-            "{count}if [ \"$c\" -eq {n} ]; then echo \"injected failure of {tool} call $c\" >&2; exit 1; fi\n\
+            "{pass}{count}if [ \"$c\" -eq {n} ]; then echo \"injected failure of {tool} call $c\" >&2; exit 1; fi\n\
              exec '{real}' \"$@\"\n",
             count = count_call(&counter),
             real = real.display(),
