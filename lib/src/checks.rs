@@ -69,9 +69,10 @@ pub fn needs_addresses(config: &Config) -> bool {
     })
 }
 
-/// Does anything of the config cross the forward hook (a DNAT forward, a masquerade entry)?
-pub fn forwards_traffic(config: &Config) -> bool {
-    config.forwards.iter().any(Forward::needs_forwarding) || !config.masquerades.is_empty()
+/// Are other filters on the host worth reading (their forward-hook drops, their NAT taking
+/// a forward's port first)? Whenever there is a forward or a masquerade entry.
+pub fn reads_other_filters(config: &Config) -> bool {
+    !config.forwards.is_empty() || !config.masquerades.is_empty()
 }
 
 /// How bad a finding is: an error means a forward does not work as asked.

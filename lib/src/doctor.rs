@@ -43,7 +43,7 @@ pub fn diagnose<F: Firewall>(
     let scope = Scope {
         routing: true,
         addresses: true,
-        forward_hook: checks::forwards_traffic(config) || !config.forwards.is_empty(),
+        other_filters: checks::reads_other_filters(config),
     };
     let prelude = observe::prelude(sys, &config.instance)?;
     let observed = observe::observe(

@@ -92,7 +92,7 @@ fn run_with<F: Firewall>(
         routing: !config.policy_routes.is_empty()
             || managed.contains_key(net::Family::V6.forwarding_sysctl()),
         addresses: !config.addresses.is_empty() || checks::needs_addresses(config),
-        forward_hook: checks::forwards_traffic(config) || !config.forwards.is_empty(),
+        other_filters: checks::reads_other_filters(config),
     };
     // Compiling thousands of forwards and reading the host are independent: compile on a
     // thread of its own while the reads (an iptables-save of 10,000 rules takes ~0.1 s) run.

@@ -82,9 +82,9 @@ pub struct Scope {
     pub routing: bool,
     /// Addresses: wanted or recorded, or needed by a warning.
     pub addresses: bool,
-    /// Other nftables tables' base chains at the forward hook, and their NAT chains that run
-    /// before iptables' (something is forwarded).
-    pub forward_hook: bool,
+    /// Other filters: other nftables tables' forward-hook and early NAT chains, and
+    /// iptables-legacy's FORWARD (something is forwarded).
+    pub other_filters: bool,
 }
 
 impl Scope {
@@ -92,7 +92,7 @@ impl Scope {
     pub const ALL: Scope = Scope {
         routing: true,
         addresses: true,
-        forward_hook: false,
+        other_filters: false,
     };
 }
 
@@ -168,7 +168,7 @@ pub fn observe<F: Firewall>(
     if addresses {
         reads.push(Read::IpJson(vec!["addr", "show"]));
     }
-    if scope.forward_hook {
+    if scope.other_filters {
         reads.push(Read::NftJson(vec!["list".into(), "chains".into()]));
         for family in [Family::V4, Family::V6] {
             reads.push(Read::LegacySave(family));
@@ -232,11 +232,11 @@ pub fn observe<F: Firewall>(
         observed.routing.present = iproute::parse_addresses(&next()?.0);
     }
     observed.addresses_read = addresses;
-    if scope.forward_hook {
+    if scope.other_filters {
         // Other filters are looked at for warnings only: a failed read (no permission, an
         // older nft) means nothing is known about them, never a failed run.
         let chains = next().map(|(out, _)| out).unwrap_or_default();
-        let (forward, nat) = other_tables(firewall, sys, &observed.firewall, &chains)?;
+        let (forward, nat) = other_tables(firewall, sys, &observed.firewall, &chains);
         observed.forward_chains = forward;
         observed.foreign_nat = nat;
         for family in [Family::V4, Family::V6] {
@@ -290,7 +290,7 @@ fn other_tables<F: Firewall>(
     sys: &mut dyn System,
     ours: &F::Observed,
     listing: &str,
-) -> Result<(Vec<nft::ForwardChain>, Vec<crate::firewall::ForeignNat>), SystemError> {
+) -> (Vec<nft::ForwardChain>, Vec<crate::firewall::ForeignNat>) {
     let skip =
         |family: &str, table: &str, name: &str| firewall.owns_hook_chain(ours, family, table, name);
     let mut chains = nft::forward_chains(listing, skip);
@@ -334,7 +334,7 @@ fn other_tables<F: Firewall>(
             nat.extend(nft::nat_rules(&text, chain));
         }
     }
-    Ok((chains, nat))
+    (chains, nat)
 }
 
 /// iptables-legacy's filter FORWARD of `family` as a forward-hook chain of another filter:
