@@ -170,17 +170,37 @@ impl Portfwd {
         proto: crate::traffic::Proto,
         target: std::net::SocketAddr,
     ) -> Result<Vec<Value>, LabError> {
-        use std::process::{Command, Stdio};
         let proto_name = match proto {
             crate::traffic::Proto::Tcp => "tcp",
             crate::traffic::Proto::Udp => "udp",
         };
         let port = target.port().to_string();
+        let args = ["--proto", proto_name, "--dport", &port];
+        let child = self.start_trace(
+            on,
+            &[&args[..], &["--count", "1", "--timeout", "8", "--json"]].concat(),
+        )?;
+        let _ = crate::traffic::probe(from, proto, target);
+        let out = child
+            .wait_with_output()
+            .map_err(|e| LabError::Traffic(format!("portfwd trace: {e}")))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+}
+
+impl Portfwd {
+    /// Starts `portfwd trace ARGS` in `on` (stdout and stderr piped) and returns once its
+    /// table is in place (or after 5 s), so the traffic that follows is traced.
+    pub fn start_trace(&self, on: &Netns, args: &[&str]) -> Result<std::process::Child, LabError> {
+        use std::process::{Command, Stdio};
         let child = Command::new("ip")
             .args(["netns", "exec", on.name()])
             .arg(&self.bin)
-            .args(["trace", "--proto", proto_name, "--dport", &port])
-            .args(["--count", "1", "--timeout", "8", "--json"])
+            .arg("trace")
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -191,20 +211,11 @@ impl Portfwd {
             .stdout(&["nft", "list", "tables"])
             .unwrap_or_default()
             .contains(&table)
+            && started.elapsed() < std::time::Duration::from_secs(5)
         {
-            if started.elapsed() > std::time::Duration::from_secs(5) {
-                break;
-            }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        let _ = crate::traffic::probe(from, proto, target);
-        let out = child
-            .wait_with_output()
-            .map_err(|e| LabError::Traffic(format!("portfwd trace: {e}")))?;
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect())
+        Ok(child)
     }
 }
 

@@ -256,6 +256,13 @@ pub fn doctor(config: &Config, probe: bool, sys: &mut RealSystem) -> Result<Diag
     doctor::diagnose(&Iptables, config, probe, sys)
 }
 
+/// Does `iptables-save` here drive iptables-legacy (whose rules nftables tracing cannot see)?
+pub fn iptables_is_legacy(sys: &mut RealSystem) -> bool {
+    use system::System as _;
+    sys.save_tool(net::Family::V4)
+        .is_ok_and(|path| firewall::iptables::observe::tool_flavour(&path) == Some("legacy"))
+}
+
 /// The forwards an instance has installed, to label its rules in a trace.
 pub fn trace_entries(instance: &str, sys: &mut RealSystem) -> Result<trace::Entries, Error> {
     let config = show(instance, None, sys)?.validate()?;

@@ -77,14 +77,11 @@ pub fn run(opts: Options) -> ExitCode {
         let _ = monitor.kill();
         return ExitCode::from(1);
     }
-    if iptables_is_legacy() {
+    let mut host = portfwd::RealSystem::new(portfwd::Backend::Auto);
+    if portfwd::iptables_is_legacy(&mut host) {
         eprintln!("portfwd trace: note: iptables here is the legacy flavour; its rules are not part of nftables and cannot be traced (only nftables tables, iptables-nft's included, show up)");
     }
-    let entries = portfwd::trace_entries(
-        &opts.instance,
-        &mut portfwd::RealSystem::new(portfwd::Backend::Auto),
-    )
-    .unwrap_or_default();
+    let entries = portfwd::trace_entries(&opts.instance, &mut host).unwrap_or_default();
     let mut tracker = Tracker::new(&table, entries);
     let mut packets: Vec<Packet> = Vec::new();
     let deadline = Instant::now() + opts.timeout;
@@ -151,18 +148,6 @@ fn print_packet(packet: &Packet, json: bool) {
         let _ = writeln!(out, "  nat: {nat}");
     }
     let _ = writeln!(out, "  verdict: {}", packet.verdict);
-}
-
-/// Does `iptables-save` resolve to the legacy tool?
-fn iptables_is_legacy() -> bool {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("iptables-save"))
-                .find(|p| p.exists())
-        })
-        .and_then(|p| std::fs::canonicalize(p).ok())
-        .is_some_and(|p| p.to_string_lossy().contains("legacy"))
 }
 
 /// Removes the trace tables whose process is gone; prints what it removed.

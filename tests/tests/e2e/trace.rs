@@ -3,7 +3,7 @@
 //! stops on its count, on its timeout and on SIGTERM, and always removes its table; `--clean`
 //! removes only dead traces' tables.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use crate::common::{portfwd, prerequisites, sa, Topology};
@@ -11,26 +11,13 @@ use portfwd_harness::{probe, Netns, Proto, Server};
 use serde_json::{json, Value};
 
 fn start(ns: &Netns, args: &[&str]) -> Child {
-    let bin = portfwd().bin.display().to_string();
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns.name(), &bin, "trace"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Traffic only once the trace table is in place.
-    let started = Instant::now();
-    while !trace_tables(ns)
-        .iter()
-        .any(|t| t.ends_with(&child.id().to_string()))
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no trace table"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let child = portfwd().start_trace(ns, args).unwrap();
+    assert!(
+        trace_tables(ns)
+            .iter()
+            .any(|t| t.ends_with(&child.id().to_string())),
+        "no trace table"
+    );
     child
 }
 

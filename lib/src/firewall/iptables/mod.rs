@@ -68,7 +68,7 @@ impl Firewall for Iptables {
         // `(nf_tables)` in its dump).
         let tool_is_nft = outputs
             .get(2)
-            .is_some_and(|(path, _)| observe::names_nft_tool(path));
+            .is_some_and(|(path, _)| observe::tool_flavour(path) == Some("nf_tables"));
         for (family, output) in [Family::V4, Family::V6].into_iter().zip(&outputs) {
             let dump = observe::Dump {
                 output,

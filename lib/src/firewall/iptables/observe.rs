@@ -42,12 +42,17 @@ pub struct Dump<'a> {
     pub tool_is_nft: bool,
 }
 
-/// Is this save tool (links resolved) the nf_tables flavour (`xtables-nft-multi`,
-/// `iptables-nft-save`)?
-pub fn names_nft_tool(path: &str) -> bool {
-    path.rsplit('/')
-        .next()
-        .is_some_and(|name| name.contains("-nft"))
+/// The flavour a save tool (links resolved) names: `xtables-nft-multi`, `iptables-nft-save`
+/// are nf_tables; `xtables-legacy-multi`, `iptables-legacy-save` legacy; None otherwise.
+pub fn tool_flavour(path: &str) -> Option<&'static str> {
+    let name = path.rsplit('/').next()?;
+    if name.contains("-nft") {
+        Some("nf_tables")
+    } else if name.contains("-legacy") {
+        Some("legacy")
+    } else {
+        None
+    }
 }
 
 /// Parses one family's dump into `observed`; the stderr warning of iptables-nft about legacy
@@ -369,7 +374,7 @@ mod tests {
             let mut observed = IptablesObserved::default();
             let dump = Dump {
                 output: &output,
-                tool_is_nft: names_nft_tool(path),
+                tool_is_nft: tool_flavour(path) == Some("nf_tables"),
             };
             observe_family(Family::V4, dump, "portfwd", &mut observed, &mut Vec::new());
             assert_eq!(observed.flavour, Some(flavour), "{path}");
