@@ -214,7 +214,6 @@ fn reread_for_rollback<F: Firewall>(
         sys,
         prelude,
         None,
-        run.instance,
         run.protocol,
         &[],
         Scope::ALL,

@@ -51,7 +51,6 @@ pub fn diagnose<F: Firewall>(
         sys,
         prelude,
         None,
-        &config.instance,
         config.route_protocol,
         &keys,
         scope,

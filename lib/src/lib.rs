@@ -109,16 +109,7 @@ fn run_with<F: Firewall>(
             Err(e) => return (join(compiled), Err(e)),
         };
         let read = |sys: &mut dyn System, prelude, cached| {
-            observe::observe(
-                firewall,
-                sys,
-                prelude,
-                cached,
-                &config.instance,
-                protocol,
-                &keys,
-                scope,
-            )
+            observe::observe(firewall, sys, prelude, cached, protocol, &keys, scope)
         };
         if prelude.cache_is_current() {
             let desired = join(compiled);
@@ -295,7 +286,6 @@ fn show_on(instance: &str, protocol: Option<u8>, sys: &mut dyn System) -> Result
         sys,
         prelude,
         None,
-        instance,
         protocol,
         &[],
         observe::Scope::ALL,

@@ -85,10 +85,6 @@ pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     /// the `conn_mark` collision warning.
     fn mark_users<'a>(&self, observed: &'a Self::Observed) -> &'a [String];
 
-    /// Does the backend drive iptables-legacy itself (so its FORWARD chain is the backend's
-    /// own way into the hook)?
-    fn is_legacy(&self, observed: &Self::Observed) -> bool;
-
     /// Does the backend's own forward hook drop what it does not accept for `family`
     /// (iptables: filter FORWARD with policy DROP)? Named, for the finding.
     fn forward_drop(&self, observed: &Self::Observed, family: crate::net::Family)

@@ -99,6 +99,8 @@ impl Scope {
 /// What a run reads first, while the desired state is being compiled: the record of created
 /// objects (with the read cache) and the nf_tables generation.
 pub struct Prelude {
+    /// Whose state is read.
+    pub instance: String,
     pub record: Record,
     pub warning: Option<String>,
     pub generation: Option<u32>,
@@ -109,6 +111,7 @@ pub fn prelude(sys: &mut dyn System, instance: &str) -> Result<Prelude, SystemEr
     let (record, warning) = sys.read_record(instance)?;
     let generation = sys.nft_generation()?;
     Ok(Prelude {
+        instance: instance.to_string(),
         record,
         warning,
         generation,
@@ -134,22 +137,27 @@ impl Prelude {
 /// Reads both families' rulesets (unless the read cache proves them unchanged), the
 /// instance's ip rules, routes and addresses, and the given sysctls. The independent reads run
 /// at once ([`System::read_batch`]).
-#[allow(clippy::too_many_arguments)]
 pub fn observe<F: Firewall>(
     firewall: &F,
     sys: &mut dyn System,
     prelude: Prelude,
     cached: Option<(&F::Desired, ReadCache)>,
-    instance: &str,
     protocol: u8,
     sysctl_keys: &[String],
     scope: Scope,
 ) -> Result<Observed<F>, SystemError> {
+    let Prelude {
+        instance,
+        record,
+        warning,
+        generation,
+    } = prelude;
+    let instance = instance.as_str();
     let mut observed = Observed::<F> {
-        record: prelude.record,
+        record,
         ..Observed::default()
     };
-    observed.warnings.extend(prelude.warning);
+    observed.warnings.extend(warning);
     let record = &observed.record;
     let routing = scope.routing || !record.rules.is_empty() || !record.routes.is_empty();
     let addresses = scope.addresses || !record.addresses.is_empty();
@@ -195,7 +203,7 @@ pub fn observe<F: Firewall>(
             let flavour = firewall.flavour(&observed.firewall);
             // The digest is the desired objects' (the plan sets it once it knows they were
             // found exactly).
-            if let (Some(generation), Some("nf_tables")) = (prelude.generation, flavour) {
+            if let (Some(generation), Some("nf_tables")) = (generation, flavour) {
                 observed.read_cache = Some(ReadCache {
                     generation,
                     digest: 0,
@@ -241,7 +249,8 @@ pub fn observe<F: Firewall>(
         observed.foreign_nat = nat;
         for family in [Family::V4, Family::V6] {
             let dump = next().map(|(out, _)| out).unwrap_or_default();
-            if !firewall.is_legacy(&observed.firewall) {
+            // A backend driving iptables-legacy has its own FORWARD there.
+            if firewall.flavour(&observed.firewall) != Some("legacy") {
                 observed
                     .forward_chains
                     .extend(legacy_forward(&dump, family));

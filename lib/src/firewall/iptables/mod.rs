@@ -178,10 +178,6 @@ impl Firewall for Iptables {
         &observed.connmark_rules
     }
 
-    fn is_legacy(&self, observed: &IptablesObserved) -> bool {
-        observed.flavour == Some("legacy")
-    }
-
     fn forward_drop(&self, observed: &IptablesObserved, family: Family) -> Option<String> {
         let tool = if family == Family::V4 {
             "iptables"
