@@ -57,7 +57,8 @@ pub enum Read {
     /// `ip -N -j ARGS...`: (stdout, "").
     IpJson(Vec<&'static str>),
     /// `iptables-legacy-save` / `ip6tables-legacy-save` (lists only tables that exist, loads
-    /// nothing): (stdout, ""); empty when the tool is not installed.
+    /// nothing): (stdout, ""); empty when the tool is not installed, or when it is the save
+    /// tool in use (then [`Read::Save`] reads it already).
     LegacySave(Family),
     /// `nft -j ARGS...`: (stdout, ""); empty when `nft` is not installed. Callers pass only
     /// words nft's parser takes back as one word each (nft joins its arguments into a line).
@@ -246,7 +247,16 @@ impl RealSystem {
             Read::IpJson(args) => self.ip_json_text(args).map(|out| (out, String::new())),
             Read::LegacySave(family) => {
                 let tool = tool_name(Backend::Legacy, *family, "save");
-                if which::which(&tool).is_err() {
+                let resolve = |name: &str| {
+                    which::which(name)
+                        .ok()
+                        .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+                };
+                let Some(legacy) = resolve(&tool) else {
+                    return Ok((String::new(), String::new()));
+                };
+                // When the save in use is that same tool, `Read::Save` already reads it.
+                if resolve(&tool_name(self.backend, *family, "save")) == Some(legacy) {
                     return Ok((String::new(), String::new()));
                 }
                 self.run(&tool, &[], None)
