@@ -138,15 +138,22 @@ pub struct Record {
 /// transaction has changed any table, so a run with the same desired objects can skip the
 /// read (an `iptables-save` of 10,000 foreign rules costs ~0.12 s). Other software's changes
 /// (iptables-nft's included) bump the generation; iptables-legacy ones do not, so legacy hosts
-/// never use it.
+/// never use it (and only nf_tables reads are cached).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReadCache {
-    pub generation: u32,
     /// [`crate::firewall::Firewall::digest`] of the desired objects, with the backend setting
     /// and portfwd's version.
     pub digest: u32,
-    /// The flavour and warnings that read gave (the warnings are repeated on every run).
-    pub flavour: String,
+    #[serde(flatten)]
+    pub read: FirewallRead,
+}
+
+/// What a full nf_tables read of the firewall found besides portfwd's own objects, and at
+/// which generation (read before it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FirewallRead {
+    pub generation: u32,
+    /// The warnings that read gave (repeated on every run that uses the cache).
     #[serde(default)]
     pub warnings: Vec<String>,
     /// The backend's facts about other software's rules (conntrack mark users, NAT rules

@@ -16,7 +16,7 @@ use std::fmt::Debug;
 
 use crate::model::{Config, ForwardParams, MasqueradeParams};
 use crate::net::Family;
-use crate::ownership::{ReadCache, Record};
+use crate::ownership::{FirewallRead, Record};
 use crate::system::Read;
 
 /// One packet-filter backend. A backend is a small value (a unit struct for iptables), so the
@@ -47,7 +47,7 @@ pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
 
     /// What a read would find when the last full read found exactly `want` and nothing has
     /// changed since (see [`crate::ownership::ReadCache`]).
-    fn assume(&self, want: &Self::Desired, cache: &ReadCache) -> Self::Observed;
+    fn assume(&self, want: &Self::Desired, read: &FirewallRead) -> Self::Observed;
 
     /// The observed objects as a desired state: the rollback target and what `show` reads.
     fn snapshot(&self, observed: &Self::Observed) -> Self::Desired;

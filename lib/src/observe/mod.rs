@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::firewall::iptables::Iptables;
 use crate::firewall::Firewall;
 use crate::net::Family;
-use crate::ownership::{ReadCache, Record};
+use crate::ownership::{FirewallRead, ReadCache, Record};
 use crate::routing::{IfAddr, IpRule, Routing};
 use crate::system::{Read, System, SystemError};
 
@@ -29,9 +29,9 @@ pub struct Observed<F: Firewall = Iptables> {
     pub record: Record,
     /// The instance's stored params file, if any.
     pub stored: Option<String>,
-    /// What this read proves for the next run (see [`ReadCache`]): the cache it used, or a
-    /// new one when the firewall was read at a known generation.
-    pub read_cache: Option<ReadCache>,
+    /// What this run knows of the firewall at a generation (see [`ReadCache`]): from the
+    /// cache it used, or from its own nf_tables read.
+    pub firewall_read: Option<FirewallRead>,
     /// Other tables' base chains at the forward hook (see [`nft`]).
     pub forward_chains: Vec<nft::ForwardChain>,
     /// DNAT/REDIRECT rules of other nftables tables whose NAT runs before portfwd's.
@@ -124,7 +124,7 @@ impl Prelude {
         self.record
             .read_cache
             .as_ref()
-            .is_some_and(|c| Some(c.generation) == self.generation && c.flavour == "nf_tables")
+            .is_some_and(|c| Some(c.read.generation) == self.generation)
     }
 
     /// The read cache that stands for a firewall read of objects with `read_key`.
@@ -193,21 +193,19 @@ pub fn observe<F: Firewall>(
         .collect::<Result<Vec<_>, _>>()?;
     match cached {
         Some((want, cache)) => {
-            observed.firewall = firewall.assume(want, &cache);
-            observed.warnings.extend(cache.warnings.iter().cloned());
-            observed.read_cache = Some(cache);
+            observed.firewall = firewall.assume(want, &cache.read);
+            observed
+                .warnings
+                .extend(cache.read.warnings.iter().cloned());
+            observed.firewall_read = Some(cache.read);
         }
         _ => {
             let mut warnings = Vec::new();
             observed.firewall = firewall.observe(instance, outputs, &mut warnings);
             let flavour = firewall.flavour(&observed.firewall);
-            // The digest is the desired objects' (the plan sets it once it knows they were
-            // found exactly).
             if let (Some(generation), Some("nf_tables")) = (generation, flavour) {
-                observed.read_cache = Some(ReadCache {
+                observed.firewall_read = Some(FirewallRead {
                     generation,
-                    digest: 0,
-                    flavour: "nf_tables".to_string(),
                     warnings: warnings.clone(),
                     facts: firewall.foreign_facts(&observed.firewall),
                 });

@@ -115,13 +115,13 @@ pub fn plan<F: Firewall>(
     // that changes them bumps the generation anyway.
     let untouched = firewall_plan.transactions.is_empty() && firewall_plan.drops.is_empty();
     record.read_cache = observed
-        .read_cache
+        .firewall_read
         .clone()
         .filter(|_| untouched)
-        .and_then(|cache| {
+        .and_then(|read| {
             Some(ReadCache {
                 digest: desired.read_key?,
-                ..cache
+                read,
             })
         });
     let sysctls = sysctl::plan_sysctls(&desired.sysctls, observed, &mut record, &mut warnings);

@@ -21,7 +21,7 @@ use super::{Entries, Firewall, FirewallPlan, ForeignNat};
 use crate::checks::{Finding, Severity};
 use crate::model::Config;
 use crate::net::Family;
-use crate::ownership::{ReadCache, Record, StableHash};
+use crate::ownership::{FirewallRead, Record, StableHash};
 use crate::system::Read;
 use observe::IptablesObserved;
 use rules::OwnedRules;
@@ -108,15 +108,12 @@ impl Firewall for Iptables {
         Some(hash.finish())
     }
 
-    fn assume(&self, want: &OwnedRules, cache: &ReadCache) -> IptablesObserved {
-        let facts: ForeignFacts = serde_json::from_value(cache.facts.clone()).unwrap_or_default();
+    /// Only nf_tables reads are cached.
+    fn assume(&self, want: &OwnedRules, read: &FirewallRead) -> IptablesObserved {
+        let facts: ForeignFacts = serde_json::from_value(read.facts.clone()).unwrap_or_default();
         IptablesObserved {
             owned: want.clone(),
-            flavour: Some(if cache.flavour == "legacy" {
-                "legacy"
-            } else {
-                "nf_tables"
-            }),
+            flavour: Some("nf_tables"),
             connmark_rules: facts.mark_users,
             foreign_nat: facts.foreign_nat,
             forward_drop: facts.forward_drop,
