@@ -93,6 +93,44 @@ impl WriteRecorder {
     }
 }
 
+/// Logs every call of the given tools (one line each: the tool's name and its arguments), then
+/// runs the real tool. Reads can be counted this way too (how many `iptables-save` a run made).
+pub struct CallLog {
+    dir: tempfile::TempDir,
+}
+
+impl CallLog {
+    pub fn new(tools: &[&str]) -> Result<CallLog, LabError> {
+        let dir = tempfile::tempdir().map_err(|e| LabError::Traffic(format!("tempdir: {e}")))?;
+        let log = dir.path().join("calls.log");
+        for tool in tools {
+            let real =
+                real_tool(tool).ok_or_else(|| LabError::Traffic(format!("{tool} not on PATH")))?;
+            let body = format!(
+                "echo \"{tool} $*\" >> '{}'\nexec '{}' \"$@\"\n",
+                log.display(),
+                real.display()
+            );
+            write_script(dir.path(), tool, &body)?;
+        }
+        Ok(CallLog { dir })
+    }
+
+    /// PATH with the shims first.
+    pub fn path(&self) -> String {
+        path_with(self.dir.path())
+    }
+
+    /// The calls seen so far.
+    pub fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("calls.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
 /// Fails the Nth call of one tool (exit 1, message on stderr, nothing run); every other call
 /// runs the real tool.
 pub struct FailNth {

@@ -1,5 +1,6 @@
 //! The fake host's iptables: tables of chains of rule texts, parsed from and rendered as
-//! `iptables-save` dumps, changed by `iptables-restore --noflush` payloads the way the real
+//! `iptables-save` dumps (with its own small parser, not the engine's, so a parser bug cannot
+//! hide on both sides of a test), changed by `iptables-restore --noflush` payloads the way the real
 //! tool does (user chains listed by name, as libiptc keeps them; atomic per payload; `-N` of an existing chain, `-X` of a chain in use, `-D` of a
 //! missing rule and a jump to a missing chain all fail).
 

@@ -452,50 +452,31 @@ fn concurrent_runs_are_serialised() {
 }
 
 /// Shims that log every `iptables-save`/`ip6tables-save` call (any flavour) and run the tool.
-struct SaveCounter {
-    dir: tempfile::TempDir,
-}
+struct SaveCounter(portfwd_harness::shims::CallLog);
 
 impl SaveCounter {
     fn new() -> SaveCounter {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        for tool in [
-            "iptables-save",
-            "ip6tables-save",
-            "iptables-legacy-save",
-            "ip6tables-legacy-save",
-        ] {
-            let real = crate::common::which(tool).unwrap();
-            let path = dir.path().join(tool);
-            std::fs::write(
-                &path,
-                format!(
-                    "#!/bin/sh\necho {tool} >> '{}'\nexec '{}' \"$@\"\n",
-                    dir.path().join("log").display(),
-                    real.display()
-                ),
-            )
-            .unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        SaveCounter { dir }
+        SaveCounter(
+            portfwd_harness::shims::CallLog::new(&[
+                "iptables-save",
+                "ip6tables-save",
+                "iptables-legacy-save",
+                "ip6tables-legacy-save",
+            ])
+            .unwrap(),
+        )
     }
 
     fn path(&self) -> String {
-        format!(
-            "{}:{}",
-            self.dir.path().display(),
-            std::env::var("PATH").unwrap_or_default()
-        )
+        self.0.path()
     }
 
     /// Calls of the nf_tables save tools (`iptables-save`, `ip6tables-save`), and of the
     /// legacy ones (read on every run to see iptables-legacy's FORWARD beside nf_tables).
     fn calls(&self) -> (usize, usize) {
-        let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
-        let legacy = log.lines().filter(|l| l.contains("legacy")).count();
-        (log.lines().count() - legacy, legacy)
+        let calls = self.0.calls();
+        let legacy = calls.iter().filter(|l| l.contains("legacy")).count();
+        (calls.len() - legacy, legacy)
     }
 }
 
