@@ -9,7 +9,7 @@
 //! ([`reread_for_rollback`], the one place apply reads the host).
 
 use crate::compile::Desired;
-use crate::firewall::{Firewall, TableDrop};
+use crate::firewall::{Firewall, TableDrop, Tool};
 use crate::observe::{self, Observed, Scope};
 use crate::ownership::holds_only_chains;
 use crate::plan::iproute::IpBatch;
@@ -58,7 +58,10 @@ fn execute(step: &Step, instance: &str, sys: &mut dyn System) -> Result<(), Syst
     match step {
         Step::RecordAhead(record) | Step::Record(record) => sys.write_record(instance, record),
         Step::IpBatch(batch) => sys.ip_batch(batch.family, &script(batch)),
-        Step::Transaction(t) => sys.restore(t.family, &t.payload),
+        Step::Transaction(t) => match t.tool {
+            Tool::IptablesRestore(family) => sys.restore(family, &t.payload),
+            Tool::Nft => sys.nft_apply(&t.payload),
+        },
         Step::DropTable(drop) => drop_if_only_chains(drop, sys),
         Step::SysctlWrite(change) => sys.write_sysctl(&change.key, &change.to),
         Step::Store(stored) => sys.write_stored(instance, stored.as_deref()),
@@ -82,7 +85,7 @@ fn describe(step: &Step) -> String {
     match step {
         Step::RecordAhead(_) => "recording what this run creates".to_string(),
         Step::IpBatch(b) => format!("{} ({} lines)", batch_command(b), b.lines.len()),
-        Step::Transaction(t) => format!("{} {} transaction", t.family.label(), t.table),
+        Step::Transaction(t) => t.describe(),
         Step::DropTable(d) => drop_command(d),
         Step::SysctlWrite(c) => sysctl_command(&c.key, &c.to),
         Step::Record(_) => "recording created objects".to_string(),

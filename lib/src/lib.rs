@@ -54,6 +54,8 @@ pub use report::{line_diff, Changes, Diff, Report};
 pub use system::{default_state_dir, RealSystem, RunLock, SystemError};
 
 use firewall::iptables::Iptables;
+use firewall::migrate::Moving;
+use firewall::nftables::Nftables;
 use firewall::Firewall;
 use report::decompile::params_from_state;
 use report::StateView;
@@ -76,7 +78,29 @@ pub fn run(config: &Config, mode: RunMode, sys: &mut RealSystem) -> Report {
 
 /// [`run`] against any host (the fake one in unit tests).
 pub(crate) fn run_on(config: &Config, mode: RunMode, sys: &mut dyn System) -> Report {
-    run_with(&Iptables, config, mode, sys)
+    // The record says which backend holds the instance: another one than the params ask for
+    // is read too and emptied in the same run (see [`firewall::migrate`]).
+    let prelude = match observe::prelude(sys, &config.instance) {
+        Ok(p) => p,
+        Err(e) => return Report::failure(format!("reading the current state failed: {e}")),
+    };
+    let held_by = prelude.record.backend.as_deref().unwrap_or("iptables");
+    let nftables = Nftables::new(&config.instance);
+    if config.backend.is_nftables() {
+        let moving = Moving {
+            from_old: held_by != nftables.name() && sys.has_tool("iptables-save"),
+            new: nftables,
+            old: Iptables,
+        };
+        run_with(&moving, config, mode, sys, prelude)
+    } else {
+        let moving = Moving {
+            from_old: held_by == nftables.name(),
+            new: Iptables,
+            old: nftables,
+        };
+        run_with(&moving, config, mode, sys, prelude)
+    }
 }
 
 fn run_with<F: Firewall>(
@@ -84,6 +108,7 @@ fn run_with<F: Firewall>(
     config: &Config,
     mode: RunMode,
     sys: &mut dyn System,
+    prelude: observe::Prelude,
 ) -> Report {
     let managed = compile::sysctls(config);
     let keys = checks::sysctl_keys(config, &managed);
@@ -103,10 +128,6 @@ fn run_with<F: Firewall>(
         let join = |c: std::thread::ScopedJoinHandle<'_, compile::Desired<F>>| {
             c.join()
                 .unwrap_or_else(|_| compile::compile(config, firewall))
-        };
-        let prelude = match observe::prelude(sys, &config.instance) {
-            Ok(p) => p,
-            Err(e) => return (join(compiled), Err(e)),
         };
         let read = |sys: &mut dyn System, prelude, cached| {
             observe::observe(firewall, sys, prelude, cached, protocol, &keys, scope)
@@ -244,7 +265,11 @@ fn follow_live_flows<F: Firewall>(
 /// What keeps `config`'s forwards from working on this host (it changes nothing).
 /// With `probe`, it connects to every TCP backend (sends traffic).
 pub fn doctor(config: &Config, probe: bool, sys: &mut RealSystem) -> Result<Diagnosis, Error> {
-    doctor::diagnose(&Iptables, config, probe, sys)
+    if config.backend.is_nftables() {
+        doctor::diagnose(&Nftables::new(&config.instance), config, probe, sys)
+    } else {
+        doctor::diagnose(&Iptables, config, probe, sys)
+    }
 }
 
 /// Does `iptables-save` here drive iptables-legacy (whose rules nftables tracing cannot see)?
@@ -272,17 +297,38 @@ pub fn trace_entries(instance: &str, sys: &mut RealSystem) -> Result<trace::Entr
 }
 
 /// The instance's current managed state as params; applying them is a no-op.
+/// The backend is the one the record names, else the one `sys` was made for.
 pub fn show(instance: &str, protocol: Option<u8>, sys: &mut RealSystem) -> Result<Params, Error> {
-    show_on(instance, protocol, sys)
+    let nftables = sys.backend().is_nftables();
+    show_on(instance, protocol, nftables, sys)
 }
 
 /// [`show`] against any host.
-fn show_on(instance: &str, protocol: Option<u8>, sys: &mut dyn System) -> Result<Params, Error> {
-    let protocol = protocol.unwrap_or_else(|| model::default_route_protocol(instance));
-    let firewall = Iptables;
+fn show_on(
+    instance: &str,
+    protocol: Option<u8>,
+    nftables: bool,
+    sys: &mut dyn System,
+) -> Result<Params, Error> {
     let prelude = observe::prelude(sys, instance)?;
+    let held_by = prelude.record.backend.as_deref();
+    if held_by == Some("nftables") || (held_by.is_none() && nftables) {
+        show_with(&Nftables::new(instance), instance, protocol, sys, prelude)
+    } else {
+        show_with(&Iptables, instance, protocol, sys, prelude)
+    }
+}
+
+fn show_with<F: Firewall>(
+    firewall: &F,
+    instance: &str,
+    protocol: Option<u8>,
+    sys: &mut dyn System,
+    prelude: observe::Prelude,
+) -> Result<Params, Error> {
+    let protocol = protocol.unwrap_or_else(|| model::default_route_protocol(instance));
     let observed = observe::observe(
-        &firewall,
+        firewall,
         sys,
         prelude,
         None,
@@ -290,13 +336,17 @@ fn show_on(instance: &str, protocol: Option<u8>, sys: &mut dyn System) -> Result
         &[],
         observe::Scope::ALL,
     )?;
-    Ok(params_from_state(
+    let mut params = params_from_state(
         firewall.decompile(instance, &firewall.snapshot(&observed.firewall)),
         &observed.routing.owned,
         instance,
         protocol,
         observed.stored.is_some(),
-    ))
+    );
+    if firewall.name() == "nftables" {
+        params.backend = Backend::Nftables;
+    }
+    Ok(params)
 }
 
 #[cfg(test)]
@@ -337,7 +387,7 @@ mod tests {
             {"name":"v6","listen_port":80,"to":"[fd00:2::2]:80"}],
             "masquerade":[{"name":"lan","source":"192.168.0.0/24"}]}"#;
         let mut sys = converged(json);
-        let shown = show_on("portfwd", None, &mut sys).unwrap();
+        let shown = show_on("portfwd", None, false, &mut sys).unwrap();
         let again = compile::compile(&shown.validate().unwrap(), &Iptables);
         assert_eq!(
             again.firewall,

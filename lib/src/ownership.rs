@@ -128,6 +128,10 @@ pub struct Record {
     /// entry needs them any more.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sysctls: BTreeMap<String, String>,
+    /// The backend holding the instance's firewall objects (`iptables` when absent: records
+    /// from before there was a choice); a run with another backend moves them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
     /// What the last full read of the firewall proved, for skipping the next one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_cache: Option<ReadCache>,
@@ -170,6 +174,7 @@ impl Record {
             && self.routes.is_empty()
             && self.sysctls.is_empty()
             && self.read_cache.is_none()
+            && self.backend.is_none()
     }
 }
 

@@ -58,8 +58,9 @@ pub enum Command {
         /// The instance to read.
         #[arg(long, default_value = "portfwd")]
         instance: String,
-        /// iptables flavour to read.
-        #[arg(long, value_enum, default_value = "auto")]
+        /// The backend holding the instance (`iptables` reads an nftables one too when its
+        /// record says it moved there).
+        #[arg(long, value_enum, default_value = "iptables")]
         backend: BackendArg,
         /// The instance's route_protocol, when it set one.
         #[arg(long)]
@@ -145,9 +146,14 @@ pub struct Input {
     pub state_dir: Option<PathBuf>,
 }
 
+/// The backend whose state `show` reads (`auto`, `nft` and `legacy` are the old names).
 #[derive(Clone, Copy, ValueEnum)]
 pub enum BackendArg {
-    Auto,
-    Nft,
-    Legacy,
+    #[value(alias = "auto")]
+    Iptables,
+    #[value(alias = "nft")]
+    IptablesNft,
+    #[value(alias = "legacy")]
+    IptablesLegacy,
+    Nftables,
 }

@@ -21,9 +21,10 @@ use portfwd::{line_diff, Backend, Config, RealSystem, Report, RunLock, RunMode};
 impl From<BackendArg> for Backend {
     fn from(b: BackendArg) -> Backend {
         match b {
-            BackendArg::Auto => Backend::Auto,
-            BackendArg::Nft => Backend::Nft,
-            BackendArg::Legacy => Backend::Legacy,
+            BackendArg::Iptables => Backend::Iptables,
+            BackendArg::IptablesNft => Backend::IptablesNft,
+            BackendArg::IptablesLegacy => Backend::IptablesLegacy,
+            BackendArg::Nftables => Backend::Nftables,
         }
     }
 }
@@ -263,7 +264,7 @@ fn doctor_params(
             .map(|(config, _, _)| config)
             .map_err(|e| e.to_string());
     }
-    let mut sys = RealSystem::new(Backend::Auto);
+    let mut sys = RealSystem::new(Backend::Iptables);
     let installed = portfwd::show(instance, None, &mut sys).map_err(|e| e.to_string())?;
     installed.validate().map_err(|e| e.to_string())
 }
@@ -315,7 +316,7 @@ fn doctor(
 /// Applies every stored instance; prints `{"failed", "changed", "msg", "instances": {name: result}}`.
 fn restore(state_dir: Option<PathBuf>, lock_timeout: u64) -> ExitCode {
     let dir = state_dir.unwrap_or_else(portfwd::default_state_dir);
-    let sys = RealSystem::new(Backend::Auto).with_state_dir(dir.clone());
+    let sys = RealSystem::new(Backend::Iptables).with_state_dir(dir.clone());
     let names = match sys.stored_instances() {
         Ok(names) => names,
         Err(e) => return emit(&Report::failure(e.to_string())),

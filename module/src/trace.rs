@@ -77,7 +77,7 @@ pub fn run(opts: Options) -> ExitCode {
         let _ = monitor.kill();
         return ExitCode::from(1);
     }
-    let mut host = portfwd::RealSystem::new(portfwd::Backend::Auto);
+    let mut host = portfwd::RealSystem::new(portfwd::Backend::Iptables);
     if portfwd::iptables_is_legacy(&mut host) {
         eprintln!("portfwd trace: note: iptables here is the legacy flavour; its rules are not part of nftables and cannot be traced (only nftables tables, iptables-nft's included, show up)");
     }

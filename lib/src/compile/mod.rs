@@ -41,6 +41,13 @@ pub fn compile<F: Firewall>(config: &Config, firewall: &F) -> Desired<F> {
             .part(setting.as_bytes())
             .finish()
     });
+    if let Some(alias) = config.backend_alias {
+        desired.warnings.push(format!(
+            "backend: {:?} is deprecated; write {:?} (the same backend)",
+            alias.name(),
+            config.backend.name()
+        ));
+    }
     if config.state == State::Absent {
         return desired;
     }

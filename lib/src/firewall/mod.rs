@@ -11,6 +11,8 @@
 //! [`crate::run`] that picks it.
 
 pub mod iptables;
+pub mod migrate;
+pub mod nftables;
 
 use std::fmt::Debug;
 
@@ -26,6 +28,12 @@ pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     type Desired: Clone + Debug + Default + PartialEq + Send;
     /// What the backend found of an instance on the host.
     type Observed: Clone + Debug + Default;
+
+    /// The backend family the record names as holding the instance (`iptables`, `nftables`).
+    fn name(&self) -> &'static str;
+
+    /// Does a desired state hold any object (else the instance leaves this backend)?
+    fn holds_anything(&self, want: &Self::Desired) -> bool;
 
     /// Compiles the forwards and masquerade entries (a pure function of the config).
     fn compile(&self, config: &Config) -> Self::Desired;
@@ -138,11 +146,30 @@ pub struct FirewallPlan {
 /// One atomic write to the firewall, rendered by its backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transaction {
-    pub family: Family,
-    /// The table it edits (`nat`), for messages.
-    pub table: &'static str,
-    /// The tool's input (an `iptables-restore --noflush` payload).
+    pub tool: Tool,
+    /// The table it edits (`nat`, `inet portfwd-web`), for messages.
+    pub table: String,
+    /// The tool's input.
     pub payload: String,
+}
+
+/// What runs a [`Transaction`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    /// `iptables-restore --noflush` (or `ip6tables-restore`): one table of one family.
+    IptablesRestore(Family),
+    /// `nft -f -`: one script, both families.
+    Nft,
+}
+
+impl Transaction {
+    /// How it is named in messages (`ipv4 nat transaction`).
+    pub fn describe(&self) -> String {
+        match self.tool {
+            Tool::IptablesRestore(family) => format!("{} {} transaction", family.label(), self.table),
+            Tool::Nft => format!("nft transaction on table {}", self.table),
+        }
+    }
 }
 
 /// An nf_tables table to delete (`nft delete table ip nat`), only if it holds nothing but

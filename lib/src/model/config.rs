@@ -137,7 +137,10 @@ pub struct Config {
     pub(crate) state: State,
     pub(crate) instance: String,
     pub(crate) ip_forward: IpForward,
+    /// Always a current name (see [`Backend::canonical`]).
     pub(crate) backend: Backend,
+    /// The deprecated name the params used, for the warning.
+    pub(crate) backend_alias: Option<Backend>,
     pub(crate) forwards: Vec<Forward>,
     pub(crate) masquerades: Vec<Masquerade>,
     pub(crate) addresses: Vec<Address>,
@@ -151,7 +154,7 @@ pub struct Config {
 }
 
 impl Config {
-    /// The iptables flavour the params ask for (the binary builds its host with it).
+    /// The backend the params ask for (the binary builds its host with it).
     pub fn backend(&self) -> Backend {
         self.backend
     }

@@ -15,17 +15,56 @@ pub enum State {
     Absent,
 }
 
-/// Which iptables flavour to drive: the system default, or one forced.
+/// Which packet filter portfwd writes: iptables (its flavour as installed, or one forced) or
+/// nftables natively. `auto`, `nft` and `legacy` are the names before nftables was a backend.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Backend {
     /// `iptables-save`/`iptables-restore` as installed (whatever the alternatives select).
     #[default]
-    Auto,
+    Iptables,
     /// `iptables-nft-save`/`iptables-nft-restore`.
-    Nft,
+    IptablesNft,
     /// `iptables-legacy-save`/`iptables-legacy-restore`.
+    IptablesLegacy,
+    /// A table of the instance's own, `inet portfwd-<instance>`, written with `nft -f`.
+    Nftables,
+    /// Deprecated name of `iptables`.
+    Auto,
+    /// Deprecated name of `iptables-nft`.
+    Nft,
+    /// Deprecated name of `iptables-legacy`.
     Legacy,
+}
+
+impl Backend {
+    /// The current name of a deprecated one (`auto` → `iptables`).
+    pub fn canonical(self) -> Backend {
+        match self {
+            Backend::Auto => Backend::Iptables,
+            Backend::Nft => Backend::IptablesNft,
+            Backend::Legacy => Backend::IptablesLegacy,
+            other => other,
+        }
+    }
+
+    /// The value as the user writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Iptables => "iptables",
+            Backend::IptablesNft => "iptables-nft",
+            Backend::IptablesLegacy => "iptables-legacy",
+            Backend::Nftables => "nftables",
+            Backend::Auto => "auto",
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        }
+    }
+
+    /// Is this the native nftables backend (rather than one of the iptables ones)?
+    pub fn is_nftables(self) -> bool {
+        self == Backend::Nftables
+    }
 }
 
 /// Transport protocol of a forward.
@@ -134,7 +173,10 @@ pub struct Params {
     /// Kernel forwarding switch for the families the forwards use.
     #[serde(default)]
     pub ip_forward: IpForward,
-    /// iptables flavour; `auto` uses the system's default tools.
+    /// `iptables` (default: the flavour installed), `iptables-nft`, `iptables-legacy`, or
+    /// `nftables` (a table of the instance's own). `auto`, `nft` and `legacy` still work, with a
+    /// deprecation warning. Applying with another backend than the one holding the instance
+    /// moves it.
     #[serde(default)]
     pub backend: Backend,
     /// Port forwards (DNAT or REDIRECT), in rule order.
@@ -185,7 +227,7 @@ impl Default for Params {
             state: State::Present,
             instance: default_instance(),
             ip_forward: IpForward::Auto,
-            backend: Backend::Auto,
+            backend: Backend::Iptables,
             forwards: Vec::new(),
             masquerade: Vec::new(),
             addresses: Vec::new(),

@@ -203,7 +203,8 @@ pub fn observe<F: Firewall>(
             let mut warnings = Vec::new();
             observed.firewall = firewall.observe(instance, outputs, &mut warnings);
             let flavour = firewall.flavour(&observed.firewall);
-            if let (Some(generation), Some("nf_tables")) = (generation, flavour) {
+            // nf_tables only: iptables-legacy changes do not move the generation.
+            if let (Some(generation), Some("nf_tables" | "nftables")) = (generation, flavour) {
                 observed.firewall_read = Some(FirewallRead {
                     generation,
                     warnings: warnings.clone(),

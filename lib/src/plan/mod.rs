@@ -124,6 +124,10 @@ pub fn plan<F: Firewall>(
                 read,
             })
         });
+    // The record names the backend only while it holds something.
+    record.backend = firewall
+        .holds_anything(&desired.firewall)
+        .then(|| firewall.name().to_string());
     let sysctls = sysctl::plan_sysctls(&desired.sysctls, observed, &mut record, &mut warnings);
     let routing = plan_routing(&desired.routing, &observed.routing, protocol);
     warnings.extend(routing.warnings.iter().cloned());

@@ -50,5 +50,9 @@ pub fn ahead(recorded: &Record, after: &Record) -> Option<Record> {
     ahead.tables.extend(after.tables.iter().cloned());
     ahead.rules.extend(after.rules.iter().cloned());
     ahead.routes.extend(after.routes.iter().cloned());
+    // A run killed half way may have moved the instance: the next one reads both backends.
+    if after.backend.is_some() {
+        ahead.backend = after.backend.clone();
+    }
     (&ahead != recorded).then_some(ahead)
 }

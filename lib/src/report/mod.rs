@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::apply::{batch_command, drop_command, sysctl_command};
 use crate::compile::Desired;
-use crate::firewall::{EntryChanges, Firewall};
+use crate::firewall::{EntryChanges, Firewall, Tool};
 use crate::model::{Backend, Params};
 use crate::observe::Observed;
 use crate::plan::{Plan, Step};
@@ -161,7 +161,10 @@ pub fn commands(plan: &Plan, backend: Backend) -> Vec<String> {
             ),
             Step::Transaction(t) => heredoc(
                 &mut out,
-                restore_command(backend, t.family),
+                match t.tool {
+                    Tool::IptablesRestore(family) => restore_command(backend, family),
+                    Tool::Nft => "nft -f -".to_string(),
+                },
                 t.payload.lines(),
             ),
             Step::DropTable(d) => out.push(drop_command(&d)),

@@ -63,6 +63,9 @@ pub enum Read {
     /// `nft -j ARGS...`: (stdout, ""); empty when `nft` is not installed. Callers pass only
     /// words nft's parser takes back as one word each (nft joins its arguments into a line).
     NftJson(Vec<String>),
+    /// `nft -j list table inet NAME`: (stdout, ""); empty when the table does not exist or
+    /// `nft` is not installed.
+    NftTable(String),
     /// The file the save tool resolves to through links (`/usr/sbin/xtables-nft-multi`):
     /// (path, ""). iptables before 1.8.8 does not name its flavour in the dump.
     SaveTool(Family),
@@ -80,6 +83,7 @@ pub trait System {
                 Read::IpJson(args) => self.ip_json(args).map(|out| (out, String::new())),
                 Read::SaveTool(family) => self.save_tool(*family).map(|out| (out, String::new())),
                 Read::NftJson(args) => self.nft_json(args).map(|out| (out, String::new())),
+                Read::NftTable(name) => self.nft_table(name).map(|out| (out, String::new())),
                 Read::LegacySave(family) => {
                     self.legacy_save(*family).map(|out| (out, String::new()))
                 }
@@ -96,6 +100,12 @@ pub trait System {
     fn legacy_save(&mut self, family: Family) -> Result<String, SystemError>;
     /// `nft -j ARGS...` (a read); empty output when `nft` is not installed.
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError>;
+    /// `nft -j list table inet NAME` (empty when there is no such table).
+    fn nft_table(&mut self, name: &str) -> Result<String, SystemError>;
+    /// One `nft -f -` transaction.
+    fn nft_apply(&mut self, script: &str) -> Result<(), SystemError>;
+    /// Is this tool on PATH (a backend that is not installed holds nothing)?
+    fn has_tool(&mut self, name: &str) -> bool;
     /// The nf_tables ruleset generation of this network namespace (bumped by every committed
     /// nftables transaction); None when the kernel has no nf_tables or the host cannot say.
     fn nft_generation(&mut self) -> Result<Option<u32>, SystemError>;
@@ -165,10 +175,11 @@ fn tool_name(backend: Backend, family: Family, verb: &str) -> String {
         Family::V4 => "iptables",
         Family::V6 => "ip6tables",
     };
-    match backend {
-        Backend::Auto => format!("{base}-{verb}"),
-        Backend::Nft => format!("{base}-nft-{verb}"),
-        Backend::Legacy => format!("{base}-legacy-{verb}"),
+    // The nftables backend reads iptables only to move an instance off it: as installed.
+    match backend.canonical() {
+        Backend::IptablesNft => format!("{base}-nft-{verb}"),
+        Backend::IptablesLegacy => format!("{base}-legacy-{verb}"),
+        _ => format!("{base}-{verb}"),
     }
 }
 
@@ -191,6 +202,11 @@ impl RealSystem {
             run_dir: default_run_dir(),
             use_cookie: std::env::var(record_store::NO_COOKIE_ENV).as_deref() != Ok("1"),
         }
+    }
+
+    /// The backend this host was made for.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     pub fn with_state_dir(mut self, dir: PathBuf) -> RealSystem {
@@ -246,7 +262,7 @@ impl RealSystem {
             Read::Save(family) => self.run(&tool_name(self.backend, *family, "save"), &[], None),
             Read::IpJson(args) => self.ip_json_text(args).map(|out| (out, String::new())),
             Read::LegacySave(family) => {
-                let tool = tool_name(Backend::Legacy, *family, "save");
+                let tool = tool_name(Backend::IptablesLegacy, *family, "save");
                 let resolve = |name: &str| {
                     which::which(name)
                         .ok()
@@ -268,6 +284,20 @@ impl RealSystem {
                 let mut full = vec!["-j"];
                 full.extend(args.iter().map(String::as_str));
                 self.run("nft", &full, None)
+            }
+            Read::NftTable(name) => {
+                if which::which("nft").is_err() {
+                    return Ok((String::new(), String::new()));
+                }
+                // A name is one word (validated instance); nft joins its argv into one line.
+                match self.run("nft", &["-j", "list", "table", "inet", name], None) {
+                    Err(SystemError::Failed { stderr, .. })
+                        if stderr.contains("No such file or directory") =>
+                    {
+                        Ok((String::new(), String::new()))
+                    }
+                    other => other,
+                }
             }
             Read::SaveTool(family) => {
                 let tool = tool_name(self.backend, *family, "save");
@@ -383,6 +413,19 @@ impl System for RealSystem {
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError> {
         self.read_one(&Read::NftJson(args.to_vec()))
             .map(|(out, _)| out)
+    }
+
+    fn nft_table(&mut self, name: &str) -> Result<String, SystemError> {
+        self.read_one(&Read::NftTable(name.to_string()))
+            .map(|(out, _)| out)
+    }
+
+    fn nft_apply(&mut self, script: &str) -> Result<(), SystemError> {
+        self.run("nft", &["-f", "-"], Some(script)).map(drop)
+    }
+
+    fn has_tool(&mut self, name: &str) -> bool {
+        which::which(name).is_ok()
     }
 
     /// A host that will not say (no nf_tables, netlink refused in a container) gives None:
@@ -613,15 +656,15 @@ mod tests {
     #[test]
     fn tool_names_follow_backend() {
         assert_eq!(
-            tool_name(Backend::Auto, Family::V6, "save"),
+            tool_name(Backend::Iptables, Family::V6, "save"),
             "ip6tables-save"
         );
         assert_eq!(
-            tool_name(Backend::Nft, Family::V4, "restore"),
+            tool_name(Backend::IptablesNft, Family::V4, "restore"),
             "iptables-nft-restore"
         );
         assert_eq!(
-            tool_name(Backend::Legacy, Family::V4, "save"),
+            tool_name(Backend::IptablesLegacy, Family::V4, "save"),
             "iptables-legacy-save"
         );
     }

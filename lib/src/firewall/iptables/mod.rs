@@ -45,6 +45,14 @@ impl Firewall for Iptables {
     type Desired = OwnedRules;
     type Observed = IptablesObserved;
 
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn holds_anything(&self, want: &OwnedRules) -> bool {
+        !want.chains.is_empty()
+    }
+
     fn compile(&self, config: &Config) -> OwnedRules {
         compile::compile_rules(config)
     }

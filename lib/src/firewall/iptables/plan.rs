@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::observe::IptablesObserved;
 use super::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Table};
-use crate::firewall::{EntryChanges, FirewallPlan, TableDrop, Transaction};
+use crate::firewall::{EntryChanges, FirewallPlan, TableDrop, Transaction, Tool};
 use crate::net::Family;
 use crate::ownership::{parse_comment, table_key, Record, KIND_FORWARD, KIND_MASQUERADE};
 
@@ -63,8 +63,8 @@ pub fn plan(
             .tables
             .iter()
             .map(|t| Transaction {
-                family: t.family,
-                table: t.table.name(),
+                tool: Tool::IptablesRestore(t.family),
+                table: t.table.name().to_string(),
                 payload: t.payload(),
             })
             .collect(),

@@ -1,0 +1,173 @@
+//! Moving an instance between backends: a run with `backend: nftables` on an instance whose
+//! record says iptables holds it (or the other way round) also reads the old backend's
+//! objects of the instance and removes them, in the same run, after the new ones are in place.
+//! A failure anywhere rolls both back, because both are one [`Firewall`] to the engine.
+
+use super::{Entries, EntryChanges, Firewall, FirewallPlan, ForeignNat};
+use crate::checks::Finding;
+use crate::model::Config;
+use crate::net::Family;
+use crate::ownership::{FirewallRead, Record};
+use crate::system::Read;
+
+/// The backend the params ask for (`new`) and the one that may still hold the instance
+/// (`old`), read and emptied only while `from_old` is set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Moving<N, O> {
+    pub new: N,
+    pub old: O,
+    pub from_old: bool,
+}
+
+/// Entries that left the old backend for the new one count as updated.
+fn merge(new: &mut EntryChanges, old: EntryChanges) {
+    for name in old.removed {
+        if let Some(i) = new.added.iter().position(|n| *n == name) {
+            new.added.remove(i);
+            new.updated.push(name);
+        } else {
+            new.removed.push(name);
+        }
+    }
+    new.added.extend(old.added);
+    new.updated.extend(old.updated);
+}
+
+impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
+    type Desired = (N::Desired, O::Desired);
+    type Observed = (N::Observed, Option<O::Observed>);
+
+    fn name(&self) -> &'static str {
+        self.new.name()
+    }
+
+    fn holds_anything(&self, want: &Self::Desired) -> bool {
+        self.new.holds_anything(&want.0)
+    }
+
+    fn compile(&self, config: &Config) -> Self::Desired {
+        (self.new.compile(config), O::Desired::default())
+    }
+
+    fn reads(&self) -> Vec<Read> {
+        let mut reads = self.new.reads();
+        if self.from_old {
+            reads.extend(self.old.reads());
+        }
+        reads
+    }
+
+    fn observe(
+        &self,
+        instance: &str,
+        mut outputs: Vec<(String, String)>,
+        warnings: &mut Vec<String>,
+    ) -> Self::Observed {
+        let split = self.new.reads().len().min(outputs.len());
+        let old_outputs = outputs.split_off(split);
+        let new = self.new.observe(instance, outputs, warnings);
+        let old = self
+            .from_old
+            .then(|| self.old.observe(instance, old_outputs, warnings));
+        (new, old)
+    }
+
+    /// A move is never served from the read cache.
+    fn digest(&self, want: &Self::Desired) -> Option<u32> {
+        if self.from_old {
+            None
+        } else {
+            self.new.digest(&want.0)
+        }
+    }
+
+    fn assume(&self, want: &Self::Desired, read: &FirewallRead) -> Self::Observed {
+        (self.new.assume(&want.0, read), None)
+    }
+
+    fn snapshot(&self, observed: &Self::Observed) -> Self::Desired {
+        (
+            self.new.snapshot(&observed.0),
+            observed
+                .1
+                .as_ref()
+                .map(|o| self.old.snapshot(o))
+                .unwrap_or_default(),
+        )
+    }
+
+    /// The new backend's transactions first (make before break), then the old one's.
+    fn plan(
+        &self,
+        instance: &str,
+        want: &Self::Desired,
+        have: &Self::Observed,
+        record: &mut Record,
+    ) -> FirewallPlan {
+        let mut plan = self.new.plan(instance, &want.0, &have.0, record);
+        if let Some(old_have) = &have.1 {
+            let old = self.old.plan(instance, &want.1, old_have, record);
+            plan.transactions.extend(old.transactions);
+            plan.drops.extend(old.drops);
+            merge(&mut plan.forwards, old.forwards);
+            merge(&mut plan.masquerade, old.masquerade);
+        }
+        plan
+    }
+
+    /// The new backend's entries, then the old one's that it does not hold yet.
+    fn decompile(&self, instance: &str, state: &Self::Desired) -> Entries {
+        let mut entries = self.new.decompile(instance, &state.0);
+        let old = self.old.decompile(instance, &state.1);
+        for f in old.forwards {
+            if !entries.forwards.iter().any(|n| n.name == f.name) {
+                entries.forwards.push(f);
+            }
+        }
+        for m in old.masquerade {
+            if !entries.masquerade.iter().any(|n| n.name == m.name) {
+                entries.masquerade.push(m);
+            }
+        }
+        entries.conn_mark = entries.conn_mark.or(old.conn_mark);
+        entries
+    }
+
+    fn owns_hook_chain(
+        &self,
+        observed: &Self::Observed,
+        family: &str,
+        table: &str,
+        chain: &str,
+    ) -> bool {
+        self.new.owns_hook_chain(&observed.0, family, table, chain)
+            || observed
+                .1
+                .as_ref()
+                .is_some_and(|o| self.old.owns_hook_chain(o, family, table, chain))
+    }
+
+    fn findings(&self, observed: &Self::Observed) -> Vec<Finding> {
+        self.new.findings(&observed.0)
+    }
+
+    fn flavour(&self, observed: &Self::Observed) -> Option<&'static str> {
+        self.new.flavour(&observed.0)
+    }
+
+    fn mark_users<'a>(&self, observed: &'a Self::Observed) -> &'a [String] {
+        self.new.mark_users(&observed.0)
+    }
+
+    fn forward_drop(&self, observed: &Self::Observed, family: Family) -> Option<String> {
+        self.new.forward_drop(&observed.0, family)
+    }
+
+    fn foreign_nat<'a>(&self, observed: &'a Self::Observed) -> &'a [ForeignNat] {
+        self.new.foreign_nat(&observed.0)
+    }
+
+    fn foreign_facts(&self, observed: &Self::Observed) -> serde_json::Value {
+        self.new.foreign_facts(&observed.0)
+    }
+}

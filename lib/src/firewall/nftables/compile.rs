@@ -1,0 +1,254 @@
+//! Compiles forwards and masquerade entries into the instance's table: per forward one chain
+//! per stage holding its one rule, and map elements that jump there; dispatch rules for the
+//! maps in use; masquerade rules in `postrouting`.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use super::table::{
+    Base, Body, Element, MapKind, MasqRule, NatRule, NatTo, Rule, SnatRule, Stage, Table,
+};
+use crate::compile::localnet_devices;
+use crate::model::{Action, Config, Forward, Snat, State};
+use crate::ownership::{entry_comment, StableHash, Tag, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE};
+
+/// The chain of a forward at a stage (`pre-web`, `out-web`, `post-web`).
+pub fn entry_chain(stage: Stage, name: &str) -> String {
+    let prefix = match stage {
+        Stage::Pre => "pre",
+        Stage::Out => "out",
+        Stage::Post => "post",
+    };
+    format!("{prefix}-{name}")
+}
+
+/// The comment of an object: its owner and a hash of where it is and what it says.
+fn comment(instance: &str, tag: Tag, place: &str, text: &str) -> String {
+    let hash = StableHash::new()
+        .part(place.as_bytes())
+        .part(text.as_bytes())
+        .finish();
+    entry_comment(instance, tag, hash)
+}
+
+struct Builder<'a> {
+    instance: &'a str,
+    table: Table,
+    kinds: BTreeSet<MapKind>,
+}
+
+impl Builder<'_> {
+    fn rule(&mut self, chain: &str, tag: Tag, body: Body) {
+        let text = body.render().unwrap_or_default();
+        let comment = comment(self.instance, tag, chain, &text);
+        self.table
+            .chains
+            .entry(chain.to_string())
+            .or_default()
+            .push(Rule { comment, body });
+    }
+
+    fn element(&mut self, kind: MapKind, tag: Tag, element: Element) {
+        let name = kind.name();
+        let text = format!("{} {}", element.key(), element.chain);
+        let comment = comment(self.instance, tag, &name, &text);
+        self.kinds.insert(kind);
+        self.table
+            .maps
+            .entry(name)
+            .or_default()
+            .insert(comment, element);
+    }
+
+    fn forward(&mut self, f: &Forward, mark: u32, localnet_dev: Option<&String>) {
+        let tag = Tag {
+            kind: KIND_FORWARD,
+            name: &f.name,
+            reset: f.reset_connections,
+        };
+        let to = match f.action {
+            Action::Dnat { addr, port, .. } => NatTo::Dnat { addr, port },
+            Action::Redirect { port } => NatTo::Redirect { port },
+        };
+        let nat = |in_interface: Option<String>| NatRule {
+            family: f.family,
+            sources: f.sources.clone(),
+            in_interface,
+            protos: f.protos.clone(),
+            mark: (f.allow_forward && f.needs_forwarding()).then_some(mark),
+            to,
+        };
+        let stages: &[Stage] = if f.local {
+            &[Stage::Pre, Stage::Out]
+        } else {
+            &[Stage::Pre]
+        };
+        for &stage in stages {
+            let chain = entry_chain(stage, &f.name);
+            let iif = (stage == Stage::Pre).then(|| f.in_interface.clone()).flatten();
+            self.rule(&chain, tag, Body::Nat(nat(iif)));
+            let kind = MapKind {
+                stage,
+                by_addr: f.listen_address.is_some(),
+                family: f.family,
+                proto: None,
+            };
+            for &proto in &f.protos {
+                let element = Element {
+                    addr: f.listen_address,
+                    proto: Some(proto),
+                    ports: f.listen_port,
+                    chain: chain.clone(),
+                };
+                self.element(kind, tag, element);
+            }
+        }
+        let Action::Dnat { addr, snat, .. } = f.action else {
+            return;
+        };
+        if let Some(dev) = localnet_dev {
+            let body = Body::LocalnetGuard {
+                in_interface: dev.clone(),
+            };
+            self.rule(Base::Input.name(), tag, body);
+        }
+        let to: Option<IpAddr> = match snat {
+            Snat::None => return,
+            Snat::Masquerade => None,
+            Snat::To(ip) => Some(ip),
+        };
+        // Only this forward's DNATed flow: found by its original destination, then checked
+        // for its backend, never `saddr backend` or plain traffic to the backend.
+        let chain = entry_chain(Stage::Post, &f.name);
+        let tag = Tag { reset: false, ..tag };
+        let body = Body::Snat(SnatRule {
+            daddr: addr,
+            dports: f.backend_ports(),
+            to,
+        });
+        self.rule(&chain, tag, body);
+        for &proto in &f.protos {
+            let kind = MapKind {
+                stage: Stage::Post,
+                by_addr: f.listen_address.is_some(),
+                family: f.family,
+                proto: Some(proto),
+            };
+            let element = Element {
+                addr: f.listen_address,
+                proto: None,
+                ports: f.listen_port,
+                chain: chain.clone(),
+            };
+            self.element(kind, tag, element);
+        }
+    }
+}
+
+/// The table of the config's forwards and masquerade entries; empty for `state: absent` and
+/// for a config without entries (the table is then deleted).
+pub fn compile_table(config: &Config) -> Table {
+    if config.state == State::Absent {
+        return Table::default();
+    }
+    let mut b = Builder {
+        instance: &config.instance,
+        table: Table::default(),
+        kinds: BTreeSet::new(),
+    };
+    let localnet = localnet_devices(config);
+    for f in &config.forwards {
+        b.forward(f, config.conn_mark, localnet.get(&f.name));
+    }
+    // The dispatch rules go first in their base chains, in a fixed order.
+    let mut kinds: Vec<MapKind> = b.kinds.iter().copied().collect();
+    kinds.sort_by_key(|k| (k.base(), k.rank()));
+    let mut dispatch: Vec<(Base, Rule)> = Vec::new();
+    for kind in kinds {
+        let name = kind.name();
+        let tag = Tag {
+            kind: KIND_FLOW,
+            name: &name,
+            reset: false,
+        };
+        let body = Body::Dispatch(kind);
+        let text = body.render().unwrap_or_default();
+        let comment = comment(&config.instance, tag, kind.base().name(), &text);
+        dispatch.push((kind.base(), Rule { comment, body }));
+    }
+    for (base, rule) in dispatch.into_iter().rev() {
+        b.table
+            .chains
+            .entry(base.name().to_string())
+            .or_default()
+            .insert(0, rule);
+    }
+    for m in &config.masquerades {
+        let tag = Tag {
+            kind: KIND_MASQUERADE,
+            name: &m.name,
+            reset: false,
+        };
+        let body = Body::Masquerade(MasqRule {
+            source: m.source,
+            out_interface: m.out_interface.clone(),
+            to: m.to_source,
+        });
+        b.rule(Base::Postrouting.name(), tag, body);
+    }
+    b.table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::nftables::table::table_name;
+
+    fn script(json: &str) -> String {
+        let (config, _, _) = Config::from_json(json).expect("valid params");
+        compile_table(&config).script(&table_name(&config.instance))
+    }
+
+    #[test]
+    fn cross_host_dnat_with_masquerade() {
+        insta::assert_snapshot!(script(
+            r#"{"backend":"nftables","forwards":[{"name":"web","listen_port":4321,"to":"172.100.102.101:1234"}]}"#
+        ));
+    }
+
+    #[test]
+    fn every_kind_of_entry() {
+        insta::assert_snapshot!(script(
+            r#"{"backend":"nftables","instance":"gw","forwards":[
+                {"name":"db","proto":"both","listen_address":"1.2.3.4","listen_port":"81-90",
+                 "in_interface":"eth+","sources":["6.7.8.0/24","9.9.9.9"],"to":"192.168.0.2","snat":"192.168.0.1","local":true},
+                {"name":"r","listen_port":2222,"redirect_to_port":22},
+                {"name":"v6","listen_port":80,"to":"[fd00:2::2]:8080","snat":"none","allow_forward":false,"reset_connections":true}],
+               "masquerade":[{"name":"lan","source":"192.168.0.0/24","out_interface":"eth0"}]}"#
+        ));
+    }
+
+    #[test]
+    fn absent_and_empty_compile_to_no_table() {
+        let (config, _, _) = Config::from_json(r#"{"backend":"nftables","state":"absent"}"#)
+            .expect("valid params");
+        assert!(compile_table(&config).is_empty());
+    }
+
+    #[test]
+    fn a_changed_forward_changes_only_its_own_objects() {
+        let table = |to: &str| {
+            let json = format!(
+                r#"{{"backend":"nftables","forwards":[{{"name":"a","listen_port":1,"to":"10.0.0.1:80"}},{{"name":"b","listen_port":2,"to":"{to}"}}]}}"#
+            );
+            let (config, _, _) = Config::from_json(&json).expect("valid params");
+            compile_table(&config)
+        };
+        let (one, two) = (table("10.0.0.2:80"), table("10.0.0.3:80"));
+        assert_eq!(one.maps, two.maps, "the keys and chains stay");
+        for (name, rules) in &one.chains {
+            let same = two.chains.get(name) == Some(rules);
+            assert_eq!(same, !name.ends_with("-b"), "{name}");
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Reads forwards and masquerade entries back out of the instance's table (`show`, the
+//! `before` side of `--diff`, the conntrack reset). Compiling the result gives the same table.
+
+use std::net::IpAddr;
+
+use serde_json::Value;
+
+use super::table::{Base, Body, NatTo, Rule, Stage, Table};
+use super::compile::entry_chain;
+use crate::firewall::Entries;
+use crate::model::{ForwardParams, MasqueradeParams, ProtoParam, DEFAULT_CONN_MARK};
+use crate::net::{Family, PortRange};
+use crate::ownership::{has_reset_marker, parse_comment, KIND_FORWARD, KIND_MASQUERADE};
+
+fn port_value(ports: PortRange) -> Value {
+    if ports.is_single() {
+        Value::from(ports.first)
+    } else {
+        Value::from(ports.user_text())
+    }
+}
+
+fn host_text(cidr: &crate::net::Cidr) -> String {
+    if cidr.prefix == cidr.family().host_prefix() {
+        cidr.addr.to_string()
+    } else {
+        cidr.to_string()
+    }
+}
+
+fn dest_text(addr: IpAddr, port: Option<u16>) -> String {
+    match (addr, port) {
+        (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+        (a, Some(p)) => format!("{a}:{p}"),
+        (a, None) => a.to_string(),
+    }
+}
+
+/// The entries of a table: forwards by name, masquerade entries in rule order.
+pub fn entries_from_table(table: &Table, instance: &str) -> Entries {
+    let mut entries = Entries::default();
+    let mut names: Vec<&str> = table
+        .chains
+        .iter()
+        .filter_map(|(name, rules)| {
+            let rest = name.strip_prefix("pre-")?;
+            let tag = rules.first().and_then(|r| parse_comment(&r.comment, instance))?;
+            (tag.kind == KIND_FORWARD).then_some(rest)
+        })
+        .collect();
+    names.sort_unstable();
+    for name in names {
+        if let Some(f) = forward_from(table, name, &mut entries) {
+            entries.forwards.push(f);
+        }
+    }
+    for rule in table.chains.get(Base::Postrouting.name()).into_iter().flatten() {
+        let Some(tag) = parse_comment(&rule.comment, instance) else {
+            continue;
+        };
+        if let (KIND_MASQUERADE, Body::Masquerade(m)) = (tag.kind, &rule.body) {
+            entries.masquerade.push(MasqueradeParams {
+                name: tag.name.to_string(),
+                source: m.source.to_string(),
+                out_interface: m.out_interface.clone(),
+                to_source: m.to.map(|ip| ip.to_string()),
+                // portfwd's table never drops: there is nothing to allow.
+                allow_forward: true,
+            });
+        }
+    }
+    entries
+}
+
+fn first_rule<'a>(table: &'a Table, chain: &str) -> Option<&'a Rule> {
+    table.chains.get(chain)?.first()
+}
+
+fn forward_from(table: &Table, name: &str, entries: &mut Entries) -> Option<ForwardParams> {
+    let pre_chain = entry_chain(Stage::Pre, name);
+    let rule = first_rule(table, &pre_chain)?;
+    let Body::Nat(nat) = &rule.body else {
+        return None;
+    };
+    let element = table
+        .maps
+        .values()
+        .flat_map(|elements| elements.values())
+        .find(|e| e.chain == pre_chain)?;
+    let (to, redirect_to_port) = match nat.to {
+        NatTo::Dnat { addr, port } => (Some(dest_text(addr, port)), None),
+        NatTo::Redirect { port } => (None, Some(Value::from(port))),
+    };
+    if let Some(mark) = nat.mark.filter(|&m| m != DEFAULT_CONN_MARK) {
+        entries.conn_mark = Some(Value::from(format!("{mark:#x}")));
+    }
+    let snat = to.as_ref().and_then(|_| {
+        match first_rule(table, &entry_chain(Stage::Post, name)).map(|r| &r.body) {
+            None => Some("none".to_string()),
+            Some(Body::Snat(s)) => s.to.map(|ip| ip.to_string()),
+            Some(_) => None,
+        }
+    });
+    let proto = match nat.protos.as_slice() {
+        [crate::model::Proto::Tcp] => ProtoParam::Tcp,
+        [crate::model::Proto::Udp] => ProtoParam::Udp,
+        _ => ProtoParam::Both,
+    };
+    let _ = Family::V4;
+    Some(ForwardParams {
+        name: name.to_string(),
+        proto,
+        listen_port: port_value(element.ports),
+        listen_address: element.addr.map(|a| a.to_string()),
+        in_interface: nat.in_interface.clone(),
+        sources: nat.sources.iter().map(host_text).collect(),
+        to,
+        redirect_to_port,
+        snat,
+        local: table.chains.contains_key(&entry_chain(Stage::Out, name)),
+        allow_forward: nat.mark.is_some() || matches!(nat.to, NatTo::Redirect { .. }),
+        reset_connections: has_reset_marker(&rule.comment),
+    })
+}

@@ -1,0 +1,189 @@
+//! The native nftables backend (`backend: nftables`): the instance owns one table,
+//! `inet portfwd-<instance>`, and writes nothing outside it.
+//!
+//! Reads: `nft -j list table inet portfwd-<instance>` only (other software's rules are never
+//! listed for the plan). Writes: one `nft -f -` script per run, one transaction for both
+//! families. Dispatch is by map lookup, so a new connection costs the same with one forward
+//! or thousands.
+//!
+//! portfwd's table never drops a packet it does not own: an accept here would not undo a drop
+//! in another table at the same hook (iptables' `filter FORWARD` with policy DROP on a Docker
+//! host, a firewalld zone). `allow_forward` therefore marks the forwarded flows with
+//! `conn_mark`, which the other firewall can accept with one rule, and the run warns
+//! (`forward_hook_drop`) naming the table, the chain and that rule.
+//!
+//! [`table`] holds the shapes, [`compile`] builds them, [`observe`] reads them back from nft's
+//! JSON, [`plan`] diffs and writes the script, [`decompile`] reads entries back.
+
+pub mod compile;
+pub mod decompile;
+pub mod observe;
+pub mod plan;
+pub mod table;
+
+use super::{Entries, Firewall, FirewallPlan, ForeignNat, Tool, Transaction};
+use crate::checks::Finding;
+use crate::model::Config;
+use crate::net::Family;
+use crate::ownership::{FirewallRead, Record, StableHash};
+use crate::system::Read;
+use observe::NftObserved;
+use table::{table_name, Table, FAMILY};
+
+/// The nftables backend of one instance (its table's name).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Nftables {
+    table: String,
+}
+
+impl Nftables {
+    pub fn new(instance: &str) -> Nftables {
+        Nftables {
+            table: table_name(instance),
+        }
+    }
+
+    /// `inet portfwd-<instance>`.
+    pub fn table(&self) -> String {
+        format!("{FAMILY} {}", self.table)
+    }
+}
+
+impl Firewall for Nftables {
+    type Desired = Table;
+    type Observed = NftObserved;
+
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn holds_anything(&self, want: &Table) -> bool {
+        !want.is_empty()
+    }
+
+    fn compile(&self, config: &Config) -> Table {
+        compile::compile_table(config)
+    }
+
+    fn reads(&self) -> Vec<Read> {
+        vec![Read::NftTable(self.table.clone())]
+    }
+
+    fn observe(
+        &self,
+        _instance: &str,
+        outputs: Vec<(String, String)>,
+        warnings: &mut Vec<String>,
+    ) -> NftObserved {
+        let output = outputs.first().map(|(out, _)| out.as_str()).unwrap_or("");
+        match observe::parse(output) {
+            Ok(observed) => observed,
+            Err(e) => {
+                warnings.push(format!(
+                    "could not read table {}: {e}; it is left as it is",
+                    self.table()
+                ));
+                NftObserved {
+                    unreadable: true,
+                    ..NftObserved::default()
+                }
+            }
+        }
+    }
+
+    fn digest(&self, want: &Table) -> Option<u32> {
+        if want.is_empty() {
+            return None;
+        }
+        // Every object's comment hashes where it is and what it says.
+        let mut hash = StableHash::new().part(self.table.as_bytes());
+        for (name, rules) in &want.chains {
+            hash = hash.part(name.as_bytes());
+            for rule in rules {
+                hash = hash.part(rule.comment.as_bytes());
+            }
+        }
+        for (name, elements) in &want.maps {
+            hash = hash.part(name.as_bytes());
+            for comment in elements.keys() {
+                hash = hash.part(comment.as_bytes());
+            }
+        }
+        Some(hash.finish())
+    }
+
+    fn assume(&self, want: &Table, _read: &FirewallRead) -> NftObserved {
+        NftObserved {
+            exists: true,
+            table: want.clone(),
+            ..NftObserved::default()
+        }
+    }
+
+    fn snapshot(&self, observed: &NftObserved) -> Table {
+        observed.table.clone()
+    }
+
+    fn plan(
+        &self,
+        instance: &str,
+        want: &Table,
+        have: &NftObserved,
+        _record: &mut Record,
+    ) -> FirewallPlan {
+        if have.unreadable {
+            return FirewallPlan::default();
+        }
+        let edit = plan::plan_table(instance, &self.table, want, have);
+        let transactions = if edit.script.is_empty() {
+            Vec::new()
+        } else {
+            vec![Transaction {
+                tool: Tool::Nft,
+                table: self.table(),
+                payload: edit.script,
+            }]
+        };
+        FirewallPlan {
+            transactions,
+            drops: Vec::new(),
+            forwards: edit.forwards,
+            masquerade: edit.masquerade,
+        }
+    }
+
+    fn decompile(&self, instance: &str, state: &Table) -> Entries {
+        decompile::entries_from_table(state, instance)
+    }
+
+    fn owns_hook_chain(&self, _: &NftObserved, family: &str, table: &str, _: &str) -> bool {
+        family == FAMILY && table == self.table
+    }
+
+    fn findings(&self, _: &NftObserved) -> Vec<Finding> {
+        Vec::new()
+    }
+
+    fn flavour(&self, _: &NftObserved) -> Option<&'static str> {
+        Some("nftables")
+    }
+
+    /// Other software's rules are not read by this backend.
+    fn mark_users<'a>(&self, _: &'a NftObserved) -> &'a [String] {
+        &[]
+    }
+
+    /// The table never drops what it does not own.
+    fn forward_drop(&self, _: &NftObserved, _: Family) -> Option<String> {
+        None
+    }
+
+    /// Other tables' NAT chains are checked by the engine (`nft -j list chains`).
+    fn foreign_nat<'a>(&self, _: &'a NftObserved) -> &'a [ForeignNat] {
+        &[]
+    }
+
+    fn foreign_facts(&self, _: &NftObserved) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}

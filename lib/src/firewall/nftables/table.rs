@@ -1,0 +1,489 @@
+//! The shapes of an instance's nftables table, `inet portfwd-<instance>`, and how each is
+//! written in nft's language.
+//!
+//! A connection finds its forward by one map lookup per hook, whatever the number of forwards:
+//! the base chains hold one dispatch rule per map (`ip daddr . meta l4proto . th dport vmap
+//! @pre-addr4`), each map element jumps to the forward's own chain (`pre-web`), which holds its
+//! one NAT rule. Every rule and element carries its owner's comment
+//! ([`crate::ownership::entry_comment`]); the hash in it covers the whole object, so the comment
+//! alone says whether an object is already there.
+//!
+//! Only validated values reach the text: addresses and ports are typed, names and interfaces
+//! match `[A-Za-z0-9_.+-]` (checked again by [`quoted`]), and nft comments are quoted.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use crate::model::Proto;
+use crate::net::{Cidr, Family, PortRange};
+
+/// The address family of every portfwd table: both IP families in one table and one
+/// transaction (inet NAT needs Linux 5.2; the maps below need 5.6).
+pub const FAMILY: &str = "inet";
+
+/// `portfwd-<instance>`.
+pub fn table_name(instance: &str) -> String {
+    format!("portfwd-{instance}")
+}
+
+/// A name or interface inside double quotes. Validation admits only `[A-Za-z0-9_.+*-]`; anything
+/// else is refused here too, so a bug upstream can never put nft syntax into a script.
+pub fn quoted(text: &str) -> Option<String> {
+    let safe = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '+' | '*' | ':'));
+    safe.then(|| format!("\"{text}\""))
+}
+
+/// A chain name as nft's parser takes it: unquoted (nft 1.0 refuses quoted chain names), so
+/// it must be one identifier: a letter, then `[A-Za-z0-9_.-]`.
+pub fn ident(name: &str) -> Option<&str> {
+    let mut chars = name.chars();
+    let first = chars.next()?;
+    let safe = first.is_ascii_alphabetic()
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    safe.then_some(name)
+}
+
+/// An interface as nft matches it: iptables' trailing `+` wildcard is nft's `*`.
+pub fn interface(name: &str) -> String {
+    match name.strip_suffix('+') {
+        Some(prefix) => format!("{prefix}*"),
+        None => name.to_string(),
+    }
+}
+
+/// The hooks the table attaches to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Base {
+    Prerouting,
+    Output,
+    Postrouting,
+    Input,
+}
+
+impl Base {
+    pub const ALL: [Base; 4] = [Base::Prerouting, Base::Output, Base::Postrouting, Base::Input];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Base::Prerouting => "prerouting",
+            Base::Output => "output",
+            Base::Postrouting => "postrouting",
+            Base::Input => "input",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Base> {
+        Base::ALL.into_iter().find(|b| b.name() == name)
+    }
+
+    /// Where it hooks in: NAT at the standard priorities, so iptables-nft's nat chains at the
+    /// same hook keep their relative order with portfwd's as they had with iptables.
+    pub fn declaration(self) -> &'static str {
+        match self {
+            Base::Prerouting => "type nat hook prerouting priority dstnat; policy accept;",
+            Base::Output => "type nat hook output priority -100; policy accept;",
+            Base::Postrouting => "type nat hook postrouting priority srcnat; policy accept;",
+            Base::Input => "type filter hook input priority filter; policy accept;",
+        }
+    }
+}
+
+/// Where a dispatch map is looked up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    /// DNAT of arriving connections (prerouting).
+    Pre,
+    /// DNAT of locally made connections (`local: true`, output).
+    Out,
+    /// SNAT of forwarded flows, by their original destination (postrouting).
+    Post,
+}
+
+/// One dispatch map: the stage, whether the key holds the listen address (else any local
+/// address), the family and, for SNAT, the protocol (nft needs it to type `ct original
+/// proto-dst`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MapKind {
+    pub stage: Stage,
+    pub by_addr: bool,
+    pub family: Family,
+    pub proto: Option<Proto>,
+}
+
+fn family_digit(family: Family) -> char {
+    match family {
+        Family::V4 => '4',
+        Family::V6 => '6',
+    }
+}
+
+fn nfproto(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ipv4",
+        Family::V6 => "ipv6",
+    }
+}
+
+/// `ip` or `ip6`: the payload protocol and NAT family keyword.
+pub fn ip_word(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+impl MapKind {
+    /// `pre-addr4`, `out-port6`, `post-tcp-addr4`.
+    pub fn name(&self) -> String {
+        let stage = match self.stage {
+            Stage::Pre => "pre",
+            Stage::Out => "out",
+            Stage::Post => "post",
+        };
+        let key = if self.by_addr { "addr" } else { "port" };
+        let proto = self.proto.map(|p| format!("{}-", p.name())).unwrap_or_default();
+        format!("{stage}-{proto}{key}{}", family_digit(self.family))
+    }
+
+    /// Every map kind there can be, for reading names back.
+    pub fn all() -> Vec<MapKind> {
+        let mut kinds = Vec::new();
+        for stage in [Stage::Pre, Stage::Out, Stage::Post] {
+            let protos: Vec<Option<Proto>> = match stage {
+                Stage::Post => vec![Some(Proto::Tcp), Some(Proto::Udp)],
+                _ => vec![None],
+            };
+            for by_addr in [true, false] {
+                for family in [Family::V4, Family::V6] {
+                    for &proto in &protos {
+                        kinds.push(MapKind {
+                            stage,
+                            by_addr,
+                            family,
+                            proto,
+                        });
+                    }
+                }
+            }
+        }
+        kinds
+    }
+
+    pub fn from_name(name: &str) -> Option<MapKind> {
+        MapKind::all().into_iter().find(|k| k.name() == name)
+    }
+
+    pub fn base(&self) -> Base {
+        match self.stage {
+            Stage::Pre => Base::Prerouting,
+            Stage::Out => Base::Output,
+            Stage::Post => Base::Postrouting,
+        }
+    }
+
+    /// The map's declaration: the key type, a verdict as data, and intervals (port ranges).
+    pub fn declaration(&self) -> String {
+        let addr = match self.family {
+            Family::V4 => "ipv4_addr . ",
+            Family::V6 => "ipv6_addr . ",
+        };
+        let addr = if self.by_addr { addr } else { "" };
+        let proto = if self.stage == Stage::Post {
+            ""
+        } else {
+            "inet_proto . "
+        };
+        format!("type {addr}{proto}inet_service : verdict; flags interval;")
+    }
+
+    /// The base chain's rule that looks a connection up in this map.
+    pub fn dispatch_rule(&self) -> String {
+        let ip = ip_word(self.family);
+        let nf = nfproto(self.family);
+        let name = self.name();
+        match (self.stage, self.by_addr) {
+            (Stage::Pre | Stage::Out, true) => {
+                format!("{ip} daddr . meta l4proto . th dport vmap @{name}")
+            }
+            (Stage::Pre, false) => format!(
+                "fib daddr type local meta nfproto {nf} meta l4proto . th dport vmap @{name}"
+            ),
+            (Stage::Out, false) => {
+                // Loopback is local too: never take a local connection to a resolver on
+                // 127.0.0.53 (a loopback listen_address must be named).
+                let lo = match self.family {
+                    Family::V4 => "127.0.0.0/8",
+                    Family::V6 => "::1",
+                };
+                format!("fib daddr type local meta nfproto {nf} {ip} daddr != {lo} meta l4proto . th dport vmap @{name}")
+            }
+            (Stage::Post, by_addr) => {
+                let proto = self.proto.map_or("tcp", Proto::name);
+                let key = if by_addr {
+                    format!("ct original {ip} daddr . ct original proto-dst")
+                } else {
+                    "ct original proto-dst".to_string()
+                };
+                format!("meta nfproto {nf} meta l4proto {proto} ct status dnat {key} vmap @{name}")
+            }
+        }
+    }
+
+    /// Rule order inside a base chain: listen addresses before any-address, IPv4 first.
+    pub fn rank(&self) -> (bool, Family, Option<Proto>) {
+        (!self.by_addr, self.family, self.proto)
+    }
+}
+
+/// What a forward's NAT rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatTo {
+    Dnat { addr: IpAddr, port: Option<u16> },
+    Redirect { port: u16 },
+}
+
+/// A forward's DNAT or REDIRECT, in its own chain (`pre-<name>`, `out-<name>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatRule {
+    pub family: Family,
+    pub sources: Vec<Cidr>,
+    pub in_interface: Option<String>,
+    pub protos: Vec<Proto>,
+    /// The conntrack mark bit set on the flow (`allow_forward`).
+    pub mark: Option<u32>,
+    pub to: NatTo,
+}
+
+/// A forward's source NAT (`post-<name>`): only the DNATed flow to its backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnatRule {
+    pub daddr: IpAddr,
+    pub dports: PortRange,
+    /// None: masquerade.
+    pub to: Option<IpAddr>,
+}
+
+/// A masquerade entry (in `postrouting`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasqRule {
+    pub source: Cidr,
+    pub out_interface: Option<String>,
+    pub to: Option<IpAddr>,
+}
+
+/// What a rule is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    Dispatch(MapKind),
+    Nat(NatRule),
+    Snat(SnatRule),
+    Masquerade(MasqRule),
+    /// kube-proxy's guard with route_localnet on: only DNATed packets to 127.0.0.0/8 from
+    /// that interface reach local services.
+    LocalnetGuard { in_interface: String },
+    /// One of ours whose shape portfwd does not know (edited by hand): it can be deleted, not
+    /// written again.
+    Unknown,
+}
+
+fn ports_text(ports: PortRange) -> String {
+    ports.user_text()
+}
+
+fn set_text<T: ToString>(items: &[T]) -> String {
+    match items {
+        [one] => one.to_string(),
+        many => format!(
+            "{{ {} }}",
+            many.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn dest_text(family: Family, addr: IpAddr, port: Option<u16>) -> String {
+    match (family, port) {
+        (Family::V6, Some(p)) => format!("[{addr}]:{p}"),
+        (_, Some(p)) => format!("{addr}:{p}"),
+        (_, None) => addr.to_string(),
+    }
+}
+
+impl Body {
+    /// The rule in nft's language, without its comment; None when it cannot be written
+    /// ([`Body::Unknown`], or a name [`quoted`] refuses).
+    pub fn render(&self) -> Option<String> {
+        let mut out = String::new();
+        match self {
+            Body::Dispatch(kind) => out.push_str(&kind.dispatch_rule()),
+            Body::Nat(n) => {
+                let ip = ip_word(n.family);
+                if !n.sources.is_empty() {
+                    let _ = write!(out, "{ip} saddr {} ", set_text(&n.sources));
+                }
+                if let Some(i) = &n.in_interface {
+                    let _ = write!(out, "iifname {} ", quoted(&interface(i))?);
+                }
+                let protos: Vec<&str> = n.protos.iter().map(|p| p.name()).collect();
+                let _ = write!(out, "meta l4proto {} ", set_text(&protos));
+                if let Some(mark) = n.mark {
+                    let _ = write!(out, "ct mark set ct mark | {mark:#010x} ");
+                }
+                out.push_str("counter ");
+                match n.to {
+                    NatTo::Dnat { addr, port } => {
+                        let _ = write!(out, "dnat {ip} to {}", dest_text(n.family, addr, port));
+                    }
+                    NatTo::Redirect { port } => {
+                        let _ = write!(out, "redirect to :{port}");
+                    }
+                }
+            }
+            Body::Snat(s) => {
+                let family = Family::of(&s.daddr);
+                let ip = ip_word(family);
+                let _ = write!(
+                    out,
+                    "{ip} daddr {} th dport {} counter ",
+                    s.daddr,
+                    ports_text(s.dports)
+                );
+                match s.to {
+                    None => out.push_str("masquerade"),
+                    Some(to) => {
+                        let _ = write!(out, "snat {ip} to {to}");
+                    }
+                }
+            }
+            Body::Masquerade(m) => {
+                let ip = ip_word(m.source.family());
+                let _ = write!(out, "{ip} saddr {} ", m.source);
+                if let Some(o) = &m.out_interface {
+                    let _ = write!(out, "oifname {} ", quoted(&interface(o))?);
+                }
+                out.push_str("counter ");
+                match m.to {
+                    None => out.push_str("masquerade"),
+                    Some(to) => {
+                        let _ = write!(out, "snat {ip} to {to}");
+                    }
+                }
+            }
+            Body::LocalnetGuard { in_interface } => {
+                let _ = write!(
+                    out,
+                    "iifname {} ip daddr 127.0.0.0/8 ct state & (established | related) == 0 ct status & dnat == 0 counter drop",
+                    quoted(&interface(in_interface))?
+                );
+            }
+            Body::Unknown => return None,
+        }
+        Some(out)
+    }
+}
+
+/// A rule and its owner's comment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub comment: String,
+    pub body: Body,
+}
+
+/// A map element: the key and the chain it jumps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Element {
+    /// The listen address (maps keyed by address).
+    pub addr: Option<IpAddr>,
+    /// The protocol (pre/out maps; SNAT maps are per protocol).
+    pub proto: Option<Proto>,
+    pub ports: PortRange,
+    pub chain: String,
+}
+
+impl Element {
+    /// The key in nft's language (`10.0.0.1 . tcp . 8000-8010`).
+    pub fn key(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(a) = self.addr {
+            parts.push(a.to_string());
+        }
+        if let Some(p) = self.proto {
+            parts.push(p.name().to_string());
+        }
+        parts.push(ports_text(self.ports));
+        parts.join(" . ")
+    }
+}
+
+/// An instance's table: maps (name → element comment → element) and chains (name → rules in
+/// order). Base chains are named after their hook ([`Base`]); the others belong to one entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Table {
+    pub maps: BTreeMap<String, BTreeMap<String, Element>>,
+    pub chains: BTreeMap<String, Vec<Rule>>,
+}
+
+impl Table {
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty() && self.chains.is_empty()
+    }
+
+    /// The whole table as one `nft -f` script (`nft list table` reads much the same).
+    #[cfg(test)]
+    pub fn script(&self, table: &str) -> String {
+        let mut out = format!("table {FAMILY} {table} {{\n");
+        for (name, elements) in &self.maps {
+            let decl = MapKind::from_name(name)
+                .map(|k| k.declaration())
+                .unwrap_or_default();
+            let _ = writeln!(out, "\tmap {name} {{ {decl}");
+            if !elements.is_empty() {
+                let items: Vec<String> = elements
+                    .iter()
+                    .filter_map(|(comment, e)| element_text(comment, e))
+                    .collect();
+                let _ = writeln!(out, "\t\telements = {{ {} }}", items.join(", "));
+            }
+            out.push_str("\t}\n");
+        }
+        for (name, rules) in &self.chains {
+            let _ = writeln!(out, "\tchain {} {{", ident(name).unwrap_or_default());
+            if let Some(base) = Base::from_name(name) {
+                let _ = writeln!(out, "\t\t{}", base.declaration());
+            }
+            for rule in rules {
+                if let Some(text) = rule_text(rule) {
+                    let _ = writeln!(out, "\t\t{text}");
+                }
+            }
+            out.push_str("\t}\n");
+        }
+        out.push_str("}\n");
+        out
+    }
+}
+
+/// `<body> comment "<comment>"`.
+pub fn rule_text(rule: &Rule) -> Option<String> {
+    Some(format!(
+        "{} comment {}",
+        rule.body.render()?,
+        quoted(&rule.comment)?
+    ))
+}
+
+/// `<key> comment "<comment>" : jump "<chain>"`.
+pub fn element_text(comment: &str, element: &Element) -> Option<String> {
+    Some(format!(
+        "{} comment {} : jump {}",
+        element.key(),
+        quoted(comment)?,
+        ident(&element.chain)?
+    ))
+}
