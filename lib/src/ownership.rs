@@ -128,8 +128,8 @@ pub struct Record {
     /// entry needs them any more.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sysctls: BTreeMap<String, String>,
-    /// The backend holding the instance's firewall objects (`iptables` when absent: records
-    /// from before there was a choice); a run with another backend moves them.
+    /// The backend holding the instance's firewall objects when it is not iptables (`nftables`);
+    /// a run with another backend moves them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
     /// What the last full read of the firewall proved, for skipping the next one.

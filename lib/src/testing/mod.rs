@@ -161,6 +161,24 @@ impl System for FakeHost {
         Ok(self.nft.get(&key).cloned().unwrap_or_default())
     }
 
+    /// The listing a test put under `list table inet NAME` in [`FakeHost::nft`] (no model of
+    /// nft's state: the nftables backend's e2e tests run against the real one).
+    fn nft_table(&mut self, name: &str) -> Result<String, SystemError> {
+        let key = format!("list table inet {name}");
+        self.call(format!("read-nft {key}"))?;
+        Ok(self.nft.get(&key).cloned().unwrap_or_default())
+    }
+
+    fn nft_apply(&mut self, script: &str) -> Result<(), SystemError> {
+        self.call(format!("nft -f {}", script.replace('\n', " | ")))?;
+        self.bump(true);
+        Ok(())
+    }
+
+    fn has_tool(&mut self, _name: &str) -> bool {
+        true
+    }
+
     fn nft_generation(&mut self) -> Result<Option<u32>, SystemError> {
         self.call("read-gen".into())?;
         Ok(self.generation)

@@ -9,7 +9,7 @@ use super::table::{Base, Body, NatTo, Rule, Stage, Table};
 use super::compile::entry_chain;
 use crate::firewall::Entries;
 use crate::model::{ForwardParams, MasqueradeParams, ProtoParam, DEFAULT_CONN_MARK};
-use crate::net::{Family, PortRange};
+use crate::net::PortRange;
 use crate::ownership::{has_reset_marker, parse_comment, KIND_FORWARD, KIND_MASQUERADE};
 
 fn port_value(ports: PortRange) -> Value {
@@ -106,7 +106,6 @@ fn forward_from(table: &Table, name: &str, entries: &mut Entries) -> Option<Forw
         [crate::model::Proto::Udp] => ProtoParam::Udp,
         _ => ProtoParam::Both,
     };
-    let _ = Family::V4;
     Some(ForwardParams {
         name: name.to_string(),
         proto,
