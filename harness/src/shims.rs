@@ -47,7 +47,8 @@ fn path_with(dir: &Path) -> String {
     )
 }
 
-/// Logs every write (restore calls, `ip -batch`), then runs the real tool.
+/// Logs every write (restore calls, `ip -batch`, nft calls other than listings), then runs the
+/// real tool.
 pub struct WriteRecorder {
     dir: tempfile::TempDir,
 }
@@ -66,6 +67,15 @@ impl WriteRecorder {
                 real.display()
             );
             write_script(dir.path(), tool, &body)?;
+        }
+        if let Some(real) = real_tool("nft") {
+            // Every nft call but a listing (`-j list ...`) writes.
+            let body = format!(
+                "case \" $* \" in *\" list \"*) ;; *) echo \"nft $*\" >> '{}';; esac\nexec '{}' \"$@\"\n",
+                log.display(),
+                real.display()
+            );
+            write_script(dir.path(), "nft", &body)?;
         }
         if let Some(real) = real_tool("ip") {
             let body = format!(

@@ -300,7 +300,17 @@ fn forward_hook_findings<F: Firewall>(config: &Config, observed: &Observed<F>) -
             "ends in a drop or reject"
         };
         let names: Vec<&str> = affected.iter().map(|a| a.0.as_str()).collect();
-        let fix = if chain.legacy {
+        let iptables_nft = matches!(chain.family.as_str(), "ip" | "ip6") && chain.table == "filter";
+        let fix = if config.backend.is_nftables() && (chain.legacy || iptables_nft) {
+            // iptables' own FORWARD (Docker's): one iptables rule accepts exactly the flows
+            // portfwd's table marked (allow_forward).
+            let tool = if chain.family == "ip6" { "ip6tables" } else { "iptables" };
+            let tool = if chain.legacy { format!("{tool}-legacy") } else { tool.to_string() };
+            format!(
+                "{tool} -I FORWARD -m connmark --mark {bit:#x}/{bit:#x} -j ACCEPT (accepts exactly the flows portfwd marks), or use backend: iptables, which owns an accept in that chain",
+                bit = config.conn_mark
+            )
+        } else if chain.legacy {
             format!("{} -I FORWARD -m conntrack --ctstate DNAT -j ACCEPT (for DNAT forwards), or manage the legacy tables with backend: legacy", chain.label().replace(" filter FORWARD", ""))
         } else {
             format!(

@@ -361,8 +361,9 @@ fn legacy_forward(dump: &str, family: Family) -> Option<nft::ForwardChain> {
     let ends_in_drop = rules.last().is_some_and(|r| {
         matches!(r.trim(), "-j DROP" | "-j REJECT") || r.trim().starts_with("-j REJECT ")
     });
+    // `--ctstate DNAT`, or the connmark accept the nftables backend's warning names.
     let accepts_dnat = rules.iter().any(|r| {
-        r.contains("--ctstate DNAT")
+        (r.contains("--ctstate DNAT") || r.starts_with("-m connmark --mark "))
             && r.trim_end().ends_with("-j ACCEPT")
             && !r.contains("! --ctstate")
     });

@@ -125,7 +125,16 @@ pub fn read_rules(text: &str, chain: &mut ForwardChain) {
                     .is_some_and(|set| set.iter().any(|v| v.as_str() == Some("dnat")));
             left_is_status && names_dnat && m.get("op").and_then(Value::as_str) != Some("!=")
         });
-        dnat_match && exprs.len() == 2 && exprs.iter().any(|e| is_verdict(e, &["accept"]))
+        let accepts = exprs.last().is_some_and(|e| is_verdict(e, &["accept"]));
+        let counted = exprs.iter().filter(|e| e.get("counter").is_none()).count();
+        // iptables-nft's `-m connmark --mark BIT/BIT -j ACCEPT` (the fix the nftables backend
+        // names for iptables' FORWARD) shows as an xt match whose arguments JSON does not
+        // carry: taken as accepting portfwd's marked flows.
+        let xt_connmark = exprs.iter().any(|e| {
+            e.get("xt")
+                .is_some_and(|x| x.get("name").and_then(Value::as_str) == Some("connmark"))
+        });
+        accepts && counted == 2 && (dnat_match || xt_connmark)
     });
 }
 

@@ -23,7 +23,7 @@ impl Params {
             errors.push("instance", &self.instance, INSTANCE_RULE.into());
         }
         let mut names = HashSet::new();
-        let forwards = self
+        let forwards: Vec<Forward> = self
             .forwards
             .iter()
             .enumerate()
@@ -39,6 +39,9 @@ impl Params {
                 validate_forward(&path, f, &mut errors)
             })
             .collect();
+        if self.backend.canonical().is_nftables() {
+            check_dispatch_overlaps(&forwards, &self.forwards, &mut errors);
+        }
         let mut names = HashSet::new();
         let masquerades = self
             .masquerade
@@ -174,6 +177,44 @@ pub fn valid_instance(name: &str) -> bool {
     valid_token(name, 12, |c| {
         c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
     })
+}
+
+/// The nftables backend finds a connection's forward by one map lookup, so two forwards may
+/// not claim the same (family, listen address, protocol, port): iptables tried them in order
+/// (by `sources` or `in_interface`), a map key has one forward.
+fn check_dispatch_overlaps(forwards: &[Forward], params: &[ForwardParams], errors: &mut Errors) {
+    let mut keys: Vec<(Family, Option<std::net::IpAddr>, Proto, u16, u16, &str)> = forwards
+        .iter()
+        .flat_map(|f| {
+            f.protos.iter().map(move |&p| {
+                let ports = f.listen_port;
+                (f.family, f.listen_address, p, ports.first, ports.last, f.name.as_str())
+            })
+        })
+        .collect();
+    keys.sort_unstable();
+    let mut reported = HashSet::new();
+    let mut covering: Option<(Family, Option<std::net::IpAddr>, Proto, u16, &str)> = None;
+    for &(family, addr, proto, first, last, name) in &keys {
+        match covering {
+            Some((cf, ca, cp, clast, other))
+                if (cf, ca, cp) == (family, addr, proto) && first <= clast =>
+            {
+                if other != name && reported.insert(name) {
+                    let index = params.iter().position(|p| p.name == name).unwrap_or(0);
+                    errors.push(
+                        &format!("forwards[{index}].listen_port"),
+                        &PortRange { first, last }.user_text(),
+                        format!("overlaps forward {other:?} on {} {}: with backend nftables each port of a listen address goes to one forward (merge them, or use backend iptables)", proto.name(), addr.map_or("(any local address)".to_string(), |a| a.to_string())),
+                    );
+                }
+                if last > clast {
+                    covering = Some((family, addr, proto, last, name));
+                }
+            }
+            _ => covering = Some((family, addr, proto, last, name)),
+        }
+    }
 }
 
 /// How [`valid_instance`] is explained to the user.
