@@ -147,7 +147,7 @@ impl Tracker {
         } else {
             return None;
         };
-        let entry = self.entry_of(id, chain);
+        let entry = self.entry_of(id, table, chain, &rule);
         let packet = self.open.get_mut(id)?;
         if packet.nat.is_none() {
             packet.nat = nat_of(&rule);
@@ -176,9 +176,26 @@ impl Tracker {
 
     /// `portfwd:web` for a hop in a chain of instance `portfwd` on the forward whose listen
     /// ports hold the packet's original destination port.
-    fn entry_of(&self, id: &str, chain: &str) -> Option<String> {
+    /// The nftables backend's rules say it in their comment (`comment "web:fwd:web:1a2b3c4d"`).
+    fn entry_of(&self, id: &str, table: &str, chain: &str, rule: &str) -> Option<String> {
+        if let Some(instance) = table
+            .strip_prefix("portfwd-")
+            .filter(|t| !t.starts_with("trace-"))
+        {
+            let named = rule
+                .split_once("comment \"")
+                .and_then(|(_, c)| crate::ownership::parse_comment(c.split('"').next()?, instance))
+                .filter(|tag| tag.kind != crate::ownership::KIND_FLOW)
+                .map(|tag| format!("{instance}:{}", tag.name));
+            return named.or_else(|| self.entry_by_port(id, instance));
+        }
         let rest = chain.strip_prefix("PFWD-")?;
         let (instance, _) = rest.split_once('-')?;
+        self.entry_by_port(id, instance)
+    }
+
+    /// `instance:entry` of the forward whose listen ports hold the packet's destination port.
+    fn entry_by_port(&self, id: &str, instance: &str) -> Option<String> {
         let (proto, dport) = *self.dports.get(id)?;
         let name = self
             .entries

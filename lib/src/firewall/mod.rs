@@ -166,7 +166,9 @@ impl Transaction {
     /// How it is named in messages (`ipv4 nat transaction`).
     pub fn describe(&self) -> String {
         match self.tool {
-            Tool::IptablesRestore(family) => format!("{} {} transaction", family.label(), self.table),
+            Tool::IptablesRestore(family) => {
+                format!("{} {} transaction", family.label(), self.table)
+            }
             Tool::Nft => format!("nft transaction on table {}", self.table),
         }
     }

@@ -11,6 +11,7 @@ mod doctor;
 mod foreign;
 mod forward;
 mod lab;
+mod nftables;
 mod packaging;
 mod records;
 mod routing;

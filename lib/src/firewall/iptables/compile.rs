@@ -139,7 +139,7 @@ pub fn jump_rule(instance: &str, hook: Hook) -> Rule {
 struct Builder<'a> {
     instance: &'a str,
     rules: &'a mut OwnedRules,
-    seen: HashSet<String>,
+    seen: HashSet<(Family, String)>,
     /// Forward name → the interface portfwd sets route_localnet on for it.
     localnet_devices: BTreeMap<String, String>,
     /// `BIT/BIT`: the conntrack mark of forwarded flows.
@@ -196,8 +196,10 @@ impl Builder<'_> {
             key.clone(),
         ]);
         args.extend(target);
-        // The key covers chain and rule, so it alone says whether the rule is already there.
-        if self.seen.insert(key) {
+        // The key covers chain and rule, so it alone says whether the rule is already there
+        // (in this family: an IPv4 and an IPv6 forward in one port bucket share the dispatch
+        // rules' text, and each family needs its own).
+        if self.seen.insert((family, key)) {
             let chain: &mut OwnedChain = self.rules.chains.entry((family, hook)).or_default();
             match bucket {
                 Some(b) => {
@@ -506,6 +508,26 @@ mod tests {
         );
         insta::assert_snapshot!(d.firewall.listing("portfwd"));
         assert_eq!(d.sysctls.len(), 2);
+    }
+
+    /// An IPv4 and an IPv6 forward in one port bucket: the dispatch rules read the same in
+    /// both families, and each family's chain still needs its own (found by the nftables
+    /// backend's migration test: the IPv6 forward was never reached).
+    #[test]
+    fn both_families_get_their_dispatch_rules() {
+        let d = desired(
+            r#"{"forwards":[{"name":"a","listen_port":4321,"to":"10.0.2.2:1234"},{"name":"b","listen_port":4321,"to":"[fd00:2::2]:1234"}]}"#,
+        );
+        for family in [Family::V4, Family::V6] {
+            for hook in [Hook::Prerouting, Hook::Postrouting, Hook::Forward] {
+                let chain = &d.firewall.chains[&(family, hook)];
+                assert!(
+                    chain.rules.iter().any(|r| r.render().contains("-T16")),
+                    "{family:?} {hook:?}: {:?}",
+                    chain.rules
+                );
+            }
+        }
     }
 
     #[test]

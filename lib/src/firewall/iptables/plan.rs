@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::observe::IptablesObserved;
 use super::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Table};
-use crate::firewall::{EntryChanges, FirewallPlan, TableDrop, Transaction, Tool};
+use crate::firewall::{EntryChanges, FirewallPlan, TableDrop, Tool, Transaction};
 use crate::net::Family;
 use crate::ownership::{parse_comment, table_key, Record, KIND_FORWARD, KIND_MASQUERADE};
 

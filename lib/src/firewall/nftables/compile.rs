@@ -85,7 +85,9 @@ impl Builder<'_> {
         };
         for &stage in stages {
             let chain = entry_chain(stage, &f.name);
-            let iif = (stage == Stage::Pre).then(|| f.in_interface.clone()).flatten();
+            let iif = (stage == Stage::Pre)
+                .then(|| f.in_interface.clone())
+                .flatten();
             self.rule(&chain, tag, Body::Nat(nat(iif)));
             let kind = MapKind {
                 stage,
@@ -120,7 +122,10 @@ impl Builder<'_> {
         // Only this forward's DNATed flow: found by its original destination, then checked
         // for its backend, never `saddr backend` or plain traffic to the backend.
         let chain = entry_chain(Stage::Post, &f.name);
-        let tag = Tag { reset: false, ..tag };
+        let tag = Tag {
+            reset: false,
+            ..tag
+        };
         let body = Body::Snat(SnatRule {
             daddr: addr,
             dports: f.backend_ports(),
@@ -230,8 +235,8 @@ mod tests {
 
     #[test]
     fn absent_and_empty_compile_to_no_table() {
-        let (config, _, _) = Config::from_json(r#"{"backend":"nftables","state":"absent"}"#)
-            .expect("valid params");
+        let (config, _, _) =
+            Config::from_json(r#"{"backend":"nftables","state":"absent"}"#).expect("valid params");
         assert!(compile_table(&config).is_empty());
     }
 

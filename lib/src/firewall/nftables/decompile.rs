@@ -5,8 +5,8 @@ use std::net::IpAddr;
 
 use serde_json::Value;
 
-use super::table::{Base, Body, NatTo, Rule, Stage, Table};
 use super::compile::entry_chain;
+use super::table::{Base, Body, NatTo, Rule, Stage, Table};
 use crate::firewall::Entries;
 use crate::model::{ForwardParams, MasqueradeParams, ProtoParam, DEFAULT_CONN_MARK};
 use crate::net::PortRange;
@@ -44,7 +44,9 @@ pub fn entries_from_table(table: &Table, instance: &str) -> Entries {
         .iter()
         .filter_map(|(name, rules)| {
             let rest = name.strip_prefix("pre-")?;
-            let tag = rules.first().and_then(|r| parse_comment(&r.comment, instance))?;
+            let tag = rules
+                .first()
+                .and_then(|r| parse_comment(&r.comment, instance))?;
             (tag.kind == KIND_FORWARD).then_some(rest)
         })
         .collect();
@@ -54,7 +56,12 @@ pub fn entries_from_table(table: &Table, instance: &str) -> Entries {
             entries.forwards.push(f);
         }
     }
-    for rule in table.chains.get(Base::Postrouting.name()).into_iter().flatten() {
+    for rule in table
+        .chains
+        .get(Base::Postrouting.name())
+        .into_iter()
+        .flatten()
+    {
         let Some(tag) = parse_comment(&rule.comment, instance) else {
             continue;
         };

@@ -131,7 +131,11 @@ fn key_text(val: &Value) -> String {
             {
                 format!("{}-{}", key_text(a), key_text(b))
             } else if let Some(p) = o.get("prefix") {
-                format!("{}/{}", text(p.get("addr")), key_text(p.get("len").unwrap_or(&Value::Null)))
+                format!(
+                    "{}/{}",
+                    text(p.get("addr")),
+                    key_text(p.get("len").unwrap_or(&Value::Null))
+                )
             } else {
                 String::new()
             }
@@ -142,7 +146,11 @@ fn key_text(val: &Value) -> String {
 
 fn ports_of(val: &Value) -> Option<PortRange> {
     let port = |v: &Value| v.as_u64().and_then(|p| u16::try_from(p).ok());
-    if let Some([a, b]) = val.get("range").and_then(Value::as_array).map(Vec::as_slice) {
+    if let Some([a, b]) = val
+        .get("range")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+    {
         return Some(PortRange {
             first: port(a)?,
             last: port(b)?,
@@ -383,8 +391,8 @@ mod tests {
 
     #[test]
     fn a_listing_reads_back_as_what_was_compiled() {
-        let (config, _, _) = Config::from_json(include_str!("testdata/params.json"))
-            .expect("valid params");
+        let (config, _, _) =
+            Config::from_json(include_str!("testdata/params.json")).expect("valid params");
         let want = compile_table(&config);
         let observed = parse(LISTING).expect("parses");
         assert!(observed.exists);

@@ -39,7 +39,11 @@ impl Script<'_> {
 /// The rules of a kept chain to delete (by handle) and to add (with the handle each goes
 /// before, None: at the end). A desired rule already there in order is kept; one out of order
 /// is written again.
-fn chain_edit<'r>(want: &'r [Rule], have: &[Rule], handles: &[u64]) -> (Vec<u64>, Vec<(&'r Rule, Option<u64>)>) {
+fn chain_edit<'r>(
+    want: &'r [Rule],
+    have: &[Rule],
+    handles: &[u64],
+) -> (Vec<u64>, Vec<(&'r Rule, Option<u64>)>) {
     let position: BTreeMap<&str, usize> = have
         .iter()
         .enumerate()
@@ -96,14 +100,25 @@ pub fn plan_table(instance: &str, table: &str, want: &Table, have: &NftObserved)
     if !have.exists {
         s.push(format!("add table {FAMILY} {t}"));
     }
-    for name in want.chains.keys().filter(|c| !have.table.chains.contains_key(*c)) {
+    for name in want
+        .chains
+        .keys()
+        .filter(|c| !have.table.chains.contains_key(*c))
+    {
         let Some(q) = ident(name) else { continue };
         match Base::from_name(name) {
-            Some(base) => s.push(format!("add chain {FAMILY} {t} {q} {{ {} }}", base.declaration())),
+            Some(base) => s.push(format!(
+                "add chain {FAMILY} {t} {q} {{ {} }}",
+                base.declaration()
+            )),
             None => s.push(format!("add chain {FAMILY} {t} {q}")),
         }
     }
-    for name in want.maps.keys().filter(|m| !have.table.maps.contains_key(*m)) {
+    for name in want
+        .maps
+        .keys()
+        .filter(|m| !have.table.maps.contains_key(*m))
+    {
         let decl = super::table::MapKind::from_name(name)
             .map(|k| k.declaration())
             .unwrap_or_default();
@@ -121,7 +136,10 @@ pub fn plan_table(instance: &str, table: &str, want: &Table, have: &NftObserved)
             .collect();
         if !keys.is_empty() {
             let keys: Vec<&str> = keys.into_iter().map(String::as_str).collect();
-            s.push(format!("delete element {FAMILY} {t} {name} {{ {} }}", keys.join(", ")));
+            s.push(format!(
+                "delete element {FAMILY} {t} {name} {{ {} }}",
+                keys.join(", ")
+            ));
         }
     }
     let mut adds: Vec<(String, &Rule, Option<u64>)> = Vec::new();
@@ -143,10 +161,19 @@ pub fn plan_table(instance: &str, table: &str, want: &Table, have: &NftObserved)
             }
         }
     }
-    for name in have.table.maps.keys().filter(|m| !want.maps.contains_key(*m)) {
+    for name in have
+        .table
+        .maps
+        .keys()
+        .filter(|m| !want.maps.contains_key(*m))
+    {
         s.push(format!("delete map {FAMILY} {t} {name}"));
     }
-    for (name, rules) in want.chains.iter().filter(|(c, _)| !have.table.chains.contains_key(*c)) {
+    for (name, rules) in want
+        .chains
+        .iter()
+        .filter(|(c, _)| !have.table.chains.contains_key(*c))
+    {
         adds.extend(rules.iter().map(|r| (name.clone(), r, None)));
     }
     for (chain, rule, before) in adds {
@@ -154,7 +181,9 @@ pub fn plan_table(instance: &str, table: &str, want: &Table, have: &NftObserved)
             continue;
         };
         match before {
-            Some(handle) => s.push(format!("insert rule {FAMILY} {t} {q} position {handle} {text}")),
+            Some(handle) => s.push(format!(
+                "insert rule {FAMILY} {t} {q} position {handle} {text}"
+            )),
             None => s.push(format!("add rule {FAMILY} {t} {q} {text}")),
         }
     }
@@ -166,10 +195,18 @@ pub fn plan_table(instance: &str, table: &str, want: &Table, have: &NftObserved)
             .filter_map(|(c, e): (&String, &Element)| element_text(c, e))
             .collect();
         if !new.is_empty() {
-            s.push(format!("add element {FAMILY} {t} {name} {{ {} }}", new.join(", ")));
+            s.push(format!(
+                "add element {FAMILY} {t} {name} {{ {} }}",
+                new.join(", ")
+            ));
         }
     }
-    for name in have.table.chains.keys().filter(|c| !want.chains.contains_key(*c)) {
+    for name in have
+        .table
+        .chains
+        .keys()
+        .filter(|c| !want.chains.contains_key(*c))
+    {
         if let Some(q) = ident(name) {
             s.push(format!("delete chain {FAMILY} {t} {q}"));
         }
@@ -195,7 +232,12 @@ fn entry_changes(instance: &str, want: &Table, have: &Table) -> (EntryChanges, E
             .chains
             .values()
             .flat_map(|rules| rules.iter().map(|r| r.comment.as_str()))
-            .chain(table.maps.values().flat_map(|e| e.keys().map(String::as_str)));
+            .chain(
+                table
+                    .maps
+                    .values()
+                    .flat_map(|e| e.keys().map(String::as_str)),
+            );
         for comment in comments {
             if let Some(tag) = parse_comment(comment, instance) {
                 out.entry((tag.kind.to_string(), tag.name.to_string()))

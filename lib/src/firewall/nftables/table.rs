@@ -65,7 +65,12 @@ pub enum Base {
 }
 
 impl Base {
-    pub const ALL: [Base; 4] = [Base::Prerouting, Base::Output, Base::Postrouting, Base::Input];
+    pub const ALL: [Base; 4] = [
+        Base::Prerouting,
+        Base::Output,
+        Base::Postrouting,
+        Base::Input,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -145,7 +150,10 @@ impl MapKind {
             Stage::Post => "post",
         };
         let key = if self.by_addr { "addr" } else { "port" };
-        let proto = self.proto.map(|p| format!("{}-", p.name())).unwrap_or_default();
+        let proto = self
+            .proto
+            .map(|p| format!("{}-", p.name()))
+            .unwrap_or_default();
         format!("{stage}-{proto}{key}{}", family_digit(self.family))
     }
 
@@ -284,7 +292,9 @@ pub enum Body {
     Masquerade(MasqRule),
     /// kube-proxy's guard with route_localnet on: only DNATed packets to 127.0.0.0/8 from
     /// that interface reach local services.
-    LocalnetGuard { in_interface: String },
+    LocalnetGuard {
+        in_interface: String,
+    },
     /// One of ours whose shape portfwd does not know (edited by hand): it can be deleted, not
     /// written again.
     Unknown,

@@ -188,7 +188,14 @@ fn check_dispatch_overlaps(forwards: &[Forward], params: &[ForwardParams], error
         .flat_map(|f| {
             f.protos.iter().map(move |&p| {
                 let ports = f.listen_port;
-                (f.family, f.listen_address, p, ports.first, ports.last, f.name.as_str())
+                (
+                    f.family,
+                    f.listen_address,
+                    p,
+                    ports.first,
+                    ports.last,
+                    f.name.as_str(),
+                )
             })
         })
         .collect();
