@@ -49,7 +49,11 @@ fn entry_id(ns: &Netns, sport: u16) -> Option<String> {
 /// A typical host firewall rule of another owner; it also makes the kernel track
 /// connections in this namespace before portfwd adds anything (as on any real host).
 fn host_firewall(ns: &Netns, flavour: &str) {
-    let tool = format!("iptables-{flavour}");
+    // The native nftables backend beside an iptables-nft host firewall.
+    let tool = match flavour {
+        "nftables" => "iptables-nft".to_string(),
+        other => format!("iptables-{other}"),
+    };
     let out = ns
         .exec(&[
             &tool,
@@ -153,6 +157,13 @@ fn udp_flows_follow_every_change_nft() {
 }
 
 #[test]
+fn udp_flows_follow_every_change_nftables() {
+    if prerequisites() {
+        udp_flows_follow_every_change("nftables");
+    }
+}
+
+#[test]
 fn udp_flows_follow_every_change_legacy() {
     if prerequisites() {
         udp_flows_follow_every_change("legacy");
@@ -212,6 +223,13 @@ fn tcp_connections_survive_unless_reset(flavour: &str) {
 fn tcp_connections_survive_unless_reset_nft() {
     if prerequisites() {
         tcp_connections_survive_unless_reset("nft");
+    }
+}
+
+#[test]
+fn tcp_connections_survive_unless_reset_nftables() {
+    if prerequisites() {
+        tcp_connections_survive_unless_reset("nftables");
     }
 }
 
