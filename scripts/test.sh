@@ -16,4 +16,6 @@ cargo test --workspace
 # Kernels before 5.14 have no SO_NETNS_COOKIE: the routing suite again with the fallback key.
 PORTFWD_NO_NETNS_COOKIE=1 cargo test -p portfwd-e2e --test e2e -- routing:: records::
 target/debug/portfwd-lab run --junit target/lab-junit.xml
+# Every scenario once more with the native nftables backend (where a scenario does not pin one).
+target/debug/portfwd-lab run --backend nftables --junit target/lab-junit-nftables.xml
 target/debug/portfwd-lab demo

@@ -130,7 +130,23 @@ impl Lab {
             .nodes
             .get(node)
             .ok_or_else(|| LabError::Traffic(format!("no node {node}")))?;
-        Ok(normalise_ruleset(&ns.stdout(&[flavour.save()])?))
+        let mut text = normalise_ruleset(&ns.stdout(&[flavour.save()])?);
+        // nftables tables other than iptables-nft's own (which the dump above shows), without
+        // counter values: portfwd's native table, another firewall's.
+        let tables = ns.stdout(&["nft", "list", "tables"]).unwrap_or_default();
+        for line in tables.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let [_, family, name] = words.as_slice() else {
+                continue;
+            };
+            let iptables_nft = matches!(*family, "ip" | "ip6")
+                && matches!(*name, "filter" | "nat" | "mangle" | "raw" | "security");
+            if iptables_nft || name.starts_with("portfwd-trace-") {
+                continue;
+            }
+            text.push_str(&ns.stdout(&["nft", "-s", "list", "table", family, name])?);
+        }
+        Ok(text)
     }
 
     /// The state of every host, for a failure report: rules, policy routing, conntrack.

@@ -269,6 +269,17 @@ fn valid_node_name(name: &str) -> bool {
 }
 
 impl Scenario {
+    /// Sets `backend` in every params object of the scenario that does not name one.
+    pub fn default_backend(&mut self, backend: &str) {
+        for step in &mut self.steps {
+            for params in step.apply.values_mut() {
+                if let Some(map) = params.as_object_mut() {
+                    map.entry("backend").or_insert_with(|| Value::from(backend));
+                }
+            }
+        }
+    }
+
     /// Reads and checks a scenario file.
     pub fn load(path: &Path) -> Result<Scenario, LabError> {
         let text = std::fs::read_to_string(path)

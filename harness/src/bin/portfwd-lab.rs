@@ -46,6 +46,9 @@ enum Command {
         /// Capture each node's interfaces (tcpdump) during every step; keep the captures of failing steps here.
         #[arg(long)]
         pcap: Option<PathBuf>,
+        /// Apply with this backend wherever a scenario does not pin one (`backend:` in its params).
+        #[arg(long, value_parser = ["iptables", "iptables-nft", "iptables-legacy", "nftables"])]
+        backend: Option<String>,
     },
     /// Narrated run of seed 000: a cross-host forward, then one that keeps the client address.
     Demo,
@@ -86,7 +89,8 @@ fn main() -> ExitCode {
             dir,
             junit,
             pcap,
-        } => run(&scenarios, dir, junit, pcap),
+            backend,
+        } => run(&scenarios, dir, junit, pcap, backend.as_deref()),
         Command::Demo => demo(),
         Command::Up { scenario, dir } => up(&scenario, dir),
         Command::Down => {
@@ -156,13 +160,20 @@ fn run(
     dir: Option<PathBuf>,
     junit_file: Option<PathBuf>,
     pcap: Option<PathBuf>,
+    backend: Option<&str>,
 ) -> Result<bool, LabError> {
     let portfwd = Portfwd::locate()?;
     let paths = find_scenarios(&scenario_dir(dir), names)?;
-    let scenarios = paths
+    let mut scenarios = paths
         .iter()
         .map(|p| Scenario::load(p))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(backend) = backend {
+        println!("backend: {backend} (where a scenario does not pin one)");
+        for scenario in &mut scenarios {
+            scenario.default_backend(backend);
+        }
+    }
     let options = RunOptions { pcap };
     let mut outcomes = Vec::new();
     for scenario in &scenarios {

@@ -174,6 +174,28 @@ fn every_kind_of_forward_works_in_both_families() {
     assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err());
 }
 
+/// A masquerade entry (seed 002's gateway) through the native backend: the LAN reaches a host
+/// that has no route back to it.
+#[test]
+fn a_masquerade_entry_works() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    t.client_default_route().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let params = json!({"backend": "nftables", "ip_forward": true,
+        "masquerade": [{"name": "lan", "source": "10.0.1.0/24", "out_interface": "eth1"}]});
+    let r = portfwd().apply(&t.proxy, &params).unwrap();
+    assert!(r.changed() && !r.failed(), "{}", r.stdout);
+    assert_eq!(r.json["masquerade"]["added"], json!(["lan"]));
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.2.2:1234")).unwrap(),
+        ip("10.0.2.1")
+    );
+    assert!(!portfwd().apply(&t.proxy, &params).unwrap().changed());
+}
+
 fn many(n: usize, changed: Option<usize>) -> Value {
     let forwards: Vec<Value> = (0..n)
         .map(|i| {
