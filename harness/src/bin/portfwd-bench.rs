@@ -53,8 +53,8 @@ enum Bench {
         /// Forward counts of the scaling series (at least 2: the two measured forwards).
         #[arg(long, value_delimiter = ',', default_value = "2,100,1000,1501,5000")]
         scale: Vec<usize>,
-        /// iptables flavours of the scaling series.
-        #[arg(long, value_delimiter = ',', default_value = "nft,legacy")]
+        /// Backends of the scaling series: iptables flavours (`nft`, `legacy`) and `nftables`.
+        #[arg(long, value_delimiter = ',', default_value = "nft,legacy,nftables")]
         flavours: Vec<String>,
         /// Run only the scaling series.
         #[arg(long)]
@@ -301,6 +301,113 @@ fn report_rounds(
     );
 }
 
+/// `params` for the nftables backend.
+fn native(mut params: Value) -> Value {
+    params["backend"] = json!("nftables");
+    params
+}
+
+/// The lines of the `nft -f` script a run wrote (its operations).
+fn nft_operations(result: &Value) -> usize {
+    let commands: Vec<&str> = result["commands"]
+        .as_array()
+        .map(|c| c.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    commands
+        .iter()
+        .position(|c| c.starts_with("nft -f -"))
+        .map_or(0, |start| {
+            commands[start + 1..]
+                .iter()
+                .take_while(|c| **c != "EOF")
+                .count()
+        })
+}
+
+/// The nftables backend's column: the same 10,000 foreign iptables rules, 1,000 forwards in
+/// the instance's own table. Its no-op is measured against the bare iptables reads (what the
+/// iptables backend would need) and against the same no-op on a host without foreign rules.
+fn nftables_control(
+    pf: &Portfwd,
+    reps: usize,
+    foreign: &str,
+    table: &mut String,
+    results: &mut serde_json::Map<String, Value>,
+) -> Result<(), LabError> {
+    let _ = writeln!(table, "\nnftables backend (table inet portfwd-portfwd; the same 10,000 foreign iptables rules):");
+    let loaded = loaded_host(foreign)?;
+    let clean = Netns::new("bench-clean")?;
+    let thousand = native(forwards(1000, None));
+    let absent = native(json!({"state": "absent"}));
+    let first = measure(
+        reps,
+        || apply(pf, &loaded, &absent).map(drop),
+        || apply(pf, &loaded, &thousand).map(drop),
+    )?;
+    apply(pf, &loaded, &thousand)?;
+    apply(pf, &clean, &thousand)?;
+    let noop = || apply(pf, &loaded, &thousand).map(drop);
+    let rounds = noop_rounds(reps, || Ok(()), noop, || bare_reads(&loaded))?;
+    report_rounds(
+        table,
+        results,
+        "nftables no-op rounds vs bare iptables reads",
+        "nftables_noop_rounds",
+        &rounds,
+    );
+    // The same no-op with and without the foreign rules, paired the same way.
+    let clean_rounds = noop_rounds(reps, || Ok(()), noop, || {
+        apply(pf, &clean, &thousand).map(drop)
+    })?;
+    let _ = writeln!(
+        table,
+        "nftables no-op with / without 10,000 foreign rules: {}",
+        clean_rounds
+            .iter()
+            .map(|(a, b)| format!("{a:.3}/{b:.3}={:.2}x", a / b))
+            .collect::<Vec<_>>()
+            .join("  ")
+    );
+    results.insert(
+        "nftables_noop_vs_clean_rounds".into(),
+        json!(clean_rounds
+            .iter()
+            .map(|(a, b)| json!({"loaded_s": a, "clean_s": b, "ratio": a / b}))
+            .collect::<Vec<_>>()),
+    );
+    let changed = native(forwards(1000, Some(500)));
+    let mut operations = 0;
+    let change = measure(
+        reps,
+        || apply(pf, &loaded, &thousand).map(drop),
+        || {
+            let r = apply(pf, &loaded, &changed)?;
+            operations = nft_operations(&r);
+            Ok(())
+        },
+    )?;
+    let worst = |rounds: &[(f64, f64)]| {
+        rounds
+            .iter()
+            .map(|(a, b)| a / b)
+            .fold(f64::NAN, f64::max)
+    };
+    let _ = writeln!(
+        table,
+        "{:<44} {first:>10.3}\n{:<44} {change:>10.3}\nworst no-op ratio: {:.2}x the bare iptables reads (target <= 0.25x), {:.2}x the no-op without foreign rules (target <= 1.3x)",
+        "first apply, 1,000 forwards",
+        format!("change 1 of 1,000 ({operations} nft operations)"),
+        worst(&rounds),
+        worst(&clean_rounds)
+    );
+    results.insert("nftables_first_apply_s".into(), json!(first));
+    results.insert("nftables_change_one_s".into(), json!(change));
+    results.insert("nftables_change_one_operations".into(), json!(operations));
+    apply(pf, &loaded, &absent)?;
+    apply(pf, &clean, &absent)?;
+    Ok(())
+}
+
 fn control(reps: usize, out: &Path, svg: &Path) -> Result<(), LabError> {
     let pf = Portfwd::locate()?;
     let foreign = foreign_ruleset(10_000);
@@ -412,6 +519,8 @@ fn control(reps: usize, out: &Path, svg: &Path) -> Result<(), LabError> {
     results.insert("first_apply_ratio".into(), json!(first / bare_first));
     results.insert("change_one_s".into(), json!(change));
     results.insert("change_one_payload_lines".into(), json!(change_lines));
+
+    nftables_control(&pf, reps, &foreign, &mut table, &mut results)?;
 
     // The per-rule approach (iptables -C, then -A when missing), for 100 forwards' rules:
     // at ~0.1 s a call with 10,000 rules loaded, 1,000 forwards would take over ten minutes.
@@ -738,6 +847,20 @@ fn data(seconds: u32, out: &Path) -> Result<(), LabError> {
         "10.0.1.1:17000",
     )?;
     apply(&pf, &t.proxy, &json!({"state": "absent"}))?;
+    let mut native = fwd("masquerade");
+    native["backend"] = json!("nftables");
+    apply(&pf, &t.proxy, &native)?;
+    record(
+        "portfwd nftables DNAT + masquerade",
+        "10.0.1.1",
+        15201,
+        "10.0.1.1:17000",
+    )?;
+    apply(
+        &pf,
+        &t.proxy,
+        &json!({"backend": "nftables", "state": "absent"}),
+    )?;
 
     {
         let _a = daemon(
@@ -813,6 +936,12 @@ fn data(seconds: u32, out: &Path) -> Result<(), LabError> {
             fwd_gbits / get(name)
         );
     }
+    let native_gbits = get("portfwd nftables DNAT + masquerade");
+    println!(
+        "  the nftables backend's forward: {:.2}x routed, {:.2}x the iptables backend's",
+        native_gbits / get("routed, no NAT"),
+        native_gbits / fwd_gbits
+    );
     let json_rows: Vec<Value> = rows
         .iter()
         .map(|(n, g, p50, p99)| json!({"name": n, "gbit_s": g, "p50_us": p50, "p99_us": p99}))

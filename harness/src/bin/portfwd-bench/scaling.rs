@@ -139,6 +139,14 @@ struct Row {
     routed_conns: f64,
 }
 
+/// `nftables`, or the iptables flavour (`iptables-nft`).
+fn label(backend: &str) -> String {
+    match backend {
+        "nftables" => backend.to_string(),
+        flavour => format!("iptables-{flavour}"),
+    }
+}
+
 pub fn run(
     pf: &Portfwd,
     flavours: &[String],
@@ -156,7 +164,7 @@ pub fn run(
         t.proxy.sysctl("net.ipv4.ip_forward", "1")?;
         let _iperf = daemon(&t.backend, &["iperf3", "-s", "-p", "15201"])?;
         let _sink = Sink::start(&t.backend, "0.0.0.0:15202".parse().map_err(err)?)?;
-        println!("\ndata path at scale, iptables-{flavour}: through the last of N forwards (medians of 3 rounds: iperf3 {seconds}s, handshakes for 2 s), routed path beside it");
+        println!("\ndata path at scale, {}: through the last of N forwards (medians of 3 rounds: iperf3 {seconds}s, handshakes for 2 s), routed path beside it", label(flavour));
         println!(
             "  {:>6} {:>10} {:>8} {:>10} {:>10} {:>8} {:>10}",
             "N", "fwd Gb/s", "vs N=1", "routed", "fwd conn/s", "vs N=1", "routed"
@@ -286,9 +294,10 @@ fn plot(series: &[(String, Vec<Row>)]) -> String {
             let _ = writeln!(svg, "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"{dash} points=\"{}\"/>", points.join(" "));
             let _ = writeln!(
                 svg,
-                "<text x=\"{}\" y=\"{}\" fill=\"{colour}\">iptables-{flavour} {what}</text>",
+                "<text x=\"{}\" y=\"{}\" fill=\"{colour}\">{} {what}</text>",
                 m + 10.0,
-                h - m - 10.0 - legend
+                h - m - 10.0 - legend,
+                label(flavour)
             );
             legend += 16.0;
         }
