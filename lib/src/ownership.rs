@@ -164,6 +164,17 @@ pub struct FirewallRead {
     /// met before portfwd's), which the checks use.
     #[serde(default)]
     pub facts: serde_json::Value,
+    /// Other nftables tables' forward-hook chains and early NAT rules, when that run read
+    /// them (they too change only with the generation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other: Option<OtherTables>,
+}
+
+/// What the warnings need of other nftables tables (see [`crate::observe::nft`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OtherTables {
+    pub forward_chains: Vec<crate::observe::nft::ForwardChain>,
+    pub foreign_nat: Vec<crate::firewall::ForeignNat>,
 }
 
 impl Record {

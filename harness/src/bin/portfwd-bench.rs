@@ -334,7 +334,10 @@ fn nftables_control(
     table: &mut String,
     results: &mut serde_json::Map<String, Value>,
 ) -> Result<(), LabError> {
-    let _ = writeln!(table, "\nnftables backend (table inet portfwd-portfwd; the same 10,000 foreign iptables rules):");
+    let _ = writeln!(
+        table,
+        "\nnftables backend (table inet portfwd-portfwd; the same 10,000 foreign iptables rules):"
+    );
     let loaded = loaded_host(foreign)?;
     let clean = Netns::new("bench-clean")?;
     let thousand = native(forwards(1000, None));
@@ -356,9 +359,12 @@ fn nftables_control(
         &rounds,
     );
     // The same no-op with and without the foreign rules, paired the same way.
-    let clean_rounds = noop_rounds(reps, || Ok(()), noop, || {
-        apply(pf, &clean, &thousand).map(drop)
-    })?;
+    let clean_rounds = noop_rounds(
+        reps,
+        || Ok(()),
+        noop,
+        || apply(pf, &clean, &thousand).map(drop),
+    )?;
     let _ = writeln!(
         table,
         "nftables no-op with / without 10,000 foreign rules: {}",
@@ -386,12 +392,7 @@ fn nftables_control(
             Ok(())
         },
     )?;
-    let worst = |rounds: &[(f64, f64)]| {
-        rounds
-            .iter()
-            .map(|(a, b)| a / b)
-            .fold(f64::NAN, f64::max)
-    };
+    let worst = |rounds: &[(f64, f64)]| rounds.iter().map(|(a, b)| a / b).fold(f64::NAN, f64::max);
     let _ = writeln!(
         table,
         "{:<44} {first:>10.3}\n{:<44} {change:>10.3}\nworst no-op ratio: {:.2}x the bare iptables reads (target <= 0.25x), {:.2}x the no-op without foreign rules (target <= 1.3x)",

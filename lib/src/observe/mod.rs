@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::firewall::iptables::Iptables;
 use crate::firewall::Firewall;
 use crate::net::Family;
-use crate::ownership::{FirewallRead, ReadCache, Record};
+use crate::ownership::{FirewallRead, OtherTables, ReadCache, Record};
 use crate::routing::{IfAddr, IpRule, Routing};
 use crate::system::{Read, System, SystemError};
 
@@ -161,6 +161,8 @@ pub fn observe<F: Firewall>(
     let record = &observed.record;
     let routing = scope.routing || !record.rules.is_empty() || !record.routes.is_empty();
     let addresses = scope.addresses || !record.addresses.is_empty();
+    // Other tables' chains change only with the generation too: a current cache holds them.
+    let cached_other = cached.as_ref().and_then(|(_, c)| c.read.other.clone());
     let mut reads = if cached.is_some() {
         Vec::new()
     } else {
@@ -177,7 +179,9 @@ pub fn observe<F: Firewall>(
         reads.push(Read::IpJson(vec!["addr", "show"]));
     }
     if scope.other_filters {
-        reads.push(Read::NftJson(vec!["list".into(), "chains".into()]));
+        if cached_other.is_none() {
+            reads.push(Read::NftJson(vec!["list".into(), "chains".into()]));
+        }
         for family in [Family::V4, Family::V6] {
             reads.push(Read::LegacySave(family));
         }
@@ -209,6 +213,7 @@ pub fn observe<F: Firewall>(
                     generation,
                     warnings: warnings.clone(),
                     facts: firewall.foreign_facts(&observed.firewall),
+                    other: None,
                 });
             }
             observed.warnings.extend(warnings);
@@ -242,10 +247,25 @@ pub fn observe<F: Firewall>(
     if scope.other_filters {
         // Other filters are looked at for warnings only: a failed read (no permission, an
         // older nft) means nothing is known about them, never a failed run.
-        let chains = next().map(|(out, _)| out).unwrap_or_default();
-        let (forward, nat) = other_tables(firewall, sys, &observed.firewall, &chains);
-        observed.forward_chains = forward;
-        observed.foreign_nat = nat;
+        let other = match cached_other {
+            Some(other) => other,
+            None => {
+                let chains = next().map(|(out, _)| out).unwrap_or_default();
+                let (forward_chains, foreign_nat) =
+                    other_tables(firewall, sys, &observed.firewall, &chains);
+                let other = OtherTables {
+                    forward_chains,
+                    foreign_nat,
+                };
+                // A full read at a known generation keeps them for the next run.
+                if let Some(read) = observed.firewall_read.as_mut() {
+                    read.other = Some(other.clone());
+                }
+                other
+            }
+        };
+        observed.forward_chains = other.forward_chains;
+        observed.foreign_nat = other.foreign_nat;
         for family in [Family::V4, Family::V6] {
             let dump = next().map(|(out, _)| out).unwrap_or_default();
             // A backend driving iptables-legacy has its own FORWARD there.

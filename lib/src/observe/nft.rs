@@ -10,7 +10,7 @@ use crate::model::Proto;
 use crate::net::{Family, PortRange};
 
 /// A base chain at the forward hook, and what it does to a forwarded packet.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ForwardChain {
     pub family: String,
     pub table: String,
