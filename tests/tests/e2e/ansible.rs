@@ -499,6 +499,52 @@ fn the_example_role_forwards_and_is_idempotent() {
     assert_eq!(recap_changed(&out, "proxy"), Some(0), "{out}");
 }
 
+/// The module with `backend: nftables`: the forward lives in the instance's own nftables table,
+/// traffic flows, a re-run reports nothing changed, and `state: absent` leaves no table.
+#[test]
+fn a_playbook_applies_with_the_nftables_backend() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(LocalProxy {
+        ansible,
+        t,
+        _server,
+        host_dir,
+        inventory,
+        ..
+    }) = local_proxy()
+    else {
+        return;
+    };
+    let task = |state: &str| {
+        format!(
+            "- hosts: proxy\n  gather_facts: false\n  tasks:\n    - portfwd.portfwd.portfwd:\n        backend: nftables\n        state: {state}\n        forwards:\n          - {{name: web, listen_port: 4321, to: \"10.0.2.2:1234\"}}\n          - {{name: web6, listen_port: 4321, to: \"[fd00:2::2]:1234\"}}\n"
+        )
+    };
+    let present = write(&ansible.path("nftables.yml"), &task("present"));
+    let (code, out) = ansible.playbook(&t.proxy, &host_dir, &["-i", &inventory, &present]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(recap_changed(&out, "proxy"), Some(1), "{out}");
+    probe_tcp(&t.client, "10.0.1.1:4321").unwrap();
+    assert_eq!(
+        t.proxy.stdout(&["nft", "list", "tables"]).unwrap().trim(),
+        "table inet portfwd-portfwd"
+    );
+    assert!(
+        !ruleset(&t.proxy, "iptables-save").unwrap().contains("PFWD"),
+        "nothing in iptables"
+    );
+    let (code, out) = ansible.playbook(&t.proxy, &host_dir, &["-i", &inventory, &present]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(recap_changed(&out, "proxy"), Some(0), "{out}");
+    let absent = write(&ansible.path("nftables-absent.yml"), &task("absent"));
+    let (code, out) = ansible.playbook(&t.proxy, &host_dir, &["-i", &inventory, &absent]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(recap_changed(&out, "proxy"), Some(1), "{out}");
+    assert_eq!(t.proxy.stdout(&["nft", "list", "ruleset"]).unwrap(), "");
+}
+
 /// `ansible-test sanity` on the collection as built (static binary, sidecar docs, role,
 /// changelog fragment, meta/runtime.yml), in the Ansible virtualenv without containers.
 #[test]
