@@ -10,8 +10,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     name = "portfwd",
     version,
     about = "Declarative NAT port forwarding for Linux: desired state in, minimal atomic change out",
-    long_about = "Declarative NAT port forwarding for Linux: iptables NAT and FORWARD rules, interface \
-        addresses, policy routing (ip rule / ip route) and forwarding sysctls.\n\n\
+    long_about = "Declarative NAT port forwarding for Linux: iptables NAT and FORWARD rules (or, with \
+        backend nftables, a table of the instance's own, inet portfwd-<instance>, written with one nft -f \
+        transaction), interface addresses, policy routing (ip rule / ip route) and forwarding sysctls.\n\n\
         Reads the current state (iptables-save, ip6tables-save, ip -j rule/route/addr, /proc/sys), diffs it \
         against the desired state given as JSON params, and applies the minimal change: ip -batch additions, \
         one iptables-restore --noflush transaction per table, sysctl writes, ip -batch removals, rolling \

@@ -307,3 +307,56 @@ fn ports_may_be_strings_as_templating_produces() {
     assert_eq!(config.forwards[0].action, Action::Redirect { port: 1111 });
     assert_eq!(config.forwards[0].family, Family::V4);
 }
+
+#[test]
+fn nftables_refuses_two_forwards_on_one_listen_key() {
+    let err = Config::from_json(
+        r#"{"backend":"nftables","forwards":[
+            {"name":"a","listen_port":"8000-8010","to":"10.0.0.1"},
+            {"name":"b","listen_port":8005,"to":"10.0.0.2:80","sources":["10.1.0.0/16"]},
+            {"name":"c","listen_port":8005,"proto":"udp","to":"10.0.0.2:80"},
+            {"name":"d","listen_address":"10.9.9.9","listen_port":8005,"to":"10.0.0.2:80"}]}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("forwards[1].listen_port") && err.contains("overlaps forward \"a\""),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("overlaps").count(),
+        1,
+        "udp and another address are apart: {err}"
+    );
+    // iptables tries them in order: allowed there.
+    assert!(Config::from_json(&err_free_iptables()).is_ok());
+}
+
+fn err_free_iptables() -> String {
+    r#"{"forwards":[{"name":"a","listen_port":"8000-8010","to":"10.0.0.1"},
+        {"name":"b","listen_port":8005,"to":"10.0.0.2:80","sources":["10.1.0.0/16"]}]}"#
+        .to_string()
+}
+
+#[test]
+fn old_backend_names_still_work_and_say_they_are_deprecated() {
+    for (old, new) in [
+        ("auto", "iptables"),
+        ("nft", "iptables-nft"),
+        ("legacy", "iptables-legacy"),
+    ] {
+        let (config, _, _) = Config::from_json(&format!(r#"{{"backend":"{old}"}}"#)).unwrap();
+        assert_eq!(config.backend().name(), new);
+        let desired = crate::compile::compile(&config, &crate::firewall::iptables::Iptables);
+        assert!(
+            desired.warnings.iter().any(|w| w.contains(&format!(
+                "backend: \"{old}\" is deprecated; write \"{new}\""
+            ))),
+            "{:?}",
+            desired.warnings
+        );
+    }
+    let (config, _, _) = Config::from_json(r#"{"backend":"nftables"}"#).unwrap();
+    let desired = crate::compile::compile(&config, &crate::firewall::iptables::Iptables);
+    assert!(desired.warnings.is_empty(), "{:?}", desired.warnings);
+}

@@ -80,12 +80,17 @@ fn every_kind_of_forward_works_in_both_families() {
         (Proto::Tcp, "0.0.0.0:1234"),
         (Proto::Udp, "0.0.0.0:1234"),
         (Proto::Tcp, "[fd00:2::2]:1234"),
+        (Proto::Udp, "[fd00:2::2]:1234"),
         (Proto::Tcp, "0.0.0.0:6005"),
     ]
     .into_iter()
     .map(|(p, a)| Server::start(&t.backend, p, sa(a)).unwrap())
     .collect();
     let _local = Server::start(&t.proxy, Proto::Tcp, sa("0.0.0.0:2222")).unwrap();
+    // For `snat: none` the backend routes its replies back through the proxy.
+    t.backend
+        .ip(&["route", "add", "default", "via", "10.0.2.1"])
+        .unwrap();
     let params = json!({"backend": "nftables", "forwards": [
         {"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"},
         {"name": "dns", "proto": "udp", "listen_port": 5353, "to": "10.0.2.2:1234"},
@@ -93,7 +98,9 @@ fn every_kind_of_forward_works_in_both_families() {
         {"name": "range", "listen_address": "10.0.1.1", "listen_port": "6000-6010", "to": "10.0.2.2", "snat": "10.0.2.1"},
         {"name": "ssh", "listen_port": 2223, "redirect_to_port": 2222},
         {"name": "mine", "listen_port": 4400, "to": "10.0.2.2:1234", "local": true},
-        {"name": "closed", "listen_port": 4500, "to": "10.0.2.2:1234", "sources": ["10.9.9.0/24"], "in_interface": "eth0"}
+        {"name": "closed", "listen_port": 4500, "to": "10.0.2.2:1234", "sources": ["10.9.9.0/24"], "in_interface": "eth0"},
+        {"name": "keep", "listen_port": 4600, "to": "10.0.2.2:1234", "snat": "none", "sources": ["10.0.1.0/24"], "in_interface": "eth0"},
+        {"name": "both6", "proto": "both", "listen_port": 4700, "to": "[fd00:2::2]:1234"}
     ]});
     let first = portfwd().apply(&t.proxy, &params).unwrap();
     assert!(first.changed() && !first.failed(), "{}", first.stdout);
@@ -135,6 +142,18 @@ fn every_kind_of_forward_works_in_both_families() {
         probe(&t.client, Proto::Tcp, sa("10.0.1.1:4500")).is_err(),
         "a source outside `sources` is not forwarded"
     );
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4600")).unwrap(),
+        ip("10.0.1.2"),
+        "snat none (an allowed source on the named interface): the backend sees the client"
+    );
+    for proto in [Proto::Tcp, Proto::Udp] {
+        assert_eq!(
+            probe(&t.client, proto, sa("[fd00:1::1]:4700")).unwrap(),
+            ip("fd00:2::1"),
+            "proto both over IPv6"
+        );
+    }
 
     let recorder = WriteRecorder::new().unwrap();
     let second = portfwd()
@@ -155,7 +174,7 @@ fn every_kind_of_forward_works_in_both_families() {
     let shown = portfwd().run(&t.proxy, &["show"], "", &[]).unwrap();
     let shown_json: Value = serde_json::from_str(&shown.stdout).unwrap();
     assert_eq!(shown_json["backend"], "nftables", "{}", shown.stdout);
-    assert_eq!(shown_json["forwards"].as_array().unwrap().len(), 7);
+    assert_eq!(shown_json["forwards"].as_array().unwrap().len(), 9);
     let again = portfwd()
         .run(&t.proxy, &["apply"], &shown.stdout, &[])
         .unwrap();
@@ -588,4 +607,87 @@ fn a_fault_at_each_nft_call_leaves_the_host_as_it_was() {
         probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
         ip("10.0.2.1")
     );
+}
+
+/// Check mode and `plan` write nothing and show the nft script; `persist` stores the params and
+/// `portfwd restore` brings the table back after a reboot; `absent` without naming the backend
+/// finds the instance in nftables (its record says so) and removes it.
+#[test]
+fn plan_persist_restore_and_absent() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let pf = portfwd();
+    let params = json!({"backend": "nftables", "persist": true,
+        "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    let recorder = WriteRecorder::new().unwrap();
+    let plan = pf
+        .run(
+            &t.proxy,
+            &["plan", "--json"],
+            &params.to_string(),
+            &[("PATH", &recorder.path())],
+        )
+        .unwrap();
+    assert_eq!(plan.code, 0, "{}", plan.stdout);
+    assert!(plan.changed(), "{}", plan.stdout);
+    assert!(
+        plan.json["diff"]["after"]
+            .as_str()
+            .unwrap()
+            .contains("forwards.web = "),
+        "{}",
+        plan.stdout
+    );
+    assert!(nft_script(&plan)
+        .iter()
+        .any(|l| l.starts_with("add table inet portfwd-portfwd")));
+    assert_eq!(
+        recorder.calls(),
+        Vec::<String>::new(),
+        "plan writes nothing"
+    );
+    assert_eq!(nft_ruleset(&t.proxy), "");
+
+    let first = pf.apply(&t.proxy, &params).unwrap();
+    assert!(
+        first.changed() && first.msg().contains("params stored"),
+        "{}",
+        first.stdout
+    );
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
+        ip("10.0.2.1")
+    );
+
+    // The reboot: the table, forwarding and the runtime record are gone; the stored file stays.
+    t.proxy
+        .exec(&["nft", "delete", "table", "inet", "portfwd-portfwd"])
+        .unwrap();
+    t.proxy.sysctl("net.ipv4.ip_forward", "0").unwrap();
+    std::fs::remove_dir_all(pf.run_dir(&t.proxy)).unwrap();
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err());
+    let restored = pf.run(&t.proxy, &["restore"], "", &[]).unwrap();
+    assert_eq!(restored.json["changed"], json!(true), "{}", restored.stdout);
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
+        ip("10.0.2.1")
+    );
+    let again = pf.run(&t.proxy, &["restore"], "", &[]).unwrap();
+    assert_eq!(again.json["changed"], json!(false), "{}", again.stdout);
+
+    let absent = pf
+        .apply(&t.proxy, &json!({"state": "absent", "persist": true}))
+        .unwrap();
+    assert!(absent.changed() && !absent.failed(), "{}", absent.stdout);
+    assert_eq!(
+        absent.json["forwards"]["removed"],
+        json!(["web"]),
+        "{}",
+        absent.stdout
+    );
+    assert_eq!(nft_ruleset(&t.proxy), "", "the nftables instance is gone");
+    assert!(!pf.state_dir(&t.proxy).join("portfwd.json").exists());
 }

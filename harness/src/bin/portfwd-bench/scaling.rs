@@ -1,7 +1,8 @@
 //! The data path at scale: throughput and new connections per second through the LAST of N
 //! forwards (the one a linear rule walk reaches last), for each N and iptables flavour, each
 //! next to the routed path measured in the same topology at the same moment. A cost that grows
-//! with the number of forwards shows as a ratio to N = 1 falling below 1.
+//! with the number of forwards shows as a ratio to N = 1 falling below 1; each round measures
+//! the smallest N right before the N in question, so a noisy neighbour weighs on both.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -137,6 +138,10 @@ struct Row {
     routed_gbits: f64,
     fwd_conns: f64,
     routed_conns: f64,
+    /// The smallest N measured in the same rounds, alternating with this N (so a noisy
+    /// neighbour weighs on both): the ratio's baseline.
+    base_gbits: f64,
+    base_conns: f64,
 }
 
 /// `nftables`, or the iptables flavour (`iptables-nft`).
@@ -176,40 +181,50 @@ pub fn run(
         iperf(&t, "10.0.1.1", iperf_port.parse().map_err(err)?, 1)?;
         connections_per_second(&t, &conn_target, 1)?;
         let mut rows: Vec<Row> = Vec::new();
+        let base_n = counts.first().copied().unwrap_or(2);
         for &n in counts {
-            apply(pf, &t.proxy, &params(flavour, n))?;
-            // Three alternating rounds, medians: single runs swing by ±20% on 2 shared cores.
-            let mut samples: [Vec<f64>; 4] = Default::default();
+            // Three rounds, medians: single runs swing by ±20% on 2 shared cores. Each round
+            // measures the smallest N and then this N right after it, so the ratio compares
+            // moments minutes apart at most seconds.
+            let mut samples: [Vec<f64>; 6] = Default::default();
             let (iperf_port, conn_target) = measured_ports(n);
             let iperf_port: u16 = iperf_port.parse().map_err(err)?;
-            // Every N starts from an empty connection table (the handshake runs leave tens of
-            // thousands of closed entries behind), throughput before handshakes.
-            let _ = t.proxy.exec(&["conntrack", "-F"]);
+            let (base_port, base_target) = measured_ports(base_n);
+            let base_port: u16 = base_port.parse().map_err(err)?;
             for _ in 0..3 {
-                samples[0].push(iperf(&t, "10.0.1.1", iperf_port, seconds)?);
-                samples[1].push(iperf(&t, "10.0.2.2", 15201, seconds)?);
-            }
-            for _ in 0..3 {
-                samples[2].push(connections_per_second(&t, &conn_target, 2)?);
+                for (count, port, target, slot) in [
+                    (base_n, base_port, &base_target, 4),
+                    (n, iperf_port, &conn_target, 0),
+                ] {
+                    apply(pf, &t.proxy, &params(flavour, count))?;
+                    // From an empty connection table (the handshake runs leave tens of
+                    // thousands of closed entries behind), throughput before handshakes.
+                    let _ = t.proxy.exec(&["conntrack", "-F"]);
+                    samples[slot].push(iperf(&t, "10.0.1.1", port, seconds)?);
+                    samples[slot + 1].push(connections_per_second(&t, target, 2)?);
+                }
+                samples[2].push(iperf(&t, "10.0.2.2", 15201, seconds)?);
                 samples[3].push(connections_per_second(&t, "10.0.2.2:15202", 2)?);
             }
-            let [fwd_gbits, routed_gbits, fwd_conns, routed_conns] = samples.map(median);
+            let [fwd_gbits, fwd_conns, routed_gbits, routed_conns, base_gbits, base_conns] =
+                samples.map(median);
             let row = Row {
                 n,
                 fwd_gbits,
                 routed_gbits,
                 fwd_conns,
                 routed_conns,
+                base_gbits,
+                base_conns,
             };
-            let base = rows.first().unwrap_or(&row);
             println!(
                 "  {:>6} {:>10.2} {:>7.2}x {:>10.2} {:>10.0} {:>7.2}x {:>10.0}",
                 n,
                 row.fwd_gbits,
-                row.fwd_gbits / base.fwd_gbits,
+                row.fwd_gbits / row.base_gbits,
                 row.routed_gbits,
                 row.fwd_conns,
-                row.fwd_conns / base.fwd_conns,
+                row.fwd_conns / row.base_conns,
                 row.routed_conns
             );
             rows.push(row);
@@ -224,14 +239,13 @@ pub fn run(
     let json_series: Vec<Value> = series
         .iter()
         .map(|(flavour, rows)| {
-            let base = &rows[0];
             json!({"flavour": flavour, "rows": rows.iter().map(|r| json!({
                 "forwards": r.n,
                 "gbit_s": r.fwd_gbits,
-                "gbit_s_vs_1": r.fwd_gbits / base.fwd_gbits,
+                "gbit_s_vs_1": r.fwd_gbits / r.base_gbits,
                 "routed_gbit_s": r.routed_gbits,
                 "conn_s": r.fwd_conns,
-                "conn_s_vs_1": r.fwd_conns / base.fwd_conns,
+                "conn_s_vs_1": r.fwd_conns / r.base_conns,
                 "routed_conn_s": r.routed_conns,
             })).collect::<Vec<_>>()})
         })
@@ -280,16 +294,19 @@ fn plot(series: &[(String, Vec<Row>)]) -> String {
     let mut legend = 0.0;
     for (i, (flavour, rows)) in series.iter().enumerate() {
         let colour = colours[i % colours.len()];
-        let base = &rows[0];
-        for (what, dash, pick) in [
-            ("throughput", "", (|r: &Row| r.fwd_gbits) as fn(&Row) -> f64),
+        for (what, dash, ratio) in [
+            (
+                "throughput",
+                "",
+                (|r: &Row| r.fwd_gbits / r.base_gbits) as fn(&Row) -> f64,
+            ),
             ("connections/s", " stroke-dasharray=\"6,4\"", |r: &Row| {
-                r.fwd_conns
+                r.fwd_conns / r.base_conns
             }),
         ] {
             let points: Vec<String> = rows
                 .iter()
-                .map(|r| format!("{:.1},{:.1}", x(r.n), y(pick(r) / pick(base))))
+                .map(|r| format!("{:.1},{:.1}", x(r.n), y(ratio(r))))
                 .collect();
             let _ = writeln!(svg, "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"{dash} points=\"{}\"/>", points.join(" "));
             let _ = writeln!(

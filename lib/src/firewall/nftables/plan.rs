@@ -266,3 +266,98 @@ fn entry_changes(instance: &str, want: &Table, have: &Table) -> (EntryChanges, E
     }
     (forwards, masquerade)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::nftables::compile::compile_table;
+    use crate::firewall::nftables::observe::parse;
+    use crate::model::Config;
+
+    const PARAMS: &str = include_str!("testdata/params.json");
+    /// `nft -j list table inet portfwd-gw` after applying [`PARAMS`].
+    const LISTING: &str = include_str!("testdata/list-table.json");
+
+    fn table(json: &str) -> Table {
+        let (config, _, _) = Config::from_json(json).expect("valid params");
+        compile_table(&config)
+    }
+
+    #[test]
+    fn the_table_as_it_is_needs_no_edit() {
+        let edit = plan_table("gw", "portfwd-gw", &table(PARAMS), &parse(LISTING).unwrap());
+        assert_eq!(edit.script, "");
+        assert_eq!(edit.forwards, EntryChanges::default());
+    }
+
+    #[test]
+    fn a_changed_backend_rewrites_only_that_forwards_rules() {
+        let changed = PARAMS.replace("10.0.2.2:80", "10.0.2.3:80");
+        let edit = plan_table(
+            "gw",
+            "portfwd-gw",
+            &table(&changed),
+            &parse(LISTING).unwrap(),
+        );
+        let lines: Vec<&str> = edit.script.lines().collect();
+        assert_eq!(edit.operations, 4, "{lines:#?}");
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.contains(" pre-web ") || l.contains(" post-web ")),
+            "{lines:#?}"
+        );
+        assert!(lines
+            .iter()
+            .any(|l| l.starts_with("delete rule inet portfwd-gw pre-web handle ")));
+        assert_eq!(edit.forwards.updated, ["web"]);
+    }
+
+    #[test]
+    fn a_removed_forward_takes_its_elements_and_chains_with_it() {
+        let without: serde_json::Value = {
+            let mut v: serde_json::Value = serde_json::from_str(PARAMS).unwrap();
+            let list = v["forwards"].as_array_mut().unwrap();
+            list.retain(|f| f["name"] != "r");
+            v
+        };
+        let edit = plan_table(
+            "gw",
+            "portfwd-gw",
+            &table(&without.to_string()),
+            &parse(LISTING).unwrap(),
+        );
+        assert_eq!(
+            edit.script,
+            "delete element inet portfwd-gw pre-port4 { tcp . 2222 }\nflush chain inet portfwd-gw pre-r\ndelete chain inet portfwd-gw pre-r\n"
+        );
+        assert_eq!(edit.forwards.removed, ["r"]);
+    }
+
+    #[test]
+    fn absent_deletes_the_table_and_nothing_else() {
+        let edit = plan_table(
+            "gw",
+            "portfwd-gw",
+            &Table::default(),
+            &parse(LISTING).unwrap(),
+        );
+        assert_eq!(edit.script, "delete table inet portfwd-gw\n");
+        assert_eq!(edit.forwards.removed.len(), 4);
+    }
+
+    /// Rollback plans back to what was read: every rule read back can be written again.
+    #[test]
+    fn a_snapshot_is_written_back_whole() {
+        let observed = parse(LISTING).unwrap();
+        let edit = plan_table("gw", "portfwd-gw", &observed.table, &NftObserved::default());
+        let rules = observed.table.chains.values().map(Vec::len).sum::<usize>();
+        let added = edit
+            .script
+            .lines()
+            .filter(|l| l.starts_with("add rule "))
+            .count();
+        assert_eq!(added, rules, "{}", edit.script);
+        assert!(edit.script.starts_with("add table inet portfwd-gw\n"));
+    }
+}
