@@ -182,18 +182,19 @@ pub fn valid_instance(name: &str) -> bool {
 /// The nftables backend finds a connection's forward by one map lookup, so two forwards may
 /// not claim the same (family, listen address, protocol, port): iptables tried them in order
 /// (by `sources` or `in_interface`), a map key has one forward.
+/// (family, listen address, protocol): the part of a dispatch key that must match exactly.
+type ListenKey = (Family, Option<std::net::IpAddr>, Proto);
+
 fn check_dispatch_overlaps(forwards: &[Forward], params: &[ForwardParams], errors: &mut Errors) {
-    let mut keys: Vec<(Family, Option<std::net::IpAddr>, Proto, u16, u16, &str)> = forwards
+    let mut keys: Vec<(ListenKey, u16, u16, &str)> = forwards
         .iter()
         .flat_map(|f| {
             f.protos.iter().map(move |&p| {
-                let ports = f.listen_port;
+                let key = (f.family, f.listen_address, p);
                 (
-                    f.family,
-                    f.listen_address,
-                    p,
-                    ports.first,
-                    ports.last,
+                    key,
+                    f.listen_port.first,
+                    f.listen_port.last,
                     f.name.as_str(),
                 )
             })
@@ -201,25 +202,26 @@ fn check_dispatch_overlaps(forwards: &[Forward], params: &[ForwardParams], error
         .collect();
     keys.sort_unstable();
     let mut reported = HashSet::new();
-    let mut covering: Option<(Family, Option<std::net::IpAddr>, Proto, u16, &str)> = None;
-    for &(family, addr, proto, first, last, name) in &keys {
+    // The entry reaching furthest so far among those of the same key.
+    let mut covering: Option<(ListenKey, u16, &str)> = None;
+    for &(key, first, last, name) in &keys {
+        let (_, addr, proto) = key;
         match covering {
-            Some((cf, ca, cp, clast, other))
-                if (cf, ca, cp) == (family, addr, proto) && first <= clast =>
-            {
+            Some((ckey, clast, other)) if ckey == key && first <= clast => {
                 if other != name && reported.insert(name) {
                     let index = params.iter().position(|p| p.name == name).unwrap_or(0);
+                    let addr = addr.map_or("(any local address)".to_string(), |a| a.to_string());
                     errors.push(
                         &format!("forwards[{index}].listen_port"),
                         &PortRange { first, last }.user_text(),
-                        format!("overlaps forward {other:?} on {} {}: with backend nftables each port of a listen address goes to one forward (merge them, or use backend iptables)", proto.name(), addr.map_or("(any local address)".to_string(), |a| a.to_string())),
+                        format!("overlaps forward {other:?} on {} {addr}: with backend nftables each port of a listen address goes to one forward (merge them, or use backend iptables)", proto.name()),
                     );
                 }
                 if last > clast {
-                    covering = Some((family, addr, proto, last, name));
+                    covering = Some((key, last, name));
                 }
             }
-            _ => covering = Some((family, addr, proto, last, name)),
+            _ => covering = Some((key, last, name)),
         }
     }
 }
