@@ -67,6 +67,26 @@ fn nft_script(r: &portfwd_harness::RunResult) -> Vec<String> {
         .collect()
 }
 
+/// A second run with the same params changes nothing and calls no writing tool (shims log
+/// every restore, `ip -batch` and non-listing nft call).
+fn writes_nothing(ns: &Netns, params: &Value) {
+    let recorder = WriteRecorder::new().unwrap();
+    let r = portfwd()
+        .run(
+            ns,
+            &["apply"],
+            &params.to_string(),
+            &[("PATH", &recorder.path())],
+        )
+        .unwrap();
+    assert!(!r.changed() && !r.failed(), "{}", r.stdout);
+    assert_eq!(
+        recorder.calls(),
+        Vec::<String>::new(),
+        "a second run writes nothing"
+    );
+}
+
 /// Every kind of forward through the native backend, IPv4 and IPv6, TCP and UDP: the backend
 /// sees the address the params say; the instance owns one table and nothing else; the second
 /// run writes nothing; `show` round-trips; `absent` leaves an empty ruleset.
@@ -155,21 +175,7 @@ fn every_kind_of_forward_works_in_both_families() {
         );
     }
 
-    let recorder = WriteRecorder::new().unwrap();
-    let second = portfwd()
-        .run(
-            &t.proxy,
-            &["apply"],
-            &params.to_string(),
-            &[("PATH", &recorder.path())],
-        )
-        .unwrap();
-    assert!(!second.changed() && !second.failed(), "{}", second.stdout);
-    assert_eq!(
-        recorder.calls(),
-        Vec::<String>::new(),
-        "a second run writes nothing"
-    );
+    writes_nothing(&t.proxy, &params);
 
     let shown = portfwd().run(&t.proxy, &["show"], "", &[]).unwrap();
     let shown_json: Value = serde_json::from_str(&shown.stdout).unwrap();
@@ -442,19 +448,6 @@ fn an_instance_moves_between_backends_both_ways() {
             ip("fd00:2::1")
         );
     };
-    let quiet = |params: &Value| {
-        let recorder = WriteRecorder::new().unwrap();
-        let r = portfwd()
-            .run(
-                &t.proxy,
-                &["apply"],
-                &params.to_string(),
-                &[("PATH", &recorder.path())],
-            )
-            .unwrap();
-        assert!(!r.changed() && !r.failed(), "{}", r.stdout);
-        assert_eq!(recorder.calls(), Vec::<String>::new());
-    };
     let on_iptables = json!({"forwards": forwards});
     let on_nftables = json!({"backend": "nftables", "forwards": forwards});
 
@@ -491,7 +484,7 @@ fn an_instance_moves_between_backends_both_ways() {
         "the iptables-nft tables portfwd had created are gone too"
     );
     works();
-    quiet(&on_nftables);
+    writes_nothing(&t.proxy, &on_nftables);
 
     let back = portfwd().apply(&t.proxy, &on_iptables).unwrap();
     assert!(back.changed() && !back.failed(), "{}", back.stdout);
@@ -504,7 +497,7 @@ fn an_instance_moves_between_backends_both_ways() {
         "the nftables table is gone"
     );
     works();
-    quiet(&on_iptables);
+    writes_nothing(&t.proxy, &on_iptables);
 }
 
 /// A fault at every nft call of a move from iptables (reads, the transaction, the drops of the
