@@ -53,37 +53,49 @@ pub struct WriteRecorder {
     dir: tempfile::TempDir,
 }
 
+/// A shim that appends `TOOL ARGS` to `log` when the call matches the shell `case` pattern
+/// `logged` (every call when None), then runs the real tool.
+fn logging_shim(
+    dir: &Path,
+    log: &Path,
+    tool: &str,
+    real: &Path,
+    logged: Option<&str>,
+) -> Result<(), LabError> {
+    let line = format!("echo \"{tool} $*\" >> '{}'", log.display());
+    let record = match logged {
+        None => line,
+        Some(pattern) => format!("case \" $* \" in {pattern}) {line};; esac"),
+    };
+    write_script(
+        dir,
+        tool,
+        &format!("{record}\nexec '{}' \"$@\"\n", real.display()),
+    )
+}
+
+/// The lines of a shim log so far.
+fn read_log(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("calls.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 impl WriteRecorder {
     pub fn new() -> Result<WriteRecorder, LabError> {
         let dir = tempfile::tempdir().map_err(|e| LabError::Traffic(format!("tempdir: {e}")))?;
         let log = dir.path().join("calls.log");
-        for tool in RESTORE_TOOLS {
-            let Some(real) = real_tool(tool) else {
-                continue;
-            };
-            let body = format!(
-                "echo \"{tool} $*\" >> '{}'\nexec '{}' \"$@\"\n",
-                log.display(),
-                real.display()
-            );
-            write_script(dir.path(), tool, &body)?;
-        }
-        if let Some(real) = real_tool("nft") {
-            // Every nft call but a listing (`-j list ...`) writes.
-            let body = format!(
-                "case \" $* \" in *\" list \"*) ;; *) echo \"nft $*\" >> '{}';; esac\nexec '{}' \"$@\"\n",
-                log.display(),
-                real.display()
-            );
-            write_script(dir.path(), "nft", &body)?;
-        }
-        if let Some(real) = real_tool("ip") {
-            let body = format!(
-                "case \" $* \" in *\" -batch \"*) echo \"ip $*\" >> '{}';; esac\nexec '{}' \"$@\"\n",
-                log.display(),
-                real.display()
-            );
-            write_script(dir.path(), "ip", &body)?;
+        // Every restore call writes; nft writes unless it lists; ip writes with `-batch`.
+        let writers = RESTORE_TOOLS.iter().map(|tool| (*tool, None)).chain([
+            ("nft", Some("*\" list \"*) ;; *")),
+            ("ip", Some("*\" -batch \"*")),
+        ]);
+        for (tool, logged) in writers {
+            if let Some(real) = real_tool(tool) {
+                logging_shim(dir.path(), &log, tool, &real, logged)?;
+            }
         }
         Ok(WriteRecorder { dir })
     }
@@ -95,11 +107,7 @@ impl WriteRecorder {
 
     /// The write calls seen so far.
     pub fn calls(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("calls.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
+        read_log(self.dir.path())
     }
 }
 
@@ -116,12 +124,7 @@ impl CallLog {
         for tool in tools {
             let real =
                 real_tool(tool).ok_or_else(|| LabError::Traffic(format!("{tool} not on PATH")))?;
-            let body = format!(
-                "echo \"{tool} $*\" >> '{}'\nexec '{}' \"$@\"\n",
-                log.display(),
-                real.display()
-            );
-            write_script(dir.path(), tool, &body)?;
+            logging_shim(dir.path(), &log, tool, &real, None)?;
         }
         Ok(CallLog { dir })
     }
@@ -133,11 +136,7 @@ impl CallLog {
 
     /// The calls seen so far.
     pub fn calls(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("calls.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
+        read_log(self.dir.path())
     }
 }
 

@@ -304,15 +304,11 @@ fn forward_hook_findings<F: Firewall>(config: &Config, observed: &Observed<F>) -
         let fix = if config.backend.is_nftables() && (chain.legacy || iptables_nft) {
             // iptables' own FORWARD (Docker's): one iptables rule accepts exactly the flows
             // portfwd's table marked (allow_forward).
-            let tool = if chain.family == "ip6" {
-                "ip6tables"
-            } else {
-                "iptables"
-            };
-            let tool = if chain.legacy {
-                format!("{tool}-legacy")
-            } else {
-                tool.to_string()
+            let tool = match (chain.family == "ip6", chain.legacy) {
+                (false, false) => "iptables",
+                (false, true) => "iptables-legacy",
+                (true, false) => "ip6tables",
+                (true, true) => "ip6tables-legacy",
             };
             format!(
                 "{tool} -I FORWARD -m connmark --mark {bit:#x}/{bit:#x} -j ACCEPT (accepts exactly the flows portfwd marks), or use backend: iptables, which owns an accept in that chain",

@@ -165,3 +165,16 @@ pub fn firewalld_like(ns: &portfwd_harness::Netns) {
         ],
     );
 }
+
+/// The warnings of a run's result.
+pub fn warnings(r: &portfwd_harness::RunResult) -> Vec<String> {
+    r.json["warnings"]
+        .as_array()
+        .map(|w| {
+            w.iter()
+                .filter_map(serde_json::Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -277,14 +277,9 @@ fn a_drop_in_another_table_at_the_forward_hook_is_warned() {
     crate::common::firewalld_like(&t.proxy);
     let params = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
     let warned = |r: &portfwd_harness::RunResult| {
-        r.json["warnings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|w| w.as_str())
-            .filter(|w| w.contains("nftables chain"))
-            .map(str::to_string)
-            .collect::<Vec<_>>()
+        let mut found = crate::common::warnings(r);
+        found.retain(|w| w.contains("nftables chain"));
+        found
     };
     let first = portfwd().apply(&t.proxy, &params).unwrap();
     assert!(!first.failed(), "{}", first.stdout);
@@ -338,11 +333,8 @@ fn a_legacy_forward_drop_beside_nf_tables_is_warned() {
         .unwrap();
     let params = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
     let legacy_warning = |r: &portfwd_harness::RunResult| {
-        r.json["warnings"]
-            .as_array()
-            .unwrap()
+        crate::common::warnings(r)
             .iter()
-            .filter_map(|w| w.as_str())
             .any(|w| w.contains("iptables-legacy chain `iptables-legacy filter FORWARD`"))
     };
     let first = portfwd().apply(&t.proxy, &params).unwrap();

@@ -6,7 +6,9 @@
 
 use std::net::IpAddr;
 
-use crate::common::{portfwd, prerequisites, ruleset, sa, FailNth, Topology, WriteRecorder};
+use crate::common::{
+    portfwd, prerequisites, ruleset, sa, warnings, FailNth, Topology, WriteRecorder,
+};
 use portfwd_harness::{probe, Netns, Proto, Server, TcpSession};
 use serde_json::{json, Value};
 
@@ -37,18 +39,6 @@ fn foreign_nft(ns: &Netns) -> String {
     out
 }
 
-fn warnings(r: &portfwd_harness::RunResult) -> Vec<String> {
-    r.json["warnings"]
-        .as_array()
-        .map(|w| {
-            w.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The lines of the nft script a run wrote (between `nft -f - <<'EOF'` and `EOF`).
 fn nft_script(r: &portfwd_harness::RunResult) -> Vec<String> {
     let commands: Vec<&str> = r.json["commands"]
@@ -67,18 +57,18 @@ fn nft_script(r: &portfwd_harness::RunResult) -> Vec<String> {
         .collect()
 }
 
+/// `portfwd apply` with `path` as PATH (shims in front of the real tools).
+fn apply_with_path(ns: &Netns, params: &Value, path: &str) -> portfwd_harness::RunResult {
+    portfwd()
+        .run(ns, &["apply"], &params.to_string(), &[("PATH", path)])
+        .unwrap()
+}
+
 /// A second run with the same params changes nothing and calls no writing tool (shims log
 /// every restore, `ip -batch` and non-listing nft call).
 fn writes_nothing(ns: &Netns, params: &Value) {
     let recorder = WriteRecorder::new().unwrap();
-    let r = portfwd()
-        .run(
-            ns,
-            &["apply"],
-            &params.to_string(),
-            &[("PATH", &recorder.path())],
-        )
-        .unwrap();
+    let r = apply_with_path(ns, params, &recorder.path());
     assert!(!r.changed() && !r.failed(), "{}", r.stdout);
     assert_eq!(
         recorder.calls(),
@@ -539,14 +529,7 @@ fn a_fault_at_each_nft_call_leaves_the_host_as_it_was() {
     let mut n = 1;
     loop {
         let fail = FailNth::new("nft", n).unwrap();
-        let r = portfwd()
-            .run(
-                &t.proxy,
-                &["apply"],
-                &target.to_string(),
-                &[("PATH", &fail.path())],
-            )
-            .unwrap();
+        let r = apply_with_path(&t.proxy, &target, &fail.path());
         if fail.calls() < n {
             assert!(
                 !r.failed(),
@@ -581,14 +564,7 @@ fn a_fault_at_each_nft_call_leaves_the_host_as_it_was() {
     t.proxy.sysctl("net.ipv6.conf.all.forwarding", "0").unwrap();
     assert_eq!(state(), before);
     let fail = FailNth::new("sysctl", 1).unwrap();
-    let r = portfwd()
-        .run(
-            &t.proxy,
-            &["apply"],
-            &target.to_string(),
-            &[("PATH", &fail.path())],
-        )
-        .unwrap();
+    let r = apply_with_path(&t.proxy, &target, &fail.path());
     assert!(r.failed() && fail.calls() >= 1, "{}", r.stdout);
     assert!(r.msg().contains("rolled back"), "{}", r.stdout);
     assert_eq!(

@@ -14,26 +14,11 @@ use crate::ownership::{parse_comment, KIND_FORWARD, KIND_MASQUERADE};
 /// The script and what it changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableEdit {
-    /// One `nft -f -` script (empty: nothing to do).
+    /// One `nft -f -` script, a command per line, each adding or deleting one object (or a
+    /// map's elements); empty: nothing to do.
     pub script: String,
-    /// How many commands it holds (each adds or deletes one object, or a map's elements).
-    pub operations: usize,
     pub forwards: EntryChanges,
     pub masquerade: EntryChanges,
-}
-
-struct Script<'a> {
-    table: &'a str,
-    text: String,
-    operations: usize,
-}
-
-impl Script<'_> {
-    fn push(&mut self, line: String) {
-        self.text.push_str(&line);
-        self.text.push('\n');
-        self.operations += 1;
-    }
 }
 
 /// The rules of a kept chain to delete (by handle) and to add (with the handle each goes
@@ -84,11 +69,7 @@ fn chain_edit<'r>(
 
 /// The edit from `have` to `want` for table `table`.
 pub fn plan_table(instance: &str, table: &str, want: &Table, have: &NftObserved) -> TableEdit {
-    let mut s = Script {
-        table,
-        text: String::new(),
-        operations: 0,
-    };
+    let mut s: Vec<String> = Vec::new();
     let changes = entry_changes(instance, want, &have.table);
     if want.is_empty() {
         if have.exists {
@@ -96,7 +77,7 @@ pub fn plan_table(instance: &str, table: &str, want: &Table, have: &NftObserved)
         }
         return finish(s, changes);
     }
-    let t = s.table.to_string();
+    let t = table;
     if !have.exists {
         s.push(format!("add table {FAMILY} {t}"));
     }
@@ -214,10 +195,9 @@ pub fn plan_table(instance: &str, table: &str, want: &Table, have: &NftObserved)
     finish(s, changes)
 }
 
-fn finish(s: Script, (forwards, masquerade): (EntryChanges, EntryChanges)) -> TableEdit {
+fn finish(lines: Vec<String>, (forwards, masquerade): (EntryChanges, EntryChanges)) -> TableEdit {
     TableEdit {
-        script: s.text,
-        operations: s.operations,
+        script: lines.iter().map(|l| format!("{l}\n")).collect(),
         forwards,
         masquerade,
     }
@@ -300,7 +280,7 @@ mod tests {
             &parse(LISTING).unwrap(),
         );
         let lines: Vec<&str> = edit.script.lines().collect();
-        assert_eq!(edit.operations, 4, "{lines:#?}");
+        assert_eq!(lines.len(), 4, "{lines:#?}");
         assert!(
             lines
                 .iter()
