@@ -75,6 +75,18 @@ pub fn diagnose<F: Firewall>(
             fix: "portfwd apply (see `portfwd plan` for the exact change)".into(),
         });
     }
+    if !plan.firewall.repaired.is_empty() {
+        findings.push(Finding {
+            id: "owned_object_drift",
+            severity: Severity::Error,
+            entry: None,
+            msg: format!(
+                "portfwd's own objects were changed since it wrote them (by hand or by another tool): {}",
+                plan.firewall.repaired.join(", ")
+            ),
+            fix: "portfwd apply writes them again as the params say".into(),
+        });
+    }
     findings.extend(forwarding_off(config, &observed));
     findings.extend(checks::findings(config, firewall, &observed));
     findings.extend(firewall.findings(&observed.firewall));

@@ -141,6 +141,9 @@ pub struct FirewallPlan {
     pub drops: Vec<TableDrop>,
     pub forwards: EntryChanges,
     pub masquerade: EntryChanges,
+    /// Owned objects that differ from what portfwd writes although no entry changed (edited
+    /// in place, flags or policies changed, foreign objects in owned chains), each named.
+    pub repaired: Vec<String>,
 }
 
 /// One atomic write to the firewall, rendered by its backend.

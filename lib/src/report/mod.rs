@@ -222,10 +222,23 @@ pub fn summary(plan: &Plan) -> String {
         Some(None) => parts.push("stored params removed".to_string()),
         None => {}
     }
-    let moved = !plan.firewall.transactions.is_empty()
-        && plan.forwards().count() + plan.masquerade().count() == 0;
-    if moved {
-        parts.push("owned rules repaired (order, jumps or stray rules)".to_string());
+    let repaired = &plan.firewall.repaired;
+    if !repaired.is_empty() {
+        const SHOWN: usize = 8;
+        let mut list = repaired
+            .iter()
+            .take(SHOWN)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if repaired.len() > SHOWN {
+            list.push_str(&format!(" and {} more", repaired.len() - SHOWN));
+        }
+        parts.push(format!("owned objects repaired: {list}"));
+    } else if !plan.firewall.transactions.is_empty()
+        && plan.forwards().count() + plan.masquerade().count() == 0
+    {
+        parts.push("owned rules repaired (missing rules written again)".to_string());
     }
     parts.join("; ")
 }

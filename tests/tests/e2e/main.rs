@@ -8,6 +8,7 @@ mod ansible;
 mod conntrack;
 mod defects;
 mod doctor;
+mod drift;
 mod foreign;
 mod forward;
 mod lab;

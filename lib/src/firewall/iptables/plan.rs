@@ -17,6 +17,8 @@ pub struct RulesPlan {
     pub tables: Vec<TablePlan>,
     pub forwards: EntryChanges,
     pub masquerade: EntryChanges,
+    /// Owned objects put right that no entry change explains (edited, stray, out of order).
+    pub repaired: Vec<String>,
 }
 
 impl RulesPlan {
@@ -71,6 +73,7 @@ pub fn plan(
         drops,
         forwards: rules.forwards,
         masquerade: rules.masquerade,
+        repaired: rules.repaired,
     }
 }
 
@@ -98,6 +101,7 @@ impl TablePlan {
 /// The rule edit of every table, and the entries it changes.
 pub fn plan_rules(instance: &str, desired: &OwnedRules, observed: &IptablesObserved) -> RulesPlan {
     let mut by_table: BTreeMap<(Family, Table), Vec<String>> = BTreeMap::new();
+    let mut repaired = Vec::new();
     let hooks: BTreeSet<(Family, Hook)> = desired
         .chains
         .keys()
@@ -116,6 +120,7 @@ pub fn plan_rules(instance: &str, desired: &OwnedRules, observed: &IptablesObser
         let have_subs = have
             .map(|c| &c.subchains)
             .or_else(|| observed.stray_subchains.get(&(family, hook)));
+        let mut fixed = Vec::new();
         chain_edit(
             instance,
             hook,
@@ -123,7 +128,9 @@ pub fn plan_rules(instance: &str, desired: &OwnedRules, observed: &IptablesObser
             (have, have_subs),
             builtin_len,
             lines,
+            &mut fixed,
         );
+        repaired.extend(fixed.into_iter().map(|f| format!("{} {f}", family.label())));
     }
     let tables: Vec<TablePlan> = by_table
         .into_iter()
@@ -146,6 +153,7 @@ pub fn plan_rules(instance: &str, desired: &OwnedRules, observed: &IptablesObser
         forwards: changes(KIND_FORWARD),
         masquerade: changes(KIND_MASQUERADE),
         tables,
+        repaired,
     }
 }
 
@@ -162,6 +170,7 @@ fn chain_edit(
     observed: HaveChain,
     builtin_len: usize,
     lines: &mut Vec<String>,
+    repaired: &mut Vec<String>,
 ) {
     let chain = hook.chain(instance);
     let builtin = hook.builtin();
@@ -179,7 +188,7 @@ fn chain_edit(
                     lines.push(format!("-A {name} {}", rule.render()));
                 }
             }
-            Some(have) => rule_edit(name, rules, have, lines),
+            Some(have) => rule_edit(name, rules, have, lines, repaired),
         }
     }
     let drop_subs = |lines: &mut Vec<String>| {
@@ -207,14 +216,30 @@ fn chain_edit(
             drop_subs(lines);
         }
         (Some(want), Some(have)) => {
-            rule_edit(&chain, &want.rules, &have.rules, lines);
+            rule_edit(&chain, &want.rules, &have.rules, lines, repaired);
             drop_subs(lines);
-            let keep = want.jumps.len().min(have.jumps.len());
-            for extra in &have.jumps[keep..] {
-                lines.push(format!("-D {builtin} {}", extra.rule.render()));
+            // A jump is kept only while it says what portfwd writes (an edited one, say with
+            // `-i eth9` added under the jump comment, is deleted and written again).
+            let mut kept = 0;
+            for jump in &have.jumps {
+                let good = kept < want.jumps.len() && want.jumps[kept].rule.same_body(&jump.rule);
+                if good {
+                    kept += 1;
+                    continue;
+                }
+                let why = if want.jumps.iter().any(|w| w.rule.same_body(&jump.rule)) {
+                    "duplicated"
+                } else {
+                    "edited"
+                };
+                repaired.push(format!("{builtin} jump to {chain} {why}"));
+                lines.push(format!("-D {builtin} {}", jump.rule.render()));
             }
-            let remaining = builtin_len.saturating_sub(have.jumps.len() - keep);
-            insert_jumps(builtin, &want.jumps[keep..], remaining, lines);
+            if kept < want.jumps.len() && kept == have.jumps.len() {
+                repaired.push(format!("{builtin} jump to {chain} missing"));
+            }
+            let remaining = builtin_len.saturating_sub(have.jumps.len() - kept);
+            insert_jumps(builtin, &want.jumps[kept..], remaining, lines);
         }
     }
 }
@@ -228,26 +253,49 @@ fn insert_jumps(builtin: &str, jumps: &[Jump], mut len: usize, lines: &mut Vec<S
     }
 }
 
-/// Deletes (highest position first) every observed rule that is unwanted, duplicated or out of
-/// order, then inserts the missing ones where they belong.
-fn rule_edit(chain: &str, want: &[Rule], have: &[Rule], lines: &mut Vec<String>) {
+/// Deletes (highest position first) every observed rule that is unwanted, duplicated, out of
+/// order or edited in place (its comment is ours but its body is not what portfwd writes),
+/// then inserts the missing ones where they belong. What it puts right that no entry change
+/// explains goes into `repaired`.
+fn rule_edit(
+    chain: &str,
+    want: &[Rule],
+    have: &[Rule],
+    lines: &mut Vec<String>,
+    repaired: &mut Vec<String>,
+) {
     let wanted: HashMap<String, usize> =
         want.iter().enumerate().map(|(i, r)| (r.key(), i)).collect();
     let mut seen = BTreeSet::new();
     // (observed position, desired index) of rules worth keeping, in observed order.
-    let candidates: Vec<(usize, usize)> = have
-        .iter()
-        .enumerate()
-        .filter_map(|(pos, r)| {
-            let idx = *wanted.get(&r.key())?;
-            seen.insert(idx).then_some((pos, idx))
-        })
-        .collect();
+    let mut candidates: Vec<(usize, usize)> = Vec::new();
+    for (pos, r) in have.iter().enumerate() {
+        let key = r.key();
+        match wanted.get(&key) {
+            Some(&idx) if !want[idx].same_body(r) => {
+                repaired.push(format!("{chain} rule {} ({key}) edited", pos + 1));
+            }
+            Some(&idx) => {
+                if seen.insert(idx) {
+                    candidates.push((pos, idx));
+                } else {
+                    repaired.push(format!("{chain} rule {} ({key}) duplicated", pos + 1));
+                }
+            }
+            None if r.comment().is_none() => {
+                repaired.push(format!("{chain} rule {} not written by portfwd", pos + 1));
+            }
+            None => {}
+        }
+    }
     let kept: BTreeSet<usize> =
         longest_increasing(&candidates.iter().map(|c| c.1).collect::<Vec<_>>())
             .into_iter()
             .map(|i| candidates[i].0)
             .collect();
+    if kept.len() < candidates.len() {
+        repaired.push(format!("{chain} rule order"));
+    }
     for pos in (0..have.len()).rev() {
         if !kept.contains(&pos) {
             lines.push(format!("-D {chain} {}", pos + 1));
@@ -363,7 +411,13 @@ mod tests {
 
     fn edit(want: &[&str], have: &[&str]) -> Vec<String> {
         let mut lines = Vec::new();
-        rule_edit("C", &rules(want).rules, &rules(have).rules, &mut lines);
+        rule_edit(
+            "C",
+            &rules(want).rules,
+            &rules(have).rules,
+            &mut lines,
+            &mut Vec::new(),
+        );
         lines
             .iter()
             .map(|l| {
@@ -520,5 +574,66 @@ mod tests {
                 "-I PREROUTING 1 -m comment --comment portfwd:jump -j PFWD-portfwd-PRE",
             ]
         );
+    }
+
+    /// `iptables -t nat -R CHAIN N ... --to-destination OTHER` keeping portfwd's comment: the
+    /// comment's hash is a label, so the body is compared and the rule written again.
+    #[test]
+    fn a_rule_edited_in_place_under_its_comment_is_repaired() {
+        let want =
+            desired(r#"{"forwards":[{"name":"web","listen_port":4321,"to":"10.0.0.2:80"}]}"#);
+        let mut have = want.clone();
+        let pre = have
+            .chains
+            .get_mut(&(Family::V4, Hook::Prerouting))
+            .unwrap();
+        let (sub, rules) = pre.subchains.iter_mut().next().unwrap();
+        let sub = sub.clone();
+        let text = rules[0].render().replace("10.0.0.2:80", "10.9.9.9:80");
+        assert_ne!(text, rules[0].render());
+        rules[0] = Rule::from_text(&text);
+        // And the jump, edited to match one interface only.
+        let fwd = have.chains.get_mut(&(Family::V4, Hook::Forward)).unwrap();
+        fwd.jumps[0].rule = Rule::from_text(&format!("-i eth9 {}", fwd.jumps[0].rule.render()));
+        let mut observed = observed_from(&have);
+        observed.builtin_len.insert((Family::V4, Hook::Forward), 1);
+        let p = plan_rules("portfwd", &want, &observed);
+        let lines: Vec<&String> = p.tables.iter().flat_map(|t| &t.lines).collect();
+        assert!(lines.contains(&&format!("-D {sub} 1")), "{lines:#?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("-A {sub} ")) && l.contains("10.0.0.2:80")),
+            "{lines:#?}"
+        );
+        assert!(
+            lines.contains(
+                &&"-D FORWARD -i eth9 -m comment --comment portfwd:jump -j PFWD-portfwd-FWD"
+                    .to_string()
+            ),
+            "{lines:#?}"
+        );
+        assert!(
+            lines.contains(
+                &&"-I FORWARD 1 -m comment --comment portfwd:jump -j PFWD-portfwd-FWD".to_string()
+            ),
+            "{lines:#?}"
+        );
+        assert_eq!(p.forwards.count(), 0, "the entry itself did not change");
+        assert_eq!(p.repaired.len(), 2, "{:?}", p.repaired);
+        assert!(
+            p.repaired[0].starts_with("ipv4 FORWARD jump to PFWD-portfwd-FWD edited"),
+            "{:?}",
+            p.repaired
+        );
+        assert!(
+            p.repaired[1].contains(&format!("{sub} rule 1 (portfwd:fwd:web:")),
+            "{:?}",
+            p.repaired
+        );
+        // Written back as compiled, the next plan is empty.
+        assert!(plan_rules("portfwd", &want, &observed_from(&want))
+            .repaired
+            .is_empty());
     }
 }

@@ -150,6 +150,18 @@ impl Rule {
         }
     }
 
+    /// Whether two rules say the same, argument by argument: a comment that matches is only a
+    /// label (a rule edited in place with `iptables -R` keeps it). Texts equal as printed is
+    /// the cheap case; otherwise both are put in `iptables-save`'s spelling and compared.
+    pub fn same_body(&self, other: &Rule) -> bool {
+        let text = |r: &Rule| r.text.as_deref().map(str::to_string);
+        let (a, b) = (
+            text(self).unwrap_or_else(|| self.render()),
+            text(other).unwrap_or_else(|| other.render()),
+        );
+        a == b || saved_spelling(self.args()) == saved_spelling(other.args())
+    }
+
     /// The arguments as `iptables-restore` reads them, quoting what needs it.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -181,6 +193,32 @@ impl std::fmt::Debug for Rule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Rule").field("args", &self.args()).finish()
     }
+}
+
+/// Arguments as `iptables-save` prints them: a bare address of `-s`/`-d` with its host
+/// prefix (`10.0.2.2/32`), `--ctproto` as a number. What portfwd compiles says the same
+/// things in the words the user would write.
+fn saved_spelling(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut previous = "";
+    for arg in args {
+        let spelled = match previous {
+            "-s" | "-d" if !arg.contains('/') => match arg.parse::<std::net::IpAddr>() {
+                Ok(addr) if addr.is_ipv4() => format!("{arg}/32"),
+                Ok(_) => format!("{arg}/128"),
+                Err(_) => arg.clone(),
+            },
+            "--ctproto" => match arg.as_str() {
+                "tcp" => "6".to_string(),
+                "udp" => "17".to_string(),
+                _ => arg.clone(),
+            },
+            _ => arg.clone(),
+        };
+        previous = arg;
+        out.push(spelled);
+    }
+    out
 }
 
 /// Quotes like `iptables-save`: bare when only `[A-Za-z0-9_./:,!+=@%-]`, else in double quotes

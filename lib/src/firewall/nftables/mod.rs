@@ -113,11 +113,7 @@ impl Firewall for Nftables {
     }
 
     fn assume(&self, want: &Table, _read: &FirewallRead) -> NftObserved {
-        NftObserved {
-            exists: true,
-            table: want.clone(),
-            ..NftObserved::default()
-        }
+        NftObserved::as_written(want.clone())
     }
 
     fn snapshot(&self, observed: &NftObserved) -> Table {
@@ -149,6 +145,7 @@ impl Firewall for Nftables {
             drops: Vec::new(),
             forwards: edit.forwards,
             masquerade: edit.masquerade,
+            repaired: edit.repaired,
         }
     }
 

@@ -31,6 +31,91 @@ pub struct NftObserved {
     pub keys: BTreeMap<(String, String), String>,
     /// The listing could not be parsed: the plan then changes nothing.
     pub unreadable: bool,
+    /// The table carries flags (`dormant` turns every chain off; portfwd sets none).
+    pub flagged: bool,
+    /// Each chain's hook declaration as listed (None: a regular chain).
+    pub hooks: BTreeMap<String, Option<Hooked>>,
+    /// Each map's declaration as listed.
+    pub map_decls: BTreeMap<String, MapDecl>,
+}
+
+impl NftObserved {
+    /// What a read of `table` finds right after portfwd wrote it (chains and maps declared
+    /// as portfwd declares them); the read cache stands for such a read.
+    pub fn as_written(table: Table) -> NftObserved {
+        let hooks = table
+            .chains
+            .keys()
+            .map(|name| (name.clone(), Base::from_name(name).map(Hooked::of)))
+            .collect();
+        let map_decls = table
+            .maps
+            .keys()
+            .filter_map(|name| Some((name.clone(), MapDecl::of(MapKind::from_name(name)?))))
+            .collect();
+        NftObserved {
+            exists: true,
+            table,
+            hooks,
+            map_decls,
+            ..NftObserved::default()
+        }
+    }
+}
+
+/// A base chain's attributes: what a hand edit (`policy drop`, another priority) changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hooked {
+    pub kind: String,
+    pub hook: String,
+    pub prio: i64,
+    pub policy: String,
+}
+
+impl Hooked {
+    /// What portfwd declares for `base`.
+    pub fn of(base: Base) -> Hooked {
+        let (kind, prio) = match base {
+            Base::Prerouting | Base::Output => ("nat", -100),
+            Base::Postrouting => ("nat", 100),
+            Base::Input => ("filter", 0),
+        };
+        Hooked {
+            kind: kind.into(),
+            hook: base.name().into(),
+            prio,
+            policy: "accept".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Hooked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {} hook {} priority {} policy {}",
+            self.kind, self.hook, self.prio, self.policy
+        )
+    }
+}
+
+/// A map's key types, data type and flags, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapDecl {
+    pub key: Vec<String>,
+    pub data: String,
+    pub flags: Vec<String>,
+}
+
+impl MapDecl {
+    /// What portfwd declares for `kind`.
+    pub fn of(kind: MapKind) -> MapDecl {
+        MapDecl {
+            key: kind.key_types().iter().map(|t| t.to_string()).collect(),
+            data: "verdict".into(),
+            flags: vec!["interval".into()],
+        }
+    }
 }
 
 /// Parses the listing; an empty output (no table, or no nft) is an empty observation.
@@ -45,10 +130,24 @@ pub fn parse(output: &str) -> Result<NftObserved, String> {
         .and_then(Value::as_array)
         .ok_or("nft -j output has no `nftables` list")?;
     for object in objects {
-        if object.get("table").is_some() {
+        if let Some(table) = object.get("table") {
             observed.exists = true;
+            // nft 1.0.6 prints the flags' value garbled; that there are any is what counts.
+            observed.flagged = table
+                .get("flags")
+                .is_some_and(|f| !f.is_null() && f.as_array().is_none_or(|a| !a.is_empty()));
         } else if let Some(chain) = object.get("chain") {
             let name = text(chain.get("name")).to_string();
+            let hooked = chain.get("hook").map(|hook| Hooked {
+                kind: text(chain.get("type")).to_string(),
+                hook: hook.as_str().unwrap_or_default().to_string(),
+                prio: chain
+                    .get("prio")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(i64::MIN),
+                policy: text(chain.get("policy")).to_string(),
+            });
+            observed.hooks.insert(name.clone(), hooked);
             observed.table.chains.entry(name.clone()).or_default();
             observed.handles.entry(name).or_default();
         } else if let Some(map) = object.get("map").or_else(|| object.get("set")) {
@@ -61,7 +160,11 @@ pub fn parse(output: &str) -> Result<NftObserved, String> {
                 .get("expr")
                 .and_then(Value::as_array)
                 .map_or(&[], Vec::as_slice);
-            let body = body_of(&chain, stmts).unwrap_or(Body::Unknown);
+            // A rule is read as a known shape only if that shape, written again, says exactly
+            // what the listing says: anything added, dropped or changed by hand is Unknown.
+            let body = body_of(&chain, stmts)
+                .filter(|b| faithful(b, stmts))
+                .unwrap_or(Body::Unknown);
             observed
                 .table
                 .chains
@@ -81,6 +184,21 @@ fn text(value: Option<&Value>) -> &str {
 fn read_map(map: &Value, observed: &mut NftObserved) {
     let name = text(map.get("name")).to_string();
     let kind = MapKind::from_name(&name);
+    let words = |v: Option<&Value>| -> Vec<String> {
+        match v {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a.iter().map(|w| text(Some(w)).to_string()).collect(),
+            _ => Vec::new(),
+        }
+    };
+    observed.map_decls.insert(
+        name.clone(),
+        MapDecl {
+            key: words(map.get("type")),
+            data: text(map.get("map")).to_string(),
+            flags: words(map.get("flags")),
+        },
+    );
     let elements = observed.table.maps.entry(name.clone()).or_default();
     let items = map.get("elem").and_then(Value::as_array);
     for (i, item) in items.into_iter().flatten().enumerate() {
@@ -99,9 +217,9 @@ fn read_map(map: &Value, observed: &mut NftObserved) {
         } else {
             comment.to_string()
         };
-        let chain = ["jump", "goto"]
-            .iter()
-            .find_map(|v| verdict.get(v))
+        // Only a jump is what portfwd writes (a goto skips the base chain's later rules).
+        let chain = verdict
+            .get("jump")
             .map(|t| text(t.get("target")).to_string())
             .unwrap_or_default();
         observed
@@ -378,6 +496,194 @@ fn body_of(chain: &str, stmts: &[Value]) -> Option<Body> {
         }));
     }
     None
+}
+
+/// Does `body`, written again, say what the listed statements say? Both sides are put in
+/// nft's language: `stmts` by [`stmt_text`], the body by its renderer, minus the one
+/// redundancy nft drops on its own (a `meta nfproto` that a following `ip`/`ip6` match implies).
+fn faithful(body: &Body, stmts: &[Value]) -> bool {
+    let Some(written) = body.render() else {
+        return false;
+    };
+    let listed: Option<Vec<String>> = stmts.iter().map(stmt_text).collect();
+    listed
+        .is_some_and(|l| implied_nfproto_dropped(&l.join(" ")) == implied_nfproto_dropped(&written))
+}
+
+fn implied_nfproto_dropped(text: &str) -> String {
+    text.replace("meta nfproto ipv4 ip ", "ip ")
+        .replace("meta nfproto ipv6 ip6 ", "ip6 ")
+}
+
+/// One statement of a listed rule in nft's language, as portfwd writes it (None: a statement
+/// portfwd never writes).
+fn stmt_text(stmt: &Value) -> Option<String> {
+    let obj = stmt.as_object()?;
+    let (key, v) = obj.iter().next().filter(|_| obj.len() == 1)?;
+    Some(match key.as_str() {
+        "match" => {
+            let left = expr_text(v.get("left")?)?;
+            let right = v.get("right")?;
+            let iface = matches!(left.as_str(), "iifname" | "oifname");
+            // Sources are written as CIDRs (`9.9.9.9/32`); nft lists a host address bare.
+            let source = left.ends_with(" saddr");
+            let host = |s: &str| {
+                s.parse::<IpAddr>()
+                    .ok()
+                    .map(|a| format!("{a}/{}", Family::of(&a).host_prefix()))
+            };
+            let right_text = |r: &Value| match r {
+                Value::String(s) if iface => Some(format!("\"{s}\"")),
+                Value::String(s) if source => host(s).or_else(|| Some(s.clone())),
+                Value::Object(o) if source && o.contains_key("set") => {
+                    let items = o.get("set")?.as_array()?;
+                    let items: Vec<String> = items
+                        .iter()
+                        .map(|i| match i {
+                            Value::String(s) => host(s).or_else(|| Some(s.clone())),
+                            other => expr_text(other),
+                        })
+                        .collect::<Option<_>>()?;
+                    Some(match items.as_slice() {
+                        [one] => one.clone(),
+                        many => format!("{{ {} }}", many.join(", ")),
+                    })
+                }
+                _ => expr_text(r),
+            };
+            match text(v.get("op")) {
+                "==" | "in" => format!("{left} {}", right_text(right)?),
+                "!=" => format!("{left} != {}", right_text(right)?),
+                // `ct state & (established | related) == 0` lists as `ct state ! established,related`.
+                "!" => {
+                    let flags: Vec<String> = match right {
+                        Value::Array(items) => {
+                            items.iter().map(expr_text).collect::<Option<_>>()?
+                        }
+                        one => vec![expr_text(one)?],
+                    };
+                    match flags.as_slice() {
+                        [one] => format!("{left} & {one} == 0"),
+                        many => format!("{left} & ({}) == 0", many.join(" | ")),
+                    }
+                }
+                _ => return None,
+            }
+        }
+        "vmap" => format!(
+            "{} vmap {}",
+            expr_text(v.get("key")?)?,
+            v.get("data")?.as_str()?
+        ),
+        "counter" => "counter".to_string(),
+        "mangle" => format!(
+            "{} set {}",
+            expr_text(v.get("key")?)?,
+            expr_text(v.get("value")?)?
+        ),
+        "dnat" | "snat" => {
+            let family = v.get("family")?.as_str()?;
+            let addr = v.get("addr")?.as_str()?;
+            let to = match (v.get("port").and_then(Value::as_u64), family) {
+                (Some(p), "ip6") => format!("[{addr}]:{p}"),
+                (Some(p), _) => format!("{addr}:{p}"),
+                (None, _) => addr.to_string(),
+            };
+            let extra = v
+                .as_object()?
+                .keys()
+                .any(|k| !matches!(k.as_str(), "family" | "addr" | "port"));
+            if extra {
+                return None;
+            }
+            format!("{key} {family} to {to}")
+        }
+        "redirect" => {
+            let port = v.get("port")?.as_u64()?;
+            if v.as_object()?.len() != 1 {
+                return None;
+            }
+            format!("redirect to :{port}")
+        }
+        "masquerade" | "drop" if v.is_null() => key.clone(),
+        _ => return None,
+    })
+}
+
+/// An expression in nft's language (the subset portfwd writes).
+fn expr_text(v: &Value) -> Option<String> {
+    Some(match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Object(o) => {
+            let (key, inner) = o.iter().next().filter(|_| o.len() == 1)?;
+            match key.as_str() {
+                "payload" => format!(
+                    "{} {}",
+                    inner.get("protocol")?.as_str()?,
+                    inner.get("field")?.as_str()?
+                ),
+                "meta" => match inner.get("key")?.as_str()? {
+                    k @ ("iifname" | "oifname") => k.to_string(),
+                    k => format!("meta {k}"),
+                },
+                "fib" => {
+                    let flags = inner.get("flags")?.as_array()?;
+                    let flags: Vec<&str> =
+                        flags.iter().map(Value::as_str).collect::<Option<_>>()?;
+                    format!(
+                        "fib {} {}",
+                        flags.join(" . "),
+                        inner.get("result")?.as_str()?
+                    )
+                }
+                "ct" => {
+                    let mut words = vec!["ct".to_string()];
+                    if let Some(dir) = inner.get("dir") {
+                        words.push(dir.as_str()?.to_string());
+                    }
+                    if let Some(family) = inner.get("family") {
+                        words.push(family.as_str()?.to_string());
+                    }
+                    words.push(inner.get("key")?.as_str()?.to_string());
+                    words.join(" ")
+                }
+                "concat" => inner
+                    .as_array()?
+                    .iter()
+                    .map(expr_text)
+                    .collect::<Option<Vec<_>>>()?
+                    .join(" . "),
+                "set" => {
+                    let items = inner
+                        .as_array()?
+                        .iter()
+                        .map(expr_text)
+                        .collect::<Option<Vec<_>>>()?;
+                    match items.as_slice() {
+                        [one] => one.clone(),
+                        many => format!("{{ {} }}", many.join(", ")),
+                    }
+                }
+                "prefix" => format!(
+                    "{}/{}",
+                    inner.get("addr")?.as_str()?,
+                    inner.get("len")?.as_u64()?
+                ),
+                "range" => match inner.as_array()?.as_slice() {
+                    [a, b] => format!("{}-{}", expr_text(a)?, expr_text(b)?),
+                    _ => return None,
+                },
+                // `ct mark | 0x00002000`: the mark bit as portfwd writes it.
+                "|" => match inner.as_array()?.as_slice() {
+                    [a, Value::Number(n)] => format!("{} | {:#010x}", expr_text(a)?, n.as_u64()?),
+                    _ => return None,
+                },
+                _ => return None,
+            }
+        }
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

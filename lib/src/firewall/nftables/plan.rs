@@ -6,8 +6,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::observe::NftObserved;
-use super::table::{element_text, ident, rule_text, Base, Element, Rule, Table, FAMILY};
+use super::observe::{Hooked, MapDecl, NftObserved};
+use super::table::{element_text, ident, rule_text, Base, Body, MapKind, Rule, Table, FAMILY};
 use crate::firewall::EntryChanges;
 use crate::ownership::{parse_comment, KIND_FORWARD, KIND_MASQUERADE};
 
@@ -19,33 +19,62 @@ pub struct TableEdit {
     pub script: String,
     pub forwards: EntryChanges,
     pub masquerade: EntryChanges,
+    /// Owned objects put right that no entry change explains.
+    pub repaired: Vec<String>,
 }
 
 /// The rules of a kept chain to delete (by handle) and to add (with the handle each goes
-/// before, None: at the end). A desired rule already there in order is kept; one out of order
-/// is written again.
+/// before, None: at the end). A desired rule already there, exactly as portfwd writes it and
+/// in order, is kept; one edited by hand, out of order, or looking up a map that is declared
+/// again is written again; anything else in the chain is deleted.
 fn chain_edit<'r>(
+    place: (&str, &str),
     want: &'r [Rule],
     have: &[Rule],
     handles: &[u64],
+    redeclared: &BTreeSet<&str>,
+    repaired: &mut Vec<String>,
 ) -> (Vec<u64>, Vec<(&'r Rule, Option<u64>)>) {
-    let position: BTreeMap<&str, usize> = have
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| !r.comment.is_empty())
-        .map(|(i, r)| (r.comment.as_str(), i))
-        .collect();
+    let (instance, chain) = place;
+    let wanted: BTreeMap<&str, &Rule> = want.iter().map(|r| (r.comment.as_str(), r)).collect();
+    let looks_up_redeclared = |r: &Rule| matches!(&r.body, Body::Dispatch(kind) if redeclared.contains(kind.name().as_str()));
+    let mut position: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, r) in have.iter().enumerate() {
+        match wanted.get(r.comment.as_str()) {
+            Some(w) if **w == *r && !looks_up_redeclared(r) => {
+                if position.contains_key(r.comment.as_str()) {
+                    repaired.push(format!("rule {} of chain {chain} duplicated", i + 1));
+                } else {
+                    position.insert(r.comment.as_str(), i);
+                }
+            }
+            Some(_) if looks_up_redeclared(r) => {}
+            Some(_) => repaired.push(format!(
+                "rule {} of chain {chain} ({}) edited",
+                i + 1,
+                r.comment
+            )),
+            None if parse_comment(&r.comment, instance).is_none() => repaired.push(format!(
+                "rule {} of chain {chain} not written by portfwd",
+                i + 1
+            )),
+            None => {}
+        }
+    }
     let mut kept: Vec<Option<usize>> = Vec::with_capacity(want.len());
     let mut last: Option<usize> = None;
+    let mut out_of_order = false;
     for rule in want {
-        let at = position
-            .get(rule.comment.as_str())
-            .copied()
-            .filter(|&i| last.is_none_or(|l| i > l));
+        let found = position.get(rule.comment.as_str()).copied();
+        let at = found.filter(|&i| last.is_none_or(|l| i > l));
+        out_of_order |= found.is_some() && at.is_none();
         if at.is_some() {
             last = at;
         }
         kept.push(at);
+    }
+    if out_of_order {
+        repaired.push(format!("rule order of chain {chain}"));
     }
     let keep: BTreeSet<usize> = kept.iter().flatten().copied().collect();
     let deletes = (0..have.len())
@@ -67,61 +96,108 @@ fn chain_edit<'r>(
     (deletes, adds)
 }
 
-/// The edit from `have` to `want` for table `table`.
+/// The declaration portfwd gives chain `name` (None: a regular chain).
+fn declared_hook(name: &str) -> Option<Hooked> {
+    Base::from_name(name).map(Hooked::of)
+}
+
+/// The edit from `have` to `want` for table `table`. Every attribute of every owned object
+/// is compared with what portfwd writes, not only its comment: table flags, each chain's
+/// type, hook, priority and policy, each map's declaration, each rule's whole body, each
+/// element's key and verdict; what differs is written again and named in `repaired`.
 pub fn plan_table(instance: &str, table: &str, want: &Table, have: &NftObserved) -> TableEdit {
     let mut s: Vec<String> = Vec::new();
+    let mut repaired: Vec<String> = Vec::new();
     let changes = entry_changes(instance, want, &have.table);
     if want.is_empty() {
         if have.exists {
             s.push(format!("delete table {FAMILY} {table}"));
         }
-        return finish(s, changes);
+        return finish(s, changes, repaired);
     }
     let t = table;
     if !have.exists {
         s.push(format!("add table {FAMILY} {t}"));
+    } else if have.flagged {
+        // `add table` without flags clears them (a dormant table forwards nothing).
+        s.push(format!("add table {FAMILY} {t}"));
+        repaired.push(format!("table {FAMILY} {t} flags (dormant)"));
     }
-    for name in want
+    // Chains whose declaration differs are deleted and declared again; so are maps (after
+    // the dispatch rules that look them up).
+    let redeclared_chains: BTreeSet<&str> = want
         .chains
         .keys()
-        .filter(|c| !have.table.chains.contains_key(*c))
-    {
-        let Some(q) = ident(name) else { continue };
-        match Base::from_name(name) {
-            Some(base) => s.push(format!(
-                "add chain {FAMILY} {t} {q} {{ {} }}",
-                base.declaration()
-            )),
-            None => s.push(format!("add chain {FAMILY} {t} {q}")),
-        }
+        .filter(|name| {
+            have.table.chains.contains_key(*name)
+                && have.hooks.get(*name) != Some(&declared_hook(name))
+        })
+        .map(String::as_str)
+        .collect();
+    for name in &redeclared_chains {
+        let found = have
+            .hooks
+            .get(*name)
+            .and_then(Option::as_ref)
+            .map_or("a regular chain".to_string(), ToString::to_string);
+        repaired.push(format!("chain {name} ({found})"));
     }
-    for name in want
+    let redeclared_maps: BTreeSet<&str> = want
         .maps
         .keys()
-        .filter(|m| !have.table.maps.contains_key(*m))
-    {
-        let decl = super::table::MapKind::from_name(name)
-            .map(|k| k.declaration())
-            .unwrap_or_default();
-        s.push(format!("add map {FAMILY} {t} {name} {{ {decl} }}"));
+        .filter(|name| {
+            let declared = MapKind::from_name(name).map(MapDecl::of);
+            have.map_decls
+                .get(*name)
+                .is_some_and(|d| Some(d) != declared.as_ref())
+        })
+        .map(String::as_str)
+        .collect();
+    for name in &redeclared_maps {
+        repaired.push(format!("map {name} declaration"));
     }
-    // Stale elements of kept maps, stale rules of kept chains; removed chains are flushed.
+    // Stale elements of kept maps: not wanted, or not what portfwd writes under that comment.
+    let mut element_adds: Vec<(&String, Vec<String>)> = Vec::new();
     for (name, elements) in &have.table.maps {
         let Some(wanted) = want.maps.get(name) else {
             continue;
         };
-        let keys: Vec<&String> = elements
-            .keys()
-            .filter(|c| !wanted.contains_key(*c))
-            .filter_map(|c| have.keys.get(&(name.clone(), c.clone())))
-            .collect();
-        if !keys.is_empty() {
-            let keys: Vec<&str> = keys.into_iter().map(String::as_str).collect();
+        if redeclared_maps.contains(name.as_str()) {
+            continue;
+        }
+        let mut stale: Vec<&str> = Vec::new();
+        for (comment, element) in elements {
+            let keep = match wanted.get(comment) {
+                Some(w) if w == element => true,
+                Some(_) => {
+                    repaired.push(format!("element {comment} of map {name} edited"));
+                    false
+                }
+                None => {
+                    if parse_comment(comment, instance).is_none() {
+                        repaired.push(format!("element of map {name} not written by portfwd"));
+                    }
+                    false
+                }
+            };
+            if !keep {
+                if let Some(key) = have.keys.get(&(name.clone(), comment.clone())) {
+                    stale.push(key);
+                }
+            }
+        }
+        if !stale.is_empty() {
             s.push(format!(
                 "delete element {FAMILY} {t} {name} {{ {} }}",
-                keys.join(", ")
+                stale.join(", ")
             ));
         }
+        let new: Vec<String> = wanted
+            .iter()
+            .filter(|(c, e)| elements.get(*c) != Some(*e))
+            .filter_map(|(c, e)| element_text(c, e))
+            .collect();
+        element_adds.push((name, new));
     }
     let mut adds: Vec<(String, &Rule, Option<u64>)> = Vec::new();
     for (name, rules) in &have.table.chains {
@@ -133,8 +209,19 @@ pub fn plan_table(instance: &str, table: &str, want: &Table, have: &NftObserved)
                     s.push(format!("flush chain {FAMILY} {t} {q}"));
                 }
             }
+            Some(_) if redeclared_chains.contains(name.as_str()) => {
+                s.push(format!("flush chain {FAMILY} {t} {q}"));
+                s.push(format!("delete chain {FAMILY} {t} {q}"));
+            }
             Some(wanted) => {
-                let (deletes, missing) = chain_edit(wanted, rules, handles);
+                let (deletes, missing) = chain_edit(
+                    (instance, name),
+                    wanted,
+                    rules,
+                    handles,
+                    &redeclared_maps,
+                    &mut repaired,
+                );
                 for handle in deletes {
                     s.push(format!("delete rule {FAMILY} {t} {q} handle {handle}"));
                 }
@@ -146,15 +233,36 @@ pub fn plan_table(instance: &str, table: &str, want: &Table, have: &NftObserved)
         .table
         .maps
         .keys()
-        .filter(|m| !want.maps.contains_key(*m))
+        .filter(|m| !want.maps.contains_key(*m) || redeclared_maps.contains(m.as_str()))
     {
         s.push(format!("delete map {FAMILY} {t} {name}"));
     }
-    for (name, rules) in want
-        .chains
-        .iter()
-        .filter(|(c, _)| !have.table.chains.contains_key(*c))
-    {
+    let new_chains =
+        |c: &&String| !have.table.chains.contains_key(*c) || redeclared_chains.contains(c.as_str());
+    for name in want.chains.keys().filter(new_chains) {
+        let Some(q) = ident(name) else { continue };
+        match Base::from_name(name) {
+            Some(base) => s.push(format!(
+                "add chain {FAMILY} {t} {q} {{ {} }}",
+                base.declaration()
+            )),
+            None => s.push(format!("add chain {FAMILY} {t} {q}")),
+        }
+    }
+    let new_maps =
+        |m: &&String| !have.table.maps.contains_key(*m) || redeclared_maps.contains(m.as_str());
+    for name in want.maps.keys().filter(new_maps) {
+        let decl = MapKind::from_name(name)
+            .map(|k| k.declaration())
+            .unwrap_or_default();
+        s.push(format!("add map {FAMILY} {t} {name} {{ {decl} }}"));
+        let all: Vec<String> = want.maps[name]
+            .iter()
+            .filter_map(|(c, e)| element_text(c, e))
+            .collect();
+        element_adds.push((name, all));
+    }
+    for (name, rules) in want.chains.iter().filter(|(c, _)| new_chains(c)) {
         adds.extend(rules.iter().map(|r| (name.clone(), r, None)));
     }
     for (chain, rule, before) in adds {
@@ -168,13 +276,8 @@ pub fn plan_table(instance: &str, table: &str, want: &Table, have: &NftObserved)
             None => s.push(format!("add rule {FAMILY} {t} {q} {text}")),
         }
     }
-    for (name, elements) in &want.maps {
-        let present = have.table.maps.get(name);
-        let new: Vec<String> = elements
-            .iter()
-            .filter(|(c, _)| present.is_none_or(|p| !p.contains_key(*c)))
-            .filter_map(|(c, e): (&String, &Element)| element_text(c, e))
-            .collect();
+    element_adds.sort();
+    for (name, new) in element_adds {
         if !new.is_empty() {
             s.push(format!(
                 "add element {FAMILY} {t} {name} {{ {} }}",
@@ -192,14 +295,19 @@ pub fn plan_table(instance: &str, table: &str, want: &Table, have: &NftObserved)
             s.push(format!("delete chain {FAMILY} {t} {q}"));
         }
     }
-    finish(s, changes)
+    finish(s, changes, repaired)
 }
 
-fn finish(lines: Vec<String>, (forwards, masquerade): (EntryChanges, EntryChanges)) -> TableEdit {
+fn finish(
+    lines: Vec<String>,
+    (forwards, masquerade): (EntryChanges, EntryChanges),
+    repaired: Vec<String>,
+) -> TableEdit {
     TableEdit {
         script: lines.iter().map(|l| format!("{l}\n")).collect(),
         forwards,
         masquerade,
+        repaired,
     }
 }
 
@@ -253,6 +361,7 @@ mod tests {
     use crate::firewall::nftables::compile::compile_table;
     use crate::firewall::nftables::observe::parse;
     use crate::model::Config;
+    use serde_json::json;
 
     const PARAMS: &str = include_str!("testdata/params.json");
     /// `nft -j list table inet portfwd-gw` after applying [`PARAMS`].
@@ -339,5 +448,151 @@ mod tests {
             .count();
         assert_eq!(added, rules, "{}", edit.script);
         assert!(edit.script.starts_with("add table inet portfwd-gw\n"));
+    }
+
+    /// The listing with `edit` applied to its JSON objects.
+    fn edited(edit: impl Fn(&mut serde_json::Value)) -> NftObserved {
+        let mut json: serde_json::Value = serde_json::from_str(LISTING).unwrap();
+        for object in json["nftables"].as_array_mut().unwrap() {
+            edit(object);
+        }
+        parse(&json.to_string()).unwrap()
+    }
+
+    fn repair(have: &NftObserved) -> TableEdit {
+        plan_table("gw", "portfwd-gw", &table(PARAMS), have)
+    }
+
+    #[test]
+    fn a_dormant_table_is_woken() {
+        let edit = repair(&edited(|o| {
+            if let Some(t) = o.get_mut("table") {
+                t["flags"] = "dormant".into();
+            }
+        }));
+        assert_eq!(edit.script, "add table inet portfwd-gw\n");
+        assert_eq!(edit.repaired, ["table inet portfwd-gw flags (dormant)"]);
+        assert_eq!(edit.forwards, EntryChanges::default());
+    }
+
+    #[test]
+    fn a_base_chain_with_another_policy_or_priority_is_declared_again() {
+        for (key, value) in [("policy", json!("drop")), ("prio", json!(5))] {
+            let edit = repair(&edited(|o| {
+                if o["chain"]["name"] == "prerouting" {
+                    o["chain"][key] = value.clone();
+                }
+            }));
+            let lines: Vec<&str> = edit.script.lines().collect();
+            assert_eq!(
+                lines[..3],
+                [
+                    "flush chain inet portfwd-gw prerouting",
+                    "delete chain inet portfwd-gw prerouting",
+                    "add chain inet portfwd-gw prerouting { type nat hook prerouting priority dstnat; policy accept; }",
+                ],
+                "{lines:#?}"
+            );
+            // Its three dispatch rules are written again, nothing else.
+            assert_eq!(lines.len(), 6, "{lines:#?}");
+            assert!(lines[3..]
+                .iter()
+                .all(|l| l.starts_with("add rule inet portfwd-gw prerouting ")));
+            assert_eq!(edit.repaired.len(), 1, "{:?}", edit.repaired);
+            assert!(edit.repaired[0].starts_with("chain prerouting (type nat hook prerouting"));
+        }
+    }
+
+    #[test]
+    fn a_rule_edited_under_its_comment_is_written_again() {
+        let edit = repair(&edited(|o| {
+            if o["rule"]["chain"] == "pre-web" {
+                o["rule"]["expr"][3]["dnat"]["addr"] = "10.9.9.9".into();
+            }
+        }));
+        let lines: Vec<&str> = edit.script.lines().collect();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(lines[0].starts_with("delete rule inet portfwd-gw pre-web handle "));
+        assert!(lines[1].contains("dnat ip to 10.0.2.2:80"), "{lines:#?}");
+        assert_eq!(
+            edit.repaired,
+            ["rule 1 of chain pre-web (gw:fwd:web:52792849) edited"]
+        );
+    }
+
+    #[test]
+    fn a_statement_added_by_hand_makes_the_rule_unknown_and_rewritten() {
+        let edit = repair(&edited(|o| {
+            if o["rule"]["chain"] == "pre-r" {
+                let expr = o["rule"]["expr"].as_array_mut().unwrap();
+                expr.insert(0, json!({"log": {"prefix": "x"}}));
+            }
+        }));
+        assert_eq!(edit.script.lines().count(), 2, "{}", edit.script);
+        assert_eq!(edit.repaired.len(), 1, "{:?}", edit.repaired);
+    }
+
+    #[test]
+    fn an_element_edited_by_hand_and_a_stranger_in_an_owned_chain_are_put_right() {
+        let edit = repair(&edited(|o| {
+            if o["map"]["name"] == "pre-port4" {
+                let elems = o["map"]["elem"].as_array_mut().unwrap();
+                for e in elems.iter_mut() {
+                    if e[0]["elem"]["comment"] == "gw:fwd:web:23075ab1" {
+                        e[1] = json!({"jump": {"target": "pre-r"}});
+                    }
+                }
+            }
+            if o["rule"]["chain"] == "pre-v6" {
+                o["rule"]["comment"] = serde_json::Value::Null;
+            }
+        }));
+        let lines: Vec<&str> = edit.script.lines().collect();
+        assert!(
+            lines.contains(&"delete element inet portfwd-gw pre-port4 { tcp . 8080 }"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines.contains(&"add element inet portfwd-gw pre-port4 { tcp . 8080 comment \"gw:fwd:web:23075ab1\" : jump pre-web }"),
+            "{lines:#?}"
+        );
+        assert!(lines
+            .iter()
+            .any(|l| l.starts_with("delete rule inet portfwd-gw pre-v6 handle")));
+        assert!(lines
+            .iter()
+            .any(|l| l.starts_with("add rule inet portfwd-gw pre-v6 ")));
+        assert_eq!(
+            edit.repaired,
+            [
+                "element gw:fwd:web:23075ab1 of map pre-port4 edited",
+                "rule 1 of chain pre-v6 not written by portfwd"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_map_declared_otherwise_is_declared_again_with_its_lookups() {
+        let edit = repair(&edited(|o| {
+            if o["map"]["name"] == "pre-port6" {
+                o["map"]["flags"] = json!([]);
+            }
+        }));
+        let lines: Vec<&str> = edit.script.lines().collect();
+        let at = |prefix: &str| {
+            lines
+                .iter()
+                .position(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix}: {lines:#?}"))
+        };
+        let del_rule = at("delete rule inet portfwd-gw prerouting handle");
+        let del_map = at("delete map inet portfwd-gw pre-port6");
+        let add_map = at("add map inet portfwd-gw pre-port6");
+        let add_rule = at("add rule inet portfwd-gw prerouting");
+        let add_elem = at("add element inet portfwd-gw pre-port6");
+        assert!(
+            del_rule < del_map && del_map < add_map && add_map < add_rule && add_rule < add_elem
+        );
+        assert_eq!(edit.repaired, ["map pre-port6 declaration"]);
     }
 }

@@ -195,17 +195,26 @@ impl MapKind {
 
     /// The map's declaration: the key type, a verdict as data, and intervals (port ranges).
     pub fn declaration(&self) -> String {
-        let addr = match self.family {
-            Family::V4 => "ipv4_addr . ",
-            Family::V6 => "ipv6_addr . ",
-        };
-        let addr = if self.by_addr { addr } else { "" };
-        let proto = if self.stage == Stage::Post {
-            ""
-        } else {
-            "inet_proto . "
-        };
-        format!("type {addr}{proto}inet_service : verdict; flags interval;")
+        format!(
+            "type {} : verdict; flags interval;",
+            self.key_types().join(" . ")
+        )
+    }
+
+    /// The key's types, as nft lists them.
+    pub fn key_types(&self) -> Vec<&'static str> {
+        let mut types = Vec::new();
+        if self.by_addr {
+            types.push(match self.family {
+                Family::V4 => "ipv4_addr",
+                Family::V6 => "ipv6_addr",
+            });
+        }
+        if self.stage != Stage::Post {
+            types.push("inet_proto");
+        }
+        types.push("inet_service");
+        types
     }
 
     /// The base chain's rule that looks a connection up in this map.
