@@ -141,7 +141,7 @@ impl Lab {
             };
             let iptables_nft = matches!(*family, "ip" | "ip6")
                 && matches!(*name, "filter" | "nat" | "mangle" | "raw" | "security");
-            if iptables_nft || name.starts_with("portfwd-trace-") {
+            if iptables_nft || name.starts_with("portfwd_trace_") {
                 continue;
             }
             text.push_str(&ns.stdout(&["nft", "-s", "list", "table", family, name])?);

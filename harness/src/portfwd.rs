@@ -205,7 +205,7 @@ impl Portfwd {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| LabError::Traffic(format!("portfwd trace: {e}")))?;
-        let table = format!("portfwd-trace-{}", child.id());
+        let table = format!("portfwd_trace_{}", child.id());
         let started = std::time::Instant::now();
         while !on
             .stdout(&["nft", "list", "tables"])

@@ -84,22 +84,49 @@ pub(crate) fn run_on(config: &Config, mode: RunMode, sys: &mut dyn System) -> Re
         Ok(p) => p,
         Err(e) => return Report::failure(format!("reading the current state failed: {e}")),
     };
-    let held_by = prelude.record.backend.as_deref().unwrap_or("iptables");
-    let nftables = Nftables::new(&config.instance);
     if config.backend.is_nftables() {
-        let moving = Moving {
-            from_old: held_by != nftables.name() && sys.has_tool("iptables-save"),
-            new: nftables,
-            old: Iptables,
-        };
+        let moving = to_nftables(&config.instance, &prelude, sys);
         run_with(&moving, config, mode, sys, prelude)
     } else {
-        let moving = Moving {
-            from_old: held_by == nftables.name(),
-            new: Iptables,
-            old: nftables,
-        };
+        let moving = to_iptables(&config.instance, &prelude, sys);
         run_with(&moving, config, mode, sys, prelude)
+    }
+}
+
+/// Without a record nothing says which backend holds an instance (a wiped run dir, a reboot
+/// that restored a saved ruleset): the objects named for it are then looked for in the other
+/// backend too, since those names are portfwd's whatever the record says.
+fn record_lost(prelude: &observe::Prelude) -> bool {
+    prelude.record == ownership::Record::default()
+}
+
+/// The nftables backend, reading iptables too unless the record says nftables holds the
+/// instance.
+fn to_nftables(
+    instance: &str,
+    prelude: &observe::Prelude,
+    sys: &mut dyn System,
+) -> Moving<Nftables, Iptables> {
+    let held_by = prelude.record.backend.as_deref().unwrap_or("iptables");
+    Moving {
+        from_old: (held_by != "nftables" || record_lost(prelude)) && sys.has_tool("iptables-save"),
+        new: Nftables::new(instance),
+        old: Iptables,
+    }
+}
+
+/// The iptables backend, reading the instance's nft table too when the record names
+/// nftables or is lost.
+fn to_iptables(
+    instance: &str,
+    prelude: &observe::Prelude,
+    sys: &mut dyn System,
+) -> Moving<Iptables, Nftables> {
+    let held_by = prelude.record.backend.as_deref();
+    Moving {
+        from_old: held_by == Some("nftables") || (record_lost(prelude) && sys.has_tool("nft")),
+        new: Iptables,
+        old: Nftables::new(instance),
     }
 }
 
@@ -312,15 +339,26 @@ fn show_on(
 ) -> Result<Params, Error> {
     let prelude = observe::prelude(sys, instance)?;
     let held_by = prelude.record.backend.as_deref();
+    // Both backends are read: what is named for the instance is its own, record or not.
     if held_by == Some("nftables") || (held_by.is_none() && nftables) {
-        show_with(&Nftables::new(instance), instance, protocol, sys, prelude)
+        let both = Moving {
+            from_old: sys.has_tool("iptables-save"),
+            new: Nftables::new(instance),
+            old: Iptables,
+        };
+        show_with(&both, instance, protocol, sys, prelude)
     } else {
-        show_with(&Iptables, instance, protocol, sys, prelude)
+        let both = Moving {
+            from_old: sys.has_tool("nft"),
+            new: Iptables,
+            old: Nftables::new(instance),
+        };
+        show_with(&both, instance, protocol, sys, prelude)
     }
 }
 
-fn show_with<F: Firewall>(
-    firewall: &F,
+fn show_with<N: Firewall, O: Firewall>(
+    firewall: &Moving<N, O>,
     instance: &str,
     protocol: Option<u8>,
     sys: &mut dyn System,
@@ -336,14 +374,22 @@ fn show_with<F: Firewall>(
         &[],
         observe::Scope::ALL,
     )?;
+    let state = firewall.snapshot(&observed.firewall);
     let mut params = params_from_state(
-        firewall.decompile(instance, &firewall.snapshot(&observed.firewall)),
+        firewall.decompile(instance, &state),
         &observed.routing.owned,
         instance,
         protocol,
         observed.stored.is_some(),
     );
-    if firewall.name() == "nftables" {
+    // The backend that holds the entries (the other one when only it does).
+    let holder = if !firewall.new.holds_anything(&state.0) && firewall.old.holds_anything(&state.1)
+    {
+        firewall.old.name()
+    } else {
+        firewall.new.name()
+    };
+    if holder == "nftables" {
         params.backend = Backend::Nftables;
     }
     Ok(params)

@@ -24,17 +24,24 @@ fn v6() -> impl Strategy<Value = String> {
     (any::<u16>(), any::<u16>(), 1u16..).prop_map(|(a, b, c)| format!("fd00:{a:x}:{b:x}::{c:x}"))
 }
 
-fn port() -> impl Strategy<Value = Value> {
+/// A port or range of forward `i`'s own band of 10,000 ports: two forwards on one port are
+/// refused.
+fn port(i: usize) -> impl Strategy<Value = Value> {
+    let base = 10_000 * u16::try_from(i).unwrap_or(0);
     prop_oneof![
-        (1u16..).prop_map(Value::from),
-        (1u16..60000, 0u16..5000).prop_map(|(a, n)| Value::from(format!("{a}-{}", a + n))),
+        (1u16..10_000).prop_map(move |p| Value::from(base + p)),
+        (1u16..5000, 0u16..5000).prop_map(move |(a, n)| Value::from(format!(
+            "{}-{}",
+            base + a,
+            base + a + n
+        ))),
     ]
 }
 
 /// One forward of either family, with every optional field sometimes set.
 fn forward(i: usize) -> impl Strategy<Value = Value> {
     let name = proptest::string::string_regex("[A-Za-z0-9_.-]{1,28}").expect("regex");
-    (name, any::<bool>(), port(), proptest::option::of(1u16..), 0u8..3, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), v4(), v6())
+    (name, any::<bool>(), port(i), proptest::option::of(1u16..), 0u8..3, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), v4(), v6())
         .prop_map(move |(name, six, listen, to_port, snat, local, allow, with_source, with_listen, a4, a6)| {
             let addr = if six { a6 } else { a4 };
             let target = match (six, to_port) {

@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use crate::model::Proto;
 use crate::net::{Cidr, PortRange};
 
-/// The prefix of the trace tables: `inet portfwd-trace-<pid>`.
-pub const TABLE_PREFIX: &str = "portfwd-trace-";
+/// The prefix of the trace tables: `inet portfwd_trace_<pid>`. Instance names are
+/// `[a-z0-9-]`, so no instance's table (`portfwd-<instance>`) can ever carry it.
+pub const TABLE_PREFIX: &str = "portfwd_trace_";
 
 /// What to trace.
 #[derive(Debug, Clone)]
@@ -38,7 +39,8 @@ pub fn table_script(table: &str, filter: &Filter) -> String {
         matches.push_str(&format!(" {ip} daddr {dst}"));
     }
     let mut out = format!("add table inet {table}\n");
-    for (chain, hook) in [("pre", "prerouting"), ("out", "output")] {
+    // Not `out`: nft 0.9.8 takes it for a keyword.
+    for (chain, hook) in [("mark_pre", "prerouting"), ("mark_out", "output")] {
         out.push_str(&format!(
             "add chain inet {table} {chain} {{ type filter hook {hook} priority -350; policy accept; }}\n"
         ));
@@ -178,10 +180,7 @@ impl Tracker {
     /// ports hold the packet's original destination port.
     /// The nftables backend's rules say it in their comment (`comment "web:fwd:web:1a2b3c4d"`).
     fn entry_of(&self, id: &str, table: &str, chain: &str, rule: &str) -> Option<String> {
-        if let Some(instance) = table
-            .strip_prefix("portfwd-")
-            .filter(|t| !t.starts_with("trace-"))
-        {
+        if let Some(instance) = table.strip_prefix("portfwd-") {
             let named = rule
                 .split_once("comment \"")
                 .and_then(|(_, c)| crate::ownership::parse_comment(c.split('"').next()?, instance))
@@ -189,9 +188,14 @@ impl Tracker {
                 .map(|tag| format!("{instance}:{}", tag.name));
             return named.or_else(|| self.entry_by_port(id, instance));
         }
+        // `PFWD-<instance>-<HOOK>[-T12]`: the instance is lower case, the hook upper case, so
+        // an instance with `-` in its name (`web-1`) is read whole.
         let rest = chain.strip_prefix("PFWD-")?;
-        let (instance, _) = rest.split_once('-')?;
-        self.entry_by_port(id, instance)
+        let end = rest
+            .match_indices('-')
+            .map(|(i, _)| i)
+            .find(|&i| rest[i + 1..].starts_with(|c: char| c.is_ascii_uppercase()))?;
+        self.entry_by_port(id, &rest[..end])
     }
 
     /// `instance:entry` of the forward whose listen ports hold the packet's destination port.
@@ -226,16 +230,24 @@ fn finish(mut packet: Packet) -> Packet {
     packet
 }
 
-/// `dnat to 10.0.2.2:1234`, `redirect to :8080`, `masquerade`, `snat to ...` in a rule.
+/// `dnat to 10.0.2.2:1234`, `redirect to :8080`, `masquerade`, `snat to ...` in a rule; nft's
+/// own NAT statements name the family (`dnat ip to ...`, `snat ip6 to ...`), which is left out.
 fn nat_of(rule: &str) -> Option<String> {
-    for verb in ["dnat to", "snat to", "redirect to", "masquerade"] {
-        if let Some(at) = rule.find(verb) {
-            let tail: String = rule[at..]
-                .split_whitespace()
-                .take(if verb == "masquerade" { 1 } else { 3 })
-                .collect::<Vec<_>>()
-                .join(" ");
-            return Some(tail);
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    for (i, word) in words.iter().enumerate() {
+        match *word {
+            "masquerade" => return Some("masquerade".to_string()),
+            "dnat" | "snat" | "redirect" => {
+                let rest = &words[i + 1..];
+                let rest = match rest {
+                    ["ip" | "ip6", tail @ ..] => tail,
+                    tail => tail,
+                };
+                if let ["to", target, ..] = rest {
+                    return Some(format!("{word} to {target}"));
+                }
+            }
+            _ => {}
         }
     }
     None
@@ -299,9 +311,9 @@ mod tests {
 
     // Captured from `nft monitor trace` (nft 1.0.6, kernel 6.18): the first packet of a TCP
     // connection through a portfwd forward, and the second packet of the same connection.
-    const TRACE: &str = "trace id e869f546 inet portfwd-trace-7 pre packet: iif \"trp0\" ether saddr f2:91:0e:34:46:8a ether daddr 86:8f:1c:ec:ec:fe ip saddr 10.0.1.2 ip daddr 10.0.1.1 ip dscp cs0 ip ecn not-ect ip ttl 64 ip id 4135 ip protocol tcp ip length 60 tcp sport 44880 tcp dport 4321 tcp flags == syn tcp window 64240
-trace id e869f546 inet portfwd-trace-7 pre rule meta l4proto tcp th dport 4321 meta nftrace set 1 (verdict continue)
-trace id e869f546 inet portfwd-trace-7 pre policy accept
+    const TRACE: &str = "trace id e869f546 inet portfwd_trace_7 mark_pre packet: iif \"trp0\" ether saddr f2:91:0e:34:46:8a ether daddr 86:8f:1c:ec:ec:fe ip saddr 10.0.1.2 ip daddr 10.0.1.1 ip dscp cs0 ip ecn not-ect ip ttl 64 ip id 4135 ip protocol tcp ip length 60 tcp sport 44880 tcp dport 4321 tcp flags == syn tcp window 64240
+trace id e869f546 inet portfwd_trace_7 mark_pre rule meta l4proto tcp th dport 4321 meta nftrace set 1 (verdict continue)
+trace id e869f546 inet portfwd_trace_7 mark_pre policy accept
 trace id e869f546 ip nat PREROUTING packet: iif \"trp0\" ip saddr 10.0.1.2 ip daddr 10.0.1.1 tcp sport 44880 tcp dport 4321
 trace id e869f546 ip nat PREROUTING rule  counter packets 0 bytes 0 jump PFWD-portfwd-PRE (verdict jump PFWD-portfwd-PRE)
 trace id e869f546 ip nat PFWD-portfwd-PRE rule tcp dport 4096-4351  counter packets 0 bytes 0 jump PFWD-portfwd-PRE-T16 (verdict jump PFWD-portfwd-PRE-T16)
@@ -309,7 +321,7 @@ trace id e869f546 ip nat PFWD-portfwd-PRE-T16 rule tcp dport 4321 fib daddr type
 trace id e869f546 ip filter FORWARD rule  counter packets 0 bytes 0 jump PFWD-portfwd-FWD (verdict jump PFWD-portfwd-FWD)
 trace id e869f546 ip filter PFWD-portfwd-FWD rule ct mark and 0x2000 == 0x2000  counter packets 0 bytes 0 accept (verdict accept)
 trace id e869f546 inet fw filter_FORWARD rule reject with icmpx admin-prohibited (verdict drop)
-trace id e869f546 inet portfwd-trace-7 pre packet: iif \"trp0\" ip saddr 10.0.1.2 ip daddr 10.0.1.1 ip protocol tcp tcp sport 44880 tcp dport 4321 tcp flags == ack
+trace id e869f546 inet portfwd_trace_7 mark_pre packet: iif \"trp0\" ip saddr 10.0.1.2 ip daddr 10.0.1.1 ip protocol tcp tcp sport 44880 tcp dport 4321 tcp flags == ack
 trace id e869f546 ip filter FORWARD rule  counter packets 0 bytes 0 jump PFWD-portfwd-FWD (verdict jump PFWD-portfwd-FWD)";
 
     #[test]
@@ -320,7 +332,7 @@ trace id e869f546 ip filter FORWARD rule  counter packets 0 bytes 0 jump PFWD-po
             vec![Proto::Tcp],
             PortRange::single(4321),
         )];
-        let mut tracker = Tracker::new("portfwd-trace-7", entries);
+        let mut tracker = Tracker::new("portfwd_trace_7", entries);
         let mut done: Vec<Packet> = TRACE.lines().filter_map(|l| tracker.line(l)).collect();
         done.extend(tracker.finish_all());
         assert_eq!(done.len(), 2);
@@ -351,8 +363,43 @@ trace id e869f546 ip filter FORWARD rule  counter packets 0 bytes 0 jump PFWD-po
             src: Cidr::parse("10.0.1.0/24").ok(),
             dst: "10.0.1.1".parse().ok(),
         };
-        let script = table_script("portfwd-trace-9", &filter);
-        assert!(script.contains("add chain inet portfwd-trace-9 pre { type filter hook prerouting priority -350; policy accept; }"));
-        assert!(script.contains("add rule inet portfwd-trace-9 out meta l4proto udp th dport 53 ip saddr 10.0.1.0/24 ip daddr 10.0.1.1 meta nftrace set 1"));
+        let script = table_script("portfwd_trace_9", &filter);
+        assert!(script.contains("add chain inet portfwd_trace_9 mark_pre { type filter hook prerouting priority -350; policy accept; }"));
+        assert!(script.contains("add rule inet portfwd_trace_9 mark_out meta l4proto udp th dport 53 ip saddr 10.0.1.0/24 ip daddr 10.0.1.1 meta nftrace set 1"));
+    }
+
+    /// The nftables backend's DNAT names its family (`dnat ip to`), and an instance may have
+    /// `-` in its name: both are read right.
+    #[test]
+    fn nft_nat_statements_and_instances_with_dashes_are_read() {
+        assert_eq!(
+            nat_of("meta l4proto tcp counter packets 1 bytes 60 dnat ip to 10.0.2.2:1234 comment \"x\""),
+            Some("dnat to 10.0.2.2:1234".to_string())
+        );
+        assert_eq!(
+            nat_of("dnat ip6 to [fd00:2::2]:80"),
+            Some("dnat to [fd00:2::2]:80".to_string())
+        );
+        assert_eq!(
+            nat_of("redirect to :22"),
+            Some("redirect to :22".to_string())
+        );
+        let entries = vec![(
+            "web-1".to_string(),
+            "site".to_string(),
+            vec![Proto::Tcp],
+            PortRange::single(4321),
+        )];
+        let mut tracker = Tracker::new("portfwd_trace_7", entries);
+        let lines = "trace id aa inet portfwd_trace_7 mark_pre packet: iif \"eth0\" ip saddr 10.0.1.2 ip daddr 10.0.1.1 ip protocol tcp tcp sport 40000 tcp dport 4321
+trace id aa ip nat PFWD-web-1-PRE-T16 rule tcp dport 4321 counter packets 0 bytes 0 dnat to 10.0.2.2:1234 (verdict accept)";
+        let mut done: Vec<Packet> = lines.lines().filter_map(|l| tracker.line(l)).collect();
+        done.extend(tracker.finish_all());
+        let hop = done[0]
+            .hops
+            .iter()
+            .find(|h| h.chain == "PFWD-web-1-PRE-T16")
+            .unwrap();
+        assert_eq!(hop.entry.as_deref(), Some("web-1:site"));
     }
 }

@@ -1,6 +1,6 @@
 //! `portfwd trace`: runs `nft monitor trace`, adds the trace table (see `portfwd::trace`),
 //! prints each packet's path, and removes the table on exit, Ctrl-C and SIGTERM. `--clean`
-//! removes the tables of traces that died (only `portfwd-trace-<pid>` tables whose process is
+//! removes the tables of traces that died (only `portfwd_trace_<pid>` tables whose process is
 //! gone).
 
 use std::io::{BufRead, BufReader, Write};

@@ -19,18 +19,41 @@ pub struct Moving<N, O> {
     pub from_old: bool,
 }
 
-/// Entries that left the old backend for the new one count as updated.
+/// Entries that left the old backend for the new one count as updated; an entry held by
+/// both (a lost record) is named once.
 fn merge(new: &mut EntryChanges, old: EntryChanges) {
+    use std::collections::HashSet;
+    let added: HashSet<String> = new.added.iter().cloned().collect();
+    let mut named: HashSet<String> = new
+        .added
+        .iter()
+        .chain(&new.updated)
+        .chain(&new.removed)
+        .cloned()
+        .collect();
+    let mut moved = HashSet::new();
     for name in old.removed {
-        if let Some(i) = new.added.iter().position(|n| *n == name) {
-            new.added.remove(i);
-            new.updated.push(name);
-        } else {
+        if added.contains(&name) {
+            moved.insert(name);
+        } else if named.insert(name.clone()) {
             new.removed.push(name);
         }
     }
-    new.added.extend(old.added);
-    new.updated.extend(old.updated);
+    if !moved.is_empty() {
+        new.added.retain(|n| !moved.contains(n));
+        new.updated.extend(moved);
+        new.updated.sort();
+    }
+    for name in old.added {
+        if named.insert(name.clone()) {
+            new.added.push(name);
+        }
+    }
+    for name in old.updated {
+        if named.insert(name.clone()) {
+            new.updated.push(name);
+        }
+    }
 }
 
 impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
@@ -72,17 +95,16 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
         (new, old)
     }
 
-    /// A move is never served from the read cache.
+    /// A cache is written only by a run that changed nothing, so one written while the old
+    /// backend was read says it held nothing then; and whether the old backend is read
+    /// depends only on the record that holds the cache, so it is read the same way each time.
     fn digest(&self, want: &Self::Desired) -> Option<u32> {
-        if self.from_old {
-            None
-        } else {
-            self.new.digest(&want.0)
-        }
+        self.new.digest(&want.0)
     }
 
     fn assume(&self, want: &Self::Desired, read: &FirewallRead) -> Self::Observed {
-        (self.new.assume(&want.0, read), None)
+        let old = self.from_old.then(O::Observed::default);
+        (self.new.assume(&want.0, read), old)
     }
 
     fn snapshot(&self, observed: &Self::Observed) -> Self::Desired {
@@ -166,5 +188,29 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
 
     fn foreign_facts(&self, observed: &Self::Observed) -> serde_json::Value {
         self.new.foreign_facts(&observed.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changes(added: &[&str], updated: &[&str], removed: &[&str]) -> EntryChanges {
+        let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
+        EntryChanges {
+            added: v(added),
+            updated: v(updated),
+            removed: v(removed),
+        }
+    }
+
+    #[test]
+    fn an_entry_held_by_both_backends_is_named_once() {
+        let mut new = changes(&[], &[], &["web"]);
+        merge(&mut new, changes(&[], &[], &["web", "db"]));
+        assert_eq!(new, changes(&[], &[], &["web", "db"]));
+        let mut moving = changes(&["web"], &[], &[]);
+        merge(&mut moving, changes(&[], &[], &["web"]));
+        assert_eq!(moving, changes(&[], &["web"], &[]));
     }
 }

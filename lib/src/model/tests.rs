@@ -309,33 +309,38 @@ fn ports_may_be_strings_as_templating_produces() {
 }
 
 #[test]
-fn nftables_refuses_two_forwards_on_one_listen_key() {
-    let err = Config::from_json(
-        r#"{"backend":"nftables","forwards":[
+fn two_forwards_on_one_listen_key_are_refused_on_both_backends() {
+    for backend in ["nftables", "iptables", "iptables-legacy"] {
+        let err = Config::from_json(
+            &r#"{"backend":"BACKEND","forwards":[
             {"name":"a","listen_port":"8000-8010","to":"10.0.0.1"},
             {"name":"b","listen_port":8005,"to":"10.0.0.2:80","sources":["10.1.0.0/16"]},
             {"name":"c","listen_port":8005,"proto":"udp","to":"10.0.0.2:80"},
-            {"name":"d","listen_address":"10.9.9.9","listen_port":8005,"to":"10.0.0.2:80"}]}"#,
+            {"name":"d","listen_address":"10.9.9.9","listen_port":8005,"to":"10.0.0.2:80"}]}"#
+                .replace("BACKEND", backend),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("forwards[1].listen_port") && err.contains("overlaps forward \"a\""),
+            "{err}"
+        );
+        assert_eq!(
+            err.matches("overlaps").count(),
+            1,
+            "udp and another address are apart: {err}"
+        );
+    }
+    let same_port = Config::from_json(
+        r#"{"forwards":[{"name":"a","listen_port":8080,"to":"10.0.0.1"},
+            {"name":"b","listen_port":8080,"to":"10.0.0.2"}]}"#,
     )
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("forwards[1].listen_port") && err.contains("overlaps forward \"a\""),
-        "{err}"
+        same_port.contains("forwards[1].listen_port: \"8080\"") && same_port.contains("\"a\""),
+        "{same_port}"
     );
-    assert_eq!(
-        err.matches("overlaps").count(),
-        1,
-        "udp and another address are apart: {err}"
-    );
-    // iptables tries them in order: allowed there.
-    assert!(Config::from_json(&err_free_iptables()).is_ok());
-}
-
-fn err_free_iptables() -> String {
-    r#"{"forwards":[{"name":"a","listen_port":"8000-8010","to":"10.0.0.1"},
-        {"name":"b","listen_port":8005,"to":"10.0.0.2:80","sources":["10.1.0.0/16"]}]}"#
-        .to_string()
 }
 
 #[test]
@@ -359,4 +364,28 @@ fn old_backend_names_still_work_and_say_they_are_deprecated() {
     let (config, _, _) = Config::from_json(r#"{"backend":"nftables"}"#).unwrap();
     let desired = crate::compile::compile(&config, &crate::firewall::iptables::Iptables);
     assert!(desired.warnings.is_empty(), "{:?}", desired.warnings);
+}
+
+/// A bare IPv6 address whose last group reads as a port is refused, saying how to write
+/// each meaning; one that cannot be read so is taken as the address.
+#[test]
+fn an_ipv6_target_that_may_hold_a_port_is_refused() {
+    let err =
+        Config::from_json(r#"{"forwards":[{"name":"a","listen_port":80,"to":"fd10:2::2:1234"}]}"#)
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("forwards[0].to: \"fd10:2::2:1234\"")
+            && err.contains("write \"[fd10:2::2]:1234\" for an IPv6 address with a port"),
+        "{err}"
+    );
+    for fine in [
+        "fd00:2::2",
+        "[fd10:2::2:1234]",
+        "[fd10:2::2]:1234",
+        "fd00::1234",
+    ] {
+        let json = format!(r#"{{"forwards":[{{"name":"a","listen_port":80,"to":"{fine}"}}]}}"#);
+        assert!(Config::from_json(&json).is_ok(), "{fine}");
+    }
 }

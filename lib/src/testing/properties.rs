@@ -19,7 +19,7 @@ const FOREIGN: &str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPU
 fn forward(i: usize) -> impl Strategy<Value = Value> {
     (
         any::<bool>(),
-        1u16..2000,
+        1u16..1000,
         0u8..4,
         any::<bool>(),
         any::<bool>(),

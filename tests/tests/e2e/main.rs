@@ -13,6 +13,7 @@ mod foreign;
 mod forward;
 mod lab;
 mod nftables;
+mod ownership;
 mod packaging;
 mod records;
 mod routing;

@@ -26,7 +26,7 @@ fn trace_tables(ns: &Netns) -> Vec<String> {
         .unwrap()
         .lines()
         .filter_map(|l| l.strip_prefix("table inet "))
-        .filter(|t| t.starts_with("portfwd-trace-"))
+        .filter(|t| t.starts_with("portfwd_trace_"))
         .map(str::to_string)
         .collect()
 }
@@ -145,22 +145,34 @@ fn trace_stops_on_timeout_and_sigterm_and_clean_removes_only_dead_traces() {
 
     // A crashed trace's table (no such process) and someone else's table.
     t.proxy
-        .exec(&["nft", "add", "table", "inet", "portfwd-trace-999999"])
+        .exec(&["nft", "add", "table", "inet", "portfwd_trace_999999"])
         .unwrap();
     t.proxy
         .exec(&["nft", "add", "table", "inet", "keep"])
         .unwrap();
+    // An instance named like a trace table once was (`trace-1` owns `portfwd-trace-1`).
+    let instance = json!({"instance": "trace-1", "backend": "nftables",
+        "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    let applied = portfwd().apply(&t.proxy, &instance).unwrap();
+    assert!(applied.changed() && !applied.failed(), "{}", applied.stdout);
     let r = portfwd()
         .run(&t.proxy, &["trace", "--clean"], "", &[])
         .unwrap();
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
-    assert_eq!(r.json["removed"], json!(["portfwd-trace-999999"]));
+    assert_eq!(r.json["removed"], json!(["portfwd_trace_999999"]));
     assert_eq!(trace_tables(&t.proxy), Vec::<String>::new());
     assert!(t
         .proxy
         .stdout(&["nft", "list", "tables"])
         .unwrap()
         .contains("table inet keep"));
+    assert!(
+        t.proxy
+            .stdout(&["nft", "list", "tables"])
+            .unwrap()
+            .contains("table inet portfwd-trace-1"),
+        "an instance's table is never taken for a trace's"
+    );
 }
 
 /// Where `iptables-save` is the legacy tool, trace says its rules cannot be traced.
@@ -200,5 +212,5 @@ fn trace_says_when_iptables_is_legacy() {
         .proxy
         .stdout(&["nft", "list", "tables"])
         .unwrap()
-        .contains("portfwd-trace-"));
+        .contains("portfwd_trace_"));
 }

@@ -195,30 +195,53 @@ impl std::fmt::Debug for Rule {
     }
 }
 
-/// Arguments as `iptables-save` prints them: a bare address of `-s`/`-d` with its host
-/// prefix (`10.0.2.2/32`), `--ctproto` as a number. What portfwd compiles says the same
-/// things in the words the user would write.
+/// Arguments as `iptables-save` prints them: the basic matches first in its order (`-s -d -i
+/// -o -p`, each with its `!`), a match of everything (`-s 0.0.0.0/0`) left out, a bare address
+/// with its host prefix (`10.0.2.2/32`), `--ctproto` as a number. What portfwd compiles says
+/// the same things in the order and words the user would write.
 fn saved_spelling(args: &[String]) -> Vec<String> {
-    let mut out = Vec::with_capacity(args.len());
-    let mut previous = "";
-    for arg in args {
-        let spelled = match previous {
-            "-s" | "-d" if !arg.contains('/') => match arg.parse::<std::net::IpAddr>() {
-                Ok(addr) if addr.is_ipv4() => format!("{arg}/32"),
-                Ok(_) => format!("{arg}/128"),
-                Err(_) => arg.clone(),
-            },
-            "--ctproto" => match arg.as_str() {
-                "tcp" => "6".to_string(),
-                "udp" => "17".to_string(),
-                _ => arg.clone(),
-            },
-            _ => arg.clone(),
+    const BASIC: [&str; 5] = ["-s", "-d", "-i", "-o", "-p"];
+    let mut basic: Vec<(usize, Vec<String>)> = Vec::new();
+    let mut rest = Vec::with_capacity(args.len());
+    let mut i = 0;
+    while i < args.len() {
+        let negated =
+            args[i] == "!" && args.get(i + 1).is_some_and(|a| BASIC.contains(&a.as_str()));
+        let at = if negated { i + 1 } else { i };
+        if let (Some(rank), Some(value)) =
+            (BASIC.iter().position(|b| *b == args[at]), args.get(at + 1))
+        {
+            let value = match BASIC[rank] {
+                "-s" | "-d" if !value.contains('/') => match value.parse::<std::net::IpAddr>() {
+                    Ok(addr) if addr.is_ipv4() => format!("{value}/32"),
+                    Ok(_) => format!("{value}/128"),
+                    Err(_) => value.clone(),
+                },
+                _ => value.clone(),
+            };
+            let everything = matches!(value.as_str(), "0.0.0.0/0" | "::/0") && rank < 2;
+            if !everything || negated {
+                let mut words = Vec::new();
+                if negated {
+                    words.push("!".to_string());
+                }
+                words.push(args[at].clone());
+                words.push(value);
+                basic.push((rank, words));
+            }
+            i = at + 2;
+            continue;
+        }
+        let spelled = match (i.checked_sub(1).map(|p| args[p].as_str()), args[i].as_str()) {
+            (Some("--ctproto"), "tcp") => "6".to_string(),
+            (Some("--ctproto"), "udp") => "17".to_string(),
+            _ => args[i].clone(),
         };
-        previous = arg;
-        out.push(spelled);
+        rest.push(spelled);
+        i += 1;
     }
-    out
+    basic.sort_by_key(|(rank, _)| *rank);
+    basic.into_iter().flat_map(|(_, w)| w).chain(rest).collect()
 }
 
 /// Quotes like `iptables-save`: bare when only `[A-Za-z0-9_./:,!+=@%-]`, else in double quotes
@@ -324,6 +347,37 @@ impl OwnedRules {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What portfwd compiles and what iptables-save prints for it compare equal; an edited
+    /// rule does not.
+    #[test]
+    fn compiled_rules_compare_equal_to_their_saved_spelling() {
+        let pairs = [
+            (
+                "-i eth0 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+                "-d 127.0.0.0/8 -i eth0 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+            ),
+            ("-s 0.0.0.0/0 -o eth1 -j ACCEPT", "-o eth1 -j ACCEPT"),
+            (
+                "-d 10.0.2.2 -p tcp -m tcp --dport 1234 -j MASQUERADE",
+                "-d 10.0.2.2/32 -p tcp -m tcp --dport 1234 -j MASQUERADE",
+            ),
+            (
+                "-m conntrack --ctstate DNAT --ctproto tcp -j RETURN",
+                "-m conntrack --ctstate DNAT --ctproto 6 -j RETURN",
+            ),
+        ];
+        for (compiled, saved) in pairs {
+            let a = Rule::new(compiled.split(' '));
+            assert!(a.same_body(&Rule::from_text(saved)), "{compiled} / {saved}");
+        }
+        let a = Rule::new("-d 10.0.2.2 -p tcp -j DNAT --to-destination 10.0.2.2:80".split(' '));
+        let edited = Rule::from_text("-d 10.0.2.2/32 -p tcp -j DNAT --to-destination 10.0.2.2:9");
+        assert!(!a.same_body(&edited));
+        let negated =
+            Rule::from_text("! -d 10.0.2.2/32 -p tcp -j DNAT --to-destination 10.0.2.2:80");
+        assert!(!a.same_body(&negated));
+    }
 
     #[test]
     fn renders_like_iptables_save() {

@@ -39,9 +39,7 @@ impl Params {
                 validate_forward(&path, f, &mut errors)
             })
             .collect();
-        if self.backend.canonical().is_nftables() {
-            check_dispatch_overlaps(&forwards, &self.forwards, &mut errors);
-        }
+        check_dispatch_overlaps(&forwards, &self.forwards, &mut errors);
         let mut names = HashSet::new();
         let masquerades = self
             .masquerade
@@ -179,9 +177,9 @@ pub fn valid_instance(name: &str) -> bool {
     })
 }
 
-/// The nftables backend finds a connection's forward by one map lookup, so two forwards may
-/// not claim the same (family, listen address, protocol, port): iptables tried them in order
-/// (by `sources` or `in_interface`), a map key has one forward.
+/// Two forwards may not claim the same (family, listen address, protocol, port): the nftables
+/// backend finds a connection's forward by one map lookup (a key has one forward), and with
+/// iptables the later one would never see a connection the earlier one takes.
 /// (family, listen address, protocol): the part of a dispatch key that must match exactly.
 type ListenKey = (Family, Option<std::net::IpAddr>, Proto);
 
@@ -214,7 +212,7 @@ fn check_dispatch_overlaps(forwards: &[Forward], params: &[ForwardParams], error
                     errors.push(
                         &format!("forwards[{index}].listen_port"),
                         &PortRange { first, last }.user_text(),
-                        format!("overlaps forward {other:?} on {} {addr}: with backend nftables each port of a listen address goes to one forward (merge them, or use backend iptables)", proto.name()),
+                        format!("overlaps forward {other:?} on {} {addr}: each port of a listen address goes to one forward, so one of them would never get a connection (merge them, or give them other ports or listen addresses)", proto.name()),
                     );
                 }
                 if last > clast {
@@ -357,6 +355,19 @@ fn parse_target(path: &str, text: &str, errors: &mut Errors) -> Option<(IpAddr, 
         let (a, p) = text.split_once(':')?;
         (a, Some(p))
     } else {
+        // `fd10:2::2:1234` is an IPv6 address, and also `fd10:2::2` with port 1234: refused
+        // rather than guessed.
+        let split = text.rsplit_once(':').filter(|(a, p)| {
+            a.parse::<std::net::Ipv6Addr>().is_ok() && parse_port_number(p).is_some()
+        });
+        if let Some((a, p)) = split {
+            errors.push(
+                path,
+                text,
+                format!("is ambiguous: write \"[{a}]:{p}\" for an IPv6 address with a port, or \"[{text}]\" for the address alone"),
+            );
+            return None;
+        }
         (text, None)
     };
     let addr = parse_ip(path, addr_text, errors)?;

@@ -1,0 +1,87 @@
+//! End-to-end: what is named for an instance is portfwd's whatever the record says. After the
+//! record is lost (a wiped run dir, a reboot that restored a saved ruleset), `show` still
+//! lists the instance's nftables forwards and `absent` with the default backend removes them;
+//! an entry held by both backends at once is removed from both and named once.
+
+use crate::common::{portfwd, prerequisites, sa, Topology};
+use portfwd_harness::{probe, Netns, Proto, Server};
+use serde_json::{json, Value};
+
+fn wipe_record(ns: &Netns) {
+    let dir = portfwd().run_dir(ns);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+fn show(ns: &Netns) -> Value {
+    let r = portfwd().run(ns, &["show"], "", &[]).unwrap();
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    r.json
+}
+
+fn nft_tables(ns: &Netns) -> String {
+    ns.stdout(&["nft", "list", "tables"]).unwrap()
+}
+
+#[test]
+fn objects_named_for_the_instance_are_found_without_the_record() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let web = json!({"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"});
+    let works = || probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_ok();
+
+    let r = portfwd()
+        .apply(&t.proxy, &json!({"backend": "nftables", "forwards": [web]}))
+        .unwrap();
+    assert!(r.changed() && !r.failed(), "{}", r.stdout);
+    let saved = t
+        .proxy
+        .stdout(&["nft", "list", "table", "inet", "portfwd-portfwd"])
+        .unwrap();
+    wipe_record(&t.proxy);
+    let shown = show(&t.proxy);
+    assert_eq!(shown["backend"], "nftables", "{shown}");
+    assert_eq!(shown["forwards"][0]["name"], "web", "{shown}");
+    // `absent` names no backend (the default, iptables): the nftables table goes too.
+    let gone = portfwd()
+        .apply(&t.proxy, &json!({"state": "absent"}))
+        .unwrap();
+    assert!(gone.changed() && !gone.failed(), "{}", gone.stdout);
+    assert_eq!(gone.json["forwards"]["removed"], json!(["web"]));
+    assert!(!nft_tables(&t.proxy).contains("portfwd-portfwd"));
+    assert!(!works(), "nothing forwards after absent");
+
+    // Held by both backends at once: iptables by a run, nftables by a restored ruleset.
+    let r = portfwd()
+        .apply(&t.proxy, &json!({"forwards": [web]}))
+        .unwrap();
+    assert!(r.changed() && !r.failed(), "{}", r.stdout);
+    t.proxy
+        .exec_with_input(&["nft", "-f", "-"], &saved)
+        .unwrap();
+    wipe_record(&t.proxy);
+    let shown = show(&t.proxy);
+    assert_eq!(
+        shown["forwards"].as_array().map(Vec::len),
+        Some(1),
+        "{shown}"
+    );
+    let gone = portfwd()
+        .apply(&t.proxy, &json!({"state": "absent"}))
+        .unwrap();
+    assert!(gone.changed() && !gone.failed(), "{}", gone.stdout);
+    assert_eq!(
+        gone.json["forwards"]["removed"],
+        json!(["web"]),
+        "named once: {}",
+        gone.stdout
+    );
+    assert!(!nft_tables(&t.proxy).contains("portfwd-portfwd"));
+    let save = t.proxy.stdout(&["iptables-save"]).unwrap();
+    assert!(!save.contains("PFWD-portfwd"), "{save}");
+    assert!(!works(), "nothing forwards after absent");
+}
