@@ -116,17 +116,27 @@ fn to_nftables(
 }
 
 /// The iptables backend, reading the instance's nft table too when the record names
-/// nftables or is lost.
+/// nftables, or when it is lost and the table is there (a look that fails, as where nft is
+/// refused, finds nothing: an iptables run never depends on nft).
 fn to_iptables(
     instance: &str,
     prelude: &observe::Prelude,
     sys: &mut dyn System,
 ) -> Moving<Iptables, Nftables> {
     let held_by = prelude.record.backend.as_deref();
+    let old = Nftables::new(instance);
+    let mut found = || {
+        let reads = old.reads();
+        sys.has_tool("nft")
+            && sys
+                .read_batch(&reads)
+                .iter()
+                .all(|r| r.as_ref().is_ok_and(|(out, _)| !out.trim().is_empty()))
+    };
     Moving {
-        from_old: held_by == Some("nftables") || (record_lost(prelude) && sys.has_tool("nft")),
+        from_old: held_by == Some("nftables") || (record_lost(prelude) && found()),
         new: Iptables,
-        old: Nftables::new(instance),
+        old,
     }
 }
 
