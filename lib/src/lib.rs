@@ -125,16 +125,25 @@ fn to_iptables(
 ) -> Moving<Iptables, Nftables> {
     let held_by = prelude.record.backend.as_deref();
     let old = Nftables::new(instance);
-    let mut found = || {
-        let reads = old.reads();
-        sys.has_tool("nft")
-            && sys
-                .read_batch(&reads)
-                .iter()
-                .all(|r| r.as_ref().is_ok_and(|(out, _)| !out.trim().is_empty()))
+    // The chain list (cheap, and read for the warnings anyway) names the tables that have any.
+    let found = |sys: &mut dyn System| {
+        let table = firewall::nftables::table::table_name(instance);
+        let chains = sys.read_batch(&[system::Read::NftJson(vec!["list".into(), "chains".into()])]);
+        chains.first().is_some_and(|r| {
+            r.as_ref().is_ok_and(|(out, _)| {
+                serde_json::from_str::<serde_json::Value>(out).is_ok_and(|v| {
+                    v["nftables"].as_array().is_some_and(|items| {
+                        items.iter().any(|i| {
+                            i["chain"]["family"] == "inet" && i["chain"]["table"] == table.as_str()
+                        })
+                    })
+                })
+            })
+        })
     };
     Moving {
-        from_old: held_by == Some("nftables") || (record_lost(prelude) && found()),
+        from_old: held_by == Some("nftables")
+            || (record_lost(prelude) && sys.has_tool("nft") && found(sys)),
         new: Iptables,
         old,
     }

@@ -41,7 +41,7 @@ fn chain_edit<'r>(
     let mut position: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, r) in have.iter().enumerate() {
         match wanted.get(r.comment.as_str()) {
-            Some(w) if **w == *r && !looks_up_redeclared(r) => {
+            Some(w) if same_rule(w, r) && !looks_up_redeclared(r) => {
                 if position.contains_key(r.comment.as_str()) {
                     repaired.push(format!("rule {} of chain {chain} duplicated", i + 1));
                 } else {
@@ -94,6 +94,20 @@ fn chain_edit<'r>(
         }
     }
     (deletes, adds)
+}
+
+/// Equal as nft sees them: nft lists a set's elements sorted, so sources and protocols are
+/// compared as sets.
+fn same_rule(want: &Rule, have: &Rule) -> bool {
+    let sorted = |r: &Rule| {
+        let mut r = r.clone();
+        if let Body::Nat(n) = &mut r.body {
+            n.sources.sort();
+            n.protos.sort();
+        }
+        r
+    };
+    want == have || sorted(want) == sorted(have)
 }
 
 /// The declaration portfwd gives chain `name` (None: a regular chain).
