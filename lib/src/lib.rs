@@ -124,28 +124,12 @@ fn to_iptables(
     sys: &mut dyn System,
 ) -> Moving<Iptables, Nftables> {
     let held_by = prelude.record.backend.as_deref();
-    let old = Nftables::new(instance);
-    // The chain list (cheap, and read for the warnings anyway) names the tables that have any.
-    let found = |sys: &mut dyn System| {
-        let table = firewall::nftables::table::table_name(instance);
-        let chains = sys.read_batch(&[system::Read::NftJson(vec!["list".into(), "chains".into()])]);
-        chains.first().is_some_and(|r| {
-            r.as_ref().is_ok_and(|(out, _)| {
-                serde_json::from_str::<serde_json::Value>(out).is_ok_and(|v| {
-                    v["nftables"].as_array().is_some_and(|items| {
-                        items.iter().any(|i| {
-                            i["chain"]["family"] == "inet" && i["chain"]["table"] == table.as_str()
-                        })
-                    })
-                })
-            })
-        })
-    };
+    let table = firewall::nftables::table::table_name(instance);
     Moving {
         from_old: held_by == Some("nftables")
-            || (record_lost(prelude) && sys.has_tool("nft") && found(sys)),
+            || (record_lost(prelude) && observe::nft_table_has_chains(sys, &table)),
         new: Iptables,
-        old,
+        old: Nftables::new(instance),
     }
 }
 

@@ -134,6 +134,19 @@ impl Prelude {
     }
 }
 
+/// Does `inet <table>` exist with chains? Read from the chain list (cheap, and read for the
+/// warnings anyway), best-effort: where nft is missing or refused, it does not.
+pub fn nft_table_has_chains(sys: &mut dyn System, table: &str) -> bool {
+    if !sys.has_tool("nft") {
+        return false;
+    }
+    let read = Read::NftJson(vec!["list".into(), "chains".into()]);
+    sys.read_batch(&[read])
+        .first()
+        .and_then(|r| r.as_ref().ok())
+        .is_some_and(|(out, _)| nft::has_chains_in(out, "inet", table))
+}
+
 /// Reads both families' rulesets (unless the read cache proves them unchanged), the
 /// instance's ip rules, routes and addresses, and the given sysctls. The independent reads run
 /// at once ([`System::read_batch`]).

@@ -72,6 +72,14 @@ pub fn safe_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
+/// Does `nft -j list chains` list a chain of table `family table`?
+pub fn has_chains_in(text: &str, family: &str, table: &str) -> bool {
+    items(text).iter().filter_map(|i| i.get("chain")).any(|c| {
+        c.get("family").and_then(Value::as_str) == Some(family)
+            && c.get("table").and_then(Value::as_str) == Some(table)
+    })
+}
+
 /// The forward-hook filter chains of `nft -j list chains`, except `skip(family, table, name)`.
 pub fn forward_chains(text: &str, skip: impl Fn(&str, &str, &str) -> bool) -> Vec<ForwardChain> {
     items(text)

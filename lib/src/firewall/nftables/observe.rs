@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use serde_json::Value;
 
 use super::table::{
-    Base, Body, Element, MapKind, MasqRule, NatRule, NatTo, Rule, SnatRule, Stage, Table,
+    set_text, Base, Body, Element, MapKind, MasqRule, NatRule, NatTo, Rule, SnatRule, Stage, Table,
 };
 use crate::model::Proto;
 use crate::net::{Cidr, Family, PortRange};
@@ -544,10 +544,7 @@ fn stmt_text(stmt: &Value) -> Option<String> {
                             other => expr_text(other),
                         })
                         .collect::<Option<_>>()?;
-                    Some(match items.as_slice() {
-                        [one] => one.clone(),
-                        many => format!("{{ {} }}", many.join(", ")),
-                    })
+                    Some(set_text(&items))
                 }
                 _ => expr_text(r),
             };
@@ -660,10 +657,7 @@ fn expr_text(v: &Value) -> Option<String> {
                         .iter()
                         .map(expr_text)
                         .collect::<Option<Vec<_>>>()?;
-                    match items.as_slice() {
-                        [one] => one.clone(),
-                        many => format!("{{ {} }}", many.join(", ")),
-                    }
+                    set_text(&items)
                 }
                 "prefix" => format!(
                     "{}/{}",

@@ -313,7 +313,8 @@ fn ports_text(ports: PortRange) -> String {
     ports.user_text()
 }
 
-fn set_text<T: ToString>(items: &[T]) -> String {
+/// `a` alone, or `{ a, b }`: how nft writes one value or a set.
+pub fn set_text<T: ToString>(items: &[T]) -> String {
     match items {
         [one] => one.to_string(),
         many => format!(
