@@ -8,6 +8,7 @@
 pub mod config;
 pub mod input;
 pub mod params;
+pub mod spelling;
 pub mod validate;
 
 #[cfg(test)]

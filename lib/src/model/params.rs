@@ -6,6 +6,8 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::spelling::{bool_schema, boolean_of, de_bool, de_opt_u8, u8_schema};
+
 /// Whether the instance's objects should exist.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -98,12 +100,15 @@ impl Serialize for IpForward {
 
 impl<'de> Deserialize<'de> for IpForward {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match Value::deserialize(d)? {
-            Value::Bool(true) => Ok(IpForward::On),
-            Value::Bool(false) => Ok(IpForward::Off),
-            Value::String(s) if s == "auto" => Ok(IpForward::Auto),
-            other => Err(serde::de::Error::custom(format!(
-                "{other} is not one of true, false, \"auto\""
+        let value = Value::deserialize(d)?;
+        match (&value, boolean_of(&value)) {
+            (_, Some(true)) => Ok(IpForward::On),
+            (_, Some(false)) => Ok(IpForward::Off),
+            (Value::String(s), None) if s.trim().eq_ignore_ascii_case("auto") => {
+                Ok(IpForward::Auto)
+            }
+            _ => Err(serde::de::Error::custom(format!(
+                "{value} is not one of true, false, \"auto\""
             ))),
         }
     }
@@ -116,7 +121,12 @@ impl JsonSchema for IpForward {
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
             "description": "true, false, or \"auto\": enable forwarding for the families that need it and never disable it",
-            "oneOf": [{"type": "boolean"}, {"const": "auto"}],
+            "oneOf": [
+                {"type": "boolean"},
+                {"const": "auto"},
+                {"type": "string", "pattern": "^\\s*([yY]([eE][sS])?|[nN][oO]?|[oO][nN]|[oO][fF][fF]|[tT]([rR][uU][eE])?|[fF]([aA][lL][sS][eE])?|[01])\\s*$"},
+                {"type": "integer", "enum": [0, 1]}
+            ],
             "default": "auto"
         })
     }
@@ -192,12 +202,21 @@ pub struct Params {
     #[serde(default)]
     pub policy_routes: Vec<PolicyRouteParams>,
     /// Store the params under the state dir so `portfwd restore` re-applies them at boot.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(
+        default,
+        skip_serializing_if = "is_false",
+        deserialize_with = "de_bool"
+    )]
+    #[schemars(schema_with = "bool_schema")]
     pub persist: bool,
     /// Protocol number that marks this instance's ip rules and routes (default: derived from
     /// the instance name, in 200-249). 0-4 are reserved by the kernel.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 5, max = 255))]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "de_opt_u8"
+    )]
+    #[schemars(schema_with = "u8_schema")]
     pub route_protocol: Option<u8>,
     /// The one conntrack mark bit that marks portfwd's forwarded flows, so one rule at the top
     /// of the FORWARD chain accepts their established packets (default `0x2000`). Choose
@@ -271,15 +290,30 @@ pub struct ForwardParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snat: Option<String>,
     /// Also forward connections made on this host (nat OUTPUT).
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(
+        default,
+        skip_serializing_if = "is_false",
+        deserialize_with = "de_bool"
+    )]
+    #[schemars(schema_with = "bool_schema")]
     pub local: bool,
     /// Accept the flow and its replies in filter FORWARD (needed when its policy is DROP).
-    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    #[serde(
+        default = "default_true",
+        skip_serializing_if = "is_true",
+        deserialize_with = "de_bool"
+    )]
+    #[schemars(schema_with = "bool_schema")]
     pub allow_forward: bool,
     /// When the forward changes or goes away, also cut its open TCP connections (their
     /// conntrack entries are deleted); by default they finish on the old target. UDP flows
     /// always follow the change.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(
+        default,
+        skip_serializing_if = "is_false",
+        deserialize_with = "de_bool"
+    )]
+    #[schemars(schema_with = "bool_schema")]
     pub reset_connections: bool,
 }
 
@@ -299,7 +333,12 @@ pub struct MasqueradeParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_source: Option<String>,
     /// Accept the subnet's traffic and its replies in filter FORWARD.
-    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    #[serde(
+        default = "default_true",
+        skip_serializing_if = "is_true",
+        deserialize_with = "de_bool"
+    )]
+    #[schemars(schema_with = "bool_schema")]
     pub allow_forward: bool,
 }
 

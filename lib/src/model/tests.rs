@@ -86,8 +86,8 @@ fn err(input: &str) -> String {
 #[case(r#"{"instance":"Web"}"#, r#"instance: "Web" must match"#)]
 #[case(r#"{"instance":"waytoolonginstance"}"#, "must match [a-z0-9-]{1,12}")]
 #[case(
-    r#"{"ip_forward":"yes"}"#,
-    "ip_forward: \"yes\" is not one of true, false, \"auto\""
+    r#"{"ip_forward":"sometimes"}"#,
+    "ip_forward: \"sometimes\" is not one of true, false, \"auto\""
 )]
 #[case(
     r#"{"masquerade":[{"name":"m","source":"192.168.0.1/24"}]}"#,
@@ -134,6 +134,22 @@ fn err(input: &str) -> String {
 #[case(r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"routes":[{"to":"default","via":"fd00::1"}]}]}"#, "cannot mix address families")]
 #[case(r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"routes":[{"to":"default","via":"10.0.0.9"},{"to":"default","dev":"eth0"}]}]}"#, "is listed twice in this table")]
 #[case(r#"{"route_protocol":3}"#, "route_protocol: \"3\" is reserved")]
+#[case(
+    r#"{"route_protocol":"4321"}"#,
+    "route_protocol: invalid value \"4321\" (expected an integer 0-255)"
+)]
+#[case(
+    r#"{"route_protocol":"0x10"}"#,
+    "route_protocol: invalid value \"0x10\""
+)]
+#[case(
+    r#"{"persist":"maybe"}"#,
+    "persist: invalid value \"maybe\" (expected a boolean"
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4","allow_forward":"2"}]}"#,
+    "forwards[0].allow_forward: invalid value \"2\""
+)]
 #[case(r#"{"#, "params are not valid JSON")]
 fn refuses_bad_input(#[case] input: &str, #[case] needle: &str) {
     let message = err(input);
@@ -388,4 +404,25 @@ fn an_ipv6_target_that_may_hold_a_port_is_refused() {
         let json = format!(r#"{{"forwards":[{{"name":"a","listen_port":80,"to":"{fine}"}}]}}"#);
         assert!(Config::from_json(&json).is_ok(), "{fine}");
     }
+}
+
+/// Ansible hands `-e` and INI inventory values to a binary module as strings; the spellings its
+/// own argument spec takes for `bool` and `int` mean what they mean there.
+#[test]
+fn ansible_string_spellings_of_booleans_and_integers_are_taken() {
+    let spelled = Config::from_json(
+        r#"{"persist":"yes","ip_forward":"True","route_protocol":"210",
+            "forwards":[{"name":"a","listen_port":"80","to":"1.2.3.4","local":"on",
+                         "allow_forward":"No","reset_connections":"1"}],
+            "masquerade":[{"name":"m","source":"10.0.0.0/8","allow_forward":"false"}]}"#,
+    )
+    .expect("Ansible's spellings are valid");
+    let typed = Config::from_json(
+        r#"{"persist":true,"ip_forward":true,"route_protocol":210,
+            "forwards":[{"name":"a","listen_port":"80","to":"1.2.3.4","local":true,
+                         "allow_forward":false,"reset_connections":true}],
+            "masquerade":[{"name":"m","source":"10.0.0.0/8","allow_forward":false}]}"#,
+    )
+    .expect("typed params are valid");
+    assert_eq!(format!("{spelled:?}"), format!("{typed:?}"));
 }

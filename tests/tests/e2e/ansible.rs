@@ -545,6 +545,75 @@ fn a_playbook_applies_with_the_nftables_backend() {
     assert_eq!(t.proxy.stdout(&["nft", "list", "ruleset"]).unwrap(), "");
 }
 
+/// Ansible hands `-e key=value` extra vars to a binary module as strings (`"True"`, `"no"`,
+/// `"210"`); the module takes them as Ansible's own `bool` and `int` do.
+#[test]
+fn extra_vars_spelled_as_strings_are_booleans_and_integers() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(LocalProxy {
+        ansible,
+        t,
+        _server,
+        host_dir,
+        inventory,
+        ..
+    }) = local_proxy()
+    else {
+        return;
+    };
+    let play = write(
+        &ansible.path("spelled.yml"),
+        "- hosts: proxy\n  gather_facts: false\n  tasks:\n    - portfwd.portfwd.portfwd:\n        route_protocol: \"{{ proto }}\"\n        forwards:\n          - name: web\n            listen_port: \"{{ port }}\"\n            to: \"10.0.2.2:1234\"\n            allow_forward: \"{{ allow }}\"\n            reset_connections: \"{{ reset }}\"\n",
+    );
+    let run = |allow: &str| {
+        ansible.playbook(
+            &t.proxy,
+            &host_dir,
+            &[
+                "-i",
+                &inventory,
+                &play,
+                "-e",
+                &format!("allow={allow}"),
+                "-e",
+                "reset=yes",
+                "-e",
+                "port=4321",
+                "-e",
+                "proto=210",
+            ],
+        )
+    };
+    let (code, out) = run("True");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(recap_changed(&out, "proxy"), Some(1), "{out}");
+    probe_tcp(&t.client, "10.0.1.1:4321").unwrap();
+    let saved = ruleset(&t.proxy, "iptables-save").unwrap();
+    assert!(
+        saved.contains("-j PFWD-portfwd-FWD"),
+        "allow_forward \"True\" is true: {saved}"
+    );
+
+    let (code, out) = run("no");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(recap_changed(&out, "proxy"), Some(1), "{out}");
+    let saved = ruleset(&t.proxy, "iptables-save").unwrap();
+    assert!(
+        !saved.contains("PFWD-portfwd-FWD"),
+        "allow_forward \"no\" is false: {saved}"
+    );
+    probe_tcp(&t.client, "10.0.1.1:4321").unwrap();
+
+    let (code, out) = run("maybe");
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("forwards[0].allow_forward") && out.contains("\\\"maybe\\\""),
+        "names the field and the value: {out}"
+    );
+}
+
 /// `ansible-test sanity` on the collection as built (static binary, sidecar docs, role,
 /// changelog fragment, meta/runtime.yml), in the Ansible virtualenv without containers.
 #[test]
@@ -665,13 +734,15 @@ fn compare(options: &Value, object: &Value, root: &Value, path: &str) {
             required.contains(&name.as_str()),
             "{here}: required"
         );
+        // A boolean or integer that also takes Ansible's string spellings says so.
         let schema_type = prop["type"].as_str().or_else(|| {
             prop["type"]
                 .as_array()
                 .and_then(|t| t.iter().find_map(|x| x.as_str().filter(|s| *s != "null")))
         });
         let doc_type = doc["type"].as_str().unwrap_or_default();
-        let expected = match schema_type {
+        let expected = match prop["x-ansible-type"].as_str().or(schema_type) {
+            Some(spelled @ ("bool" | "int")) => spelled,
             Some("string") => "str",
             Some("boolean") => "bool",
             Some("integer") => "int",
