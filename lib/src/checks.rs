@@ -69,6 +69,85 @@ pub fn needs_addresses(config: &Config) -> bool {
     })
 }
 
+/// Do the params name an interface (which the run then checks exists)?
+pub fn names_interfaces(config: &Config) -> bool {
+    !config.addresses.is_empty()
+        || config.forwards.iter().any(|f| f.in_interface.is_some())
+        || config.masquerades.iter().any(|m| m.out_interface.is_some())
+        || config
+            .policy_routes
+            .iter()
+            .any(|p| p.iif.is_some() || p.routes.iter().any(|r| r.dev.is_some()))
+}
+
+/// Interfaces the params name that the host does not have. An address or a route cannot be
+/// put on a missing device (an error: the run refuses before it changes anything, check mode
+/// and `plan` included); a match on an incoming or outgoing interface, and an ip rule's `iif`,
+/// take effect when it appears (a warning). `eth+` patterns are never missing.
+pub fn missing_interfaces<F: Firewall>(config: &Config, observed: &Observed<F>) -> Vec<Finding> {
+    if !observed.addresses_read {
+        return Vec::new();
+    }
+    let missing = |dev: &str| !dev.ends_with('+') && !observed.routing.links.contains(dev);
+    let mut out = Vec::new();
+    let mut refuse = |field: String, entry: Option<String>, dev: &str| {
+        out.push(Finding {
+            id: "interface_missing",
+            severity: Severity::Error,
+            entry,
+            msg: format!("{field}: no interface {dev:?} on this host"),
+            fix: format!("create {dev:?} first, or name an interface the host has"),
+        });
+    };
+    for (i, a) in config.addresses.iter().enumerate() {
+        if missing(&a.dev) {
+            refuse(format!("addresses[{i}].dev"), None, &a.dev);
+        }
+    }
+    for (i, p) in config.policy_routes.iter().enumerate() {
+        for (j, r) in p.routes.iter().enumerate() {
+            if let Some(dev) = r.dev.as_deref().filter(|d| missing(d)) {
+                refuse(format!("policy_routes[{i}].routes[{j}].dev"), None, dev);
+            }
+        }
+    }
+    let warn = |what: String, entry: Option<String>, dev: &str| Finding {
+        id: "interface_missing",
+        severity: Severity::Warning,
+        entry,
+        msg: format!(
+            "{what}: no interface {dev:?} on this host; the rule matches nothing until it appears"
+        ),
+        fix: format!("check the name, or ignore this until {dev:?} is created"),
+    };
+    for f in &config.forwards {
+        if let Some(dev) = f.in_interface.as_deref().filter(|d| missing(d)) {
+            let entry = format!("forwards.{}", f.name);
+            out.push(warn(
+                format!("forward {:?} in_interface", f.name),
+                Some(entry),
+                dev,
+            ));
+        }
+    }
+    for m in &config.masquerades {
+        if let Some(dev) = m.out_interface.as_deref().filter(|d| missing(d)) {
+            let entry = format!("masquerade.{}", m.name);
+            out.push(warn(
+                format!("masquerade {:?} out_interface", m.name),
+                Some(entry),
+                dev,
+            ));
+        }
+    }
+    for (i, p) in config.policy_routes.iter().enumerate() {
+        if let Some(dev) = p.iif.as_deref().filter(|d| missing(d)) {
+            out.push(warn(format!("policy_routes[{i}].iif"), None, dev));
+        }
+    }
+    out
+}
+
 /// Are other filters on the host worth reading (their forward-hook drops, their NAT taking
 /// a forward's port first)? Whenever there is a forward or a masquerade entry.
 pub fn reads_other_filters(config: &Config) -> bool {
@@ -133,7 +212,7 @@ pub fn findings<F: Firewall>(
 ) -> Vec<Finding> {
     let sysctl =
         |key: String| -> Option<u32> { observed.sysctls.get(&key)?.as_deref()?.parse().ok() };
-    let mut out = Vec::new();
+    let mut out = missing_interfaces(config, observed);
     for f in config.forwards.iter().filter(|f| f.dnats_to_loopback()) {
         let named = f.in_interface.as_ref().filter(|i| !i.ends_with('+'));
         if config.ip_forward == IpForward::Auto && named.is_some() {

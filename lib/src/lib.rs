@@ -146,7 +146,7 @@ fn run_with<F: Firewall>(
     let scope = observe::Scope {
         routing: !config.policy_routes.is_empty()
             || managed.contains_key(net::Family::V6.forwarding_sysctl()),
-        addresses: !config.addresses.is_empty() || checks::needs_addresses(config),
+        addresses: checks::names_interfaces(config) || checks::needs_addresses(config),
         other_filters: checks::reads_other_filters(config),
     };
     // Compiling thousands of forwards and reading the host are independent: compile on a
@@ -178,6 +178,19 @@ fn run_with<F: Firewall>(
         Ok(o) => o,
         Err(e) => return Report::failure(format!("reading the current state failed: {e}")),
     };
+    // An address or route on a missing interface would fail halfway through the apply: refuse
+    // it now, the same way in check mode.
+    let missing: Vec<String> = checks::missing_interfaces(config, &observed)
+        .into_iter()
+        .filter(|f| f.severity == checks::Severity::Error)
+        .map(|f| format!("{} ({})", f.msg, f.fix))
+        .collect();
+    if !missing.is_empty() {
+        return Report::failure(format!(
+            "invalid params for this host, nothing applied: {}",
+            missing.join("; ")
+        ));
+    }
     let plan = plan::plan(firewall, &config.instance, protocol, &desired, &observed);
     let mut warnings = desired.warnings.clone();
     warnings.extend(observed.warnings.iter().cloned());

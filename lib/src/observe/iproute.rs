@@ -3,6 +3,7 @@
 //!
 //! Unknown fields are ignored and entries that cannot be read are skipped: they are not ours.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use serde_json::Value;
@@ -167,6 +168,15 @@ fn routes_where(text: &str, family: Family, keep: impl Fn(&Value) -> bool) -> Ve
 }
 
 /// Every address of every interface (`ip -j addr show`).
+/// The interface names `ip -j addr show` lists (every interface, with addresses or not).
+pub fn parse_links(text: &str) -> BTreeSet<String> {
+    entries(text)
+        .iter()
+        .filter_map(|link| field(link, "ifname"))
+        .map(str::to_string)
+        .collect()
+}
+
 pub fn parse_addresses(text: &str) -> Vec<IfAddr> {
     let mut out = Vec::new();
     for link in entries(text) {

@@ -51,6 +51,8 @@ pub struct RoutingObserved {
     pub owned: Routing,
     /// Every address on every interface.
     pub present: Vec<IfAddr>,
+    /// Every interface's name (read with the addresses).
+    pub links: BTreeSet<String>,
     /// Record keys (`dev addr/prefix`) of the addresses portfwd added.
     pub recorded: BTreeSet<String>,
     /// Every rule carrying the instance's protocol, whoever's, in the kernel's order (what a
@@ -254,7 +256,9 @@ pub fn observe<F: Firewall>(
         }
     }
     if addresses {
-        observed.routing.present = iproute::parse_addresses(&next()?.0);
+        let (text, _) = next()?;
+        observed.routing.present = iproute::parse_addresses(&text);
+        observed.routing.links = iproute::parse_links(&text);
     }
     observed.addresses_read = addresses;
     if scope.other_filters {

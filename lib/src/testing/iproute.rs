@@ -5,12 +5,25 @@
 use serde_json::{json, Value};
 
 /// One object, as the words of its `ip` line after the verb (`10.0.0.1/24 dev eth0`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpState {
+    /// The interfaces (`lo`, `eth0` and `eth1` unless a test says otherwise).
+    pub links: Vec<String>,
     /// (family flag `4`/`6`, words)
     pub addresses: Vec<Entry>,
     pub rules: Vec<Entry>,
     pub routes: Vec<Entry>,
+}
+
+impl Default for IpState {
+    fn default() -> Self {
+        IpState {
+            links: ["lo", "eth0", "eth1"].map(String::from).to_vec(),
+            addresses: Vec::new(),
+            rules: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
 }
 
 /// An object: (family flag `4`/`6`, the words of its line after the verb).
@@ -56,11 +69,19 @@ impl IpState {
             [o, v, spec @ ..] => (o.as_str(), v.as_str(), spec.to_vec()),
             _ => return Err("too short".into()),
         };
+        if !matches!(object, "address" | "route" | "rule") {
+            return Err("unknown object".into());
+        }
+        // Addresses and routes need their device; a rule's iif may name one not there yet.
+        if let Some(dev) = after(&spec, "dev").filter(|_| object != "rule" && verb != "del") {
+            if !self.links.iter().any(|l| l == dev) {
+                return Err(format!("Cannot find device {dev:?}"));
+            }
+        }
         let list = match object {
             "address" => &mut self.addresses,
             "route" => &mut self.routes,
-            "rule" => &mut self.rules,
-            _ => return Err("unknown object".into()),
+            _ => &mut self.rules,
         };
         let key = identity(object, &spec);
         let at = list
@@ -107,7 +128,7 @@ impl IpState {
         let value = match args {
             [_, "rule", "show", ..] => of_family(&self.rules, rule_json),
             [_, "route", "show", ..] => of_family(&self.routes, route_json),
-            ["addr", "show", ..] => addresses_json(&self.addresses),
+            ["addr", "show", ..] => addresses_json(&self.links, &self.addresses),
             _ => Value::Array(Vec::new()),
         };
         value.to_string()
@@ -218,8 +239,9 @@ fn route_json(w: &[String]) -> Value {
     Value::Object(o)
 }
 
-fn addresses_json(addresses: &[Entry]) -> Value {
-    let mut links: Vec<(String, Vec<Value>)> = Vec::new();
+fn addresses_json(devices: &[String], addresses: &[Entry]) -> Value {
+    let mut links: Vec<(String, Vec<Value>)> =
+        devices.iter().map(|d| (d.clone(), Vec::new())).collect();
     for (i, entry) in addresses.iter().enumerate() {
         let w = &entry.1;
         let secondary = addresses[..i].iter().any(|p| secondary_of(entry, p));

@@ -6,6 +6,7 @@ mod common;
 
 mod ansible;
 mod conntrack;
+mod converge;
 mod defects;
 mod doctor;
 mod drift;
