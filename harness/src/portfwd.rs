@@ -91,6 +91,19 @@ impl Portfwd {
         input: &str,
         env: &[(&str, &str)],
     ) -> Result<RunResult, LabError> {
+        self.run_under(ns, &[], args, input, env)
+    }
+
+    /// [`Portfwd::run`] with `wrapper` before it (`unshare -m sh -c '...; exec "$@"' sh`, to
+    /// change what the run sees).
+    pub fn run_under(
+        &self,
+        ns: &Netns,
+        wrapper: &[&str],
+        args: &[&str],
+        input: &str,
+        env: &[(&str, &str)],
+    ) -> Result<RunResult, LabError> {
         let bin = self.bin.display().to_string();
         let assignments: Vec<String> = self
             .env_for(ns)
@@ -98,7 +111,8 @@ impl Portfwd {
             .map(|(k, v)| format!("{k}={}", v.display()))
             .chain(env.iter().map(|(k, v)| format!("{k}={v}")))
             .collect();
-        let mut argv: Vec<&str> = vec!["env"];
+        let mut argv: Vec<&str> = wrapper.to_vec();
+        argv.push("env");
         argv.extend(assignments.iter().map(String::as_str));
         argv.push(&bin);
         argv.extend_from_slice(args);

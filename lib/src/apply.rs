@@ -128,7 +128,15 @@ fn rollback<F: Firewall>(
     sys: &mut dyn System,
 ) -> ApplyError {
     let mut problems = Vec::new();
-    for s in done.iter().rev() {
+    // A sysctl write that failed changed nothing (one value is written or not): only those
+    // written before it are put back (a read-only /proc/sys would fail the write back too).
+    let written = done
+        .split_last()
+        .map_or(&[][..], |(last, earlier)| match last {
+            Step::SysctlWrite(_) => earlier,
+            _ => done,
+        });
+    for s in written.iter().rev() {
         if let Step::SysctlWrite(change) = s {
             if let Some(old) = &change.from {
                 if let Err(e) = sys.write_sysctl(&change.key, old) {
