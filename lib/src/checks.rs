@@ -348,23 +348,32 @@ fn foreign_nat_findings(config: &Config, foreign: &[ForeignNat]) -> Vec<Finding>
 /// masquerade entries route traffic that is not DNATed.
 fn forward_hook_findings<F: Firewall>(config: &Config, observed: &Observed<F>) -> Vec<Finding> {
     let mut out = Vec::new();
+    let bit = config.conn_mark;
+    // Which flows portfwd marks with the bit: DNAT forwards with allow_forward (both
+    // backends), and with the nftables backend masquerade entries with allow_forward.
+    let masquerade_marked = config.backend.is_nftables();
     for chain in observed.forward_chains.iter().filter(|c| c.drops()) {
+        let mark_accepted = chain.accepts_mark(bit);
         let mut affected: Vec<(String, String)> = Vec::new();
-        if !chain.accepts_dnat {
-            affected.extend(
-                config
-                    .forwards
-                    .iter()
-                    .filter(|f| f.needs_forwarding())
-                    .map(|f| {
-                        (
-                            format!("forward {:?}", f.name),
-                            format!("forwards.{}", f.name),
-                        )
-                    }),
-            );
-        }
-        affected.extend(config.masquerades.iter().map(|m| {
+        affected.extend(
+            config
+                .forwards
+                .iter()
+                .filter(|f| f.needs_forwarding())
+                .filter(|f| !(chain.accepts_dnat || (mark_accepted && f.allow_forward)))
+                .map(|f| {
+                    (
+                        format!("forward {:?}", f.name),
+                        format!("forwards.{}", f.name),
+                    )
+                }),
+        );
+        let unmarked_masquerade: Vec<&crate::model::Masquerade> = config
+            .masquerades
+            .iter()
+            .filter(|m| !(mark_accepted && masquerade_marked && m.allow_forward))
+            .collect();
+        affected.extend(unmarked_masquerade.iter().map(|m| {
             (
                 format!("masquerade {:?}", m.name),
                 format!("masquerade.{}", m.name),
@@ -379,35 +388,48 @@ fn forward_hook_findings<F: Firewall>(config: &Config, observed: &Observed<F>) -
             "ends in a drop or reject"
         };
         let names: Vec<&str> = affected.iter().map(|a| a.0.as_str()).collect();
-        let iptables_nft = matches!(chain.family.as_str(), "ip" | "ip6") && chain.table == "filter";
-        let fix = if config.backend.is_nftables() && (chain.legacy || iptables_nft) {
-            // iptables' own FORWARD (Docker's): one iptables rule accepts exactly the flows
-            // portfwd's table marked (allow_forward).
-            let tool = match (chain.family == "ip6", chain.legacy) {
-                (false, false) => "iptables",
-                (false, true) => "iptables-legacy",
-                (true, false) => "ip6tables",
-                (true, true) => "ip6tables-legacy",
-            };
-            format!(
-                "{tool} -I FORWARD -m connmark --mark {bit:#x}/{bit:#x} -j ACCEPT (accepts exactly the flows portfwd marks), or use backend: iptables, which owns an accept in that chain",
-                bit = config.conn_mark
-            )
-        } else if chain.legacy {
-            format!("{} -I FORWARD -m conntrack --ctstate DNAT -j ACCEPT (for DNAT forwards), or manage the legacy tables with backend: legacy", chain.label().replace(" filter FORWARD", ""))
-        } else {
-            format!(
+        let mut fix = match (config.backend.is_nftables(), chain.tool()) {
+            // iptables' own FORWARD (Docker's, RHEL's): one rule accepts exactly the flows
+            // portfwd's table marks.
+            (true, Some(tool)) => format!(
+                "{tool} -I FORWARD -m connmark --mark {bit:#x}/{bit:#x} -j ACCEPT (accepts exactly the flows portfwd marks: its forwards' and, with allow_forward, its masquerade entries'), or use backend: iptables, which owns an accept in that chain"
+            ),
+            (true, None) => format!(
+                "nft insert rule {} ct mark and {bit:#x} == {bit:#x} accept (accepts exactly the flows portfwd marks: its forwards' and, with allow_forward, its masquerade entries'), or let the owner of `{}` accept them",
+                chain.label(),
+                chain.label()
+            ),
+            (false, Some(tool)) => format!(
+                "{tool} -I FORWARD -m conntrack --ctstate DNAT -j ACCEPT (for DNAT forwards), or manage those tables with backend: iptables-legacy"
+            ),
+            (false, None) => format!(
                 "nft insert rule {} ct status dnat accept (or let the owner of `{}` accept the flow)",
                 chain.label(),
                 chain.label()
-            )
+            ),
+        };
+        let not_allowed: Vec<String> = unmarked_masquerade
+            .iter()
+            .filter(|m| masquerade_marked && !m.allow_forward)
+            .map(|m| format!("{:?}", m.name))
+            .collect();
+        if !not_allowed.is_empty() {
+            fix = format!(
+                "set allow_forward: true on masquerade {} (only then are its flows marked), and {fix}",
+                not_allowed.join(", ")
+            );
+        }
+        let ours = if config.backend.is_nftables() {
+            format!("portfwd's table only marks the flows it forwards (conntrack mark {bit:#x}) and cannot accept them in another chain")
+        } else {
+            "an accept in portfwd's own chain does not override it".to_string()
         };
         out.push(Finding {
             id: "forward_hook_drop",
             severity: Severity::Error,
             entry: (affected.len() == 1).then(|| affected[0].1.clone()),
             msg: format!(
-                "{}: the {} chain `{}` (hook forward, priority {}) {how}, and an accept in portfwd's own chain does not override it: forwarded packets are dropped there unless that chain accepts them (for DNAT forwards `ct status dnat accept`; firewalld: add the forward to its zone or policy)",
+                "{}: the {} chain `{}` (hook forward, priority {}) {how}, and {ours}: forwarded packets are dropped there unless that chain accepts them (firewalld: add the forward to its zone or policy)",
                 names.join(", "),
                 chain.owner(),
                 chain.label(),

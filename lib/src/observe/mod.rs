@@ -7,6 +7,7 @@
 //! ~0.1 s, so nothing ever checks rule by rule; the independent reads run at once.
 
 pub mod iproute;
+pub mod neighbours;
 pub mod nft;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -269,7 +270,7 @@ pub fn observe<F: Firewall>(
             None => {
                 let chains = next().map(|(out, _)| out).unwrap_or_default();
                 let (forward_chains, foreign_nat) =
-                    other_tables(firewall, sys, &observed.firewall, &chains);
+                    other_tables(firewall, sys, instance, &observed.firewall, &chains);
                 let other = OtherTables {
                     forward_chains,
                     foreign_nat,
@@ -287,9 +288,11 @@ pub fn observe<F: Firewall>(
             let dump = next().map(|(out, _)| out).unwrap_or_default();
             // A backend driving iptables-legacy has its own FORWARD there.
             if firewall.flavour(&observed.firewall) != Some("legacy") {
-                observed
-                    .forward_chains
-                    .extend(legacy_forward(&dump, family));
+                observed.forward_chains.extend(neighbours::forward_chain(
+                    &dump,
+                    family,
+                    neighbours::Flavour::Legacy,
+                ));
             }
         }
     }
@@ -333,6 +336,7 @@ pub fn observe<F: Firewall>(
 fn other_tables<F: Firewall>(
     firewall: &F,
     sys: &mut dyn System,
+    instance: &str,
     ours: &F::Observed,
     listing: &str,
 ) -> (Vec<nft::ForwardChain>, Vec<crate::firewall::ForeignNat>) {
@@ -351,12 +355,29 @@ fn other_tables<F: Firewall>(
             n.to_string(),
         ])
     };
+    // iptables-nft's own chains are read with iptables-nft-save, in iptables' spelling.
+    let xt = |family: &str, table: &str, name: &str| iptables_nft_chain(family, table, name);
+    let xt_families: Vec<Family> = [Family::V4, Family::V6]
+        .into_iter()
+        .filter(|f| {
+            let fam = f.nft_family();
+            chains
+                .iter()
+                .any(|c| c.family == fam && xt(&c.family, &c.table, &c.name))
+                || nat_chains
+                    .iter()
+                    .any(|c| c.family == fam && xt(&c.family, &c.table, &c.name))
+        })
+        .collect();
     let readable: Vec<usize> = (0..chains.len())
-        .filter(|&i| safe(&chains[i].family, &chains[i].table, &chains[i].name))
+        .filter(|&i| {
+            let c = &chains[i];
+            safe(&c.family, &c.table, &c.name) && !xt(&c.family, &c.table, &c.name)
+        })
         .collect();
     let nat_readable: Vec<&nft::NatChain> = nat_chains
         .iter()
-        .filter(|c| safe(&c.family, &c.table, &c.name))
+        .filter(|c| safe(&c.family, &c.table, &c.name) && !xt(&c.family, &c.table, &c.name))
         .collect();
     let reads: Vec<Read> = readable
         .iter()
@@ -366,6 +387,7 @@ fn other_tables<F: Firewall>(
                 .iter()
                 .map(|c| list(&c.family, &c.table, &c.name)),
         )
+        .chain(xt_families.iter().map(|&f| Read::NftSave(f)))
         .collect();
     let mut results = sys.read_batch(&reads).into_iter();
     for &i in &readable {
@@ -379,39 +401,36 @@ fn other_tables<F: Firewall>(
             nat.extend(nft::nat_rules(&text, chain));
         }
     }
+    for family in xt_families {
+        let Some(Ok((dump, _))) = results.next() else {
+            continue;
+        };
+        let fam = family.nft_family();
+        if let Some(forward) = neighbours::forward_chain(&dump, family, neighbours::Flavour::Nft) {
+            // Its policy and rules as iptables shows them replace what the listing told.
+            let listed = chains
+                .iter()
+                .position(|c| c.family == fam && c.table == "filter" && c.name == "FORWARD");
+            if let Some(at) = listed {
+                chains[at] = forward;
+            }
+        }
+        let nat_listed = nat_chains
+            .iter()
+            .any(|c| c.family == fam && xt(&c.family, &c.table, &c.name));
+        if nat_listed {
+            nat.extend(neighbours::foreign_nat(&dump, family, instance));
+        }
+    }
     (chains, nat)
 }
 
-/// iptables-legacy's filter FORWARD of `family` as a forward-hook chain of another filter:
-/// legacy iptables and nf_tables each filter every packet, so a drop there is not undone by
-/// an accept in nf_tables.
-fn legacy_forward(dump: &str, family: Family) -> Option<nft::ForwardChain> {
-    let parsed = crate::firewall::iptables::save::parse(dump);
-    let filter = parsed.table("filter")?;
-    let decl = filter.chains.iter().find(|c| c.name == "FORWARD")?;
-    let rules: Vec<&str> = filter
-        .rules
-        .iter()
-        .filter(|r| r.chain == "FORWARD")
-        .map(|r| r.text)
-        .collect();
-    let ends_in_drop = rules.last().is_some_and(|r| {
-        matches!(r.trim(), "-j DROP" | "-j REJECT") || r.trim().starts_with("-j REJECT ")
-    });
-    // `--ctstate DNAT`, or the connmark accept the nftables backend's warning names.
-    let accepts_dnat = rules.iter().any(|r| {
-        (r.contains("--ctstate DNAT") || r.starts_with("-m connmark --mark "))
-            && r.trim_end().ends_with("-j ACCEPT")
-            && !r.contains("! --ctstate")
-    });
-    Some(nft::ForwardChain {
-        family: family.nft_family().to_string(),
-        legacy: true,
-        table: "filter".to_string(),
-        name: "FORWARD".to_string(),
-        priority: 0,
-        policy_drop: decl.policy == "DROP",
-        ends_in_drop,
-        accepts_dnat,
-    })
+/// A chain iptables-nft makes (`ip filter FORWARD`, `ip6 nat PREROUTING`, ...): the standard
+/// tables' built-in chains, upper case, in the `ip`/`ip6` families.
+fn iptables_nft_chain(family: &str, table: &str, name: &str) -> bool {
+    matches!(family, "ip" | "ip6")
+        && matches!(
+            (table, name),
+            ("filter", "FORWARD") | ("nat", "PREROUTING" | "OUTPUT")
+        )
 }

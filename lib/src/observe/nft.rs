@@ -22,31 +22,53 @@ pub struct ForwardChain {
     pub ends_in_drop: bool,
     /// A rule accepts `ct status dnat` (DNATed flows pass, as firewalld does).
     pub accepts_dnat: bool,
+    /// The conntrack marks an unconditional rule accepts, as (value, mask): `ct mark & M == V
+    /// accept`, `-m connmark --mark V/M -j ACCEPT`.
+    #[serde(default)]
+    pub accepted_marks: Vec<(u32, u32)>,
     /// iptables-legacy's FORWARD rather than an nftables chain.
     pub legacy: bool,
+    /// iptables-nft's FORWARD (read with `iptables-nft-save`, in iptables' spelling).
+    #[serde(default)]
+    pub iptables_nft: bool,
 }
 
 impl ForwardChain {
-    /// `inet firewalld filter_FORWARD`, or `iptables-legacy filter FORWARD`.
+    /// `inet firewalld filter_FORWARD`, `iptables filter FORWARD` (iptables-nft's), or
+    /// `iptables-legacy filter FORWARD`.
     pub fn label(&self) -> String {
-        if self.legacy {
-            let tool = if self.family == "ip6" {
-                "ip6tables"
-            } else {
-                "iptables"
-            };
-            return format!("{tool}-legacy {} {}", self.table, self.name);
+        match self.tool() {
+            Some(tool) => format!("{tool} {} {}", self.table, self.name),
+            None => format!("{} {} {}", self.family, self.table, self.name),
         }
-        format!("{} {} {}", self.family, self.table, self.name)
+    }
+
+    /// The iptables command that manages it, when iptables does.
+    pub fn tool(&self) -> Option<&'static str> {
+        let v6 = self.family == "ip6";
+        match (self.legacy, self.iptables_nft, v6) {
+            (true, _, false) => Some("iptables-legacy"),
+            (true, _, true) => Some("ip6tables-legacy"),
+            (false, true, false) => Some("iptables"),
+            (false, true, true) => Some("ip6tables"),
+            (false, false, _) => None,
+        }
     }
 
     /// What kind of filter it is, for messages.
     pub fn owner(&self) -> &'static str {
-        if self.legacy {
-            "iptables-legacy"
-        } else {
-            "nftables"
+        match (self.legacy, self.iptables_nft) {
+            (true, _) => "iptables-legacy",
+            (false, true) => "iptables-nft",
+            (false, false) => "nftables",
         }
+    }
+
+    /// Does an accept of the chain let every flow carrying conntrack mark `bit` through?
+    pub fn accepts_mark(&self, bit: u32) -> bool {
+        self.accepted_marks
+            .iter()
+            .any(|&(value, mask)| mask & bit == bit && value & mask == bit)
     }
 
     /// Drops what reaches its end (policy or last rule).
@@ -111,39 +133,75 @@ pub fn read_rules(text: &str, chain: &mut ForwardChain) {
         .filter_map(|item| item.get("rule")?.get("expr")?.as_array().cloned())
         .collect();
     let is_verdict = |e: &Value, names: &[&str]| names.iter().any(|n| e.get(*n).is_some());
+    // iptables-nft's targets list as `xt` (`REJECT`, `DROP`), and every one of its rules
+    // carries a counter: neither is a match.
+    let is_drop = |e: &Value| {
+        is_verdict(e, &["drop", "reject"])
+            || e.get("xt").is_some_and(|x| {
+                x.get("type").and_then(Value::as_str) == Some("target")
+                    && matches!(
+                        x.get("name").and_then(Value::as_str),
+                        Some("REJECT" | "DROP")
+                    )
+            })
+    };
+    let uncounted = |exprs: &[Value]| -> Vec<Value> {
+        exprs
+            .iter()
+            .filter(|e| e.get("counter").is_none())
+            .cloned()
+            .collect()
+    };
     chain.ends_in_drop = rules
         .last()
-        .is_some_and(|last| last.len() == 1 && is_verdict(&last[0], &["drop", "reject"]));
-    chain.accepts_dnat = rules.iter().any(|exprs| {
-        let dnat_match = exprs.iter().any(|e| {
-            let Some(m) = e.get("match") else {
-                return false;
-            };
-            let left_is_status = m
-                .get("left")
-                .and_then(|l| l.get("ct")?.get("key")?.as_str())
-                == Some("status");
-            let right = m.get("right");
-            let names_dnat = right.and_then(Value::as_str) == Some("dnat")
-                || right
-                    .and_then(Value::as_array)
-                    .is_some_and(|set| set.iter().any(|v| v.as_str() == Some("dnat")))
-                || right
-                    .and_then(|r| r.get("set")?.as_array().cloned())
-                    .is_some_and(|set| set.iter().any(|v| v.as_str() == Some("dnat")));
-            left_is_status && names_dnat && m.get("op").and_then(Value::as_str) != Some("!=")
-        });
-        let accepts = exprs.last().is_some_and(|e| is_verdict(e, &["accept"]));
-        let counted = exprs.iter().filter(|e| e.get("counter").is_none()).count();
-        // iptables-nft's `-m connmark --mark BIT/BIT -j ACCEPT` (the fix the nftables backend
-        // names for iptables' FORWARD) shows as an xt match whose arguments JSON does not
-        // carry: taken as accepting portfwd's marked flows.
-        let xt_connmark = exprs.iter().any(|e| {
-            e.get("xt")
-                .is_some_and(|x| x.get("name").and_then(Value::as_str) == Some("connmark"))
-        });
-        accepts && counted == 2 && (dnat_match || xt_connmark)
-    });
+        .map(|last| uncounted(last))
+        .is_some_and(|last| last.len() == 1 && is_drop(&last[0]));
+    chain.accepts_dnat = false;
+    chain.accepted_marks.clear();
+    for exprs in rules.iter().map(|r| uncounted(r)) {
+        let [m, verdict] = exprs.as_slice() else {
+            continue;
+        };
+        if !is_verdict(verdict, &["accept"]) {
+            continue;
+        }
+        let Some(m) = m.get("match") else {
+            continue;
+        };
+        if m.get("op").and_then(Value::as_str) == Some("!=") {
+            continue;
+        }
+        let (left, right) = (m.get("left"), m.get("right"));
+        let left_is_status = left.and_then(|l| l.get("ct")?.get("key")?.as_str()) == Some("status");
+        let names_dnat = right.and_then(Value::as_str) == Some("dnat")
+            || right
+                .and_then(Value::as_array)
+                .is_some_and(|set| set.iter().any(|v| v.as_str() == Some("dnat")))
+            || right
+                .and_then(|r| r.get("set")?.as_array().cloned())
+                .is_some_and(|set| set.iter().any(|v| v.as_str() == Some("dnat")));
+        if left_is_status && names_dnat {
+            chain.accepts_dnat = true;
+        }
+        if let Some(mark) = ct_mark_match(left, right) {
+            chain.accepted_marks.push(mark);
+        }
+    }
+}
+
+/// `ct mark & M == V` or `ct mark V` as (V, M).
+fn ct_mark_match(left: Option<&Value>, right: Option<&Value>) -> Option<(u32, u32)> {
+    let number = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
+    let value = number(right?)?;
+    let is_ct_mark = |v: &Value| v.get("ct")?.get("key")?.as_str().map(|k| k == "mark");
+    let left = left?;
+    if is_ct_mark(left) == Some(true) {
+        return Some((value, u32::MAX));
+    }
+    match left.get("&")?.as_array()?.as_slice() {
+        [ct, mask] if is_ct_mark(ct) == Some(true) => Some((value, number(mask)?)),
+        _ => None,
+    }
 }
 
 /// Another table's NAT chain that runs at a hook before (or with) portfwd's.
@@ -288,6 +346,17 @@ mod tests {
         let mut without = chains[0].clone();
         read_rules(&RULES.replace("\"dnat\"", "\"snat\""), &mut without);
         assert!(!without.accepts_dnat);
+        // iptables-nft's rules carry a counter and list REJECT as an `xt` target; a native
+        // connmark accept names its mask (captured from nft 1.0.6).
+        let xt = r#"{"nftables": [{"rule": {"family": "inet", "table": "fw", "chain": "forward", "handle": 2, "expr": [{"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, 8192]}, "right": 8192}}, {"accept": null}]}}, {"rule": {"family": "inet", "table": "fw", "chain": "forward", "handle": 3, "expr": [{"match": {"op": "==", "left": {"ct": {"key": "mark"}}, "right": 1}}, {"accept": null}]}}, {"rule": {"family": "ip", "table": "filter", "chain": "FORWARD", "handle": 3, "expr": [{"counter": {"packets": 0, "bytes": 0}}, {"xt": {"type": "target", "name": "REJECT"}}]}}]}"#;
+        let mut marked = chains[0].clone();
+        read_rules(xt, &mut marked);
+        assert!(marked.ends_in_drop && !marked.accepts_dnat);
+        assert!(marked.accepts_mark(0x2000) && !marked.accepts_mark(0x4000));
+        let counted_drop = r#"{"nftables": [{"rule": {"family": "inet", "table": "fw", "chain": "forward", "handle": 5, "expr": [{"counter": {"packets": 0, "bytes": 0}}, {"drop": null}]}}]}"#;
+        let mut dropping = chains[0].clone();
+        read_rules(counted_drop, &mut dropping);
+        assert!(dropping.ends_in_drop, "counter drop ends the chain");
         assert!(!safe_name("a;flush ruleset") && !safe_name("") && safe_name("filter_FORWARD"));
     }
 

@@ -60,6 +60,9 @@ pub enum Read {
     /// nothing): (stdout, ""); empty when the tool is not installed, or when it is the save
     /// tool in use (then [`Read::Save`] reads it already).
     LegacySave(Family),
+    /// `iptables-nft-save` / `ip6tables-nft-save`: (stdout, ""); empty when not installed.
+    /// Read when another backend than iptables-nft runs beside iptables-nft's tables.
+    NftSave(Family),
     /// `nft -j ARGS...`: (stdout, ""); empty when `nft` is not installed. Callers pass only
     /// words nft's parser takes back as one word each (nft joins its arguments into a line).
     NftJson(Vec<String>),
@@ -87,6 +90,7 @@ pub trait System {
                 Read::LegacySave(family) => {
                     self.legacy_save(*family).map(|out| (out, String::new()))
                 }
+                Read::NftSave(family) => self.nft_save(*family).map(|out| (out, String::new())),
             })
             .collect()
     }
@@ -98,6 +102,8 @@ pub trait System {
     fn connect(&mut self, target: std::net::SocketAddr) -> Result<(), SystemError>;
     /// `iptables-legacy-save` for `family` (a read); empty when not installed.
     fn legacy_save(&mut self, family: Family) -> Result<String, SystemError>;
+    /// `iptables-nft-save` for `family` (a read); empty when not installed.
+    fn nft_save(&mut self, family: Family) -> Result<String, SystemError>;
     /// `nft -j ARGS...` (a read); empty output when `nft` is not installed.
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError>;
     /// `nft -j list table inet NAME` (empty when there is no such table).
@@ -277,6 +283,13 @@ impl RealSystem {
                 }
                 self.run(&tool, &[], None)
             }
+            Read::NftSave(family) => {
+                let tool = tool_name(Backend::IptablesNft, *family, "save");
+                if which::which(&tool).is_err() {
+                    return Ok((String::new(), String::new()));
+                }
+                self.run(&tool, &[], None)
+            }
             Read::NftJson(args) => {
                 if which::which("nft").is_err() {
                     return Ok((String::new(), String::new()));
@@ -408,6 +421,10 @@ impl System for RealSystem {
 
     fn legacy_save(&mut self, family: Family) -> Result<String, SystemError> {
         self.read_one(&Read::LegacySave(family)).map(|(out, _)| out)
+    }
+
+    fn nft_save(&mut self, family: Family) -> Result<String, SystemError> {
+        self.read_one(&Read::NftSave(family)).map(|(out, _)| out)
     }
 
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError> {

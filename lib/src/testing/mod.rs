@@ -155,6 +155,11 @@ impl System for FakeHost {
         Ok(String::new())
     }
 
+    fn nft_save(&mut self, family: Family) -> Result<String, SystemError> {
+        self.call(format!("read-nft-save {}", family.label()))?;
+        Ok(String::new())
+    }
+
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError> {
         let key = args.join(" ");
         self.call(format!("read-nft {key}"))?;

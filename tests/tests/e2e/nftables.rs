@@ -325,7 +325,7 @@ fn docker_like_host(flavour: &str) {
     let chain = if flavour == "legacy" {
         "`iptables-legacy filter FORWARD`"
     } else {
-        "`ip filter FORWARD`"
+        "`iptables filter FORWARD`"
     };
     let warned = |r: &portfwd_harness::RunResult| {
         warnings(r)

@@ -83,7 +83,9 @@ pub fn observe_family(
     }
     extract_owned(&dump, family, instance, observed);
     extract_connmark_users(&dump, instance, observed);
-    extract_foreign_nat(&dump, family, instance, observed);
+    observed
+        .foreign_nat
+        .extend(foreign_nat(&dump, family, instance));
     let drops = dump.table(Table::Filter.name()).is_some_and(|t| {
         t.chains
             .iter()
@@ -97,14 +99,11 @@ pub fn observe_family(
 /// The DNAT and REDIRECT rules of other owners in nat PREROUTING and OUTPUT before portfwd's
 /// jump, and in the foreign chains those earlier rules jump to (transitively). Found on the
 /// text (flags are single words in iptables-save output), so 10,000 foreign rules stay cheap.
-fn extract_foreign_nat(
-    dump: &super::save::Dump,
-    family: Family,
-    instance: &str,
-    observed: &mut IptablesObserved,
-) {
+/// Without a jump of portfwd's (another backend runs), every such rule counts.
+pub fn foreign_nat(dump: &super::save::Dump, family: Family, instance: &str) -> Vec<ForeignNat> {
+    let mut found = Vec::new();
     let Some(nat) = dump.table(Table::Nat.name()) else {
-        return;
+        return found;
     };
     let ours = format!("PFWD-{instance}-");
     let mut by_chain: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -128,7 +127,7 @@ fn extract_foreign_nat(
             for rule in rules {
                 let target = target_of(rule);
                 match target {
-                    Some("DNAT" | "REDIRECT") => observed.foreign_nat.push(ForeignNat {
+                    Some("DNAT" | "REDIRECT") => found.push(ForeignNat {
                         family,
                         place: format!("nat {chain}"),
                         rule: rule.to_string(),
@@ -153,6 +152,7 @@ fn extract_foreign_nat(
             }
         }
     }
+    found
 }
 
 fn words(rule: &str) -> impl Iterator<Item = &str> {

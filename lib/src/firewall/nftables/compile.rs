@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use super::table::{
-    Base, Body, Element, MapKind, MasqRule, NatRule, NatTo, Rule, SnatRule, Stage, Table,
+    Base, Body, Element, MapKind, MasqMark, MasqRule, NatRule, NatTo, Rule, SnatRule, Stage, Table,
 };
 use crate::compile::localnet_devices;
 use crate::model::{Action, Config, Forward, Snat, State};
@@ -200,6 +200,14 @@ pub fn compile_table(config: &Config) -> Table {
             to: m.to_source,
         });
         b.rule(Base::Postrouting.name(), tag, body);
+        if m.allow_forward {
+            let body = Body::MasqMark(MasqMark {
+                source: m.source,
+                out_interface: m.out_interface.clone(),
+                mark: config.conn_mark,
+            });
+            b.rule(Base::Forward.name(), tag, body);
+        }
     }
     b.table
 }

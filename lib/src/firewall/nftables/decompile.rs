@@ -44,18 +44,33 @@ pub fn entries_from_table(table: &Table, instance: &str) -> Entries {
         .iter()
         .filter_map(|(name, rules)| {
             let rest = name.strip_prefix("pre-")?;
-            let tag = rules
-                .first()
-                .and_then(|r| parse_comment(&r.comment, instance))?;
-            (tag.kind == KIND_FORWARD).then_some(rest)
+            // Any rule of the chain may carry the forward's comment (someone may have put a
+            // `log` rule first).
+            rules
+                .iter()
+                .filter_map(|r| parse_comment(&r.comment, instance))
+                .any(|tag| tag.kind == KIND_FORWARD)
+                .then_some(rest)
         })
         .collect();
     names.sort_unstable();
     for name in names {
-        if let Some(f) = forward_from(table, name, &mut entries) {
+        if let Some(f) = forward_from(table, name, instance, &mut entries) {
             entries.forwards.push(f);
         }
     }
+    let owned = |base: Base| {
+        table
+            .chains
+            .get(base.name())
+            .into_iter()
+            .flatten()
+            .filter_map(|rule| Some((parse_comment(&rule.comment, instance)?, rule)))
+    };
+    let marked: Vec<&str> = owned(Base::Forward)
+        .filter(|(tag, rule)| tag.kind == KIND_MASQUERADE && matches!(rule.body, Body::MasqMark(_)))
+        .map(|(tag, _)| tag.name)
+        .collect();
     for rule in table
         .chains
         .get(Base::Postrouting.name())
@@ -71,21 +86,32 @@ pub fn entries_from_table(table: &Table, instance: &str) -> Entries {
                 source: m.source.to_string(),
                 out_interface: m.out_interface.clone(),
                 to_source: m.to.map(|ip| ip.to_string()),
-                // portfwd's table never drops: there is nothing to allow.
-                allow_forward: true,
+                // portfwd's table never drops; it marks the entry's flows for an accept in
+                // iptables' FORWARD (or another table's forward chain).
+                allow_forward: marked.contains(&tag.name),
             });
         }
     }
     entries
 }
 
-fn first_rule<'a>(table: &'a Table, chain: &str) -> Option<&'a Rule> {
-    table.chains.get(chain)?.first()
+/// The rule of a forward's chain that carries its comment (other rules may sit before it).
+fn owned_rule<'a>(table: &'a Table, chain: &str, instance: &str) -> Option<&'a Rule> {
+    table
+        .chains
+        .get(chain)?
+        .iter()
+        .find(|r| parse_comment(&r.comment, instance).is_some_and(|tag| tag.kind == KIND_FORWARD))
 }
 
-fn forward_from(table: &Table, name: &str, entries: &mut Entries) -> Option<ForwardParams> {
+fn forward_from(
+    table: &Table,
+    name: &str,
+    instance: &str,
+    entries: &mut Entries,
+) -> Option<ForwardParams> {
     let pre_chain = entry_chain(Stage::Pre, name);
-    let rule = first_rule(table, &pre_chain)?;
+    let rule = owned_rule(table, &pre_chain, instance)?;
     let Body::Nat(nat) = &rule.body else {
         return None;
     };
@@ -102,7 +128,7 @@ fn forward_from(table: &Table, name: &str, entries: &mut Entries) -> Option<Forw
         entries.conn_mark = Some(Value::from(format!("{mark:#x}")));
     }
     let snat = to.as_ref().and_then(|_| {
-        match first_rule(table, &entry_chain(Stage::Post, name)).map(|r| &r.body) {
+        match owned_rule(table, &entry_chain(Stage::Post, name), instance).map(|r| &r.body) {
             None => Some("none".to_string()),
             Some(Body::Snat(s)) => s.to.map(|ip| ip.to_string()),
             Some(_) => None,

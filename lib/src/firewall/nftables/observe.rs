@@ -13,7 +13,8 @@ use std::net::IpAddr;
 use serde_json::Value;
 
 use super::table::{
-    set_text, Base, Body, Element, MapKind, MasqRule, NatRule, NatTo, Rule, SnatRule, Stage, Table,
+    set_text, Base, Body, Element, MapKind, MasqMark, MasqRule, NatRule, NatTo, Rule, SnatRule,
+    Stage, Table,
 };
 use crate::model::Proto;
 use crate::net::{Cidr, Family, PortRange};
@@ -79,6 +80,7 @@ impl Hooked {
             Base::Prerouting | Base::Output => ("nat", -100),
             Base::Postrouting => ("nat", 100),
             Base::Input => ("filter", 0),
+            Base::Forward => ("filter", -10),
         };
         Hooked {
             kind: kind.into(),
@@ -430,6 +432,11 @@ fn body_of(chain: &str, stmts: &[Value]) -> Option<Body> {
             Base::Input if p.drop => Some(Body::LocalnetGuard {
                 in_interface: interface_of(p.iifname?),
             }),
+            Base::Forward => Some(Body::MasqMark(MasqMark {
+                source: *addrs_of(p.saddr?)?.first()?,
+                out_interface: p.oifname.map(interface_of),
+                mark: p.mark?,
+            })),
             Base::Postrouting => {
                 let (kind, nat) = p.nat?;
                 let to = match kind {

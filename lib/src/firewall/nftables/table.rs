@@ -62,14 +62,19 @@ pub enum Base {
     Output,
     Postrouting,
     Input,
+    /// Marks masquerade entries' flows (`allow_forward`) before iptables' filter FORWARD
+    /// (priority 0) sees them, so one connmark accept there lets them pass as it does the
+    /// forwards' (whose DNAT rules mark them).
+    Forward,
 }
 
 impl Base {
-    pub const ALL: [Base; 4] = [
+    pub const ALL: [Base; 5] = [
         Base::Prerouting,
         Base::Output,
         Base::Postrouting,
         Base::Input,
+        Base::Forward,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +83,7 @@ impl Base {
             Base::Output => "output",
             Base::Postrouting => "postrouting",
             Base::Input => "input",
+            Base::Forward => "forward",
         }
     }
 
@@ -93,6 +99,7 @@ impl Base {
             Base::Output => "type nat hook output priority -100; policy accept;",
             Base::Postrouting => "type nat hook postrouting priority srcnat; policy accept;",
             Base::Input => "type filter hook input priority filter; policy accept;",
+            Base::Forward => "type filter hook forward priority -10; policy accept;",
         }
     }
 }
@@ -292,6 +299,14 @@ pub struct MasqRule {
     pub to: Option<IpAddr>,
 }
 
+/// A masquerade entry's flows marked for the FORWARD accept (in `forward`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasqMark {
+    pub source: Cidr,
+    pub out_interface: Option<String>,
+    pub mark: u32,
+}
+
 /// What a rule is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
@@ -299,6 +314,7 @@ pub enum Body {
     Nat(NatRule),
     Snat(SnatRule),
     Masquerade(MasqRule),
+    MasqMark(MasqMark),
     /// kube-proxy's guard with route_localnet on: only DNATed packets to 127.0.0.0/8 from
     /// that interface reach local services.
     LocalnetGuard {
@@ -394,6 +410,14 @@ impl Body {
                         let _ = write!(out, "snat {ip} to {to}");
                     }
                 }
+            }
+            Body::MasqMark(m) => {
+                let ip = ip_word(m.source.family());
+                let _ = write!(out, "{ip} saddr {} ", m.source);
+                if let Some(o) = &m.out_interface {
+                    let _ = write!(out, "oifname {} ", quoted(&interface(o))?);
+                }
+                let _ = write!(out, "ct mark set ct mark | {:#010x}", m.mark);
             }
             Body::LocalnetGuard { in_interface } => {
                 let _ = write!(
