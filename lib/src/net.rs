@@ -222,6 +222,125 @@ impl fmt::Display for PortRange {
     }
 }
 
+/// An address as a number of its family's width.
+fn addr_bits(addr: &IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => u128::from(u32::from(*a)),
+        IpAddr::V6(a) => u128::from(*a),
+    }
+}
+
+fn addr_of_bits(family: Family, bits: u128) -> IpAddr {
+    match family {
+        // Only ever called with bits of a V4 address.
+        Family::V4 => IpAddr::V4(std::net::Ipv4Addr::from(
+            u32::try_from(bits).unwrap_or(u32::MAX),
+        )),
+        Family::V6 => IpAddr::V6(bits.into()),
+    }
+}
+
+/// The inclusive interval of addresses a prefix covers.
+fn interval_of(cidr: &Cidr) -> (u128, u128) {
+    let width = u32::from(cidr.family().host_prefix());
+    let size_bits = width - u32::from(cidr.prefix.min(cidr.family().host_prefix()));
+    let start = addr_bits(&cidr.network().addr);
+    let span = if size_bits >= 128 {
+        u128::MAX
+    } else {
+        (1u128 << size_bits) - 1
+    };
+    (start, start.saturating_add(span))
+}
+
+/// The fewest prefixes that cover exactly the addresses `first..=last`, in order.
+pub fn cover_interval(family: Family, first: u128, last: u128) -> Vec<Cidr> {
+    let width = u32::from(family.host_prefix());
+    let mut out = Vec::new();
+    let mut at = first;
+    while at <= last {
+        // The largest aligned block starting at `at` that ends within the interval.
+        let mut size_bits = if at == 0 {
+            width
+        } else {
+            at.trailing_zeros().min(width)
+        };
+        while size_bits > 0 {
+            let span = if size_bits >= 128 {
+                u128::MAX
+            } else {
+                (1u128 << size_bits) - 1
+            };
+            if at.checked_add(span).is_some_and(|end| end <= last) {
+                break;
+            }
+            size_bits -= 1;
+        }
+        out.push(Cidr {
+            addr: addr_of_bits(family, at),
+            // size_bits <= width <= 128, so this fits.
+            prefix: u8::try_from(width - size_bits).unwrap_or(0),
+        });
+        let span = if size_bits >= 128 {
+            u128::MAX
+        } else {
+            (1u128 << size_bits) - 1
+        };
+        match at.checked_add(span).and_then(|end| end.checked_add(1)) {
+            Some(next) => at = next,
+            None => break,
+        }
+    }
+    out
+}
+
+/// The same set of addresses as the fewest prefixes, sorted (IPv4 first): overlapping and
+/// adjacent networks merge (`10.0.0.0/25` and `10.0.0.128/25` are `10.0.0.0/24`). nft merges
+/// the elements of an address set this way, so a rule written from this form reads back as
+/// written.
+pub fn minimal_cover(cidrs: &[Cidr]) -> Vec<Cidr> {
+    let mut out = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let mut intervals: Vec<(u128, u128)> = cidrs
+            .iter()
+            .filter(|c| c.family() == family)
+            .map(interval_of)
+            .collect();
+        intervals.sort_unstable();
+        out.extend(
+            merged(&intervals)
+                .into_iter()
+                .flat_map(|(a, b)| cover_interval(family, a, b)),
+        );
+    }
+    out
+}
+
+/// Sorted inclusive intervals with the overlapping and adjacent ones joined.
+pub fn merged(sorted: &[(u128, u128)]) -> Vec<(u128, u128)> {
+    let mut out: Vec<(u128, u128)> = Vec::new();
+    for &(a, b) in sorted {
+        match out.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// The inclusive interval `first..=last` of one family, as numbers (nft lists merged address
+/// sets as ranges).
+pub fn interval_bits(first: &IpAddr, last: &IpAddr) -> Option<(Family, u128, u128)> {
+    let family = Family::of(first);
+    (family == Family::of(last)).then(|| (family, addr_bits(first), addr_bits(last)))
+}
+
+/// The interval of a prefix, as numbers.
+pub fn cidr_bits(cidr: &Cidr) -> (Family, u128, u128) {
+    let (a, b) = interval_of(cidr);
+    (cidr.family(), a, b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,5 +384,43 @@ mod tests {
             PortRange::parse_iptables(input).map(|r| (r.first, r.last)),
             expected
         );
+    }
+
+    #[test]
+    fn adjacent_and_overlapping_networks_merge_into_the_fewest_prefixes() {
+        let cover = |items: &[&str]| -> Vec<String> {
+            let cidrs: Vec<Cidr> = items.iter().map(|c| Cidr::parse(c).unwrap()).collect();
+            minimal_cover(&cidrs)
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(cover(&["10.0.0.128/25", "10.0.0.0/25"]), ["10.0.0.0/24"]);
+        assert_eq!(cover(&["10.1.0.0/16", "10.0.0.0/8"]), ["10.0.0.0/8"]);
+        assert_eq!(
+            cover(&["10.0.0.0/25", "10.0.0.128/26"]),
+            ["10.0.0.0/25", "10.0.0.128/26"]
+        );
+        assert_eq!(
+            cover(&["10.0.1.0/24", "10.0.2.0/24"]),
+            ["10.0.1.0/24", "10.0.2.0/24"]
+        );
+        assert_eq!(cover(&["10.0.0.5", "10.0.0.4"]), ["10.0.0.4/31"]);
+        assert_eq!(
+            cover(&["9.9.9.9", "fd00::/65", "fd00:0:0:0:8000::/65"]),
+            ["9.9.9.9/32", "fd00::/64"]
+        );
+        let (f, a, b) =
+            interval_bits(&"10.0.0.0".parse().unwrap(), &"10.0.0.191".parse().unwrap()).unwrap();
+        let range: Vec<String> = cover_interval(f, a, b)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(range, ["10.0.0.0/25", "10.0.0.128/26"]);
+        let all: Vec<String> = cover_interval(Family::V6, 0, u128::MAX)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(all, ["::/0"]);
     }
 }

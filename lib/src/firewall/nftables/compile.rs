@@ -165,6 +165,15 @@ pub fn compile_table(config: &Config) -> Table {
     for f in &config.forwards {
         b.forward(f, config.conn_mark, localnet.get(&f.name));
     }
+    // The guards in forward-name order, as `show` lists the forwards: applying its output
+    // writes the same chain.
+    if let Some(guards) = b.table.chains.get_mut(Base::Input.name()) {
+        let name = |r: &Rule| {
+            crate::ownership::parse_comment(&r.comment, &config.instance)
+                .map(|t| t.name.to_string())
+        };
+        guards.sort_by_cached_key(name);
+    }
     // The dispatch rules go first in their base chains, in a fixed order.
     let mut kinds: Vec<MapKind> = b.kinds.iter().copied().collect();
     kinds.sort_by_key(|k| (k.base(), k.rank()));
@@ -220,6 +229,27 @@ mod tests {
     fn script(json: &str) -> String {
         let (config, _, _) = Config::from_json(json).expect("valid params");
         compile_table(&config).script(&table_name(&config.instance))
+    }
+
+    /// The guards come in forward-name order whatever the params order, so applying `show`'s
+    /// output (forwards by name) writes the same table.
+    #[test]
+    fn guards_do_not_depend_on_the_order_of_the_params() {
+        let table = |order: [&str; 2]| {
+            let forwards: Vec<String> = order
+                .iter()
+                .map(|n| format!(r#"{{"name":"{n}","listen_port":{},"to":"127.0.0.1:22","in_interface":"eth-{n}"}}"#, if *n == "b" { 1 } else { 2 }))
+                .collect();
+            let json = format!(
+                r#"{{"backend":"nftables","forwards":[{}]}}"#,
+                forwards.join(",")
+            );
+            let (config, _, _) = Config::from_json(&json).expect("valid params");
+            compile_table(&config)
+        };
+        let (ab, ba) = (table(["a", "b"]), table(["b", "a"]));
+        assert_eq!(ab.chains.get("input").map(Vec::len), Some(2));
+        assert_eq!(ab.chains.get("input"), ba.chains.get("input"));
     }
 
     #[test]

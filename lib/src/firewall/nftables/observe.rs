@@ -383,23 +383,43 @@ fn parts_of(stmts: &[Value]) -> Parts<'_> {
     p
 }
 
+/// An address match's right side (a host, a prefix, a range, or a set of them) as the fewest
+/// prefixes (nft lists adjacent networks of a set merged, as a range when no prefix fits).
 fn addrs_of(val: &Value) -> Option<Vec<Cidr>> {
-    let one = |v: &Value| -> Option<Cidr> {
+    let one = |v: &Value| -> Option<(Family, u128, u128)> {
         if let Some(p) = v.get("prefix") {
             let addr: IpAddr = text(p.get("addr")).parse().ok()?;
             let prefix = u8::try_from(p.get("len")?.as_u64()?).ok()?;
-            return Some(Cidr { addr, prefix });
+            return Some(crate::net::cidr_bits(&Cidr { addr, prefix }));
+        }
+        if let Some([a, b]) = v.get("range").and_then(Value::as_array).map(Vec::as_slice) {
+            let first: IpAddr = a.as_str()?.parse().ok()?;
+            let last: IpAddr = b.as_str()?.parse().ok()?;
+            return crate::net::interval_bits(&first, &last);
         }
         let addr: IpAddr = v.as_str()?.parse().ok()?;
-        Some(Cidr {
+        Some(crate::net::cidr_bits(&Cidr {
             addr,
             prefix: Family::of(&addr).host_prefix(),
-        })
+        }))
     };
-    match val.get("set").and_then(Value::as_array) {
-        Some(items) => items.iter().map(one).collect(),
-        None => Some(vec![one(val)?]),
+    let items: Vec<(Family, u128, u128)> = match val.get("set").and_then(Value::as_array) {
+        Some(items) => items.iter().map(one).collect::<Option<_>>()?,
+        None => vec![one(val)?],
+    };
+    let mut out = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        let mut intervals: Vec<(u128, u128)> = items
+            .iter()
+            .filter(|(f, _, _)| *f == family)
+            .map(|&(_, a, b)| (a, b))
+            .collect();
+        intervals.sort_unstable();
+        for (a, b) in crate::net::merged(&intervals) {
+            out.extend(crate::net::cover_interval(family, a, b));
+        }
     }
+    Some(out)
 }
 
 fn interface_of(name: &str) -> String {
@@ -532,27 +552,12 @@ fn stmt_text(stmt: &Value) -> Option<String> {
             let left = expr_text(v.get("left")?)?;
             let right = v.get("right")?;
             let iface = matches!(left.as_str(), "iifname" | "oifname");
-            // Sources are written as CIDRs (`9.9.9.9/32`); nft lists a host address bare.
+            // Sources are written as the fewest CIDRs (`9.9.9.9/32`); nft lists a host bare
+            // and merges adjacent networks (as a range when no prefix fits).
             let source = left.ends_with(" saddr");
-            let host = |s: &str| {
-                s.parse::<IpAddr>()
-                    .ok()
-                    .map(|a| format!("{a}/{}", Family::of(&a).host_prefix()))
-            };
             let right_text = |r: &Value| match r {
                 Value::String(s) if iface => Some(format!("\"{s}\"")),
-                Value::String(s) if source => host(s).or_else(|| Some(s.clone())),
-                Value::Object(o) if source && o.contains_key("set") => {
-                    let items = o.get("set")?.as_array()?;
-                    let items: Vec<String> = items
-                        .iter()
-                        .map(|i| match i {
-                            Value::String(s) => host(s).or_else(|| Some(s.clone())),
-                            other => expr_text(other),
-                        })
-                        .collect::<Option<_>>()?;
-                    Some(set_text(&items))
-                }
+                _ if source => Some(set_text(&addrs_of(r)?)),
                 _ => expr_text(r),
             };
             match text(v.get("op")) {

@@ -463,6 +463,9 @@ fn validate_forward(path: &str, f: &ForwardParams, errors: &mut Errors) -> Optio
     if sources.iter().any(|c| c.prefix == 0) {
         sources.clear();
     }
+    // The fewest prefixes for the same addresses: nft merges adjacent networks, so this is
+    // the form that reads back as written (and iptables needs fewer rules).
+    let sources = crate::net::minimal_cover(&sources);
     let action = match (&f.to, &f.redirect_to_port) {
         (Some(_), Some(_)) => {
             errors.push(
