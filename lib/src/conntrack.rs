@@ -12,7 +12,7 @@
 
 use std::net::IpAddr;
 
-use crate::model::{Action, Forward, Proto};
+use crate::model::{Action, Forward, Proto, Snat};
 use crate::net::Family;
 use crate::system::System;
 
@@ -27,6 +27,8 @@ pub struct Flow {
     pub orig_dport: u16,
     pub reply_src: IpAddr,
     pub reply_sport: u16,
+    /// Where replies go: the client, or the address SNAT put in its place.
+    pub reply_dst: IpAddr,
 }
 
 impl Flow {
@@ -100,6 +102,7 @@ fn parse_line(line: &str, family: Family) -> Option<Flow> {
         orig_dport: dport[0],
         reply_src: src[1],
         reply_sport: sport[1],
+        reply_dst: dst[1],
     })
 }
 
@@ -144,15 +147,24 @@ fn addressed_to(f: &Forward, flow: &Flow, local: &[IpAddr]) -> bool {
         && (f.sources.is_empty() || f.sources.iter().any(|s| s.contains(&flow.orig_src)))
 }
 
-/// Was `flow` translated by `f` (its reply comes from `f`'s target)?
+/// Was `flow` translated by `f` (its reply comes from `f`'s target, and goes to the client
+/// or to `f`'s SNAT address as `f` says)?
 fn nated_by(f: &Forward, flow: &Flow, local: &[IpAddr]) -> bool {
     addressed_to(f, flow, local)
         && match f.action {
-            Action::Dnat { addr, port, .. } => {
+            Action::Dnat { addr, port, snat } => {
                 addr == flow.reply_src
                     && match port {
                         Some(p) => p == flow.reply_sport,
                         None => flow.reply_sport == flow.orig_dport,
+                    }
+                    && match snat {
+                        Snat::None => flow.reply_dst == flow.orig_src,
+                        // A connection of this host's own may keep its address.
+                        Snat::Masquerade => {
+                            flow.reply_dst != flow.orig_src || local.contains(&flow.orig_src)
+                        }
+                        Snat::To(ip) => flow.reply_dst == ip,
                     }
             }
             Action::Redirect { port } => {
@@ -353,6 +365,37 @@ garbage line
             change.tables(),
             vec![(Family::V4, Proto::Tcp), (Family::V4, Proto::Udp)]
         );
+    }
+
+    /// The flow 40001 is masqueraded (its replies go to the proxy's 10.0.2.1): once the
+    /// forward says `snat: none` it would not be, so it is reset; the other way round too.
+    #[test]
+    fn a_changed_snat_resets_the_flows_translated_the_old_way() {
+        let masq = forward(r#"{"name":"d","proto":"udp","listen_port":5353,"to":"10.0.2.2:1234"}"#);
+        let none = forward(
+            r#"{"name":"d","proto":"udp","listen_port":5353,"to":"10.0.2.2:1234","snat":"none"}"#,
+        );
+        let flows = parse(LISTING, Family::V4);
+        let change = ForwardChange {
+            old: Some(&masq),
+            new: Some(&none),
+        };
+        assert_eq!(
+            ports(&stale(&[change], &flows, &local())),
+            vec![40001, 40002]
+        );
+        let kept = ForwardChange {
+            old: Some(&masq),
+            new: Some(&masq),
+        };
+        assert_eq!(ports(&stale(&[kept], &flows, &local())), vec![40002]);
+        let unmasqueraded = "udp      17 29 src=10.0.1.2 dst=10.0.1.1 sport=40009 dport=5353 src=10.0.2.2 dst=10.0.1.2 sport=1234 dport=40009 mark=0 use=1\n";
+        let back = ForwardChange {
+            old: Some(&none),
+            new: Some(&masq),
+        };
+        let flows = parse(unmasqueraded, Family::V4);
+        assert_eq!(ports(&stale(&[back], &flows, &local())), vec![40009]);
     }
 
     #[test]

@@ -422,3 +422,89 @@ fn nftables_sources_and_guards_read_back_as_written() {
         from_show.stdout
     );
 }
+
+/// Where the proxy's conntrack entry of the UDP flow from `sport` sends replies (the client,
+/// or the address masquerade put in its place).
+fn reply_dst(ns: &Netns, sport: u16) -> Option<String> {
+    let out = ns
+        .stdout(&["conntrack", "-L", "-p", "udp"])
+        .unwrap_or_default();
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("sport={sport} ")))?;
+    line.split_whitespace()
+        .filter_map(|w| w.strip_prefix("dst="))
+        .nth(1)
+        .map(str::to_string)
+}
+
+/// A live UDP flow follows a change of `snat` as it follows a change of `to`: masqueraded
+/// before, it reaches the backend with the client's own address right after `snat: none`
+/// (its conntrack entry is reset), and masqueraded again after the change back. On every
+/// backend; the backend routes its replies through the proxy.
+#[test]
+fn udp_flows_follow_a_change_of_snat() {
+    if !prerequisites() || crate::common::which("conntrack").is_none() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    t.backend
+        .ip(&["route", "add", "default", "via", "10.0.2.1"])
+        .unwrap();
+    let _server = Server::start(&t.backend, Proto::Udp, sa("0.0.0.0:1234")).unwrap();
+    for (i, backend) in BACKENDS.into_iter().enumerate() {
+        let sport = 40100 + i as u16;
+        let params = |snat: &str| {
+            json!({"backend": backend, "forwards": [{"name": "game", "proto": "udp",
+                "listen_port": 5353, "to": "10.0.2.2:1234", "snat": snat}]})
+        };
+        let r = portfwd().apply(&t.proxy, &params("masquerade")).unwrap();
+        assert_eq!(r.code, 0, "{}", r.stdout);
+        let flow = portfwd_harness::UdpFlow::open(
+            &t.client,
+            sa(&format!("10.0.1.2:{sport}")),
+            sa("10.0.1.1:5353"),
+        )
+        .unwrap();
+        assert!(flow.ask().unwrap().is_some(), "{backend}: the flow works");
+        assert_eq!(
+            reply_dst(&t.proxy, sport).as_deref(),
+            Some("10.0.2.1"),
+            "{backend}"
+        );
+
+        let r = portfwd().apply(&t.proxy, &params("none")).unwrap();
+        assert_eq!(r.code, 0, "{}", r.stdout);
+        assert!(
+            r.json["msg"].as_str().unwrap().contains("1 udp flow reset"),
+            "{backend}: {}",
+            r.stdout
+        );
+        assert!(
+            flow.ask().unwrap().is_some(),
+            "{backend}: the flow still works"
+        );
+        assert_eq!(
+            reply_dst(&t.proxy, sport).as_deref(),
+            Some("10.0.1.2"),
+            "{backend}: the backend now sees the client"
+        );
+
+        let r = portfwd().apply(&t.proxy, &params("masquerade")).unwrap();
+        assert!(
+            r.json["msg"].as_str().unwrap().contains("1 udp flow reset"),
+            "{}",
+            r.stdout
+        );
+        assert!(flow.ask().unwrap().is_some());
+        assert_eq!(
+            reply_dst(&t.proxy, sport).as_deref(),
+            Some("10.0.2.1"),
+            "{backend}"
+        );
+        let r = portfwd()
+            .apply(&t.proxy, &json!({"backend": backend, "state": "absent"}))
+            .unwrap();
+        assert_eq!(r.code, 0, "{}", r.stdout);
+    }
+}
