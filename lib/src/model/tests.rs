@@ -135,6 +135,14 @@ fn err(input: &str) -> String {
 #[case(r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"routes":[{"to":"default","via":"10.0.0.9"},{"to":"default","dev":"eth0"}]}]}"#, "is listed twice in this table")]
 #[case(r#"{"route_protocol":3}"#, "route_protocol: \"3\" is reserved")]
 #[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"listen_address":"127.0.0.1","local":true,"to":"10.0.2.2:1"}]}"#,
+    "forwards[0].listen_address: \"127.0.0.1\" with local: true cannot be forwarded to 10.0.2.2, another host"
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"listen_address":"::1","local":true,"to":"[fd00::2]:1"}]}"#,
+    "the kernel never routes a packet from ::1 off this host"
+)]
+#[case(
     r#"{"route_protocol":"4321"}"#,
     "route_protocol: invalid value \"4321\" (expected an integer 0-255)"
 )]

@@ -508,3 +508,45 @@ fn udp_flows_follow_a_change_of_snat() {
         assert_eq!(r.code, 0, "{}", r.stdout);
     }
 }
+
+/// `local: true` on a loopback `listen_address` with another host as the target is refused,
+/// naming the field and why, and nothing is applied (it used to be installed and time out
+/// silently: a packet from 127.0.0.1 or ::1 may not leave the host); a loopback target is fine.
+#[test]
+fn loopback_listen_addresses_are_not_forwarded_off_the_host() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _local = Server::start(&t.proxy, Proto::Tcp, sa("127.0.0.1:2323")).unwrap();
+    for backend in BACKENDS {
+        for (listen, to, why) in [
+            ("127.0.0.1", "10.0.2.2:1234", "may not leave this host"),
+            (
+                "::1",
+                "[fd00:2::2]:1234",
+                "never routes a packet from ::1 off this host",
+            ),
+        ] {
+            let before = host_state(&t.proxy);
+            let params = json!({"backend": backend, "forwards": [{"name": "web",
+                "listen_port": 4321, "listen_address": listen, "local": true, "to": to}]});
+            let r = portfwd().apply(&t.proxy, &params).unwrap();
+            assert_ne!(r.code, 0, "{backend} {listen}: {}", r.stdout);
+            let msg = r.json["msg"].as_str().unwrap_or_default();
+            assert!(
+                msg.contains("forwards[0].listen_address") && msg.contains(why),
+                "{backend} {listen}: {msg}"
+            );
+            assert_eq!(host_state(&t.proxy), before, "{backend}: nothing applied");
+        }
+        let params = json!({"backend": backend, "forwards": [{"name": "ssh",
+            "listen_port": 4321, "listen_address": "127.0.0.1", "local": true, "to": "127.0.0.1:2323"}]});
+        let r = portfwd().apply(&t.proxy, &params).unwrap();
+        assert_eq!(r.code, 0, "{}", r.stdout);
+        probe(&t.proxy, Proto::Tcp, sa("127.0.0.1:4321")).unwrap();
+        portfwd()
+            .apply(&t.proxy, &json!({"backend": backend, "state": "absent"}))
+            .unwrap();
+    }
+}

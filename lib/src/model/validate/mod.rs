@@ -508,6 +508,24 @@ fn validate_forward(path: &str, f: &ForwardParams, errors: &mut Errors) -> Optio
                 .map(|port| Action::Redirect { port })
         }
     };
+    // A connection of this host's own to a loopback address, DNATed to another host, keeps its
+    // loopback source: the kernel drops it on the way out (IPv4 unless route_localnet is set
+    // on the outgoing interface, IPv6 always). Nothing would say so: refuse it.
+    if let (true, Some(listen), Some(Action::Dnat { addr, .. })) =
+        (f.local, listen_address, &action)
+    {
+        if listen.is_loopback() && !addr.is_loopback() {
+            let why = match listen {
+                std::net::IpAddr::V6(_) => "the kernel never routes a packet from ::1 off this host (IPv6 has no route_localnet)".to_string(),
+                std::net::IpAddr::V4(_) => format!("a packet from {listen} may not leave this host (the kernel drops it unless net.ipv4.conf.<outgoing interface>.route_localnet=1, which also opens this host's loopback services to that interface's neighbours)"),
+            };
+            errors.push(
+                &format!("{path}.listen_address"),
+                &listen.to_string(),
+                format!("with local: true cannot be forwarded to {addr}, another host: {why}; listen on one of this host's own addresses (or leave listen_address out), or forward to a port on loopback"),
+            );
+        }
+    }
     if errors.0.len() != before {
         return None;
     }
