@@ -550,3 +550,36 @@ fn loopback_listen_addresses_are_not_forwarded_off_the_host() {
             .unwrap();
     }
 }
+
+/// Two forwards on overlapping ports of one listen key are refused on every backend, naming
+/// both (the iptables backends used to install both; the second never got a connection), and
+/// an IPv6 target written without brackets that may hold a port is refused with the spelling
+/// to use; nothing is applied.
+#[test]
+fn ambiguous_forwards_are_refused_before_anything_changes() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    for backend in BACKENDS {
+        for (forwards, needle) in [
+            (
+                json!([{"name": "wide", "listen_port": "8000-8100", "to": "10.0.2.2:1234"},
+                       {"name": "one", "listen_port": 8080, "to": "10.0.2.2:1235"}]),
+                "forwards[1].listen_port: \"8080\" overlaps forward \"wide\"",
+            ),
+            (
+                json!([{"name": "v6", "listen_port": 8080, "to": "fd10:2::2:1234"}]),
+                "write \"[fd10:2::2]:1234\"",
+            ),
+        ] {
+            let before = host_state(&t.proxy);
+            let params = json!({"backend": backend, "forwards": forwards});
+            let r = portfwd().apply(&t.proxy, &params).unwrap();
+            assert_ne!(r.code, 0, "{backend}: {}", r.stdout);
+            let msg = r.json["msg"].as_str().unwrap_or_default();
+            assert!(msg.contains(needle), "{backend}: {msg}");
+            assert_eq!(host_state(&t.proxy), before, "{backend}: nothing applied");
+        }
+    }
+}

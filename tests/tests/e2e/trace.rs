@@ -214,3 +214,49 @@ fn trace_says_when_iptables_is_legacy() {
         .unwrap()
         .contains("portfwd_trace_"));
 }
+
+/// The nftables backend's DNAT (nft prints `dnat ip to`) is the packet's `nat`, and a rule of
+/// an instance with a dash in its name is labelled with the whole instance name.
+#[test]
+fn trace_labels_the_nftables_backend_and_dashed_instances() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let params = json!({"instance": "edge-1", "backend": "nftables",
+        "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    let r = portfwd().apply(&t.proxy, &params).unwrap();
+    assert!(!r.failed(), "{}", r.stdout);
+    let args = [
+        "--proto",
+        "tcp",
+        "--dport",
+        "4321",
+        "--count",
+        "1",
+        "--timeout",
+        "15",
+        "--json",
+        "--instance",
+        "edge-1",
+    ];
+    let tracing = start(&t.proxy, &args);
+    probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap();
+    let (code, packets, stderr) = finish(tracing);
+    assert_eq!(code, 0, "{stderr}");
+    let p = &packets[0];
+    assert_eq!(p["nat"], "dnat to 10.0.2.2:1234", "{p}");
+    let hops = p["hops"].as_array().unwrap();
+    let dnat = hops
+        .iter()
+        .find(|h| {
+            h["rule"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("dnat ip to")
+        })
+        .unwrap_or_else(|| panic!("{p}"));
+    assert_eq!(dnat["entry"], "edge-1:web", "{p}");
+    assert_eq!(trace_tables(&t.proxy), Vec::<String>::new());
+}
