@@ -180,20 +180,35 @@ pub fn load(path: &Path, id: &NetnsId, links: &BTreeSet<String>) -> Result<Loade
             })
         }
     };
-    if id.cookie.is_none() {
-        if let Some(stamp) = &file.netns {
-            let same_boot = stamp.boot_id == id.boot_id;
-            let same_links = stamp.links.is_empty() || !stamp.links.is_disjoint(links);
-            if !same_boot || !same_links {
+    let mut record = file.record;
+    if let Some(stamp) = &file.netns {
+        // Cookies and inodes both start again at boot: a run dir on persistent storage keeps
+        // another boot's records under names this boot's namespaces may get.
+        if stamp.boot_id != id.boot_id {
+            return Ok(Loaded {
+                record: Record::default(),
+                warning: Some(format!(
+                    "the record {shown} was written before this boot; it is ignored"
+                )),
+            });
+        }
+        if id.cookie.is_none() {
+            if !stamp.links.is_empty() && stamp.links.is_disjoint(links) {
                 return Ok(Loaded {
                     record: Record::default(),
                     warning: Some(format!("the record {shown} was written by an earlier network namespace with the same inode (none of its links is here); it is ignored")),
                 });
             }
+            // Without links nothing tells this namespace from an earlier one with the same
+            // inode, and every new namespace starts at the same nf_tables generation: the
+            // read cache proves nothing here.
+            if stamp.links.is_empty() {
+                record.read_cache = None;
+            }
         }
     }
     Ok(Loaded {
-        record: file.record,
+        record,
         warning: None,
     })
 }

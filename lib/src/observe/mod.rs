@@ -269,14 +269,16 @@ pub fn observe<F: Firewall>(
             Some(other) => other,
             None => {
                 let chains = next().map(|(out, _)| out).unwrap_or_default();
-                let (forward_chains, foreign_nat) =
+                let (forward_chains, foreign_nat, volatile) =
                     other_tables(firewall, sys, instance, &observed.firewall, &chains);
                 let other = OtherTables {
                     forward_chains,
                     foreign_nat,
                 };
-                // A full read at a known generation keeps them for the next run.
-                if let Some(read) = observed.firewall_read.as_mut() {
+                // A full read at a known generation keeps them for the next run, unless a
+                // table of them has flags: one with `flags owner` vanishes with its process
+                // without moving the generation.
+                if let Some(read) = observed.firewall_read.as_mut().filter(|_| !volatile) {
                     read.other = Some(other.clone());
                 }
                 other
@@ -287,11 +289,19 @@ pub fn observe<F: Firewall>(
         for family in [Family::V4, Family::V6] {
             let dump = next().map(|(out, _)| out).unwrap_or_default();
             // A backend driving iptables-legacy has its own FORWARD there.
+            // Read on every run (legacy changes never move the generation), so a cached run
+            // sees a legacy DNAT that takes a forward's port as a full read does.
             if firewall.flavour(&observed.firewall) != Some("legacy") {
                 observed.forward_chains.extend(neighbours::forward_chain(
                     &dump,
                     family,
                     neighbours::Flavour::Legacy,
+                ));
+                observed.foreign_nat.extend(neighbours::foreign_nat(
+                    &dump,
+                    family,
+                    neighbours::Flavour::Legacy,
+                    instance,
                 ));
             }
         }
@@ -339,7 +349,11 @@ fn other_tables<F: Firewall>(
     instance: &str,
     ours: &F::Observed,
     listing: &str,
-) -> (Vec<nft::ForwardChain>, Vec<crate::firewall::ForeignNat>) {
+) -> (
+    Vec<nft::ForwardChain>,
+    Vec<crate::firewall::ForeignNat>,
+    bool,
+) {
     let skip =
         |family: &str, table: &str, name: &str| firewall.owns_hook_chain(ours, family, table, name);
     let mut chains = nft::forward_chains(listing, skip);
@@ -389,6 +403,11 @@ fn other_tables<F: Firewall>(
         )
         .chain(xt_families.iter().map(|&f| Read::NftSave(f)))
         .collect();
+    let mut reads = reads;
+    let flags_read = !chains.is_empty() || !nat_chains.is_empty();
+    if flags_read {
+        reads.push(Read::NftJson(vec!["list".into(), "tables".into()]));
+    }
     let mut results = sys.read_batch(&reads).into_iter();
     for &i in &readable {
         if let Some(Ok((text, _))) = results.next() {
@@ -419,10 +438,33 @@ fn other_tables<F: Firewall>(
             .iter()
             .any(|c| c.family == fam && xt(&c.family, &c.table, &c.name));
         if nat_listed {
-            nat.extend(neighbours::foreign_nat(&dump, family, instance));
+            nat.extend(neighbours::foreign_nat(
+                &dump,
+                family,
+                neighbours::Flavour::Nft,
+                instance,
+            ));
         }
     }
-    (chains, nat)
+    // A table with flags (nft lists the key, its value is not reliable in nft 1.0.6) among
+    // those the findings are about, or a listing that failed: not to be kept.
+    let volatile = flags_read
+        && match results.next() {
+            Some(Ok((tables, _))) => {
+                let flagged = nft::flagged_tables(&tables);
+                chains
+                    .iter()
+                    .map(|c| (c.family.as_str(), c.table.as_str()))
+                    .chain(
+                        nat_chains
+                            .iter()
+                            .map(|c| (c.family.as_str(), c.table.as_str())),
+                    )
+                    .any(|(f, t)| flagged.iter().any(|(ff, tt)| ff == f && tt == t))
+            }
+            _ => true,
+        };
+    (chains, nat, volatile)
 }
 
 /// A chain iptables-nft makes (`ip filter FORWARD`, `ip6 nat PREROUTING`, ...): the standard

@@ -60,9 +60,24 @@ pub fn forward_chain(dump: &str, family: Family, flavour: Flavour) -> Option<For
 
 /// The DNAT and REDIRECT rules of the dump's nat PREROUTING and OUTPUT (and the chains they
 /// jump to), which take a forward's connections before portfwd's table does.
-pub fn foreign_nat(dump: &str, family: Family, instance: &str) -> Vec<ForeignNat> {
+pub fn foreign_nat(
+    dump: &str,
+    family: Family,
+    flavour: Flavour,
+    instance: &str,
+) -> Vec<ForeignNat> {
     let parsed = parse(dump);
-    crate::firewall::iptables::observe::foreign_nat(&parsed, family, instance)
+    let tool = match (flavour, family) {
+        (Flavour::Legacy, Family::V4) => "iptables-legacy",
+        (Flavour::Legacy, Family::V6) => "ip6tables-legacy",
+        (Flavour::Nft, Family::V4) => "iptables",
+        (Flavour::Nft, Family::V6) => "ip6tables",
+    };
+    let mut found = crate::firewall::iptables::observe::foreign_nat(&parsed, family, instance);
+    for rule in &mut found {
+        rule.place = format!("{tool} {}", rule.place);
+    }
+    found
 }
 
 fn words(rule: &[String]) -> Vec<&str> {

@@ -5,6 +5,7 @@
 mod common;
 
 mod ansible;
+mod cache;
 mod conntrack;
 mod converge;
 mod defects;

@@ -1,0 +1,259 @@
+//! End-to-end: the read cache (a run that finds the nf_tables generation where its record
+//! says the last full read saw it skips that read) trusts only what it can prove. Each test
+//! makes the condition under which a cached run would have said `no changes`, or kept a stale
+//! warning, and checks the run reads the host instead.
+
+use crate::common::{portfwd, prerequisites, sa, warnings, Topology};
+use portfwd_harness::{probe, Netns, Proto, Server};
+use serde_json::{json, Value};
+
+const NO_COOKIE: (&str, &str) = ("PORTFWD_NO_NETNS_COOKIE", "1");
+
+/// The namespace's nf_tables generation (`NFT_MSG_GETGEN`), read as portfwd reads it.
+fn generation(ns: &Netns) -> u64 {
+    let script = r#"
+import socket, struct
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)
+s.send(struct.pack('=IHHII', 20, (10 << 8) | 16, 1, 1, 0) + struct.pack('=BBH', 0, 0, 0))
+data = s.recv(65536)
+off = 20
+while off + 4 <= len(data):
+    ln, ty = struct.unpack_from('=HH', data, off)
+    if ty & 0x7fff == 1:
+        print(struct.unpack_from('>I', data, off + 4)[0])
+        break
+    off += (ln + 3) & ~3
+"#;
+    ns.stdout(&["python3", "-c", script])
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("a generation")
+}
+
+fn run(ns: &Netns, params: &Value, env: &[(&str, &str)]) -> portfwd_harness::RunResult {
+    let r = portfwd()
+        .run(ns, &["apply"], &params.to_string(), env)
+        .unwrap();
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    r
+}
+
+fn only_record(ns: &Netns) -> std::path::PathBuf {
+    let dir = portfwd().run_dir(ns);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "record"))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    files.remove(0)
+}
+
+/// A forward a namespace with only `lo` can prove with traffic: local connections to
+/// 127.0.0.1:4321 go to the service on 2323.
+fn local_redirect() -> Value {
+    json!({"backend": "iptables-nft", "forwards": [{"name": "ssh", "listen_port": 4321,
+        "listen_address": "127.0.0.1", "local": true, "redirect_to_port": 2323}]})
+}
+
+/// Without the namespace cookie (before Linux 5.14) a record is keyed by inode, which the
+/// kernel hands to the next namespace at once; with only `lo` there are no links to tell the
+/// two apart, and every new namespace starts at the same generation. A gone namespace's record
+/// whose cache lines up with this namespace's generation must not make the run say `no
+/// changes` with nothing installed.
+#[test]
+fn a_record_without_links_proves_no_cache_on_the_fallback_key() {
+    if !prerequisites() {
+        return;
+    }
+    let gone = Netns::new("gone").unwrap();
+    gone.exec(&["ip", "link", "set", "lo", "up"]).unwrap();
+    run(&gone, &local_redirect(), &[NO_COOKIE]);
+    let again = run(&gone, &local_redirect(), &[NO_COOKIE]);
+    assert_eq!(again.json["changed"], json!(false));
+    let mut planted: Value =
+        serde_json::from_str(&std::fs::read_to_string(only_record(&gone)).unwrap()).unwrap();
+    assert!(planted["read_cache"].is_object(), "{planted}");
+    drop(gone);
+
+    let ns = Netns::new("reuse").unwrap();
+    ns.exec(&["ip", "link", "set", "lo", "up"]).unwrap();
+    let _ssh = Server::start(&ns, Proto::Tcp, sa("127.0.0.1:2323")).unwrap();
+    // The gone record under this namespace's key, its generation lined up with this one's.
+    let inode = ns
+        .stdout(&["stat", "-L", "-c", "%i-%d", "/proc/self/ns/net"])
+        .unwrap();
+    let (ino, dev) = inode.trim().split_once('-').unwrap();
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    planted["netns"]["ino"] = json!(ino.parse::<u64>().unwrap());
+    planted["netns"]["dev"] = json!(dev.parse::<u64>().unwrap());
+    planted["read_cache"]["generation"] = json!(generation(&ns));
+    let dir = portfwd().run_dir(&ns);
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = format!("portfwd.netns-i{ino}-d{dev}-b{}.record", &boot[..8]);
+    std::fs::write(dir.join(name), planted.to_string()).unwrap();
+
+    let r = run(&ns, &local_redirect(), &[NO_COOKIE]);
+    assert_eq!(
+        r.json["changed"],
+        json!(true),
+        "nothing was installed here: {}",
+        r.stdout
+    );
+    probe(&ns, Proto::Tcp, sa("127.0.0.1:4321")).unwrap();
+}
+
+/// A record on persistent storage outlives a reboot, and cookies start again at boot: a
+/// record stamped with another boot id is ignored (with a warning) in the cookie mode too.
+#[test]
+fn a_record_of_another_boot_is_ignored_with_the_cookie() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::new("boot").unwrap();
+    ns.exec(&["ip", "link", "set", "lo", "up"]).unwrap();
+    let _ssh = Server::start(&ns, Proto::Tcp, sa("127.0.0.1:2323")).unwrap();
+    run(&ns, &local_redirect(), &[]);
+    run(&ns, &local_redirect(), &[]);
+    let path = only_record(&ns);
+    let mut record: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(record["read_cache"].is_object(), "{record}");
+    // What the earlier boot left: its forward is gone with the reboot, the record is not.
+    run(
+        &ns,
+        &json!({"backend": "iptables-nft", "state": "absent"}),
+        &[],
+    );
+    record["netns"]["boot_id"] = json!("00000000-0000-4000-8000-000000000000");
+    record["read_cache"]["generation"] = json!(generation(&ns));
+    std::fs::write(&path, record.to_string()).unwrap();
+
+    let r = run(&ns, &local_redirect(), &[]);
+    assert!(
+        warnings(&r)
+            .iter()
+            .any(|w| w.contains("written before this boot")),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(r.json["changed"], json!(true), "{}", r.stdout);
+    probe(&ns, Proto::Tcp, sa("127.0.0.1:4321")).unwrap();
+}
+
+/// A table with `flags owner` vanishes with the process that made it, and the generation
+/// does not move: the warning about its dropping forward chain is not kept for a cached run.
+#[test]
+fn a_warning_about_an_owner_table_does_not_outlive_it() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let params = json!({"backend": "iptables-nft",
+        "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    run(&t.proxy, &params, &[]);
+    // The owner keeps its netlink socket open while `nft -i` waits for more input.
+    let mut owner = std::process::Command::new("ip")
+        .args(["netns", "exec", t.proxy.name(), "nft", "-i"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = owner.stdin.as_mut().unwrap();
+        writeln!(stdin, "add table inet owned {{ flags owner; }}").unwrap();
+        writeln!(
+            stdin,
+            "add chain inet owned forward {{ type filter hook forward priority 0; policy drop; }}"
+        )
+        .unwrap();
+        stdin.flush().unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !t
+        .proxy
+        .stdout(&["nft", "list", "tables"])
+        .unwrap()
+        .contains("inet owned")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the owner table appears"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let r = run(&t.proxy, &params, &[]);
+    assert!(
+        warnings(&r)
+            .iter()
+            .any(|w| w.contains("inet owned forward")),
+        "the full read warns: {}",
+        r.stdout
+    );
+    let before = generation(&t.proxy);
+    drop(owner.stdin.take());
+    owner.wait().unwrap();
+    assert!(!t
+        .proxy
+        .stdout(&["nft", "list", "tables"])
+        .unwrap()
+        .contains("inet owned"));
+    assert_eq!(
+        generation(&t.proxy),
+        before,
+        "the table went without a commit"
+    );
+    let r = run(&t.proxy, &params, &[]);
+    assert!(
+        !warnings(&r).iter().any(|w| w.contains("inet owned")),
+        "the table is gone: {}",
+        r.stdout
+    );
+}
+
+/// iptables-legacy changes never move the nf_tables generation: a legacy DNAT that takes a
+/// forward's port is reported by a run that uses the cache, as by one that reads everything.
+#[test]
+fn a_legacy_dnat_is_seen_by_a_cached_run() {
+    if !prerequisites() || crate::common::which("iptables-legacy").is_none() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let params = json!({"backend": "iptables-nft",
+        "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    run(&t.proxy, &params, &[]);
+    let quiet = run(&t.proxy, &params, &[]);
+    assert!(warnings(&quiet).is_empty(), "{}", quiet.stdout);
+    let before = generation(&t.proxy);
+    let out = t
+        .proxy
+        .exec(&[
+            "iptables-legacy",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "4321",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.0.2.2:9",
+        ])
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(generation(&t.proxy), before, "legacy rules do not move it");
+    let r = run(&t.proxy, &params, &[]);
+    assert!(
+        warnings(&r)
+            .iter()
+            .any(|w| w.contains("forward \"web\": another owner's NAT rule")
+                && w.contains("iptables-legacy nat PREROUTING")),
+        "{}",
+        r.stdout
+    );
+}
