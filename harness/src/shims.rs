@@ -153,10 +153,11 @@ impl FailNth {
             real_tool(tool).ok_or_else(|| LabError::Traffic(format!("{tool} not on PATH")))?;
         let counter = dir.path().join("count");
         // nft also answers portfwd's best-effort looks at other tables (`-j list chains`,
-        // `-j list chain ...`), which never fail a run: they are passed through, not counted.
+        // `-j list chain ...`, `-j list tables`), which never fail a run: they are passed
+        // through, not counted.
         let pass = if tool == "nft" {
             format!(
-                "case \"$*\" in \"-j list chains\"|\"-j list chain \"*) exec '{}' \"$@\";; esac\n",
+                "case \"$*\" in \"-j list chains\"|\"-j list tables\"|\"-j list chain \"*) exec '{}' \"$@\";; esac\n",
                 real.display()
             )
         } else {
