@@ -59,7 +59,7 @@ fn execute(step: &Step, instance: &str, sys: &mut dyn System) -> Result<(), Syst
         Step::RecordAhead(record) | Step::Record(record) => sys.write_record(instance, record),
         Step::IpBatch(batch) => sys.ip_batch(batch.family, &script(batch)),
         Step::Transaction(t) => match t.tool {
-            Tool::IptablesRestore(family) => sys.restore(family, &t.payload),
+            Tool::IptablesRestore(tool, family) => sys.restore(tool, family, &t.payload),
             Tool::Nft => sys.nft_apply(&t.payload),
         },
         Step::DropTable(drop) => drop_if_only_chains(drop, sys),

@@ -540,7 +540,7 @@ mod tests {
         o.firewall
             .connmark_rules
             .push("mangle PREROUTING -j CONNMARK --set-xmark 0x2000/0x2000".into());
-        assert!(warnings(&c, &Iptables, &o)[0].contains("conn_mark 0x2000"));
+        assert!(warnings(&c, &Iptables::default(), &o)[0].contains("conn_mark 0x2000"));
     }
 
     #[test]
@@ -550,7 +550,7 @@ mod tests {
         );
         let on_link = warnings(
             &c,
-            &Iptables,
+            &Iptables::default(),
             &observed_with(&[("10.0.2.1", 24, "eth1")], &[]),
         );
         assert_eq!(on_link.len(), 1);
@@ -560,7 +560,7 @@ mod tests {
         );
         assert!(warnings(
             &c,
-            &Iptables,
+            &Iptables::default(),
             &observed_with(&[("10.0.9.1", 24, "eth1")], &[])
         )
         .is_empty());
@@ -571,7 +571,7 @@ mod tests {
         let c = config(
             r#"{"policy_routes":[{"from":"10.10.10.11","table":1,"routes":[{"to":"default","via":"10.10.10.10","dev":"eth0"}]}]}"#,
         );
-        let keys = sysctl_keys(&c, &compile(&c, &Iptables).sysctls);
+        let keys = sysctl_keys(&c, &compile(&c, &Iptables::default()).sysctls);
         assert!(
             keys.contains(&"net/ipv4/conf/eth0/rp_filter".to_string()),
             "{keys:?}"
@@ -583,7 +583,8 @@ mod tests {
                 ("net/ipv4/conf/eth0/rp_filter", "1"),
             ],
         );
-        assert!(warnings(&c, &Iptables, &strict)[0].contains("rp_filter is 1 (strict) for eth0"));
+        assert!(warnings(&c, &Iptables::default(), &strict)[0]
+            .contains("rp_filter is 1 (strict) for eth0"));
         let loose = observed_with(
             &[],
             &[
@@ -592,7 +593,7 @@ mod tests {
             ],
         );
         assert!(
-            warnings(&c, &Iptables, &loose).is_empty(),
+            warnings(&c, &Iptables::default(), &loose).is_empty(),
             "the higher of all and the device wins"
         );
     }
@@ -602,7 +603,7 @@ mod tests {
         let auto = config(
             r#"{"forwards":[{"name":"l","listen_port":1,"in_interface":"eth0","to":"127.0.0.1:8080"}]}"#,
         );
-        let desired = compile(&auto, &Iptables);
+        let desired = compile(&auto, &Iptables::default());
         assert_eq!(
             desired
                 .sysctls
@@ -610,24 +611,30 @@ mod tests {
                 .map(String::as_str),
             Some("1")
         );
-        assert!(warnings(&auto, &Iptables, &Observed::default()).is_empty());
+        assert!(warnings(&auto, &Iptables::default(), &Observed::default()).is_empty());
         // No named interface: nothing sets route_localnet, so the run must say so.
         let unnamed =
             config(r#"{"forwards":[{"name":"l","listen_port":1,"to":"127.0.0.1:8080"}]}"#);
-        assert!(!compile(&unnamed, &Iptables)
+        assert!(!compile(&unnamed, &Iptables::default())
             .sysctls
             .keys()
             .any(|k| k.contains("route_localnet")));
-        assert!(warnings(&unnamed, &Iptables, &Observed::default())[0].contains("route_localnet=1"));
+        assert!(
+            warnings(&unnamed, &Iptables::default(), &Observed::default())[0]
+                .contains("route_localnet=1")
+        );
         let manual = config(
             r#"{"ip_forward":true,"forwards":[{"name":"l","listen_port":1,"to":"127.0.0.1:8080"}]}"#,
         );
-        assert!(!compile(&manual, &Iptables)
+        assert!(!compile(&manual, &Iptables::default())
             .sysctls
             .keys()
             .any(|k| k.contains("route_localnet")));
-        assert!(warnings(&manual, &Iptables, &Observed::default())[0].contains("route_localnet=1"));
+        assert!(
+            warnings(&manual, &Iptables::default(), &Observed::default())[0]
+                .contains("route_localnet=1")
+        );
         let set = observed_with(&[], &[("net/ipv4/conf/all/route_localnet", "1")]);
-        assert!(warnings(&manual, &Iptables, &set).is_empty());
+        assert!(warnings(&manual, &Iptables::default(), &set).is_empty());
     }
 }

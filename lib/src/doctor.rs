@@ -371,7 +371,7 @@ mod tests {
             host.state
                 .sysctls
                 .insert(CONNTRACK_MAX.into(), "1000".into());
-            let d = diagnose(&Iptables, &config, false, &mut host).unwrap();
+            let d = diagnose(&Iptables::default(), &config, false, &mut host).unwrap();
             let ids: Vec<&str> = d.findings.iter().map(|f| f.id).collect();
             assert_eq!(
                 ids.contains(&"conntrack_near_full"),

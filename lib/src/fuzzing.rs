@@ -12,7 +12,7 @@ use crate::observe::iproute::{parse_addresses, parse_routes, parse_rules};
 /// Params text → validation → compile → rendered rules → planning from nothing.
 pub fn params(text: &str) {
     if let Ok((config, _, _)) = Config::from_json(text) {
-        let desired = compile(&config, &Iptables);
+        let desired = compile(&config, &Iptables::default());
         for chain in desired.firewall.chains.values() {
             for rule in &chain.rules {
                 let rendered = rule.render();

@@ -19,6 +19,7 @@
 //! takes the run lock, calls [`run`] and prints the [`report::Report`].
 
 mod apply;
+mod backends;
 mod checks;
 mod compile;
 mod conntrack;
@@ -53,9 +54,7 @@ pub use net::Cidr;
 pub use report::{line_diff, Changes, Diff, Report};
 pub use system::{default_state_dir, RealSystem, RunLock, SystemError};
 
-use firewall::iptables::Iptables;
 use firewall::migrate::Moving;
-use firewall::nftables::Nftables;
 use firewall::Firewall;
 use report::decompile::params_from_state;
 use report::StateView;
@@ -79,57 +78,18 @@ pub fn run(config: &Config, mode: RunMode, sys: &mut RealSystem) -> Report {
 /// [`run`] against any host (the fake one in unit tests).
 pub(crate) fn run_on(config: &Config, mode: RunMode, sys: &mut dyn System) -> Report {
     // The record says which backend holds the instance: another one than the params ask for
-    // is read too and emptied in the same run (see [`firewall::migrate`]).
+    // is read too and emptied in the same run (see [`backends`]).
     let prelude = match observe::prelude(sys, &config.instance) {
         Ok(p) => p,
         Err(e) => return Report::failure(format!("reading the current state failed: {e}")),
     };
     if config.backend.is_nftables() {
-        let moving = to_nftables(&config.instance, &prelude, sys);
+        let moving = backends::for_nftables(backends::Run::of(config), &prelude, sys);
         run_with(&moving, config, mode, sys, prelude)
     } else {
-        let moving = to_iptables(&config.instance, &prelude, sys);
+        let tool = system::IptablesTool::of(config.backend);
+        let moving = backends::for_iptables(backends::Run::of(config), &prelude, tool, sys);
         run_with(&moving, config, mode, sys, prelude)
-    }
-}
-
-/// Without a record nothing says which backend holds an instance (a wiped run dir, a reboot
-/// that restored a saved ruleset): the objects named for it are then looked for in the other
-/// backend too, since those names are portfwd's whatever the record says.
-fn record_lost(prelude: &observe::Prelude) -> bool {
-    prelude.record == ownership::Record::default()
-}
-
-/// The nftables backend, reading iptables too unless the record says nftables holds the
-/// instance.
-fn to_nftables(
-    instance: &str,
-    prelude: &observe::Prelude,
-    sys: &mut dyn System,
-) -> Moving<Nftables, Iptables> {
-    let held_by = prelude.record.backend.as_deref().unwrap_or("iptables");
-    Moving {
-        from_old: (held_by != "nftables" || record_lost(prelude)) && sys.has_tool("iptables-save"),
-        new: Nftables::new(instance),
-        old: Iptables,
-    }
-}
-
-/// The iptables backend, reading the instance's nft table too when the record names
-/// nftables, or when it is lost and the table is there (a look that fails, as where nft is
-/// refused, finds nothing: an iptables run never depends on nft).
-fn to_iptables(
-    instance: &str,
-    prelude: &observe::Prelude,
-    sys: &mut dyn System,
-) -> Moving<Iptables, Nftables> {
-    let held_by = prelude.record.backend.as_deref();
-    let table = firewall::nftables::table::table_name(instance);
-    Moving {
-        from_old: held_by == Some("nftables")
-            || (record_lost(prelude) && observe::nft_table_has_chains(sys, &table)),
-        new: Iptables,
-        old: Nftables::new(instance),
     }
 }
 
@@ -203,7 +163,7 @@ fn run_with<F: Firewall>(
         desired: &desired,
         observed: &observed,
     };
-    let mut report = report::planned(&view, &plan, config.backend, warnings, mode.diff);
+    let mut report = report::planned(&view, &plan, warnings, mode.diff);
     // A plan with nothing to change may still refresh the record (its read cache, a pruned
     // address): housekeeping, not a change.
     if plan.is_empty() && (plan.record.is_none() || mode.check) {
@@ -308,18 +268,22 @@ fn follow_live_flows<F: Firewall>(
 /// What keeps `config`'s forwards from working on this host (it changes nothing).
 /// With `probe`, it connects to every TCP backend (sends traffic).
 pub fn doctor(config: &Config, probe: bool, sys: &mut RealSystem) -> Result<Diagnosis, Error> {
+    // The backends a run would read, so what another backend or flavour still holds is
+    // reported (`not_applied`) as the run would move it.
+    let prelude = observe::prelude(sys, &config.instance)?;
     if config.backend.is_nftables() {
-        doctor::diagnose(&Nftables::new(&config.instance), config, probe, sys)
+        let moving = backends::for_nftables(backends::Run::of(config), &prelude, sys);
+        doctor::diagnose(&moving, config, probe, sys)
     } else {
-        doctor::diagnose(&Iptables, config, probe, sys)
+        let tool = system::IptablesTool::of(config.backend);
+        let moving = backends::for_iptables(backends::Run::of(config), &prelude, tool, sys);
+        doctor::diagnose(&moving, config, probe, sys)
     }
 }
 
 /// Does `iptables-save` here drive iptables-legacy (whose rules nftables tracing cannot see)?
 pub fn iptables_is_legacy(sys: &mut RealSystem) -> bool {
-    use system::System as _;
-    sys.save_tool(net::Family::V4)
-        .is_ok_and(|path| firewall::iptables::observe::tool_flavour(&path) == Some("legacy"))
+    backends::resolve(sys, system::IptablesTool::Installed) == system::IptablesTool::Legacy
 }
 
 /// The forwards an instance has installed, to label its rules in a trace.
@@ -354,22 +318,26 @@ fn show_on(
     sys: &mut dyn System,
 ) -> Result<Params, Error> {
     let prelude = observe::prelude(sys, instance)?;
+    // Every backend and flavour is read: what is named for the instance is its own, record
+    // or not (as for `absent`).
+    let all = backends::Run {
+        instance,
+        absent: true,
+    };
     let held_by = prelude.record.backend.as_deref();
-    // Both backends are read: what is named for the instance is its own, record or not.
     if held_by == Some("nftables") || (held_by.is_none() && nftables) {
-        let both = Moving {
-            from_old: sys.has_tool("iptables-save"),
-            new: Nftables::new(instance),
-            old: Iptables,
-        };
-        show_with(&both, instance, protocol, sys, prelude)
+        let all = backends::for_nftables(all, &prelude, sys);
+        show_with(&all, instance, protocol, sys, prelude)
     } else {
-        let both = Moving {
-            from_old: sys.has_tool("nft"),
-            new: Iptables,
-            old: Nftables::new(instance),
+        // The flavour the record names, with the tools as installed when they drive it.
+        let tool = match held_by.and_then(system::IptablesTool::from_name) {
+            Some(named) if named != backends::resolve(sys, system::IptablesTool::Installed) => {
+                named
+            }
+            _ => system::IptablesTool::Installed,
         };
-        show_with(&both, instance, protocol, sys, prelude)
+        let all = backends::for_iptables(all, &prelude, tool, sys);
+        show_with(&all, instance, protocol, sys, prelude)
     }
 }
 
@@ -398,22 +366,29 @@ fn show_with<N: Firewall, O: Firewall>(
         protocol,
         observed.stored.is_some(),
     );
-    // The backend that holds the entries (the other one when only it does).
-    let holder = if !firewall.new.holds_anything(&state.0) && firewall.old.holds_anything(&state.1)
-    {
-        firewall.old.name()
-    } else {
-        firewall.new.name()
+    // The backend that holds the entries (the first that does), by the name the params use
+    // for it; iptables as installed is the default.
+    let installed = backends::resolve(sys, system::IptablesTool::Installed);
+    params.backend = match firewall.held_by(&state) {
+        Some("nftables") => Backend::Nftables,
+        Some(name) => match system::IptablesTool::from_name(name) {
+            Some(tool) if tool != installed && tool != system::IptablesTool::Installed => {
+                match tool {
+                    system::IptablesTool::Legacy => Backend::IptablesLegacy,
+                    _ => Backend::IptablesNft,
+                }
+            }
+            _ => Backend::Iptables,
+        },
+        None => Backend::Iptables,
     };
-    if holder == "nftables" {
-        params.backend = Backend::Nftables;
-    }
     Ok(params)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::firewall::iptables::Iptables;
     use crate::net::Family;
     use crate::testing::{dump_of, FakeHost};
 
@@ -426,7 +401,7 @@ mod tests {
     /// A fake host that already holds what `json` compiles to.
     fn converged(json: &str) -> FakeHost {
         let c = config(json);
-        let desired = compile::compile(&c, &Iptables);
+        let desired = compile::compile(&c, &Iptables::default());
         let mut sys = FakeHost::default();
         for family in [Family::V4, Family::V6] {
             sys.set_dump(family, &dump_of(&desired.firewall, &c.instance, family));
@@ -434,6 +409,8 @@ mod tests {
         for (k, v) in &desired.sysctls {
             sys.state.sysctls.insert(k.clone(), v.clone());
         }
+        // As portfwd leaves it: the record names the flavour holding the instance.
+        sys.state.record.backend = Some("iptables-nft".into());
         sys
     }
 
@@ -450,10 +427,10 @@ mod tests {
             "masquerade":[{"name":"lan","source":"192.168.0.0/24"}]}"#;
         let mut sys = converged(json);
         let shown = show_on("portfwd", None, false, &mut sys).unwrap();
-        let again = compile::compile(&shown.validate().unwrap(), &Iptables);
+        let again = compile::compile(&shown.validate().unwrap(), &Iptables::default());
         assert_eq!(
             again.firewall,
-            compile::compile(&config(json), &Iptables).firewall
+            compile::compile(&config(json), &Iptables::default()).firewall
         );
     }
 

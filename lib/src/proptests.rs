@@ -89,7 +89,7 @@ proptest! {
     #[test]
     fn compiled_rules_survive_save_and_parse(p in params()) {
         let (config, _, _) = Config::from_json(&p.to_string()).expect("generated params are valid");
-        let desired = compile(&config, &Iptables);
+        let desired = compile(&config, &Iptables::default());
         let mut observed = IptablesObserved::default();
         for family in [Family::V4, Family::V6] {
             let text = dump_of(&desired.firewall, &config.instance, family);

@@ -11,12 +11,26 @@ use crate::ownership::{FirewallRead, Record};
 use crate::system::Read;
 
 /// The backend the params ask for (`new`) and the one that may still hold the instance
-/// (`old`), read and emptied only while `from_old` is set.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// (`old`), read and emptied only while `from_old` is set. `old` may itself be a `Moving` of
+/// two candidates (another iptables flavour and nftables); such an inner one reads its `new`
+/// only while `from_new` is set.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Moving<N, O> {
     pub new: N,
     pub old: O,
     pub from_old: bool,
+    pub from_new: bool,
+}
+
+impl<N: Default, O: Default> Default for Moving<N, O> {
+    fn default() -> Self {
+        Moving {
+            new: N::default(),
+            old: O::default(),
+            from_old: false,
+            from_new: true,
+        }
+    }
 }
 
 /// Entries that left the old backend for the new one count as updated; an entry held by
@@ -68,12 +82,22 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
         self.new.holds_anything(&want.0)
     }
 
+    fn held_by(&self, state: &Self::Desired) -> Option<&'static str> {
+        self.new
+            .held_by(&state.0)
+            .or_else(|| self.old.held_by(&state.1))
+    }
+
     fn compile(&self, config: &Config) -> Self::Desired {
         (self.new.compile(config), O::Desired::default())
     }
 
     fn reads(&self) -> Vec<Read> {
-        let mut reads = self.new.reads();
+        let mut reads = if self.from_new {
+            self.new.reads()
+        } else {
+            Vec::new()
+        };
         if self.from_old {
             reads.extend(self.old.reads());
         }
@@ -86,9 +110,18 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
         mut outputs: Vec<(String, String)>,
         warnings: &mut Vec<String>,
     ) -> Self::Observed {
-        let split = self.new.reads().len().min(outputs.len());
+        let new_reads = if self.from_new {
+            self.new.reads().len()
+        } else {
+            0
+        };
+        let split = new_reads.min(outputs.len());
         let old_outputs = outputs.split_off(split);
-        let new = self.new.observe(instance, outputs, warnings);
+        let new = if self.from_new {
+            self.new.observe(instance, outputs, warnings)
+        } else {
+            N::Observed::default()
+        };
         let old = self
             .from_old
             .then(|| self.old.observe(instance, old_outputs, warnings));

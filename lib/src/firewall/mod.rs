@@ -29,11 +29,17 @@ pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     /// What the backend found of an instance on the host.
     type Observed: Clone + Debug + Default;
 
-    /// The backend family the record names as holding the instance (`iptables`, `nftables`).
+    /// The name the record keeps for the backend holding the instance (`iptables-nft`,
+    /// `iptables-legacy`, `nftables`; `iptables` for the tools as installed, unresolved).
     fn name(&self) -> &'static str;
 
     /// Does a desired state hold any object (else the instance leaves this backend)?
     fn holds_anything(&self, want: &Self::Desired) -> bool;
+
+    /// The backend that holds the objects of `state` (a snapshot), if any does.
+    fn held_by(&self, state: &Self::Desired) -> Option<&'static str> {
+        self.holds_anything(state).then(|| self.name())
+    }
 
     /// Compiles the forwards and masquerade entries (a pure function of the config).
     fn compile(&self, config: &Config) -> Self::Desired;
@@ -159,8 +165,9 @@ pub struct Transaction {
 /// What runs a [`Transaction`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tool {
-    /// `iptables-restore --noflush` (or `ip6tables-restore`): one table of one family.
-    IptablesRestore(Family),
+    /// `iptables-restore --noflush` (or `ip6tables-restore`) of that flavour: one table of one
+    /// family.
+    IptablesRestore(crate::system::IptablesTool, Family),
     /// `nft -f -`: one script, both families.
     Nft,
 }
@@ -169,8 +176,16 @@ impl Transaction {
     /// How it is named in messages (`ipv4 nat transaction`).
     pub fn describe(&self) -> String {
         match self.tool {
-            Tool::IptablesRestore(family) => {
+            Tool::IptablesRestore(crate::system::IptablesTool::Installed, family) => {
                 format!("{} {} transaction", family.label(), self.table)
+            }
+            Tool::IptablesRestore(tool, family) => {
+                format!(
+                    "{} {} {} transaction",
+                    tool.name(),
+                    family.label(),
+                    self.table
+                )
             }
             Tool::Nft => format!("nft transaction on table {}", self.table),
         }

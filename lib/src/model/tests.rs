@@ -376,7 +376,8 @@ fn old_backend_names_still_work_and_say_they_are_deprecated() {
     ] {
         let (config, _, _) = Config::from_json(&format!(r#"{{"backend":"{old}"}}"#)).unwrap();
         assert_eq!(config.backend().name(), new);
-        let desired = crate::compile::compile(&config, &crate::firewall::iptables::Iptables);
+        let desired =
+            crate::compile::compile(&config, &crate::firewall::iptables::Iptables::default());
         assert!(
             desired.warnings.iter().any(|w| w.contains(&format!(
                 "backend: \"{old}\" is deprecated; write \"{new}\""
@@ -386,7 +387,7 @@ fn old_backend_names_still_work_and_say_they_are_deprecated() {
         );
     }
     let (config, _, _) = Config::from_json(r#"{"backend":"nftables"}"#).unwrap();
-    let desired = crate::compile::compile(&config, &crate::firewall::iptables::Iptables);
+    let desired = crate::compile::compile(&config, &crate::firewall::iptables::Iptables::default());
     assert!(desired.warnings.is_empty(), "{:?}", desired.warnings);
 }
 

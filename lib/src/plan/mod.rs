@@ -124,10 +124,9 @@ pub fn plan<F: Firewall>(
                 read,
             })
         });
-    // The record names the backend only while it holds something, and only when it is not
-    // iptables (what records from before the choice mean), so iptables hosts see no new write.
-    record.backend = (firewall.holds_anything(&desired.firewall) && firewall.name() != "iptables")
-        .then(|| firewall.name().to_string());
+    // The record names the backend (and the iptables flavour) while it holds something; a
+    // record without one is from before the choice, when iptables as installed held it.
+    record.backend = firewall.held_by(&desired.firewall).map(str::to_string);
     let sysctls = sysctl::plan_sysctls(&desired.sysctls, observed, &mut record, &mut warnings);
     let routing = plan_routing(&desired.routing, &observed.routing, protocol);
     warnings.extend(routing.warnings.iter().cloned());

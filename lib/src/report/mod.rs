@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::apply::{batch_command, drop_command, sysctl_command};
 use crate::compile::Desired;
 use crate::firewall::{EntryChanges, Firewall, Tool};
-use crate::model::{Backend, Params};
+use crate::model::Params;
 use crate::observe::Observed;
 use crate::plan::{Plan, Step};
 use crate::system::restore_command;
@@ -80,7 +80,6 @@ impl Report {
 pub fn planned<F: Firewall>(
     view: &StateView<F>,
     plan: &Plan,
-    backend: Backend,
     warnings: Vec<String>,
     with_diff: bool,
 ) -> Report {
@@ -93,7 +92,7 @@ pub fn planned<F: Firewall>(
             summary(plan)
         },
         diff: with_diff.then(|| view.diff()),
-        commands: commands(plan, backend),
+        commands: commands(plan),
         warnings,
         forwards: plan.forwards().into(),
         masquerade: plan.masquerade().into(),
@@ -150,7 +149,7 @@ impl<F: Firewall> StateView<'_, F> {
 }
 
 /// The commands a plan runs, shell-like, for the result's `commands` (also in check mode).
-pub fn commands(plan: &Plan, backend: Backend) -> Vec<String> {
+pub fn commands(plan: &Plan) -> Vec<String> {
     let mut out = Vec::new();
     for step in plan.steps() {
         match step {
@@ -162,7 +161,7 @@ pub fn commands(plan: &Plan, backend: Backend) -> Vec<String> {
             Step::Transaction(t) => heredoc(
                 &mut out,
                 match t.tool {
-                    Tool::IptablesRestore(family) => restore_command(backend, family),
+                    Tool::IptablesRestore(tool, family) => restore_command(tool, family),
                     Tool::Nft => "nft -f -".to_string(),
                 },
                 t.payload.lines(),

@@ -52,8 +52,8 @@ pub enum SystemError {
 /// A read that does not depend on any other, so a batch of them can run at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Read {
-    /// `iptables-save` / `ip6tables-save`: (stdout, stderr).
-    Save(Family),
+    /// `iptables-save` / `ip6tables-save` of that flavour: (stdout, stderr).
+    Save(IptablesTool, Family),
     /// `ip -N -j ARGS...`: (stdout, "").
     IpJson(Vec<&'static str>),
     /// `iptables-legacy-save` / `ip6tables-legacy-save` (lists only tables that exist, loads
@@ -71,7 +71,7 @@ pub enum Read {
     NftTable(String),
     /// The file the save tool resolves to through links (`/usr/sbin/xtables-nft-multi`):
     /// (path, ""). iptables before 1.8.8 does not name its flavour in the dump.
-    SaveTool(Family),
+    SaveTool(IptablesTool, Family),
 }
 
 /// Reads and writes of host state, each a single call the engine can count and fake.
@@ -82,9 +82,11 @@ pub trait System {
         reads
             .iter()
             .map(|read| match read {
-                Read::Save(family) => self.save(*family),
+                Read::Save(tool, family) => self.save(*tool, *family),
                 Read::IpJson(args) => self.ip_json(args).map(|out| (out, String::new())),
-                Read::SaveTool(family) => self.save_tool(*family).map(|out| (out, String::new())),
+                Read::SaveTool(tool, family) => self
+                    .save_tool(*tool, *family)
+                    .map(|out| (out, String::new())),
                 Read::NftJson(args) => self.nft_json(args).map(|out| (out, String::new())),
                 Read::NftTable(name) => self.nft_table(name).map(|out| (out, String::new())),
                 Read::LegacySave(family) => {
@@ -95,7 +97,8 @@ pub trait System {
             .collect()
     }
     /// `iptables-save` (or `ip6tables-save`): stdout and stderr.
-    fn save(&mut self, family: Family) -> Result<(String, String), SystemError>;
+    fn save(&mut self, tool: IptablesTool, family: Family)
+        -> Result<(String, String), SystemError>;
     /// `ss -H -l -n -t -u`: the listening TCP and bound UDP sockets of this namespace.
     fn listening_sockets(&mut self) -> Result<String, SystemError>;
     /// Opens a TCP connection to `target` and closes it (doctor's opt-in `--probe`).
@@ -116,9 +119,14 @@ pub trait System {
     /// nftables transaction); None when the kernel has no nf_tables or the host cannot say.
     fn nft_generation(&mut self) -> Result<Option<u32>, SystemError>;
     /// Where `iptables-save` (or `ip6tables-save`) resolves to, links followed.
-    fn save_tool(&mut self, family: Family) -> Result<String, SystemError>;
+    fn save_tool(&mut self, tool: IptablesTool, family: Family) -> Result<String, SystemError>;
     /// One `iptables-restore --noflush` transaction (one table per payload).
-    fn restore(&mut self, family: Family, payload: &str) -> Result<(), SystemError>;
+    fn restore(
+        &mut self,
+        tool: IptablesTool,
+        family: Family,
+        payload: &str,
+    ) -> Result<(), SystemError>;
     /// A sysctl under `/proc/sys` (`net/ipv4/ip_forward`); None when it does not exist.
     fn read_sysctl(&mut self, key: &str) -> Result<Option<String>, SystemError>;
     /// Sets a sysctl (`sysctl -w net/ipv4/ip_forward=1`).
@@ -164,30 +172,78 @@ pub fn default_run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/portfwd"))
 }
 
+/// Which iptables tools a backend runs: as installed (`iptables-save`, whatever the
+/// alternatives select), or one flavour by name. A run may use two (a move between flavours).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum IptablesTool {
+    #[default]
+    Installed,
+    Nft,
+    Legacy,
+}
+
+impl IptablesTool {
+    /// The tools the params' backend names (`nftables` reads iptables as installed).
+    pub fn of(backend: Backend) -> IptablesTool {
+        match backend.canonical() {
+            Backend::IptablesNft => IptablesTool::Nft,
+            Backend::IptablesLegacy => IptablesTool::Legacy,
+            _ => IptablesTool::Installed,
+        }
+    }
+
+    /// `iptables-nft-save`, `ip6tables-restore`, ...
+    pub fn command(self, family: Family, verb: &str) -> String {
+        let base = match family {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        };
+        match self {
+            IptablesTool::Installed => format!("{base}-{verb}"),
+            IptablesTool::Nft => format!("{base}-nft-{verb}"),
+            IptablesTool::Legacy => format!("{base}-legacy-{verb}"),
+        }
+    }
+
+    /// The name the record keeps for the flavour holding an instance.
+    pub fn name(self) -> &'static str {
+        match self {
+            IptablesTool::Installed => "iptables",
+            IptablesTool::Nft => "iptables-nft",
+            IptablesTool::Legacy => "iptables-legacy",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<IptablesTool> {
+        [
+            IptablesTool::Installed,
+            IptablesTool::Nft,
+            IptablesTool::Legacy,
+        ]
+        .into_iter()
+        .find(|t| t.name() == name)
+    }
+
+    /// The flavour that is not this one (as installed counts as nf_tables).
+    pub fn other(self) -> IptablesTool {
+        match self {
+            IptablesTool::Legacy => IptablesTool::Nft,
+            _ => IptablesTool::Legacy,
+        }
+    }
+}
+
 /// The restore command line as shown in results (`commands`).
-pub fn restore_command(backend: Backend, family: Family) -> String {
+pub fn restore_command(tool: IptablesTool, family: Family) -> String {
     format!(
         "{} --noflush -w {}",
-        tool_name(backend, family, "restore"),
+        tool.command(family, "restore"),
         RESTORE_WAIT_SECONDS
     )
 }
 
 /// How long `iptables-restore -w` waits for the xtables lock of other tools.
 const RESTORE_WAIT_SECONDS: u32 = 10;
-
-fn tool_name(backend: Backend, family: Family, verb: &str) -> String {
-    let base = match family {
-        Family::V4 => "iptables",
-        Family::V6 => "ip6tables",
-    };
-    // The nftables backend reads iptables only to move an instance off it: as installed.
-    match backend.canonical() {
-        Backend::IptablesNft => format!("{base}-nft-{verb}"),
-        Backend::IptablesLegacy => format!("{base}-legacy-{verb}"),
-        _ => format!("{base}-{verb}"),
-    }
-}
 
 /// The host, through real commands, `/proc/sys` and portfwd's own files.
 pub struct RealSystem {
@@ -265,10 +321,10 @@ impl RealSystem {
 
     fn read_one(&self, read: &Read) -> Result<(String, String), SystemError> {
         match read {
-            Read::Save(family) => self.run(&tool_name(self.backend, *family, "save"), &[], None),
+            Read::Save(tool, family) => self.run(&tool.command(*family, "save"), &[], None),
             Read::IpJson(args) => self.ip_json_text(args).map(|out| (out, String::new())),
             Read::LegacySave(family) => {
-                let tool = tool_name(Backend::IptablesLegacy, *family, "save");
+                let tool = IptablesTool::Legacy.command(*family, "save");
                 let resolve = |name: &str| {
                     which::which(name)
                         .ok()
@@ -278,13 +334,14 @@ impl RealSystem {
                     return Ok((String::new(), String::new()));
                 };
                 // When the save in use is that same tool, `Read::Save` already reads it.
-                if resolve(&tool_name(self.backend, *family, "save")) == Some(legacy) {
+                let in_use = IptablesTool::of(self.backend).command(*family, "save");
+                if resolve(&in_use) == Some(legacy) {
                     return Ok((String::new(), String::new()));
                 }
                 self.run(&tool, &[], None)
             }
             Read::NftSave(family) => {
-                let tool = tool_name(Backend::IptablesNft, *family, "save");
+                let tool = IptablesTool::Nft.command(*family, "save");
                 if which::which(&tool).is_err() {
                     return Ok((String::new(), String::new()));
                 }
@@ -312,8 +369,8 @@ impl RealSystem {
                     other => other,
                 }
             }
-            Read::SaveTool(family) => {
-                let tool = tool_name(self.backend, *family, "save");
+            Read::SaveTool(tool, family) => {
+                let tool = tool.command(*family, "save");
                 let path = which::which(&tool).map_err(|source| SystemError::NotFound {
                     tool: tool.clone(),
                     source,
@@ -401,8 +458,12 @@ impl System for RealSystem {
         })
     }
 
-    fn save(&mut self, family: Family) -> Result<(String, String), SystemError> {
-        self.read_one(&Read::Save(family))
+    fn save(
+        &mut self,
+        tool: IptablesTool,
+        family: Family,
+    ) -> Result<(String, String), SystemError> {
+        self.read_one(&Read::Save(tool, family))
     }
 
     fn listening_sockets(&mut self) -> Result<String, SystemError> {
@@ -451,14 +512,20 @@ impl System for RealSystem {
         Ok(nfgen::generation().ok().flatten())
     }
 
-    fn save_tool(&mut self, family: Family) -> Result<String, SystemError> {
-        self.read_one(&Read::SaveTool(family)).map(|(path, _)| path)
+    fn save_tool(&mut self, tool: IptablesTool, family: Family) -> Result<String, SystemError> {
+        self.read_one(&Read::SaveTool(tool, family))
+            .map(|(path, _)| path)
     }
 
-    fn restore(&mut self, family: Family, payload: &str) -> Result<(), SystemError> {
+    fn restore(
+        &mut self,
+        tool: IptablesTool,
+        family: Family,
+        payload: &str,
+    ) -> Result<(), SystemError> {
         let wait = RESTORE_WAIT_SECONDS.to_string();
         self.run(
-            &tool_name(self.backend, family, "restore"),
+            &tool.command(family, "restore"),
             &["--noflush", "-w", &wait],
             Some(payload),
         )
@@ -673,15 +740,15 @@ mod tests {
     #[test]
     fn tool_names_follow_backend() {
         assert_eq!(
-            tool_name(Backend::Iptables, Family::V6, "save"),
+            IptablesTool::of(Backend::Iptables).command(Family::V6, "save"),
             "ip6tables-save"
         );
         assert_eq!(
-            tool_name(Backend::IptablesNft, Family::V4, "restore"),
+            IptablesTool::of(Backend::IptablesNft).command(Family::V4, "restore"),
             "iptables-nft-restore"
         );
         assert_eq!(
-            tool_name(Backend::IptablesLegacy, Family::V4, "save"),
+            IptablesTool::of(Backend::Legacy).command(Family::V4, "save"),
             "iptables-legacy-save"
         );
     }

@@ -13,7 +13,7 @@ use crate::firewall::iptables::rules::OwnedRules;
 use crate::model::Proto;
 use crate::net::Family;
 use crate::ownership::Record;
-use crate::system::{System, SystemError};
+use crate::system::{IptablesTool, System, SystemError};
 use iproute::IpState;
 use tables::Tables;
 
@@ -21,6 +21,8 @@ use tables::Tables;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostState {
     pub tables: BTreeMap<Family, Tables>,
+    /// iptables-legacy's tables (beside the nf_tables ones above).
+    pub legacy: BTreeMap<Family, Tables>,
     pub ip: IpState,
     pub sysctls: BTreeMap<String, String>,
     pub record: Record,
@@ -95,6 +97,16 @@ impl FakeHost {
             .unwrap_or_default()
     }
 
+    /// A family's iptables-legacy tables as `iptables-legacy-save` prints them.
+    pub fn legacy_dump(&self, family: Family) -> String {
+        self.state
+            .legacy
+            .get(&family)
+            .filter(|t| !t.0.is_empty())
+            .map(|t| t.render().replacen(" (nf_tables)", " (legacy)", 1))
+            .unwrap_or_default()
+    }
+
     /// A committed nftables transaction bumps the generation.
     fn bump(&mut self, committed: bool) {
         if let (true, Some(g)) = (committed, self.generation.as_mut()) {
@@ -105,6 +117,7 @@ impl FakeHost {
     /// A family without tables is no entry, so hosts compare equal however they got there.
     fn tidy(&mut self) {
         self.state.tables.retain(|_, t| !t.0.is_empty());
+        self.state.legacy.retain(|_, t| !t.0.is_empty());
     }
 
     /// Logs a call; Err when the injected failure hits it.
@@ -135,7 +148,15 @@ fn refused(stderr: String) -> SystemError {
 }
 
 impl System for FakeHost {
-    fn save(&mut self, family: Family) -> Result<(String, String), SystemError> {
+    fn save(
+        &mut self,
+        tool: IptablesTool,
+        family: Family,
+    ) -> Result<(String, String), SystemError> {
+        if tool == IptablesTool::Legacy {
+            self.call(format!("save legacy {}", family.label()))?;
+            return Ok((self.legacy_dump(family), String::new()));
+        }
         self.call(format!("save {}", family.label()))?;
         let stderr = self.save_stderr.get(&family).cloned().unwrap_or_default();
         Ok((self.dump(family), stderr))
@@ -189,12 +210,32 @@ impl System for FakeHost {
         Ok(self.generation)
     }
 
-    fn save_tool(&mut self, family: Family) -> Result<String, SystemError> {
+    fn save_tool(&mut self, tool: IptablesTool, family: Family) -> Result<String, SystemError> {
         self.call(format!("read-tool {}", family.label()))?;
-        Ok("/usr/sbin/xtables-nft-multi".to_string())
+        Ok(match tool {
+            IptablesTool::Legacy => "/usr/sbin/xtables-legacy-multi",
+            _ => "/usr/sbin/xtables-nft-multi",
+        }
+        .to_string())
     }
 
-    fn restore(&mut self, family: Family, payload: &str) -> Result<(), SystemError> {
+    fn restore(
+        &mut self,
+        tool: IptablesTool,
+        family: Family,
+        payload: &str,
+    ) -> Result<(), SystemError> {
+        if tool == IptablesTool::Legacy {
+            self.call(format!(
+                "restore legacy {} {}",
+                family.label(),
+                payload.replace('\n', " | ")
+            ))?;
+            let tables = self.state.legacy.entry(family).or_default();
+            let result = tables.restore(payload).map_err(refused);
+            self.tidy();
+            return result;
+        }
         self.call(format!(
             "restore {} {}",
             family.label(),
@@ -332,7 +373,7 @@ impl System for FakeHost {
 /// The desired state of params JSON, compiled for the iptables backend.
 pub fn compiled(json: &str) -> crate::compile::Desired {
     let (config, _, _) = crate::model::Config::from_json(json).expect("valid params");
-    crate::compile::compile(&config, &crate::firewall::iptables::Iptables)
+    crate::compile::compile(&config, &crate::firewall::iptables::Iptables::default())
 }
 
 /// What `iptables-save` prints once `rules` are in place (policies ACCEPT, jumps first).

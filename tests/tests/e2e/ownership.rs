@@ -85,3 +85,126 @@ fn objects_named_for_the_instance_are_found_without_the_record() {
     assert!(!save.contains("PFWD-portfwd"), "{save}");
     assert!(!works(), "nothing forwards after absent");
 }
+
+/// Every iptables rule of the instance, in both flavours, as `iptables-save` shows them.
+fn instance_rules(ns: &Netns) -> (String, String) {
+    let ours = |tool: &str| {
+        ns.stdout(&[tool])
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("PFWD-portfwd"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    (ours("iptables-nft-save"), ours("iptables-legacy-save"))
+}
+
+/// The record names the iptables flavour that holds the instance: a move from any backend or
+/// flavour to any other removes the old objects in the same run (the entry is `updated`, not
+/// `added`), traffic flows through the new ones, and `absent` leaves nothing anywhere. Without
+/// the record, `absent` with the default backend removes the instance from both flavours and
+/// nftables.
+#[test]
+fn moves_between_iptables_flavours_and_nftables_leave_nothing_behind() {
+    if !prerequisites() || crate::common::which("iptables-legacy-save").is_none() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let web = json!({"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"});
+    let works = || probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_ok();
+    let apply = |backend: &str| {
+        let r = portfwd()
+            .apply(&t.proxy, &json!({"backend": backend, "forwards": [web]}))
+            .unwrap();
+        assert!(!r.failed(), "{backend}: {}", r.stdout);
+        r
+    };
+
+    let r = apply("iptables-legacy");
+    assert_eq!(r.json["forwards"]["added"], json!(["web"]), "{}", r.stdout);
+    let (nft, legacy) = instance_rules(&t.proxy);
+    assert!(nft.is_empty() && !legacy.is_empty(), "{nft}\n{legacy}");
+    assert!(works());
+
+    for (to, holds) in [
+        ("nftables", "nftables"),
+        ("iptables-nft", "iptables-nft"),
+        ("iptables-legacy", "iptables-legacy"),
+        ("iptables", "iptables-nft"),
+    ] {
+        let r = apply(to);
+        assert_eq!(
+            r.json["forwards"]["updated"],
+            json!(["web"]),
+            "moved to {to}: {}",
+            r.stdout
+        );
+        assert_eq!(r.json["forwards"]["added"], json!([]), "{}", r.stdout);
+        let (nft, legacy) = instance_rules(&t.proxy);
+        let table = nft_tables(&t.proxy).contains("portfwd-portfwd");
+        assert_eq!(
+            (!nft.is_empty(), !legacy.is_empty(), table),
+            (
+                holds == "iptables-nft",
+                holds == "iptables-legacy",
+                holds == "nftables"
+            ),
+            "only {holds} holds it after the move to {to}:\n{nft}\n{legacy}"
+        );
+        assert!(works(), "forwarding after the move to {to}");
+        let again = apply(to);
+        assert_eq!(again.json["changed"], json!(false), "{}", again.stdout);
+    }
+    let gone = portfwd()
+        .apply(&t.proxy, &json!({"backend": "nftables", "state": "absent"}))
+        .unwrap();
+    assert_eq!(
+        gone.json["forwards"]["removed"],
+        json!(["web"]),
+        "{}",
+        gone.stdout
+    );
+    assert_eq!(instance_rules(&t.proxy), (String::new(), String::new()));
+    assert!(!works());
+
+    // Held by all three at once (saved rulesets restored at boot), the record lost: `absent`
+    // with the default backend.
+    apply("iptables-legacy");
+    let legacy_saved = t.proxy.stdout(&["iptables-legacy-save"]).unwrap();
+    apply("nftables");
+    let nft_saved = t
+        .proxy
+        .stdout(&["nft", "list", "table", "inet", "portfwd-portfwd"])
+        .unwrap();
+    apply("iptables-nft");
+    t.proxy
+        .exec_with_input(&["iptables-legacy-restore"], &legacy_saved)
+        .unwrap();
+    t.proxy
+        .exec_with_input(&["nft", "-f", "-"], &nft_saved)
+        .unwrap();
+    wipe_record(&t.proxy);
+    let (nft, legacy) = instance_rules(&t.proxy);
+    assert!(
+        !nft.is_empty() && !legacy.is_empty() && nft_tables(&t.proxy).contains("portfwd-portfwd")
+    );
+    let shown = show(&t.proxy);
+    assert_eq!(
+        shown["forwards"].as_array().map(Vec::len),
+        Some(1),
+        "{shown}"
+    );
+    let gone = portfwd()
+        .apply(&t.proxy, &json!({"state": "absent"}))
+        .unwrap();
+    assert_eq!(
+        gone.json["forwards"]["removed"],
+        json!(["web"]),
+        "named once: {}",
+        gone.stdout
+    );
+    assert_eq!(instance_rules(&t.proxy), (String::new(), String::new()));
+    assert!(!nft_tables(&t.proxy).contains("portfwd-portfwd"));
+    assert!(!works(), "nothing forwards after absent");
+}

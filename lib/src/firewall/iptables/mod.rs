@@ -22,7 +22,7 @@ use crate::checks::{Finding, Severity};
 use crate::model::Config;
 use crate::net::Family;
 use crate::ownership::{FirewallRead, Record, StableHash};
-use crate::system::Read;
+use crate::system::{IptablesTool, Read};
 use observe::IptablesObserved;
 use rules::OwnedRules;
 
@@ -37,16 +37,27 @@ struct ForeignFacts {
     forward_drop: Vec<Family>,
 }
 
-/// The iptables backend.
+/// The iptables backend: the tools it runs (one flavour's, or as installed), and the flavour
+/// they are known to drive (as installed when it could not be told), which the record names.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Iptables;
+pub struct Iptables {
+    pub tool: IptablesTool,
+    pub flavour: IptablesTool,
+}
+
+impl Iptables {
+    /// Runs `tool`, known to drive `flavour`.
+    pub fn new(tool: IptablesTool, flavour: IptablesTool) -> Iptables {
+        Iptables { tool, flavour }
+    }
+}
 
 impl Firewall for Iptables {
     type Desired = OwnedRules;
     type Observed = IptablesObserved;
 
     fn name(&self) -> &'static str {
-        "iptables"
+        self.flavour.name()
     }
 
     fn holds_anything(&self, want: &OwnedRules) -> bool {
@@ -59,9 +70,9 @@ impl Firewall for Iptables {
 
     fn reads(&self) -> Vec<Read> {
         vec![
-            Read::Save(Family::V4),
-            Read::Save(Family::V6),
-            Read::SaveTool(Family::V4),
+            Read::Save(self.tool, Family::V4),
+            Read::Save(self.tool, Family::V6),
+            Read::SaveTool(self.tool, Family::V4),
         ]
     }
 
@@ -140,7 +151,7 @@ impl Firewall for Iptables {
         have: &IptablesObserved,
         record: &mut Record,
     ) -> FirewallPlan {
-        plan::plan(instance, want, have, record)
+        plan::plan(self.tool, instance, want, have, record)
     }
 
     fn decompile(&self, instance: &str, state: &OwnedRules) -> Entries {

@@ -10,6 +10,7 @@ use super::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Table};
 use crate::firewall::{EntryChanges, FirewallPlan, TableDrop, Tool, Transaction};
 use crate::net::Family;
 use crate::ownership::{parse_comment, table_key, Record, KIND_FORWARD, KIND_MASQUERADE};
+use crate::system::IptablesTool;
 
 /// The rule edit of one run: one transaction per table that changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,6 +33,7 @@ impl RulesPlan {
 /// the tables portfwd created that are now empty. Tables the edit creates are recorded, so
 /// `absent` leaves iptables-save as it was (nf_tables only: legacy tables cannot be deleted).
 pub fn plan(
+    tool: IptablesTool,
     instance: &str,
     want: &OwnedRules,
     have: &IptablesObserved,
@@ -65,7 +67,7 @@ pub fn plan(
             .tables
             .iter()
             .map(|t| Transaction {
-                tool: Tool::IptablesRestore(t.family),
+                tool: Tool::IptablesRestore(tool, t.family),
                 table: t.table.name().to_string(),
                 payload: t.payload(),
             })

@@ -1,0 +1,155 @@
+//! Which backends a run reads: the one the params name, and those that may still hold the
+//! instance. Objects named for the instance are its own whatever the record says, so the
+//! record only saves reads: it names the backend and iptables flavour holding the instance,
+//! and a run with another one moves it (new objects first, then the old ones removed, one
+//! rollback for both). Without a record (a wiped run dir, a reboot that restored a saved
+//! ruleset), and for `state: absent`, every backend and flavour is looked at.
+
+use crate::firewall::iptables::observe::tool_flavour;
+use crate::firewall::iptables::Iptables;
+use crate::firewall::migrate::Moving;
+use crate::firewall::nftables::{table::table_name, Nftables};
+use crate::model::{Config, State};
+use crate::net::Family;
+use crate::observe::{self, Prelude};
+use crate::ownership::Record;
+use crate::system::{IptablesTool, System};
+
+/// An iptables run: the flavour asked for, then the instance's nft table and the other
+/// flavour.
+pub type ForIptables = Moving<Iptables, Moving<Nftables, Iptables>>;
+
+/// An nftables run: the instance's table, then both iptables flavours.
+pub type ForNftables = Moving<Nftables, Moving<Iptables, Iptables>>;
+
+/// No record at all: nothing says which backend holds the instance (a first run looks the
+/// same, and finds nothing).
+pub fn record_lost(prelude: &Prelude) -> bool {
+    prelude.record == Record::default()
+}
+
+/// What a run is for: its instance, and whether it removes it (then it looks everywhere).
+#[derive(Debug, Clone, Copy)]
+pub struct Run<'a> {
+    pub instance: &'a str,
+    pub absent: bool,
+}
+
+impl<'a> Run<'a> {
+    pub fn of(config: &'a Config) -> Run<'a> {
+        Run {
+            instance: &config.instance,
+            absent: config.state == State::Absent,
+        }
+    }
+}
+
+/// Should the run look everywhere (no record, or removing the instance)?
+fn everywhere(run: Run, prelude: &Prelude) -> bool {
+    record_lost(prelude) || run.absent
+}
+
+/// The flavour `tool` runs here: as installed resolves to nf_tables or legacy by where
+/// `iptables-save` leads (stays as installed when that cannot be told).
+pub fn resolve(sys: &mut dyn System, tool: IptablesTool) -> IptablesTool {
+    if tool != IptablesTool::Installed {
+        return tool;
+    }
+    match sys
+        .save_tool(IptablesTool::Installed, Family::V4)
+        .ok()
+        .as_deref()
+        .and_then(tool_flavour)
+    {
+        Some("legacy") => IptablesTool::Legacy,
+        Some(_) => IptablesTool::Nft,
+        None => IptablesTool::Installed,
+    }
+}
+
+/// The iptables backend for `flavour`: the tools as installed when they drive it (what
+/// `iptables-save` is, as the operator's own commands), else that flavour's by name.
+fn driving(sys: &mut dyn System, flavour: IptablesTool) -> Iptables {
+    let installed = resolve(sys, IptablesTool::Installed);
+    if flavour == installed || flavour == IptablesTool::Installed {
+        Iptables::new(IptablesTool::Installed, installed)
+    } else {
+        Iptables::new(flavour, flavour)
+    }
+}
+
+/// Are the backend's tools on PATH?
+fn installed(sys: &mut dyn System, backend: &Iptables) -> bool {
+    sys.has_tool(&backend.tool.command(Family::V4, "save"))
+}
+
+/// The iptables flavour the record names (a record from before flavours were kept, or one of
+/// the iptables backend without a name, means iptables as installed), or None when it names
+/// nftables or is lost.
+fn recorded_flavour(sys: &mut dyn System, prelude: &Prelude) -> Option<IptablesTool> {
+    if record_lost(prelude) {
+        return None;
+    }
+    match prelude.record.backend.as_deref() {
+        None => Some(resolve(sys, IptablesTool::Installed)),
+        Some(name) => IptablesTool::from_name(name).map(|t| resolve(sys, t)),
+    }
+}
+
+/// The backends of an iptables run with `tool`.
+pub fn for_iptables(
+    run: Run,
+    prelude: &Prelude,
+    tool: IptablesTool,
+    sys: &mut dyn System,
+) -> ForIptables {
+    let new = resolve(sys, tool);
+    let other = new.other();
+    let everywhere = everywhere(run, prelude);
+    let held = prelude.record.backend.as_deref();
+    // The nft table is looked at best-effort when nothing names it (a refused nft never
+    // fails an iptables run).
+    let read_nft = held == Some("nftables")
+        || (everywhere && observe::nft_table_has_chains(sys, &table_name(run.instance)));
+    // With the flavour unknown the other one might be the same tables: never read as "old".
+    let other_backend = driving(sys, other);
+    let read_other = new != IptablesTool::Installed
+        && (recorded_flavour(sys, prelude) == Some(other) || everywhere)
+        && installed(sys, &other_backend);
+    // The tools the params name, known to drive `new`.
+    let new_backend = Iptables::new(tool, new);
+    Moving {
+        new: new_backend,
+        old: Moving {
+            new: Nftables::new(run.instance),
+            old: other_backend,
+            from_new: read_nft,
+            from_old: read_other,
+        },
+        from_old: read_nft || read_other,
+        from_new: true,
+    }
+}
+
+/// The backends of an nftables run.
+pub fn for_nftables(run: Run, prelude: &Prelude, sys: &mut dyn System) -> ForNftables {
+    let everywhere = everywhere(run, prelude);
+    let recorded = recorded_flavour(sys, prelude);
+    let first = recorded.unwrap_or_else(|| resolve(sys, IptablesTool::Installed));
+    let (first_backend, second_backend) = (driving(sys, first), driving(sys, first.other()));
+    let read_first = (recorded.is_some() || everywhere) && installed(sys, &first_backend);
+    // With the flavour unknown the other one might be the same tables: never read twice.
+    let read_second =
+        first != IptablesTool::Installed && everywhere && installed(sys, &second_backend);
+    Moving {
+        new: Nftables::new(run.instance),
+        old: Moving {
+            new: first_backend,
+            old: second_backend,
+            from_new: read_first,
+            from_old: read_second,
+        },
+        from_old: read_first || read_second,
+        from_new: true,
+    }
+}
