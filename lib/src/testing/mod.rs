@@ -5,6 +5,7 @@
 //! call starting with a given text. The end-to-end tests in `tests/` use the real host.
 
 mod iproute;
+pub mod nft;
 mod tables;
 
 use std::collections::BTreeMap;
@@ -23,6 +24,8 @@ pub struct HostState {
     pub tables: BTreeMap<Family, Tables>,
     /// iptables-legacy's tables (beside the nf_tables ones above).
     pub legacy: BTreeMap<Family, Tables>,
+    /// nftables' `inet` tables (the nftables backend's).
+    pub nft: nft::NftState,
     pub ip: IpState,
     pub sysctls: BTreeMap<String, String>,
     pub record: Record,
@@ -181,24 +184,34 @@ impl System for FakeHost {
         Ok(String::new())
     }
 
+    /// What a test put under the arguments in [`FakeHost::nft`], else the fake's own tables.
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError> {
         let key = args.join(" ");
         self.call(format!("read-nft {key}"))?;
-        Ok(self.nft.get(&key).cloned().unwrap_or_default())
+        if let Some(preset) = self.nft.get(&key) {
+            return Ok(preset.clone());
+        }
+        Ok(match key.as_str() {
+            "list chains" => self.state.nft.list_chains(),
+            "list tables" => self.state.nft.list_tables(),
+            _ => String::new(),
+        })
     }
 
-    /// The listing a test put under `list table inet NAME` in [`FakeHost::nft`] (no model of
-    /// nft's state: the nftables backend's e2e tests run against the real one).
     fn nft_table(&mut self, name: &str) -> Result<String, SystemError> {
         let key = format!("list table inet {name}");
         self.call(format!("read-nft {key}"))?;
-        Ok(self.nft.get(&key).cloned().unwrap_or_default())
+        if let Some(preset) = self.nft.get(&key) {
+            return Ok(preset.clone());
+        }
+        Ok(self.state.nft.list_table(name))
     }
 
     fn nft_apply(&mut self, script: &str) -> Result<(), SystemError> {
         self.call(format!("nft -f {}", script.replace('\n', " | ")))?;
-        self.bump(true);
-        Ok(())
+        let result = self.state.nft.apply(script).map_err(refused);
+        self.bump(result.is_ok());
+        result
     }
 
     fn has_tool(&mut self, _name: &str) -> bool {

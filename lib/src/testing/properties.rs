@@ -1,10 +1,14 @@
 //! Property tests of the whole engine against the fake host, over random params (forwards of
-//! both families, masquerade entries, addresses, policy routes, persist):
+//! both families, masquerade entries, addresses, policy routes, persist) on both backends
+//! (and moves between them):
 //! - applying, then applying again, changes nothing the second time (at most the record gains
 //!   the read cache) and writes nothing at all the third time, which skips the firewall read;
 //! - the read cache never hides a change: another writer's edit is repaired;
 //! - a failure injected at any write step leaves the host exactly as it was before the run,
-//!   foreign rules included.
+//!   foreign rules included;
+//! - a hand edit of owned objects (a rule deleted, altered or added, a chain's policy, the
+//!   table flagged dormant, a map element altered; iptables: a rule replaced under its
+//!   comment) is repaired by the next run, and nothing foreign changes.
 
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -47,12 +51,13 @@ fn forward(i: usize) -> impl Strategy<Value = Value> {
 }
 
 fn params() -> impl Strategy<Value = Value> {
-    (0usize..5, any::<bool>(), 0usize..3, any::<bool>(), any::<bool>()).prop_flat_map(
-        |(n, masq, routes, persist, absent)| {
+    (0usize..5, any::<bool>(), 0usize..3, any::<bool>(), any::<bool>(), any::<bool>()).prop_flat_map(
+        |(n, masq, routes, persist, absent, nftables)| {
             let forwards: Vec<_> = (0..n).map(forward).collect();
-            (forwards, Just((masq, routes, persist, absent))).prop_map(
-                |(forwards, (masq, routes, persist, absent))| {
-                    let mut p = json!({"forwards": forwards, "persist": persist});
+            (forwards, Just((masq, routes, persist, absent, nftables))).prop_map(
+                |(forwards, (masq, routes, persist, absent, nftables))| {
+                    let backend = if nftables { "nftables" } else { "iptables" };
+                    let mut p = json!({"forwards": forwards, "persist": persist, "backend": backend});
                     if masq {
                         p["masquerade"] = json!([{"name": "lan", "source": "192.168.0.0/24", "out_interface": "eth1"}]);
                     }
@@ -81,10 +86,17 @@ fn config(p: &Value) -> Config {
         .0
 }
 
+/// Another owner's nftables table.
+const FOREIGN_NFT: &str = "add table inet other\nadd chain inet other input { type filter hook input priority 10; policy accept; }\nadd rule inet other input tcp dport 9999 counter accept comment \"theirs\"\n";
+
 /// A host with another owner's rules, after `base` was applied.
 fn host_with(base: &Value) -> FakeHost {
     let mut host = FakeHost::new();
     host.set_dump(Family::V4, FOREIGN);
+    host.state
+        .nft
+        .apply(FOREIGN_NFT)
+        .expect("the foreign table applies");
     let report = crate::run_on(&config(base), RunMode::default(), &mut host);
     assert!(!report.failed, "{report:?}");
     host.calls.clear();
@@ -114,9 +126,13 @@ proptest! {
         prop_assert!(!third.changed && !third.failed, "{:?}", third);
         prop_assert_eq!(host.writes(), Vec::<&String>::new());
         prop_assert_eq!(&third.warnings, &second.warnings);
-        let has_rules = host.state.tables.values().any(|t| t.render().contains("PFWD-portfwd"));
-        let saved = host.calls.iter().any(|c| c.starts_with("save "));
-        prop_assert_eq!(saved, !has_rules, "the cached read is used exactly when there are rules: {:#?}", host.calls);
+        let has_rules = host.state.tables.values().any(|t| t.render().contains("PFWD-portfwd"))
+            || host.state.nft.tables.contains_key("portfwd-portfwd");
+        let read = host
+            .calls
+            .iter()
+            .any(|c| c.starts_with("save ") || c.starts_with("read-nft list table inet portfwd-"));
+        prop_assert_eq!(read, !has_rules, "the cached read is used exactly when there are rules: {:#?}", host.calls);
     }
 
     #[test]
@@ -128,18 +144,24 @@ proptest! {
             prop_assert!(!report.failed, "{:?}", report);
         }
         let converged = host.state.clone();
-        // Someone flushes our FORWARD chain (a committed transaction: the generation moves).
-        let flushed = host
+        // Someone flushes our FORWARD or prerouting chain (a committed transaction: the
+        // generation moves).
+        let iptables = host
             .state
             .tables
             .get_mut(&Family::V4)
-            .map(|t| t.restore("*filter\n-F PFWD-portfwd-FWD\nCOMMIT\n").is_ok())
-            .unwrap_or(false);
-        prop_assume!(flushed);
+            .is_some_and(|t| t.restore("*filter\n-F PFWD-portfwd-FWD\nCOMMIT\n").is_ok());
+        let nft = host
+            .state
+            .nft
+            .apply("flush chain inet portfwd-portfwd prerouting\n")
+            .is_ok();
+        prop_assume!(iptables || nft);
         host.generation = host.generation.map(|g| g + 1);
         let repair = crate::run_on(&c, RunMode::default(), &mut host);
         prop_assert!(repair.changed && !repair.failed, "{:?}", repair);
         prop_assert_eq!(&host.state.tables, &converged.tables);
+        prop_assert_eq!(&host.state.nft, &converged.nft);
     }
 
     #[test]
@@ -157,10 +179,133 @@ proptest! {
             prop_assert!(report.msg.contains("rolled back every change"), "write {} of {}: {}", k, steps, report.msg);
             let (now, was) = (&host.state, &pristine.state);
             prop_assert_eq!(&now.tables, &was.tables, "write {} of {}: {:#?}", k, steps, host.calls);
+            prop_assert_eq!(&now.legacy, &was.legacy, "write {} of {}: {:#?}", k, steps, host.calls);
+            prop_assert_eq!(&now.nft, &was.nft, "write {} of {}: {:#?}", k, steps, host.calls);
             prop_assert_eq!(&now.ip, &was.ip, "write {} of {}: {:#?}", k, steps, host.calls);
             prop_assert_eq!(&now.sysctls, &was.sysctls, "write {} of {}", k, steps);
             prop_assert_eq!(&now.record, &was.record, "write {} of {}: {:#?}", k, steps, host.calls);
             prop_assert_eq!(&now.stored, &was.stored, "write {} of {}", k, steps);
         }
     }
+
+    #[test]
+    fn a_hand_edit_of_owned_objects_is_repaired(p in params(), edit in 0usize..6, pick in any::<usize>()) {
+        let mut host = host_with(&json!({}));
+        let c = config(&p);
+        for _ in 0..3 {
+            let report = crate::run_on(&c, RunMode::default(), &mut host);
+            prop_assert!(!report.failed, "{:?}", report);
+        }
+        let converged = host.state.clone();
+        let edited = if c.backend().is_nftables() {
+            nft_edit(&mut host, edit, pick)
+        } else {
+            iptables_edit(&mut host, edit, pick)
+        };
+        prop_assume!(edited.is_some());
+        prop_assert_ne!(&host.state, &converged, "the edit changed something: {:?}", edited);
+        host.generation = host.generation.map(|g| g + 1);
+        let repair = crate::run_on(&c, RunMode::default(), &mut host);
+        prop_assert!(repair.changed && !repair.failed, "{:?}: {:?}", edited, repair);
+        prop_assert_eq!(&host.state.tables, &converged.tables, "{:?}: {:#?}", edited, repair.commands);
+        prop_assert_eq!(&host.state.nft, &converged.nft, "{:?}: {:#?}", edited, repair.commands);
+        let again = crate::run_on(&c, RunMode::default(), &mut host);
+        prop_assert!(!again.changed && !again.failed, "{:?}: {:?}", edited, again);
+    }
+}
+
+/// One hand edit of an owned iptables rule (`pick` chooses which), as another tool makes it:
+/// a rule deleted, replaced under its comment (`-R`, as a delete and an insert at its place),
+/// or someone else's rule put first in an owned chain.
+fn iptables_edit(host: &mut FakeHost, edit: usize, pick: usize) -> Option<String> {
+    let dump = host.dump(Family::V4);
+    let mut table = "";
+    let mut owned: Vec<(String, String, usize, String)> = Vec::new();
+    let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+    for line in dump.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = if t == "nat" { "nat" } else { "filter" };
+        }
+        if let Some(rest) = line.strip_prefix("-A ") {
+            let (chain, rule) = rest.split_once(' ')?;
+            let n = seen.entry(chain.to_string()).or_default();
+            *n += 1;
+            if chain.starts_with("PFWD-portfwd-") {
+                owned.push((table.to_string(), chain.to_string(), *n, rule.to_string()));
+            }
+        }
+    }
+    let (table, chain, n, rule) = owned.get(pick % owned.len().max(1))?.clone();
+    let payload = match edit % 3 {
+        0 => format!("*{table}\n-D {chain} {n}\nCOMMIT\n"),
+        1 => {
+            format!("*{table}\n-D {chain} {n}\n-I {chain} {n} -s 198.51.100.0/24 {rule}\nCOMMIT\n")
+        }
+        _ => format!("*{table}\n-I {chain} 1 -s 203.0.113.1/32 -j RETURN\nCOMMIT\n"),
+    };
+    let tables = host.state.tables.get_mut(&Family::V4)?;
+    tables.restore(&payload).ok()?;
+    Some(payload)
+}
+
+/// One hand edit of the instance's nft table: a rule deleted, its body replaced under its
+/// comment, a `log` rule put first, a base chain's policy set to drop, the table flagged
+/// dormant, or a map element pointed at another chain.
+fn nft_edit(host: &mut FakeHost, edit: usize, pick: usize) -> Option<String> {
+    let t = "portfwd-portfwd";
+    let table = host.state.nft.tables.get(t)?.clone();
+    let rules: Vec<(&String, &super::nft::FakeRule)> = table
+        .chains
+        .iter()
+        .flat_map(|(c, chain)| chain.rules.iter().map(move |r| (c, r)))
+        .collect();
+    let pick_rule = || rules.get(pick % rules.len().max(1)).copied();
+    let script = match edit {
+        0 => {
+            let (c, r) = pick_rule()?;
+            format!("delete rule inet {t} {c} handle {}", r.handle)
+        }
+        1 => {
+            let (c, r) = pick_rule()?;
+            let comment = r.comment.clone().unwrap_or_default();
+            format!("replace rule inet {t} {c} handle {} ip saddr 198.51.100.0/24 counter accept comment \"{comment}\"", r.handle)
+        }
+        2 => {
+            let (c, _) = pick_rule()?;
+            format!("insert rule inet {t} {c} log")
+        }
+        3 => {
+            let bases: Vec<(&String, &super::nft::BaseDecl)> = table
+                .chains
+                .iter()
+                .filter_map(|(c, chain)| Some((c, chain.base.as_ref()?)))
+                .collect();
+            let (c, b) = bases.get(pick % bases.len().max(1))?;
+            format!(
+                "add chain inet {t} {c} {{ type {} hook {} priority {}; policy drop; }}",
+                b.kind, b.hook, b.prio
+            )
+        }
+        4 => format!("add table inet {t} {{ flags dormant; }}"),
+        _ => {
+            let elements: Vec<(&String, &super::nft::FakeElement)> = table
+                .maps
+                .iter()
+                .flat_map(|(m, map)| map.elements.iter().map(move |e| (m, e)))
+                .collect();
+            let (m, e) = elements.get(pick % elements.len().max(1))?;
+            let other = table
+                .chains
+                .iter()
+                .find(|(c, chain)| chain.base.is_none() && **c != e.chain)?
+                .0;
+            let comment = e.comment.clone().unwrap_or_default();
+            format!(
+                "delete element inet {t} {m} {{ {key} }}\nadd element inet {t} {m} {{ {key} comment \"{comment}\" : jump {other} }}",
+                key = e.key
+            )
+        }
+    };
+    host.state.nft.apply(&script).ok()?;
+    Some(script)
 }
