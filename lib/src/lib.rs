@@ -104,7 +104,9 @@ fn run_with<F: Firewall>(
     let keys = checks::sysctl_keys(config, &managed);
     let protocol = config.route_protocol;
     let scope = observe::Scope {
+        // `absent` reads them too, to name what carries its protocol without a record.
         routing: !config.policy_routes.is_empty()
+            || config.state == model::State::Absent
             || managed.contains_key(net::Family::V6.forwarding_sysctl()),
         addresses: checks::names_interfaces(config) || checks::needs_addresses(config),
         other_filters: checks::reads_other_filters(config),

@@ -59,6 +59,14 @@ pub struct RoutingObserved {
     /// Every rule carrying the instance's protocol, whoever's, in the kernel's order (what a
     /// `rule del ... protocol N` may hit first).
     pub protocol_rules: Vec<IpRule>,
+    /// Every route carrying the instance's protocol, whoever's.
+    pub protocol_routes: Vec<crate::routing::IpRoute>,
+    /// There is no record at all (a wiped run dir, or a first run): then a rule or route of
+    /// the protocol that no other instance's record claims is offered to the plan.
+    pub record_lost: bool,
+    /// Record keys of the rules and routes other instances here recorded creating (read only
+    /// when the record is lost).
+    pub claimed_by_others: BTreeSet<String>,
     /// Record keys of every rule and route on the host, any protocol: what already exists
     /// and so can never be claimed as created by this instance.
     pub existing_rules: BTreeSet<String>,
@@ -246,9 +254,9 @@ pub fn observe<F: Firewall>(
             r.owned.rules.extend(ours);
             r.existing_rules
                 .extend(iproute::all_rule_keys(&rules, family));
-            r.owned
-                .routes
-                .extend(iproute::parse_routes(&routes, family, protocol));
+            let ours = iproute::parse_routes(&routes, family, protocol);
+            r.protocol_routes.extend(ours.iter().cloned());
+            r.owned.routes.extend(ours);
             r.existing_routes
                 .extend(iproute::all_route_keys(&routes, family));
             if family == Family::V6 {
@@ -322,6 +330,13 @@ pub fn observe<F: Firewall>(
         }
     }
     observed.routing.recorded = observed.record.addresses.clone();
+    observed.routing.record_lost = observed.record == Record::default();
+    if routing && observed.routing.record_lost {
+        for other in sys.other_records(instance)? {
+            observed.routing.claimed_by_others.extend(other.rules);
+            observed.routing.claimed_by_others.extend(other.routes);
+        }
+    }
     // Our protocol number is shared by construction with other instances (and anyone may use
     // it): only what this instance recorded creating is its own.
     let record = &observed.record;

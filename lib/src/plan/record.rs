@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use super::iproute::RoutingPlan;
 use crate::firewall::Firewall;
-use crate::observe::Observed;
+use crate::observe::{Observed, RoutingObserved};
 use crate::ownership::Record;
 use crate::routing::{IpRoute, IpRule, Routing};
 
@@ -24,8 +24,9 @@ pub fn plan_routing_record<F: Firewall>(
         record.addresses = addresses.clone();
     }
     let have = &observed.routing;
+    let adoptable = adoptable(have);
     let claimable = |key: &String, existing: &BTreeSet<String>, owned: &BTreeSet<String>| {
-        owned.contains(key) || !existing.contains(key)
+        owned.contains(key) || !existing.contains(key) || adoptable.contains(key)
     };
     record.rules = want
         .rules
@@ -40,6 +41,22 @@ pub fn plan_routing_record<F: Firewall>(
         .map(IpRoute::record_key)
         .filter(|k| claimable(k, &have.existing_routes, &observed.record.routes))
         .collect();
+}
+
+/// Without a record (a wiped run dir, a first run), the rules and routes carrying the
+/// instance's protocol that no other instance here recorded creating: a desired one among them
+/// is what this instance made, and is taken back. (One another instance recorded is never
+/// taken; what the params do not ask for is never taken: other software may use the number.)
+pub fn adoptable(have: &RoutingObserved) -> BTreeSet<String> {
+    if !have.record_lost {
+        return BTreeSet::new();
+    }
+    have.protocol_rules
+        .iter()
+        .map(IpRule::record_key)
+        .chain(have.protocol_routes.iter().map(IpRoute::record_key))
+        .filter(|k| !have.claimed_by_others.contains(k))
+        .collect()
 }
 
 /// The record written before the first change: what was recorded plus everything the run

@@ -139,6 +139,8 @@ pub trait System {
     /// when the stored record could not be trusted (corrupt, or another namespace's).
     fn read_record(&mut self, instance: &str) -> Result<(Record, Option<String>), SystemError>;
     fn write_record(&mut self, instance: &str, record: &Record) -> Result<(), SystemError>;
+    /// The records of the other instances in this network namespace (what they created).
+    fn other_records(&mut self, instance: &str) -> Result<Vec<Record>, SystemError>;
     /// `nft -j list table ip|ip6 TABLE`: what a table holds, as nft sees it.
     fn list_nft_table(&mut self, family: Family, table: &str) -> Result<String, SystemError>;
     /// `nft delete table ip|ip6 TABLE`.
@@ -566,6 +568,33 @@ impl System for RealSystem {
         let links = self.links(&id)?;
         let loaded = record_store::load(&path, &id, &links)?;
         Ok((loaded.record, loaded.warning))
+    }
+
+    fn other_records(&mut self, instance: &str) -> Result<Vec<Record>, SystemError> {
+        let (_, id) = self.record_path(instance)?;
+        let suffix = id.file_name("");
+        let links = self.links(&id)?;
+        let entries = match std::fs::read_dir(&self.run_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(SystemError::Io {
+                    path: self.run_dir.display().to_string(),
+                    source,
+                })
+            }
+        };
+        let mut records = Vec::new();
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(other) = name.strip_suffix(&suffix) else {
+                continue;
+            };
+            if other != instance && crate::model::valid_instance(other) {
+                records.push(record_store::load(&entry.path(), &id, &links)?.record);
+            }
+        }
+        Ok(records)
     }
 
     fn write_record(&mut self, instance: &str, record: &Record) -> Result<(), SystemError> {

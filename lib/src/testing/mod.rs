@@ -51,6 +51,8 @@ pub struct FakeHost {
     pub nft: BTreeMap<String, String>,
     /// Write calls so far.
     pub writes: usize,
+    /// Other instances' records in this namespace.
+    pub other_records: Vec<Record>,
 }
 
 const READS: [&str; 6] = [
@@ -307,6 +309,11 @@ impl System for FakeHost {
         self.call(format!("write-record {record:?}"))?;
         self.state.record = record.clone();
         Ok(())
+    }
+
+    fn other_records(&mut self, _instance: &str) -> Result<Vec<Record>, SystemError> {
+        self.call("read-other-records".into())?;
+        Ok(self.other_records.clone())
     }
 
     fn list_nft_table(&mut self, family: Family, table: &str) -> Result<String, SystemError> {

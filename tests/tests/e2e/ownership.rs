@@ -208,3 +208,62 @@ fn moves_between_iptables_flavours_and_nftables_leave_nothing_behind() {
     assert!(!nft_tables(&t.proxy).contains("portfwd-portfwd"));
     assert!(!works(), "nothing forwards after absent");
 }
+
+/// Policy routing without the record: a rule and route carrying the instance's protocol that
+/// the params ask for exactly, and that no other instance here recorded, are taken back (so a
+/// later `absent` removes them); what the params do not ask for is named and left, since other
+/// software may use the number (`routing::instances_sharing_a_protocol_number_never_touch_each_other`
+/// and `defects::objects_that_existed_are_never_claimed` keep those safe).
+#[test]
+fn policy_routes_of_the_instance_are_taken_back_without_the_record() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let params = json!({"route_protocol": 213, "policy_routes": [{"from": "10.0.2.2", "table": 100,
+        "routes": [{"to": "default", "via": "10.0.2.2", "dev": "eth1"}]}]});
+    let rules = |ns: &Netns| {
+        ns.stdout(&["ip", "rule", "show"])
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("10.0.2.2"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let routes = |ns: &Netns| {
+        ns.stdout(&["ip", "route", "show", "table", "100", "proto", "213"])
+            .unwrap()
+    };
+    let r = portfwd().apply(&t.proxy, &params).unwrap();
+    assert!(r.changed() && !r.failed(), "{}", r.stdout);
+    wipe_record(&t.proxy);
+    let again = portfwd().apply(&t.proxy, &params).unwrap();
+    assert!(!again.changed() && !again.failed(), "{}", again.stdout);
+    let warned = crate::common::warnings(&again).join("\n");
+    assert!(
+        warned.contains("taken back as this instance's own"),
+        "{warned}"
+    );
+    let gone = portfwd()
+        .apply(&t.proxy, &json!({"route_protocol": 213, "state": "absent"}))
+        .unwrap();
+    assert!(gone.changed() && !gone.failed(), "{}", gone.stdout);
+    assert_eq!(rules(&t.proxy), "", "absent removed the rule it took back");
+    assert_eq!(routes(&t.proxy).trim(), "");
+
+    // Lost again, and nothing asks for them: named, left.
+    portfwd().apply(&t.proxy, &params).unwrap();
+    wipe_record(&t.proxy);
+    let left = portfwd()
+        .apply(&t.proxy, &json!({"route_protocol": 213, "state": "absent"}))
+        .unwrap();
+    assert!(!left.failed(), "{}", left.stdout);
+    let warned = crate::common::warnings(&left).join("\n");
+    assert!(
+        warned.contains(
+            "from 10.0.2.2/32 table 100 carries this instance's protocol 213, but no record says"
+        ),
+        "{warned}"
+    );
+    assert!(rules(&t.proxy).contains("10.0.2.2"), "left as it was");
+}
