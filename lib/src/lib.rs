@@ -361,9 +361,11 @@ fn show_with<N: Firewall, O: Firewall>(
         observe::Scope::ALL,
     )?;
     let state = firewall.snapshot(&observed.firewall);
+    // Without a record, policy routes the stored params declare are the instance's too.
+    let (routing, _) = plan::record::taken_back(&routing::Routing::default(), &observed, protocol);
     let mut params = params_from_state(
         firewall.decompile(instance, &state),
-        &observed.routing.owned,
+        &routing.owned,
         instance,
         protocol,
         observed.stored.is_some(),

@@ -60,7 +60,7 @@ pub fn compile<F: Firewall>(config: &Config, firewall: &F) -> Desired<F> {
 
 /// Addresses as given; one rule per policy route (a stable priority when none is given);
 /// its routes in its table, shared tables merged.
-fn compile_routing(config: &Config) -> Routing {
+pub fn compile_routing(config: &Config) -> Routing {
     let addresses = config
         .addresses
         .iter()

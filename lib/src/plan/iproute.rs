@@ -84,9 +84,6 @@ pub fn plan_routing(want: &Routing, have: &RoutingObserved, protocol: u8) -> Rou
                 adds.push((r.family, format!("route replace {r} proto {protocol}")));
                 plan.changes.routes_replaced += 1;
             }
-            None if adoptable.contains(&r.record_key()) => {
-                plan.warnings.push(format!("route {} carries this instance's protocol {protocol} and no record says whose it is: taken back as this instance's own", r.record_key()));
-            }
             None if have.existing_routes.contains(&r.record_key()) => {
                 plan.warnings.push(format!("route {} already exists and was not added by this instance: it is left as it is, never replaced or removed", r.record_key()));
             }
@@ -105,9 +102,6 @@ pub fn plan_routing(want: &Routing, have: &RoutingObserved, protocol: u8) -> Rou
         seen.push(r);
         match (0..have.owned.rules.len()).find(|&i| !kept[i] && have.owned.rules[i] == *r) {
             Some(i) => kept[i] = true,
-            None if adoptable.contains(&r.record_key()) => {
-                plan.warnings.push(format!("ip rule {} carries this instance's protocol {protocol} and no record says whose it is: taken back as this instance's own", r.record_key()));
-            }
             None if have.existing_rules.contains(&r.record_key()) => {
                 plan.warnings.push(format!("ip rule {} already exists and was not added by this instance: it is used as it is, never removed", r.record_key()));
             }
@@ -123,7 +117,9 @@ pub fn plan_routing(want: &Routing, have: &RoutingObserved, protocol: u8) -> Rou
     for key in &adoptable {
         let wanted = want.rules.iter().any(|r| r.record_key() == *key)
             || want.routes.iter().any(|r| r.record_key() == *key);
-        if !wanted {
+        let taken = have.owned.rules.iter().any(|r| r.record_key() == *key)
+            || have.owned.routes.iter().any(|r| r.record_key() == *key);
+        if !wanted && !taken {
             plan.warnings.push(format!("{key} carries this instance's protocol {protocol}, but no record says it is this instance's (another program may use the number): it is left as it is; remove it by hand if it is"));
         }
     }

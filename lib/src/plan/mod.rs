@@ -128,9 +128,17 @@ pub fn plan<F: Firewall>(
     // record without one is from before the choice, when iptables as installed held it.
     record.backend = firewall.held_by(&desired.firewall).map(str::to_string);
     let sysctls = sysctl::plan_sysctls(&desired.sysctls, observed, &mut record, &mut warnings);
-    let routing = plan_routing(&desired.routing, &observed.routing, protocol);
+    let (have, taken) = record::taken_back(&desired.routing, observed, protocol);
+    warnings.extend(taken);
+    let routing = plan_routing(&desired.routing, &have, protocol);
     warnings.extend(routing.warnings.iter().cloned());
-    record::plan_routing_record(&desired.routing, observed, &routing, &mut record);
+    record::plan_routing_record(
+        &desired.routing,
+        &have,
+        &observed.record,
+        &routing,
+        &mut record,
+    );
     let mut plan = Plan {
         firewall: firewall_plan,
         sysctls,

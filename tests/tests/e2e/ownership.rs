@@ -251,6 +251,29 @@ fn policy_routes_of_the_instance_are_taken_back_without_the_record() {
     assert_eq!(rules(&t.proxy), "", "absent removed the rule it took back");
     assert_eq!(routes(&t.proxy).trim(), "");
 
+    // Lost with the params stored (`persist: true`): they declare the rule, so `absent`
+    // takes it back and removes it.
+    let mut stored = params.clone();
+    stored["persist"] = json!(true);
+    portfwd().apply(&t.proxy, &stored).unwrap();
+    wipe_record(&t.proxy);
+    let shown = portfwd()
+        .run(&t.proxy, &["show", "--route-protocol", "213"], "", &[])
+        .unwrap()
+        .json;
+    assert_eq!(
+        shown["policy_routes"][0]["from"], "10.0.2.2/32",
+        "show finds it: {shown}"
+    );
+    let gone = portfwd()
+        .apply(&t.proxy, &json!({"route_protocol": 213, "state": "absent"}))
+        .unwrap();
+    assert!(gone.changed() && !gone.failed(), "{}", gone.stdout);
+    let warned = crate::common::warnings(&gone).join("\n");
+    assert!(warned.contains("its params declare it"), "{warned}");
+    assert_eq!(rules(&t.proxy), "", "the stored params declared it");
+    assert_eq!(routes(&t.proxy).trim(), "");
+
     // Lost again, and nothing asks for them: named, left.
     portfwd().apply(&t.proxy, &params).unwrap();
     wipe_record(&t.proxy);
