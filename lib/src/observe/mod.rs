@@ -278,7 +278,7 @@ pub fn observe<F: Firewall>(
             None => {
                 let chains = next().map(|(out, _)| out).unwrap_or_default();
                 let (forward_chains, foreign_nat, volatile) =
-                    other_tables(firewall, sys, instance, &observed.firewall, &chains);
+                    other_tables(firewall, sys, &observed.firewall, &chains);
                 let other = OtherTables {
                     forward_chains,
                     foreign_nat,
@@ -361,7 +361,6 @@ pub fn observe<F: Firewall>(
 fn other_tables<F: Firewall>(
     firewall: &F,
     sys: &mut dyn System,
-    instance: &str,
     ours: &F::Observed,
     listing: &str,
 ) -> (
@@ -384,29 +383,16 @@ fn other_tables<F: Firewall>(
             n.to_string(),
         ])
     };
-    // iptables-nft's own chains are read with iptables-nft-save, in iptables' spelling.
-    let xt = |family: &str, table: &str, name: &str| iptables_nft_chain(family, table, name);
-    let xt_families: Vec<Family> = [Family::V4, Family::V6]
-        .into_iter()
-        .filter(|f| {
-            let fam = f.nft_family();
-            chains
-                .iter()
-                .any(|c| c.family == fam && xt(&c.family, &c.table, &c.name))
-                || nat_chains
-                    .iter()
-                    .any(|c| c.family == fam && xt(&c.family, &c.table, &c.name))
-        })
-        .collect();
+    // iptables-nft's own chains are named as iptables names them.
+    for c in chains.iter_mut() {
+        c.iptables_nft = iptables_nft_chain(&c.family, &c.table, &c.name);
+    }
     let readable: Vec<usize> = (0..chains.len())
-        .filter(|&i| {
-            let c = &chains[i];
-            safe(&c.family, &c.table, &c.name) && !xt(&c.family, &c.table, &c.name)
-        })
+        .filter(|&i| safe(&chains[i].family, &chains[i].table, &chains[i].name))
         .collect();
     let nat_readable: Vec<&nft::NatChain> = nat_chains
         .iter()
-        .filter(|c| safe(&c.family, &c.table, &c.name) && !xt(&c.family, &c.table, &c.name))
+        .filter(|c| safe(&c.family, &c.table, &c.name))
         .collect();
     let reads: Vec<Read> = readable
         .iter()
@@ -416,17 +402,23 @@ fn other_tables<F: Firewall>(
                 .iter()
                 .map(|c| list(&c.family, &c.table, &c.name)),
         )
-        .chain(xt_families.iter().map(|&f| Read::NftSave(f)))
         .collect();
-    let mut reads = reads;
-    let flags_read = !chains.is_empty() || !nat_chains.is_empty();
-    if flags_read {
-        reads.push(Read::NftJson(vec!["list".into(), "tables".into()]));
-    }
     let mut results = sys.read_batch(&reads).into_iter();
+    // iptables-nft's FORWARD that drops and accepts by connmark: the mask is not in nft's
+    // JSON (an `xt` match), so that table is read again with iptables-nft-save.
+    let mut masks: Vec<(usize, Family)> = Vec::new();
     for &i in &readable {
         if let Some(Ok((text, _))) = results.next() {
             nft::read_rules(&text, &mut chains[i]);
+            let c = &chains[i];
+            if c.iptables_nft && c.drops() && text.contains("\"name\": \"connmark\"") {
+                let family = if c.family == "ip6" {
+                    Family::V6
+                } else {
+                    Family::V4
+                };
+                masks.push((i, family));
+            }
         }
     }
     let mut nat = Vec::new();
@@ -435,50 +427,31 @@ fn other_tables<F: Firewall>(
             nat.extend(nft::nat_rules(&text, chain));
         }
     }
-    for family in xt_families {
-        let Some(Ok((dump, _))) = results.next() else {
-            continue;
-        };
-        let fam = family.nft_family();
-        if let Some(forward) = neighbours::forward_chain(&dump, family, neighbours::Flavour::Nft) {
-            // Its policy and rules as iptables shows them replace what the listing told.
-            let listed = chains
+    // A table with flags among those the findings are about (one with `flags owner` vanishes
+    // with its process without moving the generation), or flags that could not be read: not
+    // to be kept.
+    let looked_at = !chains.is_empty() || !nat_chains.is_empty();
+    let volatile = looked_at
+        && match sys.nft_flagged_tables() {
+            Ok(flagged) => chains
                 .iter()
-                .position(|c| c.family == fam && c.table == "filter" && c.name == "FORWARD");
-            if let Some(at) = listed {
-                chains[at] = forward;
-            }
-        }
-        let nat_listed = nat_chains
-            .iter()
-            .any(|c| c.family == fam && xt(&c.family, &c.table, &c.name));
-        if nat_listed {
-            nat.extend(neighbours::foreign_nat(
-                &dump,
-                family,
-                neighbours::Flavour::Nft,
-                instance,
-            ));
+                .map(|c| (c.family.as_str(), c.table.as_str()))
+                .chain(
+                    nat_chains
+                        .iter()
+                        .map(|c| (c.family.as_str(), c.table.as_str())),
+                )
+                .any(|(f, t)| flagged.iter().any(|(ff, tt)| ff == f && tt == t)),
+            Err(_) => true,
+        };
+    let saves: Vec<Read> = masks.iter().map(|&(_, f)| Read::NftSave(f)).collect();
+    for (&(i, family), result) in masks.iter().zip(sys.read_batch(&saves)) {
+        if let Some(forward) = result.ok().and_then(|(dump, _)| {
+            neighbours::forward_chain(&dump, family, neighbours::Flavour::Nft)
+        }) {
+            chains[i] = forward;
         }
     }
-    // A table with flags (nft lists the key, its value is not reliable in nft 1.0.6) among
-    // those the findings are about, or a listing that failed: not to be kept.
-    let volatile = flags_read
-        && match results.next() {
-            Some(Ok((tables, _))) => {
-                let flagged = nft::flagged_tables(&tables);
-                chains
-                    .iter()
-                    .map(|c| (c.family.as_str(), c.table.as_str()))
-                    .chain(
-                        nat_chains
-                            .iter()
-                            .map(|c| (c.family.as_str(), c.table.as_str())),
-                    )
-                    .any(|(f, t)| flagged.iter().any(|(ff, tt)| ff == f && tt == t))
-            }
-            _ => true,
-        };
     (chains, nat, volatile)
 }
 

@@ -1,8 +1,7 @@
 //! iptables tables beside the backend in use, read in iptables' own spelling: iptables-legacy's
 //! (legacy and nf_tables each filter every packet, so a drop there is not undone by an accept
-//! in nf_tables), and iptables-nft's when the nftables backend runs (nft lists their matches
-//! and targets as opaque `xt` expressions: a `REJECT`, a connmark's mask or a DNAT's port
-//! cannot be read from `nft -j`).
+//! in nf_tables), and iptables-nft's FORWARD when the nftables backend runs and it accepts by
+//! connmark (nft lists that match as an opaque `xt` expression without its mask).
 
 use super::nft::ForwardChain;
 use crate::firewall::iptables::save::{parse, tokenize};

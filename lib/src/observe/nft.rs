@@ -94,22 +94,6 @@ pub fn safe_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
-/// The (family, name) of the tables `nft -j list tables` shows with flags (`owner`,
-/// `dormant`, `persist`).
-pub fn flagged_tables(text: &str) -> Vec<(String, String)> {
-    items(text)
-        .iter()
-        .filter_map(|i| i.get("table"))
-        .filter(|t| t.get("flags").is_some())
-        .filter_map(|t| {
-            Some((
-                t.get("family")?.as_str()?.to_string(),
-                t.get("name")?.as_str()?.to_string(),
-            ))
-        })
-        .collect()
-}
-
 /// Does `nft -j list chains` list a chain of table `family table`?
 pub fn has_chains_in(text: &str, family: &str, table: &str) -> bool {
     items(text).iter().filter_map(|i| i.get("chain")).any(|c| {
@@ -277,10 +261,22 @@ pub fn nat_rules(text: &str, chain: &NatChain) -> Vec<ForeignNat> {
         else {
             continue;
         };
+        // iptables-nft's DNAT and REDIRECT list as `xt` targets (their arguments unread).
         let nat = exprs.iter().find_map(|e| {
             ["dnat", "redirect"]
                 .into_iter()
                 .find(|k| e.get(*k).is_some())
+                .or_else(|| {
+                    let x = e.get("xt")?;
+                    if x.get("type").and_then(Value::as_str) != Some("target") {
+                        return None;
+                    }
+                    match x.get("name").and_then(Value::as_str) {
+                        Some("DNAT") => Some("dnat"),
+                        Some("REDIRECT") => Some("redirect"),
+                        _ => None,
+                    }
+                })
         });
         let Some(nat) = nat else {
             continue;

@@ -60,8 +60,9 @@ pub enum Read {
     /// nothing): (stdout, ""); empty when the tool is not installed, or when it is the save
     /// tool in use (then [`Read::Save`] reads it already).
     LegacySave(Family),
-    /// `iptables-nft-save` / `ip6tables-nft-save`: (stdout, ""); empty when not installed.
-    /// Read when another backend than iptables-nft runs beside iptables-nft's tables.
+    /// `iptables-nft-save -t filter` / `ip6tables-nft-save -t filter`: (stdout, ""); empty
+    /// when not installed. Read when another backend than iptables-nft runs beside an
+    /// iptables-nft FORWARD that drops and accepts by connmark (nft's JSON hides the mask).
     NftSave(Family),
     /// `nft -j ARGS...`: (stdout, ""); empty when `nft` is not installed. Callers pass only
     /// words nft's parser takes back as one word each (nft joins its arguments into a line).
@@ -105,7 +106,9 @@ pub trait System {
     fn connect(&mut self, target: std::net::SocketAddr) -> Result<(), SystemError>;
     /// `iptables-legacy-save` for `family` (a read); empty when not installed.
     fn legacy_save(&mut self, family: Family) -> Result<String, SystemError>;
-    /// `iptables-nft-save` for `family` (a read); empty when not installed.
+    /// The nftables tables that carry flags (`owner`, `dormant`), as (family, name).
+    fn nft_flagged_tables(&mut self) -> Result<Vec<(String, String)>, SystemError>;
+    /// `iptables-nft-save -t filter` for `family` (a read); empty when not installed.
     fn nft_save(&mut self, family: Family) -> Result<String, SystemError>;
     /// `nft -j ARGS...` (a read); empty output when `nft` is not installed.
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError>;
@@ -347,7 +350,7 @@ impl RealSystem {
                 if which::which(&tool).is_err() {
                     return Ok((String::new(), String::new()));
                 }
-                self.run(&tool, &[], None)
+                self.run(&tool, &["-t", "filter"], None)
             }
             Read::NftJson(args) => {
                 if which::which("nft").is_err() {
@@ -488,6 +491,29 @@ impl System for RealSystem {
 
     fn nft_save(&mut self, family: Family) -> Result<String, SystemError> {
         self.read_one(&Read::NftSave(family)).map(|(out, _)| out)
+    }
+
+    fn nft_flagged_tables(&mut self) -> Result<Vec<(String, String)>, SystemError> {
+        let family = |f: u8| match f {
+            1 => "inet",
+            2 => "ip",
+            3 => "arp",
+            5 => "netdev",
+            7 => "bridge",
+            10 => "ip6",
+            _ => "unknown",
+        };
+        nfgen::flagged_tables()
+            .map(|tables| {
+                tables
+                    .into_iter()
+                    .map(|(f, name)| (family(f).to_string(), name))
+                    .collect()
+            })
+            .map_err(|source| SystemError::Io {
+                path: "netlink NFT_MSG_GETTABLE".into(),
+                source,
+            })
     }
 
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError> {

@@ -181,6 +181,18 @@ impl System for FakeHost {
         Ok(String::new())
     }
 
+    fn nft_flagged_tables(&mut self) -> Result<Vec<(String, String)>, SystemError> {
+        self.call("read-nft-flags".into())?;
+        Ok(self
+            .state
+            .nft
+            .tables
+            .iter()
+            .filter(|(_, t)| t.dormant)
+            .map(|(name, _)| ("inet".to_string(), name.clone()))
+            .collect())
+    }
+
     fn nft_save(&mut self, family: Family) -> Result<String, SystemError> {
         self.call(format!("read-nft-save {}", family.label()))?;
         Ok(String::new())

@@ -190,8 +190,9 @@ fn hook_drops(ns: &Netns, params: &Value) -> Vec<Value> {
 }
 
 /// With the nftables backend, iptables-nft's FORWARD is another filter: RHEL's final
-/// `-j REJECT`, a plain `-j DROP` (nft lists it as `counter drop`) and a policy DROP are found
-/// (read in iptables' spelling) and reported by the run and by doctor; the fix the finding gives
+/// `-j REJECT` (an `xt` target to nft), a plain `-j DROP` (nft lists it as `counter drop`) and
+/// a policy DROP are found and reported by the run and by doctor (a connmark accept's mask is
+/// read with iptables-nft-save); the fix the finding gives
 /// (one connmark accept) makes traffic flow, for DNAT forwards and for masquerade entries alike
 /// (their flows are marked too); an accept of another bit is no fix. iptables-nft's DNAT on the
 /// port in nat PREROUTING is reported as taking the connections first.
@@ -296,7 +297,7 @@ fn iptables_nft_neighbours_are_seen_by_the_nftables_backend() {
     let warned = crate::common::warnings(&r).join("\n");
     assert!(
         warned.contains("forward \"web\": another owner's NAT rule")
-            && warned.contains("--to-destination 10.0.2.2:9"),
+            && warned.contains("ip nat PREROUTING: tcp dport 4321 dnat"),
         "iptables-nft's DNAT is named: {warned}"
     );
     assert!(
