@@ -53,10 +53,13 @@ fn only_record(ns: &Netns) -> std::path::PathBuf {
 
 /// A forward a namespace with only `lo` can prove with traffic: local connections to
 /// 127.0.0.1:4321 go to the service on 2323.
-fn local_redirect() -> Value {
-    json!({"backend": "iptables-nft", "forwards": [{"name": "ssh", "listen_port": 4321,
+fn local_redirect(backend: &str) -> Value {
+    json!({"backend": backend, "forwards": [{"name": "ssh", "listen_port": 4321,
         "listen_address": "127.0.0.1", "local": true, "redirect_to_port": 2323}]})
 }
+
+/// Both backends keep a read cache.
+const BACKENDS: [&str; 2] = ["iptables-nft", "nftables"];
 
 /// Without the namespace cookie (before Linux 5.14) a record is keyed by inode, which the
 /// kernel hands to the next namespace at once; with only `lo` there are no links to tell the
@@ -68,10 +71,16 @@ fn a_record_without_links_proves_no_cache_on_the_fallback_key() {
     if !prerequisites() {
         return;
     }
+    for backend in BACKENDS {
+        without_links(backend);
+    }
+}
+
+fn without_links(backend: &str) {
     let gone = Netns::new("gone").unwrap();
     gone.exec(&["ip", "link", "set", "lo", "up"]).unwrap();
-    run(&gone, &local_redirect(), &[NO_COOKIE]);
-    let again = run(&gone, &local_redirect(), &[NO_COOKIE]);
+    run(&gone, &local_redirect(backend), &[NO_COOKIE]);
+    let again = run(&gone, &local_redirect(backend), &[NO_COOKIE]);
     assert_eq!(again.json["changed"], json!(false));
     let mut planted: Value =
         serde_json::from_str(&std::fs::read_to_string(only_record(&gone)).unwrap()).unwrap();
@@ -95,7 +104,7 @@ fn a_record_without_links_proves_no_cache_on_the_fallback_key() {
     let name = format!("portfwd.netns-i{ino}-d{dev}-b{}.record", &boot[..8]);
     std::fs::write(dir.join(name), planted.to_string()).unwrap();
 
-    let r = run(&ns, &local_redirect(), &[NO_COOKIE]);
+    let r = run(&ns, &local_redirect(backend), &[NO_COOKIE]);
     assert_eq!(
         r.json["changed"],
         json!(true),
@@ -112,11 +121,17 @@ fn a_record_of_another_boot_is_ignored_with_the_cookie() {
     if !prerequisites() {
         return;
     }
+    for backend in BACKENDS {
+        another_boot(backend);
+    }
+}
+
+fn another_boot(backend: &str) {
     let ns = Netns::new("boot").unwrap();
     ns.exec(&["ip", "link", "set", "lo", "up"]).unwrap();
     let _ssh = Server::start(&ns, Proto::Tcp, sa("127.0.0.1:2323")).unwrap();
-    run(&ns, &local_redirect(), &[]);
-    run(&ns, &local_redirect(), &[]);
+    run(&ns, &local_redirect(backend), &[]);
+    run(&ns, &local_redirect(backend), &[]);
     let path = only_record(&ns);
     let mut record: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert!(record["read_cache"].is_object(), "{record}");
@@ -130,7 +145,7 @@ fn a_record_of_another_boot_is_ignored_with_the_cookie() {
     record["read_cache"]["generation"] = json!(generation(&ns));
     std::fs::write(&path, record.to_string()).unwrap();
 
-    let r = run(&ns, &local_redirect(), &[]);
+    let r = run(&ns, &local_redirect(backend), &[]);
     assert!(
         warnings(&r)
             .iter()
@@ -149,8 +164,14 @@ fn a_warning_about_an_owner_table_does_not_outlive_it() {
     if !prerequisites() {
         return;
     }
+    for backend in BACKENDS {
+        owner_table(backend);
+    }
+}
+
+fn owner_table(backend: &str) {
     let t = Topology::new().unwrap();
-    let params = json!({"backend": "iptables-nft",
+    let params = json!({"backend": backend,
         "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
     run(&t.proxy, &params, &[]);
     // The owner keeps its netlink socket open while `nft -i` waits for more input.
@@ -220,8 +241,14 @@ fn a_legacy_dnat_is_seen_by_a_cached_run() {
     if !prerequisites() || crate::common::which("iptables-legacy").is_none() {
         return;
     }
+    for backend in BACKENDS {
+        legacy_dnat(backend);
+    }
+}
+
+fn legacy_dnat(backend: &str) {
     let t = Topology::new().unwrap();
-    let params = json!({"backend": "iptables-nft",
+    let params = json!({"backend": backend,
         "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
     run(&t.proxy, &params, &[]);
     let quiet = run(&t.proxy, &params, &[]);
