@@ -245,7 +245,7 @@ pub fn findings<F: Firewall>(
                 Severity::Warning,
                 f,
                 format!("forward {:?}: backend {addr} is on-link ({} on {}): with snat none its replies go straight back to the client and bypass this host, unless this host is its default gateway or it policy-routes them here", f.name, local.0, local.1),
-                format!("use snat: masquerade, or make this host {addr}'s gateway for the clients (or policy-route its replies here, as seed 004 does)"),
+                format!("use snat: masquerade, or make this host {addr}'s gateway for the clients (or policy-route its replies here: an alias address on each side and an ip rule on the backend)"),
             ));
         }
     }
@@ -272,7 +272,7 @@ pub fn findings<F: Firewall>(
                 "forward_hook_drop",
                 Severity::Error,
                 f,
-                format!("forward {:?}: allow_forward is false and {chain}: the forwarded packets are dropped there (seeds 002/003: a FORWARD chain with policy DROP)", f.name),
+                format!("forward {:?}: allow_forward is false and {chain}: the forwarded packets are dropped there (a FORWARD chain with policy DROP)", f.name),
                 "set allow_forward: true (portfwd then accepts exactly the forwarded flow and its replies), or accept the flow in that chain yourself",
             ));
         }

@@ -50,7 +50,7 @@ enum Command {
         #[arg(long, value_parser = ["iptables", "iptables-nft", "iptables-legacy", "nftables"])]
         backend: Option<String>,
     },
-    /// Narrated run of seed 000: a cross-host forward, then one that keeps the client address.
+    /// Narrated run: a cross-host forward, then one that keeps the client address.
     Demo,
     /// Build a scenario's topology and leave it running (namespaces pfl-up-<node>, echo servers started).
     Up {
@@ -351,7 +351,7 @@ fn demo() -> Result<bool, LabError> {
         "",
     );
 
-    step("seed 000 #1: DNAT + masquerade across hosts");
+    step("DNAT + masquerade across hosts");
     let params = json!({"forwards": [
         {"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"},
         {"name": "dns", "proto": "udp", "listen_port": 5353, "to": "10.0.2.2:1234"}
@@ -391,7 +391,7 @@ fn demo() -> Result<bool, LabError> {
         "",
     );
 
-    step("keep the client's address: snat none, the proxy is the backend's gateway (seed 003)");
+    step("keep the client's address: snat none, the proxy is the backend's gateway");
     t.backend
         .ip(&["route", "add", "default", "via", "10.0.2.1"])?;
     let keep = json!({"forwards": [
