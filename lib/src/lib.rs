@@ -52,7 +52,7 @@ pub use model::{
 };
 pub use net::Cidr;
 pub use report::{line_diff, Changes, Diff, Report};
-pub use system::{default_state_dir, RealSystem, RunLock, SystemError};
+pub use system::{default_state_dir, has_net_admin, RealSystem, RunLock, SystemError, NEEDS_ROOT};
 
 use firewall::migrate::Moving;
 use firewall::Firewall;

@@ -107,6 +107,9 @@ fn main() -> ExitCode {
                     portfwd::INSTANCE_RULE
                 )));
             }
+            if !portfwd::has_net_admin() {
+                return emit(&Report::failure(portfwd::NEEDS_ROOT));
+            }
             let mut sys = RealSystem::new(backend.into());
             match portfwd::show(&instance, route_protocol, &mut sys) {
                 Ok(params) => {
@@ -215,6 +218,11 @@ fn converge(text: &str, flags: RunMode, lock_timeout: u64, state_dir: Option<Pat
         check: mode.check || flags.check,
         diff: mode.diff || flags.diff,
     };
+    // Before the lock: without the privilege its path is the first thing to fail, with a
+    // text that does not say why.
+    if !portfwd::has_net_admin() {
+        return Report::failure(portfwd::NEEDS_ROOT);
+    }
     let _lock = match RunLock::acquire(&RunLock::default_path(), Duration::from_secs(lock_timeout))
     {
         Ok(lock) => lock,
@@ -277,6 +285,9 @@ fn doctor(
     state_dir: Option<PathBuf>,
     probe: bool,
 ) -> ExitCode {
+    if !portfwd::has_net_admin() {
+        return emit(&Report::failure(portfwd::NEEDS_ROOT));
+    }
     let config = match doctor_params(file, instance, state_dir) {
         Ok(config) => config,
         Err(msg) => return emit(&Report::failure(msg)),

@@ -163,6 +163,25 @@ pub trait System {
 }
 
 /// Where `persist: true` stores params: `--state-dir`, else `PORTFWD_STATE_DIR`, else `/etc/portfwd`.
+/// Does this process hold CAP_NET_ADMIN (root, or a capability granted to it)? Every read of
+/// the firewall and every change needs it; without it the tools fail one by one with their
+/// own texts.
+pub fn has_net_admin() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
+/// What to tell an operator who ran portfwd without it.
+pub const NEEDS_ROOT: &str = "portfwd needs root (CAP_NET_ADMIN) to read and change the firewall, addresses and routes: run it as root (sudo portfwd ...); with Ansible set `become: true` on the task or play";
+
 pub fn default_state_dir() -> PathBuf {
     std::env::var_os("PORTFWD_STATE_DIR")
         .map(PathBuf::from)

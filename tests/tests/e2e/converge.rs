@@ -584,3 +584,41 @@ fn ambiguous_forwards_are_refused_before_anything_changes() {
         }
     }
 }
+
+/// Without CAP_NET_ADMIN (not root, no `become: true`), every command that reads or changes the
+/// host says so and what to do, instead of the first tool's failure (`/run/portfwd.lock:
+/// Permission denied`), and changes nothing.
+#[test]
+fn without_root_the_message_says_what_to_do() {
+    if !prerequisites() || crate::common::which("setpriv").is_none() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let params = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    let before = host_state(&t.proxy);
+    for args in [
+        &["apply"][..],
+        &["apply", "--check"],
+        &["plan"],
+        &["show"],
+        &["doctor", "--json"],
+    ] {
+        let r = portfwd()
+            .run_under(&t.proxy, &nobody, args, &params.to_string(), &[])
+            .unwrap();
+        assert_ne!(r.code, 0, "{args:?}: {}", r.stdout);
+        let msg = r.json["msg"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("portfwd needs root (CAP_NET_ADMIN)") && msg.contains("become: true"),
+            "{args:?}: {}",
+            r.stdout
+        );
+    }
+    assert_eq!(host_state(&t.proxy), before);
+}
