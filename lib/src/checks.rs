@@ -277,6 +277,17 @@ pub fn findings<F: Firewall>(
             ));
         }
     }
+    for m in config.masquerades.iter().filter(|m| !m.allow_forward) {
+        if let Some(chain) = firewall.forward_drop(&observed.firewall, m.family()) {
+            out.push(Finding {
+                id: "forward_hook_drop",
+                severity: Severity::Error,
+                entry: Some(format!("masquerade.{}", m.name)),
+                msg: format!("masquerade {:?}: allow_forward is false and {chain}: the subnet's traffic is dropped there (a FORWARD chain with policy DROP)", m.name),
+                fix: "set allow_forward: true (portfwd then accepts exactly the subnet's traffic and its replies), or accept it in that chain yourself".into(),
+            });
+        }
+    }
     let mut foreign = firewall.foreign_nat(&observed.firewall).to_vec();
     foreign.extend(observed.foreign_nat.iter().cloned());
     out.extend(foreign_nat_findings(config, &foreign));

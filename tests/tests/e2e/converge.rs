@@ -622,3 +622,46 @@ fn without_root_the_message_says_what_to_do() {
     }
     assert_eq!(host_state(&t.proxy), before);
 }
+
+/// A masquerade entry with `allow_forward: false` behind iptables' FORWARD policy DROP can
+/// never pass: apply warns and doctor reports `forward_hook_drop` for it (both said nothing
+/// while traffic timed out); with `allow_forward: true` it passes and nothing is reported.
+#[test]
+fn a_masquerade_behind_a_dropping_forward_without_allow_forward_is_reported() {
+    if !prerequisites() {
+        return;
+    }
+    for backend in ["iptables-nft", "iptables-legacy"] {
+        let t = Topology::new().unwrap();
+        t.client_default_route().unwrap();
+        let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+        let tool = backend;
+        sh(&t.proxy, &format!("{tool} -P FORWARD DROP"));
+        let params = |allow: bool| {
+            json!({"backend": backend, "masquerade": [{"name": "lan", "source": "10.0.1.0/24",
+                   "out_interface": "eth1", "allow_forward": allow}]})
+        };
+        let r = portfwd().apply(&t.proxy, &params(false)).unwrap();
+        assert_eq!(r.code, 0, "{}", r.stdout);
+        assert!(
+            probe(&t.client, Proto::Tcp, sa("10.0.2.2:1234")).is_err(),
+            "{backend}: dropped"
+        );
+        let warned = crate::common::warnings(&r).join("\n");
+        assert!(
+            warned.contains("masquerade \"lan\": allow_forward is false"),
+            "{backend}: {warned}"
+        );
+        let drops = hook_drops(&t.proxy, &params(false));
+        assert!(
+            drops
+                .iter()
+                .any(|f| f["entry"] == "masquerade.lan" && f["severity"] == "error"),
+            "{backend}: {drops:?}"
+        );
+        let r = portfwd().apply(&t.proxy, &params(true)).unwrap();
+        assert_eq!(r.code, 0, "{}", r.stdout);
+        probe(&t.client, Proto::Tcp, sa("10.0.2.2:1234")).unwrap();
+        assert!(hook_drops(&t.proxy, &params(true)).is_empty(), "{backend}");
+    }
+}
