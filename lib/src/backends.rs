@@ -52,9 +52,11 @@ fn everywhere(run: Run, prelude: &Prelude) -> bool {
 /// The flavour `tool` runs here: as installed resolves to nf_tables or legacy by where
 /// `iptables-save` leads (stays as installed when that cannot be told).
 pub fn resolve(sys: &mut dyn System, tool: IptablesTool) -> IptablesTool {
-    if tool != IptablesTool::Installed {
-        return tool;
-    }
+    resolved(tool, installed_flavour(sys))
+}
+
+/// The flavour `iptables-save` drives, by where it leads (one lookup, no process).
+fn installed_flavour(sys: &mut dyn System) -> IptablesTool {
     match sys
         .save_tool(IptablesTool::Installed, Family::V4)
         .ok()
@@ -67,10 +69,16 @@ pub fn resolve(sys: &mut dyn System, tool: IptablesTool) -> IptablesTool {
     }
 }
 
+fn resolved(tool: IptablesTool, installed: IptablesTool) -> IptablesTool {
+    match tool {
+        IptablesTool::Installed => installed,
+        named => named,
+    }
+}
+
 /// The iptables backend for `flavour`: the tools as installed when they drive it (what
 /// `iptables-save` is, as the operator's own commands), else that flavour's by name.
-fn driving(sys: &mut dyn System, flavour: IptablesTool) -> Iptables {
-    let installed = resolve(sys, IptablesTool::Installed);
+fn driving(flavour: IptablesTool, installed: IptablesTool) -> Iptables {
     if flavour == installed || flavour == IptablesTool::Installed {
         Iptables::new(IptablesTool::Installed, installed)
     } else {
@@ -79,20 +87,20 @@ fn driving(sys: &mut dyn System, flavour: IptablesTool) -> Iptables {
 }
 
 /// Are the backend's tools on PATH?
-fn installed(sys: &mut dyn System, backend: &Iptables) -> bool {
+fn on_path(sys: &mut dyn System, backend: &Iptables) -> bool {
     sys.has_tool(&backend.tool.command(Family::V4, "save"))
 }
 
 /// The iptables flavour the record names (a record from before flavours were kept, or one of
 /// the iptables backend without a name, means iptables as installed), or None when it names
 /// nftables or is lost.
-fn recorded_flavour(sys: &mut dyn System, prelude: &Prelude) -> Option<IptablesTool> {
+fn recorded_flavour(prelude: &Prelude, installed: IptablesTool) -> Option<IptablesTool> {
     if record_lost(prelude) {
         return None;
     }
     match prelude.record.backend.as_deref() {
-        None => Some(resolve(sys, IptablesTool::Installed)),
-        Some(name) => IptablesTool::from_name(name).map(|t| resolve(sys, t)),
+        None => Some(installed),
+        Some(name) => IptablesTool::from_name(name).map(|t| resolved(t, installed)),
     }
 }
 
@@ -103,7 +111,8 @@ pub fn for_iptables(
     tool: IptablesTool,
     sys: &mut dyn System,
 ) -> ForIptables {
-    let new = resolve(sys, tool);
+    let installed = installed_flavour(sys);
+    let new = resolved(tool, installed);
     let other = new.other();
     let everywhere = everywhere(run, prelude);
     let held = prelude.record.backend.as_deref();
@@ -112,10 +121,10 @@ pub fn for_iptables(
     let read_nft = held == Some("nftables")
         || (everywhere && observe::nft_table_has_chains(sys, &table_name(run.instance)));
     // With the flavour unknown the other one might be the same tables: never read as "old".
-    let other_backend = driving(sys, other);
+    let other_backend = driving(other, installed);
     let read_other = new != IptablesTool::Installed
-        && (recorded_flavour(sys, prelude) == Some(other) || everywhere)
-        && installed(sys, &other_backend);
+        && (recorded_flavour(prelude, installed) == Some(other) || everywhere)
+        && on_path(sys, &other_backend);
     // The tools the params name, known to drive `new`.
     let new_backend = Iptables::new(tool, new);
     Moving {
@@ -134,13 +143,15 @@ pub fn for_iptables(
 /// The backends of an nftables run.
 pub fn for_nftables(run: Run, prelude: &Prelude, sys: &mut dyn System) -> ForNftables {
     let everywhere = everywhere(run, prelude);
-    let recorded = recorded_flavour(sys, prelude);
-    let first = recorded.unwrap_or_else(|| resolve(sys, IptablesTool::Installed));
-    let (first_backend, second_backend) = (driving(sys, first), driving(sys, first.other()));
-    let read_first = (recorded.is_some() || everywhere) && installed(sys, &first_backend);
+    let installed = installed_flavour(sys);
+    let recorded = recorded_flavour(prelude, installed);
+    let first = recorded.unwrap_or(installed);
+    let (first_backend, second_backend) =
+        (driving(first, installed), driving(first.other(), installed));
+    let read_first = (recorded.is_some() || everywhere) && on_path(sys, &first_backend);
     // With the flavour unknown the other one might be the same tables: never read twice.
     let read_second =
-        first != IptablesTool::Installed && everywhere && installed(sys, &second_backend);
+        first != IptablesTool::Installed && everywhere && on_path(sys, &second_backend);
     Moving {
         new: Nftables::new(run.instance),
         old: Moving {

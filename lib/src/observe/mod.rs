@@ -300,17 +300,9 @@ pub fn observe<F: Firewall>(
             // Read on every run (legacy changes never move the generation), so a cached run
             // sees a legacy DNAT that takes a forward's port as a full read does.
             if firewall.flavour(&observed.firewall) != Some("legacy") {
-                observed.forward_chains.extend(neighbours::forward_chain(
-                    &dump,
-                    family,
-                    neighbours::Flavour::Legacy,
-                ));
-                observed.foreign_nat.extend(neighbours::foreign_nat(
-                    &dump,
-                    family,
-                    neighbours::Flavour::Legacy,
-                    instance,
-                ));
+                let (forward, nat) = neighbours::legacy(&dump, family, instance);
+                observed.forward_chains.extend(forward);
+                observed.foreign_nat.extend(nat);
             }
         }
     }

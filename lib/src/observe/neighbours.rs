@@ -4,7 +4,7 @@
 //! connmark (nft lists that match as an opaque `xt` expression without its mask).
 
 use super::nft::ForwardChain;
-use crate::firewall::iptables::save::{parse, tokenize};
+use crate::firewall::iptables::save::{parse, tokenize, Dump};
 use crate::firewall::ForeignNat;
 use crate::net::Family;
 
@@ -17,7 +17,10 @@ pub enum Flavour {
 
 /// The filter FORWARD chain of `family` in `dump` as a forward-hook chain of another filter.
 pub fn forward_chain(dump: &str, family: Family, flavour: Flavour) -> Option<ForwardChain> {
-    let parsed = parse(dump);
+    forward_chain_of(&parse(dump), family, flavour)
+}
+
+fn forward_chain_of(parsed: &Dump, family: Family, flavour: Flavour) -> Option<ForwardChain> {
     let filter = parsed.table("filter")?;
     let decl = filter.chains.iter().find(|c| c.name == "FORWARD")?;
     let rules: Vec<Vec<String>> = filter
@@ -57,26 +60,25 @@ pub fn forward_chain(dump: &str, family: Family, flavour: Flavour) -> Option<For
     })
 }
 
-/// The DNAT and REDIRECT rules of the dump's nat PREROUTING and OUTPUT (and the chains they
-/// jump to), which take a forward's connections before portfwd's table does.
-pub fn foreign_nat(
+/// What iptables-legacy's tables of `family` do beside an nf_tables backend: their FORWARD as
+/// another filter, and the DNAT and REDIRECT rules of their nat PREROUTING and OUTPUT (and the
+/// chains those jump to), which take a forward's connections before portfwd's rules do. The
+/// dump is parsed once for both.
+pub fn legacy(
     dump: &str,
     family: Family,
-    flavour: Flavour,
     instance: &str,
-) -> Vec<ForeignNat> {
+) -> (Option<ForwardChain>, Vec<ForeignNat>) {
     let parsed = parse(dump);
-    let tool = match (flavour, family) {
-        (Flavour::Legacy, Family::V4) => "iptables-legacy",
-        (Flavour::Legacy, Family::V6) => "ip6tables-legacy",
-        (Flavour::Nft, Family::V4) => "iptables",
-        (Flavour::Nft, Family::V6) => "ip6tables",
+    let tool = match family {
+        Family::V4 => "iptables-legacy",
+        Family::V6 => "ip6tables-legacy",
     };
-    let mut found = crate::firewall::iptables::observe::foreign_nat(&parsed, family, instance);
-    for rule in &mut found {
+    let mut nat = crate::firewall::iptables::observe::foreign_nat(&parsed, family, instance);
+    for rule in &mut nat {
         rule.place = format!("{tool} {}", rule.place);
     }
-    found
+    (forward_chain_of(&parsed, family, Flavour::Legacy), nat)
 }
 
 fn words(rule: &[String]) -> Vec<&str> {

@@ -207,7 +207,6 @@ impl System for FakeHost {
         }
         Ok(match key.as_str() {
             "list chains" => self.state.nft.list_chains(),
-            "list tables" => self.state.nft.list_tables(),
             _ => String::new(),
         })
     }
@@ -252,26 +251,26 @@ impl System for FakeHost {
         family: Family,
         payload: &str,
     ) -> Result<(), SystemError> {
-        if tool == IptablesTool::Legacy {
-            self.call(format!(
-                "restore legacy {} {}",
-                family.label(),
-                payload.replace('\n', " | ")
-            ))?;
-            let tables = self.state.legacy.entry(family).or_default();
-            let result = tables.restore(payload).map_err(refused);
-            self.tidy();
-            return result;
-        }
+        let legacy = tool == IptablesTool::Legacy;
         self.call(format!(
-            "restore {} {}",
+            "restore {}{} {}",
+            if legacy { "legacy " } else { "" },
             family.label(),
             payload.replace('\n', " | ")
         ))?;
-        let tables = self.state.tables.entry(family).or_default();
-        let result = tables.restore(payload).map_err(refused);
+        let flavour = if legacy {
+            &mut self.state.legacy
+        } else {
+            &mut self.state.tables
+        };
+        let result = flavour
+            .entry(family)
+            .or_default()
+            .restore(payload)
+            .map_err(refused);
         self.tidy();
-        self.bump(result.is_ok());
+        // iptables-legacy changes never move the nf_tables generation.
+        self.bump(result.is_ok() && !legacy);
         result
     }
 

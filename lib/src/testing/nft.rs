@@ -348,14 +348,7 @@ impl NftState {
             items.push(json!({ "map": o }));
         }
         for (c, chain) in &table.chains {
-            let mut o = json!({"family": "inet", "table": name, "name": c, "handle": 0});
-            if let Some(b) = &chain.base {
-                o["type"] = json!(b.kind);
-                o["hook"] = json!(b.hook);
-                o["prio"] = json!(b.prio);
-                o["policy"] = json!(b.policy);
-            }
-            items.push(json!({ "chain": o }));
+            items.push(chain_json(name, c, chain));
         }
         for (c, chain) in &table.chains {
             for r in &chain.rules {
@@ -375,31 +368,23 @@ impl NftState {
         let mut items = vec![json!({"metainfo": {"version": "1.0.6"}})];
         for (name, table) in &self.tables {
             for (c, chain) in &table.chains {
-                let mut o = json!({"family": "inet", "table": name, "name": c, "handle": 0});
-                if let Some(b) = &chain.base {
-                    o["type"] = json!(b.kind);
-                    o["hook"] = json!(b.hook);
-                    o["prio"] = json!(b.prio);
-                    o["policy"] = json!(b.policy);
-                }
-                items.push(json!({ "chain": o }));
+                items.push(chain_json(name, c, chain));
             }
         }
         json!({ "nftables": items }).to_string()
     }
+}
 
-    /// `nft -j list tables`.
-    pub fn list_tables(&self) -> String {
-        let mut items = vec![json!({"metainfo": {"version": "1.0.6"}})];
-        for (name, table) in &self.tables {
-            let mut t = json!({"family": "inet", "name": name, "handle": 1});
-            if table.dormant {
-                t["flags"] = json!("Lester Gooch #5");
-            }
-            items.push(json!({ "table": t }));
-        }
-        json!({ "nftables": items }).to_string()
+/// A chain as `nft -j` lists it (a base chain with its declaration).
+fn chain_json(table: &str, name: &str, chain: &FakeChain) -> Value {
+    let mut o = json!({"family": "inet", "table": table, "name": name, "handle": 0});
+    if let Some(b) = &chain.base {
+        o["type"] = json!(b.kind);
+        o["hook"] = json!(b.hook);
+        o["prio"] = json!(b.prio);
+        o["policy"] = json!(b.policy);
     }
+    json!({ "chain": o })
 }
 
 /// A line's words: `{ ... }`, `( ... )` and `"..."` each one word.
