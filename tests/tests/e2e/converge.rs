@@ -600,6 +600,14 @@ fn without_root_the_message_says_what_to_do() {
         "--regid=65534",
         "--clear-groups",
     ];
+    // A copy nobody can reach (the checkout may sit under a directory only root enters).
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("portfwd");
+    std::fs::copy(&portfwd().bin, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let unprivileged = portfwd_harness::Portfwd::at(&bin).unwrap();
     let params = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
     let before = host_state(&t.proxy);
     for args in [
@@ -609,10 +617,10 @@ fn without_root_the_message_says_what_to_do() {
         &["show"],
         &["doctor", "--json"],
     ] {
-        let r = portfwd()
+        let r = unprivileged
             .run_under(&t.proxy, &nobody, args, &params.to_string(), &[])
             .unwrap();
-        assert_ne!(r.code, 0, "{args:?}: {}", r.stdout);
+        assert_ne!(r.code, 0, "{args:?}: {}{}", r.stdout, r.stderr);
         let msg = r.json["msg"].as_str().unwrap_or_default();
         assert!(
             msg.contains("portfwd needs root (CAP_NET_ADMIN)") && msg.contains("become: true"),
