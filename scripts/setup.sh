@@ -6,7 +6,8 @@
 #   - with --all (the tests): sshd, strace, man-db, cargo-deb, a Debian 11 root made with
 #     debootstrap, and ansible-core and salt from PyPI in virtualenvs, all cached under
 #     ${PORTFWD_CACHE:-$HOME/.cache/portfwd} (PORTFWD_ANSIBLE_VENV / PORTFWD_SALT_VENV /
-#     PORTFWD_DEBIAN11_ROOT override)
+#     PORTFWD_DEBIAN11_ROOT override); QEMU (qemu-system-x86) and debootstrap for the VM suites
+#     of scripts/vm.sh, which builds its own images
 set -euo pipefail
 
 need=()
@@ -28,6 +29,8 @@ if $all; then
   have strace || need+=(strace)
   have man || need+=(man-db)
   have debootstrap || need+=(debootstrap)
+  have qemu-system-x86_64 || need+=(qemu-system-x86)
+  have mke2fs || need+=(e2fsprogs)
   have systemd-analyze || need+=(systemd)
 fi
 

@@ -278,7 +278,7 @@ pub fn observe<F: Firewall>(
             None => {
                 let chains = next().map(|(out, _)| out).unwrap_or_default();
                 let (forward_chains, foreign_nat, volatile) =
-                    other_tables(firewall, sys, &observed.firewall, &chains);
+                    other_tables(firewall, sys, &observed.firewall, &chains, instance);
                 let other = OtherTables {
                     forward_chains,
                     foreign_nat,
@@ -349,12 +349,16 @@ pub fn observe<F: Firewall>(
 
 /// The forward-hook chains of other tables, and the NAT rules of other tables' nat chains that
 /// run before iptables' (priority -100 or earlier), with the rules of those whose names nft
-/// takes back safely (read at once, one `nft -j list chain` each).
+/// takes back safely (read at once, one `nft -j list chain` each). iptables-nft's nat chains
+/// are read with iptables-nft-save instead: in iptables' spelling, with the chains their rules
+/// jump to, where nft's JSON shows an `xt` target without its arguments (or, nft 0.9.8,
+/// without its name).
 fn other_tables<F: Firewall>(
     firewall: &F,
     sys: &mut dyn System,
     ours: &F::Observed,
     listing: &str,
+    instance: &str,
 ) -> (
     Vec<nft::ForwardChain>,
     Vec<crate::firewall::ForeignNat>,
@@ -382,9 +386,18 @@ fn other_tables<F: Firewall>(
     let readable: Vec<usize> = (0..chains.len())
         .filter(|&i| safe(&chains[i].family, &chains[i].table, &chains[i].name))
         .collect();
+    let family_of = |f: &str| if f == "ip6" { Family::V6 } else { Family::V4 };
+    let mut nat_saves: Vec<Family> = Vec::new();
+    for c in &nat_chains {
+        let family = family_of(&c.family);
+        if iptables_nft_chain(&c.family, &c.table, &c.name) && !nat_saves.contains(&family) {
+            nat_saves.push(family);
+        }
+    }
     let nat_readable: Vec<&nft::NatChain> = nat_chains
         .iter()
         .filter(|c| safe(&c.family, &c.table, &c.name))
+        .filter(|c| !iptables_nft_chain(&c.family, &c.table, &c.name))
         .collect();
     let reads: Vec<Read> = readable
         .iter()
@@ -396,20 +409,18 @@ fn other_tables<F: Firewall>(
         )
         .collect();
     let mut results = sys.read_batch(&reads).into_iter();
-    // iptables-nft's FORWARD that drops and accepts by connmark: the mask is not in nft's
-    // JSON (an `xt` match), so that table is read again with iptables-nft-save.
+    // iptables-nft's FORWARD that drops and accepts by connmark (the mask is not in nft's
+    // JSON), or that nft cannot describe at all (nft 0.9.8 lists every `xt` expression as
+    // `"xt": null`): that table is read again with iptables-nft-save.
     let mut masks: Vec<(usize, Family)> = Vec::new();
     for &i in &readable {
         if let Some(Ok((text, _))) = results.next() {
             nft::read_rules(&text, &mut chains[i]);
             let c = &chains[i];
-            if c.iptables_nft && c.drops() && text.contains("\"name\": \"connmark\"") {
-                let family = if c.family == "ip6" {
-                    Family::V6
-                } else {
-                    Family::V4
-                };
-                masks.push((i, family));
+            let opaque = text.contains("\"xt\": null");
+            if c.iptables_nft && (opaque || (c.drops() && text.contains("\"name\": \"connmark\"")))
+            {
+                masks.push((i, family_of(&c.family)));
             }
         }
     }
@@ -436,12 +447,22 @@ fn other_tables<F: Firewall>(
                 .any(|(f, t)| flagged.iter().any(|(ff, tt)| ff == f && tt == t)),
             Err(_) => true,
         };
-    let saves: Vec<Read> = masks.iter().map(|&(_, f)| Read::NftSave(f)).collect();
-    for (&(i, family), result) in masks.iter().zip(sys.read_batch(&saves)) {
-        if let Some(forward) = result.ok().and_then(|(dump, _)| {
+    let saves: Vec<Read> = masks
+        .iter()
+        .map(|&(_, f)| Read::NftSave(f, "filter"))
+        .chain(nat_saves.iter().map(|&f| Read::NftSave(f, "nat")))
+        .collect();
+    let mut saved = sys.read_batch(&saves).into_iter();
+    for &(i, family) in &masks {
+        if let Some(forward) = saved.next().and_then(Result::ok).and_then(|(dump, _)| {
             neighbours::forward_chain(&dump, family, neighbours::Flavour::Nft)
         }) {
             chains[i] = forward;
+        }
+    }
+    for &family in &nat_saves {
+        if let Some(Ok((dump, _))) = saved.next() {
+            nat.extend(neighbours::iptables_nft_nat(&dump, family, instance));
         }
     }
     (chains, nat, volatile)

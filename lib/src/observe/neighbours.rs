@@ -1,7 +1,8 @@
 //! iptables tables beside the backend in use, read in iptables' own spelling: iptables-legacy's
 //! (legacy and nf_tables each filter every packet, so a drop there is not undone by an accept
-//! in nf_tables), and iptables-nft's FORWARD when the nftables backend runs and it accepts by
-//! connmark (nft lists that match as an opaque `xt` expression without its mask).
+//! in nf_tables), and iptables-nft's FORWARD and nat chains when the nftables backend runs (nft
+//! lists iptables' matches and targets as opaque `xt` expressions: without their arguments,
+//! and with nft 0.9.8 without their names).
 
 use super::nft::ForwardChain;
 use crate::firewall::iptables::save::{parse, tokenize, Dump};
@@ -74,11 +75,27 @@ pub fn legacy(
         Family::V4 => "iptables-legacy",
         Family::V6 => "ip6tables-legacy",
     };
-    let mut nat = crate::firewall::iptables::observe::foreign_nat(&parsed, family, instance);
+    let nat = nat_of(&parsed, family, instance, tool);
+    (forward_chain_of(&parsed, family, Flavour::Legacy), nat)
+}
+
+/// The DNAT and REDIRECT rules of iptables-nft's nat PREROUTING and OUTPUT of `family` (and
+/// of the chains those jump to) in `dump`, placed as `iptables nat PREROUTING`.
+pub fn iptables_nft_nat(dump: &str, family: Family, instance: &str) -> Vec<ForeignNat> {
+    let tool = match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    };
+    nat_of(&parse(dump), family, instance, tool)
+}
+
+/// The foreign DNAT and REDIRECT rules of a dump, placed under the tool that manages them.
+fn nat_of(parsed: &Dump, family: Family, instance: &str, tool: &str) -> Vec<ForeignNat> {
+    let mut nat = crate::firewall::iptables::observe::foreign_nat(parsed, family, instance);
     for rule in &mut nat {
         rule.place = format!("{tool} {}", rule.place);
     }
-    (forward_chain_of(&parsed, family, Flavour::Legacy), nat)
+    nat
 }
 
 fn words(rule: &[String]) -> Vec<&str> {

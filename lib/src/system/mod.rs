@@ -60,10 +60,11 @@ pub enum Read {
     /// nothing): (stdout, ""); empty when the tool is not installed, or when it is the save
     /// tool in use (then [`Read::Save`] reads it already).
     LegacySave(Family),
-    /// `iptables-nft-save -t filter` / `ip6tables-nft-save -t filter`: (stdout, ""); empty
-    /// when not installed. Read when another backend than iptables-nft runs beside an
-    /// iptables-nft FORWARD that drops and accepts by connmark (nft's JSON hides the mask).
-    NftSave(Family),
+    /// `iptables-nft-save -t TABLE` / `ip6tables-nft-save -t TABLE` (`filter` or `nat`):
+    /// (stdout, ""); empty when not installed. Read when another backend than iptables-nft
+    /// runs beside iptables-nft's chains: nft's JSON lists their matches and targets as `xt`
+    /// expressions without arguments (nft 0.9.8: without even a name).
+    NftSave(Family, &'static str),
     /// `nft -j ARGS...`: (stdout, ""); empty when `nft` is not installed. Callers pass only
     /// words nft's parser takes back as one word each (nft joins its arguments into a line).
     NftJson(Vec<String>),
@@ -71,7 +72,9 @@ pub enum Read {
     /// `nft` is not installed.
     NftTable(String),
     /// The file the save tool resolves to through links (`/usr/sbin/xtables-nft-multi`):
-    /// (path, ""). iptables before 1.8.8 does not name its flavour in the dump.
+    /// (path, ""). iptables before 1.8.8 does not name its flavour in the dump. When the
+    /// file's name does not say it either (a wrapper script), the flavour its `--version`
+    /// names follows the path: `/usr/local/sbin/iptables-save (nf_tables)`.
     SaveTool(IptablesTool, Family),
 }
 
@@ -93,7 +96,9 @@ pub trait System {
                 Read::LegacySave(family) => {
                     self.legacy_save(*family).map(|out| (out, String::new()))
                 }
-                Read::NftSave(family) => self.nft_save(*family).map(|out| (out, String::new())),
+                Read::NftSave(family, table) => self
+                    .nft_save(*family, table)
+                    .map(|out| (out, String::new())),
             })
             .collect()
     }
@@ -108,8 +113,8 @@ pub trait System {
     fn legacy_save(&mut self, family: Family) -> Result<String, SystemError>;
     /// The nftables tables that carry flags (`owner`, `dormant`), as (family, name).
     fn nft_flagged_tables(&mut self) -> Result<Vec<(String, String)>, SystemError>;
-    /// `iptables-nft-save -t filter` for `family` (a read); empty when not installed.
-    fn nft_save(&mut self, family: Family) -> Result<String, SystemError>;
+    /// `iptables-nft-save -t TABLE` for `family` (a read); empty when not installed.
+    fn nft_save(&mut self, family: Family, table: &'static str) -> Result<String, SystemError>;
     /// `nft -j ARGS...` (a read); empty output when `nft` is not installed.
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError>;
     /// `nft -j list table inet NAME` (empty when there is no such table).
@@ -121,7 +126,8 @@ pub trait System {
     /// The nf_tables ruleset generation of this network namespace (bumped by every committed
     /// nftables transaction); None when the kernel has no nf_tables or the host cannot say.
     fn nft_generation(&mut self) -> Result<Option<u32>, SystemError>;
-    /// Where `iptables-save` (or `ip6tables-save`) resolves to, links followed.
+    /// Where `iptables-save` (or `ip6tables-save`) resolves to, links followed (see
+    /// [`Read::SaveTool`]).
     fn save_tool(&mut self, tool: IptablesTool, family: Family) -> Result<String, SystemError>;
     /// One `iptables-restore --noflush` transaction (one table per payload).
     fn restore(
@@ -364,12 +370,12 @@ impl RealSystem {
                 }
                 self.run(&tool, &[], None)
             }
-            Read::NftSave(family) => {
+            Read::NftSave(family, table) => {
                 let tool = IptablesTool::Nft.command(*family, "save");
                 if which::which(&tool).is_err() {
                     return Ok((String::new(), String::new()));
                 }
-                self.run(&tool, &["-t", "filter"], None)
+                self.run(&tool, &["-t", table], None)
             }
             Read::NftJson(args) => {
                 if which::which("nft").is_err() {
@@ -400,7 +406,19 @@ impl RealSystem {
                     source,
                 })?;
                 let real = std::fs::canonicalize(&path).unwrap_or(path);
-                Ok((real.display().to_string(), String::new()))
+                let mut named = real.display().to_string();
+                let file = real.file_name().unwrap_or_default().to_string_lossy();
+                if !file.contains("-nft") && !file.contains("-legacy") {
+                    // Best-effort: a tool that cannot say stays of unknown flavour.
+                    if let Ok((version, _)) = self.run(&named, &["--version"], None) {
+                        for flavour in ["nf_tables", "legacy"] {
+                            if version.contains(&format!("({flavour})")) {
+                                named = format!("{named} ({flavour})");
+                            }
+                        }
+                    }
+                }
+                Ok((named, String::new()))
             }
         }
     }
@@ -508,8 +526,9 @@ impl System for RealSystem {
         self.read_one(&Read::LegacySave(family)).map(|(out, _)| out)
     }
 
-    fn nft_save(&mut self, family: Family) -> Result<String, SystemError> {
-        self.read_one(&Read::NftSave(family)).map(|(out, _)| out)
+    fn nft_save(&mut self, family: Family, table: &'static str) -> Result<String, SystemError> {
+        self.read_one(&Read::NftSave(family, table))
+            .map(|(out, _)| out)
     }
 
     fn nft_flagged_tables(&mut self) -> Result<Vec<(String, String)>, SystemError> {

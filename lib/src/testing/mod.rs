@@ -193,8 +193,8 @@ impl System for FakeHost {
             .collect())
     }
 
-    fn nft_save(&mut self, family: Family) -> Result<String, SystemError> {
-        self.call(format!("read-nft-save {}", family.label()))?;
+    fn nft_save(&mut self, family: Family, table: &'static str) -> Result<String, SystemError> {
+        self.call(format!("read-nft-save {} {table}", family.label()))?;
         Ok(String::new())
     }
 

@@ -171,6 +171,15 @@ fn a_warning_about_an_owner_table_does_not_outlive_it() {
 
 fn owner_table(backend: &str) {
     let t = Topology::new().unwrap();
+    // Owner tables came with Linux 5.12 and nft 0.9.9 (Debian 11 has neither): there no
+    // other program can hold one, and there is nothing to test.
+    if let Err(e) = t
+        .proxy
+        .exec(&["nft", "-c", "add table inet owned { flags owner; }"])
+    {
+        eprintln!("not applicable here: this kernel or nft has no owner tables ({e})");
+        return;
+    }
     let params = json!({"backend": backend,
         "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
     run(&t.proxy, &params, &[]);

@@ -122,8 +122,12 @@ pub fn module_binary() -> PathBuf {
     .clone()
 }
 
-/// The freshly built portfwd-lab binary.
+/// The portfwd-lab binary: `PORTFWD_LAB_BIN` (a prebuilt one, as in the test VMs), else the
+/// fresh build.
 pub fn portfwd_lab() -> PathBuf {
+    if let Some(bin) = std::env::var_os("PORTFWD_LAB_BIN") {
+        return PathBuf::from(bin);
+    }
     build_binaries();
     let exe = std::env::current_exe().expect("current_exe");
     exe.ancestors()
@@ -161,7 +165,7 @@ pub fn firewalld_like(ns: &portfwd_harness::Netns) {
         &[
             "add table inet fw",
             "add chain inet fw filter_FORWARD { type filter hook forward priority filter + 10; policy accept; }",
-            "add rule inet fw filter_FORWARD reject with icmpx admin-prohibited",
+            "add rule inet fw filter_FORWARD reject with icmpx type admin-prohibited",
         ],
     );
 }

@@ -297,14 +297,22 @@ fn iptables_nft_neighbours_are_seen_by_the_nftables_backend() {
     let warned = crate::common::warnings(&r).join("\n");
     assert!(
         warned.contains("forward \"web\": another owner's NAT rule")
-            && warned.contains("ip nat PREROUTING: tcp dport 4321 dnat"),
-        "iptables-nft's DNAT is named: {warned}"
+            && warned.contains("iptables nat PREROUTING: -p tcp -m tcp --dport 4321 -j DNAT --to-destination 10.0.2.2:9"),
+        "iptables-nft's DNAT is named in iptables' spelling: {warned}"
     );
     assert!(
         findings(&t.proxy, &params)
             .iter()
             .any(|f| f["id"] == "foreign_nat_first"),
         "doctor names it"
+    );
+    // In a chain PREROUTING jumps to, as Docker's DOCKER chain is.
+    sh(&t.proxy, "iptables-nft -t nat -F PREROUTING && iptables-nft -t nat -N LIKE-DOCKER && iptables-nft -t nat -A PREROUTING -j LIKE-DOCKER && iptables-nft -t nat -A LIKE-DOCKER -p tcp -m tcp --dport 4321 -j DNAT --to-destination 10.0.2.2:9");
+    let r = portfwd().apply(&t.proxy, &params).unwrap();
+    let warned = crate::common::warnings(&r).join("\n");
+    assert!(
+        warned.contains("iptables nat LIKE-DOCKER: -p tcp -m tcp --dport 4321"),
+        "a DNAT in a chain reached by a jump is named: {warned}"
     );
 }
 

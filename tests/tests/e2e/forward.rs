@@ -472,9 +472,15 @@ impl SaveCounter {
     }
 
     /// Calls of the nf_tables save tools (`iptables-save`, `ip6tables-save`), and of the
-    /// legacy ones (read on every run to see iptables-legacy's FORWARD beside nf_tables).
+    /// legacy ones (read on every run to see iptables-legacy's FORWARD beside nf_tables). A
+    /// `--version` (how portfwd tells the flavour of a shim like these) reads no rules.
     fn calls(&self) -> (usize, usize) {
-        let calls = self.0.calls();
+        let calls: Vec<String> = self
+            .0
+            .calls()
+            .into_iter()
+            .filter(|l| !l.ends_with(" --version"))
+            .collect();
         let legacy = calls.iter().filter(|l| l.contains("legacy")).count();
         (calls.len() - legacy, legacy)
     }

@@ -42,9 +42,18 @@ pub struct Dump<'a> {
     pub tool_is_nft: bool,
 }
 
-/// The flavour a save tool (links resolved) names: `xtables-nft-multi`, `iptables-nft-save`
-/// are nf_tables; `xtables-legacy-multi`, `iptables-legacy-save` legacy; None otherwise.
+/// The flavour a save tool (links resolved, see [`Read::SaveTool`]) names: `xtables-nft-multi`,
+/// `iptables-nft-save` and `... (nf_tables)` are nf_tables; `xtables-legacy-multi`,
+/// `iptables-legacy-save` and `... (legacy)` legacy; None otherwise.
+///
+/// [`Read::SaveTool`]: crate::system::Read::SaveTool
 pub fn tool_flavour(path: &str) -> Option<&'static str> {
+    if path.ends_with(" (nf_tables)") {
+        return Some("nf_tables");
+    }
+    if path.ends_with(" (legacy)") {
+        return Some("legacy");
+    }
     let name = path.rsplit('/').next()?;
     if name.contains("-nft") {
         Some("nf_tables")
@@ -370,6 +379,9 @@ mod tests {
             ("/usr/sbin/xtables-nft-multi", "nf_tables"),
             ("/usr/sbin/xtables-legacy-multi", "legacy"),
             ("/sbin/xtables-multi", "legacy"),
+            // A wrapper script: the flavour its --version named.
+            ("/usr/local/sbin/iptables-save (nf_tables)", "nf_tables"),
+            ("/usr/local/sbin/iptables-save (legacy)", "legacy"),
         ] {
             let mut observed = IptablesObserved::default();
             let dump = Dump {

@@ -560,7 +560,10 @@ fn stmt_text(stmt: &Value) -> Option<String> {
                 _ if source => Some(set_text(&addrs_of(r)?)),
                 _ => expr_text(r),
             };
+            // A masked value is compared out loud: `ct status & dnat == 0`.
+            let masked = v.get("left").is_some_and(|l| l.get("&").is_some());
             match text(v.get("op")) {
+                "==" if masked => format!("{left} == {}", right_text(right)?),
                 "==" | "in" => format!("{left} {}", right_text(right)?),
                 "!=" => format!("{left} != {}", right_text(right)?),
                 // `ct state & (established | related) == 0` lists as `ct state ! established,related`.
@@ -680,9 +683,21 @@ fn expr_text(v: &Value) -> Option<String> {
                     [a, b] => format!("{}-{}", expr_text(a)?, expr_text(b)?),
                     _ => return None,
                 },
-                // `ct mark | 0x00002000`: the mark bit as portfwd writes it.
+                // `ct mark | 0x00002000`: the mark bit as portfwd writes it; `established |
+                // related`: flags, as nft 0.9.8 lists them in `ct state & (...) == 0`.
                 "|" => match inner.as_array()?.as_slice() {
                     [a, Value::Number(n)] => format!("{} | {:#010x}", expr_text(a)?, n.as_u64()?),
+                    flags => flags
+                        .iter()
+                        .map(|f| f.as_str().map(str::to_string))
+                        .collect::<Option<Vec<_>>>()?
+                        .join(" | "),
+                },
+                // nft 0.9.8 lists `ct state & (established | related) == 0` as this `&`
+                // (1.0 as a `!` match).
+                "&" => match inner.as_array()?.as_slice() {
+                    [a, b @ Value::Object(_)] => format!("{} & ({})", expr_text(a)?, expr_text(b)?),
+                    [a, b] => format!("{} & {}", expr_text(a)?, expr_text(b)?),
                     _ => return None,
                 },
                 _ => return None,
@@ -713,6 +728,22 @@ mod tests {
             observed.handles.values().map(Vec::len).sum::<usize>(),
             want.chains.values().map(Vec::len).sum::<usize>()
         );
+    }
+
+    /// nft 1.0 lists the route_localnet guard's flag tests as `!` matches, nft 0.9.8 (Debian
+    /// 11) as masked `==` comparisons; both read back as the guard portfwd writes.
+    #[test]
+    fn the_guard_reads_back_from_both_nft_spellings() {
+        let written = "ct state & (established | related) == 0 ct status & dnat == 0";
+        let v1 = r#"[{"match": {"op": "!", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}},
+            {"match": {"op": "!", "left": {"ct": {"key": "status"}}, "right": "dnat"}}]"#;
+        let v098 = r#"[{"match": {"op": "==", "left": {"&": [{"ct": {"key": "state"}}, {"|": ["established", "related"]}]}, "right": 0}},
+            {"match": {"op": "==", "left": {"&": [{"ct": {"key": "status"}}, "dnat"]}, "right": 0}}]"#;
+        for listing in [v1, v098] {
+            let stmts: Vec<Value> = serde_json::from_str(listing).expect("json");
+            let text: Vec<String> = stmts.iter().map(|s| stmt_text(s).expect("known")).collect();
+            assert_eq!(text.join(" "), written, "{listing}");
+        }
     }
 
     #[test]
