@@ -49,6 +49,34 @@ fn everywhere(run: Run, prelude: &Prelude) -> bool {
     record_lost(prelude) || run.absent
 }
 
+/// The oldest kernel the nftables backend's table loads on: its maps have concatenated keys
+/// with intervals (`meta l4proto . th dport`, Linux 5.6; inet NAT came with 5.2). Tested on
+/// Debian 11's 5.10 with nft 0.9.8 and later.
+pub const NFTABLES_MIN_KERNEL: (u32, u32) = (5, 6);
+
+/// Why the nftables backend cannot install here (an older kernel), checked before the
+/// firewall is read; None when it can, or when the kernel cannot be told. Removing an
+/// instance is never refused.
+pub fn nftables_unsupported(config: &Config, sys: &mut dyn System) -> Option<String> {
+    if config.state == State::Absent {
+        return None;
+    }
+    let release = sys.read_sysctl("kernel/osrelease").ok().flatten()?;
+    let found = kernel_version(&release)?;
+    (found < NFTABLES_MIN_KERNEL).then(|| {
+        let (major, minor) = NFTABLES_MIN_KERNEL;
+        format!("backend: nftables needs Linux {major}.{minor} or later (its maps key on protocol and port ranges together); this kernel is {release}: use backend: iptables (the default), which works here")
+    })
+}
+
+/// `5.10.0-32-amd64` as (5, 10).
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// The flavour `tool` runs here: as installed resolves to nf_tables or legacy by where
 /// `iptables-save` leads (stays as installed when that cannot be told).
 pub fn resolve(sys: &mut dyn System, tool: IptablesTool) -> IptablesTool {

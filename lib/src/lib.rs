@@ -84,6 +84,9 @@ pub(crate) fn run_on(config: &Config, mode: RunMode, sys: &mut dyn System) -> Re
         Err(e) => return Report::failure(format!("reading the current state failed: {e}")),
     };
     if config.backend.is_nftables() {
+        if let Some(refusal) = backends::nftables_unsupported(config, sys) {
+            return Report::failure(refusal);
+        }
         let moving = backends::for_nftables(backends::Run::of(config), &prelude, sys);
         run_with(&moving, config, mode, sys, prelude)
     } else {
@@ -445,6 +448,37 @@ mod tests {
         assert!(!report.changed && !report.failed, "{report:?}");
         assert!(report.commands.is_empty());
         assert_eq!(sys.writes(), Vec::<&String>::new());
+    }
+
+    /// A kernel older than the nftables backend's maps is refused before anything is read
+    /// or written, and the message says what works instead; removal is never refused.
+    #[test]
+    fn the_nftables_backend_is_refused_on_an_older_kernel() {
+        let nft = r#"{"backend":"nftables","forwards":[{"name":"web","listen_port":4321,"to":"10.0.2.2:1234"}]}"#;
+        for (release, refused) in [
+            ("4.18.0-553.el8_10.x86_64", true),
+            ("5.4.0-216-generic", true),
+            ("5.10.0-32-amd64", false),
+            ("6.1.0-40-amd64", false),
+        ] {
+            let mut sys = FakeHost::new();
+            sys.state
+                .sysctls
+                .insert("kernel/osrelease".into(), release.into());
+            let report = run_on(&config(nft), RunMode::default(), &mut sys);
+            assert_eq!(report.failed, refused, "{release}: {report:?}");
+            if refused {
+                assert!(
+                    report.msg.contains(release) && report.msg.contains("use backend: iptables"),
+                    "{}",
+                    report.msg
+                );
+                assert_eq!(sys.writes(), Vec::<&String>::new(), "{release}");
+            }
+            let absent = config(r#"{"backend":"nftables","state":"absent"}"#);
+            let report = run_on(&absent, RunMode::default(), &mut sys);
+            assert!(!report.failed, "{release}: {report:?}");
+        }
     }
 
     #[test]
