@@ -88,6 +88,21 @@ def main():
                 print(f"{suite}: FAILED {xml.stem} {case.get('classname')} {case.get('name')}")
             else:
                 passed += 1
+    if (out / "tools.txt").is_file():
+        print(f"{suite}: " + "; ".join((out / "tools.txt").read_text().splitlines()))
+    # Per suite module (forward, nftables, routing, conntrack, trace, doctor, ...) and lab run:
+    # what the README's table of supported systems is made from.
+    areas = {}
+    for name, outcome in results:
+        if outcome == "ignored":
+            continue
+        ok, total = areas.get(name.split("::")[0], (0, 0))
+        areas[name.split("::")[0]] = (ok + (outcome == "ok"), total + 1)
+    for xml in sorted(out.glob("lab-*.xml")):
+        cases = list(ET.parse(xml).getroot().iter("testcase"))
+        good = sum(1 for c in cases if c.find("failure") is None)
+        areas[xml.stem] = (good, len(cases))
+    print(f"{suite}: " + ", ".join(f"{a} {ok}/{n}" for a, (ok, n) in sorted(areas.items())))
     for key, value in status.items():
         if key.startswith("lab_") and value != "0" and not (out / f"lab-{key[4:]}.xml").is_file():
             problems.append(f"{key} exited with {value} without a report")
