@@ -5,14 +5,19 @@
 # out share, and powers off. $portfwd_src and $portfwd_out come from the kernel command line.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 TERM=dumb
-out=$portfwd_out
-. "$out/run.env"
 
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
+# The source tree at the path it has on the host (the test binary's paths are compiled in),
+# bound after the tmpfs mounts so a tree under /tmp stays visible.
+mkdir -p "$portfwd_src" "$portfwd_out"
+mount --bind /portfwd/src "$portfwd_src"
+mount --bind /portfwd/out "$portfwd_out"
+out=$portfwd_out
+. "$out/run.env"
 # udev makes these on a booted system; `nft -f -` opens /dev/stdin.
 ln -sfn /proc/self/fd /dev/fd
 ln -sf /proc/self/fd/0 /dev/stdin

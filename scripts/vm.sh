@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 cache=${PORTFWD_CACHE:-$HOME/.cache/portfwd}/vm
 packages=linux-image-amd64,kmod,util-linux,iproute2,iptables,nftables,conntrack,procps,python3,tcpdump,socat,strace
-image_version=2
+image_version=3
 timeout_min=${PORTFWD_VM_TIMEOUT_MIN:-45}
 
 filters=() skips=() lab=true suites=() exec_cmd=
@@ -54,8 +54,8 @@ image() {
   local root=$dir/root
   debootstrap --variant=minbase --include="$packages" "$suite" "$root" http://deb.debian.org/debian \
     >"$dir/debootstrap.log" 2>&1 || { tail -20 "$dir/debootstrap.log" >&2; exit 1; }
-  # The first process: mounts the source share and runs the guest script from it, so the
-  # script changes without a new image.
+  # The first process: mounts the shares under /portfwd and runs the guest script from
+  # there, so the script changes without a new image.
   cat >"$root/sbin/portfwd-vm-init" <<'INIT'
 #!/bin/sh
 # The initramfs has moved these over already.
@@ -64,11 +64,10 @@ mountpoint -q /sys || mount -t sysfs sysfs /sys
 mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
 modprobe 9pnet_virtio
 modprobe 9p
-mkdir -p "$portfwd_src"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288,ro src "$portfwd_src"
-mkdir -p "$portfwd_out"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 out "$portfwd_out"
-exec /bin/sh "$portfwd_src/scripts/vm-guest.sh"
+mkdir -p /portfwd/src /portfwd/out
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288,ro src /portfwd/src
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 out /portfwd/out
+exec /bin/sh /portfwd/src/scripts/vm-guest.sh
 INIT
   chmod 755 "$root/sbin/portfwd-vm-init"
   cp "$root"/boot/vmlinuz-* "$dir/vmlinuz"
