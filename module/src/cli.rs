@@ -53,6 +53,10 @@ pub enum Command {
         /// Print the result JSON (as `apply --check --diff`) instead of text.
         #[arg(long)]
         json: bool,
+        /// Exit 2 when there are changes to apply (0: none, 1: an error), so CI can gate on
+        /// drift.
+        #[arg(long)]
+        detailed_exitcode: bool,
     },
     /// Print the instance's current managed state as params JSON (applying it is a no-op).
     Show {

@@ -59,7 +59,19 @@ fn main() -> ExitCode {
         };
         return emit(&report);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A usage error exits 1 as every other error does: 2 is `plan --detailed-exitcode`'s
+        // "changes pending" (clap would exit 2). --help and --version exit 0.
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match cli.command {
         Command::Apply { input, check, diff } => {
             let report = match read_input(&input) {
@@ -73,7 +85,11 @@ fn main() -> ExitCode {
             };
             emit(&report)
         }
-        Command::Plan { input, json } => {
+        Command::Plan {
+            input,
+            json,
+            detailed_exitcode,
+        } => {
             let report = match read_input(&input) {
                 Ok(text) => converge(
                     &text,
@@ -86,11 +102,17 @@ fn main() -> ExitCode {
                 ),
                 Err(msg) => Report::failure(msg),
             };
-            if json || report.failed {
-                return emit(&report);
+            let code = if json || report.failed {
+                emit(&report)
+            } else {
+                print_plan(&report);
+                ExitCode::SUCCESS
+            };
+            // Terraform's convention: 2 means "changes pending".
+            if detailed_exitcode && !report.failed && report.changed {
+                return ExitCode::from(2);
             }
-            print_plan(&report);
-            ExitCode::SUCCESS
+            code
         }
         Command::Restore {
             state_dir,

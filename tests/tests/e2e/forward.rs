@@ -148,6 +148,48 @@ fn check_mode_shows_diff_and_touches_nothing() {
     assert_eq!(ruleset(&t.proxy, "iptables-save").unwrap(), before);
 }
 
+/// `plan --detailed-exitcode` gates CI on drift: 2 while a change is pending (text or JSON),
+/// 0 once converged, 1 for params it refuses; it never writes.
+#[test]
+fn plan_detailed_exitcode_says_whether_changes_are_pending() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let params = json!({"forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    let plan = |args: &[&str], input: &Value| {
+        portfwd()
+            .run(&t.proxy, args, &input.to_string(), &[])
+            .unwrap()
+    };
+    let before = ruleset(&t.proxy, "iptables-save").unwrap();
+    for args in [
+        &["plan", "--detailed-exitcode"][..],
+        &["plan", "--json", "--detailed-exitcode"],
+    ] {
+        let r = plan(args, &params);
+        assert_eq!(r.code, 2, "{args:?}: changes pending: {}", r.stdout);
+    }
+    assert_eq!(plan(&["plan"], &params).code, 0, "without the flag: 0");
+    assert_eq!(
+        ruleset(&t.proxy, "iptables-save").unwrap(),
+        before,
+        "plan never writes"
+    );
+    assert_eq!(portfwd().apply(&t.proxy, &params).unwrap().code, 0);
+    let r = plan(&["plan", "--detailed-exitcode"], &params);
+    assert_eq!(r.code, 0, "converged: {}", r.stdout);
+    let bad = json!({"forwards": [{"name": "web", "listen_port": 70000, "to": "10.0.2.2:1234"}]});
+    let r = plan(&["plan", "--detailed-exitcode"], &bad);
+    assert_eq!(r.code, 1, "refused params: {}", r.stdout);
+    let r = plan(&["plan", "--detailed-exitcode", "--no-such-flag"], &params);
+    assert_eq!(
+        r.code, 1,
+        "a usage error is an error, not pending changes: {}",
+        r.stderr
+    );
+}
+
 /// Seed 000 #2: REDIRECT to a local port, for other hosts and (local: true) for this host.
 #[test]
 fn redirect_to_local_port() {
@@ -401,7 +443,10 @@ fn bad_input_is_refused_and_nothing_changes() {
     let usage = portfwd()
         .run(&t.proxy, &["apply", "--no-such-flag"], "", &[])
         .unwrap();
-    assert_eq!(usage.code, 2, "usage errors exit 2");
+    assert_eq!(
+        usage.code, 1,
+        "usage errors exit 1, as every error does (2 is plan --detailed-exitcode's pending changes)"
+    );
 }
 
 /// Eight concurrent runs with different params on one host, while another tool runs
