@@ -25,7 +25,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
         As an Ansible binary module it is run as `portfwd ARGS_FILE`; ARGS_FILE holds the params plus \
         Ansible's _ansible_* keys (check and diff mode are honoured).\n\n\
         Exit codes: 0 success (changed or not), 1 the run failed (the JSON says failed: true and why), \
-        2 usage error.",
+        2 usage error, or with plan --detailed-exitcode changes pending.",
     after_help = "Environment: PORTFWD_LOCK_FILE (default /run/portfwd.lock), PORTFWD_STATE_DIR (default /etc/portfwd), PORTFWD_RUN_DIR (default /run/portfwd: the record of what portfwd created), PORTFWD_NO_NETNS_COOKIE=1 (key that record as on kernels before 5.14). Tools are found on PATH (conntrack is optional: without it stale flows are only warned about)."
 )]
 pub struct Cli {
@@ -54,7 +54,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         /// Exit 2 when there are changes to apply (0: none, 1: an error), so CI can gate on
-        /// drift.
+        /// drift (a usage error also exits 2, before anything is read).
         #[arg(long)]
         detailed_exitcode: bool,
     },

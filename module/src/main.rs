@@ -59,19 +59,7 @@ fn main() -> ExitCode {
         };
         return emit(&report);
     }
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        // A usage error exits 1 as every other error does: 2 is `plan --detailed-exitcode`'s
-        // "changes pending" (clap would exit 2). --help and --version exit 0.
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
-    };
+    let cli = Cli::parse();
     match cli.command {
         Command::Apply { input, check, diff } => {
             let report = match read_input(&input) {
