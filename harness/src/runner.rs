@@ -403,6 +403,13 @@ fn check_run(node: &str, run: &RunResult, expect: Expect, step: &Step) -> Vec<St
             failures.push(format!("{node}: msg {:?} lacks {text:?}", run.msg()));
         }
     }
+    let warnings = run.json["warnings"].as_array().map_or(0, Vec::len);
+    if step.quiet.iter().any(|n| n == node) && warnings > 0 {
+        failures.push(format!(
+            "{node}: expected no warning, got {}",
+            run.json["warnings"]
+        ));
+    }
     if let Some(text) = step.expect_warning.get(node) {
         let warned = run.json["warnings"].as_array().is_some_and(|w| {
             w.iter()

@@ -188,6 +188,9 @@ pub struct Step {
     /// Per node, a text one of the apply's warnings must contain.
     #[serde(default)]
     pub expect_warning: BTreeMap<String, String>,
+    /// Nodes whose apply in this step must warn about nothing (a correct recipe is quiet).
+    #[serde(default)]
+    pub quiet: Vec<String>,
     /// Nodes whose whole ruleset must equal the one they started with.
     #[serde(default)]
     pub ruleset_is_original: Vec<String>,
@@ -336,6 +339,7 @@ impl Scenario {
                 .chain(&step.foreign_rules_unchanged)
                 .chain(step.run.keys())
                 .chain(step.doctor.keys())
+                .chain(&step.quiet)
             {
                 known(node, &what)?;
             }

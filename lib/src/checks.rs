@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::firewall::{Firewall, ForeignNat};
 use crate::model::{Action, Config, Forward, IpForward, Snat};
@@ -196,19 +196,62 @@ impl Finding {
     }
 }
 
-/// Warnings that need the observed state.
+/// Findings split by the params' `ignore_findings`.
+#[derive(Debug, Default)]
+pub struct Sifted {
+    pub kept: Vec<Finding>,
+    /// What the operator silenced (doctor lists it).
+    pub ignored: Vec<Finding>,
+}
+
+impl Sifted {
+    /// Sorts `findings` into kept and ignored: a finding about one entry is ignored when that
+    /// entry's `ignore_findings` names its id.
+    pub fn add(&mut self, config: &Config, findings: impl IntoIterator<Item = Finding>) {
+        for f in findings {
+            match &f.entry {
+                Some(entry) if config.ignores(entry, f.id) => self.ignored.push(f),
+                _ => self.kept.push(f),
+            }
+        }
+    }
+}
+
+/// Splits the entries one finding would name (`forwards.web`, ...) into those that report it
+/// and those whose `ignore_findings` silence it.
+pub fn split_entries<T>(
+    config: &Config,
+    id: &str,
+    entries: Vec<T>,
+    entry: impl Fn(&T) -> &str,
+) -> (Vec<T>, Vec<T>) {
+    entries
+        .into_iter()
+        .partition(|e| !config.ignores(entry(e), id))
+}
+
+/// Warnings that need the observed state (without those the params silence).
 pub fn warnings<F: Firewall>(config: &Config, firewall: &F, observed: &Observed<F>) -> Vec<String> {
     findings(config, firewall, observed)
+        .kept
         .into_iter()
         .map(|f| f.msg)
         .collect()
 }
 
 /// The pitfalls a run can see from the desired and the observed state.
-pub fn findings<F: Firewall>(
+pub fn findings<F: Firewall>(config: &Config, firewall: &F, observed: &Observed<F>) -> Sifted {
+    let mut sifted = Sifted::default();
+    let out = pitfalls(config, firewall, observed, &mut sifted);
+    sifted.add(config, out);
+    sifted
+}
+
+fn pitfalls<F: Firewall>(
     config: &Config,
     firewall: &F,
     observed: &Observed<F>,
+    sifted: &mut Sifted,
 ) -> Vec<Finding> {
     let sysctl =
         |key: String| -> Option<u32> { observed.sysctls.get(&key)?.as_deref()?.parse().ok() };
@@ -230,25 +273,12 @@ pub fn findings<F: Firewall>(
             ));
         }
     }
-    for f in &config.forwards {
-        let Action::Dnat {
-            addr,
-            snat: Snat::None,
-            ..
-        } = f.action
-        else {
-            continue;
-        };
-        if let Some(local) = on_link(&addr, observed) {
-            out.push(Finding::forward(
-                "reply_bypass",
-                Severity::Warning,
-                f,
-                format!("forward {:?}: backend {addr} is on-link ({} on {}): with snat none its replies go straight back to the client and bypass this host, unless this host is its default gateway or it policy-routes them here", f.name, local.0, local.1),
-                format!("use snat: masquerade, or make this host {addr}'s gateway for the clients (or policy-route its replies here: an alias address on each side and an ip rule on the backend)"),
-            ));
-        }
-    }
+    out.extend(
+        config
+            .forwards
+            .iter()
+            .filter_map(|f| reply_bypass(config, f, observed)),
+    );
     let bit = config.conn_mark;
     for rule in firewall.mark_users(&observed.firewall) {
         if touches_mark_bit(rule, bit) {
@@ -261,7 +291,7 @@ pub fn findings<F: Firewall>(
             });
         }
     }
-    out.extend(forward_hook_findings(config, observed));
+    out.extend(forward_hook_findings(config, observed, sifted));
     for f in config
         .forwards
         .iter()
@@ -357,7 +387,11 @@ fn foreign_nat_findings(config: &Config, foreign: &[ForeignNat]) -> Vec<Finding>
 /// portfwd accepts in its own chain (an accept ends a packet's walk of one base chain only).
 /// DNAT forwards pass a chain that accepts `ct status dnat` first (firewalld's does);
 /// masquerade entries route traffic that is not DNATed.
-fn forward_hook_findings<F: Firewall>(config: &Config, observed: &Observed<F>) -> Vec<Finding> {
+fn forward_hook_findings<F: Firewall>(
+    config: &Config,
+    observed: &Observed<F>,
+    sifted: &mut Sifted,
+) -> Vec<Finding> {
     let mut out = Vec::new();
     let bit = config.conn_mark;
     // Which flows portfwd marks with the bit: DNAT forwards with allow_forward (both
@@ -390,7 +424,9 @@ fn forward_hook_findings<F: Firewall>(config: &Config, observed: &Observed<F>) -
                 format!("masquerade.{}", m.name),
             )
         }));
-        if affected.is_empty() {
+        let (affected, silenced) =
+            split_entries(config, "forward_hook_drop", affected, |a| a.1.as_str());
+        if affected.is_empty() && silenced.is_empty() {
             continue;
         }
         let how = if chain.policy_drop {
@@ -398,7 +434,6 @@ fn forward_hook_findings<F: Firewall>(config: &Config, observed: &Observed<F>) -
         } else {
             "ends in a drop or reject"
         };
-        let names: Vec<&str> = affected.iter().map(|a| a.0.as_str()).collect();
         let mut fix = match (config.backend.is_nftables(), chain.tool()) {
             // iptables' own FORWARD (Docker's, RHEL's): one rule accepts exactly the flows
             // portfwd's table marks.
@@ -435,19 +470,28 @@ fn forward_hook_findings<F: Firewall>(config: &Config, observed: &Observed<F>) -
         } else {
             "an accept in portfwd's own chain does not override it".to_string()
         };
-        out.push(Finding {
-            id: "forward_hook_drop",
-            severity: Severity::Error,
-            entry: (affected.len() == 1).then(|| affected[0].1.clone()),
-            msg: format!(
-                "{}: the {} chain `{}` (hook forward, priority {}) {how}, and {ours}: forwarded packets are dropped there unless that chain accepts them (firewalld: add the forward to its zone or policy)",
-                names.join(", "),
-                chain.owner(),
-                chain.label(),
-                chain.priority
-            ),
-            fix,
-        });
+        let finding = |affected: &[(String, String)]| {
+            let names: Vec<&str> = affected.iter().map(|a| a.0.as_str()).collect();
+            Finding {
+                id: "forward_hook_drop",
+                severity: Severity::Error,
+                entry: (affected.len() == 1).then(|| affected[0].1.clone()),
+                msg: format!(
+                    "{}: the {} chain `{}` (hook forward, priority {}) {how}, and {ours}: forwarded packets are dropped there unless that chain accepts them (firewalld: add the forward to its zone or policy)",
+                    names.join(", "),
+                    chain.owner(),
+                    chain.label(),
+                    chain.priority
+                ),
+                fix: fix.clone(),
+            }
+        };
+        if !silenced.is_empty() {
+            sifted.ignored.push(finding(&silenced));
+        }
+        if !affected.is_empty() {
+            out.push(finding(&affected));
+        }
     }
     out
 }
@@ -488,17 +532,125 @@ fn touches_mark_bit(rule: &str, bit: u32) -> bool {
     copies && !masked_copy
 }
 
-/// The local address and device whose subnet contains `addr`, if any.
-fn on_link<F: Firewall>(addr: &IpAddr, observed: &Observed<F>) -> Option<(String, String)> {
-    observed.routing.present.iter().find_map(|a| {
+/// The local address and device whose subnet contains `addr`, if any: the host's addresses,
+/// and those the params add (the alias a source-preserving forward targets).
+fn on_link<F: Firewall>(
+    config: &Config,
+    addr: &IpAddr,
+    observed: &Observed<F>,
+) -> Option<(Cidr, String)> {
+    let wanted = config.addresses.iter().map(|a| (a.addr, a.prefix, &a.dev));
+    let present = observed
+        .routing
+        .present
+        .iter()
+        .map(|a| (a.addr, a.prefix, &a.dev));
+    present.chain(wanted).find_map(|(local, prefix, dev)| {
         let net = Cidr {
-            addr: a.addr,
-            prefix: a.prefix,
-        }
-        .network();
-        (a.addr != *addr && a.prefix < Family::of(&a.addr).host_prefix() && net.contains(addr))
-            .then(|| (format!("{}/{}", a.addr, a.prefix), a.dev.clone()))
+            addr: local,
+            prefix,
+        };
+        (local != *addr
+            && prefix < Family::of(&local).host_prefix()
+            && net.network().contains(addr))
+        .then(|| (net, dev.clone()))
     })
+}
+
+/// With `snat: none` an on-link backend answers the client itself. That bypasses this host
+/// when the host shows the client is on the backend's link too: the forward's clients arrive
+/// on that interface (`in_interface`, the device of `listen_address`, or the only interface
+/// there is: a single-NIC proxy), or its `sources` are on that subnet. A policy route in the
+/// params for the backend's address or link brings the replies back: then nothing is said.
+/// Where the host cannot tell (clients may arrive on another interface, and the backend's
+/// gateway is not visible from here), the run says nothing and check mode reminds.
+fn reply_bypass<F: Firewall>(
+    config: &Config,
+    f: &Forward,
+    observed: &Observed<F>,
+) -> Option<Finding> {
+    let Action::Dnat {
+        addr,
+        snat: Snat::None,
+        ..
+    } = f.action
+    else {
+        return None;
+    };
+    let (net, dev) = on_link(config, &addr, observed)?;
+    let routed_back = config
+        .policy_routes
+        .iter()
+        .any(|p| p.from.contains(&addr) || p.iif.as_deref() == Some(dev.as_str()));
+    if routed_back {
+        return None;
+    }
+    let arrives_on = |d: &str| match d.strip_suffix('+') {
+        Some(prefix) => dev.starts_with(prefix),
+        None => d == dev,
+    };
+    let listen_dev = f.listen_address.and_then(|l| {
+        let present = observed.routing.present.iter().map(|a| (a.addr, &a.dev));
+        let wanted = config.addresses.iter().map(|a| (a.addr, &a.dev));
+        present
+            .chain(wanted)
+            .find(|(a, _)| *a == l)
+            .map(|(_, d)| d.as_str())
+    });
+    let interfaces: BTreeSet<&str> = observed
+        .routing
+        .present
+        .iter()
+        .filter(|a| !a.addr.is_loopback() && !is_link_local(&a.addr))
+        .map(|a| a.dev.as_str())
+        .collect();
+    let why = if let Some(i) = f.in_interface.as_deref().filter(|i| arrives_on(i)) {
+        format!("its clients arrive on {i}, the same link")
+    } else if let Some(d) = listen_dev.filter(|d| *d == dev) {
+        format!("its listen_address is on {d}, the same link")
+    } else if let Some(s) = f.sources.iter().find(|s| net.network().overlaps(s)) {
+        format!("its sources include {s}, on the same link")
+    } else if f.in_interface.is_none()
+        && listen_dev.is_none()
+        && f.sources.is_empty()
+        && interfaces.len() == 1
+        && interfaces.contains(dev.as_str())
+    {
+        format!("{dev} is this host's only interface, so its clients share the link")
+    } else {
+        return None;
+    };
+    Some(Finding::forward(
+        "reply_bypass",
+        Severity::Warning,
+        f,
+        format!("forward {:?}: backend {addr} is on-link ({net} on {dev}) and {why}: with snat none its replies go straight back to the client and bypass this host", f.name),
+        format!("use snat: masquerade (or an address of this host), or policy-route {addr}'s replies back here (an alias address on each side and an ip rule on the backend)"),
+    ))
+}
+
+/// fe80::/10: every IPv6 interface has one; it says nothing about which links a host is on.
+fn is_link_local(addr: &IpAddr) -> bool {
+    matches!(addr, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80)
+}
+
+/// The `snat: none` reminder check mode (and `plan`) gives for forwards whose replies the
+/// host cannot see coming back: the backend must route them through this host.
+pub fn reminders<F: Firewall>(config: &Config, observed: &Observed<F>) -> Vec<String> {
+    config
+        .forwards
+        .iter()
+        .filter(|f| !config.ignores(&format!("forwards.{}", f.name), "reply_bypass"))
+        .filter(|f| reply_bypass(config, f, observed).is_none())
+        .filter_map(|f| match f.action {
+            Action::Dnat {
+                addr,
+                snat: Snat::None,
+                ..
+            } => Some(format!("forward {:?}: snat is none, so {addr} sees the client's address and must send its replies back through this host (make this host its gateway, or use policy routing on it)", f.name)),
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -555,26 +707,95 @@ mod tests {
     }
 
     #[test]
-    fn snat_none_to_an_on_link_backend_warns() {
-        let c = config(
-            r#"{"forwards":[{"name":"db","listen_port":1,"to":"10.0.2.2:80","snat":"none"}]}"#,
-        );
-        let on_link = warnings(
-            &c,
-            &Iptables::default(),
-            &observed_with(&[("10.0.2.1", 24, "eth1")], &[]),
-        );
-        assert_eq!(on_link.len(), 1);
+    fn snat_none_to_an_on_link_backend_warns_only_where_the_host_shows_the_bypass() {
+        let forward = |extra: &str| {
+            config(&format!(
+                r#"{{"forwards":[{{"name":"db","listen_port":1,"to":"10.0.2.2:80","snat":"none"{extra}}}]}}"#
+            ))
+        };
+        let single = observed_with(&[("10.0.2.1", 24, "eth1"), ("127.0.0.1", 8, "lo")], &[]);
+        let dual = observed_with(&[("10.0.1.1", 24, "eth0"), ("10.0.2.1", 24, "eth1")], &[]);
+        let warned = |c: &Config, o: &Observed| warnings(c, &Iptables::default(), o);
+        // A single-NIC proxy: its clients share the backend's link.
+        let w = warned(&forward(""), &single);
+        assert_eq!(w.len(), 1, "{w:?}");
         assert!(
-            on_link[0].contains("on-link (10.0.2.1/24 on eth1)"),
-            "{on_link:?}"
+            w[0].contains("on-link (10.0.2.1/24 on eth1)") && w[0].contains("only interface"),
+            "{w:?}"
         );
-        assert!(warnings(
-            &c,
-            &Iptables::default(),
-            &observed_with(&[("10.0.9.1", 24, "eth1")], &[])
-        )
-        .is_empty());
+        // Two links and nothing saying where clients come from: the host cannot tell.
+        assert!(warned(&forward(""), &dual).is_empty());
+        assert!(warned(&forward(r#","in_interface":"eth0""#), &dual).is_empty());
+        assert!(warned(&forward(r#","listen_address":"10.0.1.1""#), &dual).is_empty());
+        // Clients that arrive on (or come from) the backend's own link.
+        for extra in [
+            r#","in_interface":"eth1""#,
+            r#","in_interface":"eth+""#,
+            r#","listen_address":"10.0.2.1""#,
+            r#","sources":["10.0.2.128/25"]"#,
+        ] {
+            assert_eq!(warned(&forward(extra), &dual).len(), 1, "{extra}");
+        }
+        assert!(warned(&forward(r#","sources":["10.0.9.0/24"]"#), &dual).is_empty());
+        // Not on-link at all.
+        let far = observed_with(&[("10.0.9.1", 24, "eth1")], &[]);
+        assert!(warned(&forward(""), &far).is_empty());
+        // The params' own policy route brings the backend's replies back.
+        let routed = config(
+            r#"{"forwards":[{"name":"db","listen_port":1,"to":"10.0.2.2:80","snat":"none"}],
+                "policy_routes":[{"from":"10.0.2.2","table":7,"routes":[{"to":"default","via":"10.0.2.1"}]}]}"#,
+        );
+        assert!(warned(&routed, &single).is_empty());
+        // An operator's ignore silences it, and doctor can list it.
+        let ignoring = forward(r#","ignore_findings":["reply_bypass"]"#);
+        let sifted = findings(&ignoring, &Iptables::default(), &single);
+        assert!(sifted.kept.is_empty(), "{:?}", sifted.kept);
+        assert_eq!(sifted.ignored.len(), 1);
+        assert_eq!(sifted.ignored[0].id, "reply_bypass");
+        assert!(reminders(&ignoring, &single).is_empty());
+    }
+
+    #[test]
+    fn the_snat_none_reminder_is_for_what_the_host_cannot_show() {
+        let c = config(
+            r#"{"forwards":[{"name":"db","listen_port":1,"to":"10.0.2.2:80","snat":"none"},
+                {"name":"m","listen_port":2,"to":"10.0.2.2:80"}]}"#,
+        );
+        let dual = observed_with(&[("10.0.1.1", 24, "eth0"), ("10.0.2.1", 24, "eth1")], &[]);
+        let r = reminders(&c, &dual);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(r[0].contains("forward \"db\": snat is none"), "{r:?}");
+        // Where reply_bypass is warned, the reminder would only repeat it.
+        let single = observed_with(&[("10.0.2.1", 24, "eth1")], &[]);
+        assert!(reminders(&c, &single).is_empty());
+    }
+
+    #[test]
+    fn a_forward_hook_drop_names_only_the_entries_that_do_not_ignore_it() {
+        let c = config(
+            r#"{"forwards":[{"name":"a","listen_port":1,"to":"10.0.2.2:80"},
+                {"name":"b","listen_port":2,"to":"10.0.2.2:80","ignore_findings":["forward_hook_drop"]}]}"#,
+        );
+        let mut o: Observed = Observed::default();
+        o.forward_chains.push(crate::observe::nft::ForwardChain {
+            family: "inet".into(),
+            table: "fw".into(),
+            name: "forward".into(),
+            priority: 0,
+            policy_drop: true,
+            ..Default::default()
+        });
+        let sifted = findings(&c, &Iptables::default(), &o);
+        let hook: Vec<&Finding> = sifted
+            .kept
+            .iter()
+            .filter(|f| f.id == "forward_hook_drop")
+            .collect();
+        assert_eq!(hook.len(), 1, "{sifted:?}");
+        assert_eq!(hook[0].entry.as_deref(), Some("forwards.a"));
+        assert!(!hook[0].msg.contains("\"b\""), "{}", hook[0].msg);
+        assert_eq!(sifted.ignored.len(), 1);
+        assert_eq!(sifted.ignored[0].entry.as_deref(), Some("forwards.b"));
     }
 
     #[test]

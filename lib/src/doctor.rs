@@ -19,6 +19,9 @@ pub struct Diagnosis {
     /// No finding is an error.
     pub ok: bool,
     pub findings: Vec<Finding>,
+    /// What the params' `ignore_findings` silenced: not counted in `ok`, listed so an ignore
+    /// never hides a problem unseen.
+    pub ignored: Vec<Finding>,
 }
 
 const CONNTRACK_COUNT: &str = "net/netfilter/nf_conntrack_count";
@@ -87,8 +90,11 @@ pub fn diagnose<F: Firewall>(
             fix: "portfwd apply writes them again as the params say".into(),
         });
     }
-    findings.extend(forwarding_off(config, &observed));
-    findings.extend(checks::findings(config, firewall, &observed));
+    let mut sifted = checks::findings(config, firewall, &observed);
+    let (forwarding, silenced) = forwarding_off(config, &observed);
+    findings.extend(forwarding);
+    sifted.ignored.extend(silenced);
+    findings.append(&mut sifted.kept);
     findings.extend(firewall.findings(&observed.firewall));
     findings.extend(router_advertisements(config, &observed));
     findings.extend(conntrack_table(&observed));
@@ -98,49 +104,64 @@ pub fn diagnose<F: Firewall>(
     if probe {
         findings.extend(probes(config, sys));
     }
+    sifted.add(config, findings);
     Ok(Diagnosis {
-        ok: findings.iter().all(|f| f.severity != Severity::Error),
-        findings,
+        ok: sifted.kept.iter().all(|f| f.severity != Severity::Error),
+        findings: sifted.kept,
+        ignored: sifted.ignored,
     })
 }
 
 /// A DNAT forward or masquerade entry of a family whose forwarding sysctl is 0 (the trap of
-/// every seed: nothing crosses the host).
-fn forwarding_off<F: Firewall>(config: &Config, observed: &Observed<F>) -> Vec<Finding> {
-    [Family::V4, Family::V6]
-        .into_iter()
-        .filter_map(|family| {
-            let key = family.forwarding_sysctl();
-            let off = observed.sysctls.get(key).and_then(|v| v.as_deref()) == Some("0");
-            let users: Vec<String> = config
-                .forwards
-                .iter()
-                .filter(|f| f.family == family && f.needs_forwarding())
-                .map(|f| format!("forwards.{}", f.name))
-                .chain(
-                    config
-                        .masquerades
-                        .iter()
-                        .filter(|m| m.family() == family)
-                        .map(|m| format!("masquerade.{}", m.name)),
-                )
-                .collect();
-            (off && !users.is_empty()).then(|| Finding {
-                id: "ip_forward_off",
-                severity: Severity::Error,
-                entry: (users.len() == 1).then(|| users[0].clone()),
-                msg: format!(
-                    "{} is 0, so nothing is forwarded between interfaces ({} need it)",
-                    key.replace('/', "."),
-                    users.join(", ")
-                ),
-                fix: format!(
-                    "ip_forward: \"auto\" (the default) or true in the params, then portfwd apply; by hand: sysctl -w {}=1",
-                    key.replace('/', ".")
-                ),
-            })
-        })
-        .collect()
+/// every hand-made forward: nothing crosses the host). Reported, and silenced.
+fn forwarding_off<F: Firewall>(
+    config: &Config,
+    observed: &Observed<F>,
+) -> (Vec<Finding>, Vec<Finding>) {
+    let mut found = (Vec::new(), Vec::new());
+    for family in [Family::V4, Family::V6] {
+        let key = family.forwarding_sysctl();
+        if observed.sysctls.get(key).and_then(|v| v.as_deref()) != Some("0") {
+            continue;
+        }
+        let users: Vec<String> = config
+            .forwards
+            .iter()
+            .filter(|f| f.family == family && f.needs_forwarding())
+            .map(|f| format!("forwards.{}", f.name))
+            .chain(
+                config
+                    .masquerades
+                    .iter()
+                    .filter(|m| m.family() == family)
+                    .map(|m| format!("masquerade.{}", m.name)),
+            )
+            .collect();
+        let (users, silenced) = checks::split_entries(config, "ip_forward_off", users, |u| u);
+        let finding = |users: &[String]| {
+            Finding {
+            id: "ip_forward_off",
+            severity: Severity::Error,
+            entry: (users.len() == 1).then(|| users[0].clone()),
+            msg: format!(
+                "{} is 0, so nothing is forwarded between interfaces ({} need it)",
+                key.replace('/', "."),
+                users.join(", ")
+            ),
+            fix: format!(
+                "ip_forward: \"auto\" (the default) or true in the params, then portfwd apply; by hand: sysctl -w {}=1",
+                key.replace('/', ".")
+            ),
+        }
+        };
+        if !users.is_empty() {
+            found.0.push(finding(&users));
+        }
+        if !silenced.is_empty() {
+            found.1.push(finding(&silenced));
+        }
+    }
+    found
 }
 
 /// Interfaces whose IPv6 default route came from router advertisements while `accept_ra` is

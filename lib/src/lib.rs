@@ -161,6 +161,11 @@ fn run_with<F: Firewall>(
     warnings.extend(observed.warnings.iter().cloned());
     warnings.extend(plan.warnings.iter().cloned());
     warnings.extend(checks::warnings(config, firewall, &observed));
+    // What the host cannot show either way (a backend that must route replies back) is a
+    // reminder for whoever reviews a change, not a warning on every converged run.
+    if mode.check {
+        warnings.extend(checks::reminders(config, &observed));
+    }
     let view = StateView {
         firewall,
         instance: &config.instance,

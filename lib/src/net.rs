@@ -163,6 +163,12 @@ impl Cidr {
             .network()
                 == *self
     }
+
+    /// True when the two networks share an address (one contains the other).
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        let (a, b) = (self.network(), other.network());
+        a.contains(&b.addr) || b.contains(&a.addr)
+    }
 }
 
 impl fmt::Display for Cidr {

@@ -87,7 +87,8 @@ pub enum Command {
         /// Params JSON file; else stdin when it is not a terminal.
         #[arg(long, short)]
         file: Option<PathBuf>,
-        /// Print `{"ok", "findings": [{"id", "severity", "entry", "msg", "fix"}]}`.
+        /// Print `{"ok", "findings": [{"id", "severity", "entry", "msg", "fix"}], "ignored": [...]}`
+        /// (`ignored`: what the params' `ignore_findings` silenced).
         #[arg(long)]
         json: bool,
         /// The instance to diagnose when no params are given.

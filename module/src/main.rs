@@ -309,22 +309,23 @@ fn doctor(
     };
     if json {
         say!("{}", serde_json::to_string(&diagnosis).unwrap_or_default());
-    } else if diagnosis.findings.is_empty() {
-        say!("ok: nothing found that keeps the forwards from working");
     } else {
+        if diagnosis.findings.is_empty() {
+            say!("ok: nothing found that keeps the forwards from working");
+        }
         for f in &diagnosis.findings {
             let severity = serde_json::to_value(f.severity).unwrap_or_default();
             say!(
                 "{} {}{}: {}",
                 severity.as_str().unwrap_or("?"),
                 f.id,
-                f.entry
-                    .as_ref()
-                    .map(|e| format!(" [{e}]"))
-                    .unwrap_or_default(),
+                entry_label(f),
                 f.msg
             );
             say!("    fix: {}", f.fix);
+        }
+        for f in &diagnosis.ignored {
+            say!("ignored {}{}: {}", f.id, entry_label(f), f.msg);
         }
     }
     if diagnosis.ok {
@@ -332,6 +333,14 @@ fn doctor(
     } else {
         ExitCode::from(1)
     }
+}
+
+/// ` [forwards.web]` when the finding concerns one entry.
+fn entry_label(f: &portfwd::Finding) -> String {
+    f.entry
+        .as_ref()
+        .map(|e| format!(" [{e}]"))
+        .unwrap_or_default()
 }
 
 /// Applies every stored instance; prints `{"failed", "changed", "msg", "instances": {name: result}}`.

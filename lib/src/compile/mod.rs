@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::firewall::iptables::Iptables;
 use crate::firewall::Firewall;
-use crate::model::{Action, Config, Forward, IpForward, Masquerade, Snat, State};
+use crate::model::{Config, Forward, IpForward, Masquerade, State};
 use crate::net::Family;
 use crate::ownership::StableHash;
 use crate::routing::{IfAddr, IpRoute, IpRule, Routing};
@@ -186,16 +186,6 @@ fn static_warnings(config: &Config) -> Vec<String> {
         config.forwards.iter().any(Forward::needs_forwarding) || !config.masquerades.is_empty();
     if config.ip_forward == IpForward::Off && needs_forwarding {
         warnings.push("ip_forward is false but forwards or masquerade entries route traffic between interfaces: they will not work until forwarding is enabled".to_string());
-    }
-    for f in &config.forwards {
-        if let Action::Dnat {
-            addr,
-            snat: Snat::None,
-            ..
-        } = f.action
-        {
-            warnings.push(format!("forward {:?}: snat is none, so {addr} sees the client's address and must send its replies back through this host (make this host its gateway, or use policy routing on it)", f.name));
-        }
     }
     warnings
 }

@@ -131,6 +131,21 @@ impl Masquerade {
     }
 }
 
+/// The ids of the findings that concern one forward or masquerade entry: what its
+/// `ignore_findings` may name.
+pub const ENTRY_FINDINGS: &[&str] = &[
+    "backend_unreachable",
+    "foreign_nat_first",
+    "forward_hook_drop",
+    "interface_missing",
+    "ip_forward_off",
+    "listen_port_shadowed",
+    "no_route_to_backend",
+    "redirect_target_not_listening",
+    "reply_bypass",
+    "route_localnet",
+];
+
 /// The whole validated desired state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -151,12 +166,19 @@ pub struct Config {
     pub(crate) conn_mark: u32,
     /// The params as `persist: true` stores them (None when not persisting).
     pub(crate) persisted: Option<String>,
+    /// (entry, finding id) pairs the params silence: `forwards.web` → `reply_bypass`.
+    pub(crate) ignored: std::collections::BTreeSet<(String, &'static str)>,
 }
 
 impl Config {
     /// The backend the params ask for (the binary builds its host with it).
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Has the operator silenced finding `id` about `entry` (`forwards.web`)?
+    pub(crate) fn ignores(&self, entry: &str, id: &str) -> bool {
+        self.ignored.iter().any(|(e, i)| e == entry && *i == id)
     }
 }
 

@@ -315,6 +315,11 @@ pub struct ForwardParams {
     )]
     #[schemars(schema_with = "bool_schema")]
     pub reset_connections: bool,
+    /// Findings about this entry the operator has judged and wants silenced (`reply_bypass`,
+    /// ...): apply no longer warns about them and doctor lists them as ignored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "ignore_findings_schema")]
+    pub ignore_findings: Vec<String>,
 }
 
 /// Source NAT for a subnet leaving this host.
@@ -340,6 +345,19 @@ pub struct MasqueradeParams {
     )]
     #[schemars(schema_with = "bool_schema")]
     pub allow_forward: bool,
+    /// Findings about this entry to silence (see the forwards' `ignore_findings`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "ignore_findings_schema")]
+    pub ignore_findings: Vec<String>,
+}
+
+fn ignore_findings_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "ids of findings about this entry to silence",
+        "type": "array",
+        "items": {"enum": super::config::ENTRY_FINDINGS},
+        "uniqueItems": true
+    })
 }
 
 /// An address to ensure on an interface.

@@ -19,6 +19,14 @@ fn err(input: &str) -> String {
 )]
 #[case(r#"{"nope":1}"#, "unknown field `nope`")]
 #[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4","ignore_findings":["reply_bypass","bypass"]}]}"#,
+    r#"forwards[0].ignore_findings[1]: "bypass" is not a finding about one entry; use one of backend_unreachable, "#
+)]
+#[case(
+    r#"{"masquerade":[{"name":"m","source":"10.0.0.0/8","ignore_findings":["conn_mark_collision"]}]}"#,
+    r#"masquerade[0].ignore_findings[0]: "conn_mark_collision" is not a finding about one entry"#
+)]
+#[case(
     r#"{"forwards":[{"name":"a","listen_port":0,"to":"1.2.3.4"}]}"#,
     r#"forwards[0].listen_port: "0" is not a port (1-65535)"#
 )]

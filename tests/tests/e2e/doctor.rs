@@ -106,7 +106,18 @@ fn doctor_finds_bypassing_replies_loopback_dnat_and_mixed_flavours() {
         return;
     }
     let t = Topology::new().unwrap();
-    let bypass = json!({"forwards": [{"name": "db", "listen_port": 4321, "to": "10.0.2.2:1234", "snat": "none"}]});
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    // Clients that arrive on eth1, the backend's own link (the backend itself, here): its
+    // replies go straight back to them and the connection fails.
+    let forward = |interface: &str, extra: Value| {
+        let mut f = json!({"name": "db", "listen_port": 4321, "in_interface": interface,
+            "to": "10.0.2.2:1234", "snat": "none"});
+        if let Value::Object(more) = extra {
+            f.as_object_mut().unwrap().extend(more);
+        }
+        json!({"forwards": [f]})
+    };
+    let bypass = forward("eth1", json!({}));
     apply(&t.proxy, &bypass);
     let (code, ids, report) = doctor(&t.proxy, &bypass);
     assert_eq!(
@@ -115,6 +126,35 @@ fn doctor_finds_bypassing_replies_loopback_dnat_and_mixed_flavours() {
         "{report}"
     );
     assert_eq!(report["findings"][0]["severity"], "warning");
+    assert!(
+        probe(&t.backend, Proto::Tcp, sa("10.0.2.1:4321")).is_err(),
+        "the bypass is real"
+    );
+    let applied = portfwd().apply(&t.proxy, &bypass).unwrap();
+    assert!(
+        crate::common::warnings(&applied)
+            .iter()
+            .any(|w| w.contains("is on-link")),
+        "{}",
+        applied.stdout
+    );
+    // The operator has judged it: apply is silent, doctor lists what it ignored.
+    let judged = forward("eth1", json!({"ignore_findings": ["reply_bypass"]}));
+    let applied = portfwd().apply(&t.proxy, &judged).unwrap();
+    assert!(
+        !applied.changed() && !applied.failed(),
+        "{}",
+        applied.stdout
+    );
+    assert_eq!(crate::common::warnings(&applied), Vec::<String>::new());
+    let (code, ids, report) = doctor(&t.proxy, &judged);
+    assert_eq!((code, ids), (0, Vec::<String>::new()), "{report}");
+    assert_eq!(report["ignored"][0]["id"], "reply_bypass", "{report}");
+    assert_eq!(report["ignored"][0]["entry"], "forwards.db", "{report}");
+    // Clients on the other link: the host shows no bypass (the backend's route decides).
+    let other = forward("eth0", json!({}));
+    apply(&t.proxy, &other);
+    assert_eq!(doctor(&t.proxy, &other).1, Vec::<String>::new());
     let masq: Value = serde_json::from_str(&WEB.replace("web", "db")).unwrap();
     apply(&t.proxy, &masq);
     assert_eq!(doctor(&t.proxy, &masq).1, Vec::<String>::new());

@@ -497,7 +497,8 @@ mod tests {
                 "in_interface":"eth0","sources":["6.7.8.0/24","9.9.9.9"],"to":"192.168.0.2:8180","snat":"none"}]}"#,
         );
         insta::assert_snapshot!(d.firewall.listing("gw"));
-        assert_eq!(d.warnings.len(), 1, "{:?}", d.warnings);
+        // The snat none reminder needs the host's addresses: a check, not compile's.
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
     }
 
     #[test]

@@ -224,6 +224,7 @@ fn forward_from(
         local: !out.is_empty(),
         allow_forward,
         reset_connections: resets_connections(first),
+        ignore_findings: Vec::new(),
     })
 }
 
@@ -245,5 +246,6 @@ fn masquerade_from(
         out_interface: rule.option("-o").map(str::to_string),
         to_source: rule.option("--to-source").map(str::to_string),
         allow_forward: !fwd.is_empty(),
+        ignore_findings: Vec::new(),
     })
 }

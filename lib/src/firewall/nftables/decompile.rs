@@ -89,6 +89,7 @@ pub fn entries_from_table(table: &Table, instance: &str) -> Entries {
                 // portfwd's table never drops; it marks the entry's flows for an accept in
                 // iptables' FORWARD (or another table's forward chain).
                 allow_forward: marked.contains(&tag.name),
+                ignore_findings: Vec::new(),
             });
         }
     }
@@ -152,5 +153,6 @@ fn forward_from(
         local: table.chains.contains_key(&entry_chain(Stage::Out, name)),
         allow_forward: nat.mark.is_some() || matches!(nat.to, NatTo::Redirect { .. }),
         reset_connections: has_reset_marker(&rule.comment),
+        ignore_findings: Vec::new(),
     })
 }

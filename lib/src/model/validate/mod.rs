@@ -22,6 +22,21 @@ impl Params {
         if !valid_instance(&self.instance) {
             errors.push("instance", &self.instance, INSTANCE_RULE.into());
         }
+        let mut ignored = std::collections::BTreeSet::new();
+        for (i, f) in self.forwards.iter().enumerate() {
+            let path = format!("forwards[{i}].ignore_findings");
+            ignored.extend(
+                validate_ignored(&path, &f.ignore_findings, &mut errors)
+                    .map(|id| (format!("forwards.{}", f.name), id)),
+            );
+        }
+        for (i, m) in self.masquerade.iter().enumerate() {
+            let path = format!("masquerade[{i}].ignore_findings");
+            ignored.extend(
+                validate_ignored(&path, &m.ignore_findings, &mut errors)
+                    .map(|id| (format!("masquerade.{}", m.name), id)),
+            );
+        }
         let mut names = HashSet::new();
         let forwards: Vec<Forward> = self
             .forwards
@@ -102,8 +117,33 @@ impl Params {
             conn_mark,
             persisted: (self.persist && self.state == State::Present)
                 .then(|| serde_json::to_string_pretty(self).unwrap_or_default()),
+            ignored,
         })
     }
+}
+
+/// The known finding ids of an `ignore_findings` list; an unknown one is a problem naming the
+/// ids it may be.
+fn validate_ignored<'a>(
+    path: &'a str,
+    ids: &'a [String],
+    errors: &mut Errors,
+) -> impl Iterator<Item = &'static str> + 'a {
+    let mut known = Vec::new();
+    for (j, id) in ids.iter().enumerate() {
+        match ENTRY_FINDINGS.iter().find(|k| **k == id.as_str()) {
+            Some(k) => known.push(*k),
+            None => errors.push(
+                &format!("{path}[{j}]"),
+                id,
+                format!(
+                    "is not a finding about one entry; use one of {}",
+                    ENTRY_FINDINGS.join(", ")
+                ),
+            ),
+        }
+    }
+    known.into_iter()
 }
 
 /// One thing wrong with the input: where, the value found (when there is one), and why.
