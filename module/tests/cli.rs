@@ -79,7 +79,7 @@ fn invalid_params_fail_with_json_before_touching_the_system() {
         result["msg"]
             .as_str()
             .unwrap()
-            .contains(r#"forwards[0].listen_port: "99999" is not a port"#),
+            .contains("forwards[0].listen_port: 99999 is not a port"),
         "{out}"
     );
 }

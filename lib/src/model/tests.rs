@@ -28,11 +28,11 @@ fn err(input: &str) -> String {
 )]
 #[case(
     r#"{"forwards":[{"name":"a","listen_port":0,"to":"1.2.3.4"}]}"#,
-    r#"forwards[0].listen_port: "0" is not a port (1-65535)"#
+    "forwards[0].listen_port: 0 is not a port (1-65535)"
 )]
 #[case(
     r#"{"forwards":[{"name":"a","listen_port":65536,"to":"1.2.3.4"}]}"#,
-    r#"forwards[0].listen_port: "65536" is not a port"#
+    "forwards[0].listen_port: 65536 is not a port"
 )]
 #[case(
     r#"{"forwards":[{"name":"a","listen_port":"9-8","to":"1.2.3.4"}]}"#,
@@ -105,7 +105,37 @@ fn err(input: &str) -> String {
     r#"{"masquerade":[{"name":"m","source":"192.168.0.0/24","to_source":"::1"}]}"#,
     "cannot mix"
 )]
-#[case(r#"[1]"#, "params must be a JSON object")]
+#[case(r#"[1]"#, "params must be one JSON object, not a list")]
+#[case("forwards:\n  - name: web\n", "params must be one JSON object; this is not JSON (YAML?")]
+#[case(r#""web""#, "params must be one JSON object, not a string")]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_prot":1,"to":"1.2.3.4"}]}"#,
+    "forwards[0].listen_prot: unknown field `listen_prot`, expected one of `name`, "
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_prot":1,"to":"1.2.3.4"}]}"#,
+    "; did you mean `listen_port`?"
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4","proto":"tpc"}]}"#,
+    "unknown variant `tpc`, expected one of `tcp`, `udp`, `both`; did you mean `tcp`?"
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4","snat":"masq"}]}"#,
+    r#"forwards[0].snat: "masq" is not one of "masquerade" (the default), "none" (the backend sees the client) or an IP address"#
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":"8000-8010","to":"1.2.3.4:9000-9010"}]}"#,
+    r#"forwards[0].to: "1.2.3.4:9000-9010" has a port range: translating a listen range to another range is not supported"#
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":"80","to":"1.2.3.4:x"}]}"#,
+    r#"forwards[0].to: "1.2.3.4:x" has an invalid port (1-65535)"#
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":"0","to":"1.2.3.4"}]}"#,
+    r#"forwards[0].listen_port: "0" is not a port"#
+)]
 #[case(
     r#"{"addresses":[{"address":"10.10.10.10","dev":"eth0"}]}"#,
     "addresses[0].address: \"10.10.10.10\" needs a prefix length"
@@ -120,7 +150,7 @@ fn err(input: &str) -> String {
 )]
 #[case(
     r#"{"policy_routes":[{"from":"10.0.0.1","table":254}]}"#,
-    "policy_routes[0].table: \"254\" is reserved"
+    "policy_routes[0].table: 254 is reserved"
 )]
 #[case(r#"{"policy_routes":[{"from":"10.0.0.1","table":0}]}"#, "is reserved")]
 #[case(
@@ -141,7 +171,7 @@ fn err(input: &str) -> String {
 )]
 #[case(r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"routes":[{"to":"default","via":"fd00::1"}]}]}"#, "cannot mix address families")]
 #[case(r#"{"policy_routes":[{"from":"10.0.0.1","table":1,"routes":[{"to":"default","via":"10.0.0.9"},{"to":"default","dev":"eth0"}]}]}"#, "is listed twice in this table")]
-#[case(r#"{"route_protocol":3}"#, "route_protocol: \"3\" is reserved")]
+#[case(r#"{"route_protocol":3}"#, "route_protocol: 3 is reserved")]
 #[case(
     r#"{"forwards":[{"name":"a","listen_port":1,"listen_address":"127.0.0.1","local":true,"to":"10.0.2.2:1"}]}"#,
     "forwards[0].listen_address: \"127.0.0.1\" with local: true cannot be forwarded to 10.0.2.2, another host"
@@ -166,7 +196,7 @@ fn err(input: &str) -> String {
     r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4","allow_forward":"2"}]}"#,
     "forwards[0].allow_forward: invalid value \"2\""
 )]
-#[case(r#"{"#, "params are not valid JSON")]
+#[case(r#"{"#, "params must be one JSON object, and this is not valid JSON")]
 fn refuses_bad_input(#[case] input: &str, #[case] needle: &str) {
     let message = err(input);
     assert!(

@@ -379,11 +379,11 @@ fn bad_input_is_refused_and_nothing_changes() {
         ),
         (
             json!({"forwards": [{"name": "a", "listen_port": 0, "to": "10.0.2.2"}]}),
-            "forwards[0].listen_port: \"0\" is not a port",
+            "forwards[0].listen_port: 0 is not a port",
         ),
         (
             json!({"forwards": [{"name": "a", "listen_port": 70000, "to": "10.0.2.2"}]}),
-            "forwards[0].listen_port: \"70000\" is not a port",
+            "forwards[0].listen_port: 70000 is not a port",
         ),
         (
             json!({"forwards": [{"name": "a", "listen_port": 1, "to": "10.0.2.300:80"}]}),

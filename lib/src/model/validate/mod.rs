@@ -76,9 +76,9 @@ impl Params {
         let policy_routes = validate_policy_routes(&self.policy_routes, &mut errors);
         let route_protocol = match self.route_protocol {
             Some(p) if p <= 4 => {
-                errors.push(
+                errors.push_json(
                     "route_protocol",
-                    &p.to_string(),
+                    &Value::from(p),
                     "is reserved by the kernel (use 5-255)".into(),
                 );
                 0
@@ -151,6 +151,7 @@ fn validate_ignored<'a>(
 pub struct Problem {
     /// The field path, `forwards[2].to`; empty for the input as a whole.
     pub path: String,
+    /// The value found as a message shows it: a string quoted and escaped, a number bare.
     pub value: Option<String>,
     pub reason: String,
 }
@@ -166,12 +167,13 @@ impl Problem {
     }
 }
 
-/// Rendered once, as `path: "value" reason`. Debug formatting of the value escapes quotes,
-/// newlines and NULs, so a message stays one line whatever the user wrote.
+/// Rendered once, as `path: "value" reason` (`path: 70000 reason` for a number). Debug
+/// formatting of a string value escapes quotes, newlines and NULs, so a message stays one line
+/// whatever the user wrote.
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (&self.value, self.path.is_empty()) {
-            (Some(value), _) => write!(f, "{}: {value:?} {}", self.path, self.reason),
+            (Some(value), _) => write!(f, "{}: {value} {}", self.path, self.reason),
             (None, false) => write!(f, "{}: {}", self.path, self.reason),
             (None, true) => f.write_str(&self.reason),
         }
@@ -186,7 +188,20 @@ impl Errors {
     fn push(&mut self, path: &str, value: &str, reason: String) {
         self.0.push(Problem {
             path: path.to_string(),
-            value: Some(value.to_string()),
+            value: Some(format!("{value:?}")),
+            reason,
+        });
+    }
+
+    /// A problem with a JSON value as written: a number stays a number in the message.
+    fn push_json(&mut self, path: &str, value: &Value, reason: String) {
+        let shown = match value {
+            Value::String(s) => format!("{s:?}"),
+            other => other.to_string(),
+        };
+        self.0.push(Problem {
+            path: path.to_string(),
+            value: Some(shown),
             reason,
         });
     }
@@ -332,13 +347,6 @@ fn parse_port_number(text: &str) -> Option<u16> {
     text.parse::<u16>().ok().filter(|p| *p >= 1)
 }
 
-fn value_text(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
 fn parse_port_value(path: &str, value: &Value, errors: &mut Errors) -> Option<u16> {
     let port = match value {
         Value::Number(n) => n
@@ -349,7 +357,7 @@ fn parse_port_value(path: &str, value: &Value, errors: &mut Errors) -> Option<u1
         _ => None,
     };
     if port.is_none() {
-        errors.push(path, &value_text(value), "is not a port (1-65535)".into());
+        errors.push_json(path, value, "is not a port (1-65535)".into());
     }
     port
 }
@@ -419,6 +427,13 @@ fn parse_target(path: &str, text: &str, errors: &mut Errors) -> Option<(IpAddr, 
         None => None,
         Some(p) => match parse_port_number(p) {
             Some(p) => Some(p),
+            None if p.split_once('-').is_some_and(|(a, b)| {
+                parse_port_number(a).is_some() && parse_port_number(b).is_some()
+            }) =>
+            {
+                errors.push(path, text, "has a port range: translating a listen range to another range is not supported; give one port (every listen port goes to it) or the address alone (each connection keeps its listen port)".into());
+                return None;
+            }
             None => {
                 errors.push(path, text, "has an invalid port (1-65535)".into());
                 return None;
@@ -527,10 +542,20 @@ fn validate_forward(path: &str, f: &ForwardParams, errors: &mut Errors) -> Optio
             let snat = match f.snat.as_deref() {
                 None | Some("masquerade") => Some(Snat::Masquerade),
                 Some("none") => Some(Snat::None),
-                Some(ip) => parse_ip(&format!("{path}.snat"), ip, errors).map(|ip| {
-                    families.note("snat", Family::of(&ip), errors, &ip.to_string());
-                    Snat::To(ip)
-                }),
+                Some(text) => match text.parse::<IpAddr>() {
+                    Ok(ip) => {
+                        families.note("snat", Family::of(&ip), errors, text);
+                        Some(Snat::To(ip))
+                    }
+                    Err(_) => {
+                        errors.push(
+                            &format!("{path}.snat"),
+                            text,
+                            "is not one of \"masquerade\" (the default), \"none\" (the backend sees the client) or an IP address to SNAT to".into(),
+                        );
+                        None
+                    }
+                },
             };
             target
                 .zip(snat)
@@ -650,7 +675,7 @@ fn parse_u32(path: &str, value: &Value, what: &str, errors: &mut Errors) -> Opti
         _ => None,
     };
     if n.is_none() {
-        errors.push(path, &value_text(value), format!("is not {what}"));
+        errors.push_json(path, value, format!("is not {what}"));
     }
     n
 }
@@ -676,9 +701,9 @@ fn parse_conn_mark(value: &Value, errors: &mut Errors) -> Option<u32> {
         _ => None,
     };
     if bit.is_none() {
-        errors.push(
+        errors.push_json(
             "conn_mark",
-            &value_text(value),
+            value,
             "is not a mark bit (8192 or \"0x2000\")".into(),
         );
     }

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use serde_json::Value;
 
 use super::{
-    check_interface, parse_cidr, parse_ip, parse_mark_number, parse_u32, valid_token, value_text,
+    check_interface, parse_cidr, parse_ip, parse_mark_number, parse_u32, valid_token,
     Errors, FamilyCheck,
 };
 use crate::model::config::{Address, PolicyRoute, Route};
@@ -107,9 +107,9 @@ fn parse_fwmark(path: &str, value: &Value, errors: &mut Errors) -> Option<(u32, 
         _ => None,
     };
     if mark.is_none() {
-        errors.push(
+        errors.push_json(
             path,
-            &value_text(value),
+            value,
             "is not a firewall mark (16, \"0x10\" or \"0x10/0xff\")".into(),
         );
     }
@@ -146,9 +146,9 @@ pub(super) fn validate_policy_routes(
         )
         .and_then(|t| {
             if t == 0 || (253..=255).contains(&t) {
-                errors.push(
+                errors.push_json(
                     &format!("{path}.table"),
-                    &t.to_string(),
+                    &p.table,
                     "is reserved (0 unspec, 253 default, 254 main, 255 local)".into(),
                 );
                 None
@@ -166,9 +166,9 @@ pub(super) fn validate_policy_routes(
             if (1..=32765).contains(&n) {
                 Some(n)
             } else {
-                errors.push(
+                errors.push_json(
                     &format!("{path}.priority"),
-                    &n.to_string(),
+                    v,
                     "is outside 1-32765 (0 is the local table's rule, 32766+ main and default)"
                         .into(),
                 );
