@@ -21,13 +21,42 @@ use crate::system::{System, SystemError};
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("{step} failed: {cause}; rolled back every change of this run")]
-    RolledBack { step: String, cause: SystemError },
+    RolledBack {
+        step: String,
+        cause: SystemError,
+        /// The `ip -batch` line the system refused, when it says which.
+        line: Option<String>,
+    },
     #[error("{step} failed: {cause}; rollback ALSO failed, the host may be partially changed: {rollback}")]
     RollbackFailed {
         step: String,
         cause: SystemError,
+        line: Option<String>,
         rollback: String,
     },
+}
+
+impl ApplyError {
+    /// The `ip -batch` line the system refused (`route add default via ... table 100 ...`).
+    pub fn failed_line(&self) -> Option<&str> {
+        match self {
+            ApplyError::RolledBack { line, .. } | ApplyError::RollbackFailed { line, .. } => {
+                line.as_deref()
+            }
+        }
+    }
+}
+
+/// The line of an `ip -batch` script its error names (`Command failed -:2`).
+fn refused_line(step: &Step, cause: &SystemError) -> Option<String> {
+    let Step::IpBatch(batch) = step else {
+        return None;
+    };
+    let text = cause.to_string();
+    let (_, after) = text.rsplit_once("Command failed -:")?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    let n: usize = digits.parse().ok()?;
+    batch.lines.get(n.checked_sub(1)?).cloned()
 }
 
 /// The run as the engine knows it: the backend, whose objects, and the snapshot to go back to.
@@ -38,16 +67,22 @@ pub struct Run<'a, F: Firewall> {
     pub before: &'a Observed<F>,
 }
 
-/// Runs the plan. On failure restores the state observed before the run.
+/// Runs the plan. On failure restores the state observed before the run (the error is boxed:
+/// it is rare and large).
 pub fn apply<F: Firewall>(
     run: &Run<F>,
     plan: &Plan,
     sys: &mut dyn System,
-) -> Result<(), ApplyError> {
+) -> Result<(), Box<ApplyError>> {
     let steps = plan.steps();
     for (done, step) in steps.iter().enumerate() {
         if let Err(cause) = execute(step, run.instance, sys) {
-            return Err(rollback(run, &steps[..=done], describe(step), cause, sys));
+            let failure = Failure {
+                step: describe(step),
+                line: refused_line(step, &cause),
+                cause,
+            };
+            return Err(Box::new(rollback(run, &steps[..=done], failure, sys)));
         }
     }
     Ok(())
@@ -119,14 +154,21 @@ pub fn script(batch: &IpBatch) -> String {
     text
 }
 
+/// The step that failed: how it is named, why, and the line refused.
+struct Failure {
+    step: String,
+    cause: SystemError,
+    line: Option<String>,
+}
+
 /// Puts back what `done` (the steps run, the failed one last) changed.
 fn rollback<F: Firewall>(
     run: &Run<F>,
     done: &[Step],
-    step: String,
-    cause: SystemError,
+    failure: Failure,
     sys: &mut dyn System,
 ) -> ApplyError {
+    let Failure { step, cause, line } = failure;
     let mut problems = Vec::new();
     // A sysctl write that failed changed nothing (one value is written or not): only those
     // written before it are put back (a read-only /proc/sys would fail the write back too).
@@ -172,11 +214,12 @@ fn rollback<F: Firewall>(
         }
     }
     if problems.is_empty() {
-        ApplyError::RolledBack { step, cause }
+        ApplyError::RolledBack { step, cause, line }
     } else {
         ApplyError::RollbackFailed {
             step,
             cause,
+            line,
             rollback: problems.join("; "),
         }
     }

@@ -191,7 +191,7 @@ fn run_with<F: Firewall>(
     };
     if let Err(e) = apply::apply(&run, &plan, sys) {
         report.failed = true;
-        report.msg = e.to_string();
+        report.msg = report::apply_failure(config, &e);
     } else {
         follow_live_flows(firewall, config, &plan, &observed, sys, &mut report);
     }

@@ -108,6 +108,67 @@ pub fn compile_routing(config: &Config) -> Routing {
     }
 }
 
+/// The params entry an `ip -batch` line of this run was compiled from, with its `dev` and
+/// `via` values (so a refusal names `policy_routes[0].routes[1].via: "192.0.2.1"`, not only
+/// iproute2's text). None for a line that removes what the params no longer ask for.
+pub fn routing_origin(config: &Config, line: &str) -> Option<Origin> {
+    let spec = [
+        "address add ",
+        "address replace ",
+        "route add ",
+        "route replace ",
+        "rule add ",
+    ]
+    .iter()
+    .find_map(|verb| line.strip_prefix(verb))?;
+    let spec = spec
+        .rsplit_once(" proto")
+        .map_or(spec, |(before, _)| before);
+    let routing = compile_routing(config);
+    if let Some(i) = routing.addresses.iter().position(|a| a.to_string() == spec) {
+        return Some(Origin {
+            path: format!("addresses[{i}]"),
+            dev: Some(config.addresses[i].dev.clone()),
+            via: None,
+        });
+    }
+    if let Some(i) = routing.rules.iter().position(|r| r.to_string() == spec) {
+        return Some(Origin {
+            path: format!("policy_routes[{i}]"),
+            dev: config.policy_routes[i].iif.clone(),
+            via: None,
+        });
+    }
+    for (i, p) in config.policy_routes.iter().enumerate() {
+        for (j, r) in p.routes.iter().enumerate() {
+            let route = IpRoute {
+                family: p.family,
+                table: p.table,
+                to: r.to,
+                via: r.via,
+                dev: r.dev.clone(),
+            };
+            if route.to_string() == spec {
+                return Some(Origin {
+                    path: format!("policy_routes[{i}].routes[{j}]"),
+                    dev: r.dev.clone(),
+                    via: r.via,
+                });
+            }
+        }
+    }
+    None
+}
+
+/// Where in the params an iproute2 object comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// `addresses[0]`, `policy_routes[1].routes[0]`.
+    pub path: String,
+    pub dev: Option<String>,
+    pub via: Option<std::net::IpAddr>,
+}
+
 /// 10000-29999 from the rule's selector: stable across runs and list order, below main (32766).
 fn stable_priority(instance: &str, rule: &IpRule) -> u32 {
     let hash = StableHash::new()
@@ -202,6 +263,42 @@ mod tests {
             r#"{"state":"absent","forwards":[{"name":"w","listen_port":1,"to":"1.2.3.4"}]}"#,
         );
         assert_eq!(d, Desired::default());
+    }
+
+    #[test]
+    fn an_ip_batch_line_is_traced_back_to_its_params_entry() {
+        let (config, _, _) = Config::from_json(
+            r#"{"addresses":[{"address":"10.0.0.5/24","dev":"eth0"},{"address":"10.0.9.5/24","dev":"eth10"}],
+                "policy_routes":[{"from":"10.0.2.2","table":100,"priority":100,
+                  "routes":[{"to":"10.9.0.0/16","via":"10.0.1.2"},{"to":"default","via":"192.0.2.1","dev":"eth1"}]}]}"#,
+        )
+        .unwrap();
+        let origin = |line: &str| routing_origin(&config, line).map(|o| o.path);
+        assert_eq!(
+            origin("address add 10.0.9.5/24 dev eth10").as_deref(),
+            Some("addresses[1]")
+        );
+        assert_eq!(
+            origin("address add 10.0.9.5/24 dev eth1"),
+            None,
+            "not a prefix match"
+        );
+        assert_eq!(
+            origin("rule add priority 100 from 10.0.2.2/32 table 100 protocol 233").as_deref(),
+            Some("policy_routes[0]")
+        );
+        let route = routing_origin(
+            &config,
+            "route add default via 192.0.2.1 dev eth1 table 100 proto 233",
+        )
+        .unwrap();
+        assert_eq!(route.path, "policy_routes[0].routes[1]");
+        assert_eq!(route.via, "192.0.2.1".parse().ok());
+        assert_eq!(route.dev.as_deref(), Some("eth1"));
+        assert_eq!(
+            origin("route del default via 192.0.2.1 dev eth1 table 100 proto 233"),
+            None
+        );
     }
 
     #[test]

@@ -16,7 +16,9 @@ impl Config {
             .map_err(|e| Error::Invalid(vec![Problem::whole(not_json(input, &e))]))?;
         let what = match &value {
             Value::Object(_) => None,
-            Value::Array(_) => Some("a list (one run takes one instance's params: apply each instance on its own)"),
+            Value::Array(_) => {
+                Some("a list (one run takes one instance's params: apply each instance on its own)")
+            }
             Value::String(_) => Some("a string"),
             Value::Number(_) => Some("a number"),
             Value::Bool(_) => Some("a boolean"),

@@ -106,7 +106,10 @@ fn err(input: &str) -> String {
     "cannot mix"
 )]
 #[case(r#"[1]"#, "params must be one JSON object, not a list")]
-#[case("forwards:\n  - name: web\n", "params must be one JSON object; this is not JSON (YAML?")]
+#[case(
+    "forwards:\n  - name: web\n",
+    "params must be one JSON object; this is not JSON (YAML?"
+)]
 #[case(r#""web""#, "params must be one JSON object, not a string")]
 #[case(
     r#"{"forwards":[{"name":"a","listen_prot":1,"to":"1.2.3.4"}]}"#,

@@ -16,6 +16,31 @@ use crate::plan::{Plan, Step};
 use crate::system::restore_command;
 use decompile::params_from_state;
 
+/// The message of a failed apply: the params field the refused object came from first
+/// (`addresses[0].dev: no interface "eth9" on this host`), then what the system said.
+pub fn apply_failure(config: &crate::model::Config, e: &crate::apply::ApplyError) -> String {
+    let Some((line, origin)) = e
+        .failed_line()
+        .and_then(|l| Some((l, crate::compile::routing_origin(config, l)?)))
+    else {
+        return e.to_string();
+    };
+    let said = e.to_string();
+    let path = &origin.path;
+    match (&origin.dev, origin.via) {
+        (Some(dev), _) if said.contains("Cannot find device") => {
+            format!("{path}.dev: no interface {dev:?} on this host; {said}")
+        }
+        (_, Some(via))
+            if said.contains("Nexthop has invalid gateway")
+                || said.contains("Network is unreachable") =>
+        {
+            format!("{path}.via: \"{via}\" is not reachable from this host (no interface has it on-link; give the route a dev, or a gateway on a connected subnet); {said}")
+        }
+        _ => format!("{path}: the system refused `{line}`; {said}"),
+    }
+}
+
 /// What a run did, as printed on stdout.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {

@@ -122,6 +122,35 @@ fn interfaces_that_do_not_exist_are_named_before_anything_changes() {
     }
 }
 
+/// What only the kernel refuses (a gateway no interface reaches) fails the run, rolls back,
+/// and names the params field and value before iproute2's own text.
+#[test]
+fn a_route_the_kernel_refuses_names_its_field_and_rolls_back() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let params = json!({
+        "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}],
+        "addresses": [{"address": "10.0.1.9/24", "dev": "eth0"}],
+        "policy_routes": [{"from": "10.0.2.2", "table": 100,
+                           "routes": [{"to": "10.9.0.0/16", "via": "10.0.1.2"},
+                                      {"to": "default", "via": "192.0.2.1"}]}]});
+    let before = host_state(&t.proxy);
+    let r = portfwd().apply(&t.proxy, &params).unwrap();
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    let msg = r.json["msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.starts_with("policy_routes[0].routes[1].via: \"192.0.2.1\" is not reachable"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("Nexthop has invalid gateway") && msg.contains("rolled back"),
+        "iproute2's text and the rollback are kept: {msg}"
+    );
+    assert_eq!(host_state(&t.proxy), before, "rolled back");
+}
+
 /// With `/proc/sys` read-only (a container), a run that must set `ip_forward` fails, puts back
 /// the rules it wrote before, and says it rolled back: the sysctl that could not be written
 /// changed nothing, so there is nothing to put back there (it used to say `rollback ALSO

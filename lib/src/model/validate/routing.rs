@@ -6,8 +6,8 @@ use std::net::IpAddr;
 use serde_json::Value;
 
 use super::{
-    check_interface, parse_cidr, parse_ip, parse_mark_number, parse_u32, valid_token,
-    Errors, FamilyCheck,
+    check_interface, parse_cidr, parse_ip, parse_mark_number, parse_u32, valid_token, Errors,
+    FamilyCheck,
 };
 use crate::model::config::{Address, PolicyRoute, Route};
 use crate::model::params::{AddressParams, PolicyRouteParams};
