@@ -27,6 +27,7 @@ mod doctor;
 mod firewall;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod inventory;
 mod model;
 mod net;
 mod observe;
@@ -311,6 +312,84 @@ pub fn trace_entries(instance: &str, sys: &mut RealSystem) -> Result<trace::Entr
             )
         })
         .collect())
+}
+
+/// One instance as `portfwd list` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Listed {
+    pub instance: String,
+    /// The backend holding its entries, as the params name it (`iptables` when it holds none).
+    pub backend: Backend,
+    pub forwards: usize,
+    pub masquerade: usize,
+    pub addresses: usize,
+    pub policy_routes: usize,
+    /// Its params are stored for `portfwd restore`.
+    pub persist: bool,
+    /// Applying its stored params (or, without stored params, its installed state as params,
+    /// which finds drift of portfwd's own objects) would change nothing. None when that could
+    /// not be found out (see `msg`).
+    pub converged: Option<bool>,
+    /// `stored params` or `installed state`.
+    pub compared_with: &'static str,
+    /// What applying would change, or why it could not be found out.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub msg: String,
+}
+
+/// Every instance on this host (see [`inventory`]), sorted by name. It changes nothing.
+pub fn list(sys: &mut RealSystem) -> Result<Vec<Listed>, Error> {
+    let mut known = sys.stored_instances()?;
+    known.extend(sys.recorded_instances()?);
+    let names = inventory::names(sys, known);
+    let mut out = Vec::new();
+    for instance in names {
+        let stored = sys.read_stored(&instance)?;
+        let stored_config = stored
+            .as_deref()
+            .map(|text| Config::from_json(text).map(|(config, _, _)| config));
+        let protocol = match &stored_config {
+            Some(Ok(config)) => Some(config.route_protocol),
+            _ => None,
+        };
+        let shown = show(&instance, protocol, sys)?;
+        let (compared_with, against) = match stored_config {
+            Some(parsed) => ("stored params", parsed),
+            None => ("installed state", shown.validate()),
+        };
+        let (converged, msg) = match against {
+            Err(e) => (None, e.to_string()),
+            Ok(config) => {
+                let mut host = sys.with_backend(config.backend());
+                let report = run(
+                    &config,
+                    RunMode {
+                        check: true,
+                        diff: false,
+                    },
+                    &mut host,
+                );
+                match (report.failed, report.changed) {
+                    (true, _) => (None, report.msg),
+                    (false, true) => (Some(false), report.msg),
+                    (false, false) => (Some(true), String::new()),
+                }
+            }
+        };
+        out.push(Listed {
+            backend: shown.backend,
+            forwards: shown.forwards.len(),
+            masquerade: shown.masquerade.len(),
+            addresses: shown.addresses.len(),
+            policy_routes: shown.policy_routes.len(),
+            persist: stored.is_some(),
+            converged,
+            compared_with,
+            msg,
+            instance,
+        });
+    }
+    Ok(out)
 }
 
 /// The instance's current managed state as params; applying them is a no-op.

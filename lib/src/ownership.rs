@@ -76,6 +76,24 @@ pub fn has_reset_marker(comment: &str) -> bool {
     comment.ends_with(RESET_MARKER)
 }
 
+/// The instance an iptables chain of portfwd's is named for: `PFWD-<instance>-<HOOK>[-T12]`.
+/// The instance is lower case and the hook upper case, so `PFWD-web-1-PRE` is `web-1`.
+pub fn instance_of_chain(chain: &str) -> Option<&str> {
+    let rest = chain.strip_prefix("PFWD-")?;
+    let end = rest
+        .match_indices('-')
+        .map(|(i, _)| i)
+        .find(|&i| rest[i + 1..].starts_with(|c: char| c.is_ascii_uppercase()))?;
+    Some(&rest[..end]).filter(|name| crate::model::valid_instance(name))
+}
+
+/// The instance an nft table of portfwd's is named for: `portfwd-<instance>` (family inet).
+pub fn instance_of_table(table: &str) -> Option<&str> {
+    table
+        .strip_prefix("portfwd-")
+        .filter(|name| crate::model::valid_instance(name))
+}
+
 /// FNV-1a: stable across runs, releases and platforms (the comments, the default route
 /// protocol and policy-rule priorities must not change when portfwd is upgraded).
 #[derive(Debug, Clone, Copy)]

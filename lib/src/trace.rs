@@ -188,14 +188,7 @@ impl Tracker {
                 .map(|tag| format!("{instance}:{}", tag.name));
             return named.or_else(|| self.entry_by_port(id, instance));
         }
-        // `PFWD-<instance>-<HOOK>[-T12]`: the instance is lower case, the hook upper case, so
-        // an instance with `-` in its name (`web-1`) is read whole.
-        let rest = chain.strip_prefix("PFWD-")?;
-        let end = rest
-            .match_indices('-')
-            .map(|(i, _)| i)
-            .find(|&i| rest[i + 1..].starts_with(|c: char| c.is_ascii_uppercase()))?;
-        self.entry_by_port(id, &rest[..end])
+        self.entry_by_port(id, crate::ownership::instance_of_chain(chain)?)
     }
 
     /// `instance:entry` of the forward whose listen ports hold the packet's destination port.

@@ -71,6 +71,18 @@ pub enum Command {
         #[arg(long)]
         route_protocol: Option<u8>,
     },
+    /// List every instance on this host: its backend, entry counts, persist, and whether
+    /// applying its stored params (or else its installed state) would change nothing.
+    /// Found by the names portfwd reserves, the records and the stored params; changes nothing.
+    List {
+        /// Print `{"instances": [{"instance", "backend", "forwards", "masquerade", "addresses",
+        /// "policy_routes", "persist", "converged", "compared_with", "msg"}]}`.
+        #[arg(long)]
+        json: bool,
+        /// Where stored params are looked for [default: $PORTFWD_STATE_DIR or /etc/portfwd].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Re-apply every instance stored with `persist: true` (run at boot by portfwd-restore.service).
     Restore {
         /// Directory of stored params [default: $PORTFWD_STATE_DIR or /etc/portfwd].

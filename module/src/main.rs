@@ -45,8 +45,8 @@ macro_rules! say_raw {
     }};
 }
 
-const SUBCOMMANDS: [&str; 8] = [
-    "apply", "plan", "show", "schema", "restore", "doctor", "trace", "help",
+const SUBCOMMANDS: [&str; 9] = [
+    "apply", "plan", "show", "list", "schema", "restore", "doctor", "trace", "help",
 ];
 
 fn main() -> ExitCode {
@@ -106,6 +106,7 @@ fn main() -> ExitCode {
             state_dir,
             lock_timeout,
         } => restore(state_dir, lock_timeout),
+        Command::List { json, state_dir } => list(json, state_dir),
         Command::Show {
             instance,
             backend,
@@ -341,6 +342,58 @@ fn entry_label(f: &portfwd::Finding) -> String {
         .as_ref()
         .map(|e| format!(" [{e}]"))
         .unwrap_or_default()
+}
+
+/// `portfwd list`: one line per instance (or JSON).
+fn list(json: bool, state_dir: Option<PathBuf>) -> ExitCode {
+    if !portfwd::has_net_admin() {
+        return emit(&Report::failure(portfwd::NEEDS_ROOT));
+    }
+    let mut sys = RealSystem::new(Backend::Iptables);
+    if let Some(dir) = state_dir {
+        sys = sys.with_state_dir(dir);
+    }
+    let listed = match portfwd::list(&mut sys) {
+        Ok(listed) => listed,
+        Err(e) => return emit(&Report::failure(e.to_string())),
+    };
+    if json {
+        say!("{}", serde_json::json!({ "instances": listed }));
+        return ExitCode::SUCCESS;
+    }
+    if listed.is_empty() {
+        say!("no portfwd instance on this host");
+        return ExitCode::SUCCESS;
+    }
+    say!(
+        "{:<12}  {:<15}  {:>8}  {:>10}  {:>9}  {:>13}  {:<7}  CONVERGED",
+        "INSTANCE",
+        "BACKEND",
+        "FORWARDS",
+        "MASQUERADE",
+        "ADDRESSES",
+        "POLICY_ROUTES",
+        "PERSIST"
+    );
+    for l in &listed {
+        let backend = serde_json::to_value(l.backend).unwrap_or_default();
+        let converged = match l.converged {
+            Some(true) => format!("yes ({})", l.compared_with),
+            Some(false) => format!("no ({}): {}", l.compared_with, l.msg),
+            None => format!("unknown: {}", l.msg),
+        };
+        say!(
+            "{:<12}  {:<15}  {:>8}  {:>10}  {:>9}  {:>13}  {:<7}  {converged}",
+            l.instance,
+            backend.as_str().unwrap_or("?"),
+            l.forwards,
+            l.masquerade,
+            l.addresses,
+            l.policy_routes,
+            if l.persist { "yes" } else { "no" },
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 /// Applies every stored instance; prints `{"failed", "changed", "msg", "instances": {name: result}}`.

@@ -296,6 +296,17 @@ impl RealSystem {
         }
     }
 
+    /// The same host (state and run dirs) for another backend.
+    pub fn with_backend(&self, backend: Backend) -> RealSystem {
+        RealSystem {
+            backend,
+            sysctl_root: self.sysctl_root.clone(),
+            state_dir: self.state_dir.clone(),
+            run_dir: self.run_dir.clone(),
+            use_cookie: self.use_cookie,
+        }
+    }
+
     /// The backend this host was made for.
     pub fn backend(&self) -> Backend {
         self.backend
@@ -324,6 +335,30 @@ impl RealSystem {
                     .to_str()?
                     .strip_suffix(".json")
                     .map(str::to_string)
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Instances with a record of this network namespace in the run dir, sorted.
+    pub fn recorded_instances(&self) -> Result<Vec<String>, SystemError> {
+        let suffix = NetnsId::current(self.use_cookie)?.file_name("");
+        let entries = match std::fs::read_dir(&self.run_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(SystemError::Io {
+                    path: self.run_dir.display().to_string(),
+                    source,
+                })
+            }
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.strip_suffix(&suffix)?.to_string();
+                crate::model::valid_instance(&name).then_some(name)
             })
             .collect();
         names.sort();

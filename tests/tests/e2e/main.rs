@@ -15,6 +15,7 @@ mod foreign;
 mod forward;
 mod lab;
 mod nftables;
+mod operator;
 mod ownership;
 mod packaging;
 mod records;

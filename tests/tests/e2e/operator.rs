@@ -1,0 +1,122 @@
+//! End-to-end: the operator's command line around apply: `portfwd list`, `show` of an
+//! instance that does not exist, apply on a terminal, `restore`'s counts.
+
+use crate::common::{nft, portfwd, prerequisites, sa, Topology};
+use portfwd_harness::{probe, Proto, Server};
+use serde_json::{json, Value};
+
+/// `list --json`'s instances by name.
+fn listed(t: &Topology) -> std::collections::BTreeMap<String, Value> {
+    let r = portfwd()
+        .run(&t.proxy, &["list", "--json"], "", &[])
+        .unwrap();
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    r.json["instances"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no instances in {}", r.stdout))
+        .iter()
+        .map(|i| {
+            (
+                i["instance"].as_str().unwrap_or_default().to_string(),
+                i.clone(),
+            )
+        })
+        .collect()
+}
+
+/// Every instance, whichever backend holds it and whether its record survived, with its
+/// counts; `converged` follows the host: false as soon as traffic is broken by a hand edit.
+#[test]
+fn list_shows_every_instance_and_whether_it_is_converged() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let empty = portfwd().run(&t.proxy, &["list"], "", &[]).unwrap();
+    assert_eq!(
+        (empty.code, empty.stdout.trim()),
+        (0, "no portfwd instance on this host")
+    );
+    let web = json!({"instance": "web", "backend": "nftables", "persist": true,
+        "forwards": [{"name": "a", "listen_port": 4321, "to": "10.0.2.2:1234"},
+                     {"name": "b", "listen_port": 4322, "to": "10.0.2.2:1234", "proto": "udp"}]});
+    let gw = json!({"instance": "gw-1",
+        "forwards": [{"name": "c", "listen_port": 4323, "to": "10.0.2.2:1234"}],
+        "masquerade": [{"name": "lan", "source": "10.0.1.0/24"}]});
+    for params in [&web, &gw] {
+        let r = portfwd().apply(&t.proxy, params).unwrap();
+        assert!(r.changed() && !r.failed(), "{}", r.stdout);
+    }
+    probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap();
+    let all = listed(&t);
+    assert_eq!(all.keys().collect::<Vec<_>>(), ["gw-1", "web"], "{all:?}");
+    let w = &all["web"];
+    assert_eq!(
+        (
+            &w["backend"],
+            &w["forwards"],
+            &w["masquerade"],
+            &w["persist"]
+        ),
+        (&json!("nftables"), &json!(2), &json!(0), &json!(true)),
+        "{w}"
+    );
+    assert_eq!(
+        (&w["converged"], &w["compared_with"]),
+        (&json!(true), &json!("stored params")),
+        "{w}"
+    );
+    let g = &all["gw-1"];
+    assert_eq!(
+        (
+            &g["backend"],
+            &g["forwards"],
+            &g["masquerade"],
+            &g["persist"],
+            &g["converged"]
+        ),
+        (
+            &json!("iptables"),
+            &json!(1),
+            &json!(1),
+            &json!(false),
+            &json!(true)
+        ),
+        "{g}"
+    );
+    assert_eq!(g["compared_with"], "installed state");
+
+    // A lost record (a wiped run dir): both are still found by their names.
+    std::fs::remove_dir_all(portfwd().run_dir(&t.proxy)).unwrap();
+    assert_eq!(listed(&t).len(), 2);
+
+    // A hand edit breaks the forward: list says so, naming what apply would change.
+    nft(&t.proxy, &["flush table inet portfwd-web"]);
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err());
+    let w = &listed(&t)["web"];
+    assert_eq!(w["converged"], false, "{w}");
+    assert!(
+        w["msg"].as_str().unwrap_or_default().contains("check mode"),
+        "{w}"
+    );
+    let text = portfwd().run(&t.proxy, &["list"], "", &[]).unwrap();
+    assert!(
+        text.stdout.lines().any(|l| l.starts_with("web ")
+            && l.contains("nftables")
+            && l.contains("no (stored params)")),
+        "{}",
+        text.stdout
+    );
+    let r = portfwd().apply(&t.proxy, &web).unwrap();
+    assert!(r.changed() && !r.failed(), "{}", r.stdout);
+    probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap();
+    assert_eq!(listed(&t)["web"]["converged"], true);
+    for instance in ["web", "gw-1"] {
+        let r = portfwd()
+            .apply(&t.proxy, &json!({"instance": instance, "state": "absent"}))
+            .unwrap();
+        assert!(!r.failed(), "{}", r.stdout);
+    }
+    assert!(listed(&t).is_empty());
+}
