@@ -69,6 +69,12 @@ pub enum Error {
     Invalid(Vec<model::Problem>),
     #[error(transparent)]
     System(#[from] SystemError),
+    /// `show` (or `doctor` without params) of an instance this host has nothing of.
+    #[error("no instance {instance:?} on this host: {}", if .existing.is_empty() { "there is none (portfwd list shows them)".to_string() } else { format!("the instances here are {} (portfwd list shows them)", .existing.join(", ")) })]
+    NoSuchInstance {
+        instance: String,
+        existing: Vec<String>,
+    },
 }
 
 /// Converges the host to `config` (or, in check mode, reports what that would change).
@@ -339,9 +345,7 @@ pub struct Listed {
 
 /// Every instance on this host (see [`inventory`]), sorted by name. It changes nothing.
 pub fn list(sys: &mut RealSystem) -> Result<Vec<Listed>, Error> {
-    let mut known = sys.stored_instances()?;
-    known.extend(sys.recorded_instances()?);
-    let names = inventory::names(sys, known);
+    let names = instances(sys)?;
     let mut out = Vec::new();
     for instance in names {
         let stored = sys.read_stored(&instance)?;
@@ -392,11 +396,34 @@ pub fn list(sys: &mut RealSystem) -> Result<Vec<Listed>, Error> {
     Ok(out)
 }
 
+/// The names of every instance on this host: stored, recorded, or named in the firewall.
+fn instances(sys: &mut RealSystem) -> Result<std::collections::BTreeSet<String>, Error> {
+    let mut known = sys.stored_instances()?;
+    known.extend(sys.recorded_instances()?);
+    Ok(inventory::names(sys, known))
+}
+
 /// The instance's current managed state as params; applying them is a no-op.
-/// The backend is the one the record names, else the one `sys` was made for.
+/// The backend is the one the record names, else the one `sys` was made for. An instance the
+/// host has nothing of (no entry, no record, no stored params, no object named for it) is an
+/// error naming the instances there are.
 pub fn show(instance: &str, protocol: Option<u8>, sys: &mut RealSystem) -> Result<Params, Error> {
     let nftables = sys.backend().is_nftables();
-    show_on(instance, protocol, nftables, sys)
+    let params = show_on(instance, protocol, nftables, sys)?;
+    let holds_nothing = params.forwards.is_empty()
+        && params.masquerade.is_empty()
+        && params.addresses.is_empty()
+        && params.policy_routes.is_empty();
+    if holds_nothing {
+        let existing = instances(sys)?;
+        if !existing.contains(instance) {
+            return Err(Error::NoSuchInstance {
+                instance: instance.to_string(),
+                existing: existing.into_iter().collect(),
+            });
+        }
+    }
+    Ok(params)
 }
 
 /// [`show`] against any host.

@@ -120,3 +120,64 @@ fn list_shows_every_instance_and_whether_it_is_converged() {
     }
     assert!(listed(&t).is_empty());
 }
+
+/// `show` of an instance the host has nothing of fails and names the instances there are;
+/// one that exists with nothing in it (a record, no entries) is shown.
+#[test]
+fn show_of_a_missing_instance_names_the_ones_there_are() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let r = portfwd()
+        .run(&t.proxy, &["show", "--instance", "web"], "", &[])
+        .unwrap();
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.json["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no instance \"web\" on this host: there is none"),
+        "{}",
+        r.stdout
+    );
+    for instance in ["edge", "gw"] {
+        let params = json!({"instance": instance,
+            "forwards": [{"name": "a", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+        assert!(!portfwd().apply(&t.proxy, &params).unwrap().failed());
+    }
+    let r = portfwd()
+        .run(&t.proxy, &["show", "--instance", "web"], "", &[])
+        .unwrap();
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.json["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the instances here are edge, gw"),
+        "{}",
+        r.stdout
+    );
+    // doctor without params reads the installed state: the same answer.
+    let r = portfwd()
+        .run(&t.proxy, &["doctor", "--instance", "web"], "", &[])
+        .unwrap();
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.stdout.contains("the instances here are edge, gw"),
+        "{}",
+        r.stdout
+    );
+    let r = portfwd()
+        .run(&t.proxy, &["show", "--instance", "gw"], "", &[])
+        .unwrap();
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert_eq!(r.json["forwards"][0]["name"], "a");
+    // An instance with stored params and no entries exists: it is shown.
+    let sysctl_only = json!({"instance": "fwd", "ip_forward": true, "persist": true});
+    assert!(!portfwd().apply(&t.proxy, &sysctl_only).unwrap().failed());
+    let r = portfwd()
+        .run(&t.proxy, &["show", "--instance", "fwd"], "", &[])
+        .unwrap();
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+}
