@@ -198,6 +198,9 @@ fn run_with<F: Firewall>(
     };
     if let Err(e) = apply::apply(&run, &plan, sys) {
         report.failed = true;
+        // Rolled back, the host is as it was: nothing changed. A failed rollback may have
+        // left changes behind.
+        report.changed = matches!(*e, apply::ApplyError::RollbackFailed { .. });
         report.msg = report::apply_failure(config, &e);
     } else {
         follow_live_flows(firewall, config, &plan, &observed, sys, &mut report);

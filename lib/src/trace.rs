@@ -72,7 +72,8 @@ pub struct Packet {
     /// `tcp 10.0.1.2:44880 -> 10.0.1.1:4321 iif eth0`
     pub summary: String,
     pub hops: Vec<Hop>,
-    /// The NAT it got (`dnat to 10.0.2.2:1234`, `masquerade`), null if none.
+    /// The NAT it got, every translation in order (`dnat to 10.0.2.2:1234, masquerade`), null
+    /// if none.
     pub nat: Option<String>,
     /// `accept`, or `drop` with where (`drop in inet fw filter_FORWARD`).
     pub verdict: String,
@@ -151,8 +152,14 @@ impl Tracker {
         };
         let entry = self.entry_of(id, table, chain, &rule);
         let packet = self.open.get_mut(id)?;
-        if packet.nat.is_none() {
-            packet.nat = nat_of(&rule);
+        // Every translation, in order: the DNAT at prerouting, then the SNAT or masquerade at
+        // postrouting (the first packet of a flow meets both).
+        if let Some(nat) = nat_of(&rule) {
+            packet.nat = Some(match packet.nat.take() {
+                Some(before) if !before.split(", ").any(|n| n == nat) => format!("{before}, {nat}"),
+                Some(before) => before,
+                None => nat,
+            });
         }
         packet.hops.push(Hop {
             table: format!("{family} {table}"),

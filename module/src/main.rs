@@ -208,6 +208,9 @@ fn read_input(input: &Input) -> Result<String, String> {
     match &input.file {
         Some(path) => std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display())),
+        None if std::io::IsTerminal::is_terminal(&std::io::stdin()) => Err(
+            "no params given: stdin is a terminal; pass --file FILE or pipe the params JSON in (portfwd apply < forwards.json)".to_string(),
+        ),
         None => {
             let mut text = String::new();
             std::io::stdin()
@@ -396,7 +399,8 @@ fn list(json: bool, state_dir: Option<PathBuf>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Applies every stored instance; prints `{"failed", "changed", "msg", "instances": {name: result}}`.
+/// Applies every stored instance; prints `{"failed", "changed", "msg", "counts": {"succeeded",
+/// "changed", "failed"}, "instances": {name: result}}`.
 fn restore(state_dir: Option<PathBuf>, lock_timeout: u64) -> ExitCode {
     let dir = state_dir.unwrap_or_else(portfwd::default_state_dir);
     let sys = RealSystem::new(Backend::Iptables).with_state_dir(dir.clone());
@@ -405,25 +409,40 @@ fn restore(state_dir: Option<PathBuf>, lock_timeout: u64) -> ExitCode {
         Err(e) => return emit(&Report::failure(e.to_string())),
     };
     let mut results = serde_json::Map::new();
-    let (mut failed, mut changed) = (false, false);
+    let (mut succeeded, mut changed, mut failed) = (0usize, 0usize, Vec::new());
     for name in &names {
         let path = dir.join(format!("{name}.json"));
         let report = match std::fs::read_to_string(&path) {
             Ok(text) => converge(&text, RunMode::default(), lock_timeout, Some(dir.clone())),
             Err(e) => Report::failure(format!("cannot read {}: {e}", path.display())),
         };
-        failed |= report.failed;
-        changed |= report.changed;
+        if report.failed {
+            failed.push(name.as_str());
+        } else {
+            succeeded += 1;
+        }
+        changed += usize::from(report.changed);
         results.insert(name.clone(), report.to_json());
     }
+    let failures = if failed.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", failed.join(", "))
+    };
     let summary = serde_json::json!({
-        "changed": changed,
-        "failed": failed,
-        "msg": format!("restored {} stored instance(s) from {}{}", names.len(), dir.display(), if failed { ", some failed" } else { "" }),
+        "changed": changed > 0,
+        "failed": !failed.is_empty(),
+        "msg": format!(
+            "restored {} stored instance(s) from {}: {succeeded} succeeded ({changed} changed), {} failed{failures}",
+            names.len(),
+            dir.display(),
+            failed.len()
+        ),
+        "counts": {"succeeded": succeeded, "changed": changed, "failed": failed.len()},
         "instances": results,
     });
     say!("{summary}");
-    if failed {
+    if !failed.is_empty() {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

@@ -77,6 +77,20 @@ pub fn run(opts: Options) -> ExitCode {
         let _ = monitor.kill();
         return ExitCode::from(1);
     }
+    // What the trace waits for, on stderr (stdout carries only packets).
+    let f = &opts.filter;
+    let src = f.src.map(|s| format!(", source {s}")).unwrap_or_default();
+    let dst = f
+        .dst
+        .map(|d| format!(", destination {d}"))
+        .unwrap_or_default();
+    eprintln!(
+        "portfwd trace: tracing {} packets to port {}{src}{dst}: make the connection now; it stops after {} packet(s) or {} s (Ctrl-C stops it sooner)",
+        f.proto.name(),
+        f.dport,
+        opts.count,
+        opts.timeout.as_secs()
+    );
     let mut host = portfwd::RealSystem::new(portfwd::Backend::Iptables);
     if portfwd::iptables_is_legacy(&mut host) {
         eprintln!("portfwd trace: note: iptables here is the legacy flavour; its rules are not part of nftables and cannot be traced (only nftables tables, iptables-nft's included, show up)");

@@ -114,3 +114,30 @@ fn a_closed_stdout_is_not_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
 }
+
+/// `apply` and `plan` with neither `--file` nor piped input say so at once instead of waiting
+/// for a terminal that nobody types into (run under `script`, which gives them a terminal).
+#[test]
+fn apply_on_a_terminal_without_input_says_so() {
+    let script = ["/usr/bin/script", "/bin/script"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let Some(script) = script else {
+        eprintln!("skipped: util-linux script is not installed");
+        return;
+    };
+    for sub in ["apply", "plan"] {
+        let command = format!("{} {sub}", env!("CARGO_BIN_EXE_portfwd"));
+        let out = Command::new("timeout")
+            .args(["10", script, "-qec", &command, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run script");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{sub} (124: it waited): {text}");
+        assert!(
+            text.contains("no params given: stdin is a terminal; pass --file FILE"),
+            "{sub}: {text}"
+        );
+    }
+}

@@ -181,3 +181,67 @@ fn show_of_a_missing_instance_names_the_ones_there_are() {
         .unwrap();
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
 }
+
+/// `restore` counts what succeeded, changed and failed, and names the failures; one stored
+/// instance that fails does not stop the others, and the run exits 1.
+#[test]
+fn restore_counts_what_succeeded_and_what_failed() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let pf = portfwd();
+    for (instance, port) in [("a", 4321), ("b", 4322)] {
+        let params = json!({"instance": instance, "persist": true,
+            "forwards": [{"name": "web", "listen_port": port, "to": "10.0.2.2:1234"}]});
+        assert!(!pf.apply(&t.proxy, &params).unwrap().failed());
+    }
+    // A stored file the kernel will refuse (its gateway is on no link of this host).
+    let bad = json!({"instance": "c", "persist": true,
+        "policy_routes": [{"from": "10.0.2.2", "table": 100,
+                           "routes": [{"to": "default", "via": "192.0.2.1"}]}]});
+    std::fs::write(pf.state_dir(&t.proxy).join("c.json"), bad.to_string()).unwrap();
+    // "b" lost its rules (a reboot of the firewall only): restore puts them back.
+    let r = pf
+        .apply(&t.proxy, &json!({"instance": "b", "state": "absent"}))
+        .unwrap();
+    assert!(!r.failed(), "{}", r.stdout);
+    let b = json!({"instance": "b", "persist": true,
+        "forwards": [{"name": "web", "listen_port": 4322, "to": "10.0.2.2:1234"}]});
+    std::fs::write(pf.state_dir(&t.proxy).join("b.json"), b.to_string()).unwrap();
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4322")).is_err());
+
+    let restored = pf.run(&t.proxy, &["restore"], "", &[]).unwrap();
+    assert_eq!(restored.code, 1, "{}", restored.stdout);
+    assert_eq!(
+        restored.json["counts"],
+        json!({"succeeded": 2, "changed": 1, "failed": 1}),
+        "{}",
+        restored.stdout
+    );
+    let msg = restored.json["msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(": 2 succeeded (1 changed), 1 failed (c)"),
+        "{msg}"
+    );
+    assert!(
+        restored.json["instances"]["c"]["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("policy_routes[0].routes[0].via"),
+        "{}",
+        restored.stdout
+    );
+    // Rolled back: it changed nothing.
+    assert_eq!(restored.json["instances"]["c"]["changed"], false);
+    // Another instance marking with the same conn_mark bit is not a collision.
+    assert_eq!(
+        restored.json["instances"]["b"]["warnings"],
+        json!([]),
+        "{}",
+        restored.stdout
+    );
+    probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap();
+    probe(&t.client, Proto::Tcp, sa("10.0.1.1:4322")).unwrap();
+}

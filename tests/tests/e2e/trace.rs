@@ -71,10 +71,14 @@ fn trace_shows_the_path_through_portfwd_and_where_a_packet_dies() {
     probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap();
     let (code, packets, stderr) = finish(tracing);
     assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("tracing tcp packets to port 4321: make the connection now; it stops after 1 packet(s) or 15 s"),
+        "says what it waits for: {stderr}"
+    );
     assert_eq!(packets.len(), 1, "{packets:?}");
     let p = &packets[0];
     assert_eq!(p["verdict"], "accept", "{p}");
-    assert_eq!(p["nat"], "dnat to 10.0.2.2:1234", "{p}");
+    assert_eq!(p["nat"], "dnat to 10.0.2.2:1234, masquerade", "{p}");
     let hops = p["hops"].as_array().unwrap();
     let dnat = hops
         .iter()
@@ -246,7 +250,7 @@ fn trace_labels_the_nftables_backend_and_dashed_instances() {
     let (code, packets, stderr) = finish(tracing);
     assert_eq!(code, 0, "{stderr}");
     let p = &packets[0];
-    assert_eq!(p["nat"], "dnat to 10.0.2.2:1234", "{p}");
+    assert_eq!(p["nat"], "dnat to 10.0.2.2:1234, masquerade", "{p}");
     let hops = p["hops"].as_array().unwrap();
     let dnat = hops
         .iter()

@@ -91,7 +91,7 @@ pub fn observe_family(
         observed.flavour = Some(if nft { "nf_tables" } else { "legacy" });
     }
     extract_owned(&dump, family, instance, observed);
-    extract_connmark_users(&dump, instance, observed);
+    extract_connmark_users(&dump, observed);
     observed
         .foreign_nat
         .extend(foreign_nat(&dump, family, instance));
@@ -270,17 +270,13 @@ pub fn extract_owned(
 }
 
 /// Foreign rules using `-m connmark` or `-j CONNMARK` (checked on the text first: a host
-/// with 10,000 rules has a handful of these).
-fn extract_connmark_users(
-    dump: &super::save::Dump,
-    instance: &str,
-    observed: &mut IptablesObserved,
-) {
-    let ours = format!("PFWD-{instance}-");
+/// with 10,000 rules has a handful of these). Another portfwd instance's chains are not
+/// foreign: with the same bit it marks and accepts exactly what this one does.
+fn extract_connmark_users(dump: &super::save::Dump, observed: &mut IptablesObserved) {
     for table in &dump.tables {
         for rule in &table.rules {
             if (rule.text.contains("connmark") || rule.text.contains("CONNMARK"))
-                && !rule.chain.starts_with(&ours)
+                && crate::ownership::instance_of_chain(rule.chain).is_none()
             {
                 observed
                     .connmark_rules
