@@ -58,7 +58,9 @@ pub enum Command {
         #[arg(long)]
         detailed_exitcode: bool,
     },
-    /// Print the instance's current managed state as params JSON (applying it is a no-op).
+    /// Print the instance's current managed state as params JSON (applying it is a no-op), in
+    /// the installed order; exit 1, naming the instances there are, when the host has nothing
+    /// of it.
     Show {
         /// The instance to read.
         #[arg(long, default_value = "portfwd")]

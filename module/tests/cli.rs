@@ -141,3 +141,111 @@ fn apply_on_a_terminal_without_input_says_so() {
         );
     }
 }
+
+/// `portfwd-assets --help` prints its usage and writes nothing (it used to take `--help` as
+/// the output directory).
+#[test]
+fn assets_help_prints_usage_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_portfwd-assets"))
+        .arg("--help")
+        .current_dir(dir.path())
+        .output()
+        .expect("run portfwd-assets");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("usage: portfwd-assets OUT_DIR"));
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "wrote files"
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_portfwd-assets"))
+        .arg("--out")
+        .current_dir(dir.path())
+        .output()
+        .expect("run portfwd-assets");
+    assert_eq!(bad.status.code(), Some(2));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// `name(N)` references in a rendered man page, with roff's escapes and fonts taken out.
+fn page_references(page: &str) -> Vec<String> {
+    let text = page
+        .replace("\\-", "-")
+        .replace("\\fB", "")
+        .replace("\\fR", "")
+        .replace("\\fI", "");
+    let mut found = Vec::new();
+    for (at, _) in text.match_indices("portfwd") {
+        let rest = &text[at..];
+        let name_len = rest
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '-'))
+            .unwrap_or(rest.len());
+        let after = &rest[name_len..];
+        if let Some(section) = after.strip_prefix('(').and_then(|a| a.get(..2)) {
+            if section.ends_with(')') && section.starts_with(|c: char| c.is_ascii_digit()) {
+                found.push(format!("{}.{}", &rest[..name_len], &section[..1]));
+            }
+        }
+    }
+    found
+}
+
+/// Every page a man page names is generated, and `portfwd-params(5)` documents every field of
+/// the schema, in every kind of entry.
+#[test]
+fn man_pages_have_no_dangling_references_and_document_every_param() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let status = Command::new(env!("CARGO_BIN_EXE_portfwd-assets"))
+        .arg(dir.path())
+        .status()
+        .expect("run portfwd-assets");
+    assert!(status.success());
+    let mut pages = 0;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !(name.ends_with(".1") || name.ends_with(".5")) {
+            continue;
+        }
+        pages += 1;
+        let page = std::fs::read_to_string(&path).unwrap();
+        for reference in page_references(&page) {
+            assert!(
+                dir.path().join(&reference).exists(),
+                "{name} names {reference}, which is not generated"
+            );
+        }
+    }
+    assert!(
+        pages >= 10,
+        "portfwd.1, one page per subcommand, portfwd-params.5"
+    );
+    let main = std::fs::read_to_string(dir.path().join("portfwd.1")).unwrap();
+    assert!(page_references(&main).contains(&"portfwd-params.5".to_string()));
+    assert!(page_references(&main).contains(&"portfwd-list.1".to_string()));
+
+    let params = std::fs::read_to_string(dir.path().join("portfwd-params.5")).unwrap();
+    let (_, out, _) = portfwd(&["schema"], "");
+    let schema: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut objects = vec![("top level", &schema)];
+    for (name, def) in schema["$defs"].as_object().unwrap() {
+        if def["properties"].is_object() {
+            objects.push((name.as_str(), def));
+        }
+    }
+    assert_eq!(objects.len(), 6, "top level and five kinds of entry");
+    let plain = params
+        .replace("\\-", "-")
+        .replace("\\fB", "\u{1}")
+        .replace("\\fR", "");
+    for (object, def) in objects {
+        for field in def["properties"].as_object().unwrap().keys() {
+            assert!(
+                plain.contains(&format!("\u{1}{field} (")),
+                "portfwd-params(5) lacks {object}.{field}"
+            );
+        }
+    }
+    assert!(params.contains("reply_bypass"));
+}

@@ -207,7 +207,7 @@ pub struct Params {
         skip_serializing_if = "is_false",
         deserialize_with = "de_bool"
     )]
-    #[schemars(schema_with = "bool_schema")]
+    #[schemars(schema_with = "bool_schema", extend("default" = false))]
     pub persist: bool,
     /// Protocol number that marks this instance's ip rules and routes (default: derived from
     /// the instance name, in 200-249). 0-4 are reserved by the kernel.
@@ -295,7 +295,7 @@ pub struct ForwardParams {
         skip_serializing_if = "is_false",
         deserialize_with = "de_bool"
     )]
-    #[schemars(schema_with = "bool_schema")]
+    #[schemars(schema_with = "bool_schema", extend("default" = false))]
     pub local: bool,
     /// Accept the flow and its replies in filter FORWARD (needed when its policy is DROP).
     #[serde(
@@ -303,7 +303,7 @@ pub struct ForwardParams {
         skip_serializing_if = "is_true",
         deserialize_with = "de_bool"
     )]
-    #[schemars(schema_with = "bool_schema")]
+    #[schemars(schema_with = "bool_schema", extend("default" = true))]
     pub allow_forward: bool,
     /// When the forward changes or goes away, also cut its open TCP connections (their
     /// conntrack entries are deleted); by default they finish on the old target. UDP flows
@@ -313,7 +313,7 @@ pub struct ForwardParams {
         skip_serializing_if = "is_false",
         deserialize_with = "de_bool"
     )]
-    #[schemars(schema_with = "bool_schema")]
+    #[schemars(schema_with = "bool_schema", extend("default" = false))]
     pub reset_connections: bool,
     /// Findings about this entry the operator has judged and wants silenced (`reply_bypass`,
     /// ...): apply no longer warns about them and doctor lists them as ignored.
@@ -343,7 +343,7 @@ pub struct MasqueradeParams {
         skip_serializing_if = "is_true",
         deserialize_with = "de_bool"
     )]
-    #[schemars(schema_with = "bool_schema")]
+    #[schemars(schema_with = "bool_schema", extend("default" = true))]
     pub allow_forward: bool,
     /// Findings about this entry to silence (see the forwards' `ignore_findings`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -2,6 +2,13 @@
 //! side of `--diff`: the entries from the firewall backend, addresses and policy routes from
 //! the owned iproute2 objects. Compiling the result reproduces the same state, so applying
 //! what `show` prints is a no-op.
+//!
+//! The order is the installed one, so the same state always reads back the same: with iptables
+//! forwards and masquerade entries in rule order (the order of the params that wrote them);
+//! with nftables forwards by name (its maps keep no order; two forwards that could match the
+//! same packet are refused, so their order has no effect) and masquerade entries in rule order
+//! (the first matching subnet wins); addresses as the kernel lists them (a subnet's primary
+//! first); policy routes by priority, each table's routes under its first rule.
 
 use serde_json::Value;
 

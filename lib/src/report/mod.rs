@@ -208,6 +208,21 @@ fn heredoc<'a>(out: &mut Vec<String>, command: String, body: impl Iterator<Item 
     out.push("EOF".to_string());
 }
 
+/// `a, b, c` (the first eight, then `and N more`).
+fn first_names(names: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut list = names
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        list.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    list
+}
+
 /// One-line summary: `forwards: 1 added, 1 updated, 0 removed; masquerade: 0 changed; ...`.
 pub fn summary(plan: &Plan) -> String {
     let mut parts = Vec::new();
@@ -218,8 +233,14 @@ pub fn summary(plan: &Plan) -> String {
         if changes.count() == 0 {
             parts.push(format!("{label}: 0 changed"));
         } else {
+            // A params file is the whole state of its instance: say why an entry goes.
+            let why = if changes.removed.is_empty() {
+                String::new()
+            } else {
+                format!(" (not in params: {})", first_names(&changes.removed))
+            };
             parts.push(format!(
-                "{label}: {} added, {} updated, {} removed",
+                "{label}: {} added, {} updated, {} removed{why}",
                 changes.added.len(),
                 changes.updated.len(),
                 changes.removed.len()
@@ -311,14 +332,22 @@ pub fn state_text(params: &Params, sysctls: &[(String, String)]) -> String {
     out
 }
 
-/// A line diff of two state texts: unchanged lines indented, others marked `-` / `+`.
+/// A line diff of two state texts: unchanged lines indented, others marked `-` / `+`; an entry
+/// that is gone from `after` altogether says it is removed because the params lack it.
 pub fn line_diff(before: &str, after: &str) -> String {
     let old: Vec<&str> = before.lines().collect();
     let new: Vec<&str> = after.lines().collect();
+    let key = |line: &str| line.split_once(" = ").map_or(line, |(k, _)| k).to_string();
+    let new_keys: std::collections::HashSet<String> = new.iter().map(|l| key(l)).collect();
     let mut out = String::new();
     for line in &old {
-        let mark = if new.contains(line) { ' ' } else { '-' };
-        out.push_str(&format!("{mark} {line}\n"));
+        if new.contains(line) {
+            out.push_str(&format!("  {line}\n"));
+        } else if new_keys.contains(&key(line)) {
+            out.push_str(&format!("- {line}\n"));
+        } else {
+            out.push_str(&format!("- {line}   # removed: not in params\n"));
+        }
     }
     for line in &new {
         if !old.contains(line) {

@@ -245,3 +245,103 @@ fn restore_counts_what_succeeded_and_what_failed() {
     probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap();
     probe(&t.client, Proto::Tcp, sa("10.0.1.1:4322")).unwrap();
 }
+
+/// A params file is the whole state of its instance: an entry left out is removed, and the
+/// run says that is why (in `msg` and in `plan`'s diff).
+#[test]
+fn an_entry_left_out_of_the_params_is_removed_and_says_why() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let a = json!({"name": "a", "listen_port": 4321, "to": "10.0.2.2:1234"});
+    let b = json!({"name": "b", "listen_port": 4322, "to": "10.0.2.2:1234"});
+    let both = json!({"forwards": [a, b]});
+    assert!(!portfwd().apply(&t.proxy, &both).unwrap().failed());
+    probe(&t.client, Proto::Tcp, sa("10.0.1.1:4322")).unwrap();
+    let only_a = json!({"forwards": [a]});
+    let plan = portfwd()
+        .run(&t.proxy, &["plan"], &only_a.to_string(), &[])
+        .unwrap();
+    assert_eq!(plan.code, 0, "{}", plan.stdout);
+    assert!(
+        plan.stdout
+            .lines()
+            .any(|l| l.starts_with("- forwards.b = ") && l.ends_with("# removed: not in params")),
+        "{}",
+        plan.stdout
+    );
+    assert!(
+        plan.stdout
+            .lines()
+            .any(|l| l.starts_with("  forwards.a = ")),
+        "a stays: {}",
+        plan.stdout
+    );
+    let r = portfwd().apply(&t.proxy, &only_a).unwrap();
+    assert!(r.changed() && !r.failed(), "{}", r.stdout);
+    assert!(
+        r.msg()
+            .contains("forwards: 0 added, 0 updated, 1 removed (not in params: b)"),
+        "{}",
+        r.msg()
+    );
+    probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap();
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4322")).is_err());
+}
+
+/// `show` reads the installed order back, the same every time: iptables keeps the params'
+/// order (its rule order), nftables lists forwards by name; applying either is a no-op.
+#[test]
+fn show_order_is_the_installed_one_and_stable() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    for (backend, expected) in [("iptables", ["z", "a", "m"]), ("nftables", ["a", "m", "z"])] {
+        let forwards: Vec<Value> = [("z", 4321), ("a", 4322), ("m", 4323)]
+            .iter()
+            .map(|(name, port)| json!({"name": name, "listen_port": port, "to": "10.0.2.2:1234"}))
+            .collect();
+        let params = json!({"backend": backend, "forwards": forwards,
+            "masquerade": [{"name": "wide", "source": "10.0.0.0/8"}, {"name": "narrow", "source": "10.0.1.0/24"}]});
+        assert!(!portfwd().apply(&t.proxy, &params).unwrap().failed());
+        let shown = |_: ()| {
+            let r = portfwd()
+                .run(&t.proxy, &["show", "--backend", backend], "", &[])
+                .unwrap();
+            assert_eq!(r.code, 0, "{}", r.stdout);
+            r.stdout
+        };
+        let first = shown(());
+        assert_eq!(first, shown(()), "{backend}: the same every time");
+        let json: Value = serde_json::from_str(&first).unwrap();
+        let names: Vec<&str> = json["forwards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, expected, "{backend}");
+        let masq: Vec<&str> = json["masquerade"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            masq,
+            ["wide", "narrow"],
+            "{backend}: rule order, first match wins"
+        );
+        let again = portfwd().run(&t.proxy, &["apply"], &first, &[]).unwrap();
+        assert!(
+            !again.changed() && !again.failed(),
+            "{backend}: {}",
+            again.stdout
+        );
+        let absent = json!({"backend": backend, "state": "absent"});
+        assert!(!portfwd().apply(&t.proxy, &absent).unwrap().failed());
+    }
+}

@@ -226,8 +226,22 @@ fn the_debian_package_installs_its_binary_man_page_completions_and_unit() {
         .collect::<Vec<_>>()
         .join(" ");
     assert!(man.contains("NAME portfwd - Declarative NAT"), "{man}");
-    for sub in ["apply", "plan", "show", "restore", "schema"] {
+    for sub in ["apply", "plan", "show", "list", "restore", "schema"] {
         assert!(man.contains(sub), "man page lists {sub}: {man}");
+    }
+    // The pages it names are installed: one per subcommand, and the params reference.
+    for (section, page, text) in [
+        ("1", "portfwd-list", "instance"),
+        ("5", "portfwd-params", "ignore_findings"),
+    ] {
+        let shown = Command::new("man")
+            .args([section, page])
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "100")
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&shown.stdout);
+        assert!(shown.contains(text), "man {section} {page}: {shown}");
     }
     let complete = ok(&[
         "bash",
