@@ -401,7 +401,12 @@ pub fn list(sys: &mut RealSystem) -> Result<Vec<Listed>, Error> {
 
 /// The names of every instance on this host: stored, recorded, or named in the firewall.
 fn instances(sys: &mut RealSystem) -> Result<std::collections::BTreeSet<String>, Error> {
-    let mut known = sys.stored_instances()?;
+    let mut known = Vec::new();
+    for name in sys.stored_instances()? {
+        if sys.stored_namespace(&name)?.1 {
+            known.push(name);
+        }
+    }
     known.extend(sys.recorded_instances()?);
     Ok(inventory::names(sys, known))
 }

@@ -281,12 +281,12 @@ fn doctor_params(
         ));
     }
     let dir = state_dir.unwrap_or_else(portfwd::default_state_dir);
-    if let Ok(stored) = std::fs::read_to_string(dir.join(format!("{instance}.json"))) {
+    let mut sys = RealSystem::new(Backend::Iptables).with_state_dir(dir);
+    if let Some(stored) = sys.stored_params(instance).map_err(|e| e.to_string())? {
         return Config::from_json(&stored)
             .map(|(config, _, _)| config)
             .map_err(|e| e.to_string());
     }
-    let mut sys = RealSystem::new(Backend::Iptables);
     let installed = portfwd::show(instance, None, &mut sys).map_err(|e| e.to_string())?;
     installed.validate().map_err(|e| e.to_string())
 }
@@ -410,7 +410,27 @@ fn restore(state_dir: Option<PathBuf>, lock_timeout: u64) -> ExitCode {
     };
     let mut results = serde_json::Map::new();
     let (mut succeeded, mut changed, mut failed) = (0usize, 0usize, Vec::new());
+    let mut skipped = 0usize;
     for name in &names {
+        // Params stored in another network namespace sharing this state dir are its own.
+        match sys.stored_namespace(name) {
+            Ok((_, true)) => {}
+            Ok((owner, false)) => {
+                skipped += 1;
+                results.insert(name.clone(), serde_json::json!({
+                    "skipped": true,
+                    "changed": false,
+                    "failed": false,
+                    "msg": format!("stored for network namespace {owner:?}, not this one: it is restored there (ip netns exec {owner} portfwd restore)"),
+                }));
+                continue;
+            }
+            Err(e) => {
+                failed.push(name.as_str());
+                results.insert(name.clone(), Report::failure(e.to_string()).to_json());
+                continue;
+            }
+        }
         let path = dir.join(format!("{name}.json"));
         let report = match std::fs::read_to_string(&path) {
             Ok(text) => converge(&text, RunMode::default(), lock_timeout, Some(dir.clone())),
@@ -433,12 +453,12 @@ fn restore(state_dir: Option<PathBuf>, lock_timeout: u64) -> ExitCode {
         "changed": changed > 0,
         "failed": !failed.is_empty(),
         "msg": format!(
-            "restored {} stored instance(s) from {}: {succeeded} succeeded ({changed} changed), {} failed{failures}",
-            names.len(),
+            "restored {} stored instance(s) from {}: {succeeded} succeeded ({changed} changed), {} failed{failures}, {skipped} of other network namespaces skipped",
+            names.len() - skipped,
             dir.display(),
             failed.len()
         ),
-        "counts": {"succeeded": succeeded, "changed": changed, "failed": failed.len()},
+        "counts": {"succeeded": succeeded, "changed": changed, "failed": failed.len(), "skipped": skipped},
         "instances": results,
     });
     say!("{summary}");

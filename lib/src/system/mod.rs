@@ -21,6 +21,7 @@ use crate::ownership::Record;
 use crate::record_store::{self, NetnsId, Stamp};
 
 mod nfgen;
+mod stored;
 
 /// A failure talking to the host.
 #[derive(Debug, thiserror::Error)]
@@ -317,7 +318,21 @@ impl RealSystem {
         self
     }
 
-    /// Instances with stored params, sorted, for `portfwd restore`.
+    /// The network namespace a stored instance belongs to, and whether that is this one.
+    pub fn stored_namespace(&self, instance: &str) -> Result<(String, bool), SystemError> {
+        let owner = stored::owner(&self.state_dir, instance)?;
+        let here = stored::current_namespace()?;
+        let ours = here.as_deref() == Some(owner.as_str());
+        Ok((owner, ours))
+    }
+
+    /// This namespace's stored params of `instance` (see [`stored`]).
+    pub fn stored_params(&self, instance: &str) -> Result<Option<String>, SystemError> {
+        stored::read(&self.state_dir, &self.stored_path(instance), instance)
+    }
+
+    /// Instances with stored params, of every namespace sharing the state dir, sorted, for
+    /// `portfwd restore` (see [`RealSystem::stored_namespace`]).
     pub fn stored_instances(&self) -> Result<Vec<String>, SystemError> {
         let io = |source| SystemError::Io {
             path: self.state_dir.display().to_string(),
@@ -722,23 +737,16 @@ impl System for RealSystem {
     }
 
     fn read_stored(&mut self, instance: &str) -> Result<Option<String>, SystemError> {
-        let path = self.stored_path(instance);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(text)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(SystemError::Io {
-                path: path.display().to_string(),
-                source,
-            }),
-        }
+        stored::read(&self.state_dir, &self.stored_path(instance), instance)
     }
 
     fn write_stored(&mut self, instance: &str, params: Option<&str>) -> Result<(), SystemError> {
-        let path = self.stored_path(instance);
-        match params {
-            Some(text) => write_private(&self.state_dir, &path, text),
-            None => remove_if_present(&path),
-        }
+        stored::write(
+            &self.state_dir,
+            &self.stored_path(instance),
+            instance,
+            params,
+        )
     }
 
     fn conntrack_list(

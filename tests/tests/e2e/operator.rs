@@ -201,7 +201,10 @@ fn restore_counts_what_succeeded_and_what_failed() {
     let bad = json!({"instance": "c", "persist": true,
         "policy_routes": [{"from": "10.0.2.2", "table": 100,
                            "routes": [{"to": "default", "via": "192.0.2.1"}]}]});
-    std::fs::write(pf.state_dir(&t.proxy).join("c.json"), bad.to_string()).unwrap();
+    let dir = pf.state_dir(&t.proxy);
+    let mark = format!("{}\n", t.proxy.name());
+    std::fs::write(dir.join("c.json"), bad.to_string()).unwrap();
+    std::fs::write(dir.join("c.netns"), &mark).unwrap();
     // "b" lost its rules (a reboot of the firewall only): restore puts them back.
     let r = pf
         .apply(&t.proxy, &json!({"instance": "b", "state": "absent"}))
@@ -209,14 +212,15 @@ fn restore_counts_what_succeeded_and_what_failed() {
     assert!(!r.failed(), "{}", r.stdout);
     let b = json!({"instance": "b", "persist": true,
         "forwards": [{"name": "web", "listen_port": 4322, "to": "10.0.2.2:1234"}]});
-    std::fs::write(pf.state_dir(&t.proxy).join("b.json"), b.to_string()).unwrap();
+    std::fs::write(dir.join("b.json"), b.to_string()).unwrap();
+    std::fs::write(dir.join("b.netns"), &mark).unwrap();
     assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4322")).is_err());
 
     let restored = pf.run(&t.proxy, &["restore"], "", &[]).unwrap();
     assert_eq!(restored.code, 1, "{}", restored.stdout);
     assert_eq!(
         restored.json["counts"],
-        json!({"succeeded": 2, "changed": 1, "failed": 1}),
+        json!({"succeeded": 2, "changed": 1, "failed": 1, "skipped": 0}),
         "{}",
         restored.stdout
     );
@@ -344,4 +348,125 @@ fn show_order_is_the_installed_one_and_stable() {
         let absent = json!({"backend": backend, "state": "absent"});
         assert!(!portfwd().apply(&t.proxy, &absent).unwrap().failed());
     }
+}
+
+/// Stored params belong to the network namespace that stored them: namespaces sharing one
+/// state dir (as `ip netns exec` does with the host's /etc) never restore, replace or remove
+/// each other's, and a namespace whose name does not outlive it cannot persist.
+#[test]
+fn stored_params_belong_to_the_namespace_that_stored_them() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let pf = portfwd();
+    let shared = pf.state_dir(&t.proxy);
+    let shared_env = shared.display().to_string();
+    let env = [("PORTFWD_STATE_DIR", shared_env.as_str())];
+    let web = json!({"instance": "web", "persist": true,
+        "forwards": [{"name": "a", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
+    let r = pf
+        .run(&t.proxy, &["apply"], &web.to_string(), &env)
+        .unwrap();
+    assert!(r.changed() && !r.failed(), "{}", r.stdout);
+    assert_eq!(
+        std::fs::read_to_string(shared.join("web.netns"))
+            .unwrap()
+            .trim(),
+        t.proxy.name()
+    );
+    let stored = std::fs::read_to_string(shared.join("web.json")).unwrap();
+
+    // Another namespace, the same state dir, the same instance name.
+    let elsewhere = json!({"instance": "web", "persist": true,
+        "forwards": [{"name": "b", "listen_port": 80, "to": "10.0.1.1:4321"}]});
+    let before = crate::common::ruleset(&t.client, "iptables-save").unwrap();
+    let r = pf
+        .run(&t.client, &["apply"], &elsewhere.to_string(), &env)
+        .unwrap();
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.json["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!(
+                "holds the stored params of instance \"web\" of network namespace \"{}\"",
+                t.proxy.name()
+            )),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        crate::common::ruleset(&t.client, "iptables-save").unwrap(),
+        before,
+        "rolled back"
+    );
+    // Without persist it works there, and leaves the other namespace's file alone.
+    let r = pf
+        .run(
+            &t.client,
+            &["apply"],
+            &json!({"instance": "web", "forwards": elsewhere["forwards"]}).to_string(),
+            &env,
+        )
+        .unwrap();
+    assert!(r.changed() && !r.failed(), "{}", r.stdout);
+    let r = pf
+        .run(
+            &t.client,
+            &["apply"],
+            &json!({"instance": "web", "state": "absent"}).to_string(),
+            &env,
+        )
+        .unwrap();
+    assert!(!r.failed(), "{}", r.stdout);
+    assert_eq!(
+        std::fs::read_to_string(shared.join("web.json")).unwrap(),
+        stored
+    );
+
+    // restore applies only this namespace's.
+    let r = pf.run(&t.client, &["restore"], "", &env).unwrap();
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert_eq!(r.json["counts"]["skipped"], 1, "{}", r.stdout);
+    assert_eq!(r.json["instances"]["web"]["skipped"], true, "{}", r.stdout);
+    assert_eq!(
+        crate::common::ruleset(&t.client, "iptables-save").unwrap(),
+        before
+    );
+    let r = pf
+        .run(
+            &t.proxy,
+            &["apply"],
+            &json!({"instance": "web", "state": "absent", "persist": true}).to_string(),
+            &[("PORTFWD_STATE_DIR", "/nonexistent-portfwd-test")],
+        )
+        .unwrap();
+    assert!(!r.failed(), "{}", r.stdout);
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err());
+    let r = pf.run(&t.proxy, &["restore"], "", &env).unwrap();
+    assert_eq!(r.json["counts"]["succeeded"], 1, "{}", r.stdout);
+    probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap();
+
+    // A namespace with no lasting name (unshare -n inside the proxy's) cannot persist.
+    let r = pf
+        .run_under(
+            &t.proxy,
+            &["unshare", "-n"],
+            &["apply"],
+            &json!({"instance": "tmp", "persist": true}).to_string(),
+            &env,
+        )
+        .unwrap();
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.json["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("has no name that outlives it"),
+        "{}",
+        r.stdout
+    );
+    assert!(!shared.join("tmp.json").exists());
 }
