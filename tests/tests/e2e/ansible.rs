@@ -497,6 +497,36 @@ fn the_example_role_forwards_and_is_idempotent() {
     let (code, out) = ansible.playbook(&t.proxy, &host_dir, &["-i", &inventory, &play]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(recap_changed(&out, "proxy"), Some(0), "{out}");
+
+    // The role passes every param: the backend (it used to be dropped, moving an nftables
+    // host back to iptables) and conn_mark.
+    let nft_play = write(
+        &ansible.path("role-nft.yml"),
+        "- hosts: proxy\n  gather_facts: false\n  roles:\n    - role: portfwd.portfwd.portfwd\n      vars:\n        portfwd_backend: nftables\n        portfwd_conn_mark: \"0x4000\"\n        portfwd_forwards:\n          - {name: web, listen_port: 4321, to: \"10.0.2.2:1234\"}\n",
+    );
+    for changed in [1, 0] {
+        let (code, out) = ansible.playbook(&t.proxy, &host_dir, &["-i", &inventory, &nft_play]);
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(recap_changed(&out, "proxy"), Some(changed), "{out}");
+    }
+    let table = t
+        .proxy
+        .stdout(&["nft", "list", "table", "inet", "portfwd-portfwd"])
+        .unwrap();
+    assert!(table.contains("0x00004000"), "conn_mark passed: {table}");
+    assert!(
+        !ruleset(&t.proxy, "iptables-save").unwrap().contains("PFWD-"),
+        "moved off iptables"
+    );
+    probe_tcp(&t.client, "10.0.1.1:4321").unwrap();
+    // An unknown role variable value is refused by the role's argument spec.
+    let bad = write(
+        &ansible.path("role-bad.yml"),
+        "- hosts: proxy\n  gather_facts: false\n  roles:\n    - role: portfwd.portfwd.portfwd\n      vars:\n        portfwd_backend: pf\n",
+    );
+    let (code, out) = ansible.playbook(&t.proxy, &host_dir, &["-i", &inventory, &bad]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("portfwd_backend"), "{out}");
 }
 
 /// The module with `backend: nftables`: the forward lives in the instance's own nftables table,
