@@ -65,6 +65,9 @@ venv() {  # venv DIR CHECK PACKAGE...
 }
 venv "${PORTFWD_ANSIBLE_VENV:-$cache/ansible-venv}" ansible-playbook 'ansible-core>=2.19,<2.20'
 venv "${PORTFWD_SALT_VENV:-$cache/salt-venv}" salt-call 'salt>=3007'
+# The collection's changelog is antsibull-changelog's (the tests lint it and regenerate it).
+[ -x "${PORTFWD_ANSIBLE_VENV:-$cache/ansible-venv}/bin/antsibull-changelog" ] ||
+  "${PORTFWD_ANSIBLE_VENV:-$cache/ansible-venv}/bin/pip" install -q --disable-pip-version-check 'antsibull-changelog>=0.29'
 # ansible-test sanity puts pip into each test's virtualenv with a get-pip.py it downloads from
 # ci-files.testing.ansible.com, which this machine cannot reach: an equivalent built on
 # ensurepip + the package index goes into its cache, under the pip version it asks for.

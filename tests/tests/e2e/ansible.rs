@@ -515,7 +515,9 @@ fn the_example_role_forwards_and_is_idempotent() {
         .unwrap();
     assert!(table.contains("0x00004000"), "conn_mark passed: {table}");
     assert!(
-        !ruleset(&t.proxy, "iptables-save").unwrap().contains("PFWD-"),
+        !ruleset(&t.proxy, "iptables-save")
+            .unwrap()
+            .contains("PFWD-"),
         "moved off iptables"
     );
     probe_tcp(&t.client, "10.0.1.1:4321").unwrap();
@@ -677,7 +679,7 @@ fn ansible_test_sanity_is_clean() {
     let out = Command::new(venv.join("bin/ansible-test"))
         .args(["sanity", "--local", "--python", "3.11", "--requirements"])
         .current_dir(&stage)
-        .env("PATH", path)
+        .env("PATH", &path)
         .output()
         .unwrap();
     let text = format!(
@@ -689,6 +691,30 @@ fn ansible_test_sanity_is_clean() {
     assert!(
         text.contains("Running sanity test \"validate-modules\"") && !text.contains("ERROR"),
         "{text}"
+    );
+
+    // The changelog is antsibull-changelog's: it lints, and regenerating it changes nothing.
+    let changelog = |args: &[&str]| {
+        let out = Command::new(venv.join("bin/antsibull-changelog"))
+            .args(args)
+            .current_dir(&stage)
+            .env("PATH", &path)
+            .env("ANSIBLE_COLLECTIONS_PATH", dir.path())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "antsibull-changelog {args:?}: {text}");
+    };
+    changelog(&["lint"]);
+    changelog(&["generate"]);
+    assert_eq!(
+        std::fs::read_to_string(stage.join("CHANGELOG.rst")).unwrap(),
+        std::fs::read_to_string(repo().join("collection/CHANGELOG.rst")).unwrap(),
+        "CHANGELOG.rst is what antsibull-changelog generates from changelogs/"
     );
 }
 
@@ -813,5 +839,157 @@ fn compare(options: &Value, object: &Value, root: &Value, path: &str) {
         if doc_type == "list" && doc.get("suboptions").is_some() {
             compare(&doc["suboptions"], &prop["items"], root, &here);
         }
+    }
+}
+
+/// The collection's integration target (`tests/integration/targets/portfwd_module`, `needs/root`)
+/// run by `ansible-test integration` inside the proxy namespace: check mode, apply, a real
+/// connection through the forward, re-run unchanged, bad params, absent. Every file the module
+/// writes goes under a directory of the test's own.
+#[test]
+fn ansible_test_integration_runs_the_collection_target() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(LocalProxy {
+        venv,
+        ansible,
+        t,
+        _server,
+        host_dir,
+        ..
+    }) = local_proxy()
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let stage = dir.path().join("ansible_collections/portfwd/portfwd");
+    let build = Command::new("bash")
+        .arg(repo().join("scripts/build-collection.sh"))
+        .arg(crate::common::module_binary())
+        .arg(dir.path().join("dist"))
+        .arg(venv.join("bin/ansible-galaxy"))
+        .arg(&stage)
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    // ansible-test runs the play with an environment of its own: the module's directories
+    // come in through the target's variables.
+    std::fs::write(
+        stage.join("tests/integration/integration_config.yml"),
+        format!("portfwd_it_dir: {}\n", host_dir.display()),
+    )
+    .unwrap();
+    let host_files = ["/run/portfwd", "/run/portfwd.lock", "/etc/portfwd"];
+    let existed: Vec<bool> = host_files.iter().map(|p| Path::new(p).exists()).collect();
+    let env: Vec<String> = ansible
+        .env(&host_dir)
+        .into_iter()
+        .filter(|(k, _)| k != "ANSIBLE_COLLECTIONS_PATH" && k != "ANSIBLE_LIBRARY")
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let test = venv.join("bin/ansible-test").display().to_string();
+    let stage_text = stage.display().to_string();
+    let mut argv: Vec<&str> = vec!["env", "-C", &stage_text];
+    argv.extend(env.iter().map(String::as_str));
+    argv.extend([
+        test.as_str(),
+        "integration",
+        "--local",
+        "--python",
+        "3.11",
+        "--allow-destructive",
+        "portfwd_module",
+    ]);
+    let out = t.proxy.exec_with_input(&argv, "").unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Running portfwd_module integration test role"),
+        "{text}"
+    );
+    assert!(text.contains("failed=0"), "{text}");
+    // The module ran with the test's state and run dirs, and `absent` left nothing.
+    assert!(host_dir.join("run").exists(), "{text}");
+    for (path, existed) in host_files.iter().zip(existed) {
+        assert_eq!(
+            Path::new(path).exists(),
+            existed,
+            "{path}: the host's own files are untouched"
+        );
+    }
+    assert!(!ruleset(&t.proxy, "iptables-save")
+        .unwrap()
+        .contains("PFWD-"));
+}
+
+/// The commands playbooks/README.md gives work from where it says, with its local inventory:
+/// check mode from the repository root and from playbooks/ (inside the proxy namespace).
+#[test]
+fn the_playbooks_readme_commands_work_with_the_local_inventory() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(LocalProxy {
+        venv,
+        ansible,
+        t,
+        _server,
+        host_dir,
+        ..
+    }) = local_proxy()
+    else {
+        return;
+    };
+    let readme = std::fs::read_to_string(repo().join("playbooks/README.md")).unwrap();
+    let root = repo().canonicalize().unwrap();
+    let playbook_bin = venv.join("bin/ansible-playbook").display().to_string();
+    for (cwd, command) in [
+        (
+            root.clone(),
+            "ansible-playbook -i playbooks/inventory/local.ini playbooks/proxy.yml --check --diff",
+        ),
+        (
+            root.join("playbooks"),
+            "ansible-playbook -i inventory/local.ini proxy.yml --check --diff",
+        ),
+    ] {
+        assert!(readme.contains(command), "the README gives {command:?}");
+        let env: Vec<String> = ansible
+            .env(&host_dir)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let cwd_text = cwd.display().to_string();
+        let mut argv: Vec<&str> = vec!["env", "-C", &cwd_text];
+        argv.extend(env.iter().map(String::as_str));
+        argv.push(&playbook_bin);
+        argv.extend(command.split_whitespace().skip(1));
+        let out = t.proxy.exec_with_input(&argv, "").unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{command} in {cwd_text}: {text}"
+        );
+        assert_eq!(recap_changed(&text, "localhost"), Some(1), "{text}");
+        assert!(
+            !ruleset(&t.proxy, "iptables-save")
+                .unwrap()
+                .contains("PFWD-"),
+            "check mode changed nothing"
+        );
     }
 }
