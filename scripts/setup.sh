@@ -3,8 +3,9 @@
 # Idempotent: installs only what is missing.
 #   - iptables (both flavours, with nft), iproute2, conntrack, tcpdump, procps
 #   - the Rust target x86_64-unknown-linux-musl and musl-tools: the shipped binary is static
-#   - with --all (the tests): sshd, strace, man-db, cargo-deb, a Debian 11 root made with
-#     debootstrap, and ansible-core and salt from PyPI in virtualenvs, all cached under
+#   - with --all (the tests): sshd, strace, man-db, cargo-deb, rpm and cargo-generate-rpm, a
+#     Debian 11 root made with debootstrap, and ansible-core (with antsibull-changelog) and
+#     salt from PyPI in virtualenvs, all cached under
 #     ${PORTFWD_CACHE:-$HOME/.cache/portfwd} (PORTFWD_ANSIBLE_VENV / PORTFWD_SALT_VENV /
 #     PORTFWD_DEBIAN11_ROOT override); QEMU (qemu-system-x86) and debootstrap for the VM suites
 #     of scripts/vm.sh, which builds its own images
@@ -32,6 +33,7 @@ if $all; then
   have qemu-system-x86_64 || need+=(qemu-system-x86)
   have mke2fs || need+=(e2fsprogs)
   have systemd-analyze || need+=(systemd)
+  have rpm || need+=(rpm)
 fi
 
 if [ "${#need[@]}" -gt 0 ]; then
@@ -79,6 +81,7 @@ if [ -n "$pip_version" ]; then
   cp "$(dirname "$0")/get-pip-offline.py" "$HOME/.ansible/test/cache/get_pip_${pip_version//./_}.py"
 fi
 command -v cargo-deb >/dev/null 2>&1 || cargo install --locked --quiet cargo-deb
+command -v cargo-generate-rpm >/dev/null 2>&1 || cargo install --locked --quiet cargo-generate-rpm
 # An older userland for the static binary to prove itself on: Debian 11 (glibc 2.31).
 root=${PORTFWD_DEBIAN11_ROOT:-$cache/debian11-root}
 if [ ! -e "$root/.portfwd-root-v1" ]; then

@@ -7,8 +7,8 @@
 #
 # SUITE is bullseye (Debian 11: Linux 5.10, nft 0.9.8, iptables 1.8.7) or bookworm (Debian 12:
 # Linux 6.1, nft 1.0.6, iptables 1.8.9). FILTER is a libtest name filter (`routing::`); --test
-# runs only matching tests, --skip leaves matching tests out. The Ansible, Salt and packaging
-# tests need virtualenvs and host tools and are not run in the VMs.
+# runs only matching tests, --skip leaves matching tests out. The Ansible (fleet included), Salt
+# and packaging tests need virtualenvs and host tools and are not run in the VMs.
 #
 # The image per suite (debootstrap: kernel, initrd, iptables, nftables, iproute2, conntrack,
 # procps, python3, tcpdump, socat) is cached under ${PORTFWD_CACHE:-$HOME/.cache/portfwd}/vm.
@@ -110,7 +110,7 @@ run_suite() {
   mkdir -p "$out"
   local mode
   mode=$(accel "$dir/vmlinuz")
-  local skip_args="--skip ansible:: --skip salt:: --skip packaging::"
+  local skip_args="--skip ansible:: --skip salt:: --skip packaging:: --skip fleet::"
   for s in "${skips[@]}"; do skip_args+=" --skip $s"; done
   {
     echo "suite=$suite"

@@ -1,4 +1,4 @@
-# Example pillar for the portfwd state (seed 000 #1).
+# Example pillar for the portfwd state: DNAT with masquerade to a backend on another host.
 portfwd:
   params:
     forwards:

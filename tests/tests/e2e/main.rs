@@ -11,6 +11,7 @@ mod converge;
 mod defects;
 mod doctor;
 mod drift;
+mod fleet;
 mod foreign;
 mod forward;
 mod lab;

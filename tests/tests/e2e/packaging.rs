@@ -266,3 +266,101 @@ fn the_debian_package_installs_its_binary_man_page_completions_and_unit() {
         .unwrap()
         .contains("ExecStart=/usr/sbin/portfwd restore"));
 }
+
+/// The RPM (cargo-generate-rpm): its file list and requirements, then an install into a
+/// scratch root (`rpm --root`, never this machine's own database), where the binary is the
+/// static one and runs, the man pages, completions and unit are in place, and an erase removes
+/// them again.
+#[test]
+fn the_rpm_lists_and_installs_into_a_scratch_root() {
+    let tools = ["rpm", "cargo-generate-rpm"];
+    if let Some(missing) = tools.iter().find(|t| crate::common::which(t).is_none()) {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{missing} missing under CI=true (scripts/setup.sh --all installs it)");
+        }
+        eprintln!("skipping: no {missing}");
+        return;
+    }
+    let out = ok(&[
+        "bash",
+        &repo().join("scripts/build-rpm.sh").to_string_lossy(),
+    ]);
+    let rpm = repo().join(out.trim());
+    let rpm_text = rpm.to_string_lossy().into_owned();
+    let files = ok(&["rpm", "-qpl", &rpm_text]);
+    for path in [
+        "/usr/sbin/portfwd",
+        "/usr/lib/systemd/system/portfwd-restore.service",
+        "/usr/share/man/man1/portfwd.1.gz",
+        "/usr/share/man/man1/portfwd-apply.1.gz",
+        "/usr/share/man/man1/portfwd-list.1.gz",
+        "/usr/share/man/man5/portfwd-params.5.gz",
+        "/usr/share/bash-completion/completions/portfwd",
+        "/usr/share/zsh/site-functions/_portfwd",
+        "/usr/share/fish/vendor_completions.d/portfwd.fish",
+        "/usr/share/licenses/portfwd/LICENSE",
+    ] {
+        assert!(
+            files.lines().any(|l| l == path),
+            "the rpm holds {path}: {files}"
+        );
+    }
+    let requires = ok(&["rpm", "-qp", "--requires", &rpm_text]);
+    for dep in ["iptables", "iproute"] {
+        assert!(requires.lines().any(|l| l.starts_with(dep)), "{requires}");
+    }
+    let info = ok(&["rpm", "-qpi", &rpm_text]);
+    assert!(
+        info.contains("Name        : portfwd") && info.contains("License     : MIT"),
+        "{info}"
+    );
+
+    let root = tempfile::tempdir().unwrap();
+    let root_text = root.path().to_string_lossy().into_owned();
+    ok(&["rpm", "--root", &root_text, "--initdb"]);
+    // --nodeps: the scratch root has no iptables; the requirements were checked above.
+    ok(&[
+        "rpm",
+        "--root",
+        &root_text,
+        "-i",
+        "--nodeps",
+        "--noscripts",
+        &rpm_text,
+    ]);
+    assert_eq!(
+        ok(&["rpm", "--root", &root_text, "-q", "portfwd"]).trim(),
+        ok(&["rpm", "-qp", &rpm_text]).trim()
+    );
+    let installed = root.path().join("usr/sbin/portfwd");
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        std::fs::read(crate::common::module_binary()).unwrap(),
+        "the static binary"
+    );
+    assert!(
+        !has_interpreter(&std::fs::read(&installed).unwrap()),
+        "static"
+    );
+    let version = ok(&[&installed.to_string_lossy(), "--version"]);
+    assert!(version.starts_with("portfwd "), "{version}");
+    let unit = std::fs::read_to_string(
+        root.path()
+            .join("usr/lib/systemd/system/portfwd-restore.service"),
+    )
+    .unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/sbin/portfwd restore"),
+        "{unit}"
+    );
+    ok(&[
+        "rpm",
+        "--root",
+        &root_text,
+        "-e",
+        "--nodeps",
+        "--noscripts",
+        "portfwd",
+    ]);
+    assert!(!installed.exists(), "erased");
+}
