@@ -2,10 +2,7 @@
 //! portfwd on all of them, 100 forwards each. The test converges 20 hosts, proves traffic on
 //! some, and re-runs with `changed=0` everywhere. `fleet_benchmark` times the same fleet
 //! against the same forwards written as `ansible.builtin.iptables` tasks, in the same run.
-//!
-//! Both are ignored for now (run them with `--ignored`, or scripts/bench-fleet.sh): on this
-//! machine one playbook run over the 20 hosts took 18 s once and about 5 minutes in the next
-//! runs, for reasons not found yet, which a CI run cannot afford.
+//! The benchmark is ignored (scripts/bench-fleet.sh runs it).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -291,7 +288,6 @@ fn iptables_play(dir: &Path) -> PathBuf {
 /// 20 hosts over SSH, 100 forwards each: the first run changes every host, traffic flows
 /// through the first and last forward of some hosts, and a re-run changes none.
 #[test]
-#[ignore = "a playbook run over 20 hosts takes 18 s to 5 min here; see the module docs"]
 fn a_fleet_of_20_hosts_over_ssh_converges_and_reruns_unchanged() {
     if !prerequisites() {
         return;
