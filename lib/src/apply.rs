@@ -14,8 +14,9 @@ use crate::observe::{self, Observed, Scope};
 use crate::ownership::holds_only_chains;
 use crate::plan::iproute::IpBatch;
 use crate::plan::{Plan, Step};
+use crate::record_store::Host;
 use crate::routing::Routing;
-use crate::system::{System, SystemError};
+use crate::system::SystemError;
 
 /// What went wrong during an apply, and whether the host was put back.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +73,7 @@ pub struct Run<'a, F: Firewall> {
 pub fn apply<F: Firewall>(
     run: &Run<F>,
     plan: &Plan,
-    sys: &mut dyn System,
+    sys: &mut dyn Host,
 ) -> Result<(), Box<ApplyError>> {
     let steps = plan.steps();
     for (done, step) in steps.iter().enumerate() {
@@ -89,7 +90,7 @@ pub fn apply<F: Firewall>(
 }
 
 /// Runs one step.
-fn execute(step: &Step, instance: &str, sys: &mut dyn System) -> Result<(), SystemError> {
+fn execute(step: &Step, instance: &str, sys: &mut dyn Host) -> Result<(), SystemError> {
     match step {
         Step::RecordAhead(record) | Step::Record(record) => sys.write_record(instance, record),
         Step::IpBatch(batch) => sys.ip_batch(batch.family, &script(batch)),
@@ -106,7 +107,7 @@ fn execute(step: &Step, instance: &str, sys: &mut dyn System) -> Result<(), Syst
 /// Deletes the table only if nft itself shows nothing in it but chains without rules: sets,
 /// maps or rules iptables-save cannot show (or that another tool added since the plan was
 /// made) keep it.
-fn drop_if_only_chains(drop: &TableDrop, sys: &mut dyn System) -> Result<(), SystemError> {
+fn drop_if_only_chains(drop: &TableDrop, sys: &mut dyn Host) -> Result<(), SystemError> {
     let listing = sys.list_nft_table(drop.family, drop.table)?;
     if holds_only_chains(&listing) {
         sys.delete_table(drop.family, drop.table)
@@ -166,7 +167,7 @@ fn rollback<F: Firewall>(
     run: &Run<F>,
     done: &[Step],
     failure: Failure,
-    sys: &mut dyn System,
+    sys: &mut dyn Host,
 ) -> ApplyError {
     let Failure { step, cause, line } = failure;
     let mut problems = Vec::new();
@@ -227,7 +228,7 @@ fn rollback<F: Firewall>(
 
 /// Plans from the host as it is now back to the snapshot, and runs that plan's iproute2
 /// and firewall steps.
-fn plan_back<F: Firewall>(run: &Run<F>, done: &[Step], sys: &mut dyn System) -> Result<(), String> {
+fn plan_back<F: Firewall>(run: &Run<F>, done: &[Step], sys: &mut dyn Host) -> Result<(), String> {
     let now = reread_for_rollback(run, done, sys).map_err(|e| e.to_string())?;
     let back = crate::plan::plan(
         run.firewall,
@@ -260,7 +261,7 @@ fn plan_back<F: Firewall>(run: &Run<F>, done: &[Step], sys: &mut dyn System) -> 
 fn reread_for_rollback<F: Firewall>(
     run: &Run<F>,
     done: &[Step],
-    sys: &mut dyn System,
+    sys: &mut dyn Host,
 ) -> Result<Observed<F>, SystemError> {
     let prelude = observe::prelude(sys, run.instance)?;
     let mut now = observe::observe(

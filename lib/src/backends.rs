@@ -13,7 +13,8 @@ use crate::model::{Config, State};
 use crate::net::Family;
 use crate::observe::{self, Prelude};
 use crate::ownership::Record;
-use crate::system::{IptablesTool, System};
+use crate::record_store::Host;
+use crate::tools::{Backend, IptablesTool};
 
 /// An iptables run: the flavour asked for, then the instance's nft table and the other
 /// flavour.
@@ -57,7 +58,7 @@ pub const NFTABLES_MIN_KERNEL: (u32, u32) = (5, 6);
 /// Why the nftables backend cannot install here (an older kernel), checked before the
 /// firewall is read; None when it can, or when the kernel cannot be told. Removing an
 /// instance is never refused.
-pub fn nftables_unsupported(config: &Config, sys: &mut dyn System) -> Option<String> {
+pub fn nftables_unsupported(config: &Config, sys: &mut dyn Host) -> Option<String> {
     if config.state == State::Absent {
         return None;
     }
@@ -79,12 +80,12 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
 
 /// The flavour `tool` runs here: as installed resolves to nf_tables or legacy by where
 /// `iptables-save` leads (stays as installed when that cannot be told).
-pub fn resolve(sys: &mut dyn System, tool: IptablesTool) -> IptablesTool {
+pub fn resolve(sys: &mut dyn Host, tool: IptablesTool) -> IptablesTool {
     resolved(tool, installed_flavour(sys))
 }
 
 /// The flavour `iptables-save` drives, by where it leads (one lookup, no process).
-fn installed_flavour(sys: &mut dyn System) -> IptablesTool {
+fn installed_flavour(sys: &mut dyn Host) -> IptablesTool {
     match sys
         .save_tool(IptablesTool::Installed, Family::V4)
         .ok()
@@ -115,7 +116,7 @@ fn driving(flavour: IptablesTool, installed: IptablesTool) -> Iptables {
 }
 
 /// Are the backend's tools on PATH?
-fn on_path(sys: &mut dyn System, backend: &Iptables) -> bool {
+fn on_path(sys: &mut dyn Host, backend: &Iptables) -> bool {
     sys.has_tool(&backend.tool.command(Family::V4, "save"))
 }
 
@@ -126,9 +127,9 @@ fn recorded_flavour(prelude: &Prelude, installed: IptablesTool) -> Option<Iptabl
     if record_lost(prelude) {
         return None;
     }
-    match prelude.record.backend.as_deref() {
+    match prelude.record.backend {
         None => Some(installed),
-        Some(name) => IptablesTool::from_name(name).map(|t| resolved(t, installed)),
+        Some(backend) => backend.iptables_tool().map(|t| resolved(t, installed)),
     }
 }
 
@@ -137,16 +138,16 @@ pub fn for_iptables(
     run: Run,
     prelude: &Prelude,
     tool: IptablesTool,
-    sys: &mut dyn System,
+    sys: &mut dyn Host,
 ) -> ForIptables {
     let installed = installed_flavour(sys);
     let new = resolved(tool, installed);
     let other = new.other();
     let everywhere = everywhere(run, prelude);
-    let held = prelude.record.backend.as_deref();
+    let held = prelude.record.backend;
     // The nft table is looked at best-effort when nothing names it (a refused nft never
     // fails an iptables run).
-    let read_nft = held == Some("nftables")
+    let read_nft = held == Some(Backend::Nftables)
         || (everywhere && observe::nft_table_has_chains(sys, &table_name(run.instance)));
     // With the flavour unknown the other one might be the same tables: never read as "old".
     let other_backend = driving(other, installed);
@@ -169,7 +170,7 @@ pub fn for_iptables(
 }
 
 /// The backends of an nftables run.
-pub fn for_nftables(run: Run, prelude: &Prelude, sys: &mut dyn System) -> ForNftables {
+pub fn for_nftables(run: Run, prelude: &Prelude, sys: &mut dyn Host) -> ForNftables {
     let everywhere = everywhere(run, prelude);
     let installed = installed_flavour(sys);
     let recorded = recorded_flavour(prelude, installed);

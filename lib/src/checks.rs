@@ -5,7 +5,9 @@ use std::net::IpAddr;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::firewall::{Firewall, ForeignNat};
+use crate::findings::{Finding, Severity};
+use crate::firewall::Firewall;
+use crate::foreign::ForeignNat;
 use crate::model::{Action, Config, Forward, IpForward, Snat};
 use crate::net::{Cidr, Family};
 use crate::observe::Observed;
@@ -152,48 +154,6 @@ pub fn missing_interfaces<F: Firewall>(config: &Config, observed: &Observed<F>) 
 /// a forward's port first)? Whenever there is a forward or a masquerade entry.
 pub fn reads_other_filters(config: &Config) -> bool {
     !config.forwards.is_empty() || !config.masquerades.is_empty()
-}
-
-/// How bad a finding is: an error means a forward does not work as asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    Error,
-    Warning,
-    Info,
-}
-
-/// One pitfall found on the host: a run shows its `msg` as a warning; `portfwd doctor` shows
-/// all of it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Finding {
-    /// Stable id (`forward_hook_drop`, `reply_bypass`, ...).
-    pub id: &'static str,
-    pub severity: Severity,
-    /// The entry it concerns (`forwards.web`), when it is one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub entry: Option<String>,
-    pub msg: String,
-    pub fix: String,
-}
-
-impl Finding {
-    /// A finding about one forward (its entry is `forwards.NAME`).
-    pub fn forward(
-        id: &'static str,
-        severity: Severity,
-        forward: &Forward,
-        msg: String,
-        fix: impl Into<String>,
-    ) -> Finding {
-        Finding {
-            id,
-            severity,
-            entry: Some(format!("forwards.{}", forward.name)),
-            msg,
-            fix: fix.into(),
-        }
-    }
 }
 
 /// Findings split by the params' `ignore_findings`.
@@ -777,7 +737,7 @@ mod tests {
                 {"name":"b","listen_port":2,"to":"10.0.2.2:80","ignore_findings":["forward_hook_drop"]}]}"#,
         );
         let mut o: Observed = Observed::default();
-        o.forward_chains.push(crate::observe::nft::ForwardChain {
+        o.forward_chains.push(crate::foreign::ForwardChain {
             family: "inet".into(),
             table: "fw".into(),
             name: "forward".into(),

@@ -2,16 +2,19 @@
 //! the host as a check-mode run does (always the full reads, never the read cache) and turns
 //! what it sees into findings; it changes nothing.
 
-use crate::checks::{self, Finding, Severity};
+use crate::backends;
+use crate::checks;
 use crate::compile;
+use crate::error::Error;
+use crate::findings::{Finding, Severity};
 use crate::firewall::Firewall;
 use crate::model::{Action, Config, Forward, Proto};
 use crate::net::Family;
 use crate::observe::{self, Observed, Scope};
 use crate::plan;
+use crate::record_store::Host;
 use crate::report;
-use crate::system::System;
-use crate::Error;
+use crate::tools::IptablesTool;
 
 /// The result of `portfwd doctor`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -27,13 +30,27 @@ pub struct Diagnosis {
 const CONNTRACK_COUNT: &str = "net/netfilter/nf_conntrack_count";
 const CONNTRACK_MAX: &str = "net/netfilter/nf_conntrack_max";
 
+/// Diagnoses the host against `config` with the backends a run would read, so what another
+/// backend or flavour still holds is reported (`not_applied`) as the run would move it.
+pub fn run(config: &Config, probe: bool, sys: &mut dyn Host) -> Result<Diagnosis, Error> {
+    let prelude = observe::prelude(sys, &config.instance)?;
+    if config.backend.is_nftables() {
+        let moving = backends::for_nftables(backends::Run::of(config), &prelude, sys);
+        diagnose(&moving, config, probe, sys)
+    } else {
+        let tool = IptablesTool::of(config.backend);
+        let moving = backends::for_iptables(backends::Run::of(config), &prelude, tool, sys);
+        diagnose(&moving, config, probe, sys)
+    }
+}
+
 /// Diagnoses the host against `config` (the params, or the installed state as params).
 /// With `probe`, also connects to every TCP backend (this sends traffic).
 pub fn diagnose<F: Firewall>(
     firewall: &F,
     config: &Config,
     probe: bool,
-    sys: &mut dyn System,
+    sys: &mut dyn Host,
 ) -> Result<Diagnosis, Error> {
     let desired = compile::compile(config, firewall);
     let mut keys = checks::sysctl_keys(config, &desired.sysctls);
@@ -47,6 +64,7 @@ pub fn diagnose<F: Firewall>(
         routing: true,
         addresses: true,
         other_filters: checks::reads_other_filters(config),
+        iptables_in_use: IptablesTool::of(config.backend),
     };
     let prelude = observe::prelude(sys, &config.instance)?;
     let observed = observe::observe(
@@ -206,7 +224,7 @@ fn conntrack_table<F: Firewall>(observed: &Observed<F>) -> Option<Finding> {
 
 /// A backend the routing table cannot reach (`ip route get` fails): the DNATed packet is
 /// dropped on this host.
-fn backend_routes(config: &Config, sys: &mut dyn System) -> Vec<Finding> {
+fn backend_routes(config: &Config, sys: &mut dyn Host) -> Vec<Finding> {
     let mut out = Vec::new();
     for f in &config.forwards {
         let Action::Dnat { addr, .. } = f.action else {
@@ -326,7 +344,7 @@ fn shadowed(f: &Forward, proto: Proto) -> Finding {
 }
 
 /// `--probe`: a TCP connection from this host to every TCP backend.
-fn probes(config: &Config, sys: &mut dyn System) -> Vec<Finding> {
+fn probes(config: &Config, sys: &mut dyn Host) -> Vec<Finding> {
     let mut out = Vec::new();
     for f in config
         .forwards

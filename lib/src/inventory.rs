@@ -5,9 +5,24 @@
 
 use std::collections::BTreeSet;
 
+use crate::error::Error;
 use crate::net::Family;
 use crate::ownership::{instance_of_chain, instance_of_table};
-use crate::system::{IptablesTool, Read, System};
+use crate::record_store::recorded_instances;
+use crate::system::{RealSystem, System};
+use crate::tools::{IptablesTool, Read};
+
+/// The names of every instance on this host: stored, recorded, or named in the firewall.
+pub fn instances(sys: &mut RealSystem) -> Result<BTreeSet<String>, Error> {
+    let mut known = Vec::new();
+    for name in sys.stored_instances()? {
+        if sys.stored_namespace(&name)?.1 {
+            known.push(name);
+        }
+    }
+    known.extend(recorded_instances(sys)?);
+    Ok(names(sys, known))
+}
 
 /// Every instance name the host shows, sorted; `known` are those from records and stored
 /// params. Reads that fail (a tool not installed) find nothing.
@@ -16,7 +31,7 @@ pub fn names(sys: &mut dyn System, known: impl IntoIterator<Item = String>) -> B
     let mut reads = Vec::new();
     for family in [Family::V4, Family::V6] {
         reads.push(Read::Save(IptablesTool::Installed, family));
-        reads.push(Read::LegacySave(family));
+        reads.push(Read::LegacySave(family, IptablesTool::Installed));
         reads.push(Read::NftSave(family, "nat"));
         reads.push(Read::NftSave(family, "filter"));
     }

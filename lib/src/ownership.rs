@@ -11,6 +11,18 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::net::Family;
 
+/// What an instance name may be: it becomes part of chain names (`PFWD-<instance>-FWD`, at
+/// most 29 characters with a sub-chain suffix) and file names.
+pub fn valid_instance(name: &str) -> bool {
+    (1..=12).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// How [`valid_instance`] is explained to the user.
+pub const INSTANCE_RULE: &str = "must match [a-z0-9-]{1,12}";
+
 /// A forward's rules.
 pub const KIND_FORWARD: &str = "fwd";
 /// A masquerade entry's rules.
@@ -84,14 +96,14 @@ pub fn instance_of_chain(chain: &str) -> Option<&str> {
         .match_indices('-')
         .map(|(i, _)| i)
         .find(|&i| rest[i + 1..].starts_with(|c: char| c.is_ascii_uppercase()))?;
-    Some(&rest[..end]).filter(|name| crate::model::valid_instance(name))
+    Some(&rest[..end]).filter(|name| valid_instance(name))
 }
 
 /// The instance an nft table of portfwd's is named for: `portfwd-<instance>` (family inet).
 pub fn instance_of_table(table: &str) -> Option<&str> {
     table
         .strip_prefix("portfwd-")
-        .filter(|name| crate::model::valid_instance(name))
+        .filter(|name| valid_instance(name))
 }
 
 /// FNV-1a: stable across runs, releases and platforms (the comments, the default route
@@ -149,7 +161,7 @@ pub struct Record {
     /// The backend holding the instance's firewall objects when it is not iptables (`nftables`);
     /// a run with another backend moves them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend: Option<String>,
+    pub backend: Option<crate::tools::Backend>,
     /// What the last full read of the firewall proved, for skipping the next one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_cache: Option<ReadCache>,
@@ -191,8 +203,8 @@ pub struct FirewallRead {
 /// What the warnings need of other nftables tables (see [`crate::observe::nft`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OtherTables {
-    pub forward_chains: Vec<crate::observe::nft::ForwardChain>,
-    pub foreign_nat: Vec<crate::firewall::ForeignNat>,
+    pub forward_chains: Vec<crate::foreign::ForwardChain>,
+    pub foreign_nat: Vec<crate::foreign::ForeignNat>,
 }
 
 impl Record {

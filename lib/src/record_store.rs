@@ -21,12 +21,94 @@ use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::ownership::Record;
-use crate::system::SystemError;
+use crate::ownership::{valid_instance, Record};
+use crate::system::{write_private, RealSystem, System, SystemError};
 
-/// Set to `1` to act as on a kernel without `SO_NETNS_COOKIE` (before 5.14): records are then
-/// keyed by inode, device and boot id. Used by the tests; harmless anywhere.
-pub const NO_COOKIE_ENV: &str = "PORTFWD_NO_NETNS_COOKIE";
+/// Where a run keeps and finds the record: the real host's run dir ([`RealSystem`]), or the
+/// fake host's memory. Apart from [`System`], which knows nothing of records.
+pub trait Records {
+    /// What this instance created in this network namespace (see [`Record`]), and a warning
+    /// when the stored record could not be trusted (corrupt, or another namespace's).
+    fn read_record(&mut self, instance: &str) -> Result<(Record, Option<String>), SystemError>;
+    fn write_record(&mut self, instance: &str, record: &Record) -> Result<(), SystemError>;
+    /// The records of the other instances in this network namespace (what they created).
+    fn other_records(&mut self, instance: &str) -> Result<Vec<Record>, SystemError>;
+}
+
+/// The host as the pipeline uses it: its commands and files, and its records.
+pub trait Host: System + Records {}
+
+impl<T: System + Records> Host for T {}
+
+impl Records for RealSystem {
+    fn read_record(&mut self, instance: &str) -> Result<(Record, Option<String>), SystemError> {
+        let id = NetnsId::current(self.use_cookie())?;
+        let path = self.run_dir().join(id.file_name(instance));
+        let loaded = load(&path, &id, &links(self, &id)?)?;
+        Ok((loaded.record, loaded.warning))
+    }
+
+    fn other_records(&mut self, instance: &str) -> Result<Vec<Record>, SystemError> {
+        let id = NetnsId::current(self.use_cookie())?;
+        let links = links(self, &id)?;
+        let mut records = Vec::new();
+        for (other, path) in namespace_files(self, &id)? {
+            if other != instance {
+                records.push(load(&path, &id, &links)?.record);
+            }
+        }
+        Ok(records)
+    }
+
+    fn write_record(&mut self, instance: &str, record: &Record) -> Result<(), SystemError> {
+        let id = NetnsId::current(self.use_cookie())?;
+        let path = self.run_dir().join(id.file_name(instance));
+        let stamp = Stamp {
+            links: links(self, &id)?,
+            dev: id.dev,
+            ino: id.ino,
+            boot_id: id.boot_id,
+        };
+        store(self.run_dir(), &path, record, stamp, write_private)
+    }
+}
+
+/// Instances with a record of this network namespace in the run dir, sorted.
+pub fn recorded_instances(sys: &RealSystem) -> Result<Vec<String>, SystemError> {
+    let id = NetnsId::current(sys.use_cookie())?;
+    let mut names: Vec<String> = namespace_files(sys, &id)?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// The record files of this network namespace in the run dir: (instance, path).
+fn namespace_files(sys: &RealSystem, id: &NetnsId) -> Result<Vec<(String, PathBuf)>, SystemError> {
+    let dir = sys.run_dir();
+    let suffix = id.file_name("");
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error(&dir.display().to_string())(e)),
+    };
+    Ok(entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.strip_suffix(&suffix)?.to_string();
+            valid_instance(&name).then(|| (name, e.path()))
+        })
+        .collect())
+}
+
+/// The link fingerprint the fallback key is checked with (empty with a cookie).
+fn links(sys: &RealSystem, id: &NetnsId) -> Result<BTreeSet<String>, SystemError> {
+    if id.cookie.is_some() {
+        return Ok(BTreeSet::new());
+    }
+    Ok(link_fingerprint(&sys.links_json()?))
+}
 
 /// The identity of the calling thread's network namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]

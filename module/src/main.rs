@@ -121,8 +121,8 @@ fn main() -> ExitCode {
             if !portfwd::has_net_admin() {
                 return emit(&Report::failure(portfwd::NEEDS_ROOT));
             }
-            let mut sys = RealSystem::new(backend.into());
-            match portfwd::show(&instance, route_protocol, &mut sys) {
+            let mut sys = RealSystem::new();
+            match portfwd::show(&instance, route_protocol, backend.into(), &mut sys) {
                 Ok(params) => {
                     say!(
                         "{}",
@@ -242,7 +242,7 @@ fn converge(text: &str, flags: RunMode, lock_timeout: u64, state_dir: Option<Pat
         Ok(lock) => lock,
         Err(e) => return Report::failure(e.to_string()),
     };
-    let mut sys = RealSystem::new(config.backend());
+    let mut sys = RealSystem::new();
     if let Some(dir) = state_dir {
         sys = sys.with_state_dir(dir);
     }
@@ -281,13 +281,14 @@ fn doctor_params(
         ));
     }
     let dir = state_dir.unwrap_or_else(portfwd::default_state_dir);
-    let mut sys = RealSystem::new(Backend::Iptables).with_state_dir(dir);
+    let mut sys = RealSystem::new().with_state_dir(dir);
     if let Some(stored) = sys.stored_params(instance).map_err(|e| e.to_string())? {
         return Config::from_json(&stored)
             .map(|(config, _, _)| config)
             .map_err(|e| e.to_string());
     }
-    let installed = portfwd::show(instance, None, &mut sys).map_err(|e| e.to_string())?;
+    let installed =
+        portfwd::show(instance, None, Backend::Iptables, &mut sys).map_err(|e| e.to_string())?;
     installed.validate().map_err(|e| e.to_string())
 }
 
@@ -306,7 +307,7 @@ fn doctor(
         Ok(config) => config,
         Err(msg) => return emit(&Report::failure(msg)),
     };
-    let mut sys = RealSystem::new(config.backend());
+    let mut sys = RealSystem::new();
     let diagnosis = match portfwd::doctor(&config, probe, &mut sys) {
         Ok(d) => d,
         Err(e) => return emit(&Report::failure(e.to_string())),
@@ -352,7 +353,7 @@ fn list(json: bool, state_dir: Option<PathBuf>) -> ExitCode {
     if !portfwd::has_net_admin() {
         return emit(&Report::failure(portfwd::NEEDS_ROOT));
     }
-    let mut sys = RealSystem::new(Backend::Iptables);
+    let mut sys = RealSystem::new();
     if let Some(dir) = state_dir {
         sys = sys.with_state_dir(dir);
     }
@@ -403,7 +404,7 @@ fn list(json: bool, state_dir: Option<PathBuf>) -> ExitCode {
 /// "changed", "failed"}, "instances": {name: result}}`.
 fn restore(state_dir: Option<PathBuf>, lock_timeout: u64) -> ExitCode {
     let dir = state_dir.unwrap_or_else(portfwd::default_state_dir);
-    let sys = RealSystem::new(Backend::Iptables).with_state_dir(dir.clone());
+    let sys = RealSystem::new().with_state_dir(dir.clone());
     let names = match sys.stored_instances() {
         Ok(names) => names,
         Err(e) => return emit(&Report::failure(e.to_string())),

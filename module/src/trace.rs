@@ -91,7 +91,7 @@ pub fn run(opts: Options) -> ExitCode {
         opts.count,
         opts.timeout.as_secs()
     );
-    let mut host = portfwd::RealSystem::new(portfwd::Backend::Iptables);
+    let mut host = portfwd::RealSystem::new();
     if portfwd::iptables_is_legacy(&mut host) {
         eprintln!("portfwd trace: note: iptables here is the legacy flavour; its rules are not part of nftables and cannot be traced (only nftables tables, iptables-nft's included, show up)");
     }

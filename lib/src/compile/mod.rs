@@ -213,7 +213,7 @@ fn compile_sysctls(config: &Config, sysctls: &mut BTreeMap<String, String>) {
     for family in families {
         sysctls.insert(family.forwarding_sysctl().to_string(), value.to_string());
     }
-    for dev in localnet_devices(config).values() {
+    for dev in config.localnet_devices().values() {
         sysctls.insert(localnet_sysctl(dev), "1".to_string());
     }
 }
@@ -221,24 +221,6 @@ fn compile_sysctls(config: &Config, sysctls: &mut BTreeMap<String, String>) {
 /// `net/ipv4/conf/DEV/route_localnet`
 pub fn localnet_sysctl(dev: &str) -> String {
     format!("net/ipv4/conf/{dev}/route_localnet")
-}
-
-/// DNAT to 127.0.0.0/8 from other hosts needs route_localnet on the ingress interface.
-/// Only a named interface gets it: on `all` it would expose every localhost-only service to
-/// every neighbour (CVE-2020-8558); without in_interface the run warns instead.
-pub fn localnet_devices(config: &Config) -> BTreeMap<String, String> {
-    if config.ip_forward != IpForward::Auto || config.state == State::Absent {
-        return BTreeMap::new();
-    }
-    config
-        .forwards
-        .iter()
-        .filter(|f| f.dnats_to_loopback())
-        .filter_map(|f| {
-            let dev = f.in_interface.as_deref().filter(|i| !i.ends_with('+'))?;
-            Some((f.name.clone(), dev.to_string()))
-        })
-        .collect()
 }
 
 fn static_warnings(config: &Config) -> Vec<String> {

@@ -3,12 +3,13 @@
 //! objects of the instance and removes them, in the same run, after the new ones are in place.
 //! A failure anywhere rolls both back, because both are one [`Firewall`] to the engine.
 
-use super::{Entries, EntryChanges, Firewall, FirewallPlan, ForeignNat};
-use crate::checks::Finding;
+use super::{Entries, EntryChanges, Firewall, FirewallPlan};
+use crate::findings::Finding;
+use crate::foreign::ForeignNat;
 use crate::model::Config;
 use crate::net::Family;
 use crate::ownership::{FirewallRead, Record};
-use crate::system::Read;
+use crate::tools::{Backend, Read};
 
 /// The backend the params ask for (`new`) and the one that may still hold the instance
 /// (`old`), read and emptied only while `from_old` is set. `old` may itself be a `Moving` of
@@ -74,7 +75,7 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
     type Desired = (N::Desired, O::Desired);
     type Observed = (N::Observed, Option<O::Observed>);
 
-    fn name(&self) -> &'static str {
+    fn name(&self) -> Backend {
         self.new.name()
     }
 
@@ -82,7 +83,7 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
         self.new.holds_anything(&want.0)
     }
 
-    fn held_by(&self, state: &Self::Desired) -> Option<&'static str> {
+    fn held_by(&self, state: &Self::Desired) -> Option<Backend> {
         self.new
             .held_by(&state.0)
             .or_else(|| self.old.held_by(&state.1))

@@ -16,10 +16,11 @@ pub mod nftables;
 
 use std::fmt::Debug;
 
+use crate::foreign::ForeignNat;
 use crate::model::{Config, ForwardParams, MasqueradeParams};
 use crate::net::Family;
 use crate::ownership::{FirewallRead, Record};
-use crate::system::Read;
+use crate::tools::{Backend, IptablesTool, Read};
 
 /// One packet-filter backend. A backend is a small value (a unit struct for iptables), so the
 /// engine's state types can derive their traits.
@@ -29,15 +30,15 @@ pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     /// What the backend found of an instance on the host.
     type Observed: Clone + Debug + Default;
 
-    /// The name the record keeps for the backend holding the instance (`iptables-nft`,
+    /// The backend holding the instance, as the record keeps it (`iptables-nft`,
     /// `iptables-legacy`, `nftables`; `iptables` for the tools as installed, unresolved).
-    fn name(&self) -> &'static str;
+    fn name(&self) -> Backend;
 
     /// Does a desired state hold any object (else the instance leaves this backend)?
     fn holds_anything(&self, want: &Self::Desired) -> bool;
 
     /// The backend that holds the objects of `state` (a snapshot), if any does.
-    fn held_by(&self, state: &Self::Desired) -> Option<&'static str> {
+    fn held_by(&self, state: &Self::Desired) -> Option<Backend> {
         self.holds_anything(state).then(|| self.name())
     }
 
@@ -90,7 +91,7 @@ pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     ) -> bool;
 
     /// Pitfalls of the backend's own (`mixed_iptables_flavours`), for `portfwd doctor`.
-    fn findings(&self, observed: &Self::Observed) -> Vec<crate::checks::Finding>;
+    fn findings(&self, observed: &Self::Observed) -> Vec<crate::findings::Finding>;
 
     /// The backend's name for the result (`nf_tables`, `legacy`), when it could tell.
     fn flavour(&self, observed: &Self::Observed) -> Option<&'static str>;
@@ -110,23 +111,6 @@ pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     /// The facts about other software a read found that the checks use (kept in the read
     /// cache, and given back to [`Firewall::assume`]).
     fn foreign_facts(&self, observed: &Self::Observed) -> serde_json::Value;
-}
-
-/// Another owner's NAT rule that a connection meets before portfwd's (a DNAT or REDIRECT in
-/// the same hook, earlier), so it may take a forward's connections first.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ForeignNat {
-    pub family: crate::net::Family,
-    /// `nat PREROUTING` or `inet docker prerouting`: where it was found.
-    pub place: String,
-    /// The rule as its tool shows it.
-    pub rule: String,
-    /// The protocol it matches (None: any).
-    pub proto: Option<crate::model::Proto>,
-    /// The destination ports it matches (None: any).
-    pub ports: Option<crate::net::PortRange>,
-    /// Whether it runs for locally made connections (nat OUTPUT) rather than arriving ones.
-    pub local: bool,
 }
 
 /// Forwards and masquerade entries read back from the firewall.
@@ -167,7 +151,7 @@ pub struct Transaction {
 pub enum Tool {
     /// `iptables-restore --noflush` (or `ip6tables-restore`) of that flavour: one table of one
     /// family.
-    IptablesRestore(crate::system::IptablesTool, Family),
+    IptablesRestore(IptablesTool, Family),
     /// `nft -f -`: one script, both families.
     Nft,
 }
@@ -176,7 +160,7 @@ impl Transaction {
     /// How it is named in messages (`ipv4 nat transaction`).
     pub fn describe(&self) -> String {
         match self.tool {
-            Tool::IptablesRestore(crate::system::IptablesTool::Installed, family) => {
+            Tool::IptablesRestore(IptablesTool::Installed, family) => {
                 format!("{} {} transaction", family.label(), self.table)
             }
             Tool::IptablesRestore(tool, family) => {

@@ -3,28 +3,11 @@
 
 use std::net::IpAddr;
 
+pub use crate::net::Proto;
 use crate::net::{Cidr, Family, PortRange};
+use crate::tools::Backend;
 
-use super::params::{Backend, IpForward, State};
-
-/// One transport protocol as it appears in a rule.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    pub fn name(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        }
-    }
-}
+use super::params::{IpForward, State};
 
 /// A validated interface address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,4 +170,23 @@ impl Config {
 pub struct RunMode {
     pub check: bool,
     pub diff: bool,
+}
+
+impl Config {
+    /// DNAT to 127.0.0.0/8 from other hosts needs route_localnet on the ingress interface.
+    /// Only a named interface gets it: on `all` it would expose every localhost-only service to
+    /// every neighbour (CVE-2020-8558); without in_interface the run warns instead.
+    pub fn localnet_devices(&self) -> std::collections::BTreeMap<String, String> {
+        if self.ip_forward != IpForward::Auto || self.state == State::Absent {
+            return std::collections::BTreeMap::new();
+        }
+        self.forwards
+            .iter()
+            .filter(|f| f.dnats_to_loopback())
+            .filter_map(|f| {
+                let dev = f.in_interface.as_deref().filter(|i| !i.ends_with('+'))?;
+                Some((f.name.clone(), dev.to_string()))
+            })
+            .collect()
+    }
 }

@@ -6,14 +6,14 @@ use serde_json::Value;
 use super::config::{Config, RunMode};
 use super::params::Params;
 use super::validate::Problem;
-use crate::Error;
+use super::Invalid;
 
 impl Config {
     /// Parses and validates params JSON. Top-level `_ansible_*` keys are read for the run mode
     /// and otherwise ignored, including ones unknown today.
-    pub fn from_json(input: &str) -> Result<(Config, Params, RunMode), Error> {
+    pub fn from_json(input: &str) -> Result<(Config, Params, RunMode), Invalid> {
         let mut value: Value = serde_json::from_str(input)
-            .map_err(|e| Error::Invalid(vec![Problem::whole(not_json(input, &e))]))?;
+            .map_err(|e| Invalid(vec![Problem::whole(not_json(input, &e))]))?;
         let what = match &value {
             Value::Object(_) => None,
             Value::Array(_) => {
@@ -25,12 +25,12 @@ impl Config {
             Value::Null => Some("null"),
         };
         if let Some(what) = what {
-            return Err(Error::Invalid(vec![Problem::whole(format!(
+            return Err(Invalid(vec![Problem::whole(format!(
                 "params must be one JSON object, not {what}"
             ))]));
         }
         let Value::Object(map) = &mut value else {
-            return Err(Error::Invalid(vec![Problem::whole(
+            return Err(Invalid(vec![Problem::whole(
                 "params must be one JSON object",
             )]));
         };
@@ -46,7 +46,7 @@ impl Config {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let path = if path == "." { String::new() } else { path };
-            Error::Invalid(vec![Problem {
+            Invalid(vec![Problem {
                 path,
                 value: None,
                 reason: with_suggestion(inner.to_string()),

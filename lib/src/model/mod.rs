@@ -14,6 +14,12 @@ pub mod validate;
 #[cfg(test)]
 mod tests;
 
+pub use crate::ownership::{valid_instance, INSTANCE_RULE};
 pub use config::*;
 pub use params::*;
-pub use validate::{default_route_protocol, valid_instance, Problem, INSTANCE_RULE};
+pub use validate::{default_route_protocol, Problem};
+
+/// Bad params: every problem, each naming its field and value.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid params: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct Invalid(pub Vec<Problem>);

@@ -6,6 +6,8 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::tools::Backend;
+
 use super::spelling::{bool_schema, boolean_of, de_bool, de_opt_u8, u8_schema};
 
 /// Whether the instance's objects should exist.
@@ -15,58 +17,6 @@ pub enum State {
     #[default]
     Present,
     Absent,
-}
-
-/// Which packet filter portfwd writes: iptables (its flavour as installed, or one forced) or
-/// nftables natively. `auto`, `nft` and `legacy` are the names before nftables was a backend.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum Backend {
-    /// `iptables-save`/`iptables-restore` as installed (whatever the alternatives select).
-    #[default]
-    Iptables,
-    /// `iptables-nft-save`/`iptables-nft-restore`.
-    IptablesNft,
-    /// `iptables-legacy-save`/`iptables-legacy-restore`.
-    IptablesLegacy,
-    /// A table of the instance's own, `inet portfwd-<instance>`, written with `nft -f`.
-    Nftables,
-    /// Deprecated name of `iptables`.
-    Auto,
-    /// Deprecated name of `iptables-nft`.
-    Nft,
-    /// Deprecated name of `iptables-legacy`.
-    Legacy,
-}
-
-impl Backend {
-    /// The current name of a deprecated one (`auto` → `iptables`).
-    pub fn canonical(self) -> Backend {
-        match self {
-            Backend::Auto => Backend::Iptables,
-            Backend::Nft => Backend::IptablesNft,
-            Backend::Legacy => Backend::IptablesLegacy,
-            other => other,
-        }
-    }
-
-    /// The value as the user writes it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Iptables => "iptables",
-            Backend::IptablesNft => "iptables-nft",
-            Backend::IptablesLegacy => "iptables-legacy",
-            Backend::Nftables => "nftables",
-            Backend::Auto => "auto",
-            Backend::Nft => "nft",
-            Backend::Legacy => "legacy",
-        }
-    }
-
-    /// Is this the native nftables backend (rather than one of the iptables ones)?
-    pub fn is_nftables(self) -> bool {
-        self == Backend::Nftables
-    }
 }
 
 /// Transport protocol of a forward.

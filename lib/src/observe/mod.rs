@@ -16,8 +16,10 @@ use crate::firewall::iptables::Iptables;
 use crate::firewall::Firewall;
 use crate::net::Family;
 use crate::ownership::{FirewallRead, OtherTables, ReadCache, Record};
+use crate::record_store::Host;
 use crate::routing::{IfAddr, IpRule, Routing};
-use crate::system::{Read, System, SystemError};
+use crate::system::SystemError;
+use crate::tools::{IptablesTool, Read};
 
 /// The host as the plan sees it.
 #[derive(Debug, Clone, Default)]
@@ -34,9 +36,9 @@ pub struct Observed<F: Firewall = Iptables> {
     /// cache it used, or from its own nf_tables read.
     pub firewall_read: Option<FirewallRead>,
     /// Other tables' base chains at the forward hook (see [`nft`]).
-    pub forward_chains: Vec<nft::ForwardChain>,
+    pub forward_chains: Vec<crate::foreign::ForwardChain>,
     /// DNAT/REDIRECT rules of other nftables tables whose NAT runs before portfwd's.
-    pub foreign_nat: Vec<crate::firewall::ForeignNat>,
+    pub foreign_nat: Vec<crate::foreign::ForeignNat>,
     /// Whether the addresses were read (see [`Scope`]).
     pub addresses_read: bool,
     /// Interfaces with an IPv6 default route from router advertisements, and their
@@ -96,6 +98,9 @@ pub struct Scope {
     /// Other filters: other nftables tables' forward-hook and early NAT chains, and
     /// iptables-legacy's FORWARD (something is forwarded).
     pub other_filters: bool,
+    /// The iptables tools the run drives (iptables-legacy's FORWARD is read apart only when
+    /// they are not the legacy ones).
+    pub iptables_in_use: IptablesTool,
 }
 
 impl Scope {
@@ -104,6 +109,7 @@ impl Scope {
         routing: true,
         addresses: true,
         other_filters: false,
+        iptables_in_use: IptablesTool::Installed,
     };
 }
 
@@ -118,7 +124,7 @@ pub struct Prelude {
 }
 
 /// Reads the record and the generation (both cheap).
-pub fn prelude(sys: &mut dyn System, instance: &str) -> Result<Prelude, SystemError> {
+pub fn prelude(sys: &mut dyn Host, instance: &str) -> Result<Prelude, SystemError> {
     let (record, warning) = sys.read_record(instance)?;
     let generation = sys.nft_generation()?;
     Ok(Prelude {
@@ -147,7 +153,7 @@ impl Prelude {
 
 /// Does `inet <table>` exist with chains? Read from the chain list (cheap, and read for the
 /// warnings anyway), best-effort: where nft is missing or refused, it does not.
-pub fn nft_table_has_chains(sys: &mut dyn System, table: &str) -> bool {
+pub fn nft_table_has_chains(sys: &mut dyn Host, table: &str) -> bool {
     if !sys.has_tool("nft") {
         return false;
     }
@@ -163,7 +169,7 @@ pub fn nft_table_has_chains(sys: &mut dyn System, table: &str) -> bool {
 /// at once ([`System::read_batch`]).
 pub fn observe<F: Firewall>(
     firewall: &F,
-    sys: &mut dyn System,
+    sys: &mut dyn Host,
     prelude: Prelude,
     cached: Option<(&F::Desired, ReadCache)>,
     protocol: u8,
@@ -207,7 +213,7 @@ pub fn observe<F: Firewall>(
             reads.push(Read::NftJson(vec!["list".into(), "chains".into()]));
         }
         for family in [Family::V4, Family::V6] {
-            reads.push(Read::LegacySave(family));
+            reads.push(Read::LegacySave(family, scope.iptables_in_use));
         }
     }
     let mut results = sys.read_batch(&reads).into_iter();
@@ -355,13 +361,13 @@ pub fn observe<F: Firewall>(
 /// without its name).
 fn other_tables<F: Firewall>(
     firewall: &F,
-    sys: &mut dyn System,
+    sys: &mut dyn Host,
     ours: &F::Observed,
     listing: &str,
     instance: &str,
 ) -> (
-    Vec<nft::ForwardChain>,
-    Vec<crate::firewall::ForeignNat>,
+    Vec<crate::foreign::ForwardChain>,
+    Vec<crate::foreign::ForeignNat>,
     bool,
 ) {
     let skip =

@@ -4,9 +4,8 @@
 //! lists iptables' matches and targets as opaque `xt` expressions: without their arguments,
 //! and with nft 0.9.8 without their names).
 
-use super::nft::ForwardChain;
 use crate::firewall::iptables::save::{parse, tokenize, Dump};
-use crate::firewall::ForeignNat;
+use crate::foreign::{ForeignNat, ForwardChain};
 use crate::net::Family;
 
 /// Which iptables wrote a dump.

@@ -126,7 +126,7 @@ pub fn plan<F: Firewall>(
         });
     // The record names the backend (and the iptables flavour) while it holds something; a
     // record without one is from before the choice, when iptables as installed held it.
-    record.backend = firewall.held_by(&desired.firewall).map(str::to_string);
+    record.backend = firewall.held_by(&desired.firewall);
     let sysctls = sysctl::plan_sysctls(&desired.sysctls, observed, &mut record, &mut warnings);
     let (have, taken) = record::taken_back(&desired.routing, observed, protocol);
     warnings.extend(taken);

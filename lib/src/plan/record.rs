@@ -115,7 +115,7 @@ pub fn ahead(recorded: &Record, after: &Record) -> Option<Record> {
     ahead.routes.extend(after.routes.iter().cloned());
     // A run killed half way may have moved the instance: the next one reads both backends.
     if after.backend.is_some() {
-        ahead.backend = after.backend.clone();
+        ahead.backend = after.backend;
     }
     (&ahead != recorded).then_some(ahead)
 }

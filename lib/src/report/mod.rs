@@ -13,7 +13,7 @@ use crate::firewall::{EntryChanges, Firewall, Tool};
 use crate::model::Params;
 use crate::observe::Observed;
 use crate::plan::{Plan, Step};
-use crate::system::restore_command;
+use crate::tools::restore_command;
 use decompile::params_from_state;
 
 /// The message of a failed apply: the params field the refused object came from first

@@ -4,7 +4,6 @@
 //! them. It executes and reads; it decides nothing (what a read means is the observe stage's
 //! business, whether a step runs the plan's). Unit tests use the fake host in `testing`.
 
-use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -15,10 +14,8 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::model::{Backend, Proto};
-use crate::net::Family;
-use crate::ownership::Record;
-use crate::record_store::{self, NetnsId, Stamp};
+use crate::net::{Family, Proto};
+use crate::tools::{IptablesTool, Read};
 
 mod nfgen;
 mod stored;
@@ -50,35 +47,6 @@ pub enum SystemError {
     LockTimeout { path: String, seconds: u64 },
 }
 
-/// A read that does not depend on any other, so a batch of them can run at once.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Read {
-    /// `iptables-save` / `ip6tables-save` of that flavour: (stdout, stderr).
-    Save(IptablesTool, Family),
-    /// `ip -N -j ARGS...`: (stdout, "").
-    IpJson(Vec<&'static str>),
-    /// `iptables-legacy-save` / `ip6tables-legacy-save` (lists only tables that exist, loads
-    /// nothing): (stdout, ""); empty when the tool is not installed, or when it is the save
-    /// tool in use (then [`Read::Save`] reads it already).
-    LegacySave(Family),
-    /// `iptables-nft-save -t TABLE` / `ip6tables-nft-save -t TABLE` (`filter` or `nat`):
-    /// (stdout, ""); empty when not installed. Read when another backend than iptables-nft
-    /// runs beside iptables-nft's chains: nft's JSON lists their matches and targets as `xt`
-    /// expressions without arguments (nft 0.9.8: without even a name).
-    NftSave(Family, &'static str),
-    /// `nft -j ARGS...`: (stdout, ""); empty when `nft` is not installed. Callers pass only
-    /// words nft's parser takes back as one word each (nft joins its arguments into a line).
-    NftJson(Vec<String>),
-    /// `nft -j list table inet NAME`: (stdout, ""); empty when the table does not exist or
-    /// `nft` is not installed.
-    NftTable(String),
-    /// The file the save tool resolves to through links (`/usr/sbin/xtables-nft-multi`):
-    /// (path, ""). iptables before 1.8.8 does not name its flavour in the dump. When the
-    /// file's name does not say it either (a wrapper script), the flavour its `--version`
-    /// names follows the path: `/usr/local/sbin/iptables-save (nf_tables)`.
-    SaveTool(IptablesTool, Family),
-}
-
 /// Reads and writes of host state, each a single call the engine can count and fake.
 pub trait System {
     /// Runs independent reads, results in order. The default runs them one by one; the real
@@ -94,9 +62,9 @@ pub trait System {
                     .map(|out| (out, String::new())),
                 Read::NftJson(args) => self.nft_json(args).map(|out| (out, String::new())),
                 Read::NftTable(name) => self.nft_table(name).map(|out| (out, String::new())),
-                Read::LegacySave(family) => {
-                    self.legacy_save(*family).map(|out| (out, String::new()))
-                }
+                Read::LegacySave(family, in_use) => self
+                    .legacy_save(*family, *in_use)
+                    .map(|out| (out, String::new())),
                 Read::NftSave(family, table) => self
                     .nft_save(*family, table)
                     .map(|out| (out, String::new())),
@@ -110,8 +78,9 @@ pub trait System {
     fn listening_sockets(&mut self) -> Result<String, SystemError>;
     /// Opens a TCP connection to `target` and closes it (doctor's opt-in `--probe`).
     fn connect(&mut self, target: std::net::SocketAddr) -> Result<(), SystemError>;
-    /// `iptables-legacy-save` for `family` (a read); empty when not installed.
-    fn legacy_save(&mut self, family: Family) -> Result<String, SystemError>;
+    /// `iptables-legacy-save` for `family` (a read); empty when not installed or when it is
+    /// `in_use`'s save tool.
+    fn legacy_save(&mut self, family: Family, in_use: IptablesTool) -> Result<String, SystemError>;
     /// The nftables tables that carry flags (`owner`, `dormant`), as (family, name).
     fn nft_flagged_tables(&mut self) -> Result<Vec<(String, String)>, SystemError>;
     /// `iptables-nft-save -t TABLE` for `family` (a read); empty when not installed.
@@ -145,13 +114,6 @@ pub trait System {
     fn ip_json(&mut self, args: &[&str]) -> Result<String, SystemError>;
     /// `ip -4|-6 -batch -` with the script on stdin.
     fn ip_batch(&mut self, family: Family, script: &str) -> Result<(), SystemError>;
-    /// What this instance created in this network namespace (see [`Record`]), and a warning
-    /// when the stored record could not be trusted (corrupt, or another namespace's).
-    fn read_record(&mut self, instance: &str) -> Result<(Record, Option<String>), SystemError>;
-    fn write_record(&mut self, instance: &str, record: &Record) -> Result<(), SystemError>;
-    /// The records of the other instances in this network namespace (what they created).
-    fn other_records(&mut self, instance: &str) -> Result<Vec<Record>, SystemError>;
-    /// `nft -j list table ip|ip6 TABLE`: what a table holds, as nft sees it.
     fn list_nft_table(&mut self, family: Family, table: &str) -> Result<String, SystemError>;
     /// `nft delete table ip|ip6 TABLE`.
     fn delete_table(&mut self, family: Family, table: &str) -> Result<(), SystemError>;
@@ -203,114 +165,33 @@ pub fn default_run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/portfwd"))
 }
 
-/// Which iptables tools a backend runs: as installed (`iptables-save`, whatever the
-/// alternatives select), or one flavour by name. A run may use two (a move between flavours).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum IptablesTool {
-    #[default]
-    Installed,
-    Nft,
-    Legacy,
-}
-
-impl IptablesTool {
-    /// The tools the params' backend names (`nftables` reads iptables as installed).
-    pub fn of(backend: Backend) -> IptablesTool {
-        match backend.canonical() {
-            Backend::IptablesNft => IptablesTool::Nft,
-            Backend::IptablesLegacy => IptablesTool::Legacy,
-            _ => IptablesTool::Installed,
-        }
-    }
-
-    /// `iptables-nft-save`, `ip6tables-restore`, ...
-    pub fn command(self, family: Family, verb: &str) -> String {
-        let base = match family {
-            Family::V4 => "iptables",
-            Family::V6 => "ip6tables",
-        };
-        match self {
-            IptablesTool::Installed => format!("{base}-{verb}"),
-            IptablesTool::Nft => format!("{base}-nft-{verb}"),
-            IptablesTool::Legacy => format!("{base}-legacy-{verb}"),
-        }
-    }
-
-    /// The name the record keeps for the flavour holding an instance.
-    pub fn name(self) -> &'static str {
-        match self {
-            IptablesTool::Installed => "iptables",
-            IptablesTool::Nft => "iptables-nft",
-            IptablesTool::Legacy => "iptables-legacy",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<IptablesTool> {
-        [
-            IptablesTool::Installed,
-            IptablesTool::Nft,
-            IptablesTool::Legacy,
-        ]
-        .into_iter()
-        .find(|t| t.name() == name)
-    }
-
-    /// The flavour that is not this one (as installed counts as nf_tables).
-    pub fn other(self) -> IptablesTool {
-        match self {
-            IptablesTool::Legacy => IptablesTool::Nft,
-            _ => IptablesTool::Legacy,
-        }
-    }
-}
-
-/// The restore command line as shown in results (`commands`).
-pub fn restore_command(tool: IptablesTool, family: Family) -> String {
-    format!(
-        "{} --noflush -w {}",
-        tool.command(family, "restore"),
-        RESTORE_WAIT_SECONDS
-    )
-}
-
-/// How long `iptables-restore -w` waits for the xtables lock of other tools.
-const RESTORE_WAIT_SECONDS: u32 = 10;
+/// Set to `1` to act as on a kernel without `SO_NETNS_COOKIE` (before 5.14): files in the run
+/// dir are then keyed by inode, device and boot id. Used by the tests; harmless anywhere.
+pub const NO_COOKIE_ENV: &str = "PORTFWD_NO_NETNS_COOKIE";
 
 /// The host, through real commands, `/proc/sys` and portfwd's own files.
 pub struct RealSystem {
-    backend: Backend,
     sysctl_root: PathBuf,
     state_dir: PathBuf,
     run_dir: PathBuf,
-    /// False simulates a kernel without `SO_NETNS_COOKIE` ([`record_store::NO_COOKIE_ENV`]).
+    /// False simulates a kernel without `SO_NETNS_COOKIE` ([`NO_COOKIE_ENV`]).
     use_cookie: bool,
 }
 
+impl Default for RealSystem {
+    fn default() -> RealSystem {
+        RealSystem::new()
+    }
+}
+
 impl RealSystem {
-    pub fn new(backend: Backend) -> RealSystem {
+    pub fn new() -> RealSystem {
         RealSystem {
-            backend,
             sysctl_root: PathBuf::from("/proc/sys"),
             state_dir: default_state_dir(),
             run_dir: default_run_dir(),
-            use_cookie: std::env::var(record_store::NO_COOKIE_ENV).as_deref() != Ok("1"),
+            use_cookie: std::env::var(NO_COOKIE_ENV).as_deref() != Ok("1"),
         }
-    }
-
-    /// The same host (state and run dirs) for another backend.
-    pub fn with_backend(&self, backend: Backend) -> RealSystem {
-        RealSystem {
-            backend,
-            sysctl_root: self.sysctl_root.clone(),
-            state_dir: self.state_dir.clone(),
-            run_dir: self.run_dir.clone(),
-            use_cookie: self.use_cookie,
-        }
-    }
-
-    /// The backend this host was made for.
-    pub fn backend(&self) -> Backend {
-        self.backend
     }
 
     pub fn with_state_dir(mut self, dir: PathBuf) -> RealSystem {
@@ -356,54 +237,31 @@ impl RealSystem {
         Ok(names)
     }
 
-    /// Instances with a record of this network namespace in the run dir, sorted.
-    pub fn recorded_instances(&self) -> Result<Vec<String>, SystemError> {
-        let suffix = NetnsId::current(self.use_cookie)?.file_name("");
-        let entries = match std::fs::read_dir(&self.run_dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(SystemError::Io {
-                    path: self.run_dir.display().to_string(),
-                    source,
-                })
-            }
-        };
-        let mut names: Vec<String> = entries
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let name = e.file_name().to_str()?.strip_suffix(&suffix)?.to_string();
-                crate::model::valid_instance(&name).then_some(name)
-            })
-            .collect();
-        names.sort();
-        Ok(names)
+    /// The run dir, shared by every network namespace (see [`default_run_dir`]).
+    pub(crate) fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Whether this namespace's `SO_NETNS_COOKIE` may key its files (see [`NO_COOKIE_ENV`]).
+    pub(crate) fn use_cookie(&self) -> bool {
+        self.use_cookie
+    }
+
+    /// `ip -j link show`: the links of this namespace.
+    pub(crate) fn links_json(&self) -> Result<String, SystemError> {
+        self.run("ip", &["-j", "link", "show"], None)
+            .map(|(out, _)| out)
     }
 
     fn stored_path(&self, instance: &str) -> PathBuf {
         self.state_dir.join(format!("{instance}.json"))
     }
 
-    /// The record file of this network namespace (see [`crate::record_store`]).
-    fn record_path(&self, instance: &str) -> Result<(PathBuf, NetnsId), SystemError> {
-        let id = NetnsId::current(self.use_cookie)?;
-        Ok((self.run_dir.join(id.file_name(instance)), id))
-    }
-
-    /// The link fingerprint the fallback key is checked with (empty with a cookie).
-    fn links(&self, id: &NetnsId) -> Result<BTreeSet<String>, SystemError> {
-        if id.cookie.is_some() {
-            return Ok(BTreeSet::new());
-        }
-        let (out, _) = self.run("ip", &["-j", "link", "show"], None)?;
-        Ok(record_store::link_fingerprint(&out))
-    }
-
     fn read_one(&self, read: &Read) -> Result<(String, String), SystemError> {
         match read {
             Read::Save(tool, family) => self.run(&tool.command(*family, "save"), &[], None),
             Read::IpJson(args) => self.ip_json_text(args).map(|out| (out, String::new())),
-            Read::LegacySave(family) => {
+            Read::LegacySave(family, in_use) => {
                 let tool = IptablesTool::Legacy.command(*family, "save");
                 let resolve = |name: &str| {
                     which::which(name)
@@ -414,7 +272,7 @@ impl RealSystem {
                     return Ok((String::new(), String::new()));
                 };
                 // When the save in use is that same tool, `Read::Save` already reads it.
-                let in_use = IptablesTool::of(self.backend).command(*family, "save");
+                let in_use = in_use.command(*family, "save");
                 if resolve(&in_use) == Some(legacy) {
                     return Ok((String::new(), String::new()));
                 }
@@ -572,8 +430,9 @@ impl System for RealSystem {
             })
     }
 
-    fn legacy_save(&mut self, family: Family) -> Result<String, SystemError> {
-        self.read_one(&Read::LegacySave(family)).map(|(out, _)| out)
+    fn legacy_save(&mut self, family: Family, in_use: IptablesTool) -> Result<String, SystemError> {
+        self.read_one(&Read::LegacySave(family, in_use))
+            .map(|(out, _)| out)
     }
 
     fn nft_save(&mut self, family: Family, table: &'static str) -> Result<String, SystemError> {
@@ -639,7 +498,7 @@ impl System for RealSystem {
         family: Family,
         payload: &str,
     ) -> Result<(), SystemError> {
-        let wait = RESTORE_WAIT_SECONDS.to_string();
+        let wait = crate::tools::RESTORE_WAIT_SECONDS.to_string();
         self.run(
             &tool.command(family, "restore"),
             &["--noflush", "-w", &wait],
@@ -675,51 +534,6 @@ impl System for RealSystem {
         let flag = format!("-{}", family.ip_flag());
         self.run("ip", &[&flag, "-batch", "-"], Some(script))
             .map(drop)
-    }
-
-    fn read_record(&mut self, instance: &str) -> Result<(Record, Option<String>), SystemError> {
-        let (path, id) = self.record_path(instance)?;
-        let links = self.links(&id)?;
-        let loaded = record_store::load(&path, &id, &links)?;
-        Ok((loaded.record, loaded.warning))
-    }
-
-    fn other_records(&mut self, instance: &str) -> Result<Vec<Record>, SystemError> {
-        let (_, id) = self.record_path(instance)?;
-        let suffix = id.file_name("");
-        let links = self.links(&id)?;
-        let entries = match std::fs::read_dir(&self.run_dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(SystemError::Io {
-                    path: self.run_dir.display().to_string(),
-                    source,
-                })
-            }
-        };
-        let mut records = Vec::new();
-        for entry in entries.filter_map(Result::ok) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(other) = name.strip_suffix(&suffix) else {
-                continue;
-            };
-            if other != instance && crate::model::valid_instance(other) {
-                records.push(record_store::load(&entry.path(), &id, &links)?.record);
-            }
-        }
-        Ok(records)
-    }
-
-    fn write_record(&mut self, instance: &str, record: &Record) -> Result<(), SystemError> {
-        let (path, id) = self.record_path(instance)?;
-        let stamp = Stamp {
-            links: self.links(&id)?,
-            dev: id.dev,
-            ino: id.ino,
-            boot_id: id.boot_id,
-        };
-        record_store::store(&self.run_dir, &path, record, stamp, write_private)
     }
 
     fn list_nft_table(&mut self, family: Family, table: &str) -> Result<String, SystemError> {
@@ -788,7 +602,7 @@ fn remove_if_present(path: &Path) -> Result<(), SystemError> {
 /// Writes `text` to `path` atomically and durably (temp file, fsync, rename, fsync of the
 /// directory) with mode 0600, creating `dir`
 /// with mode 0700 when missing.
-fn write_private(dir: &Path, path: &Path, text: &str) -> Result<(), SystemError> {
+pub(crate) fn write_private(dir: &Path, path: &Path, text: &str) -> Result<(), SystemError> {
     let io = |source| SystemError::Io {
         path: path.display().to_string(),
         source,
@@ -872,22 +686,6 @@ impl RunLock {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tool_names_follow_backend() {
-        assert_eq!(
-            IptablesTool::of(Backend::Iptables).command(Family::V6, "save"),
-            "ip6tables-save"
-        );
-        assert_eq!(
-            IptablesTool::of(Backend::IptablesNft).command(Family::V4, "restore"),
-            "iptables-nft-restore"
-        );
-        assert_eq!(
-            IptablesTool::of(Backend::Legacy).command(Family::V4, "save"),
-            "iptables-legacy-save"
-        );
-    }
 
     #[test]
     fn lock_is_exclusive_and_times_out() {

@@ -14,7 +14,9 @@ use crate::firewall::iptables::rules::OwnedRules;
 use crate::model::Proto;
 use crate::net::Family;
 use crate::ownership::Record;
-use crate::system::{IptablesTool, System, SystemError};
+use crate::record_store::Records;
+use crate::system::{System, SystemError};
+use crate::tools::IptablesTool;
 use iproute::IpState;
 use tables::Tables;
 
@@ -176,7 +178,7 @@ impl System for FakeHost {
         self.call(format!("read-connect {target}"))
     }
 
-    fn legacy_save(&mut self, family: Family) -> Result<String, SystemError> {
+    fn legacy_save(&mut self, family: Family, _: IptablesTool) -> Result<String, SystemError> {
         self.call(format!("read-legacy {}", family.label()))?;
         Ok(String::new())
     }
@@ -311,22 +313,6 @@ impl System for FakeHost {
         self.state.ip.batch(flag, script).map_err(refused)
     }
 
-    fn read_record(&mut self, _instance: &str) -> Result<(Record, Option<String>), SystemError> {
-        self.call("read-record".into())?;
-        Ok((self.state.record.clone(), None))
-    }
-
-    fn write_record(&mut self, _instance: &str, record: &Record) -> Result<(), SystemError> {
-        self.call(format!("write-record {record:?}"))?;
-        self.state.record = record.clone();
-        Ok(())
-    }
-
-    fn other_records(&mut self, _instance: &str) -> Result<Vec<Record>, SystemError> {
-        self.call("read-other-records".into())?;
-        Ok(self.other_records.clone())
-    }
-
     fn list_nft_table(&mut self, family: Family, table: &str) -> Result<String, SystemError> {
         self.call(format!("list-table {} {table}", family.label()))?;
         let chains = self
@@ -398,6 +384,24 @@ impl System for FakeHost {
     fn conntrack_delete(&mut self, args: &[String]) -> Result<bool, SystemError> {
         self.call(format!("conntrack {}", args.join(" ")))?;
         Ok(true)
+    }
+}
+
+impl Records for FakeHost {
+    fn read_record(&mut self, _instance: &str) -> Result<(Record, Option<String>), SystemError> {
+        self.call("read-record".into())?;
+        Ok((self.state.record.clone(), None))
+    }
+
+    fn write_record(&mut self, _instance: &str, record: &Record) -> Result<(), SystemError> {
+        self.call(format!("write-record {record:?}"))?;
+        self.state.record = record.clone();
+        Ok(())
+    }
+
+    fn other_records(&mut self, _instance: &str) -> Result<Vec<Record>, SystemError> {
+        self.call("read-other-records".into())?;
+        Ok(self.other_records.clone())
     }
 }
 

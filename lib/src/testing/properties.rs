@@ -97,7 +97,7 @@ fn host_with(base: &Value) -> FakeHost {
         .nft
         .apply(FOREIGN_NFT)
         .expect("the foreign table applies");
-    let report = crate::run_on(&config(base), RunMode::default(), &mut host);
+    let report = crate::converge::run(&config(base), RunMode::default(), &mut host);
     assert!(!report.failed, "{report:?}");
     host.calls.clear();
     host.writes = 0;
@@ -110,11 +110,11 @@ proptest! {
     #[test]
     fn a_second_run_changes_nothing_and_a_third_writes_nothing(base in params(), p in params()) {
         let mut host = host_with(&base);
-        let first = crate::run_on(&config(&p), RunMode::default(), &mut host);
+        let first = crate::converge::run(&config(&p), RunMode::default(), &mut host);
         prop_assert!(!first.failed, "{:?}", first);
         let after_first = host.state.clone();
         host.calls.clear();
-        let second = crate::run_on(&config(&p), RunMode::default(), &mut host);
+        let second = crate::converge::run(&config(&p), RunMode::default(), &mut host);
         prop_assert!(!second.changed && !second.failed, "{:?}", second);
         prop_assert!(second.commands.is_empty(), "{:?}", second.commands);
         prop_assert!(host.writes().iter().all(|w| w.starts_with("write-record")), "{:#?}", host.writes());
@@ -122,7 +122,7 @@ proptest! {
         without_cache.record.read_cache = after_first.record.read_cache.clone();
         prop_assert_eq!(&without_cache, &after_first);
         host.calls.clear();
-        let third = crate::run_on(&config(&p), RunMode::default(), &mut host);
+        let third = crate::converge::run(&config(&p), RunMode::default(), &mut host);
         prop_assert!(!third.changed && !third.failed, "{:?}", third);
         prop_assert_eq!(host.writes(), Vec::<&String>::new());
         prop_assert_eq!(&third.warnings, &second.warnings);
@@ -140,7 +140,7 @@ proptest! {
         let mut host = host_with(&json!({}));
         let c = config(&p);
         for _ in 0..3 {
-            let report = crate::run_on(&c, RunMode::default(), &mut host);
+            let report = crate::converge::run(&c, RunMode::default(), &mut host);
             prop_assert!(!report.failed, "{:?}", report);
         }
         let converged = host.state.clone();
@@ -158,7 +158,7 @@ proptest! {
             .is_ok();
         prop_assume!(iptables || nft);
         host.generation = host.generation.map(|g| g + 1);
-        let repair = crate::run_on(&c, RunMode::default(), &mut host);
+        let repair = crate::converge::run(&c, RunMode::default(), &mut host);
         prop_assert!(repair.changed && !repair.failed, "{:?}", repair);
         prop_assert_eq!(&host.state.tables, &converged.tables);
         prop_assert_eq!(&host.state.nft, &converged.nft);
@@ -168,13 +168,13 @@ proptest! {
     fn a_failure_at_any_step_leaves_the_host_as_it_was(base in params(), p in params()) {
         let pristine = host_with(&base);
         let mut probe = pristine.clone();
-        let report = crate::run_on(&config(&p), RunMode::default(), &mut probe);
+        let report = crate::converge::run(&config(&p), RunMode::default(), &mut probe);
         prop_assert!(!report.failed, "{:?}", report);
         let steps = probe.writes;
         for k in 1..=steps {
             let mut host = pristine.clone();
             host.fail_at = Some(k);
-            let report = crate::run_on(&config(&p), RunMode::default(), &mut host);
+            let report = crate::converge::run(&config(&p), RunMode::default(), &mut host);
             prop_assert!(report.failed, "write {} of {}: {:?}", k, steps, report);
             prop_assert!(report.msg.contains("rolled back every change"), "write {} of {}: {}", k, steps, report.msg);
             let (now, was) = (&host.state, &pristine.state);
@@ -193,7 +193,7 @@ proptest! {
         let mut host = host_with(&json!({}));
         let c = config(&p);
         for _ in 0..3 {
-            let report = crate::run_on(&c, RunMode::default(), &mut host);
+            let report = crate::converge::run(&c, RunMode::default(), &mut host);
             prop_assert!(!report.failed, "{:?}", report);
         }
         let converged = host.state.clone();
@@ -205,11 +205,11 @@ proptest! {
         prop_assume!(edited.is_some());
         prop_assert_ne!(&host.state, &converged, "the edit changed something: {:?}", edited);
         host.generation = host.generation.map(|g| g + 1);
-        let repair = crate::run_on(&c, RunMode::default(), &mut host);
+        let repair = crate::converge::run(&c, RunMode::default(), &mut host);
         prop_assert!(repair.changed && !repair.failed, "{:?}: {:?}", edited, repair);
         prop_assert_eq!(&host.state.tables, &converged.tables, "{:?}: {:#?}", edited, repair.commands);
         prop_assert_eq!(&host.state.nft, &converged.nft, "{:?}: {:#?}", edited, repair.commands);
-        let again = crate::run_on(&c, RunMode::default(), &mut host);
+        let again = crate::converge::run(&c, RunMode::default(), &mut host);
         prop_assert!(!again.changed && !again.failed, "{:?}: {:?}", edited, again);
     }
 }

@@ -113,11 +113,14 @@ fn fleet(n: usize) -> Option<Fleet> {
         addr(&mgmt, &mgmt_if, &format!("{}/30", peer_addr(i))).unwrap();
         addr(&host, "mgmt0", &format!("{}/30", host_addr(i))).unwrap();
         let host_dir = p(&format!("h{i}"));
+        // A home of its own: root's login shell on a developer's machine may run a version
+        // manager's init (and its lock) on every SSH command, which would time the machine.
+        std::fs::create_dir_all(host_dir.join("home")).unwrap();
         let config = format!(
             "Port 22\nListenAddress {listen}\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPermitRootLogin prohibit-password\n\
              PasswordAuthentication no\nStrictModes no\nUsePAM no\nPidFile {hd}.sshd.pid\nLogLevel ERROR\n\
              MaxStartups 100\nSubsystem sftp internal-sftp\n\
-             SetEnv PORTFWD_LOCK_FILE={hd}/lock PORTFWD_STATE_DIR={hd}/state PORTFWD_RUN_DIR={hd}/run\n",
+             SetEnv HOME={hd}/home PORTFWD_LOCK_FILE={hd}/lock PORTFWD_STATE_DIR={hd}/state PORTFWD_RUN_DIR={hd}/run\n",
             listen = host_addr(i),
             hk = keys.join("host_key").display(),
             ak = keys.join("authorized_keys").display(),
@@ -364,7 +367,9 @@ fn fleet_benchmark() {
             }
         }
         for i in 0..n {
-            let _ = std::fs::remove_dir_all(fleet.path(&format!("h{i}")));
+            for dir in ["state", "run"] {
+                let _ = std::fs::remove_dir_all(fleet.path(&format!("h{i}/{dir}")));
+            }
         }
     }
     println!("{n} hosts x {FORWARDS} forwards, ansible-playbook over SSH, forks {n}:");

@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 
 use super::rules::{subchain_name, Hook, Jump, OwnedChain, OwnedRules, Rule, BUCKET_PORTS};
-use crate::compile::localnet_devices;
 use crate::model::{Action, Config, Forward, Masquerade, Proto, Snat, State};
 use crate::net::Family;
 use crate::ownership::{
@@ -47,7 +46,7 @@ pub fn compile_rules(config: &Config) -> OwnedRules {
         instance: &config.instance,
         rules: &mut rules,
         seen: HashSet::new(),
-        localnet_devices: localnet_devices(config),
+        localnet_devices: config.localnet_devices(),
         conn_mark: String::new(),
         buckets: BTreeMap::new(),
     };

@@ -17,12 +17,13 @@ pub mod plan;
 pub mod rules;
 pub mod save;
 
-use super::{Entries, Firewall, FirewallPlan, ForeignNat};
-use crate::checks::{Finding, Severity};
+use super::{Entries, Firewall, FirewallPlan};
+use crate::findings::{Finding, Severity};
+use crate::foreign::ForeignNat;
 use crate::model::Config;
 use crate::net::Family;
 use crate::ownership::{FirewallRead, Record, StableHash};
-use crate::system::{IptablesTool, Read};
+use crate::tools::{Backend, IptablesTool, Read};
 use observe::IptablesObserved;
 use rules::OwnedRules;
 
@@ -56,8 +57,8 @@ impl Firewall for Iptables {
     type Desired = OwnedRules;
     type Observed = IptablesObserved;
 
-    fn name(&self) -> &'static str {
-        self.flavour.name()
+    fn name(&self) -> Backend {
+        self.flavour.backend()
     }
 
     fn holds_anything(&self, want: &OwnedRules) -> bool {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Table};
 use super::save::{RuleLine, TableDump};
-use crate::firewall::ForeignNat;
+use crate::foreign::ForeignNat;
 use crate::model::Proto;
 use crate::net::{Family, PortRange};
 use crate::ownership::is_jump_comment;

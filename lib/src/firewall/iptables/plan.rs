@@ -10,7 +10,7 @@ use super::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Table};
 use crate::firewall::{EntryChanges, FirewallPlan, TableDrop, Tool, Transaction};
 use crate::net::Family;
 use crate::ownership::{parse_comment, table_key, Record, KIND_FORWARD, KIND_MASQUERADE};
-use crate::system::IptablesTool;
+use crate::tools::IptablesTool;
 
 /// The rule edit of one run: one transaction per table that changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

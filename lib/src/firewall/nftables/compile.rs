@@ -8,7 +8,6 @@ use std::net::IpAddr;
 use super::table::{
     Base, Body, Element, MapKind, MasqMark, MasqRule, NatRule, NatTo, Rule, SnatRule, Stage, Table,
 };
-use crate::compile::localnet_devices;
 use crate::model::{Action, Config, Forward, Snat, State};
 use crate::ownership::{entry_comment, StableHash, Tag, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE};
 
@@ -161,7 +160,7 @@ pub fn compile_table(config: &Config) -> Table {
         table: Table::default(),
         kinds: BTreeSet::new(),
     };
-    let localnet = localnet_devices(config);
+    let localnet = config.localnet_devices();
     for f in &config.forwards {
         b.forward(f, config.conn_mark, localnet.get(&f.name));
     }

@@ -21,12 +21,13 @@ pub mod observe;
 pub mod plan;
 pub mod table;
 
-use super::{Entries, Firewall, FirewallPlan, ForeignNat, Tool, Transaction};
-use crate::checks::Finding;
+use super::{Entries, Firewall, FirewallPlan, Tool, Transaction};
+use crate::findings::Finding;
+use crate::foreign::ForeignNat;
 use crate::model::Config;
 use crate::net::Family;
 use crate::ownership::{FirewallRead, Record, StableHash};
-use crate::system::Read;
+use crate::tools::{Backend, Read};
 use observe::NftObserved;
 use table::{table_name, Table, FAMILY};
 
@@ -53,8 +54,8 @@ impl Firewall for Nftables {
     type Desired = Table;
     type Observed = NftObserved;
 
-    fn name(&self) -> &'static str {
-        "nftables"
+    fn name(&self) -> Backend {
+        Backend::Nftables
     }
 
     fn holds_anything(&self, want: &Table) -> bool {

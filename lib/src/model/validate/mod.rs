@@ -9,15 +9,16 @@ use serde_json::Value;
 
 use super::config::*;
 use super::params::*;
+use super::Invalid;
 use crate::net::{Cidr, CidrError, Family, PortRange};
-use crate::Error;
+use crate::ownership::{valid_instance, INSTANCE_RULE};
 use routing::{validate_addresses, validate_policy_routes};
 
 mod routing;
 
 impl Params {
     /// Checks every field and returns the typed config, or every problem found.
-    pub fn validate(&self) -> Result<Config, Error> {
+    pub fn validate(&self) -> Result<Config, Invalid> {
         let mut errors = Errors::default();
         if !valid_instance(&self.instance) {
             errors.push("instance", &self.instance, INSTANCE_RULE.into());
@@ -215,21 +216,13 @@ impl Errors {
         });
     }
 
-    fn finish(self) -> Result<(), Error> {
+    fn finish(self) -> Result<(), Invalid> {
         if self.0.is_empty() {
             Ok(())
         } else {
-            Err(Error::Invalid(self.0))
+            Err(Invalid(self.0))
         }
     }
-}
-
-/// What an instance name may be: it becomes part of chain names (`PFWD-<instance>-FWD`, at
-/// most 29 characters with a sub-chain suffix) and file names.
-pub fn valid_instance(name: &str) -> bool {
-    valid_token(name, 12, |c| {
-        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
-    })
 }
 
 /// Two forwards may not claim the same (family, listen address, protocol, port): the nftables
@@ -278,9 +271,6 @@ fn check_dispatch_overlaps(forwards: &[Forward], params: &[ForwardParams], error
         }
     }
 }
-
-/// How [`valid_instance`] is explained to the user.
-pub const INSTANCE_RULE: &str = "must match [a-z0-9-]{1,12}";
 
 fn valid_token(text: &str, max: usize, allowed: impl Fn(char) -> bool) -> bool {
     !text.is_empty() && text.len() <= max && text.chars().all(allowed)

@@ -1,0 +1,190 @@
+//! The tools portfwd drives and the backends it names, as data: which backend holds an
+//! instance, which iptables flavour's commands run, and the reads asked of the host.
+//!
+//! Nothing here runs anything ([`crate::system`] does): the backends name their reads and
+//! transactions in these terms and stay pure, and the record keeps the [`Backend`] by name.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::net::Family;
+
+/// Which packet filter portfwd writes: iptables (its flavour as installed, or one forced) or
+/// nftables natively. `auto`, `nft` and `legacy` are the names before nftables was a backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// `iptables-save`/`iptables-restore` as installed (whatever the alternatives select).
+    #[default]
+    Iptables,
+    /// `iptables-nft-save`/`iptables-nft-restore`.
+    IptablesNft,
+    /// `iptables-legacy-save`/`iptables-legacy-restore`.
+    IptablesLegacy,
+    /// A table of the instance's own, `inet portfwd-<instance>`, written with `nft -f`.
+    Nftables,
+    /// Deprecated name of `iptables`.
+    Auto,
+    /// Deprecated name of `iptables-nft`.
+    Nft,
+    /// Deprecated name of `iptables-legacy`.
+    Legacy,
+}
+
+impl Backend {
+    /// The current name of a deprecated one (`auto` → `iptables`).
+    pub fn canonical(self) -> Backend {
+        match self {
+            Backend::Auto => Backend::Iptables,
+            Backend::Nft => Backend::IptablesNft,
+            Backend::Legacy => Backend::IptablesLegacy,
+            other => other,
+        }
+    }
+
+    /// The value as the user writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Iptables => "iptables",
+            Backend::IptablesNft => "iptables-nft",
+            Backend::IptablesLegacy => "iptables-legacy",
+            Backend::Nftables => "nftables",
+            Backend::Auto => "auto",
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        }
+    }
+
+    /// The iptables tools it runs; None for nftables.
+    pub fn iptables_tool(self) -> Option<IptablesTool> {
+        match self.canonical() {
+            Backend::Nftables => None,
+            Backend::IptablesNft => Some(IptablesTool::Nft),
+            Backend::IptablesLegacy => Some(IptablesTool::Legacy),
+            _ => Some(IptablesTool::Installed),
+        }
+    }
+
+    /// Is this the native nftables backend (rather than one of the iptables ones)?
+    pub fn is_nftables(self) -> bool {
+        self == Backend::Nftables
+    }
+}
+
+/// Which iptables tools a backend runs: as installed (`iptables-save`, whatever the
+/// alternatives select), or one flavour by name. A run may use two (a move between flavours).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum IptablesTool {
+    #[default]
+    Installed,
+    Nft,
+    Legacy,
+}
+
+impl IptablesTool {
+    /// The tools the params' backend names (`nftables` reads iptables as installed).
+    pub fn of(backend: Backend) -> IptablesTool {
+        match backend.canonical() {
+            Backend::IptablesNft => IptablesTool::Nft,
+            Backend::IptablesLegacy => IptablesTool::Legacy,
+            _ => IptablesTool::Installed,
+        }
+    }
+
+    /// `iptables-nft-save`, `ip6tables-restore`, ...
+    pub fn command(self, family: Family, verb: &str) -> String {
+        let base = match family {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        };
+        match self {
+            IptablesTool::Installed => format!("{base}-{verb}"),
+            IptablesTool::Nft => format!("{base}-nft-{verb}"),
+            IptablesTool::Legacy => format!("{base}-legacy-{verb}"),
+        }
+    }
+
+    /// The backend that runs these tools (as installed: `iptables`).
+    pub fn backend(self) -> Backend {
+        match self {
+            IptablesTool::Installed => Backend::Iptables,
+            IptablesTool::Nft => Backend::IptablesNft,
+            IptablesTool::Legacy => Backend::IptablesLegacy,
+        }
+    }
+
+    /// The flavour's name in messages (`iptables-nft`), its backend's.
+    pub fn name(self) -> &'static str {
+        self.backend().name()
+    }
+
+    /// The flavour that is not this one (as installed counts as nf_tables).
+    pub fn other(self) -> IptablesTool {
+        match self {
+            IptablesTool::Legacy => IptablesTool::Nft,
+            _ => IptablesTool::Legacy,
+        }
+    }
+}
+
+/// The restore command line as shown in results (`commands`).
+pub fn restore_command(tool: IptablesTool, family: Family) -> String {
+    format!(
+        "{} --noflush -w {}",
+        tool.command(family, "restore"),
+        RESTORE_WAIT_SECONDS
+    )
+}
+
+/// How long `iptables-restore -w` waits for the xtables lock of other tools.
+pub(crate) const RESTORE_WAIT_SECONDS: u32 = 10;
+
+/// A read that does not depend on any other, so a batch of them can run at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read {
+    /// `iptables-save` / `ip6tables-save` of that flavour: (stdout, stderr).
+    Save(IptablesTool, Family),
+    /// `ip -N -j ARGS...`: (stdout, "").
+    IpJson(Vec<&'static str>),
+    /// `iptables-legacy-save` / `ip6tables-legacy-save` (lists only tables that exist, loads
+    /// nothing): (stdout, ""); empty when the tool is not installed, or when it is the save
+    /// tool in use (then [`Read::Save`] reads it already).
+    LegacySave(Family, IptablesTool),
+    /// `iptables-nft-save -t TABLE` / `ip6tables-nft-save -t TABLE` (`filter` or `nat`):
+    /// (stdout, ""); empty when not installed. Read when another backend than iptables-nft
+    /// runs beside iptables-nft's chains: nft's JSON lists their matches and targets as `xt`
+    /// expressions without arguments (nft 0.9.8: without even a name).
+    NftSave(Family, &'static str),
+    /// `nft -j ARGS...`: (stdout, ""); empty when `nft` is not installed. Callers pass only
+    /// words nft's parser takes back as one word each (nft joins its arguments into a line).
+    NftJson(Vec<String>),
+    /// `nft -j list table inet NAME`: (stdout, ""); empty when the table does not exist or
+    /// `nft` is not installed.
+    NftTable(String),
+    /// The file the save tool resolves to through links (`/usr/sbin/xtables-nft-multi`):
+    /// (path, ""). iptables before 1.8.8 does not name its flavour in the dump. When the
+    /// file's name does not say it either (a wrapper script), the flavour its `--version`
+    /// names follows the path: `/usr/local/sbin/iptables-save (nf_tables)`.
+    SaveTool(IptablesTool, Family),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_names_follow_backend() {
+        assert_eq!(
+            IptablesTool::of(Backend::Iptables).command(Family::V6, "save"),
+            "ip6tables-save"
+        );
+        assert_eq!(
+            IptablesTool::of(Backend::IptablesNft).command(Family::V4, "restore"),
+            "iptables-nft-restore"
+        );
+        assert_eq!(
+            IptablesTool::of(Backend::Legacy).command(Family::V4, "save"),
+            "iptables-legacy-save"
+        );
+    }
+}
