@@ -1,14 +1,16 @@
 //! The seam to a packet-filter backend: everything that depends on how rules are stored
-//! (iptables today; nftables is the next sibling module) sits behind [`Firewall`].
+//! (the iptables and the nftables modules) sits behind [`Firewall`].
 //!
 //! The engine stays backend-neutral: it asks a backend to compile a config into its own
 //! desired objects, to name the reads it needs and parse them, to plan the edit as rendered
 //! [`Transaction`]s, and to read entries back as params. Addresses, policy routes, sysctls,
 //! the record and the step order belong to the engine, not to a backend.
 //!
-//! To add a backend: a module beside [`iptables`] implementing [`Firewall`], a [`Read`] and a
+//! A backend depends only on the vocabulary below it (`net`, `tools`, `model`, `ownership`,
+//! `findings`, `foreign`): it names reads and renders transactions, and never runs anything.
+//! To add one: a module beside [`iptables`] implementing [`Firewall`], a [`Read`] and a
 //! [`crate::plan::Step`] kind for its tool when it needs new ones, and a branch in
-//! [`crate::run`] that picks it.
+//! [`crate::converge::run`] that picks it.
 
 pub mod iptables;
 pub mod migrate;
