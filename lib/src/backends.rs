@@ -14,7 +14,7 @@ use crate::net::Family;
 use crate::observe::{self, Prelude};
 use crate::ownership::Record;
 use crate::record_store::Host;
-use crate::tools::{Backend, IptablesTool};
+use crate::tools::{Backend, Flavour, IptablesTool};
 
 /// An iptables run: the flavour asked for, then the instance's nft table and the other
 /// flavour.
@@ -92,7 +92,7 @@ fn installed_flavour(sys: &mut dyn Host) -> IptablesTool {
         .as_deref()
         .and_then(tool_flavour)
     {
-        Some("legacy") => IptablesTool::Legacy,
+        Some(Flavour::Legacy) => IptablesTool::Legacy,
         Some(_) => IptablesTool::Nft,
         None => IptablesTool::Installed,
     }

@@ -60,7 +60,7 @@ pub use model::{
 };
 pub use net::Cidr;
 pub use report::{line_diff, Changes, Diff, Report};
-pub use show::Listed;
+pub use show::{list, show, trace_entries, Listed};
 pub use system::{default_state_dir, has_net_admin, RealSystem, RunLock, SystemError, NEEDS_ROOT};
 
 /// Converges the host to `config` (or, in check mode, reports what that would change).
@@ -72,27 +72,6 @@ pub fn run(config: &Config, mode: RunMode, sys: &mut RealSystem) -> Report {
 /// With `probe`, it connects to every TCP backend (sends traffic).
 pub fn doctor(config: &Config, probe: bool, sys: &mut RealSystem) -> Result<Diagnosis, Error> {
     doctor::run(config, probe, sys)
-}
-
-/// The instance's current managed state as params; applying them is a no-op. The backend is
-/// the one holding the instance, else `backend`.
-pub fn show(
-    instance: &str,
-    protocol: Option<u8>,
-    backend: Backend,
-    sys: &mut RealSystem,
-) -> Result<Params, Error> {
-    show::show(instance, protocol, backend, sys)
-}
-
-/// Every instance on this host, sorted by name. It changes nothing.
-pub fn list(sys: &mut RealSystem) -> Result<Vec<Listed>, Error> {
-    show::list(sys)
-}
-
-/// The forwards an instance has installed, to label its rules in a trace.
-pub fn trace_entries(instance: &str, sys: &mut RealSystem) -> Result<trace::Entries, Error> {
-    show::trace_entries(instance, sys)
 }
 
 /// Does `iptables-save` here drive iptables-legacy (whose rules nftables tracing cannot see)?

@@ -138,7 +138,7 @@ pub struct Listed {
     pub msg: String,
 }
 
-/// Every instance on this host (see [`inventory`]), sorted by name. It changes nothing.
+/// Every instance on this host (see [`crate::inventory`]), sorted by name. It changes nothing.
 pub fn list(sys: &mut RealSystem) -> Result<Vec<Listed>, Error> {
     let names = instances(sys)?;
     let mut out = Vec::new();

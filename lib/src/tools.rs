@@ -139,6 +139,33 @@ pub fn restore_command(tool: IptablesTool, family: Family) -> String {
 /// How long `iptables-restore -w` waits for the xtables lock of other tools.
 pub(crate) const RESTORE_WAIT_SECONDS: u32 = 10;
 
+/// The kernel side of a backend's objects, as a result's `backend` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavour {
+    /// iptables-nft: iptables' rules in nf_tables.
+    NfTables,
+    /// iptables-legacy: the xtables tables.
+    Legacy,
+    /// The native nftables backend's own table.
+    Nftables,
+}
+
+impl Flavour {
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavour::NfTables => "nf_tables",
+            Flavour::Legacy => "legacy",
+            Flavour::Nftables => "nftables",
+        }
+    }
+
+    /// Is it in nf_tables, whose generation every change of any table moves (legacy
+    /// changes move nothing)?
+    pub fn in_nf_tables(self) -> bool {
+        self != Flavour::Legacy
+    }
+}
+
 /// A read that does not depend on any other, so a batch of them can run at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Read {

@@ -9,7 +9,7 @@ use crate::foreign::ForeignNat;
 use crate::model::Config;
 use crate::net::Family;
 use crate::ownership::{FirewallRead, Record};
-use crate::tools::{Backend, Read};
+use crate::tools::{Backend, Flavour, Read};
 
 /// The backend the params ask for (`new`) and the one that may still hold the instance
 /// (`old`), read and emptied only while `from_old` is set. `old` may itself be a `Moving` of
@@ -204,7 +204,7 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
         self.new.findings(&observed.0)
     }
 
-    fn flavour(&self, observed: &Self::Observed) -> Option<&'static str> {
+    fn flavour(&self, observed: &Self::Observed) -> Option<Flavour> {
         self.new.flavour(&observed.0)
     }
 

@@ -22,7 +22,7 @@ use crate::foreign::ForeignNat;
 use crate::model::{Config, ForwardParams, MasqueradeParams};
 use crate::net::Family;
 use crate::ownership::{FirewallRead, Record};
-use crate::tools::{Backend, IptablesTool, Read};
+use crate::tools::{Backend, Flavour, IptablesTool, Read};
 
 /// One packet-filter backend. A backend is a small value (a unit struct for iptables), so the
 /// engine's state types can derive their traits.
@@ -96,7 +96,7 @@ pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     fn findings(&self, observed: &Self::Observed) -> Vec<crate::findings::Finding>;
 
     /// The backend's name for the result (`nf_tables`, `legacy`), when it could tell.
-    fn flavour(&self, observed: &Self::Observed) -> Option<&'static str>;
+    fn flavour(&self, observed: &Self::Observed) -> Option<Flavour>;
 
     /// Other software's rules that read or write conntrack marks (`table chain rule`), for
     /// the `conn_mark` collision warning.

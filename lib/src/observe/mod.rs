@@ -19,7 +19,7 @@ use crate::ownership::{FirewallRead, OtherTables, ReadCache, Record};
 use crate::record_store::Host;
 use crate::routing::{IfAddr, IpRule, Routing};
 use crate::system::SystemError;
-use crate::tools::{IptablesTool, Read};
+use crate::tools::{Flavour, IptablesTool, Read};
 
 /// The host as the plan sees it.
 #[derive(Debug, Clone, Default)]
@@ -238,7 +238,8 @@ pub fn observe<F: Firewall>(
             observed.firewall = firewall.observe(instance, outputs, &mut warnings);
             let flavour = firewall.flavour(&observed.firewall);
             // nf_tables only: iptables-legacy changes do not move the generation.
-            if let (Some(generation), Some("nf_tables" | "nftables")) = (generation, flavour) {
+            if let (Some(generation), Some(true)) = (generation, flavour.map(Flavour::in_nf_tables))
+            {
                 observed.firewall_read = Some(FirewallRead {
                     generation,
                     warnings: warnings.clone(),
@@ -305,7 +306,7 @@ pub fn observe<F: Firewall>(
             // A backend driving iptables-legacy has its own FORWARD there.
             // Read on every run (legacy changes never move the generation), so a cached run
             // sees a legacy DNAT that takes a forward's port as a full read does.
-            if firewall.flavour(&observed.firewall) != Some("legacy") {
+            if firewall.flavour(&observed.firewall) != Some(Flavour::Legacy) {
                 let (forward, nat) = neighbours::legacy(&dump, family, instance);
                 observed.forward_chains.extend(forward);
                 observed.foreign_nat.extend(nat);

@@ -124,7 +124,7 @@ pub fn planned<F: Firewall>(
         backend: view
             .firewall
             .flavour(&view.observed.firewall)
-            .map(str::to_string),
+            .map(|f| f.name().to_string()),
     }
 }
 

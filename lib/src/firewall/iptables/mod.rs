@@ -23,7 +23,7 @@ use crate::foreign::ForeignNat;
 use crate::model::Config;
 use crate::net::Family;
 use crate::ownership::{FirewallRead, Record, StableHash};
-use crate::tools::{Backend, IptablesTool, Read};
+use crate::tools::{Backend, Flavour, IptablesTool, Read};
 use observe::IptablesObserved;
 use rules::OwnedRules;
 
@@ -88,7 +88,7 @@ impl Firewall for Iptables {
         // `(nf_tables)` in its dump).
         let tool_is_nft = outputs
             .get(2)
-            .is_some_and(|(path, _)| observe::tool_flavour(path) == Some("nf_tables"));
+            .is_some_and(|(path, _)| observe::tool_flavour(path) == Some(Flavour::NfTables));
         for (family, output) in [Family::V4, Family::V6].into_iter().zip(&outputs) {
             let dump = observe::Dump {
                 output,
@@ -133,7 +133,7 @@ impl Firewall for Iptables {
         let facts: ForeignFacts = serde_json::from_value(read.facts.clone()).unwrap_or_default();
         IptablesObserved {
             owned: want.clone(),
-            flavour: Some("nf_tables"),
+            flavour: Some(Flavour::NfTables),
             connmark_rules: facts.mark_users,
             foreign_nat: facts.foreign_nat,
             forward_drop: facts.forward_drop,
@@ -169,7 +169,7 @@ impl Firewall for Iptables {
         table: &str,
         chain: &str,
     ) -> bool {
-        observed.flavour == Some("nf_tables")
+        observed.flavour == Some(Flavour::NfTables)
             && matches!(family, "ip" | "ip6")
             && ((table == "filter" && chain == "FORWARD") || table == "nat")
     }
@@ -187,7 +187,7 @@ impl Firewall for Iptables {
         }]
     }
 
-    fn flavour(&self, observed: &IptablesObserved) -> Option<&'static str> {
+    fn flavour(&self, observed: &IptablesObserved) -> Option<Flavour> {
         observed.flavour
     }
 

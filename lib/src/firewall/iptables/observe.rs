@@ -10,6 +10,7 @@ use crate::foreign::ForeignNat;
 use crate::model::Proto;
 use crate::net::{Family, PortRange};
 use crate::ownership::is_jump_comment;
+use crate::tools::Flavour;
 
 /// What the iptables backend found of an instance.
 #[derive(Debug, Clone, Default)]
@@ -18,7 +19,7 @@ pub struct IptablesObserved {
     /// Rule count of each built-in chain that has or may get a jump (to place jumps).
     pub builtin_len: BTreeMap<(Family, Hook), usize>,
     /// The iptables flavour the dumps came from (`nf_tables` or `legacy`), when any table exists.
-    pub flavour: Option<&'static str>,
+    pub flavour: Option<Flavour>,
     /// Facts about each table portfwd may write to.
     pub tables: BTreeMap<(Family, Table), TableFacts>,
     /// Dispatch sub-chains of the instance whose hook chain does not exist.
@@ -47,18 +48,18 @@ pub struct Dump<'a> {
 /// `iptables-legacy-save` and `... (legacy)` legacy; None otherwise.
 ///
 /// [`Read::SaveTool`]: crate::system::Read::SaveTool
-pub fn tool_flavour(path: &str) -> Option<&'static str> {
+pub fn tool_flavour(path: &str) -> Option<Flavour> {
     if path.ends_with(" (nf_tables)") {
-        return Some("nf_tables");
+        return Some(Flavour::NfTables);
     }
     if path.ends_with(" (legacy)") {
-        return Some("legacy");
+        return Some(Flavour::Legacy);
     }
     let name = path.rsplit('/').next()?;
     if name.contains("-nft") {
-        Some("nf_tables")
+        Some(Flavour::NfTables)
     } else if name.contains("-legacy") {
-        Some("legacy")
+        Some(Flavour::Legacy)
     } else {
         None
     }
@@ -88,7 +89,11 @@ pub fn observe_family(
         dump.nf_tables = Some(true);
     }
     if let (None, Some(nft)) = (observed.flavour, dump.nf_tables) {
-        observed.flavour = Some(if nft { "nf_tables" } else { "legacy" });
+        observed.flavour = Some(if nft {
+            Flavour::NfTables
+        } else {
+            Flavour::Legacy
+        });
     }
     extract_owned(&dump, family, instance, observed);
     extract_connmark_users(&dump, observed);
@@ -382,10 +387,10 @@ mod tests {
             let mut observed = IptablesObserved::default();
             let dump = Dump {
                 output: &output,
-                tool_is_nft: tool_flavour(path) == Some("nf_tables"),
+                tool_is_nft: tool_flavour(path) == Some(Flavour::NfTables),
             };
             observe_family(Family::V4, dump, "portfwd", &mut observed, &mut Vec::new());
-            assert_eq!(observed.flavour, Some(flavour), "{path}");
+            assert_eq!(observed.flavour.map(Flavour::name), Some(flavour), "{path}");
             assert_eq!(
                 observed.tables[&(Family::V4, Table::Nat)].nf_tables,
                 flavour == "nf_tables"

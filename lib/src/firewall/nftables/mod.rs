@@ -27,7 +27,7 @@ use crate::foreign::ForeignNat;
 use crate::model::Config;
 use crate::net::Family;
 use crate::ownership::{FirewallRead, Record, StableHash};
-use crate::tools::{Backend, Read};
+use crate::tools::{Backend, Flavour, Read};
 use observe::NftObserved;
 use table::{table_name, Table, FAMILY};
 
@@ -162,8 +162,8 @@ impl Firewall for Nftables {
         Vec::new()
     }
 
-    fn flavour(&self, _: &NftObserved) -> Option<&'static str> {
-        Some("nftables")
+    fn flavour(&self, _: &NftObserved) -> Option<Flavour> {
+        Some(Flavour::Nftables)
     }
 
     /// Other software's rules are not read by this backend.
