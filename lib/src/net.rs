@@ -61,12 +61,20 @@ impl Family {
         }
     }
 
-    /// `ip` / `ip6`, the nftables family of iptables-nft's tables.
+    /// `ip` / `ip6`, the nftables family of iptables-nft's tables (and the payload protocol
+    /// and NAT family keyword in nft rules).
     pub fn nft_family(self) -> &'static str {
         match self {
             Family::V4 => "ip",
             Family::V6 => "ip6",
         }
+    }
+
+    /// The family an nft family word names (`inet`, `bridge`, ...: none).
+    pub fn from_nft(word: &str) -> Option<Family> {
+        [Family::V4, Family::V6]
+            .into_iter()
+            .find(|f| f.nft_family() == word)
     }
 
     pub fn forwarding_sysctl(self) -> &'static str {

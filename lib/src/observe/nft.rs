@@ -179,10 +179,10 @@ pub fn nat_chains_before(
 /// The DNAT and REDIRECT rules of a NAT chain (`nft -j list chain ...`), with the protocol
 /// and destination ports they match.
 pub fn nat_rules(text: &str, chain: &NatChain) -> Vec<ForeignNat> {
-    let families: &[Family] = match chain.family.as_str() {
-        "ip" => &[Family::V4],
-        "ip6" => &[Family::V6],
-        _ => &[Family::V4, Family::V6],
+    let families: &[Family] = match Family::from_nft(&chain.family) {
+        Some(Family::V4) => &[Family::V4],
+        Some(Family::V6) => &[Family::V6],
+        None => &[Family::V4, Family::V6],
     };
     let mut out = Vec::new();
     for item in items(text) {

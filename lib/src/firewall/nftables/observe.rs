@@ -487,8 +487,8 @@ fn body_of(chain: &str, stmts: &[Value]) -> Option<Body> {
         };
         let family = match to {
             NatTo::Dnat { addr, .. } => Family::of(&addr),
-            NatTo::Redirect { .. } => match text(nat.get("family")) {
-                "ip6" => Family::V6,
+            NatTo::Redirect { .. } => match Family::from_nft(text(nat.get("family"))) {
+                Some(Family::V6) => Family::V6,
                 _ => p.family.unwrap_or(Family::V4),
             },
         };

@@ -140,14 +140,6 @@ fn nfproto(family: Family) -> &'static str {
     }
 }
 
-/// `ip` or `ip6`: the payload protocol and NAT family keyword.
-pub fn ip_word(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "ip",
-        Family::V6 => "ip6",
-    }
-}
-
 impl MapKind {
     /// `pre-addr4`, `out-port6`, `post-tcp-addr4`.
     pub fn name(&self) -> String {
@@ -226,7 +218,7 @@ impl MapKind {
 
     /// The base chain's rule that looks a connection up in this map.
     pub fn dispatch_rule(&self) -> String {
-        let ip = ip_word(self.family);
+        let ip = self.family.nft_family();
         let nf = nfproto(self.family);
         let name = self.name();
         match (self.stage, self.by_addr) {
@@ -359,7 +351,7 @@ impl Body {
         match self {
             Body::Dispatch(kind) => out.push_str(&kind.dispatch_rule()),
             Body::Nat(n) => {
-                let ip = ip_word(n.family);
+                let ip = n.family.nft_family();
                 if !n.sources.is_empty() {
                     let _ = write!(out, "{ip} saddr {} ", set_text(&n.sources));
                 }
@@ -383,7 +375,7 @@ impl Body {
             }
             Body::Snat(s) => {
                 let family = Family::of(&s.daddr);
-                let ip = ip_word(family);
+                let ip = family.nft_family();
                 let _ = write!(
                     out,
                     "{ip} daddr {} th dport {} counter ",
@@ -398,7 +390,7 @@ impl Body {
                 }
             }
             Body::Masquerade(m) => {
-                let ip = ip_word(m.source.family());
+                let ip = m.source.family().nft_family();
                 let _ = write!(out, "{ip} saddr {} ", m.source);
                 if let Some(o) = &m.out_interface {
                     let _ = write!(out, "oifname {} ", quoted(&interface(o))?);
@@ -412,7 +404,7 @@ impl Body {
                 }
             }
             Body::MasqMark(m) => {
-                let ip = ip_word(m.source.family());
+                let ip = m.source.family().nft_family();
                 let _ = write!(out, "{ip} saddr {} ", m.source);
                 if let Some(o) = &m.out_interface {
                     let _ = write!(out, "oifname {} ", quoted(&interface(o))?);
