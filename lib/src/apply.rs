@@ -20,7 +20,7 @@ use crate::system::SystemError;
 
 /// What went wrong during an apply, and whether the host was put back.
 #[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
+pub(crate) enum ApplyError {
     #[error("{step} failed: {cause}; rolled back every change of this run")]
     RolledBack {
         step: String,
@@ -39,7 +39,7 @@ pub enum ApplyError {
 
 impl ApplyError {
     /// The `ip -batch` line the system refused (`route add default via ... table 100 ...`).
-    pub fn failed_line(&self) -> Option<&str> {
+    pub(crate) fn failed_line(&self) -> Option<&str> {
         match self {
             ApplyError::RolledBack { line, .. } | ApplyError::RollbackFailed { line, .. } => {
                 line.as_deref()
@@ -61,7 +61,7 @@ fn refused_line(step: &Step, cause: &SystemError) -> Option<String> {
 }
 
 /// The run as the engine knows it: the backend, whose objects, and the snapshot to go back to.
-pub struct Run<'a, F: Firewall> {
+pub(crate) struct Run<'a, F: Firewall> {
     pub firewall: &'a F,
     pub instance: &'a str,
     pub protocol: u8,
@@ -70,7 +70,7 @@ pub struct Run<'a, F: Firewall> {
 
 /// Runs the plan. On failure restores the state observed before the run (the error is boxed:
 /// it is rare and large).
-pub fn apply<F: Firewall>(
+pub(crate) fn apply<F: Firewall>(
     run: &Run<F>,
     plan: &Plan,
     sys: &mut dyn Host,
@@ -130,12 +130,12 @@ fn describe(step: &Step) -> String {
 }
 
 /// `ip -4 -batch -`
-pub fn batch_command(batch: &IpBatch) -> String {
+pub(crate) fn batch_command(batch: &IpBatch) -> String {
     format!("ip -{} -batch -", batch.family.ip_flag())
 }
 
 /// `nft delete table ip nat`
-pub fn drop_command(drop: &TableDrop) -> String {
+pub(crate) fn drop_command(drop: &TableDrop) -> String {
     format!(
         "nft delete table {} {}",
         drop.family.nft_family(),
@@ -144,12 +144,12 @@ pub fn drop_command(drop: &TableDrop) -> String {
 }
 
 /// `sysctl -w net.ipv4.ip_forward=1`
-pub fn sysctl_command(key: &str, value: &str) -> String {
+pub(crate) fn sysctl_command(key: &str, value: &str) -> String {
     format!("sysctl -w {}={value}", key.replace('/', "."))
 }
 
 /// The `ip -batch` input.
-pub fn script(batch: &IpBatch) -> String {
+pub(crate) fn script(batch: &IpBatch) -> String {
     let mut text = batch.lines.join("\n");
     text.push('\n');
     text

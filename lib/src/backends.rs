@@ -9,6 +9,7 @@ use crate::firewall::iptables::observe::tool_flavour;
 use crate::firewall::iptables::Iptables;
 use crate::firewall::migrate::Moving;
 use crate::firewall::nftables::{table::table_name, Nftables};
+use crate::firewall::Firewall;
 use crate::model::{Config, State};
 use crate::net::Family;
 use crate::observe::{self, Prelude};
@@ -18,26 +19,51 @@ use crate::tools::{Backend, Flavour, IptablesTool};
 
 /// An iptables run: the flavour asked for, then the instance's nft table and the other
 /// flavour.
-pub type ForIptables = Moving<Iptables, Moving<Nftables, Iptables>>;
+pub(crate) type ForIptables = Moving<Iptables, Moving<Nftables, Iptables>>;
 
 /// An nftables run: the instance's table, then both iptables flavours.
-pub type ForNftables = Moving<Nftables, Moving<Iptables, Iptables>>;
+pub(crate) type ForNftables = Moving<Nftables, Moving<Iptables, Iptables>>;
+
+/// A stage that runs with whichever backends [`with_backends`] picks: written once, generic
+/// over them, so a new backend is a branch there and not in every caller.
+pub(crate) trait WithBackends {
+    type Out;
+    fn with<F: Firewall>(self, firewall: &F, sys: &mut dyn Host, prelude: Prelude) -> Self::Out;
+}
+
+/// Runs `stage` with the backends a run of `config` reads and writes: the one its params name,
+/// and those that may still hold the instance (see the module's doc).
+pub(crate) fn with_backends<W: WithBackends>(
+    config: &Config,
+    prelude: Prelude,
+    sys: &mut dyn Host,
+    stage: W,
+) -> W::Out {
+    if config.backend.is_nftables() {
+        let moving = for_nftables(Run::of(config), &prelude, sys);
+        stage.with(&moving, sys, prelude)
+    } else {
+        let tool = IptablesTool::of(config.backend);
+        let moving = for_iptables(Run::of(config), &prelude, tool, sys);
+        stage.with(&moving, sys, prelude)
+    }
+}
 
 /// No record at all: nothing says which backend holds the instance (a first run looks the
 /// same, and finds nothing).
-pub fn record_lost(prelude: &Prelude) -> bool {
+pub(crate) fn record_lost(prelude: &Prelude) -> bool {
     prelude.record == Record::default()
 }
 
 /// What a run is for: its instance, and whether it removes it (then it looks everywhere).
 #[derive(Debug, Clone, Copy)]
-pub struct Run<'a> {
+pub(crate) struct Run<'a> {
     pub instance: &'a str,
     pub absent: bool,
 }
 
 impl<'a> Run<'a> {
-    pub fn of(config: &'a Config) -> Run<'a> {
+    pub(crate) fn of(config: &'a Config) -> Run<'a> {
         Run {
             instance: &config.instance,
             absent: config.state == State::Absent,
@@ -53,12 +79,12 @@ fn everywhere(run: Run, prelude: &Prelude) -> bool {
 /// The oldest kernel the nftables backend's table loads on: its maps have concatenated keys
 /// with intervals (`meta l4proto . th dport`, Linux 5.6; inet NAT came with 5.2). Tested on
 /// Debian 11's 5.10 with nft 0.9.8 and later.
-pub const NFTABLES_MIN_KERNEL: (u32, u32) = (5, 6);
+pub(crate) const NFTABLES_MIN_KERNEL: (u32, u32) = (5, 6);
 
 /// Why the nftables backend cannot install here (an older kernel), checked before the
 /// firewall is read; None when it can, or when the kernel cannot be told. Removing an
 /// instance is never refused.
-pub fn nftables_unsupported(config: &Config, sys: &mut dyn Host) -> Option<String> {
+pub(crate) fn nftables_unsupported(config: &Config, sys: &mut dyn Host) -> Option<String> {
     if config.state == State::Absent {
         return None;
     }
@@ -80,7 +106,7 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
 
 /// The flavour `tool` runs here: as installed resolves to nf_tables or legacy by where
 /// `iptables-save` leads (stays as installed when that cannot be told).
-pub fn resolve(sys: &mut dyn Host, tool: IptablesTool) -> IptablesTool {
+pub(crate) fn resolve(sys: &mut dyn Host, tool: IptablesTool) -> IptablesTool {
     resolved(tool, installed_flavour(sys))
 }
 
@@ -134,7 +160,7 @@ fn recorded_flavour(prelude: &Prelude, installed: IptablesTool) -> Option<Iptabl
 }
 
 /// The backends of an iptables run with `tool`.
-pub fn for_iptables(
+pub(crate) fn for_iptables(
     run: Run,
     prelude: &Prelude,
     tool: IptablesTool,
@@ -170,7 +196,7 @@ pub fn for_iptables(
 }
 
 /// The backends of an nftables run.
-pub fn for_nftables(run: Run, prelude: &Prelude, sys: &mut dyn Host) -> ForNftables {
+pub(crate) fn for_nftables(run: Run, prelude: &Prelude, sys: &mut dyn Host) -> ForNftables {
     let everywhere = everywhere(run, prelude);
     let installed = installed_flavour(sys);
     let recorded = recorded_flavour(prelude, installed);

@@ -18,7 +18,7 @@ use crate::system::System;
 
 /// One conntrack entry: the original tuple and the reply's source.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Flow {
+pub(crate) struct Flow {
     pub family: Family,
     pub proto: Proto,
     pub orig_src: IpAddr,
@@ -33,7 +33,7 @@ pub struct Flow {
 
 impl Flow {
     /// `conntrack -D` arguments naming exactly this entry (its original tuple is unique).
-    pub fn delete_args(&self) -> Vec<String> {
+    pub(crate) fn delete_args(&self) -> Vec<String> {
         [
             "-D",
             "-f",
@@ -63,7 +63,7 @@ impl Flow {
 /// Parses `conntrack -L` lines (`udp 17 29 src=.. dst=.. sport=.. dport=.. [UNREPLIED]
 /// src=.. dst=.. sport=.. dport=.. mark=0 use=1`). Lines that cannot be read are skipped:
 /// an entry portfwd cannot read is never one it deletes.
-pub fn parse(text: &str, family: Family) -> Vec<Flow> {
+pub(crate) fn parse(text: &str, family: Family) -> Vec<Flow> {
     text.lines().filter_map(|l| parse_line(l, family)).collect()
 }
 
@@ -108,7 +108,7 @@ fn parse_line(line: &str, family: Family) -> Option<Flow> {
 
 /// A forward that the run added (`old` None), changed, or removed (`new` None).
 #[derive(Debug, Clone, Copy)]
-pub struct ForwardChange<'a> {
+pub(crate) struct ForwardChange<'a> {
     pub old: Option<&'a Forward>,
     pub new: Option<&'a Forward>,
 }
@@ -121,7 +121,7 @@ impl ForwardChange<'_> {
     }
 
     /// The (family, protocol) tables worth listing for this change.
-    pub fn tables(&self) -> Vec<(Family, Proto)> {
+    pub(crate) fn tables(&self) -> Vec<(Family, Proto)> {
         let mut out = Vec::new();
         for f in self.old.iter().chain(self.new.iter()) {
             for &p in &f.protos {
@@ -178,7 +178,7 @@ fn nated_by(f: &Forward, flow: &Flow, local: &[IpAddr]) -> bool {
 ///   forward existed): UDP only, an un-NATed TCP connection is a local service's;
 /// - flows translated by a changed or removed forward's old rules that its new rules would not
 ///   translate the same way: UDP, and TCP when `reset_connections` is set.
-pub fn stale(changes: &[ForwardChange], flows: &[Flow], local: &[IpAddr]) -> Vec<Flow> {
+pub(crate) fn stale(changes: &[ForwardChange], flows: &[Flow], local: &[IpAddr]) -> Vec<Flow> {
     flows
         .iter()
         .filter(|flow| {
@@ -199,7 +199,7 @@ pub fn stale(changes: &[ForwardChange], flows: &[Flow], local: &[IpAddr]) -> Vec
 
 /// What [`reset`] did, for the report.
 #[derive(Debug, Default)]
-pub struct Reset {
+pub(crate) struct Reset {
     /// `conntrack -D ...` of every entry deleted.
     pub commands: Vec<String>,
     pub udp: usize,
@@ -209,7 +209,7 @@ pub struct Reset {
 
 impl Reset {
     /// `conntrack: 3 udp flows reset, 1 tcp connection reset`, or None when nothing was.
-    pub fn summary(&self) -> Option<String> {
+    pub(crate) fn summary(&self) -> Option<String> {
         let mut parts = Vec::new();
         if self.udp > 0 {
             parts.push(format!(
@@ -232,7 +232,7 @@ impl Reset {
 /// Lists the tables the changes need and deletes their stale entries, one by one. Runs after
 /// the rules are committed; every failure is a warning, never a rollback (the rules are right,
 /// only old flows linger until they expire).
-pub fn reset(changes: &[ForwardChange], local: &[IpAddr], sys: &mut dyn System) -> Reset {
+pub(crate) fn reset(changes: &[ForwardChange], local: &[IpAddr], sys: &mut dyn System) -> Reset {
     let mut out = Reset::default();
     let mut tables: Vec<(Family, Proto)> = Vec::new();
     for c in changes {

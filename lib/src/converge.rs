@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use crate::apply::{self, ApplyError};
-use crate::backends;
+use crate::backends::{self, WithBackends};
 use crate::checks;
 use crate::compile::{self, Desired};
 use crate::conntrack;
@@ -25,7 +25,7 @@ use crate::system::SystemError;
 use crate::tools::IptablesTool;
 
 /// Converges the host to `config` (in check mode: reports what that would change).
-pub fn run(config: &Config, mode: RunMode, sys: &mut dyn Host) -> Report {
+pub(crate) fn run(config: &Config, mode: RunMode, sys: &mut dyn Host) -> Report {
     // The record says which backend holds the instance: another one than the params ask for
     // is read too and emptied in the same run.
     let prelude = match observe::prelude(sys, &config.instance) {
@@ -36,12 +36,20 @@ pub fn run(config: &Config, mode: RunMode, sys: &mut dyn Host) -> Report {
         if let Some(refusal) = backends::nftables_unsupported(config, sys) {
             return Report::failure(refusal);
         }
-        let moving = backends::for_nftables(backends::Run::of(config), &prelude, sys);
-        converge(&moving, config, mode, sys, prelude)
-    } else {
-        let tool = IptablesTool::of(config.backend);
-        let moving = backends::for_iptables(backends::Run::of(config), &prelude, tool, sys);
-        converge(&moving, config, mode, sys, prelude)
+    }
+    backends::with_backends(config, prelude, sys, Converge { config, mode })
+}
+
+/// The run once its backends are picked.
+struct Converge<'a> {
+    config: &'a Config,
+    mode: RunMode,
+}
+
+impl WithBackends for Converge<'_> {
+    type Out = Report;
+    fn with<F: Firewall>(self, firewall: &F, sys: &mut dyn Host, prelude: Prelude) -> Report {
+        converge(firewall, self.config, self.mode, sys, prelude)
     }
 }
 

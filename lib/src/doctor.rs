@@ -2,7 +2,7 @@
 //! the host as a check-mode run does (always the full reads, never the read cache) and turns
 //! what it sees into findings; it changes nothing.
 
-use crate::backends;
+use crate::backends::{self, WithBackends};
 use crate::checks;
 use crate::compile;
 use crate::error::Error;
@@ -10,7 +10,7 @@ use crate::findings::{Finding, Severity};
 use crate::firewall::Firewall;
 use crate::model::{Action, Config, Forward, Proto};
 use crate::net::Family;
-use crate::observe::{self, Observed, Scope};
+use crate::observe::{self, Observed, Prelude, Scope};
 use crate::plan;
 use crate::record_store::Host;
 use crate::report;
@@ -32,21 +32,27 @@ const CONNTRACK_MAX: &str = "net/netfilter/nf_conntrack_max";
 
 /// Diagnoses the host against `config` with the backends a run would read, so what another
 /// backend or flavour still holds is reported (`not_applied`) as the run would move it.
-pub fn run(config: &Config, probe: bool, sys: &mut dyn Host) -> Result<Diagnosis, Error> {
+pub(crate) fn run(config: &Config, probe: bool, sys: &mut dyn Host) -> Result<Diagnosis, Error> {
     let prelude = observe::prelude(sys, &config.instance)?;
-    if config.backend.is_nftables() {
-        let moving = backends::for_nftables(backends::Run::of(config), &prelude, sys);
-        diagnose(&moving, config, probe, sys)
-    } else {
-        let tool = IptablesTool::of(config.backend);
-        let moving = backends::for_iptables(backends::Run::of(config), &prelude, tool, sys);
-        diagnose(&moving, config, probe, sys)
+    backends::with_backends(config, prelude, sys, Doctor { config, probe })
+}
+
+/// Doctor once its backends are picked.
+struct Doctor<'a> {
+    config: &'a Config,
+    probe: bool,
+}
+
+impl WithBackends for Doctor<'_> {
+    type Out = Result<Diagnosis, Error>;
+    fn with<F: Firewall>(self, firewall: &F, sys: &mut dyn Host, _: Prelude) -> Self::Out {
+        diagnose(firewall, self.config, self.probe, sys)
     }
 }
 
 /// Diagnoses the host against `config` (the params, or the installed state as params).
 /// With `probe`, also connects to every TCP backend (this sends traffic).
-pub fn diagnose<F: Firewall>(
+pub(crate) fn diagnose<F: Firewall>(
     firewall: &F,
     config: &Config,
     probe: bool,

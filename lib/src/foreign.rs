@@ -6,7 +6,7 @@ use crate::net::{Family, PortRange, Proto};
 /// Another owner's NAT rule that a connection meets before portfwd's (a DNAT or REDIRECT in
 /// the same hook, earlier), so it may take a forward's connections first.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ForeignNat {
+pub(crate) struct ForeignNat {
     pub family: Family,
     /// `nat PREROUTING` or `inet docker prerouting`: where it was found.
     pub place: String,
@@ -22,7 +22,7 @@ pub struct ForeignNat {
 
 /// A base chain at the forward hook, and what it does to a forwarded packet.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ForwardChain {
+pub(crate) struct ForwardChain {
     pub family: String,
     pub table: String,
     pub name: String,
@@ -47,7 +47,7 @@ pub struct ForwardChain {
 impl ForwardChain {
     /// `inet firewalld filter_FORWARD`, `iptables filter FORWARD` (iptables-nft's), or
     /// `iptables-legacy filter FORWARD`.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self.tool() {
             Some(tool) => format!("{tool} {} {}", self.table, self.name),
             None => format!("{} {} {}", self.family, self.table, self.name),
@@ -55,7 +55,7 @@ impl ForwardChain {
     }
 
     /// The iptables command that manages it, when iptables does.
-    pub fn tool(&self) -> Option<&'static str> {
+    pub(crate) fn tool(&self) -> Option<&'static str> {
         let v6 = self.family == "ip6";
         match (self.legacy, self.iptables_nft, v6) {
             (true, _, false) => Some("iptables-legacy"),
@@ -67,7 +67,7 @@ impl ForwardChain {
     }
 
     /// What kind of filter it is, for messages.
-    pub fn owner(&self) -> &'static str {
+    pub(crate) fn owner(&self) -> &'static str {
         match (self.legacy, self.iptables_nft) {
             (true, _) => "iptables-legacy",
             (false, true) => "iptables-nft",
@@ -76,14 +76,14 @@ impl ForwardChain {
     }
 
     /// Does an accept of the chain let every flow carrying conntrack mark `bit` through?
-    pub fn accepts_mark(&self, bit: u32) -> bool {
+    pub(crate) fn accepts_mark(&self, bit: u32) -> bool {
         self.accepted_marks
             .iter()
             .any(|&(value, mask)| mask & bit == bit && value & mask == bit)
     }
 
     /// Drops what reaches its end (policy or last rule).
-    pub fn drops(&self) -> bool {
+    pub(crate) fn drops(&self) -> bool {
         self.policy_drop || self.ends_in_drop
     }
 }

@@ -13,7 +13,7 @@ use crate::system::{RealSystem, System};
 use crate::tools::{IptablesTool, Read};
 
 /// The names of every instance on this host: stored, recorded, or named in the firewall.
-pub fn instances(sys: &mut RealSystem) -> Result<BTreeSet<String>, Error> {
+pub(crate) fn instances(sys: &mut RealSystem) -> Result<BTreeSet<String>, Error> {
     let mut known = Vec::new();
     for name in sys.stored_instances()? {
         if sys.stored_namespace(&name)?.1 {
@@ -26,7 +26,10 @@ pub fn instances(sys: &mut RealSystem) -> Result<BTreeSet<String>, Error> {
 
 /// Every instance name the host shows, sorted; `known` are those from records and stored
 /// params. Reads that fail (a tool not installed) find nothing.
-pub fn names(sys: &mut dyn System, known: impl IntoIterator<Item = String>) -> BTreeSet<String> {
+pub(crate) fn names(
+    sys: &mut dyn System,
+    known: impl IntoIterator<Item = String>,
+) -> BTreeSet<String> {
     let mut names: BTreeSet<String> = known.into_iter().collect();
     let mut reads = Vec::new();
     for family in [Family::V4, Family::V6] {

@@ -18,6 +18,8 @@
 //! The engine holds no process-global state and prints nothing; the binary in `module/`
 //! takes the run lock, calls [`run`] and prints the [`report::Report`].
 
+#![warn(unreachable_pub)]
+
 mod apply;
 mod backends;
 mod checks;

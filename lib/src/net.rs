@@ -287,7 +287,7 @@ fn interval_of(cidr: &Cidr) -> (u128, u128) {
 }
 
 /// The fewest prefixes that cover exactly the addresses `first..=last`, in order.
-pub fn cover_interval(family: Family, first: u128, last: u128) -> Vec<Cidr> {
+pub(crate) fn cover_interval(family: Family, first: u128, last: u128) -> Vec<Cidr> {
     let width = u32::from(family.host_prefix());
     let mut out = Vec::new();
     let mut at = first;
@@ -331,7 +331,7 @@ pub fn cover_interval(family: Family, first: u128, last: u128) -> Vec<Cidr> {
 /// adjacent networks merge (`10.0.0.0/25` and `10.0.0.128/25` are `10.0.0.0/24`). nft merges
 /// the elements of an address set this way, so a rule written from this form reads back as
 /// written.
-pub fn minimal_cover(cidrs: &[Cidr]) -> Vec<Cidr> {
+pub(crate) fn minimal_cover(cidrs: &[Cidr]) -> Vec<Cidr> {
     let mut out = Vec::new();
     for family in [Family::V4, Family::V6] {
         let mut intervals: Vec<(u128, u128)> = cidrs
@@ -350,7 +350,7 @@ pub fn minimal_cover(cidrs: &[Cidr]) -> Vec<Cidr> {
 }
 
 /// Sorted inclusive intervals with the overlapping and adjacent ones joined.
-pub fn merged(sorted: &[(u128, u128)]) -> Vec<(u128, u128)> {
+pub(crate) fn merged(sorted: &[(u128, u128)]) -> Vec<(u128, u128)> {
     let mut out: Vec<(u128, u128)> = Vec::new();
     for &(a, b) in sorted {
         match out.last_mut() {
@@ -363,13 +363,13 @@ pub fn merged(sorted: &[(u128, u128)]) -> Vec<(u128, u128)> {
 
 /// The inclusive interval `first..=last` of one family, as numbers (nft lists merged address
 /// sets as ranges).
-pub fn interval_bits(first: &IpAddr, last: &IpAddr) -> Option<(Family, u128, u128)> {
+pub(crate) fn interval_bits(first: &IpAddr, last: &IpAddr) -> Option<(Family, u128, u128)> {
     let family = Family::of(first);
     (family == Family::of(last)).then(|| (family, addr_bits(first), addr_bits(last)))
 }
 
 /// The interval of a prefix, as numbers.
-pub fn cidr_bits(cidr: &Cidr) -> (Family, u128, u128) {
+pub(crate) fn cidr_bits(cidr: &Cidr) -> (Family, u128, u128) {
     let (a, b) = interval_of(cidr);
     (cidr.family(), a, b)
 }

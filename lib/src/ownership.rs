@@ -24,29 +24,29 @@ pub fn valid_instance(name: &str) -> bool {
 pub const INSTANCE_RULE: &str = "must match [a-z0-9-]{1,12}";
 
 /// A forward's rules.
-pub const KIND_FORWARD: &str = "fwd";
+pub(crate) const KIND_FORWARD: &str = "fwd";
 /// A masquerade entry's rules.
-pub const KIND_MASQUERADE: &str = "masq";
+pub(crate) const KIND_MASQUERADE: &str = "masq";
 /// The jump from a built-in chain into the instance's chain.
 const KIND_JUMP: &str = "jump";
 /// Rules of no single entry: the FORWARD chain's shared flow rules and the dispatch jumps.
-pub const KIND_FLOW: &str = "flow";
+pub(crate) const KIND_FLOW: &str = "flow";
 /// Accepts the later packets of the instance's marked flows (first in FORWARD).
-pub const FLOW_ESTABLISHED: &str = "established";
+pub(crate) const FLOW_ESTABLISHED: &str = "established";
 /// Accepts the packet that was just marked (last in FORWARD).
-pub const FLOW_MARKED: &str = "marked";
+pub(crate) const FLOW_MARKED: &str = "marked";
 /// Returns what was not DNATed before the per-forward rules see it.
-pub const FLOW_NOT_DNAT: &str = "not-dnat";
+pub(crate) const FLOW_NOT_DNAT: &str = "not-dnat";
 /// A jump from a hook chain into a per-port sub-chain.
-pub const FLOW_DISPATCH: &str = "dispatch";
+pub(crate) const FLOW_DISPATCH: &str = "dispatch";
 
 /// Appended to the comment of a forward's DNAT/REDIRECT rules when `reset_connections` is
 /// set, so a later run that removes the forward still knows to cut its TCP connections.
-pub const RESET_MARKER: &str = ":reset";
+pub(crate) const RESET_MARKER: &str = ":reset";
 
 /// What an owned rule's comment says about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tag<'a> {
+pub(crate) struct Tag<'a> {
     pub kind: &'a str,
     pub name: &'a str,
     /// The forward's `reset_connections` marker.
@@ -54,18 +54,18 @@ pub struct Tag<'a> {
 }
 
 /// The comment of an owned rule: `<instance>:<kind>:<name>:<hash>[:reset]`.
-pub fn entry_comment(instance: &str, tag: Tag, hash: u32) -> String {
+pub(crate) fn entry_comment(instance: &str, tag: Tag, hash: u32) -> String {
     let marker = if tag.reset { RESET_MARKER } else { "" };
     format!("{instance}:{}:{}:{hash:08x}{marker}", tag.kind, tag.name)
 }
 
 /// The comment of a jump into the instance's chain.
-pub fn jump_comment(instance: &str) -> String {
+pub(crate) fn jump_comment(instance: &str) -> String {
     format!("{instance}:{KIND_JUMP}")
 }
 
 /// Is this the instance's jump comment?
-pub fn is_jump_comment(comment: &str, instance: &str) -> bool {
+pub(crate) fn is_jump_comment(comment: &str, instance: &str) -> bool {
     comment
         .strip_prefix(instance)
         .and_then(|rest| rest.strip_prefix(':'))
@@ -73,7 +73,7 @@ pub fn is_jump_comment(comment: &str, instance: &str) -> bool {
 }
 
 /// Reads an owned rule's comment; None when it is not one of this instance's entries.
-pub fn parse_comment<'a>(comment: &'a str, instance: &str) -> Option<Tag<'a>> {
+pub(crate) fn parse_comment<'a>(comment: &'a str, instance: &str) -> Option<Tag<'a>> {
     let (comment, reset) = match comment.strip_suffix(RESET_MARKER) {
         Some(rest) => (rest, true),
         None => (comment, false),
@@ -84,13 +84,13 @@ pub fn parse_comment<'a>(comment: &'a str, instance: &str) -> Option<Tag<'a>> {
 }
 
 /// Does an owned rule's comment carry [`RESET_MARKER`]?
-pub fn has_reset_marker(comment: &str) -> bool {
+pub(crate) fn has_reset_marker(comment: &str) -> bool {
     comment.ends_with(RESET_MARKER)
 }
 
 /// The instance an iptables chain of portfwd's is named for: `PFWD-<instance>-<HOOK>[-T12]`.
 /// The instance is lower case and the hook upper case, so `PFWD-web-1-PRE` is `web-1`.
-pub fn instance_of_chain(chain: &str) -> Option<&str> {
+pub(crate) fn instance_of_chain(chain: &str) -> Option<&str> {
     let rest = chain.strip_prefix("PFWD-")?;
     let end = rest
         .match_indices('-')
@@ -100,7 +100,7 @@ pub fn instance_of_chain(chain: &str) -> Option<&str> {
 }
 
 /// The instance an nft table of portfwd's is named for: `portfwd-<instance>` (family inet).
-pub fn instance_of_table(table: &str) -> Option<&str> {
+pub(crate) fn instance_of_table(table: &str) -> Option<&str> {
     table
         .strip_prefix("portfwd-")
         .filter(|name| valid_instance(name))
@@ -109,14 +109,14 @@ pub fn instance_of_table(table: &str) -> Option<&str> {
 /// FNV-1a: stable across runs, releases and platforms (the comments, the default route
 /// protocol and policy-rule priorities must not change when portfwd is upgraded).
 #[derive(Debug, Clone, Copy)]
-pub struct StableHash(u32);
+pub(crate) struct StableHash(u32);
 
 impl StableHash {
-    pub fn new() -> StableHash {
+    pub(crate) fn new() -> StableHash {
         StableHash(0x811c_9dc5)
     }
 
-    pub fn bytes(mut self, bytes: &[u8]) -> StableHash {
+    pub(crate) fn bytes(mut self, bytes: &[u8]) -> StableHash {
         for b in bytes {
             self.0 ^= u32::from(*b);
             self.0 = self.0.wrapping_mul(0x0100_0193);
@@ -125,11 +125,11 @@ impl StableHash {
     }
 
     /// A part followed by a NUL, so `("ab", "c")` and `("a", "bc")` differ.
-    pub fn part(self, bytes: &[u8]) -> StableHash {
+    pub(crate) fn part(self, bytes: &[u8]) -> StableHash {
         self.bytes(bytes).bytes(&[0])
     }
 
-    pub fn finish(self) -> u32 {
+    pub(crate) fn finish(self) -> u32 {
         self.0
     }
 }
@@ -145,7 +145,7 @@ impl Default for StableHash {
 /// (which carry its protocol number, but 50 default numbers cannot keep every instance
 /// apart). Only what is recorded is ever removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Record {
+pub(crate) struct Record {
     #[serde(default)]
     pub addresses: BTreeSet<String>,
     #[serde(default)]
@@ -174,7 +174,7 @@ pub struct Record {
 /// (iptables-nft's included) bump the generation; iptables-legacy ones do not, so legacy hosts
 /// never use it (and only nf_tables reads are cached).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ReadCache {
+pub(crate) struct ReadCache {
     /// [`crate::firewall::Firewall::digest`] of the desired objects, with the backend setting
     /// and portfwd's version.
     pub digest: u32,
@@ -185,7 +185,7 @@ pub struct ReadCache {
 /// What a full nf_tables read of the firewall found besides portfwd's own objects, and at
 /// which generation (read before it).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FirewallRead {
+pub(crate) struct FirewallRead {
     pub generation: u32,
     /// The warnings that read gave (repeated on every run that uses the cache).
     #[serde(default)]
@@ -202,13 +202,13 @@ pub struct FirewallRead {
 
 /// What the warnings need of other nftables tables (see [`crate::observe::nft`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct OtherTables {
+pub(crate) struct OtherTables {
     pub forward_chains: Vec<crate::foreign::ForwardChain>,
     pub foreign_nat: Vec<crate::foreign::ForeignNat>,
 }
 
 impl Record {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.addresses.is_empty()
             && self.tables.is_empty()
             && self.rules.is_empty()
@@ -221,19 +221,19 @@ impl Record {
 
 /// Does portfwd own this sysctl's value (set it, record the old one in the [`Record`], put it
 /// back when no entry needs it)? route_localnet only; forwarding is never turned off again.
-pub fn is_reverted_sysctl(key: &str) -> bool {
+pub(crate) fn is_reverted_sysctl(key: &str) -> bool {
     key.starts_with("net/ipv4/conf/") && key.ends_with("/route_localnet")
 }
 
 /// How a firewall table appears in the record: `ipv4 nat`.
-pub fn table_key(family: Family, table: &str) -> String {
+pub(crate) fn table_key(family: Family, table: &str) -> String {
     format!("{} {table}", family.label())
 }
 
 /// May an nf_tables table portfwd created be deleted? Only when `nft -j list table` shows
 /// nothing in it but chains (no rules, sets, maps or flowtables, which iptables-save cannot
 /// show and someone else may have added).
-pub fn holds_only_chains(nft_listing: &str) -> bool {
+pub(crate) fn holds_only_chains(nft_listing: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(nft_listing)
         .ok()
         .and_then(|v| v.get("nftables").and_then(|n| n.as_array()).cloned())

@@ -26,7 +26,7 @@ use crate::system::{write_private, RealSystem, System, SystemError};
 
 /// Where a run keeps and finds the record: the real host's run dir ([`RealSystem`]), or the
 /// fake host's memory. Apart from [`System`], which knows nothing of records.
-pub trait Records {
+pub(crate) trait Records {
     /// What this instance created in this network namespace (see [`Record`]), and a warning
     /// when the stored record could not be trusted (corrupt, or another namespace's).
     fn read_record(&mut self, instance: &str) -> Result<(Record, Option<String>), SystemError>;
@@ -36,7 +36,7 @@ pub trait Records {
 }
 
 /// The host as the pipeline uses it: its commands and files, and its records.
-pub trait Host: System + Records {}
+pub(crate) trait Host: System + Records {}
 
 impl<T: System + Records> Host for T {}
 
@@ -74,7 +74,7 @@ impl Records for RealSystem {
 }
 
 /// Instances with a record of this network namespace in the run dir, sorted.
-pub fn recorded_instances(sys: &RealSystem) -> Result<Vec<String>, SystemError> {
+pub(crate) fn recorded_instances(sys: &RealSystem) -> Result<Vec<String>, SystemError> {
     let id = NetnsId::current(sys.use_cookie())?;
     let mut names: Vec<String> = namespace_files(sys, &id)?
         .into_iter()
@@ -112,7 +112,7 @@ fn links(sys: &RealSystem, id: &NetnsId) -> Result<BTreeSet<String>, SystemError
 
 /// The identity of the calling thread's network namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetnsId {
+pub(crate) struct NetnsId {
     /// None before Linux 5.14 (or when simulated).
     pub cookie: Option<u64>,
     pub dev: u64,
@@ -122,7 +122,7 @@ pub struct NetnsId {
 
 /// What a record file says about the namespace that wrote it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Stamp {
+pub(crate) struct Stamp {
     pub dev: u64,
     pub ino: u64,
     pub boot_id: String,
@@ -149,7 +149,7 @@ fn io_error(path: &str) -> impl Fn(std::io::Error) -> SystemError + '_ {
 
 impl NetnsId {
     /// The calling thread's namespace. `use_cookie: false` simulates an old kernel.
-    pub fn current(use_cookie: bool) -> Result<NetnsId, SystemError> {
+    pub(crate) fn current(use_cookie: bool) -> Result<NetnsId, SystemError> {
         let ns = "/proc/thread-self/ns/net";
         let meta = std::fs::metadata(ns).map_err(io_error(ns))?;
         let cookie = if use_cookie {
@@ -170,7 +170,7 @@ impl NetnsId {
     }
 
     /// `<instance>.netns-<cookie>.record`, or `<instance>.netns-i<ino>-d<dev>-b<boot>.record`.
-    pub fn file_name(&self, instance: &str) -> String {
+    pub(crate) fn file_name(&self, instance: &str) -> String {
         match self.cookie {
             Some(c) => format!("{instance}.netns-{c:016x}.record"),
             None => format!(
@@ -222,7 +222,7 @@ fn netns_cookie() -> std::io::Result<u64> {
 }
 
 /// `ifindex/mac` of every link with a link-layer address (`ip -j link show` output).
-pub fn link_fingerprint(ip_link_json: &str) -> BTreeSet<String> {
+pub(crate) fn link_fingerprint(ip_link_json: &str) -> BTreeSet<String> {
     let Ok(serde_json::Value::Array(links)) = serde_json::from_str(ip_link_json) else {
         return BTreeSet::new();
     };
@@ -239,14 +239,18 @@ pub fn link_fingerprint(ip_link_json: &str) -> BTreeSet<String> {
 
 /// A record read from disk, with what the run should be told about it.
 #[derive(Debug, Default)]
-pub struct Loaded {
+pub(crate) struct Loaded {
     pub record: Record,
     pub warning: Option<String>,
 }
 
 /// Reads the record at `path`. `links` is the current fingerprint (checked with the fallback
 /// key only, where `id.cookie` is None).
-pub fn load(path: &Path, id: &NetnsId, links: &BTreeSet<String>) -> Result<Loaded, SystemError> {
+pub(crate) fn load(
+    path: &Path,
+    id: &NetnsId,
+    links: &BTreeSet<String>,
+) -> Result<Loaded, SystemError> {
     let shown = path.display().to_string();
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
@@ -297,7 +301,7 @@ pub fn load(path: &Path, id: &NetnsId, links: &BTreeSet<String>) -> Result<Loade
 
 /// Writes (or, for an empty record, removes) the record at `path`, moving a corrupt file aside
 /// first, then sweeps the records of namespaces that no longer exist from `dir`.
-pub fn store(
+pub(crate) fn store(
     dir: &Path,
     path: &Path,
     record: &Record,

@@ -12,7 +12,7 @@ use crate::net::{Cidr, Family};
 
 /// An `ip rule` (desired, or observed with our protocol).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IpRule {
+pub(crate) struct IpRule {
     pub family: Family,
     pub priority: u32,
     pub from: Cidr,
@@ -25,7 +25,7 @@ pub struct IpRule {
 
 impl IpRule {
     /// The identity in the record: `ipv4 priority ... table N`.
-    pub fn record_key(&self) -> String {
+    pub(crate) fn record_key(&self) -> String {
         format!("{} {}", self.family.label(), self.selector())
     }
 
@@ -49,7 +49,7 @@ impl IpRule {
 impl IpRule {
     /// Would `rule del <self's selector> protocol N` match `other` (a rule of protocol N)?
     /// The kernel treats every selector left out, and a `from`/`to` of length 0, as "any".
-    pub fn deletes(&self, other: &IpRule) -> bool {
+    pub(crate) fn deletes(&self, other: &IpRule) -> bool {
         self.priority == other.priority
             && self.table == other.table
             && (self.from.prefix == 0 || self.from == other.from)
@@ -70,7 +70,7 @@ impl fmt::Display for IpRule {
 
 /// A route in a policy table (desired, or observed with our protocol).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IpRoute {
+pub(crate) struct IpRoute {
     pub family: Family,
     pub table: u32,
     /// None is `default`.
@@ -81,7 +81,7 @@ pub struct IpRoute {
 
 impl IpRoute {
     /// The identity in the record: `ipv4 table N DEST`.
-    pub fn record_key(&self) -> String {
+    pub(crate) fn record_key(&self) -> String {
         let to = self
             .to
             .map_or_else(|| "default".to_string(), |c| c.to_string());
@@ -89,12 +89,12 @@ impl IpRoute {
     }
 
     /// What the kernel keys a route by (one route per key and table).
-    pub fn key(&self) -> (Family, u32, Option<Cidr>) {
+    pub(crate) fn key(&self) -> (Family, u32, Option<Cidr>) {
         (self.family, self.table, self.to)
     }
 
     /// Does this (observed) route do what `want` asks? A `dev` left open matches any.
-    pub fn satisfies(&self, want: &IpRoute) -> bool {
+    pub(crate) fn satisfies(&self, want: &IpRoute) -> bool {
         self.key() == want.key()
             && self.via == want.via
             && (want.dev.is_none() || self.dev == want.dev)
@@ -124,7 +124,7 @@ impl fmt::Display for IpRoute {
 
 /// An address on an interface.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IfAddr {
+pub(crate) struct IfAddr {
     pub addr: IpAddr,
     pub prefix: u8,
     pub dev: String,
@@ -135,16 +135,16 @@ pub struct IfAddr {
 }
 
 impl IfAddr {
-    pub fn family(&self) -> Family {
+    pub(crate) fn family(&self) -> Family {
         Family::of(&self.addr)
     }
 
     /// The identity used by the ownership record: `dev addr/prefix`.
-    pub fn record_key(&self) -> String {
+    pub(crate) fn record_key(&self) -> String {
         format!("{} {}/{}", self.dev, self.addr, self.prefix)
     }
 
-    pub fn same_address(&self, other: &IfAddr) -> bool {
+    pub(crate) fn same_address(&self, other: &IfAddr) -> bool {
         self.addr == other.addr && self.prefix == other.prefix && self.dev == other.dev
     }
 
@@ -165,7 +165,7 @@ impl fmt::Display for IfAddr {
 
 /// What an instance wants (or had) in iproute2.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Routing {
+pub(crate) struct Routing {
     pub addresses: Vec<IfAddr>,
     pub rules: Vec<IpRule>,
     pub routes: Vec<IpRoute>,

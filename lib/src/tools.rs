@@ -128,7 +128,7 @@ impl IptablesTool {
 }
 
 /// The restore command line as shown in results (`commands`).
-pub fn restore_command(tool: IptablesTool, family: Family) -> String {
+pub(crate) fn restore_command(tool: IptablesTool, family: Family) -> String {
     format!(
         "{} --noflush -w {}",
         tool.command(family, "restore"),
@@ -141,7 +141,7 @@ pub(crate) const RESTORE_WAIT_SECONDS: u32 = 10;
 
 /// The kernel side of a backend's objects, as a result's `backend` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flavour {
+pub(crate) enum Flavour {
     /// iptables-nft: iptables' rules in nf_tables.
     NfTables,
     /// iptables-legacy: the xtables tables.
@@ -151,7 +151,7 @@ pub enum Flavour {
 }
 
 impl Flavour {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Flavour::NfTables => "nf_tables",
             Flavour::Legacy => "legacy",
@@ -161,14 +161,14 @@ impl Flavour {
 
     /// Is it in nf_tables, whose generation every change of any table moves (legacy
     /// changes move nothing)?
-    pub fn in_nf_tables(self) -> bool {
+    pub(crate) fn in_nf_tables(self) -> bool {
         self != Flavour::Legacy
     }
 }
 
 /// A read that does not depend on any other, so a batch of them can run at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Read {
+pub(crate) enum Read {
     /// `iptables-save` / `ip6tables-save` of that flavour: (stdout, stderr).
     Save(IptablesTool, Family),
     /// `ip -N -j ARGS...`: (stdout, "").

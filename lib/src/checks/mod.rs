@@ -13,7 +13,7 @@ use crate::net::{Cidr, Family};
 use crate::observe::Observed;
 
 /// Sysctls a run reads: those it manages, plus those its warnings look at.
-pub fn sysctl_keys(config: &Config, managed: &BTreeMap<String, String>) -> Vec<String> {
+pub(crate) fn sysctl_keys(config: &Config, managed: &BTreeMap<String, String>) -> Vec<String> {
     let mut keys: Vec<String> = managed.keys().cloned().collect();
     for f in config.forwards.iter().filter(|f| f.dnats_to_loopback()) {
         keys.push(localnet_key("all"));
@@ -59,7 +59,7 @@ fn policy_route_devices(config: &Config) -> Vec<String> {
 
 /// Do the warnings need the host's addresses (`snat: none` checks whether the backend is
 /// on-link)?
-pub fn needs_addresses(config: &Config) -> bool {
+pub(crate) fn needs_addresses(config: &Config) -> bool {
     config.forwards.iter().any(|f| {
         matches!(
             f.action,
@@ -72,7 +72,7 @@ pub fn needs_addresses(config: &Config) -> bool {
 }
 
 /// Do the params name an interface (which the run then checks exists)?
-pub fn names_interfaces(config: &Config) -> bool {
+pub(crate) fn names_interfaces(config: &Config) -> bool {
     !config.addresses.is_empty()
         || config.forwards.iter().any(|f| f.in_interface.is_some())
         || config.masquerades.iter().any(|m| m.out_interface.is_some())
@@ -86,7 +86,10 @@ pub fn names_interfaces(config: &Config) -> bool {
 /// put on a missing device (an error: the run refuses before it changes anything, check mode
 /// and `plan` included); a match on an incoming or outgoing interface, and an ip rule's `iif`,
 /// take effect when it appears (a warning). `eth+` patterns are never missing.
-pub fn missing_interfaces<F: Firewall>(config: &Config, observed: &Observed<F>) -> Vec<Finding> {
+pub(crate) fn missing_interfaces<F: Firewall>(
+    config: &Config,
+    observed: &Observed<F>,
+) -> Vec<Finding> {
     if !observed.addresses_read {
         return Vec::new();
     }
@@ -152,13 +155,13 @@ pub fn missing_interfaces<F: Firewall>(config: &Config, observed: &Observed<F>) 
 
 /// Are other filters on the host worth reading (their forward-hook drops, their NAT taking
 /// a forward's port first)? Whenever there is a forward or a masquerade entry.
-pub fn reads_other_filters(config: &Config) -> bool {
+pub(crate) fn reads_other_filters(config: &Config) -> bool {
     !config.forwards.is_empty() || !config.masquerades.is_empty()
 }
 
 /// Findings split by the params' `ignore_findings`.
 #[derive(Debug, Default)]
-pub struct Sifted {
+pub(crate) struct Sifted {
     pub kept: Vec<Finding>,
     /// What the operator silenced (doctor lists it).
     pub ignored: Vec<Finding>,
@@ -167,7 +170,7 @@ pub struct Sifted {
 impl Sifted {
     /// Sorts `findings` into kept and ignored: a finding about one entry is ignored when that
     /// entry's `ignore_findings` names its id.
-    pub fn add(&mut self, config: &Config, findings: impl IntoIterator<Item = Finding>) {
+    pub(crate) fn add(&mut self, config: &Config, findings: impl IntoIterator<Item = Finding>) {
         for f in findings {
             match &f.entry {
                 Some(entry) if config.ignores(entry, f.id) => self.ignored.push(f),
@@ -179,7 +182,7 @@ impl Sifted {
 
 /// Splits the entries one finding would name (`forwards.web`, ...) into those that report it
 /// and those whose `ignore_findings` silence it.
-pub fn split_entries<T>(
+pub(crate) fn split_entries<T>(
     config: &Config,
     id: &str,
     entries: Vec<T>,
@@ -191,7 +194,11 @@ pub fn split_entries<T>(
 }
 
 /// Warnings that need the observed state (without those the params silence).
-pub fn warnings<F: Firewall>(config: &Config, firewall: &F, observed: &Observed<F>) -> Vec<String> {
+pub(crate) fn warnings<F: Firewall>(
+    config: &Config,
+    firewall: &F,
+    observed: &Observed<F>,
+) -> Vec<String> {
     findings(config, firewall, observed)
         .kept
         .into_iter()
@@ -200,7 +207,11 @@ pub fn warnings<F: Firewall>(config: &Config, firewall: &F, observed: &Observed<
 }
 
 /// The pitfalls a run can see from the desired and the observed state.
-pub fn findings<F: Firewall>(config: &Config, firewall: &F, observed: &Observed<F>) -> Sifted {
+pub(crate) fn findings<F: Firewall>(
+    config: &Config,
+    firewall: &F,
+    observed: &Observed<F>,
+) -> Sifted {
     let mut sifted = Sifted::default();
     let out = pitfalls(config, firewall, observed, &mut sifted);
     sifted.add(config, out);
@@ -596,7 +607,7 @@ fn is_link_local(addr: &IpAddr) -> bool {
 
 /// The `snat: none` reminder check mode (and `plan`) gives for forwards whose replies the
 /// host cannot see coming back: the backend must route them through this host.
-pub fn reminders<F: Firewall>(config: &Config, observed: &Observed<F>) -> Vec<String> {
+pub(crate) fn reminders<F: Firewall>(config: &Config, observed: &Observed<F>) -> Vec<String> {
     config
         .forwards
         .iter()

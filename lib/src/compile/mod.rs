@@ -13,7 +13,7 @@ use crate::routing::{IfAddr, IpRoute, IpRule, Routing};
 
 /// What should exist after the run.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Desired<F: Firewall = Iptables> {
+pub(crate) struct Desired<F: Firewall = Iptables> {
     /// The backend's objects (iptables: the instance's chains and the jumps into them).
     pub firewall: F::Desired,
     /// sysctl path under `/proc/sys` → value to ensure.
@@ -29,7 +29,7 @@ pub struct Desired<F: Firewall = Iptables> {
 }
 
 /// Compiles the whole config. `state: absent` compiles to nothing.
-pub fn compile<F: Firewall>(config: &Config, firewall: &F) -> Desired<F> {
+pub(crate) fn compile<F: Firewall>(config: &Config, firewall: &F) -> Desired<F> {
     let mut desired = Desired {
         firewall: firewall.compile(config),
         ..Desired::default()
@@ -60,7 +60,7 @@ pub fn compile<F: Firewall>(config: &Config, firewall: &F) -> Desired<F> {
 
 /// Addresses as given; one rule per policy route (a stable priority when none is given);
 /// its routes in its table, shared tables merged.
-pub fn compile_routing(config: &Config) -> Routing {
+pub(crate) fn compile_routing(config: &Config) -> Routing {
     let addresses = config
         .addresses
         .iter()
@@ -111,7 +111,7 @@ pub fn compile_routing(config: &Config) -> Routing {
 /// The params entry an `ip -batch` line of this run was compiled from, with its `dev` and
 /// `via` values (so a refusal names `policy_routes[0].routes[1].via: "192.0.2.1"`, not only
 /// iproute2's text). None for a line that removes what the params no longer ask for.
-pub fn routing_origin(config: &Config, line: &str) -> Option<Origin> {
+pub(crate) fn routing_origin(config: &Config, line: &str) -> Option<Origin> {
     let spec = [
         "address add ",
         "address replace ",
@@ -162,7 +162,7 @@ pub fn routing_origin(config: &Config, line: &str) -> Option<Origin> {
 
 /// Where in the params an iproute2 object comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
+pub(crate) struct Origin {
     /// `addresses[0]`, `policy_routes[1].routes[0]`.
     pub path: String,
     pub dev: Option<String>,
@@ -179,7 +179,7 @@ fn stable_priority(instance: &str, rule: &IpRule) -> u32 {
 
 /// The sysctls the config manages (forwarding of the families it uses, route_localnet),
 /// with the value each should have. Cheap, so a run knows what to read before compiling.
-pub fn sysctls(config: &Config) -> BTreeMap<String, String> {
+pub(crate) fn sysctls(config: &Config) -> BTreeMap<String, String> {
     let mut sysctls = BTreeMap::new();
     if config.state != State::Absent {
         compile_sysctls(config, &mut sysctls);
@@ -219,7 +219,7 @@ fn compile_sysctls(config: &Config, sysctls: &mut BTreeMap<String, String>) {
 }
 
 /// `net/ipv4/conf/DEV/route_localnet`
-pub fn localnet_sysctl(dev: &str) -> String {
+pub(crate) fn localnet_sysctl(dev: &str) -> String {
     format!("net/ipv4/conf/{dev}/route_localnet")
 }
 

@@ -16,7 +16,7 @@ use crate::tools::{Backend, Flavour, Read};
 /// two candidates (another iptables flavour and nftables); such an inner one reads its `new`
 /// only while `from_new` is set.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Moving<N, O> {
+pub(crate) struct Moving<N, O> {
     pub new: N,
     pub old: O,
     pub from_old: bool,

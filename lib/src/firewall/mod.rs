@@ -12,9 +12,9 @@
 //! [`crate::plan::Step`] kind for its tool when it needs new ones, and a branch in
 //! [`crate::converge::run`] that picks it.
 
-pub mod iptables;
-pub mod migrate;
-pub mod nftables;
+pub(crate) mod iptables;
+pub(crate) mod migrate;
+pub(crate) mod nftables;
 
 use std::fmt::Debug;
 
@@ -26,7 +26,7 @@ use crate::tools::{Backend, Flavour, IptablesTool, Read};
 
 /// One packet-filter backend. A backend is a small value (a unit struct for iptables), so the
 /// engine's state types can derive their traits.
-pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
+pub(crate) trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     /// The objects the backend wants on the host for a config.
     type Desired: Clone + Debug + Default + PartialEq + Send;
     /// What the backend found of an instance on the host.
@@ -117,7 +117,7 @@ pub trait Firewall: Sync + Default + Clone + Debug + PartialEq {
 
 /// Forwards and masquerade entries read back from the firewall.
 #[derive(Debug, Clone, Default)]
-pub struct Entries {
+pub(crate) struct Entries {
     pub forwards: Vec<ForwardParams>,
     pub masquerade: Vec<MasqueradeParams>,
     /// The `conn_mark` the rules use, when it is not the default.
@@ -126,7 +126,7 @@ pub struct Entries {
 
 /// A backend's part of the plan.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FirewallPlan {
+pub(crate) struct FirewallPlan {
     /// Each one atomic on its own, in order.
     pub transactions: Vec<Transaction>,
     /// Tables portfwd created and has emptied, dropped after the transactions.
@@ -140,7 +140,7 @@ pub struct FirewallPlan {
 
 /// One atomic write to the firewall, rendered by its backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transaction {
+pub(crate) struct Transaction {
     pub tool: Tool,
     /// The table it edits (`nat`, `inet portfwd-web`), for messages.
     pub table: String,
@@ -150,7 +150,7 @@ pub struct Transaction {
 
 /// What runs a [`Transaction`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tool {
+pub(crate) enum Tool {
     /// `iptables-restore --noflush` (or `ip6tables-restore`) of that flavour: one table of one
     /// family.
     IptablesRestore(IptablesTool, Family),
@@ -160,7 +160,7 @@ pub enum Tool {
 
 impl Transaction {
     /// How it is named in messages (`ipv4 nat transaction`).
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self.tool {
             Tool::IptablesRestore(IptablesTool::Installed, family) => {
                 format!("{} {} transaction", family.label(), self.table)
@@ -181,7 +181,7 @@ impl Transaction {
 /// An nf_tables table to delete (`nft delete table ip nat`), only if it holds nothing but
 /// empty chains when the step runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TableDrop {
+pub(crate) struct TableDrop {
     pub family: Family,
     pub table: &'static str,
 }

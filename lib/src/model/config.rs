@@ -11,7 +11,7 @@ use super::params::{IpForward, State};
 
 /// A validated interface address.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Address {
+pub(crate) struct Address {
     pub addr: IpAddr,
     pub prefix: u8,
     pub dev: String,
@@ -20,7 +20,7 @@ pub struct Address {
 
 /// A validated policy route.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyRoute {
+pub(crate) struct PolicyRoute {
     pub family: Family,
     pub from: Cidr,
     pub to: Option<Cidr>,
@@ -34,7 +34,7 @@ pub struct PolicyRoute {
 
 /// A validated route; `to: None` is the default route.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
+pub(crate) struct Route {
     pub to: Option<Cidr>,
     pub via: Option<IpAddr>,
     pub dev: Option<String>,
@@ -100,7 +100,7 @@ impl Forward {
 
 /// A validated masquerade entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Masquerade {
+pub(crate) struct Masquerade {
     pub name: String,
     pub source: Cidr,
     pub out_interface: Option<String>,
@@ -109,14 +109,14 @@ pub struct Masquerade {
 }
 
 impl Masquerade {
-    pub fn family(&self) -> Family {
+    pub(crate) fn family(&self) -> Family {
         self.source.family()
     }
 }
 
 /// The ids of the findings that concern one forward or masquerade entry: what its
 /// `ignore_findings` may name.
-pub const ENTRY_FINDINGS: &[&str] = &[
+pub(crate) const ENTRY_FINDINGS: &[&str] = &[
     "backend_unreachable",
     "foreign_nat_first",
     "forward_hook_drop",

@@ -5,11 +5,11 @@
 //! names each bad field and value, and [`config`] holds the typed result the rest of the
 //! pipeline reads.
 
-pub mod config;
-pub mod input;
-pub mod params;
-pub mod spelling;
-pub mod validate;
+pub(crate) mod config;
+pub(crate) mod input;
+pub(crate) mod params;
+pub(crate) mod spelling;
+pub(crate) mod validate;
 
 #[cfg(test)]
 mod tests;

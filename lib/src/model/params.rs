@@ -178,7 +178,7 @@ pub struct Params {
 
 /// The default conntrack mark bit: clear of kube-proxy (0x4000, 0x8000), Calico (the upper
 /// 16 bits), Cilium (0x0f00) and Istio (0x539).
-pub const DEFAULT_CONN_MARK: u32 = 0x2000;
+pub(crate) const DEFAULT_CONN_MARK: u32 = 0x2000;
 
 fn conn_mark_schema(_: &mut SchemaGenerator) -> Schema {
     schemars::json_schema!({

@@ -13,7 +13,7 @@ const TRUE_WORDS: [&str; 6] = ["y", "yes", "on", "1", "true", "t"];
 const FALSE_WORDS: [&str; 6] = ["n", "no", "off", "0", "false", "f"];
 
 /// A boolean from `true`/`false`, `1`/`0`, or one of Ansible's words in any case.
-pub fn boolean_of(value: &Value) -> Option<bool> {
+pub(crate) fn boolean_of(value: &Value) -> Option<bool> {
     match value {
         Value::Bool(b) => Some(*b),
         Value::Number(n) => match n.as_f64() {
@@ -36,7 +36,7 @@ pub fn boolean_of(value: &Value) -> Option<bool> {
 }
 
 /// An integer from a JSON number or a decimal string (`"4321"`, `" +7 "`), as Ansible's `int`.
-pub fn integer_of(value: &Value) -> Option<i64> {
+pub(crate) fn integer_of(value: &Value) -> Option<i64> {
     match value {
         Value::Number(n) => n
             .as_i64()
@@ -59,7 +59,7 @@ fn refused(value: &Value, expected: &str) -> String {
 }
 
 /// `deserialize_with` for a `bool` field.
-pub fn de_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+pub(crate) fn de_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     let value = Value::deserialize(d)?;
     boolean_of(&value).ok_or_else(|| {
         serde::de::Error::custom(refused(
@@ -70,7 +70,7 @@ pub fn de_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
 }
 
 /// `deserialize_with` for an optional `u8` field.
-pub fn de_opt_u8<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
+pub(crate) fn de_opt_u8<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
     let value = Value::deserialize(d)?;
     if value.is_null() {
         return Ok(None);
@@ -82,7 +82,7 @@ pub fn de_opt_u8<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error
 }
 
 /// The schema of a boolean that may arrive spelled as a string.
-pub fn bool_schema(_: &mut SchemaGenerator) -> Schema {
+pub(crate) fn bool_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "x-ansible-type": "bool",
         "description": "a boolean; the strings yes/no, on/off, true/false, y/n, t/f, 1/0 (any case) are taken as Ansible takes them",
@@ -95,7 +95,7 @@ pub fn bool_schema(_: &mut SchemaGenerator) -> Schema {
 }
 
 /// The schema of a small integer that may arrive as a decimal string.
-pub fn u8_schema(_: &mut SchemaGenerator) -> Schema {
+pub(crate) fn u8_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "x-ansible-type": "int",
         "description": "protocol number 5-255, as a number or a decimal string",

@@ -85,12 +85,12 @@ fn hex(text: &str) -> Option<u32> {
 }
 
 /// Rules of one family carrying `protocol`, in the kernel's order.
-pub fn parse_rules(text: &str, family: Family, protocol: u8) -> Vec<IpRule> {
+pub(crate) fn parse_rules(text: &str, family: Family, protocol: u8) -> Vec<IpRule> {
     rules_where(text, family, |v| has_protocol(v, protocol))
 }
 
 /// Record keys of every rule of one family, whatever its protocol.
-pub fn all_rule_keys(text: &str, family: Family) -> Vec<String> {
+pub(crate) fn all_rule_keys(text: &str, family: Family) -> Vec<String> {
     rules_where(text, family, |_| true)
         .iter()
         .map(IpRule::record_key)
@@ -122,12 +122,12 @@ fn rules_where(text: &str, family: Family, keep: impl Fn(&Value) -> bool) -> Vec
 }
 
 /// Routes of one family (from `route show table all`) carrying `protocol`.
-pub fn parse_routes(text: &str, family: Family, protocol: u8) -> Vec<IpRoute> {
+pub(crate) fn parse_routes(text: &str, family: Family, protocol: u8) -> Vec<IpRoute> {
     routes_where(text, family, |v| has_protocol(v, protocol))
 }
 
 /// Record keys (family, table, destination) of every route of one family, any protocol.
-pub fn all_route_keys(text: &str, family: Family) -> Vec<String> {
+pub(crate) fn all_route_keys(text: &str, family: Family) -> Vec<String> {
     routes_where(text, family, |_| true)
         .iter()
         .map(IpRoute::record_key)
@@ -135,7 +135,7 @@ pub fn all_route_keys(text: &str, family: Family) -> Vec<String> {
 }
 
 /// Devices with a default route learned from router advertisements (`proto ra`, 9).
-pub fn ra_default_devices(text: &str) -> Vec<String> {
+pub(crate) fn ra_default_devices(text: &str) -> Vec<String> {
     let mut devs: Vec<String> = entries(text)
         .iter()
         .filter(|v| field(v, "dst") == Some("default") && has_protocol(v, 9))
@@ -169,7 +169,7 @@ fn routes_where(text: &str, family: Family, keep: impl Fn(&Value) -> bool) -> Ve
 
 /// Every address of every interface (`ip -j addr show`).
 /// The interface names `ip -j addr show` lists (every interface, with addresses or not).
-pub fn parse_links(text: &str) -> BTreeSet<String> {
+pub(crate) fn parse_links(text: &str) -> BTreeSet<String> {
     entries(text)
         .iter()
         .filter_map(|link| field(link, "ifname"))
@@ -177,7 +177,7 @@ pub fn parse_links(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-pub fn parse_addresses(text: &str) -> Vec<IfAddr> {
+pub(crate) fn parse_addresses(text: &str) -> Vec<IfAddr> {
     let mut out = Vec::new();
     for link in entries(text) {
         let Some(dev) = field(&link, "ifname") else {

@@ -6,9 +6,9 @@
 //! Read once, write once: with 10,000 foreign rules one save costs ~0.15 s, one `iptables -C`
 //! ~0.1 s, so nothing ever checks rule by rule; the independent reads run at once.
 
-pub mod iproute;
-pub mod neighbours;
-pub mod nft;
+pub(crate) mod iproute;
+pub(crate) mod neighbours;
+pub(crate) mod nft;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,7 +23,7 @@ use crate::tools::{Flavour, IptablesTool, Read};
 
 /// The host as the plan sees it.
 #[derive(Debug, Clone, Default)]
-pub struct Observed<F: Firewall = Iptables> {
+pub(crate) struct Observed<F: Firewall = Iptables> {
     /// What the firewall backend found of the instance.
     pub firewall: F::Observed,
     pub sysctls: BTreeMap<String, Option<String>>,
@@ -49,7 +49,7 @@ pub struct Observed<F: Firewall = Iptables> {
 
 /// The host's iproute2 state as the plan needs it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RoutingObserved {
+pub(crate) struct RoutingObserved {
     /// Rules and routes carrying the instance's protocol.
     pub owned: Routing,
     /// Every address on every interface.
@@ -77,7 +77,7 @@ pub struct RoutingObserved {
 
 impl RoutingObserved {
     /// The recorded addresses that are present, as they are now.
-    pub fn owned_addresses(&self) -> Vec<IfAddr> {
+    pub(crate) fn owned_addresses(&self) -> Vec<IfAddr> {
         self.present
             .iter()
             .filter(|a| self.recorded.contains(&a.record_key()))
@@ -89,7 +89,7 @@ impl RoutingObserved {
 /// What a run needs to read besides the rulesets, sysctls and records. A no-op of a plain
 /// forwarder reads neither ip rules, routes nor addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Scope {
+pub(crate) struct Scope {
     /// ip rules and routes: policy routes wanted or recorded, or IPv6 forwarding being managed
     /// (router-advertised default routes).
     pub routing: bool,
@@ -105,7 +105,7 @@ pub struct Scope {
 
 impl Scope {
     /// Everything (`show`, rollback).
-    pub const ALL: Scope = Scope {
+    pub(crate) const ALL: Scope = Scope {
         routing: true,
         addresses: true,
         other_filters: false,
@@ -115,7 +115,7 @@ impl Scope {
 
 /// What a run reads first, while the desired state is being compiled: the record of created
 /// objects (with the read cache) and the nf_tables generation.
-pub struct Prelude {
+pub(crate) struct Prelude {
     /// Whose state is read.
     pub instance: String,
     pub record: Record,
@@ -124,7 +124,7 @@ pub struct Prelude {
 }
 
 /// Reads the record and the generation (both cheap).
-pub fn prelude(sys: &mut dyn Host, instance: &str) -> Result<Prelude, SystemError> {
+pub(crate) fn prelude(sys: &mut dyn Host, instance: &str) -> Result<Prelude, SystemError> {
     let (record, warning) = sys.read_record(instance)?;
     let generation = sys.nft_generation()?;
     Ok(Prelude {
@@ -137,7 +137,7 @@ pub fn prelude(sys: &mut dyn Host, instance: &str) -> Result<Prelude, SystemErro
 
 impl Prelude {
     /// Is there a read cache of the current generation? (Then the desired objects decide.)
-    pub fn cache_is_current(&self) -> bool {
+    pub(crate) fn cache_is_current(&self) -> bool {
         self.record
             .read_cache
             .as_ref()
@@ -145,7 +145,7 @@ impl Prelude {
     }
 
     /// The read cache that stands for a firewall read of objects with `read_key`.
-    pub fn usable_cache(&self, read_key: Option<u32>) -> Option<ReadCache> {
+    pub(crate) fn usable_cache(&self, read_key: Option<u32>) -> Option<ReadCache> {
         let cache = self.record.read_cache.as_ref()?;
         (self.cache_is_current() && Some(cache.digest) == read_key).then(|| cache.clone())
     }
@@ -153,7 +153,7 @@ impl Prelude {
 
 /// Does `inet <table>` exist with chains? Read from the chain list (cheap, and read for the
 /// warnings anyway), best-effort: where nft is missing or refused, it does not.
-pub fn nft_table_has_chains(sys: &mut dyn Host, table: &str) -> bool {
+pub(crate) fn nft_table_has_chains(sys: &mut dyn Host, table: &str) -> bool {
     if !sys.has_tool("nft") {
         return false;
     }
@@ -167,7 +167,7 @@ pub fn nft_table_has_chains(sys: &mut dyn Host, table: &str) -> bool {
 /// Reads both families' rulesets (unless the read cache proves them unchanged), the
 /// instance's ip rules, routes and addresses, and the given sysctls. The independent reads run
 /// at once ([`System::read_batch`]).
-pub fn observe<F: Firewall>(
+pub(crate) fn observe<F: Firewall>(
     firewall: &F,
     sys: &mut dyn Host,
     prelude: Prelude,

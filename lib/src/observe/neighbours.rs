@@ -10,13 +10,13 @@ use crate::net::Family;
 
 /// Which iptables wrote a dump.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flavour {
+pub(crate) enum Flavour {
     Legacy,
     Nft,
 }
 
 /// The filter FORWARD chain of `family` in `dump` as a forward-hook chain of another filter.
-pub fn forward_chain(dump: &str, family: Family, flavour: Flavour) -> Option<ForwardChain> {
+pub(crate) fn forward_chain(dump: &str, family: Family, flavour: Flavour) -> Option<ForwardChain> {
     forward_chain_of(&parse(dump), family, flavour)
 }
 
@@ -64,7 +64,7 @@ fn forward_chain_of(parsed: &Dump, family: Family, flavour: Flavour) -> Option<F
 /// another filter, and the DNAT and REDIRECT rules of their nat PREROUTING and OUTPUT (and the
 /// chains those jump to), which take a forward's connections before portfwd's rules do. The
 /// dump is parsed once for both.
-pub fn legacy(
+pub(crate) fn legacy(
     dump: &str,
     family: Family,
     instance: &str,
@@ -80,7 +80,7 @@ pub fn legacy(
 
 /// The DNAT and REDIRECT rules of iptables-nft's nat PREROUTING and OUTPUT of `family` (and
 /// of the chains those jump to) in `dump`, placed as `iptables nat PREROUTING`.
-pub fn iptables_nft_nat(dump: &str, family: Family, instance: &str) -> Vec<ForeignNat> {
+pub(crate) fn iptables_nft_nat(dump: &str, family: Family, instance: &str) -> Vec<ForeignNat> {
     let tool = match family {
         Family::V4 => "iptables",
         Family::V6 => "ip6tables",

@@ -18,7 +18,7 @@ fn items(text: &str) -> Vec<Value> {
 
 /// A name nft's own parser takes back as one word: nft joins its arguments into one command
 /// line, so anything else is never passed to it.
-pub fn safe_name(name: &str) -> bool {
+pub(crate) fn safe_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -27,7 +27,7 @@ pub fn safe_name(name: &str) -> bool {
 }
 
 /// Does `nft -j list chains` list a chain of table `family table`?
-pub fn has_chains_in(text: &str, family: &str, table: &str) -> bool {
+pub(crate) fn has_chains_in(text: &str, family: &str, table: &str) -> bool {
     items(text).iter().filter_map(|i| i.get("chain")).any(|c| {
         c.get("family").and_then(Value::as_str) == Some(family)
             && c.get("table").and_then(Value::as_str) == Some(table)
@@ -35,7 +35,10 @@ pub fn has_chains_in(text: &str, family: &str, table: &str) -> bool {
 }
 
 /// The forward-hook filter chains of `nft -j list chains`, except `skip(family, table, name)`.
-pub fn forward_chains(text: &str, skip: impl Fn(&str, &str, &str) -> bool) -> Vec<ForwardChain> {
+pub(crate) fn forward_chains(
+    text: &str,
+    skip: impl Fn(&str, &str, &str) -> bool,
+) -> Vec<ForwardChain> {
     items(text)
         .iter()
         .filter_map(|item| item.get("chain"))
@@ -59,7 +62,7 @@ pub fn forward_chains(text: &str, skip: impl Fn(&str, &str, &str) -> bool) -> Ve
 }
 
 /// Reads a chain's rules (`nft -j list chain FAMILY TABLE NAME`) into `chain`.
-pub fn read_rules(text: &str, chain: &mut ForwardChain) {
+pub(crate) fn read_rules(text: &str, chain: &mut ForwardChain) {
     let rules: Vec<Vec<Value>> = items(text)
         .iter()
         .filter_map(|item| item.get("rule")?.get("expr")?.as_array().cloned())
@@ -138,7 +141,7 @@ fn ct_mark_match(left: Option<&Value>, right: Option<&Value>) -> Option<(u32, u3
 
 /// Another table's NAT chain that runs at a hook before (or with) portfwd's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NatChain {
+pub(crate) struct NatChain {
     pub family: String,
     pub table: String,
     pub name: String,
@@ -148,7 +151,7 @@ pub struct NatChain {
 
 /// The nat chains at prerouting or output with a priority at or before `limit` (iptables'
 /// NAT runs at -100, dstnat), except `skip(family, table, name)`.
-pub fn nat_chains_before(
+pub(crate) fn nat_chains_before(
     text: &str,
     limit: i64,
     skip: impl Fn(&str, &str, &str) -> bool,
@@ -178,7 +181,7 @@ pub fn nat_chains_before(
 
 /// The DNAT and REDIRECT rules of a NAT chain (`nft -j list chain ...`), with the protocol
 /// and destination ports they match.
-pub fn nat_rules(text: &str, chain: &NatChain) -> Vec<ForeignNat> {
+pub(crate) fn nat_rules(text: &str, chain: &NatChain) -> Vec<ForeignNat> {
     let families: &[Family] = match Family::from_nft(&chain.family) {
         Some(Family::V4) => &[Family::V4],
         Some(Family::V6) => &[Family::V6],

@@ -10,14 +10,14 @@ use crate::routing::{IfAddr, IpRule, Routing};
 
 /// One `ip -4|-6 -batch -` script.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IpBatch {
+pub(crate) struct IpBatch {
     pub family: Family,
     pub lines: Vec<String>,
 }
 
 /// Counts by kind, for the summary.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RoutingChanges {
+pub(crate) struct RoutingChanges {
     pub addresses_added: usize,
     pub addresses_removed: usize,
     pub rules_added: usize,
@@ -28,14 +28,14 @@ pub struct RoutingChanges {
 }
 
 impl RoutingChanges {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         *self == RoutingChanges::default()
     }
 }
 
 /// The iproute2 edit: make (`adds`, run before iptables) before break (`dels`, run after).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RoutingPlan {
+pub(crate) struct RoutingPlan {
     pub adds: Vec<IpBatch>,
     pub dels: Vec<IpBatch>,
     /// The ownership record to write, when it changes.
@@ -47,7 +47,7 @@ pub struct RoutingPlan {
 }
 
 /// Diffs desired iproute2 objects against the observed ones.
-pub fn plan_routing(want: &Routing, have: &RoutingObserved, protocol: u8) -> RoutingPlan {
+pub(crate) fn plan_routing(want: &Routing, have: &RoutingObserved, protocol: u8) -> RoutingPlan {
     let mut plan = RoutingPlan::default();
     let adoptable = super::record::adoptable(have);
     let mut adds: Vec<(Family, String)> = Vec::new();

@@ -5,9 +5,9 @@
 //! [`iproute`] plans addresses, rules and routes, [`sysctl`] the sysctl writes, [`record`] the
 //! record of created objects.
 
-pub mod iproute;
-pub mod record;
-pub mod sysctl;
+pub(crate) mod iproute;
+pub(crate) mod record;
+pub(crate) mod sysctl;
 
 use crate::compile::Desired;
 use crate::firewall::{EntryChanges, Firewall, FirewallPlan, TableDrop, Transaction};
@@ -17,7 +17,7 @@ use iproute::{plan_routing, IpBatch, RoutingPlan};
 
 /// Everything a run would change.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub firewall: FirewallPlan,
     pub sysctls: Vec<SysctlChange>,
     pub routing: RoutingPlan,
@@ -33,7 +33,7 @@ pub struct Plan {
 
 /// A sysctl write, with the value it replaces (for rollback and the diff).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SysctlChange {
+pub(crate) struct SysctlChange {
     pub key: String,
     pub from: Option<String>,
     pub to: String,
@@ -41,7 +41,7 @@ pub struct SysctlChange {
 
 /// One write to the host, as [`crate::apply`] runs it through [`crate::system::System`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// The record of what this run may create, written before creating it.
     RecordAhead(Record),
     /// `ip -4|-6 -batch -`.
@@ -59,7 +59,7 @@ pub enum Step {
 
 impl Plan {
     /// True when the host would not change (a pruned address record alone is housekeeping).
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.firewall.transactions.is_empty()
             && self.firewall.drops.is_empty()
             && self.sysctls.is_empty()
@@ -68,11 +68,11 @@ impl Plan {
             && self.store.is_none()
     }
 
-    pub fn forwards(&self) -> &EntryChanges {
+    pub(crate) fn forwards(&self) -> &EntryChanges {
         &self.firewall.forwards
     }
 
-    pub fn masquerade(&self) -> &EntryChanges {
+    pub(crate) fn masquerade(&self) -> &EntryChanges {
         &self.firewall.masquerade
     }
 
@@ -80,7 +80,7 @@ impl Plan {
     /// additions (addresses and routes the forwards may need); the firewall transactions;
     /// emptied tables dropped; sysctls (forwarding on only once the rules are in place);
     /// iproute2 removals; the final record; the stored params.
-    pub fn steps(&self) -> Vec<Step> {
+    pub(crate) fn steps(&self) -> Vec<Step> {
         let mut steps = Vec::new();
         steps.extend(self.record_ahead.clone().map(Step::RecordAhead));
         steps.extend(self.routing.adds.iter().cloned().map(Step::IpBatch));
@@ -101,7 +101,7 @@ impl Plan {
 }
 
 /// Diffs the desired state against what was observed.
-pub fn plan<F: Firewall>(
+pub(crate) fn plan<F: Firewall>(
     firewall: &F,
     instance: &str,
     protocol: u8,

@@ -14,7 +14,7 @@ use crate::routing::{IpRoute, IpRule, Routing};
 /// Notes the iproute2 objects of the run in `record`. What existed before without being ours
 /// is never claimed, not even ahead of the write (a rollback after `File exists` would
 /// otherwise delete someone else's rule or route).
-pub fn plan_routing_record(
+pub(crate) fn plan_routing_record(
     want: &Routing,
     have: &RoutingObserved,
     recorded: &Record,
@@ -47,7 +47,7 @@ pub fn plan_routing_record(
 /// instance's protocol that no other instance here recorded creating: a desired one among them
 /// is what this instance made, and is taken back. (One another instance recorded is never
 /// taken; what the params do not ask for is never taken: other software may use the number.)
-pub fn adoptable(have: &RoutingObserved) -> BTreeSet<String> {
+pub(crate) fn adoptable(have: &RoutingObserved) -> BTreeSet<String> {
     if !have.record_lost {
         return BTreeSet::new();
     }
@@ -63,7 +63,7 @@ pub fn adoptable(have: &RoutingObserved) -> BTreeSet<String> {
 /// that this run's params or the instance's stored params declare exactly (and no other
 /// instance here recorded) counted as the instance's own, so a run takes them back and an
 /// `absent` with stored params removes them; a warning names each.
-pub fn taken_back<F: Firewall>(
+pub(crate) fn taken_back<F: Firewall>(
     want: &Routing,
     observed: &Observed<F>,
     protocol: u8,
@@ -107,7 +107,7 @@ pub fn taken_back<F: Firewall>(
 
 /// The record written before the first change: what was recorded plus everything the run
 /// may create (None when that is what is recorded already).
-pub fn ahead(recorded: &Record, after: &Record) -> Option<Record> {
+pub(crate) fn ahead(recorded: &Record, after: &Record) -> Option<Record> {
     let mut ahead = recorded.clone();
     ahead.addresses.extend(after.addresses.iter().cloned());
     ahead.tables.extend(after.tables.iter().cloned());

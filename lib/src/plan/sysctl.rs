@@ -12,7 +12,7 @@ use crate::ownership::{is_reverted_sysctl, Record};
 
 /// The writes that bring the sysctls to `desired`, in order; warnings for sysctls the host
 /// does not have. Sysctls portfwd owns the value of are noted in `record`.
-pub fn plan_sysctls<F: Firewall>(
+pub(crate) fn plan_sysctls<F: Firewall>(
     desired: &BTreeMap<String, String>,
     observed: &Observed<F>,
     record: &mut Record,

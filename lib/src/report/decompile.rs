@@ -18,7 +18,7 @@ use crate::routing::Routing;
 
 /// Rebuilds the whole params: forwards and masquerade from owned iptables rules, addresses and
 /// policy routes from owned iproute2 objects (each table's routes under its first rule).
-pub fn params_from_state(
+pub(crate) fn params_from_state(
     entries: Entries,
     routing: &Routing,
     instance: &str,

@@ -2,7 +2,7 @@
 //! `warnings`, entry names by outcome) and the human-readable diff, keyed by the user's entry
 //! names rather than raw rule text ([`decompile`] reads the state back as params).
 
-pub mod decompile;
+pub(crate) mod decompile;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -18,7 +18,7 @@ use decompile::params_from_state;
 
 /// The message of a failed apply: the params field the refused object came from first
 /// (`addresses[0].dev: no interface "eth9" on this host`), then what the system said.
-pub fn apply_failure(config: &crate::model::Config, e: &crate::apply::ApplyError) -> String {
+pub(crate) fn apply_failure(config: &crate::model::Config, e: &crate::apply::ApplyError) -> String {
     let Some((line, origin)) = e
         .failed_line()
         .and_then(|l| Some((l, crate::compile::routing_origin(config, l)?)))
@@ -102,7 +102,7 @@ impl Report {
 
 /// The result of a run before it is applied: what changes, the commands, the warnings, and
 /// the diff when asked for.
-pub fn planned<F: Firewall>(
+pub(crate) fn planned<F: Firewall>(
     view: &StateView<F>,
     plan: &Plan,
     warnings: Vec<String>,
@@ -129,7 +129,7 @@ pub fn planned<F: Firewall>(
 }
 
 /// What the diff compares: the desired state against the observed one.
-pub struct StateView<'a, F: Firewall> {
+pub(crate) struct StateView<'a, F: Firewall> {
     pub firewall: &'a F,
     pub instance: &'a str,
     pub protocol: u8,
@@ -174,7 +174,7 @@ impl<F: Firewall> StateView<'_, F> {
 }
 
 /// The commands a plan runs, shell-like, for the result's `commands` (also in check mode).
-pub fn commands(plan: &Plan) -> Vec<String> {
+pub(crate) fn commands(plan: &Plan) -> Vec<String> {
     let mut out = Vec::new();
     for step in plan.steps() {
         match step {
@@ -224,7 +224,7 @@ fn first_names(names: &[String]) -> String {
 }
 
 /// One-line summary: `forwards: 1 added, 1 updated, 0 removed; masquerade: 0 changed; ...`.
-pub fn summary(plan: &Plan) -> String {
+pub(crate) fn summary(plan: &Plan) -> String {
     let mut parts = Vec::new();
     for (label, changes) in [
         ("forwards", plan.forwards()),
@@ -299,7 +299,7 @@ fn entry_line<T: Serialize>(out: &mut String, key: &str, entry: &T, drop: &[&str
 }
 
 /// The state as one line per entry (`forwards.web = {...}`), plus managed sysctls.
-pub fn state_text(params: &Params, sysctls: &[(String, String)]) -> String {
+pub(crate) fn state_text(params: &Params, sysctls: &[(String, String)]) -> String {
     let mut out = String::new();
     for f in &params.forwards {
         entry_line(&mut out, &format!("forwards.{}", f.name), f, &["name"]);

@@ -48,7 +48,7 @@ pub enum SystemError {
 }
 
 /// Reads and writes of host state, each a single call the engine can count and fake.
-pub trait System {
+pub(crate) trait System {
     /// Runs independent reads, results in order. The default runs them one by one; the real
     /// host runs them concurrently (each is a process of its own).
     fn read_batch(&mut self, reads: &[Read]) -> Vec<Result<(String, String), SystemError>> {
@@ -159,7 +159,7 @@ pub fn default_state_dir() -> PathBuf {
 
 /// Where runtime records live: `PORTFWD_RUN_DIR`, else `/run/portfwd` (tmpfs, so the record
 /// of added addresses is forgotten at reboot, exactly when the addresses themselves vanish).
-pub fn default_run_dir() -> PathBuf {
+pub(crate) fn default_run_dir() -> PathBuf {
     std::env::var_os("PORTFWD_RUN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/run/portfwd"))
@@ -167,7 +167,7 @@ pub fn default_run_dir() -> PathBuf {
 
 /// Set to `1` to act as on a kernel without `SO_NETNS_COOKIE` (before 5.14): files in the run
 /// dir are then keyed by inode, device and boot id. Used by the tests; harmless anywhere.
-pub const NO_COOKIE_ENV: &str = "PORTFWD_NO_NETNS_COOKIE";
+pub(crate) const NO_COOKIE_ENV: &str = "PORTFWD_NO_NETNS_COOKIE";
 
 /// The host, through real commands, `/proc/sys` and portfwd's own files.
 pub struct RealSystem {

@@ -16,7 +16,7 @@ const NLMSG_ERROR: u16 = 2;
 const NFTA_GEN_ID: u16 = 1;
 
 /// The generation, or None when this kernel has no nf_tables (or the answer is unreadable).
-pub fn generation() -> std::io::Result<Option<u32>> {
+pub(super) fn generation() -> std::io::Result<Option<u32>> {
     let fd = match socket(
         AddressFamily::Netlink,
         SockType::Raw,
@@ -53,7 +53,7 @@ const NFTA_TABLE_FLAGS: u16 = 2;
 /// The tables that carry flags (`dormant`, `owner`, `persist`), as (nfproto family, name): one
 /// netlink dump of the tables alone (`nft list tables` fills its whole cache first, 0.17 s
 /// beside 10,000 iptables rules).
-pub fn flagged_tables() -> std::io::Result<Vec<(u8, String)>> {
+pub(super) fn flagged_tables() -> std::io::Result<Vec<(u8, String)>> {
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Raw,

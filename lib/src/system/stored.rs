@@ -17,10 +17,10 @@ use std::path::{Path, PathBuf};
 use super::{remove_if_present, write_private, SystemError};
 
 /// The name of the host's namespace in a `.netns` file.
-pub const HOST: &str = "host";
+pub(super) const HOST: &str = "host";
 
 /// This process's network namespace by a name that outlives a reboot, if it has one.
-pub fn current_namespace() -> Result<Option<String>, SystemError> {
+pub(super) fn current_namespace() -> Result<Option<String>, SystemError> {
     let io = |path: &str| {
         let path = path.to_string();
         move |source| SystemError::Io { path, source }
@@ -44,7 +44,7 @@ fn mark_path(dir: &Path, instance: &str) -> PathBuf {
 }
 
 /// The namespace a stored file belongs to (`host` when it carries no mark).
-pub fn owner(dir: &Path, instance: &str) -> Result<String, SystemError> {
+pub(super) fn owner(dir: &Path, instance: &str) -> Result<String, SystemError> {
     let path = mark_path(dir, instance);
     match std::fs::read_to_string(&path) {
         Ok(text) => Ok(text.trim().to_string()),
@@ -57,7 +57,7 @@ pub fn owner(dir: &Path, instance: &str) -> Result<String, SystemError> {
 }
 
 /// The stored params of `instance` when they belong to this namespace.
-pub fn read(dir: &Path, path: &Path, instance: &str) -> Result<Option<String>, SystemError> {
+pub(super) fn read(dir: &Path, path: &Path, instance: &str) -> Result<Option<String>, SystemError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
@@ -74,7 +74,7 @@ pub fn read(dir: &Path, path: &Path, instance: &str) -> Result<Option<String>, S
 
 /// Stores (`Some`) or removes (`None`) this namespace's params of `instance`. Another
 /// namespace's file is never replaced (an error says whose it is) nor removed.
-pub fn write(
+pub(super) fn write(
     dir: &Path,
     path: &Path,
     instance: &str,

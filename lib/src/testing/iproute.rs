@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 /// One object, as the words of its `ip` line after the verb (`10.0.0.1/24 dev eth0`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IpState {
+pub(crate) struct IpState {
     /// The interfaces (`lo`, `eth0` and `eth1` unless a test says otherwise).
     pub links: Vec<String>,
     /// (family flag `4`/`6`, words)
@@ -55,7 +55,7 @@ fn after<'a>(words: &'a [String], key: &str) -> Option<&'a str> {
 
 impl IpState {
     /// Runs a batch; the error names the failing line.
-    pub fn batch(&mut self, family: &str, script: &str) -> Result<(), String> {
+    pub(crate) fn batch(&mut self, family: &str, script: &str) -> Result<(), String> {
         for line in script.lines().filter(|l| !l.trim().is_empty()) {
             self.line(family, line)
                 .map_err(|e| format!("{line:?}: {e}"))?;
@@ -116,7 +116,7 @@ impl IpState {
     }
 
     /// `ip -N -j ARGS` output.
-    pub fn json(&self, args: &[&str]) -> String {
+    pub(crate) fn json(&self, args: &[&str]) -> String {
         let family = match args.first() {
             Some(&"-6") => "6",
             _ => "4",

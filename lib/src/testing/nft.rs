@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 /// A base chain's declaration.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BaseDecl {
+pub(crate) struct BaseDecl {
     pub kind: String,
     pub hook: String,
     pub prio: i64,
@@ -20,7 +20,7 @@ pub struct BaseDecl {
 
 /// A rule: its handle, its statements as written (without the comment), its comment.
 #[derive(Debug, Clone, Eq)]
-pub struct FakeRule {
+pub(crate) struct FakeRule {
     pub handle: u64,
     pub body: String,
     pub comment: Option<String>,
@@ -34,27 +34,27 @@ impl PartialEq for FakeRule {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FakeChain {
+pub(crate) struct FakeChain {
     pub base: Option<BaseDecl>,
     pub rules: Vec<FakeRule>,
 }
 
 /// A map element: its key as written (`1.2.3.4 . tcp . 81-90`), comment and jump target.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FakeElement {
+pub(crate) struct FakeElement {
     pub key: String,
     pub comment: Option<String>,
     pub chain: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FakeMap {
+pub(crate) struct FakeMap {
     pub types: Vec<String>,
     pub elements: Vec<FakeElement>,
 }
 
 #[derive(Debug, Clone, Default, Eq)]
-pub struct FakeTable {
+pub(crate) struct FakeTable {
     pub dormant: bool,
     pub chains: BTreeMap<String, FakeChain>,
     pub maps: BTreeMap<String, FakeMap>,
@@ -69,13 +69,13 @@ impl PartialEq for FakeTable {
 
 /// Every `inet` table by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NftState {
+pub(crate) struct NftState {
     pub tables: BTreeMap<String, FakeTable>,
 }
 
 impl NftState {
     /// Applies a script as one transaction.
-    pub fn apply(&mut self, script: &str) -> Result<(), String> {
+    pub(crate) fn apply(&mut self, script: &str) -> Result<(), String> {
         let mut next = self.clone();
         for line in script.lines().filter(|l| !l.trim().is_empty()) {
             next.command(line.trim())
@@ -311,7 +311,7 @@ impl NftState {
     }
 
     /// `nft -j list table inet NAME`; empty when there is no such table.
-    pub fn list_table(&self, name: &str) -> String {
+    pub(crate) fn list_table(&self, name: &str) -> String {
         let Some(table) = self.tables.get(name) else {
             return String::new();
         };
@@ -364,7 +364,7 @@ impl NftState {
     }
 
     /// `nft -j list chains`: every chain of every table.
-    pub fn list_chains(&self) -> String {
+    pub(crate) fn list_chains(&self) -> String {
         let mut items = vec![json!({"metainfo": {"version": "1.0.6"}})];
         for (name, table) in &self.tables {
             for (c, chain) in &table.chains {
@@ -575,7 +575,7 @@ fn expr(w: &[String], i: &mut usize) -> Result<Value, String> {
 }
 
 /// A rule's statements as nft lists them (`expr`).
-pub fn statements(body: &str) -> Result<Vec<Value>, String> {
+pub(crate) fn statements(body: &str) -> Result<Vec<Value>, String> {
     let w = tokens(body);
     let word = |k: usize| w.get(k).map(String::as_str).unwrap_or_default();
     let mut out = Vec::new();

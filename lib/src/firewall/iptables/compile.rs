@@ -37,7 +37,7 @@ fn order_forward_chain(instance: &str, chain: &mut OwnedChain) {
 
 /// The rules of the config's forwards and masquerade entries. `state: absent` compiles to
 /// nothing.
-pub fn compile_rules(config: &Config) -> OwnedRules {
+pub(crate) fn compile_rules(config: &Config) -> OwnedRules {
     let mut rules = OwnedRules::default();
     if config.state == State::Absent {
         return rules;
@@ -124,7 +124,7 @@ pub fn compile_rules(config: &Config) -> OwnedRules {
 }
 
 /// The jump from a built-in chain into the instance's chain.
-pub fn jump_rule(instance: &str, hook: Hook) -> Rule {
+pub(crate) fn jump_rule(instance: &str, hook: Hook) -> Rule {
     Rule::new([
         "-m".to_string(),
         "comment".to_string(),

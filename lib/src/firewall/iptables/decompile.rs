@@ -15,7 +15,7 @@ use crate::ownership::{
 };
 
 /// The `(kind, name)` of one of the instance's rules (see [`crate::ownership`]).
-pub fn entry_of<'a>(rule: &'a Rule, instance: &str) -> Option<(&'a str, &'a str)> {
+pub(crate) fn entry_of<'a>(rule: &'a Rule, instance: &str) -> Option<(&'a str, &'a str)> {
     let tag = parse_comment(rule.comment()?, instance)?;
     Some((tag.kind, tag.name))
 }
@@ -26,7 +26,7 @@ fn resets_connections(rule: &Rule) -> bool {
 }
 
 /// Rebuilds the entries from owned rules, in rule order (IPv4 chains first).
-pub fn entries_from_rules(owned: &OwnedRules, instance: &str) -> Entries {
+pub(crate) fn entries_from_rules(owned: &OwnedRules, instance: &str) -> Entries {
     let mut params = Entries {
         conn_mark: conn_mark_of(owned, instance),
         ..Entries::default()

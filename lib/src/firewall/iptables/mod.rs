@@ -10,12 +10,12 @@
 //! [`observe`] finds the instance's chains in them, [`plan`] diffs and renders, [`decompile`]
 //! reads entries back.
 
-pub mod compile;
-pub mod decompile;
-pub mod observe;
-pub mod plan;
-pub mod rules;
-pub mod save;
+pub(crate) mod compile;
+pub(crate) mod decompile;
+pub(crate) mod observe;
+pub(crate) mod plan;
+pub(crate) mod rules;
+pub(crate) mod save;
 
 use super::{Entries, Firewall, FirewallPlan};
 use crate::findings::{Finding, Severity};
@@ -41,14 +41,14 @@ struct ForeignFacts {
 /// The iptables backend: the tools it runs (one flavour's, or as installed), and the flavour
 /// they are known to drive (as installed when it could not be told), which the record names.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Iptables {
+pub(crate) struct Iptables {
     pub tool: IptablesTool,
     pub flavour: IptablesTool,
 }
 
 impl Iptables {
     /// Runs `tool`, known to drive `flavour`.
-    pub fn new(tool: IptablesTool, flavour: IptablesTool) -> Iptables {
+    pub(crate) fn new(tool: IptablesTool, flavour: IptablesTool) -> Iptables {
         Iptables { tool, flavour }
     }
 }

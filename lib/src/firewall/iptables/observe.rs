@@ -14,7 +14,7 @@ use crate::tools::Flavour;
 
 /// What the iptables backend found of an instance.
 #[derive(Debug, Clone, Default)]
-pub struct IptablesObserved {
+pub(crate) struct IptablesObserved {
     pub owned: OwnedRules,
     /// Rule count of each built-in chain that has or may get a jump (to place jumps).
     pub builtin_len: BTreeMap<(Family, Hook), usize>,
@@ -37,7 +37,7 @@ pub struct IptablesObserved {
 }
 
 /// One family's `iptables-save` output, and whether the tool is the nf_tables one.
-pub struct Dump<'a> {
+pub(crate) struct Dump<'a> {
     /// (stdout, stderr)
     pub output: &'a (String, String),
     pub tool_is_nft: bool,
@@ -48,7 +48,7 @@ pub struct Dump<'a> {
 /// `iptables-legacy-save` and `... (legacy)` legacy; None otherwise.
 ///
 /// [`Read::SaveTool`]: crate::system::Read::SaveTool
-pub fn tool_flavour(path: &str) -> Option<Flavour> {
+pub(crate) fn tool_flavour(path: &str) -> Option<Flavour> {
     if path.ends_with(" (nf_tables)") {
         return Some(Flavour::NfTables);
     }
@@ -67,7 +67,7 @@ pub fn tool_flavour(path: &str) -> Option<Flavour> {
 
 /// Parses one family's dump into `observed`; the stderr warning of iptables-nft about legacy
 /// tables becomes a run warning.
-pub fn observe_family(
+pub(crate) fn observe_family(
     family: Family,
     dump: Dump,
     instance: &str,
@@ -114,7 +114,11 @@ pub fn observe_family(
 /// jump, and in the foreign chains those earlier rules jump to (transitively). Found on the
 /// text (flags are single words in iptables-save output), so 10,000 foreign rules stay cheap.
 /// Without a jump of portfwd's (another backend runs), every such rule counts.
-pub fn foreign_nat(dump: &super::save::Dump, family: Family, instance: &str) -> Vec<ForeignNat> {
+pub(crate) fn foreign_nat(
+    dump: &super::save::Dump,
+    family: Family,
+    instance: &str,
+) -> Vec<ForeignNat> {
     let mut found = Vec::new();
     let Some(nat) = dump.table(Table::Nat.name()) else {
         return found;
@@ -190,7 +194,7 @@ fn target_of(rule: &str) -> Option<&str> {
 
 /// What the plan needs to know about one iptables table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TableFacts {
+pub(crate) struct TableFacts {
     /// The dump is from nf_tables (whose tables can be deleted).
     pub nf_tables: bool,
     /// Nothing in it but built-in chains with policy ACCEPT, this instance's chains, and the
@@ -199,7 +203,7 @@ pub struct TableFacts {
 }
 
 /// Pulls the instance's chains, and the jumps into them, out of a dump.
-pub fn extract_owned(
+pub(crate) fn extract_owned(
     dump: &super::save::Dump,
     family: Family,
     instance: &str,

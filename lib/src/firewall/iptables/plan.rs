@@ -14,7 +14,7 @@ use crate::tools::IptablesTool;
 
 /// The rule edit of one run: one transaction per table that changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RulesPlan {
+pub(crate) struct RulesPlan {
     pub tables: Vec<TablePlan>,
     pub forwards: EntryChanges,
     pub masquerade: EntryChanges,
@@ -24,7 +24,7 @@ pub struct RulesPlan {
 
 impl RulesPlan {
     #[cfg(test)]
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.tables.is_empty()
     }
 }
@@ -32,7 +32,7 @@ impl RulesPlan {
 /// The whole iptables part of the plan: the rule edits as `iptables-restore` payloads, and
 /// the tables portfwd created that are now empty. Tables the edit creates are recorded, so
 /// `absent` leaves iptables-save as it was (nf_tables only: legacy tables cannot be deleted).
-pub fn plan(
+pub(crate) fn plan(
     tool: IptablesTool,
     instance: &str,
     want: &OwnedRules,
@@ -81,7 +81,7 @@ pub fn plan(
 
 /// The edit lines for one table of one family (without `*table` / `COMMIT`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TablePlan {
+pub(crate) struct TablePlan {
     pub family: Family,
     pub table: Table,
     pub lines: Vec<String>,
@@ -89,7 +89,7 @@ pub struct TablePlan {
 
 impl TablePlan {
     /// The complete `iptables-restore` input.
-    pub fn payload(&self) -> String {
+    pub(crate) fn payload(&self) -> String {
         let mut text = format!("*{}\n", self.table.name());
         for line in &self.lines {
             text.push_str(line);
@@ -101,7 +101,11 @@ impl TablePlan {
 }
 
 /// The rule edit of every table, and the entries it changes.
-pub fn plan_rules(instance: &str, desired: &OwnedRules, observed: &IptablesObserved) -> RulesPlan {
+pub(crate) fn plan_rules(
+    instance: &str,
+    desired: &OwnedRules,
+    observed: &IptablesObserved,
+) -> RulesPlan {
     let mut by_table: BTreeMap<(Family, Table), Vec<String>> = BTreeMap::new();
     let mut repaired = Vec::new();
     let hooks: BTreeSet<(Family, Hook)> = desired

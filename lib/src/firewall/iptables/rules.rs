@@ -12,14 +12,14 @@ use crate::net::Family;
 
 /// The iptables tables portfwd writes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Table {
+pub(crate) enum Table {
     /// Written first so accepts exist before the NAT that sends traffic through them.
     Filter,
     Nat,
 }
 
 impl Table {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Table::Filter => "filter",
             Table::Nat => "nat",
@@ -29,7 +29,7 @@ impl Table {
 
 /// A built-in chain that gets one jump into an instance's own chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Hook {
+pub(crate) enum Hook {
     Forward,
     Prerouting,
     Output,
@@ -39,7 +39,7 @@ pub enum Hook {
 }
 
 impl Hook {
-    pub const ALL: [Hook; 5] = [
+    pub(crate) const ALL: [Hook; 5] = [
         Hook::Forward,
         Hook::Prerouting,
         Hook::Output,
@@ -47,14 +47,14 @@ impl Hook {
         Hook::Input,
     ];
 
-    pub fn table(self) -> Table {
+    pub(crate) fn table(self) -> Table {
         match self {
             Hook::Forward | Hook::Input => Table::Filter,
             _ => Table::Nat,
         }
     }
 
-    pub fn builtin(self) -> &'static str {
+    pub(crate) fn builtin(self) -> &'static str {
         match self {
             Hook::Forward => "FORWARD",
             Hook::Prerouting => "PREROUTING",
@@ -76,7 +76,7 @@ impl Hook {
     }
 
     /// The instance's own chain for this hook: `PFWD-<instance>-PRE` (at most 22 characters).
-    pub fn chain(self, instance: &str) -> String {
+    pub(crate) fn chain(self, instance: &str) -> String {
         format!("PFWD-{instance}-{}", self.suffix())
     }
 }
@@ -85,7 +85,7 @@ impl Hook {
 /// its text and is split into arguments only when something needs more than its comment: a
 /// no-op over thousands of owned rules compares comments only.
 #[derive(Clone)]
-pub struct Rule {
+pub(crate) struct Rule {
     /// As `iptables-save` printed it (rules read from a dump).
     text: Option<Box<str>>,
     args: OnceLock<Vec<String>>,
@@ -94,7 +94,7 @@ pub struct Rule {
 }
 
 impl Rule {
-    pub fn new<S: Into<String>>(args: impl IntoIterator<Item = S>) -> Rule {
+    pub(crate) fn new<S: Into<String>>(args: impl IntoIterator<Item = S>) -> Rule {
         Rule {
             text: None,
             args: OnceLock::from(args.into_iter().map(Into::into).collect::<Vec<_>>()),
@@ -103,7 +103,7 @@ impl Rule {
     }
 
     /// A rule as `iptables-save` printed it after `-A CHAIN`; split when first needed.
-    pub fn from_text(text: &str) -> Rule {
+    pub(crate) fn from_text(text: &str) -> Rule {
         Rule {
             text: Some(text.into()),
             args: OnceLock::new(),
@@ -112,7 +112,7 @@ impl Rule {
     }
 
     /// The arguments, unquoted (none when the text's quotes do not close).
-    pub fn args(&self) -> &[String] {
+    pub(crate) fn args(&self) -> &[String] {
         self.args.get_or_init(|| {
             self.text
                 .as_deref()
@@ -122,7 +122,7 @@ impl Rule {
     }
 
     /// The value of `--comment`, where portfwd keeps its ownership key.
-    pub fn comment(&self) -> Option<&str> {
+    pub(crate) fn comment(&self) -> Option<&str> {
         match (&self.text, self.args.get()) {
             (Some(text), None) => self
                 .comment
@@ -133,7 +133,7 @@ impl Rule {
     }
 
     /// The value following `flag`, e.g. `-j` gives the target.
-    pub fn option(&self, flag: &str) -> Option<&str> {
+    pub(crate) fn option(&self, flag: &str) -> Option<&str> {
         let args = self.args();
         args.iter()
             .position(|a| a == flag)
@@ -143,7 +143,7 @@ impl Rule {
 
     /// The identity used by the diff: the comment when there is one (portfwd's keys embed a
     /// hash of the whole rule), else the rule text.
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         match self.comment() {
             Some(c) => c.to_string(),
             None => self.args().join(" "),
@@ -153,7 +153,7 @@ impl Rule {
     /// Whether two rules say the same, argument by argument: a comment that matches is only a
     /// label (a rule edited in place with `iptables -R` keeps it). Texts equal as printed is
     /// the cheap case; otherwise both are put in `iptables-save`'s spelling and compared.
-    pub fn same_body(&self, other: &Rule) -> bool {
+    pub(crate) fn same_body(&self, other: &Rule) -> bool {
         let text = |r: &Rule| r.text.as_deref().map(str::to_string);
         let (a, b) = (
             text(self).unwrap_or_else(|| self.render()),
@@ -163,7 +163,7 @@ impl Rule {
     }
 
     /// The arguments as `iptables-restore` reads them, quoting what needs it.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         for (i, arg) in self.args().iter().enumerate() {
             if i > 0 {
@@ -271,7 +271,7 @@ fn push_quoted(out: &mut String, arg: &str) {
 
 /// A jump from a built-in chain into an owned chain, with its 1-based position there.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Jump {
+pub(crate) struct Jump {
     pub position: usize,
     pub rule: Rule,
 }
@@ -280,7 +280,7 @@ pub struct Jump {
 /// sub-chains (nat: the DNAT rules of one protocol and 256-port bucket each, named
 /// `<chain>-T<bucket>` / `<chain>-U<bucket>`, reached from a rule of this chain).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OwnedChain {
+pub(crate) struct OwnedChain {
     pub rules: Vec<Rule>,
     pub jumps: Vec<Jump>,
     pub subchains: BTreeMap<String, Vec<Rule>>,
@@ -288,17 +288,17 @@ pub struct OwnedChain {
 
 impl OwnedChain {
     /// The chain's own rules, then those of its sub-chains.
-    pub fn all_rules(&self) -> impl Iterator<Item = &Rule> {
+    pub(crate) fn all_rules(&self) -> impl Iterator<Item = &Rule> {
         self.rules.iter().chain(self.subchains.values().flatten())
     }
 }
 
 /// Ports per dispatch bucket: a new connection visits the bucket rules, then only the
 /// forwards of its own bucket, instead of every forward.
-pub const BUCKET_PORTS: u16 = 256;
+pub(crate) const BUCKET_PORTS: u16 = 256;
 
 /// The sub-chain of `chain` for one protocol and bucket: `PFWD-web-PRE-T78`.
-pub fn subchain_name(chain: &str, proto: Proto, bucket: u16) -> String {
+pub(crate) fn subchain_name(chain: &str, proto: Proto, bucket: u16) -> String {
     let letter = match proto {
         Proto::Tcp => 'T',
         Proto::Udp => 'U',
@@ -308,19 +308,19 @@ pub fn subchain_name(chain: &str, proto: Proto, bucket: u16) -> String {
 
 /// Everything an instance owns in iptables (for desired state, or as observed).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OwnedRules {
+pub(crate) struct OwnedRules {
     pub chains: BTreeMap<(Family, Hook), OwnedChain>,
 }
 
 impl OwnedRules {
     #[cfg(test)]
-    pub fn rule_count(&self) -> usize {
+    pub(crate) fn rule_count(&self) -> usize {
         self.chains.values().map(|c| c.all_rules().count()).sum()
     }
 
     /// A readable listing, one `-A CHAIN ...` per rule, used by snapshots and `--diff`.
     #[cfg(test)]
-    pub fn listing(&self, instance: &str) -> String {
+    pub(crate) fn listing(&self, instance: &str) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
         for ((family, hook), chain) in &self.chains {

@@ -7,7 +7,7 @@ use super::rules::Rule;
 
 /// A whole dump of one address family.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Dump<'a> {
+pub(crate) struct Dump<'a> {
     pub tables: Vec<TableDump<'a>>,
     /// Lines that are neither tables, chains, rules nor `#` comments: kept, not interpreted.
     pub opaque: Vec<String>,
@@ -18,7 +18,7 @@ pub struct Dump<'a> {
 
 /// One `*table` ... `COMMIT` block.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TableDump<'a> {
+pub(crate) struct TableDump<'a> {
     pub name: &'a str,
     pub chains: Vec<ChainDecl<'a>>,
     pub rules: Vec<RuleLine<'a>>,
@@ -26,7 +26,7 @@ pub struct TableDump<'a> {
 
 /// `:NAME POLICY [packets:bytes]`
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChainDecl<'a> {
+pub(crate) struct ChainDecl<'a> {
     pub name: &'a str,
     pub policy: &'a str,
 }
@@ -35,7 +35,7 @@ pub struct ChainDecl<'a> {
 /// tools should not pay for splitting, or even copying, rules portfwd never looks at. Quotes
 /// are checked when parsing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuleLine<'a> {
+pub(crate) struct RuleLine<'a> {
     pub chain: &'a str,
     /// Everything after the chain name, exactly as printed.
     pub text: &'a str,
@@ -43,25 +43,25 @@ pub struct RuleLine<'a> {
 
 impl RuleLine<'_> {
     /// The rule; its arguments are split when first needed.
-    pub fn rule(&self) -> Rule {
+    pub(crate) fn rule(&self) -> Rule {
         Rule::from_text(self.text)
     }
 }
 
 impl Dump<'_> {
-    pub fn table(&self, name: &str) -> Option<&TableDump<'_>> {
+    pub(crate) fn table(&self, name: &str) -> Option<&TableDump<'_>> {
         self.tables.iter().find(|t| t.name == name)
     }
 }
 
 impl TableDump<'_> {
-    pub fn has_chain(&self, name: &str) -> bool {
+    pub(crate) fn has_chain(&self, name: &str) -> bool {
         self.chains.iter().any(|c| c.name == name)
     }
 }
 
 /// Parses a dump. Never fails: what it cannot read becomes opaque text.
-pub fn parse(text: &str) -> Dump<'_> {
+pub(crate) fn parse(text: &str) -> Dump<'_> {
     let mut dump = Dump::default();
     let mut current: Option<TableDump> = None;
     for line in text.lines() {
@@ -163,7 +163,7 @@ fn quotes_balanced(text: &str) -> bool {
 /// The value of the first `--comment` argument, as [`tokenize`] would find it, in one pass over
 /// the bytes, copying only that value; None when there is none or the text's quotes do not
 /// close. (A no-op over thousands of owned rules needs only their comments.)
-pub fn comment_of(text: &str) -> Option<String> {
+pub(crate) fn comment_of(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let (mut i, n) = (0, bytes.len());
     let mut after_flag = false;
@@ -222,7 +222,7 @@ pub fn comment_of(text: &str) -> Option<String> {
 
 /// Splits on spaces; `"..."` groups with `\x` escapes inside, as iptables writes and reads it.
 /// Returns None on an unterminated quote. Unquoted tokens are copied in one piece.
-pub fn tokenize(text: &str) -> Option<Vec<String>> {
+pub(crate) fn tokenize(text: &str) -> Option<Vec<String>> {
     let mut tokens = Vec::with_capacity(24);
     let mut rest = text;
     loop {

@@ -12,7 +12,7 @@ use crate::model::{Action, Config, Forward, Snat, State};
 use crate::ownership::{entry_comment, StableHash, Tag, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE};
 
 /// The chain of a forward at a stage (`pre-web`, `out-web`, `post-web`).
-pub fn entry_chain(stage: Stage, name: &str) -> String {
+pub(crate) fn entry_chain(stage: Stage, name: &str) -> String {
     let prefix = match stage {
         Stage::Pre => "pre",
         Stage::Out => "out",
@@ -151,7 +151,7 @@ impl Builder<'_> {
 
 /// The table of the config's forwards and masquerade entries; empty for `state: absent` and
 /// for a config without entries (the table is then deleted).
-pub fn compile_table(config: &Config) -> Table {
+pub(crate) fn compile_table(config: &Config) -> Table {
     if config.state == State::Absent {
         return Table::default();
     }

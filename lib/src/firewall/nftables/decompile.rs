@@ -37,7 +37,7 @@ fn dest_text(addr: IpAddr, port: Option<u16>) -> String {
 }
 
 /// The entries of a table: forwards by name, masquerade entries in rule order.
-pub fn entries_from_table(table: &Table, instance: &str) -> Entries {
+pub(crate) fn entries_from_table(table: &Table, instance: &str) -> Entries {
     let mut entries = Entries::default();
     let mut names: Vec<&str> = table
         .chains

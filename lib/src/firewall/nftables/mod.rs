@@ -15,11 +15,11 @@
 //! [`table`] holds the shapes, [`compile`] builds them, [`observe`] reads them back from nft's
 //! JSON, [`plan`] diffs and writes the script, [`decompile`] reads entries back.
 
-pub mod compile;
-pub mod decompile;
-pub mod observe;
-pub mod plan;
-pub mod table;
+pub(crate) mod compile;
+pub(crate) mod decompile;
+pub(crate) mod observe;
+pub(crate) mod plan;
+pub(crate) mod table;
 
 use super::{Entries, Firewall, FirewallPlan, Tool, Transaction};
 use crate::findings::Finding;
@@ -33,19 +33,19 @@ use table::{table_name, Table, FAMILY};
 
 /// The nftables backend of one instance (its table's name).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Nftables {
+pub(crate) struct Nftables {
     table: String,
 }
 
 impl Nftables {
-    pub fn new(instance: &str) -> Nftables {
+    pub(crate) fn new(instance: &str) -> Nftables {
         Nftables {
             table: table_name(instance),
         }
     }
 
     /// `inet portfwd-<instance>`.
-    pub fn table(&self) -> String {
+    pub(crate) fn table(&self) -> String {
         format!("{FAMILY} {}", self.table)
     }
 }

@@ -21,7 +21,7 @@ use crate::net::{Cidr, Family, PortRange};
 
 /// What the read found of the instance's table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NftObserved {
+pub(crate) struct NftObserved {
     /// Whether the table exists.
     pub exists: bool,
     /// Its content (rules of shapes portfwd does not know read as [`Body::Unknown`]).
@@ -43,7 +43,7 @@ pub struct NftObserved {
 impl NftObserved {
     /// What a read of `table` finds right after portfwd wrote it (chains and maps declared
     /// as portfwd declares them); the read cache stands for such a read.
-    pub fn as_written(table: Table) -> NftObserved {
+    pub(crate) fn as_written(table: Table) -> NftObserved {
         let hooks = table
             .chains
             .keys()
@@ -66,7 +66,7 @@ impl NftObserved {
 
 /// A base chain's attributes: what a hand edit (`policy drop`, another priority) changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hooked {
+pub(crate) struct Hooked {
     pub kind: String,
     pub hook: String,
     pub prio: i64,
@@ -75,7 +75,7 @@ pub struct Hooked {
 
 impl Hooked {
     /// What portfwd declares for `base`.
-    pub fn of(base: Base) -> Hooked {
+    pub(crate) fn of(base: Base) -> Hooked {
         let (kind, prio) = match base {
             Base::Prerouting | Base::Output => ("nat", -100),
             Base::Postrouting => ("nat", 100),
@@ -103,7 +103,7 @@ impl std::fmt::Display for Hooked {
 
 /// A map's key types, data type and flags, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MapDecl {
+pub(crate) struct MapDecl {
     pub key: Vec<String>,
     pub data: String,
     pub flags: Vec<String>,
@@ -111,7 +111,7 @@ pub struct MapDecl {
 
 impl MapDecl {
     /// What portfwd declares for `kind`.
-    pub fn of(kind: MapKind) -> MapDecl {
+    pub(crate) fn of(kind: MapKind) -> MapDecl {
         MapDecl {
             key: kind.key_types().iter().map(|t| t.to_string()).collect(),
             data: "verdict".into(),
@@ -121,7 +121,7 @@ impl MapDecl {
 }
 
 /// Parses the listing; an empty output (no table, or no nft) is an empty observation.
-pub fn parse(output: &str) -> Result<NftObserved, String> {
+pub(crate) fn parse(output: &str) -> Result<NftObserved, String> {
     let mut observed = NftObserved::default();
     if output.trim().is_empty() {
         return Ok(observed);

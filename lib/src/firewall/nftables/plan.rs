@@ -13,7 +13,7 @@ use crate::ownership::{parse_comment, KIND_FORWARD, KIND_MASQUERADE};
 
 /// The script and what it changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TableEdit {
+pub(crate) struct TableEdit {
     /// One `nft -f -` script, a command per line, each adding or deleting one object (or a
     /// map's elements); empty: nothing to do.
     pub script: String,
@@ -119,7 +119,12 @@ fn declared_hook(name: &str) -> Option<Hooked> {
 /// is compared with what portfwd writes, not only its comment: table flags, each chain's
 /// type, hook, priority and policy, each map's declaration, each rule's whole body, each
 /// element's key and verdict; what differs is written again and named in `repaired`.
-pub fn plan_table(instance: &str, table: &str, want: &Table, have: &NftObserved) -> TableEdit {
+pub(crate) fn plan_table(
+    instance: &str,
+    table: &str,
+    want: &Table,
+    have: &NftObserved,
+) -> TableEdit {
     let mut s: Vec<String> = Vec::new();
     let mut repaired: Vec<String> = Vec::new();
     let changes = entry_changes(instance, want, &have.table);

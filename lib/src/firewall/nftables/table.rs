@@ -20,16 +20,16 @@ use crate::net::{Cidr, Family, PortRange};
 
 /// The address family of every portfwd table: both IP families in one table and one
 /// transaction (inet NAT needs Linux 5.2; the maps below need 5.6).
-pub const FAMILY: &str = "inet";
+pub(crate) const FAMILY: &str = "inet";
 
 /// `portfwd-<instance>`.
-pub fn table_name(instance: &str) -> String {
+pub(crate) fn table_name(instance: &str) -> String {
     format!("portfwd-{instance}")
 }
 
 /// A name or interface inside double quotes. Validation admits only `[A-Za-z0-9_.+*-]`; anything
 /// else is refused here too, so a bug upstream can never put nft syntax into a script.
-pub fn quoted(text: &str) -> Option<String> {
+pub(crate) fn quoted(text: &str) -> Option<String> {
     let safe = !text.is_empty()
         && text
             .chars()
@@ -39,7 +39,7 @@ pub fn quoted(text: &str) -> Option<String> {
 
 /// A chain name as nft's parser takes it: unquoted (nft 1.0 refuses quoted chain names), so
 /// it must be one identifier: a letter, then `[A-Za-z0-9_.-]`.
-pub fn ident(name: &str) -> Option<&str> {
+pub(crate) fn ident(name: &str) -> Option<&str> {
     let mut chars = name.chars();
     let first = chars.next()?;
     let safe = first.is_ascii_alphabetic()
@@ -48,7 +48,7 @@ pub fn ident(name: &str) -> Option<&str> {
 }
 
 /// An interface as nft matches it: iptables' trailing `+` wildcard is nft's `*`.
-pub fn interface(name: &str) -> String {
+pub(crate) fn interface(name: &str) -> String {
     match name.strip_suffix('+') {
         Some(prefix) => format!("{prefix}*"),
         None => name.to_string(),
@@ -57,7 +57,7 @@ pub fn interface(name: &str) -> String {
 
 /// The hooks the table attaches to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Base {
+pub(crate) enum Base {
     Prerouting,
     Output,
     Postrouting,
@@ -69,7 +69,7 @@ pub enum Base {
 }
 
 impl Base {
-    pub const ALL: [Base; 5] = [
+    pub(crate) const ALL: [Base; 5] = [
         Base::Prerouting,
         Base::Output,
         Base::Postrouting,
@@ -77,7 +77,7 @@ impl Base {
         Base::Forward,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Base::Prerouting => "prerouting",
             Base::Output => "output",
@@ -87,13 +87,13 @@ impl Base {
         }
     }
 
-    pub fn from_name(name: &str) -> Option<Base> {
+    pub(crate) fn from_name(name: &str) -> Option<Base> {
         Base::ALL.into_iter().find(|b| b.name() == name)
     }
 
     /// Where it hooks in: NAT at the standard priorities, so iptables-nft's nat chains at the
     /// same hook keep their relative order with portfwd's as they had with iptables.
-    pub fn declaration(self) -> &'static str {
+    pub(crate) fn declaration(self) -> &'static str {
         match self {
             Base::Prerouting => "type nat hook prerouting priority dstnat; policy accept;",
             Base::Output => "type nat hook output priority -100; policy accept;",
@@ -106,7 +106,7 @@ impl Base {
 
 /// Where a dispatch map is looked up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Stage {
+pub(crate) enum Stage {
     /// DNAT of arriving connections (prerouting).
     Pre,
     /// DNAT of locally made connections (`local: true`, output).
@@ -119,7 +119,7 @@ pub enum Stage {
 /// address), the family and, for SNAT, the protocol (nft needs it to type `ct original
 /// proto-dst`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MapKind {
+pub(crate) struct MapKind {
     pub stage: Stage,
     pub by_addr: bool,
     pub family: Family,
@@ -142,7 +142,7 @@ fn nfproto(family: Family) -> &'static str {
 
 impl MapKind {
     /// `pre-addr4`, `out-port6`, `post-tcp-addr4`.
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         let stage = match self.stage {
             Stage::Pre => "pre",
             Stage::Out => "out",
@@ -157,7 +157,7 @@ impl MapKind {
     }
 
     /// Every map kind there can be, for reading names back.
-    pub fn all() -> Vec<MapKind> {
+    pub(crate) fn all() -> Vec<MapKind> {
         let mut kinds = Vec::new();
         for stage in [Stage::Pre, Stage::Out, Stage::Post] {
             let protos: Vec<Option<Proto>> = match stage {
@@ -180,11 +180,11 @@ impl MapKind {
         kinds
     }
 
-    pub fn from_name(name: &str) -> Option<MapKind> {
+    pub(crate) fn from_name(name: &str) -> Option<MapKind> {
         MapKind::all().into_iter().find(|k| k.name() == name)
     }
 
-    pub fn base(&self) -> Base {
+    pub(crate) fn base(&self) -> Base {
         match self.stage {
             Stage::Pre => Base::Prerouting,
             Stage::Out => Base::Output,
@@ -193,7 +193,7 @@ impl MapKind {
     }
 
     /// The map's declaration: the key type, a verdict as data, and intervals (port ranges).
-    pub fn declaration(&self) -> String {
+    pub(crate) fn declaration(&self) -> String {
         format!(
             "type {} : verdict; flags interval;",
             self.key_types().join(" . ")
@@ -201,7 +201,7 @@ impl MapKind {
     }
 
     /// The key's types, as nft lists them.
-    pub fn key_types(&self) -> Vec<&'static str> {
+    pub(crate) fn key_types(&self) -> Vec<&'static str> {
         let mut types = Vec::new();
         if self.by_addr {
             types.push(match self.family {
@@ -217,7 +217,7 @@ impl MapKind {
     }
 
     /// The base chain's rule that looks a connection up in this map.
-    pub fn dispatch_rule(&self) -> String {
+    pub(crate) fn dispatch_rule(&self) -> String {
         let ip = self.family.nft_family();
         let nf = nfproto(self.family);
         let name = self.name();
@@ -250,21 +250,21 @@ impl MapKind {
     }
 
     /// Rule order inside a base chain: listen addresses before any-address, IPv4 first.
-    pub fn rank(&self) -> (bool, Family, Option<Proto>) {
+    pub(crate) fn rank(&self) -> (bool, Family, Option<Proto>) {
         (!self.by_addr, self.family, self.proto)
     }
 }
 
 /// What a forward's NAT rule does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NatTo {
+pub(crate) enum NatTo {
     Dnat { addr: IpAddr, port: Option<u16> },
     Redirect { port: u16 },
 }
 
 /// A forward's DNAT or REDIRECT, in its own chain (`pre-<name>`, `out-<name>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NatRule {
+pub(crate) struct NatRule {
     pub family: Family,
     pub sources: Vec<Cidr>,
     pub in_interface: Option<String>,
@@ -276,7 +276,7 @@ pub struct NatRule {
 
 /// A forward's source NAT (`post-<name>`): only the DNATed flow to its backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnatRule {
+pub(crate) struct SnatRule {
     pub daddr: IpAddr,
     pub dports: PortRange,
     /// None: masquerade.
@@ -285,7 +285,7 @@ pub struct SnatRule {
 
 /// A masquerade entry (in `postrouting`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MasqRule {
+pub(crate) struct MasqRule {
     pub source: Cidr,
     pub out_interface: Option<String>,
     pub to: Option<IpAddr>,
@@ -293,7 +293,7 @@ pub struct MasqRule {
 
 /// A masquerade entry's flows marked for the FORWARD accept (in `forward`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MasqMark {
+pub(crate) struct MasqMark {
     pub source: Cidr,
     pub out_interface: Option<String>,
     pub mark: u32,
@@ -301,7 +301,7 @@ pub struct MasqMark {
 
 /// What a rule is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Body {
+pub(crate) enum Body {
     Dispatch(MapKind),
     Nat(NatRule),
     Snat(SnatRule),
@@ -322,7 +322,7 @@ fn ports_text(ports: PortRange) -> String {
 }
 
 /// `a` alone, or `{ a, b }`: how nft writes one value or a set.
-pub fn set_text<T: ToString>(items: &[T]) -> String {
+pub(crate) fn set_text<T: ToString>(items: &[T]) -> String {
     match items {
         [one] => one.to_string(),
         many => format!(
@@ -346,7 +346,7 @@ fn dest_text(family: Family, addr: IpAddr, port: Option<u16>) -> String {
 impl Body {
     /// The rule in nft's language, without its comment; None when it cannot be written
     /// ([`Body::Unknown`], or a name [`quoted`] refuses).
-    pub fn render(&self) -> Option<String> {
+    pub(crate) fn render(&self) -> Option<String> {
         let mut out = String::new();
         match self {
             Body::Dispatch(kind) => out.push_str(&kind.dispatch_rule()),
@@ -426,14 +426,14 @@ impl Body {
 
 /// A rule and its owner's comment.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
+pub(crate) struct Rule {
     pub comment: String,
     pub body: Body,
 }
 
 /// A map element: the key and the chain it jumps to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Element {
+pub(crate) struct Element {
     /// The listen address (maps keyed by address).
     pub addr: Option<IpAddr>,
     /// The protocol (pre/out maps; SNAT maps are per protocol).
@@ -444,7 +444,7 @@ pub struct Element {
 
 impl Element {
     /// The key in nft's language (`10.0.0.1 . tcp . 8000-8010`).
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         let mut parts = Vec::new();
         if let Some(a) = self.addr {
             parts.push(a.to_string());
@@ -460,19 +460,19 @@ impl Element {
 /// An instance's table: maps (name → element comment → element) and chains (name → rules in
 /// order). Base chains are named after their hook ([`Base`]); the others belong to one entry.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Table {
+pub(crate) struct Table {
     pub maps: BTreeMap<String, BTreeMap<String, Element>>,
     pub chains: BTreeMap<String, Vec<Rule>>,
 }
 
 impl Table {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.maps.is_empty() && self.chains.is_empty()
     }
 
     /// The whole table as one `nft -f` script (`nft list table` reads much the same).
     #[cfg(test)]
-    pub fn script(&self, table: &str) -> String {
+    pub(crate) fn script(&self, table: &str) -> String {
         let mut out = format!("table {FAMILY} {table} {{\n");
         for (name, elements) in &self.maps {
             let decl = MapKind::from_name(name)
@@ -506,7 +506,7 @@ impl Table {
 }
 
 /// `<body> comment "<comment>"`.
-pub fn rule_text(rule: &Rule) -> Option<String> {
+pub(crate) fn rule_text(rule: &Rule) -> Option<String> {
     Some(format!(
         "{} comment {}",
         rule.body.render()?,
@@ -515,7 +515,7 @@ pub fn rule_text(rule: &Rule) -> Option<String> {
 }
 
 /// `<key> comment "<comment>" : jump "<chain>"`.
-pub fn element_text(comment: &str, element: &Element) -> Option<String> {
+pub(crate) fn element_text(comment: &str, element: &Element) -> Option<String> {
     Some(format!(
         "{} comment {} : jump {}",
         element.key(),
