@@ -11,7 +11,7 @@
 use crate::compile::Desired;
 use crate::firewall::{Firewall, TableDrop, Tool};
 use crate::observe::{self, Observed, Scope};
-use crate::ownership::holds_only_chains;
+use crate::ownership::{holds_only_chains, Record};
 use crate::plan::iproute::IpBatch;
 use crate::plan::{Plan, Step};
 use crate::record_store::Host;
@@ -92,7 +92,11 @@ pub(crate) fn apply<F: Firewall>(
 /// Runs one step.
 fn execute(step: &Step, instance: &str, sys: &mut dyn Host) -> Result<(), SystemError> {
     match step {
-        Step::RecordAhead(record) | Step::Record(record) => sys.write_record(instance, record),
+        Step::RecordAhead(record) => sys.write_record(instance, record),
+        Step::Record(record) => {
+            let record = proven(record, sys)?;
+            sys.write_record(instance, &record)
+        }
         Step::IpBatch(batch) => sys.ip_batch(batch.family, &script(batch)),
         Step::Transaction(t) => match t.tool {
             Tool::IptablesRestore(tool, family) => sys.restore(tool, family, &t.payload),
@@ -102,6 +106,21 @@ fn execute(step: &Step, instance: &str, sys: &mut dyn Host) -> Result<(), System
         Step::SysctlWrite(change) => sys.write_sysctl(&change.key, &change.to),
         Step::Store(stored) => sys.write_stored(instance, stored.as_deref()),
     }
+}
+
+/// The final record, its read cache kept only if the generation is the one the plan
+/// expects after this run's commits: any other writer since the run's read moved it further.
+fn proven(record: &Record, sys: &mut dyn Host) -> Result<Record, SystemError> {
+    let Some(cache) = &record.read_cache else {
+        return Ok(record.clone());
+    };
+    if sys.nft_generation()? == Some(cache.read.generation) {
+        return Ok(record.clone());
+    }
+    Ok(Record {
+        read_cache: None,
+        ..record.clone()
+    })
 }
 
 /// Deletes the table only if nft itself shows nothing in it but chains without rules: sets,

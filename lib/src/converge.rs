@@ -18,6 +18,7 @@ use crate::firewall::Firewall;
 use crate::model::{self, Config, Params, RunMode};
 use crate::net::Family;
 use crate::observe::{self, Observed, Prelude, Scope};
+use crate::ownership::ReadCache;
 use crate::plan::{self, Plan};
 use crate::record_store::Host;
 use crate::report::{self, Report, StateView};
@@ -138,9 +139,16 @@ fn compile_and_observe<F: Firewall>(
         };
         if prelude.cache_is_current() {
             let desired = join(compiled);
-            let cached = prelude
-                .usable_cache(desired.read_key)
-                .map(|cache| (&desired.firewall, cache));
+            let last = match prelude.usable_cache(desired.read_key) {
+                Some(_) => None,
+                None => last_written(firewall, config, &prelude, &desired),
+            };
+            let cached = match &last {
+                Some((old, cache)) => Some((old, cache.clone())),
+                None => prelude
+                    .usable_cache(desired.read_key)
+                    .map(|cache| (&desired.firewall, cache)),
+            };
             let observed = read(sys, prelude, cached);
             (desired, observed)
         } else {
@@ -149,6 +157,33 @@ fn compile_and_observe<F: Firewall>(
         }
     });
     Ok((desired, observed?))
+}
+
+/// What the firewall holds while the read cache is current but was made for other objects:
+/// what the cached params compile to, when they compile to the cached digest (the same
+/// portfwd, the same backend) and the edit to `desired` needs nothing only a read has. A
+/// change is then planned from it and writes only the delta: no listing of thousands of
+/// forwards. Anything else (no params kept, a backend move, a rule handle needed): None, and
+/// the run reads.
+fn last_written<F: Firewall>(
+    firewall: &F,
+    config: &Config,
+    prelude: &Prelude,
+    desired: &Desired<F>,
+) -> Option<(F::Desired, ReadCache)> {
+    let cache = prelude.record.read_cache.as_ref()?;
+    let (old, _, _) = Config::from_json(cache.params.as_deref()?).ok()?;
+    if old.instance != config.instance {
+        return None;
+    }
+    let compiled = compile::compile(&old, firewall);
+    if compiled.read_key != Some(cache.digest) {
+        return None;
+    }
+    let assumed = firewall.assume(&compiled.firewall, &cache.read);
+    firewall
+        .plans_without_read(&config.instance, &desired.firewall, &assumed)
+        .then(|| (compiled.firewall, cache.clone()))
 }
 
 /// An address or route on a missing interface would fail halfway through the apply: refused

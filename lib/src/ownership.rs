@@ -167,8 +167,10 @@ pub(crate) struct Record {
     pub read_cache: Option<ReadCache>,
 }
 
-/// A full read of the firewall found exactly the desired objects (`digest`) at nf_tables
-/// generation `generation`, read before that read. While the generation stays the same no
+/// The firewall held exactly the desired objects (`digest`) at nf_tables generation
+/// `generation`: a full read found them there (the generation read before it), or this run
+/// wrote them and the generation after its commits is the one before them plus one per
+/// commit (no other writer came between). While the generation stays the same no
 /// transaction has changed any table, so a run with the same desired objects can skip the
 /// read (an `iptables-save` of 10,000 foreign rules costs ~0.12 s). Other software's changes
 /// (iptables-nft's included) bump the generation; iptables-legacy ones do not, so legacy hosts
@@ -180,6 +182,11 @@ pub(crate) struct ReadCache {
     pub digest: u32,
     #[serde(flatten)]
     pub read: FirewallRead,
+    /// The params (compact JSON) that compiled to `digest`: with them a change is planned
+    /// from what was last written, without reading the table, while the generation proves
+    /// nothing else has written since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<String>,
 }
 
 /// What a full nf_tables read of the firewall found besides portfwd's own objects, and at

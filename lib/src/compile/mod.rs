@@ -25,6 +25,8 @@ pub(crate) struct Desired<F: Firewall = Iptables> {
     pub read_key: Option<u32>,
     /// The params file `persist: true` keeps (None: no file).
     pub stored: Option<String>,
+    /// The params these objects were compiled from, for the read cache (empty: absent).
+    pub source: String,
     pub warnings: Vec<String>,
 }
 
@@ -54,6 +56,7 @@ pub(crate) fn compile<F: Firewall>(config: &Config, firewall: &F) -> Desired<F> 
     desired.sysctls = sysctls(config);
     desired.routing = compile_routing(config);
     desired.stored = config.persisted.clone();
+    desired.source = config.source.clone();
     desired.warnings.extend(static_warnings(config));
     desired
 }

@@ -141,6 +141,18 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
         (self.new.assume(&want.0, read), old)
     }
 
+    /// Only while the old backend is not read: the cache never says what it holds.
+    fn plans_without_read(
+        &self,
+        instance: &str,
+        want: &Self::Desired,
+        have: &Self::Observed,
+    ) -> bool {
+        !self.from_old
+            && have.1.is_none()
+            && self.new.plans_without_read(instance, &want.0, &have.0)
+    }
+
     fn snapshot(&self, observed: &Self::Observed) -> Self::Desired {
         (
             self.new.snapshot(&observed.0),

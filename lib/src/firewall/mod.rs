@@ -66,6 +66,18 @@ pub(crate) trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     /// changed since (see [`crate::ownership::ReadCache`]).
     fn assume(&self, want: &Self::Desired, read: &FirewallRead) -> Self::Observed;
 
+    /// Can the edit from `have`, assumed as last written ([`Firewall::assume`]), to `want` be
+    /// written without reading the firewall first? (It may need what only a read has, such
+    /// as rule handles.) A backend that cannot tell says no, and the run reads.
+    fn plans_without_read(
+        &self,
+        _instance: &str,
+        _want: &Self::Desired,
+        _have: &Self::Observed,
+    ) -> bool {
+        false
+    }
+
     /// The observed objects as a desired state: the rollback target and what `show` reads.
     fn snapshot(&self, observed: &Self::Observed) -> Self::Desired;
 

@@ -149,6 +149,9 @@ pub struct Config {
     pub(crate) conn_mark: u32,
     /// The params as `persist: true` stores them (None when not persisting).
     pub(crate) persisted: Option<String>,
+    /// The params as compact JSON, kept with the read cache (see
+    /// [`crate::ownership::ReadCache::params`]).
+    pub(crate) source: String,
     /// (entry, finding id) pairs the params silence: `forwards.web` → `reply_bypass`.
     pub(crate) ignored: std::collections::BTreeSet<(String, &'static str)>,
 }

@@ -10,7 +10,7 @@ pub(crate) mod record;
 pub(crate) mod sysctl;
 
 use crate::compile::Desired;
-use crate::firewall::{EntryChanges, Firewall, FirewallPlan, TableDrop, Transaction};
+use crate::firewall::{EntryChanges, Firewall, FirewallPlan, TableDrop, Tool, Transaction};
 use crate::observe::Observed;
 use crate::ownership::{ReadCache, Record};
 use iproute::{plan_routing, IpBatch, RoutingPlan};
@@ -100,6 +100,21 @@ impl Plan {
     }
 }
 
+/// How many nf_tables generations the firewall transactions move on: one per `nft -f` and
+/// per iptables-nft restore. None when the count cannot be known: a legacy restore (it moves
+/// none, and the generation then proves nothing) or a table drop (done only if the table
+/// turns out empty).
+fn commits(plan: &FirewallPlan) -> Option<u32> {
+    let counted = plan.drops.is_empty()
+        && plan.transactions.iter().all(|t| {
+            !matches!(
+                t.tool,
+                Tool::IptablesRestore(crate::tools::IptablesTool::Legacy, _)
+            )
+        });
+    counted.then(|| u32::try_from(plan.transactions.len()).unwrap_or(u32::MAX))
+}
+
 /// Diffs the desired state against what was observed.
 pub(crate) fn plan<F: Firewall>(
     firewall: &F,
@@ -111,17 +126,19 @@ pub(crate) fn plan<F: Firewall>(
     let mut record = observed.record.clone();
     let mut warnings = Vec::new();
     let firewall_plan = firewall.plan(instance, &desired.firewall, &observed.firewall, &mut record);
-    // A read cache is kept only while the firewall holds exactly the desired objects: a run
-    // that changes them bumps the generation anyway.
-    let untouched = firewall_plan.transactions.is_empty() && firewall_plan.drops.is_empty();
+    // The read cache says the firewall holds exactly the desired objects at a generation:
+    // the one read, plus one per commit of this run. The apply checks that generation after
+    // its commits ([`crate::apply`]): another writer in between voids the cache.
     record.read_cache = observed
         .firewall_read
         .clone()
-        .filter(|_| untouched)
-        .and_then(|read| {
+        .zip(commits(&firewall_plan))
+        .and_then(|(mut read, commits)| {
+            read.generation = read.generation.wrapping_add(commits);
             Some(ReadCache {
                 digest: desired.read_key?,
                 read,
+                params: Some(desired.source.clone()),
             })
         });
     // The record names the backend (and the iptables flavour) while it holds something; a

@@ -117,6 +117,10 @@ impl Firewall for Nftables {
         NftObserved::as_written(want.clone())
     }
 
+    fn plans_without_read(&self, instance: &str, want: &Table, have: &NftObserved) -> bool {
+        !plan::plan_table(instance, &self.table, want, have).needs_read
+    }
+
     fn snapshot(&self, observed: &NftObserved) -> Table {
         observed.table.clone()
     }

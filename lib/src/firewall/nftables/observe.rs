@@ -38,12 +38,25 @@ pub(crate) struct NftObserved {
     pub hooks: BTreeMap<String, Option<Hooked>>,
     /// Each map's declaration as listed.
     pub map_decls: BTreeMap<String, MapDecl>,
+    /// Not read but known (what was last written, [`NftObserved::as_written`]): no rule
+    /// handles, so a rule can only go by flushing its chain.
+    pub assumed: bool,
 }
 
 impl NftObserved {
     /// What a read of `table` finds right after portfwd wrote it (chains and maps declared
-    /// as portfwd declares them); the read cache stands for such a read.
+    /// as portfwd declares them, elements keyed as portfwd writes them, but no rule
+    /// handles); the read cache stands for such a read.
     pub(crate) fn as_written(table: Table) -> NftObserved {
+        let keys = table
+            .maps
+            .iter()
+            .flat_map(|(name, elements)| {
+                elements
+                    .iter()
+                    .map(|(comment, e)| ((name.clone(), comment.clone()), e.key()))
+            })
+            .collect();
         let hooks = table
             .chains
             .keys()
@@ -59,6 +72,8 @@ impl NftObserved {
             table,
             hooks,
             map_decls,
+            keys,
+            assumed: true,
             ..NftObserved::default()
         }
     }

@@ -21,20 +21,22 @@ pub(crate) struct TableEdit {
     pub masquerade: EntryChanges,
     /// Owned objects put right that no entry change explains.
     pub repaired: Vec<String>,
+    /// The edit needs rule handles the observed state does not have (it was assumed, not
+    /// read): the table must be read first.
+    pub needs_read: bool,
 }
 
-/// The rules of a kept chain to delete (by handle) and to add (with the handle each goes
-/// before, None: at the end). A desired rule already there, exactly as portfwd writes it and
+/// The rules of a kept chain to delete (by position) and to add (with the position of the
+/// rule each goes before, None: at the end). A desired rule already there, exactly as portfwd writes it and
 /// in order, is kept; one edited by hand, out of order, or looking up a map that is declared
 /// again is written again; anything else in the chain is deleted.
 fn chain_edit<'r>(
     place: (&str, &str),
     want: &'r [Rule],
     have: &[Rule],
-    handles: &[u64],
     redeclared: &BTreeSet<&str>,
     repaired: &mut Vec<String>,
-) -> (Vec<u64>, Vec<(&'r Rule, Option<u64>)>) {
+) -> (Vec<usize>, Vec<(&'r Rule, Option<usize>)>) {
     let (instance, chain) = place;
     let wanted: BTreeMap<&str, &Rule> = want.iter().map(|r| (r.comment.as_str(), r)).collect();
     let looks_up_redeclared = |r: &Rule| matches!(&r.body, Body::Dispatch(kind) if redeclared.contains(kind.name().as_str()));
@@ -77,19 +79,12 @@ fn chain_edit<'r>(
         repaired.push(format!("rule order of chain {chain}"));
     }
     let keep: BTreeSet<usize> = kept.iter().flatten().copied().collect();
-    let deletes = (0..have.len())
-        .filter(|i| !keep.contains(i))
-        .filter_map(|i| handles.get(i).copied())
-        .collect();
+    let deletes = (0..have.len()).filter(|i| !keep.contains(i)).collect();
     let mut adds = Vec::new();
     for (i, rule) in want.iter().enumerate() {
         if kept[i].is_none() {
             // Before the next kept rule, so the order comes out right.
-            let before = kept[i..]
-                .iter()
-                .flatten()
-                .next()
-                .and_then(|&j| handles.get(j).copied());
+            let before = kept[i..].iter().flatten().next().copied();
             adds.push((rule, before));
         }
     }
@@ -127,12 +122,13 @@ pub(crate) fn plan_table(
 ) -> TableEdit {
     let mut s: Vec<String> = Vec::new();
     let mut repaired: Vec<String> = Vec::new();
+    let mut needs_read = false;
     let changes = entry_changes(instance, want, &have.table);
     if want.is_empty() {
         if have.exists {
             s.push(format!("delete table {FAMILY} {table}"));
         }
-        return finish(s, changes, repaired);
+        return finish(s, changes, repaired, false);
     }
     let t = table;
     if !have.exists {
@@ -232,19 +228,34 @@ pub(crate) fn plan_table(
                 s.push(format!("flush chain {FAMILY} {t} {q}"));
                 s.push(format!("delete chain {FAMILY} {t} {q}"));
             }
+            // Not read, so as written: a forward's own chain is written again whole.
+            Some(wanted) if have.assumed && Base::from_name(name).is_none() => {
+                if wanted != rules {
+                    s.push(format!("flush chain {FAMILY} {t} {q}"));
+                    adds.extend(wanted.iter().map(|r| (name.clone(), r, None)));
+                }
+            }
             Some(wanted) => {
                 let (deletes, missing) = chain_edit(
                     (instance, name),
                     wanted,
                     rules,
-                    handles,
                     &redeclared_maps,
                     &mut repaired,
                 );
-                for handle in deletes {
-                    s.push(format!("delete rule {FAMILY} {t} {q} handle {handle}"));
+                for i in deletes {
+                    match handles.get(i) {
+                        Some(handle) => {
+                            s.push(format!("delete rule {FAMILY} {t} {q} handle {handle}"));
+                        }
+                        None => needs_read = true,
+                    }
                 }
-                adds.extend(missing.into_iter().map(|(r, at)| (name.clone(), r, at)));
+                for (rule, before) in missing {
+                    let at = before.map(|j| handles.get(j).copied());
+                    needs_read |= at == Some(None);
+                    adds.push((name.clone(), rule, at.flatten()));
+                }
             }
         }
     }
@@ -314,19 +325,21 @@ pub(crate) fn plan_table(
             s.push(format!("delete chain {FAMILY} {t} {q}"));
         }
     }
-    finish(s, changes, repaired)
+    finish(s, changes, repaired, needs_read)
 }
 
 fn finish(
     lines: Vec<String>,
     (forwards, masquerade): (EntryChanges, EntryChanges),
     repaired: Vec<String>,
+    needs_read: bool,
 ) -> TableEdit {
     TableEdit {
         script: lines.iter().map(|l| format!("{l}\n")).collect(),
         forwards,
         masquerade,
         repaired,
+        needs_read,
     }
 }
 

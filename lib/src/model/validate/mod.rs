@@ -118,6 +118,7 @@ impl Params {
             conn_mark,
             persisted: (self.persist && self.state == State::Present)
                 .then(|| serde_json::to_string_pretty(self).unwrap_or_default()),
+            source: serde_json::to_string(self).unwrap_or_default(),
             ignored,
         })
     }
