@@ -248,9 +248,21 @@ fn follow_live_flows<F: Firewall>(
         return;
     }
     let entries = firewall.decompile(&config.instance, &firewall.snapshot(&observed.firewall));
+    // Only the changed forwards' old selves are needed: one change among thousands validates
+    // one forward.
+    let names: std::collections::HashSet<&String> = changed
+        .added
+        .iter()
+        .chain(&changed.updated)
+        .chain(&changed.removed)
+        .collect();
     let old_params = Params {
         instance: config.instance.clone(),
-        forwards: entries.forwards,
+        forwards: entries
+            .forwards
+            .into_iter()
+            .filter(|f| names.contains(&f.name))
+            .collect(),
         ..Params::default()
     };
     // The owned rules decompile to valid params; if they ever did not, no old forward is

@@ -50,6 +50,8 @@ pub(crate) struct FakeElement {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct FakeMap {
     pub types: Vec<String>,
+    /// `flags interval`: only such a map takes ranges as keys.
+    pub interval: bool,
     pub elements: Vec<FakeElement>,
 }
 
@@ -158,15 +160,19 @@ impl NftState {
             }
             ["add", "map", "inet", t, m, decl] => {
                 let types = map_types(decl)?;
+                let interval = decl.contains("flags interval;");
                 let table = self.table(t)?;
                 match table.maps.get(*m) {
-                    Some(have) if have.types != types => Err("File exists".into()),
+                    Some(have) if have.types != types || have.interval != interval => {
+                        Err("File exists".into())
+                    }
                     Some(_) => Ok(()),
                     None => {
                         table.maps.insert(
                             m.to_string(),
                             FakeMap {
                                 types,
+                                interval,
                                 elements: Vec::new(),
                             },
                         );
@@ -239,6 +245,10 @@ impl NftState {
                     }
                 }
                 let map = table.maps.get_mut(*m).ok_or("No such file or directory")?;
+                // A range (`8000-8010`; addresses have no `-`) needs an interval map.
+                if !map.interval && new.iter().any(|e| e.key.contains('-')) {
+                    return Err("Could not process rule: Operation not supported".into());
+                }
                 for e in new {
                     if map.elements.iter().any(|have| have.key == e.key) {
                         return Err("File exists".into());
@@ -341,7 +351,10 @@ impl NftState {
                 many => json!(many),
             };
             let mut o = json!({"family": "inet", "name": m, "table": name, "type": types,
-                               "handle": 0, "map": "verdict", "flags": ["interval"]});
+                               "handle": 0, "map": "verdict"});
+            if map.interval {
+                o["flags"] = json!(["interval"]);
+            }
             if !elem.is_empty() {
                 o["elem"] = json!(elem);
             }

@@ -226,12 +226,16 @@ fn nftables_objects_edited_behind_portfwds_back_are_repaired() {
         )]);
     });
     repaired(&t, &params, "element pointing elsewhere", |ns| {
-        let comment = nft_comment(ns, &["map", "inet", "portfwd-portfwd", "pre-port4"], "4321");
+        let comment = nft_comment(
+            ns,
+            &["map", "inet", "portfwd-portfwd", "pre-port4-exact"],
+            "4321",
+        );
         nft(
             ns,
             &[
-                &format!("delete element {T} pre-port4 {{ tcp . 4321 }}"),
-                &format!("add element {T} pre-port4 {{ tcp . 4321 comment \"{comment}\" : jump pre-closed }}"),
+                &format!("delete element {T} pre-port4-exact {{ tcp . 4321 }}"),
+                &format!("add element {T} pre-port4-exact {{ tcp . 4321 comment \"{comment}\" : jump pre-closed }}"),
             ],
         );
     });

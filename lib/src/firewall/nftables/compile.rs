@@ -93,6 +93,7 @@ impl Builder<'_> {
                 by_addr: f.listen_address.is_some(),
                 family: f.family,
                 proto: None,
+                ranged: !f.listen_port.is_single(),
             };
             for &proto in &f.protos {
                 let element = Element {
@@ -137,6 +138,7 @@ impl Builder<'_> {
                 by_addr: f.listen_address.is_some(),
                 family: f.family,
                 proto: Some(proto),
+                ranged: !f.listen_port.is_single(),
             };
             let element = Element {
                 addr: f.listen_address,

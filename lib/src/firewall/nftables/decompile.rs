@@ -1,12 +1,13 @@
 //! Reads forwards and masquerade entries back out of the instance's table (`show`, the
 //! `before` side of `--diff`, the conntrack reset). Compiling the result gives the same table.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use serde_json::Value;
 
 use super::compile::entry_chain;
-use super::table::{Base, Body, NatTo, Rule, Stage, Table};
+use super::table::{Base, Body, Element, NatTo, Rule, Stage, Table};
 use crate::firewall::Entries;
 use crate::model::{ForwardParams, MasqueradeParams, ProtoParam, DEFAULT_CONN_MARK};
 use crate::net::PortRange;
@@ -54,8 +55,13 @@ pub(crate) fn entries_from_table(table: &Table, instance: &str) -> Entries {
         })
         .collect();
     names.sort_unstable();
+    // Each chain's first element (the key a forward listens on), found in one pass.
+    let mut elements: HashMap<&str, &Element> = HashMap::new();
+    for element in table.maps.values().flat_map(|elements| elements.values()) {
+        elements.entry(element.chain.as_str()).or_insert(element);
+    }
     for name in names {
-        if let Some(f) = forward_from(table, name, instance, &mut entries) {
+        if let Some(f) = forward_from(table, &elements, name, instance, &mut entries) {
             entries.forwards.push(f);
         }
     }
@@ -107,6 +113,7 @@ fn owned_rule<'a>(table: &'a Table, chain: &str, instance: &str) -> Option<&'a R
 
 fn forward_from(
     table: &Table,
+    elements: &HashMap<&str, &Element>,
     name: &str,
     instance: &str,
     entries: &mut Entries,
@@ -116,11 +123,7 @@ fn forward_from(
     let Body::Nat(nat) = &rule.body else {
         return None;
     };
-    let element = table
-        .maps
-        .values()
-        .flat_map(|elements| elements.values())
-        .find(|e| e.chain == pre_chain)?;
+    let element = *elements.get(pre_chain.as_str())?;
     let (to, redirect_to_port) = match nat.to {
         NatTo::Dnat { addr, port } => (Some(dest_text(addr, port)), None),
         NatTo::Redirect { port } => (None, Some(Value::from(port))),

@@ -130,7 +130,11 @@ impl MapDecl {
         MapDecl {
             key: kind.key_types().iter().map(|t| t.to_string()).collect(),
             data: "verdict".into(),
-            flags: vec!["interval".into()],
+            flags: if kind.ranged {
+                vec!["interval".into()]
+            } else {
+                Vec::new()
+            },
         }
     }
 }

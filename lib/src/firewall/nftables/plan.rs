@@ -450,7 +450,7 @@ mod tests {
         );
         assert_eq!(
             edit.script,
-            "delete element inet portfwd-gw pre-port4 { tcp . 2222 }\nflush chain inet portfwd-gw pre-r\ndelete chain inet portfwd-gw pre-r\n"
+            "delete element inet portfwd-gw pre-port4-exact { tcp . 2222 }\nflush chain inet portfwd-gw pre-r\ndelete chain inet portfwd-gw pre-r\n"
         );
         assert_eq!(edit.forwards.removed, ["r"]);
     }
@@ -567,10 +567,10 @@ mod tests {
     #[test]
     fn an_element_edited_by_hand_and_a_stranger_in_an_owned_chain_are_put_right() {
         let edit = repair(&edited(|o| {
-            if o["map"]["name"] == "pre-port4" {
+            if o["map"]["name"] == "pre-port4-exact" {
                 let elems = o["map"]["elem"].as_array_mut().unwrap();
                 for e in elems.iter_mut() {
-                    if e[0]["elem"]["comment"] == "gw:fwd:web:23075ab1" {
+                    if e[0]["elem"]["comment"] == "gw:fwd:web:4ecb768f" {
                         e[1] = json!({"jump": {"target": "pre-r"}});
                     }
                 }
@@ -581,11 +581,11 @@ mod tests {
         }));
         let lines: Vec<&str> = edit.script.lines().collect();
         assert!(
-            lines.contains(&"delete element inet portfwd-gw pre-port4 { tcp . 8080 }"),
+            lines.contains(&"delete element inet portfwd-gw pre-port4-exact { tcp . 8080 }"),
             "{lines:#?}"
         );
         assert!(
-            lines.contains(&"add element inet portfwd-gw pre-port4 { tcp . 8080 comment \"gw:fwd:web:23075ab1\" : jump pre-web }"),
+            lines.contains(&"add element inet portfwd-gw pre-port4-exact { tcp . 8080 comment \"gw:fwd:web:4ecb768f\" : jump pre-web }"),
             "{lines:#?}"
         );
         assert!(lines
@@ -597,7 +597,7 @@ mod tests {
         assert_eq!(
             edit.repaired,
             [
-                "element gw:fwd:web:23075ab1 of map pre-port4 edited",
+                "element gw:fwd:web:4ecb768f of map pre-port4-exact edited",
                 "rule 1 of chain pre-v6 not written by portfwd"
             ]
         );
@@ -606,8 +606,8 @@ mod tests {
     #[test]
     fn a_map_declared_otherwise_is_declared_again_with_its_lookups() {
         let edit = repair(&edited(|o| {
-            if o["map"]["name"] == "pre-port6" {
-                o["map"]["flags"] = json!([]);
+            if o["map"]["name"] == "pre-port6-exact" {
+                o["map"]["flags"] = json!(["interval"]);
             }
         }));
         let lines: Vec<&str> = edit.script.lines().collect();
@@ -618,13 +618,13 @@ mod tests {
                 .unwrap_or_else(|| panic!("no {prefix}: {lines:#?}"))
         };
         let del_rule = at("delete rule inet portfwd-gw prerouting handle");
-        let del_map = at("delete map inet portfwd-gw pre-port6");
-        let add_map = at("add map inet portfwd-gw pre-port6");
+        let del_map = at("delete map inet portfwd-gw pre-port6-exact");
+        let add_map = at("add map inet portfwd-gw pre-port6-exact");
         let add_rule = at("add rule inet portfwd-gw prerouting");
-        let add_elem = at("add element inet portfwd-gw pre-port6");
+        let add_elem = at("add element inet portfwd-gw pre-port6-exact");
         assert!(
             del_rule < del_map && del_map < add_map && add_map < add_rule && add_rule < add_elem
         );
-        assert_eq!(edit.repaired, ["map pre-port6 declaration"]);
+        assert_eq!(edit.repaired, ["map pre-port6-exact declaration"]);
     }
 }
