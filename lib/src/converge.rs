@@ -149,7 +149,11 @@ fn compile_and_observe<F: Firewall>(
                     .usable_cache(desired.read_key)
                     .map(|cache| (&desired.firewall, cache)),
             };
-            let observed = read(sys, prelude, cached);
+            let as_desired = last.is_none() && cached.is_some();
+            let observed = read(sys, prelude, cached).map(|mut o| {
+                o.firewall_is_desired = as_desired;
+                o
+            });
             (desired, observed)
         } else {
             let observed = read(sys, prelude, None);

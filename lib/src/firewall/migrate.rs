@@ -129,9 +129,8 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
         (new, old)
     }
 
-    /// A cache is written only by a run that changed nothing, so one written while the old
-    /// backend was read says it held nothing then; and whether the old backend is read
-    /// depends only on the record that holds the cache, so it is read the same way each time.
+    /// The cache stands for the new backend's objects only; the old backend, when it is
+    /// looked at, is read in every run ([`Firewall::cache_reads`]).
     fn digest(&self, want: &Self::Desired) -> Option<u32> {
         self.new.digest(&want.0)
     }
@@ -141,16 +140,39 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
         (self.new.assume(&want.0, read), old)
     }
 
-    /// Only while the old backend is not read: the cache never says what it holds.
+    /// The cache stands for the new backend only: the old one, when it may hold the
+    /// instance, is read (`absent` looks everywhere, and a cache says nothing about it).
+    fn cache_reads(&self) -> Vec<Read> {
+        if self.from_old {
+            self.old.reads()
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn assume_reading(
+        &self,
+        instance: &str,
+        want: &Self::Desired,
+        read: &FirewallRead,
+        outputs: Vec<(String, String)>,
+        warnings: &mut Vec<String>,
+    ) -> Self::Observed {
+        let old = self
+            .from_old
+            .then(|| self.old.observe(instance, outputs, warnings));
+        (self.new.assume(&want.0, read), old)
+    }
+
+    /// The old backend, when it is looked at, is read ([`Firewall::cache_reads`]) and planned
+    /// as read; only the new one's edit needs to be writable without a read.
     fn plans_without_read(
         &self,
         instance: &str,
         want: &Self::Desired,
         have: &Self::Observed,
     ) -> bool {
-        !self.from_old
-            && have.1.is_none()
-            && self.new.plans_without_read(instance, &want.0, &have.0)
+        self.new.plans_without_read(instance, &want.0, &have.0)
     }
 
     fn snapshot(&self, observed: &Self::Observed) -> Self::Desired {

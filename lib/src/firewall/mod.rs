@@ -66,6 +66,24 @@ pub(crate) trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     /// changed since (see [`crate::ownership::ReadCache`]).
     fn assume(&self, want: &Self::Desired, read: &FirewallRead) -> Self::Observed;
 
+    /// The reads a run still needs when the read cache stands for this backend's own (a
+    /// backend it may be moving from, which the cache says nothing about).
+    fn cache_reads(&self) -> Vec<Read> {
+        Vec::new()
+    }
+
+    /// [`Firewall::assume`], with what [`Firewall::cache_reads`] read (stdout, stderr).
+    fn assume_reading(
+        &self,
+        _instance: &str,
+        want: &Self::Desired,
+        read: &FirewallRead,
+        _outputs: Vec<(String, String)>,
+        _warnings: &mut Vec<String>,
+    ) -> Self::Observed {
+        self.assume(want, read)
+    }
+
     /// Can the edit from `have`, assumed as last written ([`Firewall::assume`]), to `want` be
     /// written without reading the firewall first? (It may need what only a read has, such
     /// as rule handles.) A backend that cannot tell says no, and the run reads.

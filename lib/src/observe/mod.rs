@@ -35,6 +35,9 @@ pub(crate) struct Observed<F: Firewall = Iptables> {
     /// What this run knows of the firewall at a generation (see [`ReadCache`]): from the
     /// cache it used, or from its own nf_tables read.
     pub firewall_read: Option<FirewallRead>,
+    /// The firewall is known to hold exactly the desired objects (a current read cache of
+    /// their digest): there is nothing to plan for it.
+    pub firewall_is_desired: bool,
     /// Other tables' base chains at the forward hook (see [`nft`]).
     pub forward_chains: Vec<crate::foreign::ForwardChain>,
     /// DNAT/REDIRECT rules of other nftables tables whose NAT runs before portfwd's.
@@ -194,7 +197,7 @@ pub(crate) fn observe<F: Firewall>(
     // Other tables' chains change only with the generation too: a current cache holds them.
     let cached_other = cached.as_ref().and_then(|(_, c)| c.read.other.clone());
     let mut reads = if cached.is_some() {
-        Vec::new()
+        firewall.cache_reads()
     } else {
         firewall.reads()
     };
@@ -227,10 +230,13 @@ pub(crate) fn observe<F: Firewall>(
         .collect::<Result<Vec<_>, _>>()?;
     match cached {
         Some((want, cache)) => {
-            observed.firewall = firewall.assume(want, &cache.read);
+            let mut warnings = Vec::new();
+            observed.firewall =
+                firewall.assume_reading(instance, want, &cache.read, outputs, &mut warnings);
             observed
                 .warnings
                 .extend(cache.read.warnings.iter().cloned());
+            observed.warnings.extend(warnings);
             observed.firewall_read = Some(cache.read);
         }
         _ => {

@@ -373,6 +373,25 @@ fn a_change_is_planned_from_the_record_while_nobody_else_wrote() {
         nft_script(&none),
         vec!["delete table inet portfwd-portfwd".to_string()]
     );
+    // And `absent`: the table from the record, the iptables flavours (which the record says
+    // nothing about) read.
+    let again = portfwd().apply(&t.proxy, &many(40, None)).unwrap();
+    assert!(again.changed() && !again.failed(), "{}", again.stdout);
+    let nft = portfwd_harness::shims::CallLog::new(&["nft"]).unwrap();
+    let absent = apply_with_path(
+        &t.proxy,
+        &json!({"backend": "nftables", "state": "absent"}),
+        &nft.path(),
+    );
+    assert!(absent.changed() && !absent.failed(), "{}", absent.stdout);
+    assert_eq!(table_listings(&nft.calls()), 0, "{:#?}", nft.calls());
+    assert_eq!(
+        absent.json["forwards"]["removed"].as_array().map(Vec::len),
+        Some(40)
+    );
+    let tables = t.proxy.stdout(&["nft", "list", "tables"]).unwrap();
+    assert!(!tables.contains("portfwd-portfwd"), "{tables}");
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:10000")).is_err());
 }
 
 /// A Docker-like host (iptables FORWARD policy DROP, foreign nat rules) and another nftables
