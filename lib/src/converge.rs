@@ -66,15 +66,25 @@ fn converge<F: Firewall>(
     sys: &mut dyn Host,
     prelude: Prelude,
 ) -> Report {
-    let (desired, observed) = match compile_and_observe(firewall, config, sys, prelude) {
+    let (desired, mut observed) = match compile_and_observe(firewall, config, sys, prelude.clone())
+    {
         Ok(both) => both,
         Err(e) => return read_failed(&e),
     };
+    let protocol = config.route_protocol;
+    let mut plan = plan::plan(firewall, &config.instance, protocol, &desired, &observed);
+    // Planned from the record, the edit needs what only a read has: read, and plan again.
+    if plan.firewall.needs_read {
+        let (keys, scope) = what_to_read(config);
+        observed = match observe::observe(firewall, sys, prelude, None, protocol, &keys, scope) {
+            Ok(observed) => observed,
+            Err(e) => return read_failed(&e),
+        };
+        plan = plan::plan(firewall, &config.instance, protocol, &desired, &observed);
+    }
     if let Some(refusal) = refuse_missing_interfaces(config, &observed) {
         return refusal;
     }
-    let protocol = config.route_protocol;
-    let plan = plan::plan(firewall, &config.instance, protocol, &desired, &observed);
     let warnings = warnings(firewall, config, mode, &desired, &observed, &plan);
     let view = StateView {
         firewall,
@@ -116,18 +126,8 @@ fn compile_and_observe<F: Firewall>(
     sys: &mut dyn Host,
     prelude: Prelude,
 ) -> Result<(Desired<F>, Observed<F>), SystemError> {
-    let managed = compile::sysctls(config);
-    let keys = checks::sysctl_keys(config, &managed);
+    let (keys, scope) = what_to_read(config);
     let protocol = config.route_protocol;
-    let scope = Scope {
-        // `absent` reads them too, to name what carries its protocol without a record.
-        routing: !config.policy_routes.is_empty()
-            || config.state == model::State::Absent
-            || managed.contains_key(Family::V6.forwarding_sysctl()),
-        addresses: checks::names_interfaces(config) || checks::needs_addresses(config),
-        other_filters: checks::reads_other_filters(config),
-        iptables_in_use: IptablesTool::of(config.backend),
-    };
     let (desired, observed) = std::thread::scope(|s| {
         let compiled = s.spawn(|| compile::compile(config, firewall));
         let join = |c: std::thread::ScopedJoinHandle<'_, Desired<F>>| {
@@ -141,7 +141,7 @@ fn compile_and_observe<F: Firewall>(
             let desired = join(compiled);
             let last = match prelude.usable_cache(desired.read_key) {
                 Some(_) => None,
-                None => last_written(firewall, config, &prelude, &desired),
+                None => last_written(firewall, config, &prelude),
             };
             let cached = match &last {
                 Some((old, cache)) => Some((old, cache.clone())),
@@ -163,31 +163,43 @@ fn compile_and_observe<F: Firewall>(
     Ok((desired, observed?))
 }
 
+/// The sysctls and the parts of the host a run of `config` reads besides the firewall.
+fn what_to_read(config: &Config) -> (Vec<String>, Scope) {
+    let managed = compile::sysctls(config);
+    let keys = checks::sysctl_keys(config, &managed);
+    let scope = Scope {
+        // `absent` reads them too, to name what carries its protocol without a record.
+        routing: !config.policy_routes.is_empty()
+            || config.state == model::State::Absent
+            || managed.contains_key(Family::V6.forwarding_sysctl()),
+        addresses: checks::names_interfaces(config) || checks::needs_addresses(config),
+        other_filters: checks::reads_other_filters(config),
+        iptables_in_use: IptablesTool::of(config.backend),
+    };
+    (keys, scope)
+}
+
 /// What the firewall holds while the read cache is current but was made for other objects:
 /// what the cached params compile to, when they compile to the cached digest (the same
-/// portfwd, the same backend) and the edit to `desired` needs nothing only a read has. A
-/// change is then planned from it and writes only the delta: no listing of thousands of
-/// forwards. Anything else (no params kept, a backend move, a rule handle needed): None, and
-/// the run reads.
+/// portfwd, and the backend the params name). A change is then planned from it and writes only the delta:
+/// no listing of thousands of forwards. When that edit needs what only a read has (a rule
+/// handle; see [`crate::firewall::FirewallPlan::needs_read`]), the run reads after all.
 fn last_written<F: Firewall>(
     firewall: &F,
     config: &Config,
     prelude: &Prelude,
-    desired: &Desired<F>,
 ) -> Option<(F::Desired, ReadCache)> {
     let cache = prelude.record.read_cache.as_ref()?;
     let (old, _, _) = Config::from_json(cache.params.as_deref()?).ok()?;
-    if old.instance != config.instance {
+    // The cached objects are the backend's the params name now (a move reads).
+    if old.instance != config.instance || old.backend != config.backend {
         return None;
     }
     let compiled = compile::compile(&old, firewall);
     if compiled.read_key != Some(cache.digest) {
         return None;
     }
-    let assumed = firewall.assume(&compiled.firewall, &cache.read);
-    firewall
-        .plans_without_read(&config.instance, &desired.firewall, &assumed)
-        .then(|| (compiled.firewall, cache.clone()))
+    Some((compiled.firewall, cache.clone()))
 }
 
 /// An address or route on a missing interface would fail halfway through the apply: refused

@@ -164,17 +164,6 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
         (self.new.assume(&want.0, read), old)
     }
 
-    /// The old backend, when it is looked at, is read ([`Firewall::cache_reads`]) and planned
-    /// as read; only the new one's edit needs to be writable without a read.
-    fn plans_without_read(
-        &self,
-        instance: &str,
-        want: &Self::Desired,
-        have: &Self::Observed,
-    ) -> bool {
-        self.new.plans_without_read(instance, &want.0, &have.0)
-    }
-
     fn snapshot(&self, observed: &Self::Observed) -> Self::Desired {
         (
             self.new.snapshot(&observed.0),
@@ -201,6 +190,7 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
             plan.drops.extend(old.drops);
             merge(&mut plan.forwards, old.forwards);
             merge(&mut plan.masquerade, old.masquerade);
+            plan.needs_read |= old.needs_read;
         }
         plan
     }

@@ -84,18 +84,6 @@ pub(crate) trait Firewall: Sync + Default + Clone + Debug + PartialEq {
         self.assume(want, read)
     }
 
-    /// Can the edit from `have`, assumed as last written ([`Firewall::assume`]), to `want` be
-    /// written without reading the firewall first? (It may need what only a read has, such
-    /// as rule handles.) A backend that cannot tell says no, and the run reads.
-    fn plans_without_read(
-        &self,
-        _instance: &str,
-        _want: &Self::Desired,
-        _have: &Self::Observed,
-    ) -> bool {
-        false
-    }
-
     /// The observed objects as a desired state: the rollback target and what `show` reads.
     fn snapshot(&self, observed: &Self::Observed) -> Self::Desired;
 
@@ -166,6 +154,9 @@ pub(crate) struct FirewallPlan {
     /// Owned objects that differ from what portfwd writes although no entry changed (edited
     /// in place, flags or policies changed, foreign objects in owned chains), each named.
     pub repaired: Vec<String>,
+    /// Planned from an assumed state ([`Firewall::assume`]), the edit needs what only a read
+    /// has (nftables: a base chain's rule handles): the run reads and plans again.
+    pub needs_read: bool,
 }
 
 /// One atomic write to the firewall, rendered by its backend.

@@ -118,6 +118,7 @@ impl Scope {
 
 /// What a run reads first, while the desired state is being compiled: the record of created
 /// objects (with the read cache) and the nf_tables generation.
+#[derive(Clone)]
 pub(crate) struct Prelude {
     /// Whose state is read.
     pub instance: String,

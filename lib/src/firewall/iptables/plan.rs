@@ -62,7 +62,11 @@ pub(crate) fn plan(
             record.tables.remove(&key);
         }
     }
+    // Jump positions and the tables' facts come from a read: an assumed state plans no
+    // change (one arrives only at a run whose cache was made for other rules).
+    let needs_read = have.assumed && !rules.tables.is_empty();
     FirewallPlan {
+        needs_read,
         transactions: rules
             .tables
             .iter()

@@ -117,10 +117,6 @@ impl Firewall for Nftables {
         NftObserved::as_written(want.clone())
     }
 
-    fn plans_without_read(&self, instance: &str, want: &Table, have: &NftObserved) -> bool {
-        !plan::plan_table(instance, &self.table, want, have).needs_read
-    }
-
     fn snapshot(&self, observed: &NftObserved) -> Table {
         observed.table.clone()
     }
@@ -151,6 +147,7 @@ impl Firewall for Nftables {
             forwards: edit.forwards,
             masquerade: edit.masquerade,
             repaired: edit.repaired,
+            needs_read: edit.needs_read,
         }
     }
 
