@@ -30,11 +30,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// Control plane: 10,000 foreign rules, 100/1,000/5,000 managed forwards.
+    /// Control plane: 10,000 foreign rules, 100/1,000/5,000 managed forwards; with --scale,
+    /// the series at scale instead (both backends, with and without the foreign rules).
     Control {
         /// Repetitions per measurement (the median is reported).
         #[arg(long, default_value_t = 5)]
         reps: usize,
+        /// Forward counts of the series at scale (`1000,10000,50000`): first apply, no-op,
+        /// change 1, no-op after another writer's commit, absent, peak RSS.
+        #[arg(long, value_delimiter = ',')]
+        scale: Vec<usize>,
+        /// The series at scale as JSON and SVG.
+        #[arg(long, default_value = "target/bench-control-scale.json")]
+        scale_out: PathBuf,
+        #[arg(long, default_value = "target/bench-control-scale.svg")]
+        scale_svg: PathBuf,
         /// Write the results here as JSON.
         #[arg(long, default_value = "target/bench-control.json")]
         out: PathBuf,
@@ -66,12 +76,23 @@ enum Bench {
     },
 }
 
+#[path = "portfwd-bench/scale.rs"]
+mod scale;
 #[path = "portfwd-bench/scaling.rs"]
 mod scaling;
 
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
-        Bench::Control { reps, out, svg } => control(reps, &out, &svg),
+        Bench::Control {
+            reps,
+            scale,
+            scale_out,
+            scale_svg,
+            ..
+        } if !scale.is_empty() => {
+            Portfwd::locate().and_then(|pf| scale::run(&pf, &scale, reps, &scale_out, &scale_svg))
+        }
+        Bench::Control { reps, out, svg, .. } => control(reps, &out, &svg),
         Bench::Data {
             seconds,
             out,

@@ -1,0 +1,314 @@
+//! The control plane at scale (`portfwd-bench control --scale 1000,10000,50000`): for each
+//! backend, each N and each number of foreign iptables nat rules beside it, the first apply of
+//! N forwards, a no-op, a change of one forward, a no-op right after another writer's commit
+//! (a full read), `absent`, and the peak RSS of the first apply. Every figure is printed as a
+//! ratio to the same figure at the smallest N, and to the same figure without foreign rules,
+//! measured in the same run.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Instant;
+
+use portfwd_harness::{LabError, Netns, Portfwd};
+use serde_json::{json, Value};
+
+use super::{err, foreign_ruleset, forwards, median, run_ok};
+
+/// The figures of one (backend, foreign rules, N).
+#[derive(Debug, Clone, Copy, Default)]
+struct Figures {
+    first: f64,
+    noop: f64,
+    change: f64,
+    full_read: f64,
+    absent: f64,
+    /// KiB, the largest process of the first apply (portfwd or a tool it ran).
+    rss: u64,
+}
+
+const NAMES: [&str; 5] = [
+    "first apply",
+    "no-op",
+    "change 1",
+    "no-op, full read",
+    "absent",
+];
+
+impl Figures {
+    fn times(&self) -> [f64; 5] {
+        [
+            self.first,
+            self.noop,
+            self.change,
+            self.full_read,
+            self.absent,
+        ]
+    }
+}
+
+fn params(backend: &str, n: usize, changed: Option<usize>) -> Value {
+    let mut p = forwards(n, changed);
+    p["backend"] = json!(backend);
+    p
+}
+
+/// One timed `portfwd apply` (wall time; it must not fail).
+fn timed(pf: &Portfwd, ns: &Netns, params: &Value) -> Result<f64, LabError> {
+    let t = Instant::now();
+    let r = pf.apply(ns, params)?;
+    let took = t.elapsed().as_secs_f64();
+    if r.failed() || r.code != 0 {
+        return Err(err(format!("portfwd failed: {}", r.msg())));
+    }
+    Ok(took)
+}
+
+/// Another writer's commit that touches nothing of portfwd's: the generation moves, so the
+/// next run must read.
+fn other_writer(ns: &Netns) -> Result<(), LabError> {
+    run_ok(
+        ns,
+        &["nft", "-f", "-"],
+        "add table inet bench-other\ndelete table inet bench-other\n",
+    )
+}
+
+fn measure_one(
+    pf: &Portfwd,
+    backend: &str,
+    n: usize,
+    foreign: &str,
+    reps: usize,
+) -> Result<Figures, LabError> {
+    let ns = Netns::new("scale")?;
+    if !foreign.is_empty() {
+        run_ok(&ns, &["iptables-restore"], foreign)?;
+    }
+    let base = params(backend, n, None);
+    let changed = params(backend, n, Some(n - 1));
+    let mut f = Figures::default();
+    // The first apply, under GNU time for its peak RSS.
+    let t = Instant::now();
+    let r = pf.run_under(
+        &ns,
+        &["/usr/bin/time", "-f", "%M"],
+        &["apply"],
+        &base.to_string(),
+        &[],
+    )?;
+    f.first = t.elapsed().as_secs_f64();
+    if r.code != 0 {
+        return Err(err(format!("first apply failed: {}", r.stdout)));
+    }
+    f.rss = r
+        .stderr
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| err("no RSS from /usr/bin/time (apt-get install time)"))?;
+    // The cache is current after the first apply on nftables; iptables proves its first
+    // generation on the next run (the first one found no rules to tell the flavour by).
+    timed(pf, &ns, &base)?;
+    let mut noops = Vec::new();
+    let mut changes = Vec::new();
+    let mut full = Vec::new();
+    for _ in 0..reps {
+        noops.push(timed(pf, &ns, &base)?);
+        changes.push(timed(pf, &ns, &changed)?);
+        changes.push(timed(pf, &ns, &base)?);
+        timed(pf, &ns, &base)?;
+        other_writer(&ns)?;
+        full.push(timed(pf, &ns, &base)?);
+    }
+    f.noop = median(noops);
+    f.change = median(changes);
+    f.full_read = median(full);
+    f.absent = timed(pf, &ns, &json!({"backend": backend, "state": "absent"}))?;
+    Ok(f)
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// Runs the series and prints its table; writes the JSON and an SVG of time against N.
+pub(super) fn run(
+    pf: &Portfwd,
+    scales: &[usize],
+    reps: usize,
+    out: &Path,
+    svg: &Path,
+) -> Result<(), LabError> {
+    let mut scales: Vec<usize> = scales.iter().copied().filter(|&n| n >= 1).collect();
+    scales.sort_unstable();
+    let smallest = *scales
+        .first()
+        .ok_or_else(|| err("--scale needs a forward count"))?;
+    let foreign_rules = 10_000;
+    let foreign = foreign_ruleset(foreign_rules);
+    let mut table = String::new();
+    let mut results = Vec::new();
+    let _ = writeln!(
+        table,
+        "control plane at scale: seconds (medians of {reps} runs; change 1 is the median of {} changes), peak RSS of the first apply",
+        reps * 2
+    );
+    for backend in ["nftables", "iptables"] {
+        let mut series: Vec<(usize, Figures, Figures)> = Vec::new();
+        for &n in &scales {
+            let bare = measure_one(pf, backend, n, "", reps)?;
+            let loaded = measure_one(pf, backend, n, &foreign, reps)?;
+            series.push((n, bare, loaded));
+        }
+        let _ = writeln!(
+            table,
+            "\n{backend}: without foreign rules | with {foreign_rules} foreign iptables nat rules"
+        );
+        let _ = writeln!(
+            table,
+            "{:>8} {:<18} {:>9} {:>9} {:>8} {:>8}",
+            "N", "", "s", "s", "x N=min", "x bare"
+        );
+        let first = series[0];
+        for &(n, bare, loaded) in &series {
+            for (i, name) in NAMES.iter().enumerate() {
+                let (b, l) = (bare.times()[i], loaded.times()[i]);
+                let _ = writeln!(
+                    table,
+                    "{n:>8} {name:<18} {b:>9.3} {l:>9.3} {:>8.2} {:>8.2}",
+                    ratio(b, first.1.times()[i]),
+                    ratio(l, b)
+                );
+            }
+            let _ = writeln!(
+                table,
+                "{n:>8} {:<18} {:>7} MB {:>6} MB",
+                "peak RSS",
+                bare.rss / 1024,
+                loaded.rss / 1024
+            );
+            results.push(json!({
+                "backend": backend, "forwards": n,
+                "bare": figures_json(&bare), "foreign": figures_json(&loaded),
+            }));
+        }
+        if let (Some(&(_, small, _)), Some(&(largest, big, _))) = (series.first(), series.last()) {
+            let _ = writeln!(
+                table,
+                "{backend}: change 1 of {largest} is {:.2}x change 1 of {smallest}",
+                ratio(big.change, small.change)
+            );
+        }
+    }
+    print!("{table}");
+    let json = json!({"reps": reps, "foreign_rules": foreign_rules, "series": results});
+    write(
+        out,
+        &serde_json::to_string_pretty(&json).unwrap_or_default(),
+    )?;
+    write(svg, &plot(&results))?;
+    println!("wrote {} and {}", out.display(), svg.display());
+    Ok(())
+}
+
+fn figures_json(f: &Figures) -> Value {
+    json!({"first_apply_s": f.first, "noop_s": f.noop, "change_1_s": f.change,
+           "full_read_noop_s": f.full_read, "absent_s": f.absent, "peak_rss_kib": f.rss})
+}
+
+fn write(path: &Path, text: &str) -> Result<(), LabError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    std::fs::write(path, text).map_err(err)
+}
+
+/// Seconds against N (log scales), one panel per backend, the series without foreign rules.
+fn plot(results: &[Value]) -> String {
+    let (w, h, pad) = (900.0_f64, 420.0_f64, 60.0_f64);
+    let panel = (w - pad) / 2.0;
+    let keys = [
+        ("first_apply_s", "#1f77b4"),
+        ("noop_s", "#2ca02c"),
+        ("change_1_s", "#d62728"),
+        ("full_read_noop_s", "#9467bd"),
+        ("absent_s", "#ff7f0e"),
+    ];
+    let all: Vec<f64> = results
+        .iter()
+        .flat_map(|r| keys.iter().filter_map(move |(k, _)| r["bare"][k].as_f64()))
+        .filter(|v| *v > 0.0)
+        .collect();
+    let ns: Vec<f64> = results
+        .iter()
+        .filter_map(|r| r["forwards"].as_f64())
+        .collect();
+    let (tmin, tmax) = (
+        all.iter().copied().fold(f64::MAX, f64::min).max(0.001),
+        all.iter().copied().fold(0.001_f64, f64::max),
+    );
+    let (nmin, nmax) = (
+        ns.iter().copied().fold(f64::MAX, f64::min),
+        ns.iter().copied().fold(1.0_f64, f64::max),
+    );
+    let lx = |n: f64, i: f64| {
+        let span = (nmax.ln() - nmin.ln()).max(1e-9);
+        pad + i * panel + 20.0 + (n.ln() - nmin.ln()) / span * (panel - 60.0)
+    };
+    let ly = |t: f64| {
+        let span = (tmax.ln() - tmin.ln()).max(1e-9);
+        h - pad - (t.max(tmin).ln() - tmin.ln()) / span * (h - 2.0 * pad)
+    };
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
+    let _ = writeln!(s, "<text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">seconds against forwards (log scales), without foreign rules</text>", w / 2.0);
+    for (i, backend) in ["nftables", "iptables"].iter().enumerate() {
+        let i = i as f64;
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"40\" text-anchor=\"middle\">{backend}</text>",
+            pad + i * panel + panel / 2.0
+        );
+        let _ = writeln!(s, "<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"black\"/><line x1=\"{0}\" y1=\"{3}\" x2=\"{0}\" y2=\"{1}\" stroke=\"black\"/>", pad + i * panel + 20.0, h - pad, pad + (i + 1.0) * panel - 40.0, pad);
+        for &n in &ns {
+            let _ = writeln!(
+                s,
+                "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{n}</text>",
+                lx(n, i),
+                h - pad + 15.0
+            );
+        }
+        for t in [0.01, 0.1, 1.0, 10.0] {
+            if t >= tmin && t <= tmax {
+                let _ = writeln!(
+                    s,
+                    "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{t} s</text>",
+                    pad + i * panel + 16.0,
+                    ly(t) + 4.0
+                );
+            }
+        }
+        for (k, colour) in keys {
+            let points: Vec<String> = results
+                .iter()
+                .filter(|r| r["backend"] == *backend)
+                .filter_map(|r| Some((r["forwards"].as_f64()?, r["bare"][k].as_f64()?)))
+                .map(|(n, t)| format!("{:.1},{:.1}", lx(n, i), ly(t)))
+                .collect();
+            let _ = writeln!(
+                s,
+                "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
+                points.join(" ")
+            );
+        }
+    }
+    for (j, ((_, colour), name)) in keys.iter().zip(NAMES).enumerate() {
+        let x = pad + j as f64 * 160.0;
+        let _ = writeln!(s, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"4\" fill=\"{colour}\"/><text x=\"{}\" y=\"{}\">{name}</text>", h - 18.0, x + 16.0, h - 13.0);
+    }
+    s.push_str("</svg>\n");
+    s
+}
