@@ -189,6 +189,9 @@ fn last_written<F: Firewall>(
     config: &Config,
     prelude: &Prelude,
 ) -> Option<(F::Desired, ReadCache)> {
+    if !firewall.plans_from_record() {
+        return None;
+    }
     let cache = prelude.record.read_cache.as_ref()?;
     let (old, _, _) = Config::from_json(cache.params.as_deref()?).ok()?;
     // The cached objects are the backend's the params name now (a move reads).

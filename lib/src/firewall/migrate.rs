@@ -140,6 +140,10 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
         (self.new.assume(&want.0, read), old)
     }
 
+    fn plans_from_record(&self) -> bool {
+        self.new.plans_from_record()
+    }
+
     /// The cache stands for the new backend only: the old one, when it may hold the
     /// instance, is read (`absent` looks everywhere, and a cache says nothing about it).
     fn cache_reads(&self) -> Vec<Read> {

@@ -66,6 +66,12 @@ pub(crate) trait Firewall: Sync + Default + Clone + Debug + PartialEq {
     /// changed since (see [`crate::ownership::ReadCache`]).
     fn assume(&self, want: &Self::Desired, read: &FirewallRead) -> Self::Observed;
 
+    /// Can a change be planned from an assumed state ([`Firewall::assume`] of what was last
+    /// written) at all? Where every change needs a read anyway, the run does not try.
+    fn plans_from_record(&self) -> bool {
+        false
+    }
+
     /// The reads a run still needs when the read cache stands for this backend's own (a
     /// backend it may be moving from, which the cache says nothing about).
     fn cache_reads(&self) -> Vec<Read> {

@@ -117,6 +117,11 @@ impl Firewall for Nftables {
         NftObserved::as_written(want.clone())
     }
 
+    /// Only a base chain's rule needs a handle; the rest goes by name and key.
+    fn plans_from_record(&self) -> bool {
+        true
+    }
+
     fn snapshot(&self, observed: &NftObserved) -> Table {
         observed.table.clone()
     }
