@@ -3,8 +3,10 @@
 //!
 //! The orchestration lives here and nowhere else: which backends a run reads and writes (an
 //! instance may move between them, see [`crate::backends`]), compiling beside the host reads
-//! (and skipping the firewall read when the record's read cache proves it), and following the
-//! live flows a committed change made stale ([`crate::conntrack`]). Each stage stays a call.
+//! (skipping the firewall read when the record's read cache proves it, and planning a change
+//! from what the cache says was last written, reading after all when that plan needs it), and
+//! following the live flows a committed change made stale ([`crate::conntrack`]). Each stage
+//! stays a call.
 
 use std::collections::HashMap;
 
