@@ -183,9 +183,10 @@ fn what_to_read(config: &Config) -> (Vec<String>, Scope) {
 
 /// What the firewall holds while the read cache is current but was made for other objects:
 /// what the cached params compile to, when they compile to the cached digest (the same
-/// portfwd, and the backend the params name). A change is then planned from it and writes only the delta:
-/// no listing of thousands of forwards. When that edit needs what only a read has (a rule
-/// handle; see [`crate::firewall::FirewallPlan::needs_read`]), the run reads after all.
+/// portfwd, and the backend the params name). A change is then planned from it and writes
+/// only the delta: no listing of thousands of forwards. When that edit needs what only a read
+/// has (a rule handle; see [`crate::firewall::FirewallPlan::needs_read`]), the run reads after
+/// all.
 fn last_written<F: Firewall>(
     firewall: &F,
     config: &Config,
