@@ -140,6 +140,10 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
         (self.new.assume(&want.0, read), old)
     }
 
+    fn readable(&self, observed: &Self::Observed) -> bool {
+        self.new.readable(&observed.0) && observed.1.as_ref().is_none_or(|o| self.old.readable(o))
+    }
+
     fn plans_from_record(&self) -> bool {
         self.new.plans_from_record()
     }

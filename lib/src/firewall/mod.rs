@@ -72,6 +72,12 @@ pub(crate) trait Firewall: Sync + Default + Clone + Debug + PartialEq {
         false
     }
 
+    /// Did the read find out what the backend holds? A read that did not (a listing nft could
+    /// not print) is never kept as a read cache.
+    fn readable(&self, _observed: &Self::Observed) -> bool {
+        true
+    }
+
     /// The reads a run still needs when the read cache stands for this backend's own (a
     /// backend it may be moving from, which the cache says nothing about).
     fn cache_reads(&self) -> Vec<Read> {

@@ -245,7 +245,9 @@ pub(crate) fn observe<F: Firewall>(
             observed.firewall = firewall.observe(instance, outputs, &mut warnings);
             let flavour = firewall.flavour(&observed.firewall);
             // nf_tables only: iptables-legacy changes do not move the generation.
-            if let (Some(generation), Some(true)) = (generation, flavour.map(Flavour::in_nf_tables))
+            let readable = firewall.readable(&observed.firewall);
+            if let (Some(generation), Some(true), true) =
+                (generation, flavour.map(Flavour::in_nf_tables), readable)
             {
                 observed.firewall_read = Some(FirewallRead {
                     generation,

@@ -50,6 +50,26 @@ impl Nftables {
     }
 }
 
+/// The plan for a table nft could not list: nothing is known of its content, so nothing is
+/// rewritten, except flags (nft 0.9.8 cuts its JSON off at a dormant table's flags): clearing
+/// them is safe and lets the next run read the table.
+fn unreadable_plan(table: &str, have: &NftObserved) -> FirewallPlan {
+    if !have.flagged {
+        return FirewallPlan::default();
+    }
+    FirewallPlan {
+        transactions: vec![Transaction {
+            tool: Tool::Nft,
+            table: table.to_string(),
+            payload: format!("add table {table}\n"),
+        }],
+        repaired: vec![format!(
+            "table {table} flags (nft could not list the flagged table; the next run reads it)"
+        )],
+        ..FirewallPlan::default()
+    }
+}
+
 impl Firewall for Nftables {
     type Desired = Table;
     type Observed = NftObserved;
@@ -86,6 +106,8 @@ impl Firewall for Nftables {
                 ));
                 NftObserved {
                     unreadable: true,
+                    exists: true,
+                    flagged: observe::flags_seen(output),
                     ..NftObserved::default()
                 }
             }
@@ -122,6 +144,10 @@ impl Firewall for Nftables {
         true
     }
 
+    fn readable(&self, observed: &NftObserved) -> bool {
+        !observed.unreadable
+    }
+
     fn snapshot(&self, observed: &NftObserved) -> Table {
         observed.table.clone()
     }
@@ -134,7 +160,7 @@ impl Firewall for Nftables {
         _record: &mut Record,
     ) -> FirewallPlan {
         if have.unreadable {
-            return FirewallPlan::default();
+            return unreadable_plan(&self.table(), have);
         }
         let edit = plan::plan_table(instance, &self.table, want, have);
         let transactions = if edit.script.is_empty() {
@@ -189,5 +215,40 @@ impl Firewall for Nftables {
 
     fn foreign_facts(&self, _: &NftObserved) -> serde_json::Value {
         serde_json::Value::Null
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What nft 0.9.8 printed for a dormant table of two forwards (cut off at the flags).
+    const CUT_OFF: &str = "{\"nftables\": [{\"metainfo\": {\"version\": \"0.9.8\", \"release_name\": \"E.D.S.\", \"json_schema_version\": 1}}, {\"table\": {\"family\": \"inet\", \"name\": \"portfwd-portfwd\", \"handle\": 11, \"flags\": \n";
+
+    #[test]
+    fn a_flagged_table_nft_cannot_list_gets_its_flags_cleared_and_no_read_cache() {
+        let nft = Nftables::new("portfwd");
+        let mut warnings = Vec::new();
+        let have = nft.observe(
+            "portfwd",
+            vec![(CUT_OFF.to_string(), String::new())],
+            &mut warnings,
+        );
+        assert!(have.unreadable && have.flagged, "{have:?}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(!nft.readable(&have));
+        let plan = nft.plan("portfwd", &Table::default(), &have, &mut Record::default());
+        assert_eq!(plan.transactions.len(), 1);
+        assert_eq!(
+            plan.transactions[0].payload,
+            "add table inet portfwd-portfwd\n"
+        );
+        assert_eq!(plan.repaired.len(), 1, "{:?}", plan.repaired);
+        // Unparseable without flags: nothing is touched.
+        let cut = CUT_OFF.replace("\"flags\": \n", "\"han");
+        let have = nft.observe("portfwd", vec![(cut, String::new())], &mut warnings);
+        assert!(have.unreadable && !have.flagged);
+        let plan = nft.plan("portfwd", &Table::default(), &have, &mut Record::default());
+        assert!(plan.transactions.is_empty() && plan.repaired.is_empty());
     }
 }

@@ -139,6 +139,16 @@ impl MapDecl {
     }
 }
 
+/// Does a listing that could not be parsed show the table's `flags`? (nft 0.9.8 prints a
+/// dormant table's flags wrongly in JSON, at times cutting the output off right there.)
+pub(crate) fn flags_seen(output: &str) -> bool {
+    output.split_once("\"table\": {").is_some_and(|(_, rest)| {
+        rest.split('}')
+            .next()
+            .is_some_and(|t| t.contains("\"flags\""))
+    })
+}
+
 /// Parses the listing; an empty output (no table, or no nft) is an empty observation.
 pub(crate) fn parse(output: &str) -> Result<NftObserved, String> {
     let mut observed = NftObserved::default();
