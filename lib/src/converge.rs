@@ -141,17 +141,16 @@ fn compile_and_observe<F: Firewall>(
         };
         if prelude.cache_is_current() {
             let desired = join(compiled);
-            let last = match prelude.usable_cache(desired.read_key) {
+            let usable = prelude.usable_cache(desired.read_key);
+            let as_desired = usable.is_some();
+            let last = match usable {
                 Some(_) => None,
                 None => last_written(firewall, config, &prelude),
             };
             let cached = match &last {
                 Some((old, cache)) => Some((old, cache.clone())),
-                None => prelude
-                    .usable_cache(desired.read_key)
-                    .map(|cache| (&desired.firewall, cache)),
+                None => usable.map(|cache| (&desired.firewall, cache)),
             };
-            let as_desired = last.is_none() && cached.is_some();
             let observed = read(sys, prelude, cached).map(|mut o| {
                 o.firewall_is_desired = as_desired;
                 o
