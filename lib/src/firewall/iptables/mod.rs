@@ -137,7 +137,6 @@ impl Firewall for Iptables {
             connmark_rules: facts.mark_users,
             foreign_nat: facts.foreign_nat,
             forward_drop: facts.forward_drop,
-            assumed: true,
             ..IptablesObserved::default()
         }
     }

@@ -34,9 +34,6 @@ pub(crate) struct IptablesObserved {
     pub foreign_nat: Vec<ForeignNat>,
     /// iptables-nft said legacy tables exist beside its own.
     pub legacy_beside: bool,
-    /// Not read but assumed as last written ([`crate::firewall::Firewall::assume`]): the
-    /// built-in chains' lengths and the tables' facts are unknown.
-    pub assumed: bool,
 }
 
 /// One family's `iptables-save` output, and whether the tool is the nf_tables one.

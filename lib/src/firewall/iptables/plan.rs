@@ -62,11 +62,7 @@ pub(crate) fn plan(
             record.tables.remove(&key);
         }
     }
-    // Jump positions and the tables' facts come from a read: an assumed state plans no
-    // change (one arrives only at a run whose cache was made for other rules).
-    let needs_read = have.assumed && !rules.tables.is_empty();
     FirewallPlan {
-        needs_read,
         transactions: rules
             .tables
             .iter()
@@ -80,6 +76,8 @@ pub(crate) fn plan(
         forwards: rules.forwards,
         masquerade: rules.masquerade,
         repaired: rules.repaired,
+        // Never planned from an assumed state (`plans_from_record` is false).
+        needs_read: false,
     }
 }
 
