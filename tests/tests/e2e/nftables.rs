@@ -221,6 +221,19 @@ fn many(n: usize, changed: Option<usize>) -> Value {
     json!({"backend": "nftables", "forwards": forwards})
 }
 
+/// A topology with servers on the backend's 1234 and 1235, `many(40, None)` applied, and an
+/// open session through f0.
+fn forty_forwards() -> (Topology, [Server; 2], TcpSession) {
+    let t = Topology::new().unwrap();
+    let a = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let b = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1235")).unwrap();
+    let first = portfwd().apply(&t.proxy, &many(40, None)).unwrap();
+    assert!(first.changed() && !first.failed(), "{}", first.stdout);
+    let mut session = TcpSession::connect(&t.client, sa("10.0.1.1:10000")).unwrap();
+    assert_eq!(session.ask().unwrap(), ip("10.0.2.1"));
+    (t, [a, b], session)
+}
+
 /// Changing one of 40 forwards writes only its rules (at most 6 operations), never creates or
 /// deletes a chain or the table, and the other forwards keep their counters and connections.
 #[test]
@@ -228,13 +241,7 @@ fn changing_one_forward_touches_only_its_objects() {
     if !prerequisites() {
         return;
     }
-    let t = Topology::new().unwrap();
-    let _a = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
-    let _b = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1235")).unwrap();
-    let first = portfwd().apply(&t.proxy, &many(40, None)).unwrap();
-    assert!(first.changed() && !first.failed(), "{}", first.stdout);
-    let mut session = TcpSession::connect(&t.client, sa("10.0.1.1:10000")).unwrap();
-    assert_eq!(session.ask().unwrap(), ip("10.0.2.1"));
+    let (t, _servers, mut session) = forty_forwards();
     let counter = |chain: &str| {
         t.proxy
             .stdout(&["nft", "list", "chain", "inet", "portfwd-portfwd", chain])
@@ -301,13 +308,7 @@ fn a_change_is_planned_from_the_record_while_nobody_else_wrote() {
     if !prerequisites() {
         return;
     }
-    let t = Topology::new().unwrap();
-    let _a = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
-    let _b = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1235")).unwrap();
-    let first = portfwd().apply(&t.proxy, &many(40, None)).unwrap();
-    assert!(first.changed() && !first.failed(), "{}", first.stdout);
-    let mut session = TcpSession::connect(&t.client, sa("10.0.1.1:10000")).unwrap();
-    assert_eq!(session.ask().unwrap(), ip("10.0.2.1"));
+    let (t, _servers, mut session) = forty_forwards();
 
     let nft = portfwd_harness::shims::CallLog::new(&["nft"]).unwrap();
     let changed = apply_with_path(&t.proxy, &many(40, Some(7)), &nft.path());
