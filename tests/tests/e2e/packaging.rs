@@ -149,6 +149,18 @@ fn a_debian_11_userland_runs_the_binary_and_forwards() {
     );
 }
 
+/// The package builds share `target/release/portfwd-assets` and `target/assets`: one at a
+/// time (run side by side, one ran the helper while the other's cargo was replacing it).
+static BUILDS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs a package build script, one at a time, returning its stdout.
+fn build(script: &str) -> String {
+    let _one = BUILDS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    ok(&["bash", &repo().join(script).to_string_lossy()])
+}
+
 /// Runs a command, returning stdout; panics with its stderr when it fails.
 fn ok(argv: &[&str]) -> String {
     let out = Command::new(argv[0]).args(&argv[1..]).output().unwrap();
@@ -186,10 +198,7 @@ fn the_debian_package_installs_its_binary_man_page_completions_and_unit() {
     let deb = match std::env::var_os("PORTFWD_DEB") {
         Some(deb) => PathBuf::from(deb),
         None => {
-            let out = ok(&[
-                "bash",
-                &repo().join("scripts/build-deb.sh").to_string_lossy(),
-            ]);
+            let out = build("scripts/build-deb.sh");
             repo().join(out.trim())
         }
     };
@@ -281,10 +290,7 @@ fn the_rpm_lists_and_installs_into_a_scratch_root() {
         eprintln!("skipping: no {missing}");
         return;
     }
-    let out = ok(&[
-        "bash",
-        &repo().join("scripts/build-rpm.sh").to_string_lossy(),
-    ]);
+    let out = build("scripts/build-rpm.sh");
     let rpm = repo().join(out.trim());
     let rpm_text = rpm.to_string_lossy().into_owned();
     let files = ok(&["rpm", "-qpl", &rpm_text]);
