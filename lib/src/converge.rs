@@ -99,10 +99,12 @@ fn converge<F: Firewall>(
     // A plan with nothing to change may still refresh the record (its read cache, a pruned
     // address): housekeeping, not a change.
     if plan.is_empty() && (plan.record.is_none() || mode.check) {
+        free_aside((desired, observed));
         return report;
     }
     if mode.check {
         report.msg = format!("check mode, nothing applied: {}", report.msg);
+        free_aside((desired, observed));
         return report;
     }
     let run = apply::Run {
@@ -115,7 +117,18 @@ fn converge<F: Firewall>(
         Err(e) => failed(&mut report, config, &e),
         Ok(()) => follow_live_flows(firewall, config, &plan, &observed, sys, &mut report),
     }
+    free_aside((desired, observed));
     report
+}
+
+/// Frees a run's objects on a thread of its own: freeing 50,000 forwards' compiled and
+/// observed objects took a tenth of a no-op run, and the report need not wait for it (a
+/// process that exits first just skips it).
+fn free_aside<T: Send + 'static>(objects: T) {
+    // On a failed spawn the closure, and the objects with it, are dropped right here.
+    let _ = std::thread::Builder::new()
+        .name("free".into())
+        .spawn(move || drop(objects));
 }
 
 /// Compiles on a thread of its own while the host is read: compiling thousands of forwards

@@ -26,11 +26,13 @@ use crate::tools::{Backend, Flavour, IptablesTool, Read};
 
 /// One packet-filter backend. A backend is a small value (a unit struct for iptables), so the
 /// engine's state types can derive their traits.
-pub(crate) trait Firewall: Sync + Default + Clone + Debug + PartialEq {
+pub(crate) trait Firewall:
+    Send + Sync + 'static + Default + Clone + Debug + PartialEq
+{
     /// The objects the backend wants on the host for a config.
-    type Desired: Clone + Debug + Default + PartialEq + Send;
+    type Desired: Clone + Debug + Default + PartialEq + Send + 'static;
     /// What the backend found of an instance on the host.
-    type Observed: Clone + Debug + Default;
+    type Observed: Clone + Debug + Default + Send + 'static;
 
     /// The backend holding the instance, as the record keeps it (`iptables-nft`,
     /// `iptables-legacy`, `nftables`; `iptables` for the tools as installed, unresolved).

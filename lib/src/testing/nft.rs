@@ -334,7 +334,7 @@ impl NftState {
             t["flags"] = json!("Lester Gooch #5");
         }
         items.push(json!({ "table": t }));
-        for (m, map) in &table.maps {
+        for (m, map) in table.maps.iter() {
             let elem: Vec<Value> = map
                 .elements
                 .iter()
@@ -360,10 +360,10 @@ impl NftState {
             }
             items.push(json!({ "map": o }));
         }
-        for (c, chain) in &table.chains {
+        for (c, chain) in table.chains.iter() {
             items.push(chain_json(name, c, chain));
         }
-        for (c, chain) in &table.chains {
+        for (c, chain) in table.chains.iter() {
             for r in &chain.rules {
                 let mut o = json!({"family": "inet", "table": name, "chain": c, "handle": r.handle,
                                    "expr": statements(&r.body).unwrap_or_default()});
@@ -380,7 +380,7 @@ impl NftState {
     pub(crate) fn list_chains(&self) -> String {
         let mut items = vec![json!({"metainfo": {"version": "1.0.6"}})];
         for (name, table) in &self.tables {
-            for (c, chain) in &table.chains {
+            for (c, chain) in table.chains.iter() {
                 items.push(chain_json(name, c, chain));
             }
         }

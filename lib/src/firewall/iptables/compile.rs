@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::rules::{subchain_name, Hook, Jump, OwnedChain, OwnedRules, Rule, BUCKET_PORTS};
 use crate::model::{Action, Config, Forward, Masquerade, Proto, Snat, State};
@@ -110,11 +111,11 @@ pub(crate) fn compile_rules(config: &Config) -> OwnedRules {
         builder.masquerade(masquerade);
     }
     for family in marking {
-        if let Some(chain) = rules.chains.get_mut(&(family, Hook::Forward)) {
+        if let Some(chain) = Arc::make_mut(&mut rules.chains).get_mut(&(family, Hook::Forward)) {
             order_forward_chain(&config.instance, chain);
         }
     }
-    for (&(_, hook), chain) in rules.chains.iter_mut() {
+    for (&(_, hook), chain) in Arc::make_mut(&mut rules.chains).iter_mut() {
         chain.jumps.push(Jump {
             position: 1,
             rule: jump_rule(&config.instance, hook),
@@ -199,7 +200,9 @@ impl Builder<'_> {
         // (in this family: an IPv4 and an IPv6 forward in one port bucket share the dispatch
         // rules' text, and each family needs its own).
         if self.seen.insert((family, key)) {
-            let chain: &mut OwnedChain = self.rules.chains.entry((family, hook)).or_default();
+            let chain: &mut OwnedChain = Arc::make_mut(&mut self.rules.chains)
+                .entry((family, hook))
+                .or_default();
             match bucket {
                 Some(b) => {
                     chain

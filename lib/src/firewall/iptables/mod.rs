@@ -106,7 +106,7 @@ impl Firewall for Iptables {
             return None;
         }
         let mut hash = StableHash::new();
-        for ((family, hook), chain) in &want.chains {
+        for ((family, hook), chain) in want.chains.iter() {
             hash = hash
                 .part(family.label().as_bytes())
                 .part(hook.builtin().as_bytes());

@@ -267,7 +267,7 @@ pub(crate) fn extract_owned(
             })
             .collect();
         let rules = rules_of(chains.get(chain_name.as_str()));
-        observed.owned.chains.insert(
+        std::sync::Arc::make_mut(&mut observed.owned.chains).insert(
             (family, hook),
             OwnedChain {
                 rules,

@@ -557,12 +557,13 @@ mod tests {
         let want =
             desired(r#"{"forwards":[{"name":"web","listen_port":4321,"to":"10.0.0.2:80"}]}"#);
         let mut have = want.clone();
-        let pre = have
-            .chains
+        let pre = std::sync::Arc::make_mut(&mut have.chains)
             .get_mut(&(Family::V4, Hook::Prerouting))
             .unwrap();
         pre.jumps.clear();
-        let fwd = have.chains.get_mut(&(Family::V4, Hook::Forward)).unwrap();
+        let fwd = std::sync::Arc::make_mut(&mut have.chains)
+            .get_mut(&(Family::V4, Hook::Forward))
+            .unwrap();
         let dup = Jump {
             position: 5,
             ..fwd.jumps[0].clone()
@@ -591,8 +592,7 @@ mod tests {
         let want =
             desired(r#"{"forwards":[{"name":"web","listen_port":4321,"to":"10.0.0.2:80"}]}"#);
         let mut have = want.clone();
-        let pre = have
-            .chains
+        let pre = std::sync::Arc::make_mut(&mut have.chains)
             .get_mut(&(Family::V4, Hook::Prerouting))
             .unwrap();
         let (sub, rules) = pre.subchains.iter_mut().next().unwrap();
@@ -601,7 +601,9 @@ mod tests {
         assert_ne!(text, rules[0].render());
         rules[0] = Rule::from_text(&text);
         // And the jump, edited to match one interface only.
-        let fwd = have.chains.get_mut(&(Family::V4, Hook::Forward)).unwrap();
+        let fwd = std::sync::Arc::make_mut(&mut have.chains)
+            .get_mut(&(Family::V4, Hook::Forward))
+            .unwrap();
         fwd.jumps[0].rule = Rule::from_text(&format!("-i eth9 {}", fwd.jumps[0].rule.render()));
         let mut observed = observed_from(&have);
         observed.builtin_len.insert((Family::V4, Hook::Forward), 1);

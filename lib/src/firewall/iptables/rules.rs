@@ -307,9 +307,12 @@ pub(crate) fn subchain_name(chain: &str, proto: Proto, bucket: u16) -> String {
 }
 
 /// Everything an instance owns in iptables (for desired state, or as observed).
+///
+/// Shared, not copied (see [`crate::firewall::nftables::table::Table`]); edits go through
+/// [`std::sync::Arc::make_mut`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct OwnedRules {
-    pub chains: BTreeMap<(Family, Hook), OwnedChain>,
+    pub chains: std::sync::Arc<BTreeMap<(Family, Hook), OwnedChain>>,
 }
 
 impl OwnedRules {
@@ -323,7 +326,7 @@ impl OwnedRules {
     pub(crate) fn listing(&self, instance: &str) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
-        for ((family, hook), chain) in &self.chains {
+        for ((family, hook), chain) in self.chains.iter() {
             let _ = writeln!(
                 out,
                 "# {} {} {}",

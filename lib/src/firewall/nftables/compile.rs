@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::table::{
     Base, Body, Element, MapKind, MasqMark, MasqRule, NatRule, NatTo, Rule, SnatRule, Stage, Table,
@@ -40,8 +41,7 @@ impl Builder<'_> {
     fn rule(&mut self, chain: &str, tag: Tag, body: Body) {
         let text = body.render().unwrap_or_default();
         let comment = comment(self.instance, tag, chain, &text);
-        self.table
-            .chains
+        Arc::make_mut(&mut self.table.chains)
             .entry(chain.to_string())
             .or_default()
             .push(Rule { comment, body });
@@ -52,8 +52,7 @@ impl Builder<'_> {
         let text = format!("{} {}", element.key(), element.chain);
         let comment = comment(self.instance, tag, &name, &text);
         self.kinds.insert(kind);
-        self.table
-            .maps
+        Arc::make_mut(&mut self.table.maps)
             .entry(name)
             .or_default()
             .insert(comment, element);
@@ -168,7 +167,7 @@ pub(crate) fn compile_table(config: &Config) -> Table {
     }
     // The guards in forward-name order, as `show` lists the forwards: applying its output
     // writes the same chain.
-    if let Some(guards) = b.table.chains.get_mut(Base::Input.name()) {
+    if let Some(guards) = Arc::make_mut(&mut b.table.chains).get_mut(Base::Input.name()) {
         let name = |r: &Rule| {
             crate::ownership::parse_comment(&r.comment, &config.instance)
                 .map(|t| t.name.to_string())
@@ -192,8 +191,7 @@ pub(crate) fn compile_table(config: &Config) -> Table {
         dispatch.push((kind.base(), Rule { comment, body }));
     }
     for (base, rule) in dispatch.into_iter().rev() {
-        b.table
-            .chains
+        Arc::make_mut(&mut b.table.chains)
             .entry(base.name().to_string())
             .or_default()
             .insert(0, rule);
@@ -290,7 +288,7 @@ mod tests {
         };
         let (one, two) = (table("10.0.0.2:80"), table("10.0.0.3:80"));
         assert_eq!(one.maps, two.maps, "the keys and chains stay");
-        for (name, rules) in &one.chains {
+        for (name, rules) in one.chains.iter() {
             let same = two.chains.get(name) == Some(rules);
             assert_eq!(same, !name.ends_with("-b"), "{name}");
         }

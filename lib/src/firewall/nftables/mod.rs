@@ -120,13 +120,13 @@ impl Firewall for Nftables {
         }
         // Every object's comment hashes where it is and what it says.
         let mut hash = StableHash::new().part(self.table.as_bytes());
-        for (name, rules) in &want.chains {
+        for (name, rules) in want.chains.iter() {
             hash = hash.part(name.as_bytes());
             for rule in rules {
                 hash = hash.part(rule.comment.as_bytes());
             }
         }
-        for (name, elements) in &want.maps {
+        for (name, elements) in want.maps.iter() {
             hash = hash.part(name.as_bytes());
             for comment in elements.keys() {
                 hash = hash.part(comment.as_bytes());

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -179,7 +180,9 @@ pub(crate) fn parse(output: &str) -> Result<NftObserved, String> {
                 policy: text(chain.get("policy")).to_string(),
             });
             observed.hooks.insert(name.clone(), hooked);
-            observed.table.chains.entry(name.clone()).or_default();
+            Arc::make_mut(&mut observed.table.chains)
+                .entry(name.clone())
+                .or_default();
             observed.handles.entry(name).or_default();
         } else if let Some(map) = object.get("map").or_else(|| object.get("set")) {
             read_map(map, &mut observed);
@@ -196,9 +199,7 @@ pub(crate) fn parse(output: &str) -> Result<NftObserved, String> {
             let body = body_of(&chain, stmts)
                 .filter(|b| faithful(b, stmts))
                 .unwrap_or(Body::Unknown);
-            observed
-                .table
-                .chains
+            Arc::make_mut(&mut observed.table.chains)
                 .entry(chain.clone())
                 .or_default()
                 .push(Rule { comment, body });
@@ -230,7 +231,9 @@ fn read_map(map: &Value, observed: &mut NftObserved) {
             flags: words(map.get("flags")),
         },
     );
-    let elements = observed.table.maps.entry(name.clone()).or_default();
+    let elements = Arc::make_mut(&mut observed.table.maps)
+        .entry(name.clone())
+        .or_default();
     let items = map.get("elem").and_then(Value::as_array);
     for (i, item) in items.into_iter().flatten().enumerate() {
         // `[key, verdict]`; the key is `{"elem": {"val": .., "comment": ..}}` when commented.

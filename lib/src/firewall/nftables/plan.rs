@@ -173,7 +173,7 @@ pub(crate) fn plan_table(
     }
     // Stale elements of kept maps: not wanted, or not what portfwd writes under that comment.
     let mut element_adds: Vec<(&String, Vec<String>)> = Vec::new();
-    for (name, elements) in &have.table.maps {
+    for (name, elements) in have.table.maps.iter() {
         let Some(wanted) = want.maps.get(name) else {
             continue;
         };
@@ -215,7 +215,7 @@ pub(crate) fn plan_table(
         element_adds.push((name, new));
     }
     let mut adds: Vec<(String, &Rule, Option<u64>)> = Vec::new();
-    for (name, rules) in &have.table.chains {
+    for (name, rules) in have.table.chains.iter() {
         let Some(q) = ident(name) else { continue };
         let handles = have.handles.get(name).map_or(&[][..], Vec::as_slice);
         match want.chains.get(name) {
