@@ -137,8 +137,16 @@ impl Firewall for Iptables {
             connmark_rules: facts.mark_users,
             foreign_nat: facts.foreign_nat,
             forward_drop: facts.forward_drop,
+            assumed: true,
             ..IptablesObserved::default()
         }
+    }
+
+    /// With iptables-nft: every restore moves the generation, and what portfwd wrote is in
+    /// the order it compiled it, so rule positions in its own chains are known without a
+    /// read. Legacy tables have no generation to prove that nobody else wrote.
+    fn plans_from_record(&self) -> bool {
+        self.flavour == IptablesTool::Nft && self.tool != IptablesTool::Legacy
     }
 
     fn snapshot(&self, observed: &IptablesObserved) -> OwnedRules {

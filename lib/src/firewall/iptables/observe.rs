@@ -34,6 +34,10 @@ pub(crate) struct IptablesObserved {
     pub foreign_nat: Vec<ForeignNat>,
     /// iptables-nft said legacy tables exist beside its own.
     pub legacy_beside: bool,
+    /// Not read but known: what portfwd last wrote, in the order it wrote it (see
+    /// [`crate::firewall::Firewall::assume`]). Rule positions hold; the built-in chains'
+    /// lengths and the tables' facts are unknown.
+    pub assumed: bool,
 }
 
 /// One family's `iptables-save` output, and whether the tool is the nf_tables one.

@@ -39,8 +39,17 @@ pub(crate) fn plan(
     have: &IptablesObserved,
     record: &mut Record,
 ) -> FirewallPlan {
+    if have.assumed && !plannable_from_record(want, &have.owned) {
+        return FirewallPlan {
+            needs_read: true,
+            ..FirewallPlan::default()
+        };
+    }
     let rules = plan_rules(instance, want, have);
-    for t in &rules.tables {
+    // Planned from the record, every table it writes holds the instance's chains already
+    // (see `plannable_from_record`): none is created, none left empty.
+    let tables = if have.assumed { &[][..] } else { &rules.tables[..] };
+    for t in tables {
         if !have.tables.contains_key(&(t.family, t.table)) {
             record.tables.insert(table_key(t.family, t.table.name()));
         }
@@ -76,9 +85,21 @@ pub(crate) fn plan(
         forwards: rules.forwards,
         masquerade: rules.masquerade,
         repaired: rules.repaired,
-        // Never planned from an assumed state (`plans_from_record` is false).
         needs_read: false,
     }
+}
+
+/// Can the edit from what portfwd last wrote (`have`, assumed) to `want` go without a read?
+/// Only when it stays inside the instance's chains: the same hooks with the same jumps, so
+/// no jump is placed among other software's rules (that needs the built-in chain as it is)
+/// and no table is created or left empty (that needs the table's facts).
+fn plannable_from_record(want: &OwnedRules, have: &OwnedRules) -> bool {
+    want.chains.len() == have.chains.len()
+        && want
+            .chains
+            .iter()
+            .zip(have.chains.iter())
+            .all(|((wk, w), (hk, h))| wk == hk && w.jumps == h.jumps)
 }
 
 /// The edit lines for one table of one family (without `*table` / `COMMIT`).
