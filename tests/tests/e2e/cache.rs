@@ -293,3 +293,132 @@ fn legacy_dnat(backend: &str) {
         r.stdout
     );
 }
+
+/// 40 forwards through iptables-nft, f`changed` to the backend's 1235 instead of 1234.
+fn forty_iptables(changed: Option<usize>, local: Option<usize>) -> Value {
+    let forwards: Vec<Value> = (0..40)
+        .map(|i| {
+            let port = if Some(i) == changed { 1235 } else { 1234 };
+            json!({"name": format!("f{i}"), "listen_port": 10000 + i,
+                   "to": format!("10.0.2.2:{port}"), "local": Some(i) == local})
+        })
+        .collect();
+    json!({"backend": "iptables-nft", "forwards": forwards})
+}
+
+/// The iptables dumps of one run (`iptables-nft-save`, `ip6tables-nft-save`).
+fn nft_saves(calls: &[String]) -> usize {
+    calls
+        .iter()
+        .filter(|c| c.contains("tables-nft-save"))
+        .count()
+}
+
+/// With iptables-nft, while nothing else has committed since portfwd's last run, a change
+/// inside the instance's chains is planned from the record: no `iptables-save`, the rules
+/// deleted by position as portfwd wrote them, and traffic takes the new way while a live
+/// connection through another forward carries on. A change that places a new jump (a first
+/// `local` forward: a jump in nat OUTPUT) reads; so does a change after someone else's edit of
+/// portfwd's chain, which it repairs.
+#[test]
+fn an_iptables_change_is_planned_from_the_record_while_nobody_else_wrote() {
+    if !prerequisites() {
+        return;
+    }
+    use portfwd_harness::TcpSession;
+    let t = Topology::new().unwrap();
+    let _a = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let _b = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1235")).unwrap();
+    let first = run(&t.proxy, &forty_iptables(None, None), &[]);
+    assert!(first.changed() && !first.failed(), "{}", first.stdout);
+    let mut session = TcpSession::connect(&t.client, sa("10.0.1.1:10000")).unwrap();
+    let backend: std::net::IpAddr = "10.0.2.1".parse().unwrap();
+    assert_eq!(session.ask().unwrap(), backend);
+    let tools = ["iptables-nft-save", "ip6tables-nft-save"];
+
+    let log = portfwd_harness::shims::CallLog::new(&tools).unwrap();
+    let path = log.path();
+    let changed = run(&t.proxy, &forty_iptables(Some(7), None), &[("PATH", &path)]);
+    assert!(changed.changed() && !changed.failed(), "{}", changed.stdout);
+    assert_eq!(changed.json["forwards"]["updated"], json!(["f7"]));
+    assert_eq!(nft_saves(&log.calls()), 0, "{:#?}", log.calls());
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:10007")).unwrap(),
+        backend,
+        "f7 reaches its new port"
+    );
+    assert_eq!(session.ask().unwrap(), backend, "f0's connection lives on");
+    // What it wrote is what a full read expects: after another writer's commit the run
+    // reads, and finds nothing to do.
+    t.proxy
+        .stdout(&["iptables-nft", "-t", "filter", "-N", "OTHER"])
+        .unwrap();
+    let log = portfwd_harness::shims::CallLog::new(&tools).unwrap();
+    let path = log.path();
+    let full = run(&t.proxy, &forty_iptables(Some(7), None), &[("PATH", &path)]);
+    assert!(!full.changed() && !full.failed(), "{}", full.stdout);
+    assert!(nft_saves(&log.calls()) > 0, "{:#?}", log.calls());
+
+    // A new jump (nat OUTPUT) is placed among the chain's rules as they are: read.
+    let log = portfwd_harness::shims::CallLog::new(&tools).unwrap();
+    let path = log.path();
+    let local = run(
+        &t.proxy,
+        &forty_iptables(Some(7), Some(9)),
+        &[("PATH", &path)],
+    );
+    assert!(local.changed() && !local.failed(), "{}", local.stdout);
+    assert!(nft_saves(&log.calls()) > 0, "{:#?}", log.calls());
+    let output = t
+        .proxy
+        .stdout(&["iptables-nft", "-t", "nat", "-S", "OUTPUT"])
+        .unwrap();
+    assert!(output.contains("-j PFWD-portfwd-OUT"), "{output}");
+
+    // Someone deletes f3's DNAT rule: the next change reads and puts it back.
+    let pre = t
+        .proxy
+        .stdout(&["iptables-nft", "-t", "nat", "-S", "PFWD-portfwd-PRE-T39"])
+        .unwrap();
+    let position = pre
+        .lines()
+        .filter(|l| l.starts_with("-A "))
+        .position(|l| l.contains("--dport 10003 "))
+        .expect("f3's rule");
+    let position = (position + 1).to_string();
+    t.proxy
+        .stdout(&[
+            "iptables-nft",
+            "-t",
+            "nat",
+            "-D",
+            "PFWD-portfwd-PRE-T39",
+            &position,
+        ])
+        .unwrap();
+    assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:10003")).is_err());
+    let log = portfwd_harness::shims::CallLog::new(&tools).unwrap();
+    let path = log.path();
+    let repaired = run(
+        &t.proxy,
+        &forty_iptables(Some(8), Some(9)),
+        &[("PATH", &path)],
+    );
+    assert!(
+        repaired.changed() && !repaired.failed(),
+        "{}",
+        repaired.stdout
+    );
+    assert!(nft_saves(&log.calls()) > 0, "{:#?}", log.calls());
+    assert_eq!(
+        repaired.json["forwards"]["updated"],
+        json!(["f3", "f7", "f8"]),
+        "{}",
+        repaired.stdout
+    );
+    for port in [10003, 10007, 10008] {
+        let to = sa(&format!("10.0.1.1:{port}"));
+        assert_eq!(probe(&t.client, Proto::Tcp, to).unwrap(), backend, "{port}");
+    }
+    assert_eq!(session.ask().unwrap(), backend, "f0's connection lives on");
+}

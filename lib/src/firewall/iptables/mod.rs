@@ -195,8 +195,14 @@ impl Firewall for Iptables {
         }]
     }
 
+    /// As the dumps say; before any table exists, the flavour the tools are known to drive
+    /// (a first apply on a fresh host is then a read the cache can keep).
     fn flavour(&self, observed: &IptablesObserved) -> Option<Flavour> {
-        observed.flavour
+        observed.flavour.or(match self.flavour {
+            IptablesTool::Nft => Some(Flavour::NfTables),
+            IptablesTool::Legacy => Some(Flavour::Legacy),
+            IptablesTool::Installed => None,
+        })
     }
 
     fn mark_users<'a>(&self, observed: &'a IptablesObserved) -> &'a [String] {

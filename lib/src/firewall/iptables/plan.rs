@@ -3,7 +3,7 @@
 //! re-declares an owned chain (`:CHAIN - [0:0]` under `--noflush` flushes it), so untouched
 //! rules keep their counters and the connections through them survive.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::observe::IptablesObserved;
 use super::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Table};
@@ -48,7 +48,11 @@ pub(crate) fn plan(
     let rules = plan_rules(instance, want, have);
     // Planned from the record, every table it writes holds the instance's chains already
     // (see `plannable_from_record`): none is created, none left empty.
-    let tables = if have.assumed { &[][..] } else { &rules.tables[..] };
+    let tables = if have.assumed {
+        &[][..]
+    } else {
+        &rules.tables[..]
+    };
     for t in tables {
         if !have.tables.contains_key(&(t.family, t.table)) {
             record.tables.insert(table_key(t.family, t.table.name()));
@@ -217,6 +221,8 @@ fn chain_edit(
                     lines.push(format!("-A {name} {}", rule.render()));
                 }
             }
+            // Equal as written, the chain needs nothing (most of 50,000 forwards' chains).
+            Some(have) if have == rules => {}
             Some(have) => rule_edit(name, rules, have, lines, repaired),
         }
     }
@@ -245,7 +251,9 @@ fn chain_edit(
             drop_subs(lines);
         }
         (Some(want), Some(have)) => {
-            rule_edit(&chain, &want.rules, &have.rules, lines, repaired);
+            if want.rules != have.rules {
+                rule_edit(&chain, &want.rules, &have.rules, lines, repaired);
+            }
             drop_subs(lines);
             // A jump is kept only while it says what portfwd writes (an edited one, say with
             // `-i eth9` added under the jump comment, is deleted and written again).
@@ -377,41 +385,78 @@ fn entry_changes(
     desired: &OwnedRules,
     observed: &OwnedRules,
 ) -> EntryChanges {
-    // Entry name -> its rule keys, in first-seen order (one pass, no quadratic lookups).
-    let keys = |rules: &OwnedRules| {
-        let mut order: Vec<String> = Vec::new();
-        let mut map: HashMap<String, BTreeSet<String>> = HashMap::new();
-        for chain in rules.chains.values() {
-            for rule in chain.all_rules() {
-                let Some(tag) = rule.comment().and_then(|c| parse_comment(c, instance)) else {
-                    continue;
-                };
-                if tag.kind != kind {
-                    continue;
-                }
-                let name = tag.name;
-                map.entry(name.to_string())
-                    .or_insert_with(|| {
-                        order.push(name.to_string());
-                        BTreeSet::new()
-                    })
-                    .insert(rule.key());
+    let owner = |rule: &Rule| -> Option<String> {
+        let tag = rule.comment().and_then(|c| parse_comment(c, instance))?;
+        (tag.kind == kind).then(|| tag.name.to_string())
+    };
+    // Only chains that differ can hold a changed entry's rules: their rule keys, compared.
+    let mut touched: HashSet<String> = HashSet::new();
+    let no_rules: &[Rule] = &[];
+    let mut compare = |want: &[Rule], have: &[Rule]| {
+        if want == have {
+            return;
+        }
+        let keys = |rules: &[Rule]| -> HashSet<String> { rules.iter().map(Rule::key).collect() };
+        let (w, h) = (keys(want), keys(have));
+        for rule in want.iter().chain(have) {
+            if !(w.contains(&rule.key()) && h.contains(&rule.key())) {
+                touched.extend(owner(rule));
             }
         }
-        (order, map)
     };
-    let ((want_order, want), (have_order, have)) = (keys(desired), keys(observed));
-    let mut changes = EntryChanges::default();
-    for name in &want_order {
-        match have.get(name) {
-            None => changes.added.push(name.clone()),
-            Some(old) if Some(old) != want.get(name) => changes.updated.push(name.clone()),
-            Some(_) => {}
+    let hooks: BTreeSet<&(Family, Hook)> = desired
+        .chains
+        .keys()
+        .chain(observed.chains.keys())
+        .collect();
+    for hook in hooks {
+        let (want, have) = (desired.chains.get(hook), observed.chains.get(hook));
+        compare(
+            want.map_or(no_rules, |c| &c.rules),
+            have.map_or(no_rules, |c| &c.rules),
+        );
+        let subs: BTreeSet<&String> = want
+            .iter()
+            .chain(have.iter())
+            .flat_map(|c| c.subchains.keys())
+            .collect();
+        for sub in subs {
+            let w = want.and_then(|c| c.subchains.get(sub));
+            let h = have.and_then(|c| c.subchains.get(sub));
+            compare(
+                w.map_or(no_rules, Vec::as_slice),
+                h.map_or(no_rules, Vec::as_slice),
+            );
         }
     }
-    for name in &have_order {
-        if !want.contains_key(name) {
-            changes.removed.push(name.clone());
+    let mut changes = EntryChanges::default();
+    if touched.is_empty() {
+        return changes;
+    }
+    // Entry names in first-seen order.
+    let names = |rules: &OwnedRules| {
+        let mut seen = HashSet::new();
+        let mut order = Vec::new();
+        for chain in rules.chains.values() {
+            for name in chain.all_rules().filter_map(owner) {
+                if seen.insert(name.clone()) {
+                    order.push(name);
+                }
+            }
+        }
+        (order, seen)
+    };
+    let ((want_order, want), (have_order, have)) = (names(desired), names(observed));
+    for name in want_order.into_iter().filter(|n| touched.contains(n)) {
+        if have.contains(&name) {
+            changes.updated.push(name);
+        } else {
+            changes.added.push(name);
+        }
+    }
+    for name in have_order.into_iter().filter(|n| touched.contains(n)) {
+        if !want.contains(&name) {
+            changes.removed.push(name);
         }
     }
     changes
