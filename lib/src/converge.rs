@@ -281,22 +281,20 @@ fn follow_live_flows<F: Firewall>(
     if changed.count() == 0 {
         return;
     }
-    let entries = firewall.decompile(&config.instance, &firewall.snapshot(&observed.firewall));
-    // Only the changed forwards' old selves are needed: one change among thousands validates
-    // one forward.
-    let names: std::collections::HashSet<&String> = changed
+    // Only the changed forwards' old selves are needed: one change among thousands decompiles
+    // and validates one forward.
+    let names: std::collections::HashSet<&str> = changed
         .added
         .iter()
         .chain(&changed.updated)
         .chain(&changed.removed)
+        .map(String::as_str)
         .collect();
+    let state = firewall.snapshot(&observed.firewall);
+    let entries = firewall.decompile_some(&config.instance, &state, &names);
     let old_params = Params {
         instance: config.instance.clone(),
-        forwards: entries
-            .forwards
-            .into_iter()
-            .filter(|f| names.contains(&f.name))
-            .collect(),
+        forwards: entries.forwards,
         ..Params::default()
     };
     // The owned rules decompile to valid params; if they ever did not, no old forward is

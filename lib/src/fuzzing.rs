@@ -35,7 +35,7 @@ pub fn iptables_save(text: &str) {
     let dump = save::parse(text);
     let mut observed = IptablesObserved::default();
     extract_owned(&dump, Family::V4, "portfwd", &mut observed);
-    let _ = decompile::entries_from_rules(&observed.owned, "portfwd");
+    let _ = decompile::entries_from_rules(&observed.owned, "portfwd", None);
     let _ = plan::plan_rules("portfwd", &Default::default(), &observed);
 }
 

@@ -205,20 +205,18 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
 
     /// The new backend's entries, then the old one's that it does not hold yet.
     fn decompile(&self, instance: &str, state: &Self::Desired) -> Entries {
-        let mut entries = self.new.decompile(instance, &state.0);
-        let old = self.old.decompile(instance, &state.1);
-        for f in old.forwards {
-            if !entries.forwards.iter().any(|n| n.name == f.name) {
-                entries.forwards.push(f);
-            }
-        }
-        for m in old.masquerade {
-            if !entries.masquerade.iter().any(|n| n.name == m.name) {
-                entries.masquerade.push(m);
-            }
-        }
-        entries.conn_mark = entries.conn_mark.or(old.conn_mark);
-        entries
+        let new = self.new.decompile(instance, &state.0);
+        merged(new, self.old.decompile(instance, &state.1))
+    }
+
+    fn decompile_some(
+        &self,
+        instance: &str,
+        state: &Self::Desired,
+        names: &std::collections::HashSet<&str>,
+    ) -> Entries {
+        let new = self.new.decompile_some(instance, &state.0, names);
+        merged(new, self.old.decompile_some(instance, &state.1, names))
     }
 
     fn owns_hook_chain(
@@ -255,6 +253,27 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
     fn foreign_facts(&self, observed: &Self::Observed) -> serde_json::Value {
         self.new.foreign_facts(&observed.0)
     }
+}
+
+/// `entries`, then the entries of `old` of other names (by name, not a scan per entry:
+/// 50,000 forwards move too).
+fn merged(mut entries: Entries, old: Entries) -> Entries {
+    let forwards: std::collections::HashSet<String> =
+        entries.forwards.iter().map(|f| f.name.clone()).collect();
+    let masquerade: std::collections::HashSet<String> =
+        entries.masquerade.iter().map(|m| m.name.clone()).collect();
+    entries.forwards.extend(
+        old.forwards
+            .into_iter()
+            .filter(|f| !forwards.contains(&f.name)),
+    );
+    entries.masquerade.extend(
+        old.masquerade
+            .into_iter()
+            .filter(|m| !masquerade.contains(&m.name)),
+    );
+    entries.conn_mark = entries.conn_mark.or(old.conn_mark);
+    entries
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! `portfwd show`, the `before` side of `--diff` and the conntrack reset. Compiling the
 //! result reproduces the same rules, so applying what `show` prints is a no-op.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
@@ -25,8 +25,13 @@ fn resets_connections(rule: &Rule) -> bool {
     rule.comment().is_some_and(has_reset_marker)
 }
 
-/// Rebuilds the entries from owned rules, in rule order (IPv4 chains first).
-pub(crate) fn entries_from_rules(owned: &OwnedRules, instance: &str) -> Entries {
+/// Rebuilds the entries from owned rules, in rule order (IPv4 chains first); with `only`,
+/// just the entries of those names (the rest is never split into arguments).
+pub(crate) fn entries_from_rules(
+    owned: &OwnedRules,
+    instance: &str,
+    only: Option<&HashSet<&str>>,
+) -> Entries {
     let mut params = Entries {
         conn_mark: conn_mark_of(owned, instance),
         ..Entries::default()
@@ -51,7 +56,9 @@ pub(crate) fn entries_from_rules(owned: &OwnedRules, instance: &str) -> Entries 
             for rules in lists {
                 let mut sequence = Vec::new();
                 for rule in rules {
-                    if let Some(entry) = entry_of(rule, instance) {
+                    let entry = entry_of(rule, instance)
+                        .filter(|e| only.is_none_or(|names| names.contains(e.1)));
+                    if let Some(entry) = entry {
                         by_entry.entry(entry).or_default()[slot].push(rule);
                         if sequence.last() != Some(&entry) {
                             sequence.push(entry);

@@ -164,7 +164,19 @@ impl Firewall for Iptables {
     }
 
     fn decompile(&self, instance: &str, state: &OwnedRules) -> Entries {
-        decompile::entries_from_rules(state, instance)
+        decompile::entries_from_rules(state, instance, None)
+    }
+
+    /// The other forwards' rules are never split into arguments.
+    fn decompile_some(
+        &self,
+        instance: &str,
+        state: &OwnedRules,
+        names: &std::collections::HashSet<&str>,
+    ) -> Entries {
+        let mut entries = decompile::entries_from_rules(state, instance, Some(names));
+        entries.forwards.retain(|f| names.contains(f.name.as_str()));
+        entries
     }
 
     /// iptables-nft's `filter FORWARD`, where portfwd's jump and accepts live (a policy drop

@@ -83,21 +83,35 @@ impl Hook {
 
 /// One rule: the arguments after `-A CHAIN`, unquoted, in order. A rule read from a dump keeps
 /// its text and is split into arguments only when something needs more than its comment: a
-/// no-op over thousands of owned rules compares comments only.
+/// no-op over thousands of owned rules compares comments only. A rule portfwd makes is kept
+/// as the text it renders to, one allocation instead of one per argument (its arguments took
+/// most of a run's memory at 50,000 forwards), and split the same way when needed.
 #[derive(Clone)]
 pub(crate) struct Rule {
-    /// As `iptables-save` printed it (rules read from a dump).
+    /// As `iptables-save` printed it (rules read from a dump), or as [`Rule::render`] writes
+    /// it (`rendered`).
     text: Option<Box<str>>,
+    /// `text` is the rendering of the arguments: equal texts are equal rules, and unequal
+    /// ones are not.
+    rendered: bool,
     args: OnceLock<Vec<String>>,
     /// The comment found by a scan of `text`, without splitting the rest.
     comment: OnceLock<Option<String>>,
 }
 
 impl Rule {
-    pub(crate) fn new<S: Into<String>>(args: impl IntoIterator<Item = S>) -> Rule {
+    pub(crate) fn new<S: AsRef<str>>(args: impl IntoIterator<Item = S>) -> Rule {
+        let mut text = String::new();
+        for (i, arg) in args.into_iter().enumerate() {
+            if i > 0 {
+                text.push(' ');
+            }
+            push_quoted(&mut text, arg.as_ref());
+        }
         Rule {
-            text: None,
-            args: OnceLock::from(args.into_iter().map(Into::into).collect::<Vec<_>>()),
+            text: Some(text.into()),
+            rendered: true,
+            args: OnceLock::new(),
             comment: OnceLock::new(),
         }
     }
@@ -106,6 +120,7 @@ impl Rule {
     pub(crate) fn from_text(text: &str) -> Rule {
         Rule {
             text: Some(text.into()),
+            rendered: false,
             args: OnceLock::new(),
             comment: OnceLock::new(),
         }
@@ -164,6 +179,9 @@ impl Rule {
 
     /// The arguments as `iptables-restore` reads them, quoting what needs it.
     pub(crate) fn render(&self) -> String {
+        if let (true, Some(text)) = (self.rendered, &self.text) {
+            return text.to_string();
+        }
         let mut out = String::new();
         for (i, arg) in self.args().iter().enumerate() {
             if i > 0 {
@@ -177,6 +195,14 @@ impl Rule {
 
 impl PartialEq for Rule {
     fn eq(&self, other: &Rule) -> bool {
+        if let (Some(a), Some(b)) = (&self.text, &other.text) {
+            if a == b {
+                return true;
+            }
+            if self.rendered && other.rendered {
+                return false;
+            }
+        }
         self.args() == other.args()
     }
 }
@@ -350,6 +376,32 @@ impl OwnedRules {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn arg() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::prop_oneof![
+            proptest::strategy::Just("--comment".to_string()),
+            "[ -~\\t]{0,12}",
+        ]
+    }
+
+    proptest::proptest! {
+        /// A rule portfwd makes is kept as its rendering: split again it gives back exactly
+        /// its arguments, its comment scan agrees, and equality follows the arguments.
+        #[test]
+        fn a_made_rule_splits_back_into_its_arguments(
+            args in proptest::collection::vec(arg(), 0..8),
+            other in proptest::collection::vec(arg(), 0..8),
+        ) {
+            let split = args.iter().position(|a| a == "--comment").and_then(|i| args.get(i + 1));
+            let scanned = Rule::new(&args);
+            proptest::prop_assert_eq!(scanned.comment(), split.map(String::as_str));
+            let rule = Rule::new(&args);
+            proptest::prop_assert_eq!(rule.args(), &args[..]);
+            proptest::prop_assert_eq!(rule == Rule::new(&other), args == other);
+            let dumped = Rule::from_text(&rule.render());
+            proptest::prop_assert!(dumped == rule);
+        }
+    }
 
     /// What portfwd compiles and what iptables-save prints for it compare equal; an edited
     /// rule does not.
