@@ -1,9 +1,10 @@
 //! The control plane at scale (`portfwd-bench control --scale 1000,10000,50000`): for each
 //! backend, each N and each number of foreign iptables nat rules beside it, the first apply of
 //! N forwards, a no-op, a change of one forward, a no-op right after another writer's commit
-//! (a full read), `absent`, and the peak RSS of the first apply. Every figure is printed as a
-//! ratio to the same figure at the smallest N, and to the same figure without foreign rules,
-//! measured in the same run.
+//! (a full read), `absent`, removing all but 2 of the N forwards in one run, and the peak RSS
+//! of the first apply. Every figure is printed as a ratio to the same figure at the smallest N,
+//! and to the same figure without foreign rules, measured in the same run. With iptables, the
+//! change is also compared with a bare `iptables-restore --noflush` of the lines it writes.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -22,28 +23,77 @@ struct Figures {
     change: f64,
     full_read: f64,
     absent: f64,
+    /// N forwards to 2 in one run.
+    shrink: f64,
     /// KiB, the largest process of the first apply (portfwd or a tool it ran).
     rss: u64,
+    /// iptables: the restores a change writes, run bare (`iptables-restore --noflush`).
+    bare_restore: Option<f64>,
 }
 
-const NAMES: [&str; 5] = [
+const NAMES: [&str; 6] = [
     "first apply",
     "no-op",
     "change 1",
     "no-op, full read",
     "absent",
+    "N -> 2",
 ];
 
 impl Figures {
-    fn times(&self) -> [f64; 5] {
+    fn times(&self) -> [f64; 6] {
         [
             self.first,
             self.noop,
             self.change,
             self.full_read,
             self.absent,
+            self.shrink,
         ]
     }
+}
+
+/// The `iptables-restore` payloads of a report's `commands` (tool and input of each).
+fn restores(report: &Value) -> Vec<(String, String)> {
+    let lines: Vec<&str> = report["commands"]
+        .as_array()
+        .map(|c| c.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    for line in lines {
+        match &mut current {
+            None if line.contains("-restore --noflush") && line.ends_with("<<'EOF'") => {
+                let tool = line.split_whitespace().next().unwrap_or_default();
+                current = Some((tool.to_string(), String::new()));
+            }
+            Some(_) if line == "EOF" => out.extend(current.take()),
+            Some((_, text)) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+/// The change's restores (from a check-mode run), run bare and timed; the host then holds
+/// the change, which the next run of `base` reads and undoes.
+fn bare_restore(pf: &Portfwd, ns: &Netns, changed: &Value) -> Result<f64, LabError> {
+    let check = pf.run(ns, &["apply", "--check"], &changed.to_string(), &[])?;
+    let payloads = restores(&check.json);
+    if payloads.is_empty() {
+        return Err(err(format!(
+            "no restore in the check run: {}",
+            check.stdout
+        )));
+    }
+    let t = Instant::now();
+    for (tool, payload) in &payloads {
+        run_ok(ns, &[tool, "--noflush", "-w", "10"], payload)?;
+    }
+    Ok(t.elapsed().as_secs_f64())
 }
 
 fn params(backend: &str, n: usize, changed: Option<usize>) -> Value {
@@ -123,7 +173,19 @@ fn measure_one(
     f.noop = median(noops);
     f.change = median(changes);
     f.full_read = median(full);
+    if backend != "nftables" {
+        let mut bare = Vec::new();
+        for _ in 0..reps {
+            bare.push(bare_restore(pf, &ns, &changed)?);
+            timed(pf, &ns, &base)?;
+            timed(pf, &ns, &base)?;
+        }
+        f.bare_restore = Some(median(bare));
+    }
     f.absent = timed(pf, &ns, &json!({"backend": backend, "state": "absent"}))?;
+    timed(pf, &ns, &base)?;
+    timed(pf, &ns, &base)?;
+    f.shrink = timed(pf, &ns, &params(backend, 2.min(n), None))?;
     Ok(f)
 }
 
@@ -191,6 +253,15 @@ pub(super) fn run(
                 bare.rss / 1024,
                 loaded.rss / 1024
             );
+            if let (Some(b), Some(l)) = (bare.bare_restore, loaded.bare_restore) {
+                let _ = writeln!(
+                    table,
+                    "{n:>8} {:<18} {b:>9.3} {l:>9.3}   change 1 is {:.2}x | {:.2}x of it",
+                    "bare restore",
+                    ratio(bare.change, b),
+                    ratio(loaded.change, l)
+                );
+            }
             results.push(json!({
                 "backend": backend, "forwards": n,
                 "bare": figures_json(&bare), "foreign": figures_json(&loaded),
@@ -217,7 +288,8 @@ pub(super) fn run(
 
 fn figures_json(f: &Figures) -> Value {
     json!({"first_apply_s": f.first, "noop_s": f.noop, "change_1_s": f.change,
-           "full_read_noop_s": f.full_read, "absent_s": f.absent, "peak_rss_kib": f.rss})
+           "full_read_noop_s": f.full_read, "absent_s": f.absent, "shrink_to_2_s": f.shrink,
+           "bare_restore_s": f.bare_restore, "peak_rss_kib": f.rss})
 }
 
 fn write(path: &Path, text: &str) -> Result<(), LabError> {

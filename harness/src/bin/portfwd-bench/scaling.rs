@@ -17,28 +17,34 @@ use serde_json::{json, Value};
 
 use super::{apply, daemon, err, iperf, median};
 
-/// N forwards: N - 2 to other hosts on consecutive ports from 20,000, then the two measured
-/// ones on the next ports (iperf3, then connection setup): the last port of the last bucket,
-/// so the rule walk of a new connection is as long as it gets.
+/// The first listen port: 20,000, or lower when N forwards would not fit below 65,536.
+fn first_port(n: usize) -> usize {
+    20_000.min(65_535usize.saturating_sub(n))
+}
+
+/// N forwards: N - 2 to other hosts on consecutive ports from [`first_port`], then the two
+/// measured ones on the next ports (iperf3, then connection setup): the last port of the last
+/// bucket, so the rule walk of a new connection is as long as it gets.
 fn params(flavour: &str, n: usize) -> Value {
+    let first = first_port(n);
     let others = n.saturating_sub(2);
     let mut list: Vec<Value> = (0..others)
         .map(|i| {
-            json!({"name": format!("f{i}"), "listen_port": 20000 + i,
+            json!({"name": format!("f{i}"), "listen_port": first + i,
                 "to": format!("10.{}.{}.{}:8080", 100 + i / 64770, (i / 254) % 255, i % 254 + 1)})
         })
         .collect();
-    list.push(json!({"name": "iperf", "listen_port": 20000 + others, "to": "10.0.2.2:15201"}));
-    list.push(json!({"name": "conn", "listen_port": 20001 + others, "to": "10.0.2.2:15202"}));
+    list.push(json!({"name": "iperf", "listen_port": first + others, "to": "10.0.2.2:15201"}));
+    list.push(json!({"name": "conn", "listen_port": first + 1 + others, "to": "10.0.2.2:15202"}));
     json!({"backend": flavour, "forwards": list})
 }
 
 /// The listen ports of the measured forwards for `n` forwards.
 fn measured_ports(n: usize) -> (String, String) {
-    let others = n.saturating_sub(2);
+    let (first, others) = (first_port(n), n.saturating_sub(2));
     (
-        format!("{}", 20000 + others),
-        format!("10.0.1.1:{}", 20001 + others),
+        format!("{}", first + others),
+        format!("10.0.1.1:{}", first + 1 + others),
     )
 }
 
