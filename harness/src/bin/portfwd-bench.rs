@@ -36,8 +36,9 @@ enum Bench {
         /// Repetitions per measurement (the median is reported).
         #[arg(long, default_value_t = 5)]
         reps: usize,
-        /// Forward counts of the series at scale (`1000,10000,50000`): first apply, no-op,
-        /// change 1, no-op after another writer's commit, absent, peak RSS.
+        /// Forward counts of the series at scale (`1,1000,10000,50000`): first apply, no-op,
+        /// change 1, no-op after another writer's commit, absent, N -> 2, peak RSS, and with
+        /// iptables a bare restore of the change's lines.
         #[arg(long, value_delimiter = ',')]
         scale: Vec<usize>,
         /// The series at scale as JSON and SVG.
