@@ -156,8 +156,8 @@ fn measure_one(
         .last()
         .and_then(|l| l.trim().parse().ok())
         .ok_or_else(|| err("no RSS from /usr/bin/time (apt-get install time)"))?;
-    // The cache is current after the first apply on nftables; iptables proves its first
-    // generation on the next run (the first one found no rules to tell the flavour by).
+    // One more run before timing, so every backend starts from a record it wrote over its
+    // own first apply (a read cache of the generation that apply led to).
     timed(pf, &ns, &base)?;
     let mut noops = Vec::new();
     let mut changes = Vec::new();
