@@ -19,25 +19,8 @@ impl Config {
     /// text: a tree of `serde_json::Value`s first took a third of the memory of a run with
     /// 50,000 forwards.
     pub fn from_json(input: &str) -> Result<(Config, Params, RunMode), Invalid> {
-        let whole: &RawValue = serde_json::from_str(input)
-            .map_err(|e| Invalid(vec![Problem::whole(not_json(input, &e))]))?;
-        let what = match whole.get().trim_start().as_bytes().first() {
-            Some(b'{') => None,
-            Some(b'[') => {
-                Some("a list (one run takes one instance's params: apply each instance on its own)")
-            }
-            Some(b'"') => Some("a string"),
-            Some(b't' | b'f') => Some("a boolean"),
-            Some(b'n') => Some("null"),
-            _ => Some("a number"),
-        };
-        if let Some(what) = what {
-            return Err(Invalid(vec![Problem::whole(format!(
-                "params must be one JSON object, not {what}"
-            ))]));
-        }
-        let mut map: BTreeMap<String, &RawValue> = serde_json::from_str(whole.get())
-            .map_err(|e| Invalid(vec![Problem::whole(not_json(input, &e))]))?;
+        let mut map: BTreeMap<String, &RawValue> =
+            serde_json::from_str(input).map_err(|e| not_an_object(input, &e))?;
         let flag = |key: &str| map.get(key).is_some_and(|v| v.get().trim() == "true");
         let mode = RunMode {
             check: flag("_ansible_check_mode"),
@@ -69,6 +52,27 @@ fn without_position(e: &serde_json::Error) -> String {
         Some(bare) if e.line() > 0 => bare.to_string(),
         _ => text,
     }
+}
+
+/// Why the input is not one JSON object: another JSON value, or not JSON at all.
+fn not_an_object(input: &str, e: &serde_json::Error) -> Invalid {
+    let reason = match serde_json::from_str::<&RawValue>(input) {
+        Err(e) => not_json(input, &e),
+        Ok(value) => {
+            let what = match value.get().trim_start().as_bytes().first() {
+                Some(b'[') => {
+                    "a list (one run takes one instance's params: apply each instance on its own)"
+                }
+                Some(b'"') => "a string",
+                Some(b't' | b'f') => "a boolean",
+                Some(b'n') => "null",
+                Some(b'{') => return Invalid(vec![Problem::whole(not_json(input, e))]),
+                _ => "a number",
+            };
+            format!("params must be one JSON object, not {what}")
+        }
+    };
+    Invalid(vec![Problem::whole(reason)])
 }
 
 /// Why the input is not JSON; text that does not even start like JSON is most likely YAML.

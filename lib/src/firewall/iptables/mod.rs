@@ -174,9 +174,7 @@ impl Firewall for Iptables {
         state: &OwnedRules,
         names: &std::collections::HashSet<&str>,
     ) -> Entries {
-        let mut entries = decompile::entries_from_rules(state, instance, Some(names));
-        entries.forwards.retain(|f| names.contains(f.name.as_str()));
-        entries
+        decompile::entries_from_rules(state, instance, Some(names))
     }
 
     /// iptables-nft's `filter FORWARD`, where portfwd's jump and accepts live (a policy drop

@@ -47,13 +47,8 @@ pub(crate) fn plan(
     }
     let rules = plan_rules(instance, want, have);
     // Planned from the record, every table it writes holds the instance's chains already
-    // (see `plannable_from_record`): none is created, none left empty.
-    let tables = if have.assumed {
-        &[][..]
-    } else {
-        &rules.tables[..]
-    };
-    for t in tables {
+    // (see `plannable_from_record`): none is created (and `have.tables` is not known).
+    for t in rules.tables.iter().filter(|_| !have.assumed) {
         if !have.tables.contains_key(&(t.family, t.table)) {
             record.tables.insert(table_key(t.family, t.table.name()));
         }
