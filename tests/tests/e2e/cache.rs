@@ -306,12 +306,12 @@ fn forty_iptables(changed: Option<usize>, local: Option<usize>) -> Value {
     json!({"backend": "iptables-nft", "forwards": forwards})
 }
 
-/// The iptables dumps of one run (`iptables-nft-save`, `ip6tables-nft-save`).
-fn nft_saves(calls: &[String]) -> usize {
-    calls
-        .iter()
-        .filter(|c| c.contains("tables-nft-save"))
-        .count()
+/// One run, and the iptables dumps it made (`iptables-nft-save`, `ip6tables-nft-save`).
+fn run_counting_saves(ns: &Netns, params: &Value) -> (portfwd_harness::RunResult, usize) {
+    let log =
+        portfwd_harness::shims::CallLog::new(&["iptables-nft-save", "ip6tables-nft-save"]).unwrap();
+    let r = run(ns, params, &[("PATH", &log.path())]);
+    (r, log.calls().len())
 }
 
 /// With iptables-nft, while nothing else has committed since portfwd's last run, a change
@@ -334,14 +334,11 @@ fn an_iptables_change_is_planned_from_the_record_while_nobody_else_wrote() {
     let mut session = TcpSession::connect(&t.client, sa("10.0.1.1:10000")).unwrap();
     let backend: std::net::IpAddr = "10.0.2.1".parse().unwrap();
     assert_eq!(session.ask().unwrap(), backend);
-    let tools = ["iptables-nft-save", "ip6tables-nft-save"];
 
-    let log = portfwd_harness::shims::CallLog::new(&tools).unwrap();
-    let path = log.path();
-    let changed = run(&t.proxy, &forty_iptables(Some(7), None), &[("PATH", &path)]);
+    let (changed, saves) = run_counting_saves(&t.proxy, &forty_iptables(Some(7), None));
     assert!(changed.changed() && !changed.failed(), "{}", changed.stdout);
     assert_eq!(changed.json["forwards"]["updated"], json!(["f7"]));
-    assert_eq!(nft_saves(&log.calls()), 0, "{:#?}", log.calls());
+    assert_eq!(saves, 0, "no iptables-save");
     assert_eq!(
         probe(&t.client, Proto::Tcp, sa("10.0.1.1:10007")).unwrap(),
         backend,
@@ -353,22 +350,14 @@ fn an_iptables_change_is_planned_from_the_record_while_nobody_else_wrote() {
     t.proxy
         .stdout(&["iptables-nft", "-t", "filter", "-N", "OTHER"])
         .unwrap();
-    let log = portfwd_harness::shims::CallLog::new(&tools).unwrap();
-    let path = log.path();
-    let full = run(&t.proxy, &forty_iptables(Some(7), None), &[("PATH", &path)]);
+    let (full, saves) = run_counting_saves(&t.proxy, &forty_iptables(Some(7), None));
     assert!(!full.changed() && !full.failed(), "{}", full.stdout);
-    assert!(nft_saves(&log.calls()) > 0, "{:#?}", log.calls());
+    assert!(saves > 0, "a full read");
 
     // A new jump (nat OUTPUT) is placed among the chain's rules as they are: read.
-    let log = portfwd_harness::shims::CallLog::new(&tools).unwrap();
-    let path = log.path();
-    let local = run(
-        &t.proxy,
-        &forty_iptables(Some(7), Some(9)),
-        &[("PATH", &path)],
-    );
+    let (local, saves) = run_counting_saves(&t.proxy, &forty_iptables(Some(7), Some(9)));
     assert!(local.changed() && !local.failed(), "{}", local.stdout);
-    assert!(nft_saves(&log.calls()) > 0, "{:#?}", log.calls());
+    assert!(saves > 0, "a new jump needs a read");
     let output = t
         .proxy
         .stdout(&["iptables-nft", "-t", "nat", "-S", "OUTPUT"])
@@ -397,19 +386,13 @@ fn an_iptables_change_is_planned_from_the_record_while_nobody_else_wrote() {
         ])
         .unwrap();
     assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:10003")).is_err());
-    let log = portfwd_harness::shims::CallLog::new(&tools).unwrap();
-    let path = log.path();
-    let repaired = run(
-        &t.proxy,
-        &forty_iptables(Some(8), Some(9)),
-        &[("PATH", &path)],
-    );
+    let (repaired, saves) = run_counting_saves(&t.proxy, &forty_iptables(Some(8), Some(9)));
     assert!(
         repaired.changed() && !repaired.failed(),
         "{}",
         repaired.stdout
     );
-    assert!(nft_saves(&log.calls()) > 0, "{:#?}", log.calls());
+    assert!(saves > 0, "another writer's edit needs a read");
     assert_eq!(
         repaired.json["forwards"]["updated"],
         json!(["f3", "f7", "f8"]),
