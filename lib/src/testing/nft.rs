@@ -39,17 +39,27 @@ pub(crate) struct FakeChain {
     pub rules: Vec<FakeRule>,
 }
 
-/// A map element: its key as written (`1.2.3.4 . tcp . 81-90`), comment and jump target.
+/// A map or set element: its key as written (`1.2.3.4 . tcp . 81-90`), comment and data
+/// (`jump pre-web`, `10.0.0.2 . 80`; None in a set).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FakeElement {
     pub key: String,
     pub comment: Option<String>,
-    pub chain: String,
+    pub data: Option<String>,
+}
+
+impl FakeElement {
+    /// The chain a verdict element jumps to.
+    pub(crate) fn chain(&self) -> Option<&str> {
+        self.data.as_deref()?.strip_prefix("jump ")
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct FakeMap {
     pub types: Vec<String>,
+    /// The data type (`verdict`, `ipv4_addr . inet_service`); None: a set.
+    pub data: Option<String>,
     /// `flags interval`: only such a map takes ranges as keys.
     pub interval: bool,
     pub elements: Vec<FakeElement>,
@@ -151,19 +161,27 @@ impl NftState {
                 let jumped = table
                     .maps
                     .values()
-                    .any(|m| m.elements.iter().any(|e| e.chain == *c));
+                    .any(|m| m.elements.iter().any(|e| e.chain() == Some(*c)));
                 if !chain.rules.is_empty() || jumped {
                     return Err("Device or resource busy".into());
                 }
                 table.chains.remove(*c);
                 Ok(())
             }
-            ["add", "map", "inet", t, m, decl] => {
-                let types = map_types(decl)?;
+            [add @ "add", object @ ("map" | "set"), "inet", t, m, decl] => {
+                let _ = add;
+                let (types, data) = map_types(decl)?;
+                if (*object == "set") != data.is_none() {
+                    return Err(format!("syntax error in {object} declaration"));
+                }
                 let interval = decl.contains("flags interval;");
                 let table = self.table(t)?;
                 match table.maps.get(*m) {
-                    Some(have) if have.types != types || have.interval != interval => {
+                    Some(have)
+                        if have.types != types
+                            || have.interval != interval
+                            || have.data != data =>
+                    {
                         Err("File exists".into())
                     }
                     Some(_) => Ok(()),
@@ -172,6 +190,7 @@ impl NftState {
                             m.to_string(),
                             FakeMap {
                                 types,
+                                data,
                                 interval,
                                 elements: Vec::new(),
                             },
@@ -180,8 +199,15 @@ impl NftState {
                     }
                 }
             }
-            ["delete", "map", "inet", t, m] => {
+            ["delete", object @ ("map" | "set"), "inet", t, m] => {
                 let table = self.table(t)?;
+                if table
+                    .maps
+                    .get(*m)
+                    .is_some_and(|have| (*object == "set") != have.data.is_none())
+                {
+                    return Err("No such file or directory".into());
+                }
                 let used = table
                     .chains
                     .values()
@@ -236,15 +262,29 @@ impl NftState {
             ["add", "element", "inet", t, m, set] => {
                 let table = self.table(t)?;
                 let new = elements(set)?;
-                for e in &new {
-                    if !table.chains.contains_key(&e.chain) {
+                for chain in new.iter().filter_map(FakeElement::chain) {
+                    if !table.chains.contains_key(chain) {
                         return Err(format!(
-                            "Could not process rule: No such file or directory: {}",
-                            e.chain
+                            "Could not process rule: No such file or directory: {chain}"
                         ));
                     }
                 }
                 let map = table.maps.get_mut(*m).ok_or("No such file or directory")?;
+                let verdict = map.data.as_deref() == Some("verdict");
+                for e in &new {
+                    let fits = match &e.data {
+                        None => map.data.is_none(),
+                        Some(_) if verdict => e.chain().is_some(),
+                        Some(d) => {
+                            map.data.as_deref().map(|t| t.split(" . ").count())
+                                == Some(d.split(" . ").count())
+                        }
+                    };
+                    let parts = e.key.split(" . ").count();
+                    if !fits || parts != map.types.len() {
+                        return Err("Could not process rule: datatype mismatch".into());
+                    }
+                }
                 // A range (`8000-8010`; addresses have no `-`) needs an interval map.
                 if !map.interval && new.iter().any(|e| e.key.contains('-')) {
                     return Err("Could not process rule: Operation not supported".into());
@@ -343,7 +383,11 @@ impl NftState {
                     if let Some(c) = &e.comment {
                         inner["comment"] = json!(c);
                     }
-                    json!([{"elem": inner}, {"jump": {"target": e.chain}}])
+                    match (&e.data, e.chain()) {
+                        (_, Some(chain)) => json!([{"elem": inner}, {"jump": {"target": chain}}]),
+                        (Some(data), None) => json!([{"elem": inner}, key_json(data)]),
+                        (None, None) => json!({"elem": inner}),
+                    }
                 })
                 .collect();
             let types = match map.types.as_slice() {
@@ -351,14 +395,18 @@ impl NftState {
                 many => json!(many),
             };
             let mut o = json!({"family": "inet", "name": m, "table": name, "type": types,
-                               "handle": 0, "map": "verdict"});
+                               "handle": 0});
+            if let Some(data) = &map.data {
+                o["map"] = json!(data);
+            }
             if map.interval {
                 o["flags"] = json!(["interval"]);
             }
             if !elem.is_empty() {
                 o["elem"] = json!(elem);
             }
-            items.push(json!({ "map": o }));
+            let object = if map.data.is_some() { "map" } else { "set" };
+            items.push(json!({ object: o }));
         }
         for (c, chain) in table.chains.iter() {
             items.push(chain_json(name, c, chain));
@@ -366,7 +414,7 @@ impl NftState {
         for (c, chain) in table.chains.iter() {
             for r in &chain.rules {
                 let mut o = json!({"family": "inet", "table": name, "chain": c, "handle": r.handle,
-                                   "expr": statements(&r.body).unwrap_or_default()});
+                                   "expr": statements(&as_listed(&r.body)).unwrap_or_default()});
                 if let Some(comment) = &r.comment {
                     o["comment"] = json!(comment);
                 }
@@ -386,6 +434,26 @@ impl NftState {
         }
         json!({ "nftables": items }).to_string()
     }
+}
+
+/// A rule as nft 1.0.6 lists it: an SNAT lookup by original port and backend without the
+/// `meta nfproto` and protocol match its `ip daddr` and port imply (`tcp dport`).
+fn as_listed(body: &str) -> String {
+    for family in ["ipv4", "ipv6"] {
+        for proto in ["tcp", "udp"] {
+            let implied = format!("meta nfproto {family} meta l4proto {proto} ct status dnat ct original proto-dst . ");
+            if let Some(rest) = body.strip_prefix(&implied) {
+                let rest = rest.replacen(" th dport", &format!(" {proto} dport"), 1);
+                return format!("ct status dnat ct original proto-dst . {rest}");
+            }
+            let implied = format!("meta nfproto {family} meta l4proto {proto} ct status dnat snat");
+            if let Some(rest) = body.strip_prefix(&implied) {
+                let rest = rest.replacen(" th dport", &format!(" {proto} dport"), 1);
+                return format!("ct status dnat snat{rest}");
+            }
+        }
+    }
+    body.to_string()
 }
 
 /// A chain as `nft -j` lists it (a base chain with its declaration).
@@ -479,30 +547,33 @@ fn base_decl(text: &str) -> Result<BaseDecl, String> {
     }
 }
 
-/// `{ type ipv4_addr . inet_proto . inet_service : verdict; flags interval; }`
-fn map_types(text: &str) -> Result<Vec<String>, String> {
+/// `{ type ipv4_addr . inet_proto . inet_service : verdict; flags interval; }`: the key types
+/// and the data type (None: a set, `{ type inet_proto . inet_service; }`).
+fn map_types(text: &str) -> Result<(Vec<String>, Option<String>), String> {
     let inner = text.trim_start_matches('{').trim_end_matches('}');
     let decl = inner
         .split(';')
         .next()
         .and_then(|d| d.trim().strip_prefix("type "))
-        .and_then(|d| d.strip_suffix(": verdict"))
         .ok_or("syntax error in map declaration")?;
-    Ok(decl.split(" . ").map(|t| t.trim().to_string()).collect())
+    let (key, data) = match decl.split_once(" : ") {
+        Some((key, data)) => (key, Some(data.trim().to_string())),
+        None => (decl, None),
+    };
+    let types = key.split(" . ").map(|t| t.trim().to_string()).collect();
+    Ok((types, data))
 }
 
-/// `{ K comment "C" : jump X, K2 : jump Y }`
+/// `{ K comment "C" : jump X, K2 : 10.0.0.2 . 80, K3 comment "D" }`
 fn elements(text: &str) -> Result<Vec<FakeElement>, String> {
     let inner = text.trim_start_matches('{').trim_end_matches('}');
     inner
         .split(", ")
         .map(|e| {
-            let (left, verdict) = e.rsplit_once(" : ").ok_or("syntax error in element")?;
-            let chain = verdict
-                .trim()
-                .strip_prefix("jump ")
-                .ok_or("syntax error in element verdict")?
-                .to_string();
+            let (left, data) = match e.rsplit_once(" : ") {
+                Some((left, data)) => (left, Some(data.trim().to_string())),
+                None => (e, None),
+            };
             let (key, comment) = match left.split_once(" comment ") {
                 Some((k, c)) => (k.trim(), Some(c.trim().trim_matches('"').to_string())),
                 None => (left.trim(), None),
@@ -510,7 +581,7 @@ fn elements(text: &str) -> Result<Vec<FakeElement>, String> {
             Ok(FakeElement {
                 key: key.to_string(),
                 comment,
-                chain,
+                data,
             })
         })
         .collect()
@@ -623,6 +694,51 @@ pub(crate) fn statements(body: &str) -> Result<Vec<Value>, String> {
                     .map_err(|_| "syntax error in redirect")?;
                 out.push(json!({"redirect": {"port": port}}));
                 i += 3;
+            }
+            nat @ ("dnat" | "snat")
+                if word(i + 2) == "to" || (word(i + 2) == "addr" && word(i + 5) == "to") =>
+            {
+                let family = word(i + 1);
+                let concat = word(i + 2) == "addr";
+                let mut k = if concat { i + 6 } else { i + 3 };
+                let lookup = w[k..].iter().any(|x| x == "map");
+                if !lookup && !concat {
+                    let dest = word(k);
+                    let (addr, port) = if let Some(rest) = dest.strip_prefix('[') {
+                        let (a, p) = rest.split_once("]:").ok_or("syntax error in address")?;
+                        (a.to_string(), p.parse::<u64>().ok())
+                    } else if family == "ip" {
+                        match dest.split_once(':') {
+                            Some((a, p)) => (a.to_string(), p.parse::<u64>().ok()),
+                            None => (dest.to_string(), None),
+                        }
+                    } else {
+                        (dest.to_string(), None)
+                    };
+                    let mut o = json!({"family": family, "addr": addr});
+                    if let Some(p) = port {
+                        o["port"] = json!(p);
+                    }
+                    out.push(json!({ nat: o }));
+                    i = k + 1;
+                    continue;
+                }
+                // `to <key> map @m`: a lookup (nft 1.0.6 lists no `type_flags`).
+                let mut parts = vec![expr(&w, &mut k)?];
+                while word(k) == "." {
+                    k += 1;
+                    parts.push(expr(&w, &mut k)?);
+                }
+                if word(k) != "map" || !word(k + 1).starts_with('@') {
+                    return Err(format!("syntax error in {nat}"));
+                }
+                let key = if parts.len() == 1 {
+                    parts.remove(0)
+                } else {
+                    json!({ "concat": parts })
+                };
+                out.push(json!({ nat: {"family": family, "addr": {"map": {"key": key, "data": word(k + 1)}}} }));
+                i = k + 2;
             }
             nat @ ("dnat" | "snat") if word(i + 2) == "to" => {
                 let family = word(i + 1);

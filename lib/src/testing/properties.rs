@@ -321,14 +321,34 @@ fn nft_edit(host: &mut FakeHost, edit: usize, pick: usize) -> Option<String> {
                 .flat_map(|(m, map)| map.elements.iter().map(move |e| (m, e)))
                 .collect();
             let (m, e) = elements.get(pick % elements.len().max(1))?;
-            let other = table
-                .chains
-                .iter()
-                .find(|(c, chain)| chain.base.is_none() && **c != e.chain)?
-                .0;
             let comment = e.comment.clone().unwrap_or_default();
+            let delete = format!("delete element inet {t} {m} {{ {} }}", e.key);
+            // Another chain, another backend or source, or (a set's) no element at all.
+            let data = match (e.chain(), table.maps.get(*m)?.data.as_deref()) {
+                (Some(chain), _) => {
+                    let other = table
+                        .chains
+                        .iter()
+                        .find(|(c, have)| have.base.is_none() && c.as_str() != chain)?
+                        .0;
+                    format!("jump {other}")
+                }
+                (None, Some(data)) => {
+                    let addr = if data.contains("ipv6") {
+                        "fd00:9::9"
+                    } else {
+                        "192.0.2.9"
+                    };
+                    if data.contains("inet_service") {
+                        format!("{addr} . 9")
+                    } else {
+                        addr.to_string()
+                    }
+                }
+                (None, None) => return Some(delete).filter(|d| host.state.nft.apply(d).is_ok()),
+            };
             format!(
-                "delete element inet {t} {m} {{ {key} }}\nadd element inet {t} {m} {{ {key} comment \"{comment}\" : jump {other} }}",
+                "{delete}\nadd element inet {t} {m} {{ {key} comment \"{comment}\" : {data} }}",
                 key = e.key
             )
         }

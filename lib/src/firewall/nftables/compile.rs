@@ -1,15 +1,17 @@
-//! Compiles forwards and masquerade entries into the instance's table: per forward one chain
-//! per stage holding its one rule, and map elements that jump there; dispatch rules for the
-//! maps in use; masquerade rules in `postrouting`.
+//! Compiles forwards and masquerade entries into the instance's table: a plain forward into
+//! elements of the DNAT, mark and SNAT maps; any other into one chain per stage holding its
+//! one rule, and map elements that jump there; the rules of the maps in use; masquerade rules
+//! in `postrouting`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::table::{
-    Base, Body, Element, MapKind, MasqMark, MasqRule, NatRule, NatTo, Rule, SnatRule, Stage, Table,
+    Base, Body, Data, Element, MapKind, MasqMark, MasqRule, NatRule, NatTo, Rule, SnatRule, Stage,
+    Table, Target,
 };
-use crate::model::{Action, Config, Forward, Snat, State};
+use crate::model::{Action, Config, Forward, Proto, Snat, State};
 use crate::ownership::{entry_comment, StableHash, Tag, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE};
 
 /// The chain of a forward at a stage (`pre-web`, `out-web`, `post-web`).
@@ -35,6 +37,8 @@ struct Builder<'a> {
     instance: &'a str,
     table: Table,
     kinds: BTreeSet<MapKind>,
+    /// The mark each mark set's rule sets.
+    marks: BTreeMap<MapKind, u32>,
 }
 
 impl Builder<'_> {
@@ -49,7 +53,12 @@ impl Builder<'_> {
 
     fn element(&mut self, kind: MapKind, tag: Tag, element: Element) {
         let name = kind.name();
-        let text = format!("{} {}", element.key(), element.chain);
+        let text = match &element.target {
+            Target::Jump(chain) => format!("{} {chain}", element.key()),
+            Target::To(addr, port) => format!("{} {addr} {port}", element.key()),
+            Target::Source(addr) => format!("{} {addr}", element.key()),
+            Target::Member => element.key(),
+        };
         let comment = comment(self.instance, tag, &name, &text);
         self.kinds.insert(kind);
         Arc::make_mut(&mut self.table.maps)
@@ -58,12 +67,67 @@ impl Builder<'_> {
             .insert(comment, element);
     }
 
+    /// A plain forward's elements: DNAT (and mark) per stage and protocol, SNAT by original
+    /// port and backend.
+    fn plain(&mut self, f: &Forward, addr: IpAddr, port: u16, mark: Option<u32>) {
+        let tag = Tag {
+            kind: KIND_FORWARD,
+            name: &f.name,
+            reset: f.reset_connections,
+        };
+        let element = |proto: Option<Proto>, backend, target| Element {
+            addr: None,
+            proto,
+            ports: f.listen_port,
+            backend,
+            target,
+        };
+        let stages: &[Stage] = if f.local {
+            &[Stage::Pre, Stage::Out]
+        } else {
+            &[Stage::Pre]
+        };
+        for &stage in stages {
+            for &proto in &f.protos {
+                let nat = MapKind::flat(stage, f.family, None, Data::Nat);
+                self.element(nat, tag, element(Some(proto), None, Target::To(addr, port)));
+                if let Some(mark) = mark {
+                    let kind = MapKind::flat(stage, f.family, None, Data::Mark);
+                    self.marks.insert(kind, mark);
+                    self.element(kind, tag, element(Some(proto), None, Target::Member));
+                }
+            }
+        }
+        let Action::Dnat { snat, .. } = f.action else {
+            return;
+        };
+        let (data, target) = match snat {
+            Snat::None => return,
+            Snat::Masquerade => (Data::Masq, Target::Member),
+            Snat::To(ip) => (Data::Snat, Target::Source(ip)),
+        };
+        let tag = Tag {
+            reset: false,
+            ..tag
+        };
+        for &proto in &f.protos {
+            let kind = MapKind::flat(Stage::Post, f.family, Some(proto), data);
+            self.element(kind, tag, element(None, Some((addr, port)), target.clone()));
+        }
+    }
+
     fn forward(&mut self, f: &Forward, mark: u32, localnet_dev: Option<&String>) {
         let tag = Tag {
             kind: KIND_FORWARD,
             name: &f.name,
             reset: f.reset_connections,
         };
+        let mark = (f.allow_forward && f.needs_forwarding()).then_some(mark);
+        if let Some((addr, port)) = plain(f) {
+            self.plain(f, addr, port, mark);
+            self.guard(f, tag, localnet_dev);
+            return;
+        }
         let to = match f.action {
             Action::Dnat { addr, port, .. } => NatTo::Dnat { addr, port },
             Action::Redirect { port } => NatTo::Redirect { port },
@@ -73,7 +137,7 @@ impl Builder<'_> {
             sources: f.sources.clone(),
             in_interface,
             protos: f.protos.clone(),
-            mark: (f.allow_forward && f.needs_forwarding()).then_some(mark),
+            mark,
             to,
         };
         let stages: &[Stage] = if f.local {
@@ -93,26 +157,23 @@ impl Builder<'_> {
                 family: f.family,
                 proto: None,
                 ranged: !f.listen_port.is_single(),
+                data: Data::Verdict,
             };
             for &proto in &f.protos {
                 let element = Element {
                     addr: f.listen_address,
                     proto: Some(proto),
                     ports: f.listen_port,
-                    chain: chain.clone(),
+                    backend: None,
+                    target: Target::Jump(chain.clone()),
                 };
                 self.element(kind, tag, element);
             }
         }
+        self.guard(f, tag, localnet_dev);
         let Action::Dnat { addr, snat, .. } = f.action else {
             return;
         };
-        if let Some(dev) = localnet_dev {
-            let body = Body::LocalnetGuard {
-                in_interface: dev.clone(),
-            };
-            self.rule(Base::Input.name(), tag, body);
-        }
         let to: Option<IpAddr> = match snat {
             Snat::None => return,
             Snat::Masquerade => None,
@@ -138,16 +199,46 @@ impl Builder<'_> {
                 family: f.family,
                 proto: Some(proto),
                 ranged: !f.listen_port.is_single(),
+                data: Data::Verdict,
             };
             let element = Element {
                 addr: f.listen_address,
                 proto: None,
                 ports: f.listen_port,
-                chain: chain.clone(),
+                backend: None,
+                target: Target::Jump(chain.clone()),
             };
             self.element(kind, tag, element);
         }
     }
+
+    /// The route_localnet guard of a forward to loopback.
+    fn guard(&mut self, f: &Forward, tag: Tag, localnet_dev: Option<&String>) {
+        if let (Some(dev), Action::Dnat { .. }) = (localnet_dev, f.action) {
+            let body = Body::LocalnetGuard {
+                in_interface: dev.clone(),
+            };
+            self.rule(Base::Input.name(), tag, body);
+        }
+    }
+}
+
+/// The backend of a plain forward (None: the forward needs a chain of its own): one listen
+/// port on any local address, for every client on every interface, to one address and port.
+fn plain(f: &Forward) -> Option<(IpAddr, u16)> {
+    let Action::Dnat {
+        addr,
+        port: Some(port),
+        ..
+    } = f.action
+    else {
+        return None;
+    };
+    let plain = f.listen_port.is_single()
+        && f.listen_address.is_none()
+        && f.sources.is_empty()
+        && f.in_interface.is_none();
+    plain.then_some((addr, port))
 }
 
 /// The table of the config's forwards and masquerade entries; empty for `state: absent` and
@@ -160,6 +251,7 @@ pub(crate) fn compile_table(config: &Config) -> Table {
         instance: &config.instance,
         table: Table::default(),
         kinds: BTreeSet::new(),
+        marks: BTreeMap::new(),
     };
     let localnet = config.localnet_devices();
     for f in &config.forwards {
@@ -185,7 +277,10 @@ pub(crate) fn compile_table(config: &Config) -> Table {
             name: &name,
             reset: false,
         };
-        let body = Body::Dispatch(kind);
+        let body = match b.marks.get(&kind) {
+            Some(&mark) => Body::Mark(kind, mark),
+            None => Body::Dispatch(kind),
+        };
         let text = body.render().unwrap_or_default();
         let comment = comment(&config.instance, tag, kind.base().name(), &text);
         dispatch.push((kind.base(), Rule { comment, body }));
@@ -286,11 +381,54 @@ mod tests {
             let (config, _, _) = Config::from_json(&json).expect("valid params");
             compile_table(&config)
         };
-        let (one, two) = (table("10.0.0.2:80"), table("10.0.0.3:80"));
-        assert_eq!(one.maps, two.maps, "the keys and chains stay");
-        for (name, rules) in one.chains.iter() {
-            let same = two.chains.get(name) == Some(rules);
-            assert_eq!(same, !name.ends_with("-b"), "{name}");
+        let objects = |t: &Table| -> BTreeSet<String> {
+            let elements = t.maps.iter().flat_map(|(m, e)| {
+                e.iter()
+                    .map(move |(c, e)| format!("{m} {c} {} {:?}", e.key(), e.target))
+            });
+            let rules = t.chains.iter().flat_map(|(name, rules)| {
+                rules
+                    .iter()
+                    .map(move |r| format!("{name} {} {:?}", r.comment, r.body))
+            });
+            elements.chain(rules).collect()
+        };
+        let (one, two) = (
+            objects(&table("10.0.0.2:80")),
+            objects(&table("10.0.0.3:80")),
+        );
+        let changed: Vec<&String> = one.symmetric_difference(&two).collect();
+        // b's DNAT and SNAT elements, each one way and the other; nothing of a's, no rule.
+        assert_eq!(changed.len(), 4, "{changed:#?}");
+        assert!(
+            changed.iter().all(|o| o.contains(":fwd:b:")),
+            "{changed:#?}"
+        );
+    }
+
+    /// Forwards that a map element cannot say keep a chain of their own: sources, an
+    /// interface, a listen address or range, a redirect, a backend without a port.
+    #[test]
+    fn only_plain_forwards_are_map_elements() {
+        let chained = [
+            r#""listen_port":1,"to":"10.0.0.1:80","sources":["10.1.0.0/16"]"#,
+            r#""listen_port":1,"to":"10.0.0.1:80","in_interface":"eth0""#,
+            r#""listen_port":1,"to":"10.0.0.1:80","listen_address":"10.9.0.1""#,
+            r#""listen_port":"1-2","to":"10.0.0.1""#,
+            r#""listen_port":1,"redirect_to_port":22"#,
+            r#""listen_port":1,"to":"10.0.0.1""#,
+        ];
+        for (i, forward) in chained
+            .iter()
+            .chain([&r#""listen_port":1,"to":"10.0.0.1:80""#])
+            .enumerate()
+        {
+            let json = format!(r#"{{"backend":"nftables","forwards":[{{"name":"a",{forward}}}]}}"#);
+            let (config, _, _) = Config::from_json(&json).expect("valid params");
+            let table = compile_table(&config);
+            let plain = i == chained.len();
+            assert_eq!(table.chains.contains_key("pre-a"), !plain, "{forward}");
+            assert_eq!(table.maps.contains_key("pre-port4-nat"), plain, "{forward}");
         }
     }
 }

@@ -1,13 +1,15 @@
 //! Reads forwards and masquerade entries back out of the instance's table (`show`, the
-//! `before` side of `--diff`, the conntrack reset). Compiling the result gives the same table.
+//! `before` side of `--diff`, the conntrack reset): forwards with a chain of their own from
+//! the chain, plain forwards from their map elements. Compiling the result gives the same
+//! table.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use serde_json::Value;
 
 use super::compile::entry_chain;
-use super::table::{Base, Body, Element, NatTo, Rule, Stage, Table};
+use super::table::{Base, Body, Data, Element, MapKind, NatTo, Rule, Stage, Table, Target};
 use crate::firewall::Entries;
 use crate::model::{ForwardParams, MasqueradeParams, ProtoParam, DEFAULT_CONN_MARK};
 use crate::net::PortRange;
@@ -58,13 +60,18 @@ pub(crate) fn entries_from_table(table: &Table, instance: &str) -> Entries {
     // Each chain's first element (the key a forward listens on), found in one pass.
     let mut elements: HashMap<&str, &Element> = HashMap::new();
     for element in table.maps.values().flat_map(|elements| elements.values()) {
-        elements.entry(element.chain.as_str()).or_insert(element);
+        if let Some(chain) = element.chain() {
+            elements.entry(chain).or_insert(element);
+        }
     }
     for name in names {
         if let Some(f) = forward_from(table, &elements, name, instance, &mut entries) {
             entries.forwards.push(f);
         }
     }
+    let plain = plain_forwards(table, instance, &mut entries);
+    entries.forwards.extend(plain);
+    entries.forwards.sort_by(|a, b| a.name.cmp(&b.name));
     let owned = |base: Base| {
         table
             .chains
@@ -158,4 +165,92 @@ fn forward_from(
         reset_connections: has_reset_marker(&rule.comment),
         ignore_findings: Vec::new(),
     })
+}
+
+/// What the elements of one plain forward say, gathered over the maps.
+#[derive(Default)]
+struct Plain<'a> {
+    /// The DNAT elements (prerouting): their comment, protocol, port and backend.
+    nat: Vec<(&'a str, &'a Element)>,
+    marked: bool,
+    local: bool,
+    /// None: masquerade; Some: the source address; not seen: none.
+    snat: Option<Option<std::net::IpAddr>>,
+}
+
+/// The plain forwards: those whose DNAT is an element of a `-nat` map.
+fn plain_forwards(table: &Table, instance: &str, entries: &mut Entries) -> Vec<ForwardParams> {
+    let mut found: BTreeMap<&str, Plain> = BTreeMap::new();
+    for (map, elements) in table.maps.iter() {
+        let Some(kind) = MapKind::from_name(map).filter(|k| k.data != Data::Verdict) else {
+            continue;
+        };
+        for (comment, element) in elements {
+            let Some(tag) = parse_comment(comment, instance).filter(|t| t.kind == KIND_FORWARD)
+            else {
+                continue;
+            };
+            let plain = found.entry(tag.name).or_default();
+            match (kind.data, kind.stage, &element.target) {
+                (Data::Nat, Stage::Pre, Target::To(..)) => plain.nat.push((comment, element)),
+                (Data::Nat, Stage::Out, _) => plain.local = true,
+                (Data::Mark, Stage::Pre, _) => plain.marked = true,
+                (Data::Masq, _, _) => plain.snat = Some(None),
+                (Data::Snat, _, Target::Source(ip)) => plain.snat = Some(Some(*ip)),
+                _ => {}
+            }
+        }
+    }
+    if let Some(mark) = marks(table).filter(|&m| m != DEFAULT_CONN_MARK) {
+        entries.conn_mark = Some(Value::from(format!("{mark:#x}")));
+    }
+    found
+        .into_iter()
+        .filter_map(|(name, plain)| {
+            let (comment, first) = *plain.nat.first()?;
+            let Target::To(addr, port) = first.target else {
+                return None;
+            };
+            let mut protos: Vec<crate::model::Proto> =
+                plain.nat.iter().filter_map(|(_, e)| e.proto).collect();
+            protos.sort();
+            protos.dedup();
+            let proto = match protos.as_slice() {
+                [crate::model::Proto::Tcp] => ProtoParam::Tcp,
+                [crate::model::Proto::Udp] => ProtoParam::Udp,
+                _ => ProtoParam::Both,
+            };
+            let snat = match plain.snat {
+                None => Some("none".to_string()),
+                Some(to) => to.map(|ip| ip.to_string()),
+            };
+            Some(ForwardParams {
+                name: name.to_string(),
+                proto,
+                listen_port: port_value(first.ports),
+                listen_address: None,
+                in_interface: None,
+                sources: Vec::new(),
+                to: Some(dest_text(addr, Some(port))),
+                redirect_to_port: None,
+                snat,
+                local: plain.local,
+                allow_forward: plain.marked,
+                reset_connections: has_reset_marker(comment),
+                ignore_findings: Vec::new(),
+            })
+        })
+        .collect()
+}
+
+/// The mark the mark sets' rules set.
+fn marks(table: &Table) -> Option<u32> {
+    table
+        .chains
+        .values()
+        .flatten()
+        .find_map(|rule| match rule.body {
+            Body::Mark(_, mark) => Some(mark),
+            _ => None,
+        })
 }

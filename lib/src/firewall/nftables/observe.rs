@@ -14,8 +14,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::table::{
-    set_text, Base, Body, Element, MapKind, MasqMark, MasqRule, NatRule, NatTo, Rule, SnatRule,
-    Stage, Table,
+    set_text, Base, Body, Data, Element, MapKind, MasqMark, MasqRule, NatRule, NatTo, Rule,
+    SnatRule, Stage, Table, Target,
 };
 use crate::model::Proto;
 use crate::net::{Cidr, Family, PortRange};
@@ -119,7 +119,7 @@ impl std::fmt::Display for Hooked {
     }
 }
 
-/// A map's key types, data type and flags, as listed.
+/// A map's (or set's) key types, data type (empty: a set) and flags, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct MapDecl {
     pub key: Vec<String>,
@@ -132,7 +132,7 @@ impl MapDecl {
     pub(crate) fn of(kind: MapKind) -> MapDecl {
         MapDecl {
             key: kind.key_types().iter().map(|t| t.to_string()).collect(),
-            data: "verdict".into(),
+            data: kind.data_type().unwrap_or_default().into(),
             flags: if kind.ranged {
                 vec!["interval".into()]
             } else {
@@ -238,10 +238,11 @@ fn read_map(map: &Value, observed: &mut NftObserved) {
         .or_default();
     let items = map.get("elem").and_then(Value::as_array);
     for (i, item) in items.into_iter().flatten().enumerate() {
-        // `[key, verdict]`; the key is `{"elem": {"val": .., "comment": ..}}` when commented.
-        let (key, verdict) = match item.as_array().map(Vec::as_slice) {
-            Some([key, verdict]) => (key, verdict),
-            _ => (item, &Value::Null),
+        // `[key, data]` (a set: the key alone); the key is `{"elem": {"val": .., "comment":
+        // ..}}` when commented.
+        let (key, data) = match item.as_array().map(Vec::as_slice) {
+            Some([key, data]) => (key, Some(data)),
+            _ => (item, None),
         };
         let (val, comment) = match key.get("elem") {
             Some(e) => (e.get("val").unwrap_or(&Value::Null), text(e.get("comment"))),
@@ -253,21 +254,17 @@ fn read_map(map: &Value, observed: &mut NftObserved) {
         } else {
             comment.to_string()
         };
-        // Only a jump is what portfwd writes (a goto skips the base chain's later rules).
-        let chain = verdict
-            .get("jump")
-            .map(|t| text(t.get("target")).to_string())
-            .unwrap_or_default();
         observed
             .keys
             .insert((name.clone(), comment.clone()), key_text(val));
         let element = kind
-            .and_then(|k| element_of(k, val, chain))
+            .and_then(|k| element_of(k, val, target_of(k.data, data)?))
             .unwrap_or(Element {
                 addr: None,
                 proto: None,
                 ports: PortRange::single(0),
-                chain: String::new(),
+                backend: None,
+                target: Target::Member,
             });
         elements.insert(comment, element);
     }
@@ -321,7 +318,25 @@ fn proto_of(val: &Value) -> Option<Proto> {
     }
 }
 
-fn element_of(kind: MapKind, val: &Value, chain: String) -> Option<Element> {
+/// What an element of a map of `data` maps to, if it is of that kind's shape (only a jump is
+/// what portfwd writes: a goto skips the base chain's later rules).
+fn target_of(data: Data, listed: Option<&Value>) -> Option<Target> {
+    let addr = |v: &Value| v.as_str()?.parse::<IpAddr>().ok();
+    match (data, listed) {
+        (Data::Verdict, Some(v)) => {
+            Some(Target::Jump(text(v.get("jump")?.get("target")).to_string()))
+        }
+        (Data::Nat, Some(v)) => match v.get("concat")?.as_array()?.as_slice() {
+            [a, p] => Some(Target::To(addr(a)?, u16::try_from(p.as_u64()?).ok()?)),
+            _ => None,
+        },
+        (Data::Snat, Some(v)) => Some(Target::Source(addr(v)?)),
+        (Data::Mark | Data::Masq, None) => Some(Target::Member),
+        _ => None,
+    }
+}
+
+fn element_of(kind: MapKind, val: &Value, target: Target) -> Option<Element> {
     let single = [val.clone()];
     let parts = val
         .get("concat")
@@ -339,11 +354,22 @@ fn element_of(kind: MapKind, val: &Value, chain: String) -> Option<Element> {
         Some(proto_of(parts.next()?)?)
     };
     let ports = ports_of(parts.next()?)?;
+    let backend = match kind.data {
+        Data::Masq | Data::Snat => {
+            let addr = parts.next()?.as_str()?.parse::<IpAddr>().ok()?;
+            Some((addr, u16::try_from(parts.next()?.as_u64()?).ok()?))
+        }
+        _ => None,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
     Some(Element {
         addr,
         proto,
         ports,
-        chain,
+        backend,
+        target,
     })
 }
 
@@ -477,6 +503,12 @@ fn port_of(nat: &Value) -> Option<u16> {
 fn body_of(chain: &str, stmts: &[Value]) -> Option<Body> {
     let p = parts_of(stmts);
     if let Some(base) = Base::from_name(chain) {
+        if let Some(kind) = flat_kind(stmts) {
+            return match kind.data {
+                Data::Mark => Some(Body::Mark(kind, p.mark?)),
+                _ => Some(Body::Dispatch(kind)),
+            };
+        }
         return match base {
             _ if p.vmap => {
                 let map = stmts.iter().find_map(|s| s.get("vmap"))?;
@@ -559,6 +591,21 @@ fn body_of(chain: &str, stmts: &[Value]) -> Option<Body> {
     None
 }
 
+/// The plain forwards' map or set a rule looks up (`... @pre-port4-mark`, `dnat ... map
+/// @pre-port4-nat`), if any.
+fn flat_kind(stmts: &[Value]) -> Option<MapKind> {
+    stmts.iter().find_map(|stmt| {
+        let name = match stmt.get("match") {
+            Some(m) => m.get("right")?.as_str()?,
+            None => {
+                let nat = stmt.get("dnat").or_else(|| stmt.get("snat"))?;
+                nat.get("addr")?.get("map")?.get("data")?.as_str()?
+            }
+        };
+        MapKind::from_name(name.strip_prefix('@')?).filter(|k| k.data != Data::Verdict)
+    })
+}
+
 /// Does `body`, written again, say what the listed statements say? Both sides are put in
 /// nft's language: `stmts` by [`stmt_text`], the body by its renderer, minus the one
 /// redundancy nft drops on its own (a `meta nfproto` that a following `ip`/`ip6` match implies).
@@ -567,8 +614,34 @@ fn faithful(body: &Body, stmts: &[Value]) -> bool {
         return false;
     };
     let listed: Option<Vec<String>> = stmts.iter().map(stmt_text).collect();
-    listed
-        .is_some_and(|l| implied_nfproto_dropped(&l.join(" ")) == implied_nfproto_dropped(&written))
+    let Some(listed) = listed.map(|l| implied_nfproto_dropped(&l.join(" "))) else {
+        return false;
+    };
+    let written = implied_nfproto_dropped(&written);
+    if listed == written {
+        return true;
+    }
+    // An SNAT lookup by original port and backend lists without the protocol match its port
+    // needs (`tcp dport` says it), nft 1.0.6 without `meta nfproto` too.
+    match body {
+        Body::Dispatch(kind) if kind.stage == Stage::Post && kind.data != Data::Verdict => {
+            let proto = kind.proto.map_or("tcp", Proto::name);
+            let short = written
+                .replacen(&format!("meta l4proto {proto} "), "", 1)
+                .replacen(" th dport @", &format!(" {proto} dport @"), 1)
+                .replacen(" th dport map @", &format!(" {proto} dport map @"), 1);
+            let nfproto = format!("meta nfproto {} ", nfproto_name(kind.family));
+            listed == short || Some(listed.as_str()) == short.strip_prefix(&nfproto)
+        }
+        _ => false,
+    }
+}
+
+fn nfproto_name(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ipv4",
+        Family::V6 => "ipv6",
+    }
 }
 
 fn implied_nfproto_dropped(text: &str) -> String {
@@ -627,6 +700,29 @@ fn stmt_text(stmt: &Value) -> Option<String> {
             expr_text(v.get("key")?)?,
             expr_text(v.get("value")?)?
         ),
+        "dnat" | "snat" if v.get("addr").is_some_and(|a| a.get("map").is_some()) => {
+            let family = v.get("family")?.as_str()?;
+            let map = v.get("addr")?.get("map")?;
+            let lookup = format!(
+                "{} map {}",
+                expr_text(map.get("key")?)?,
+                map.get("data")?.as_str()?
+            );
+            // nft 0.9.8 says the data is concatenated (`type_flags`); 1.0.6 does not.
+            let extra = v.as_object()?.iter().any(|(k, val)| {
+                !matches!(
+                    (k.as_str(), val.as_str()),
+                    ("family" | "addr", _) | ("type_flags", Some("concat"))
+                )
+            });
+            if extra {
+                return None;
+            }
+            match key.as_str() {
+                "dnat" => format!("dnat {family} addr . port to {lookup}"),
+                _ => format!("snat {family} to {lookup}"),
+            }
+        }
         "dnat" | "snat" => {
             let family = v.get("family")?.as_str()?;
             let addr = v.get("addr")?.as_str()?;

@@ -267,7 +267,12 @@ pub(crate) fn plan_table(
         .keys()
         .filter(|m| !want.maps.contains_key(*m) || redeclared_maps.contains(m.as_str()))
     {
-        s.push(format!("delete map {FAMILY} {t} {name}"));
+        // As it is declared now: a set or a map.
+        let object = match have.map_decls.get(name) {
+            Some(decl) if decl.data.is_empty() => "set",
+            _ => "map",
+        };
+        s.push(format!("delete {object} {FAMILY} {t} {name}"));
     }
     let new_chains =
         |c: &&String| !have.table.chains.contains_key(*c) || redeclared_chains.contains(c.as_str());
@@ -284,10 +289,14 @@ pub(crate) fn plan_table(
     let new_maps =
         |m: &&String| !have.table.maps.contains_key(*m) || redeclared_maps.contains(m.as_str());
     for name in want.maps.keys().filter(new_maps) {
-        let decl = MapKind::from_name(name)
-            .map(|k| k.declaration())
-            .unwrap_or_default();
-        s.push(format!("add map {FAMILY} {t} {name} {{ {decl} }}"));
+        let Some(kind) = MapKind::from_name(name) else {
+            continue;
+        };
+        s.push(format!(
+            "add {} {FAMILY} {t} {name} {{ {} }}",
+            kind.object(),
+            kind.declaration()
+        ));
         let all: Vec<String> = want.maps[name]
             .iter()
             .filter_map(|(c, e)| element_text(c, e))
@@ -433,37 +442,84 @@ mod tests {
             &table(&changed),
             &parse(LISTING).unwrap(),
         );
+        // A plain forward: its DNAT and SNAT elements, out and in again.
         let lines: Vec<&str> = edit.script.lines().collect();
-        assert_eq!(lines.len(), 4, "{lines:#?}");
-        assert!(
-            lines
-                .iter()
-                .all(|l| l.contains(" pre-web ") || l.contains(" post-web ")),
-            "{lines:#?}"
+        assert_eq!(
+            lines,
+            [
+                "delete element inet portfwd-gw post-tcp-port4-masq { 8080 . 10.0.2.2 . 80 }",
+                "delete element inet portfwd-gw pre-port4-nat { tcp . 8080 }",
+                "add element inet portfwd-gw post-tcp-port4-masq { 8080 . 10.0.2.3 . 80 comment \"gw:fwd:web:6436f716\" }",
+                "add element inet portfwd-gw pre-port4-nat { tcp . 8080 comment \"gw:fwd:web:53bed73d\" : 10.0.2.3 . 80 }",
+            ]
         );
-        assert!(lines
-            .iter()
-            .any(|l| l.starts_with("delete rule inet portfwd-gw pre-web handle ")));
         assert_eq!(edit.forwards.updated, ["web"]);
+        // A forward with chains of its own: their rules.
+        let changed = PARAMS.replace("\"192.168.0.2\"", "\"192.168.0.3\"");
+        let edit = plan_table(
+            "gw",
+            "portfwd-gw",
+            &table(&changed),
+            &parse(LISTING).unwrap(),
+        );
+        let lines: Vec<&str> = edit.script.lines().collect();
+        assert_eq!(lines.len(), 6, "{lines:#?}");
+        for chain in ["pre-db", "out-db", "post-db"] {
+            let delete = format!("delete rule inet portfwd-gw {chain} handle ");
+            let add = format!("add rule inet portfwd-gw {chain} ");
+            assert!(lines.iter().any(|l| l.starts_with(&delete)), "{lines:#?}");
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.starts_with(&add) && l.contains("192.168.0.3")),
+                "{lines:#?}"
+            );
+        }
+        assert_eq!(edit.forwards.updated, ["db"]);
+    }
+
+    fn without(name: &str) -> TableEdit {
+        let mut v: serde_json::Value = serde_json::from_str(PARAMS).unwrap();
+        let list = v["forwards"].as_array_mut().unwrap();
+        list.retain(|f| f["name"] != name);
+        plan_table(
+            "gw",
+            "portfwd-gw",
+            &table(&v.to_string()),
+            &parse(LISTING).unwrap(),
+        )
     }
 
     #[test]
     fn a_removed_forward_takes_its_elements_and_chains_with_it() {
-        let without: serde_json::Value = {
-            let mut v: serde_json::Value = serde_json::from_str(PARAMS).unwrap();
-            let list = v["forwards"].as_array_mut().unwrap();
-            list.retain(|f| f["name"] != "r");
-            v
-        };
-        let edit = plan_table(
-            "gw",
-            "portfwd-gw",
-            &table(&without.to_string()),
-            &parse(LISTING).unwrap(),
-        );
+        // web is the only forward masqueraded by the TCP set: it goes with its rule.
+        let edit = without("web");
+        let lines: Vec<&str> = edit.script.lines().collect();
         assert_eq!(
-            edit.script,
-            "delete element inet portfwd-gw pre-port4-exact { tcp . 2222 }\nflush chain inet portfwd-gw pre-r\ndelete chain inet portfwd-gw pre-r\n"
+            lines[..2],
+            [
+                "delete element inet portfwd-gw pre-port4-mark { tcp . 8080 }",
+                "delete element inet portfwd-gw pre-port4-nat { tcp . 8080 }",
+            ]
+        );
+        assert!(lines[2].starts_with("delete rule inet portfwd-gw postrouting handle "));
+        assert_eq!(
+            lines[3..],
+            ["delete set inet portfwd-gw post-tcp-port4-masq"]
+        );
+        assert_eq!(edit.forwards.removed, ["web"]);
+        // The last of a map's elements takes the map and its rule with it.
+        let edit = without("r");
+        let lines: Vec<&str> = edit.script.lines().collect();
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert_eq!(lines[0], "flush chain inet portfwd-gw pre-r");
+        assert!(lines[1].starts_with("delete rule inet portfwd-gw prerouting handle "));
+        assert_eq!(
+            lines[2..],
+            [
+                "delete map inet portfwd-gw pre-port4-exact",
+                "delete chain inet portfwd-gw pre-r"
+            ]
         );
         assert_eq!(edit.forwards.removed, ["r"]);
     }
@@ -477,7 +533,7 @@ mod tests {
             &parse(LISTING).unwrap(),
         );
         assert_eq!(edit.script, "delete table inet portfwd-gw\n");
-        assert_eq!(edit.forwards.removed.len(), 4);
+        assert_eq!(edit.forwards.removed.len(), 6);
     }
 
     /// Rollback plans back to what was read: every rule read back can be written again.
@@ -538,8 +594,9 @@ mod tests {
                 ],
                 "{lines:#?}"
             );
-            // Its three dispatch rules are written again, nothing else.
-            assert_eq!(lines.len(), 6, "{lines:#?}");
+            // Its lookup rules are written again, nothing else.
+            let rules = table(PARAMS).chains["prerouting"].len();
+            assert_eq!(lines.len(), 3 + rules, "{lines:#?}");
             assert!(lines[3..]
                 .iter()
                 .all(|l| l.starts_with("add rule inet portfwd-gw prerouting ")));
@@ -551,17 +608,38 @@ mod tests {
     #[test]
     fn a_rule_edited_under_its_comment_is_written_again() {
         let edit = repair(&edited(|o| {
-            if o["rule"]["chain"] == "pre-web" {
-                o["rule"]["expr"][3]["dnat"]["addr"] = "10.9.9.9".into();
+            if o["rule"]["chain"] == "pre-r" {
+                o["rule"]["expr"][2]["redirect"]["port"] = 23.into();
             }
         }));
         let lines: Vec<&str> = edit.script.lines().collect();
         assert_eq!(lines.len(), 2, "{lines:#?}");
-        assert!(lines[0].starts_with("delete rule inet portfwd-gw pre-web handle "));
-        assert!(lines[1].contains("dnat ip to 10.0.2.2:80"), "{lines:#?}");
+        assert!(lines[0].starts_with("delete rule inet portfwd-gw pre-r handle "));
+        assert!(lines[1].contains("redirect to :22"), "{lines:#?}");
         assert_eq!(
             edit.repaired,
-            ["rule 1 of chain pre-web (gw:fwd:web:52792849) edited"]
+            ["rule 1 of chain pre-r (gw:fwd:r:38a511b8) edited"]
+        );
+        // A mark set's rule that sets another mark.
+        let edit = repair(&edited(|o| {
+            if o["rule"]["chain"] == "prerouting"
+                && o["rule"]["comment"]
+                    .as_str()
+                    .is_some_and(|c| c.contains("pre-port4-mark"))
+            {
+                o["rule"]["expr"][4]["mangle"]["value"]["|"][1] = 1.into();
+            }
+        }));
+        let lines: Vec<&str> = edit.script.lines().collect();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(lines[0].starts_with("delete rule inet portfwd-gw prerouting handle "));
+        assert!(
+            lines[1].starts_with("insert rule inet portfwd-gw prerouting position "),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[1].contains("@pre-port4-mark ct mark set ct mark | 0x00002000"),
+            "{lines:#?}"
         );
     }
 
@@ -580,38 +658,44 @@ mod tests {
     #[test]
     fn an_element_edited_by_hand_and_a_stranger_in_an_owned_chain_are_put_right() {
         let edit = repair(&edited(|o| {
-            if o["map"]["name"] == "pre-port4-exact" {
+            if o["map"]["name"] == "pre-port4-nat" {
                 let elems = o["map"]["elem"].as_array_mut().unwrap();
                 for e in elems.iter_mut() {
-                    if e[0]["elem"]["comment"] == "gw:fwd:web:4ecb768f" {
-                        e[1] = json!({"jump": {"target": "pre-r"}});
+                    if e[0]["elem"]["comment"] == "gw:fwd:web:2981386a" {
+                        e[1] = json!({"concat": ["10.9.9.9", 80]});
                     }
                 }
             }
-            if o["rule"]["chain"] == "pre-v6" {
+            if o["map"]["name"] == "pre-port4-exact" {
+                let elems = o["map"]["elem"].as_array_mut().unwrap();
+                elems[0][1] = json!({"jump": {"target": "pre-db"}});
+            }
+            if o["rule"]["chain"] == "pre-r" {
                 o["rule"]["comment"] = serde_json::Value::Null;
             }
         }));
         let lines: Vec<&str> = edit.script.lines().collect();
-        assert!(
-            lines.contains(&"delete element inet portfwd-gw pre-port4-exact { tcp . 8080 }"),
-            "{lines:#?}"
-        );
-        assert!(
-            lines.contains(&"add element inet portfwd-gw pre-port4-exact { tcp . 8080 comment \"gw:fwd:web:4ecb768f\" : jump pre-web }"),
-            "{lines:#?}"
-        );
+        for line in [
+            "delete element inet portfwd-gw pre-port4-nat { tcp . 8080 }",
+            "add element inet portfwd-gw pre-port4-nat { tcp . 8080 comment \"gw:fwd:web:2981386a\" : 10.0.2.2 . 80 }",
+            "delete element inet portfwd-gw pre-port4-exact { tcp . 2222 }",
+            "add element inet portfwd-gw pre-port4-exact { tcp . 2222 comment \"gw:fwd:r:cb05569b\" : jump pre-r }",
+        ] {
+            assert!(lines.contains(&line), "{line}: {lines:#?}");
+        }
         assert!(lines
             .iter()
-            .any(|l| l.starts_with("delete rule inet portfwd-gw pre-v6 handle")));
+            .any(|l| l.starts_with("delete rule inet portfwd-gw pre-r handle")));
         assert!(lines
             .iter()
-            .any(|l| l.starts_with("add rule inet portfwd-gw pre-v6 ")));
+            .any(|l| l.starts_with("add rule inet portfwd-gw pre-r ")));
+        assert_eq!(lines.len(), 6, "{lines:#?}");
         assert_eq!(
             edit.repaired,
             [
-                "element gw:fwd:web:4ecb768f of map pre-port4-exact edited",
-                "rule 1 of chain pre-v6 not written by portfwd"
+                "element gw:fwd:r:cb05569b of map pre-port4-exact edited",
+                "element gw:fwd:web:2981386a of map pre-port4-nat edited",
+                "rule 1 of chain pre-r not written by portfwd"
             ]
         );
     }
@@ -619,7 +703,7 @@ mod tests {
     #[test]
     fn a_map_declared_otherwise_is_declared_again_with_its_lookups() {
         let edit = repair(&edited(|o| {
-            if o["map"]["name"] == "pre-port6-exact" {
+            if o["map"]["name"] == "pre-port4-exact" {
                 o["map"]["flags"] = json!(["interval"]);
             }
         }));
@@ -631,13 +715,37 @@ mod tests {
                 .unwrap_or_else(|| panic!("no {prefix}: {lines:#?}"))
         };
         let del_rule = at("delete rule inet portfwd-gw prerouting handle");
-        let del_map = at("delete map inet portfwd-gw pre-port6-exact");
-        let add_map = at("add map inet portfwd-gw pre-port6-exact");
-        let add_rule = at("add rule inet portfwd-gw prerouting");
-        let add_elem = at("add element inet portfwd-gw pre-port6-exact");
+        let del_map = at("delete map inet portfwd-gw pre-port4-exact");
+        let add_map = at("add map inet portfwd-gw pre-port4-exact");
+        let add_rule = at("insert rule inet portfwd-gw prerouting");
+        let add_elem = at("add element inet portfwd-gw pre-port4-exact");
         assert!(
             del_rule < del_map && del_map < add_map && add_map < add_rule && add_rule < add_elem
         );
-        assert_eq!(edit.repaired, ["map pre-port6-exact declaration"]);
+        assert_eq!(edit.repaired, ["map pre-port4-exact declaration"]);
+        // A set declared as a map (or the other way round) is deleted as what it is.
+        let edit = repair(&edited(|o| {
+            if let Some(set) = o
+                .get("set")
+                .filter(|s| s["name"] == "pre-port4-mark")
+                .cloned()
+            {
+                let mut map = set;
+                map["map"] = json!("verdict");
+                *o = json!({ "map": map });
+            }
+        }));
+        let lines: Vec<&str> = edit.script.lines().collect();
+        assert!(
+            lines.contains(&"delete map inet portfwd-gw pre-port4-mark"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines.iter().any(|l| l.starts_with(
+                "add set inet portfwd-gw pre-port4-mark { type inet_proto . inet_service; }"
+            )),
+            "{lines:#?}"
+        );
+        assert_eq!(edit.repaired, ["map pre-port4-mark declaration"]);
     }
 }
