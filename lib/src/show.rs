@@ -194,12 +194,29 @@ pub fn trace_entries(instance: &str, sys: &mut RealSystem) -> Result<crate::trac
         .forwards
         .iter()
         .map(|f| {
-            (
-                instance.to_string(),
-                f.name.clone(),
-                f.protos.clone(),
-                f.listen_port,
-            )
+            let (dnat, snat) = match f.action {
+                crate::model::Action::Dnat { addr, port, snat } => {
+                    let to = match (addr, port) {
+                        (std::net::IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+                        (a, Some(p)) => format!("{a}:{p}"),
+                        (a, None) => a.to_string(),
+                    };
+                    let snat = match snat {
+                        crate::model::Snat::To(ip) => Some(format!("snat to {ip}")),
+                        _ => None,
+                    };
+                    (Some(format!("dnat to {to}")), snat)
+                }
+                crate::model::Action::Redirect { .. } => (None, None),
+            };
+            crate::trace::Entry {
+                instance: instance.to_string(),
+                name: f.name.clone(),
+                protos: f.protos.clone(),
+                ports: f.listen_port,
+                dnat,
+                snat,
+            }
         })
         .collect())
 }

@@ -79,9 +79,23 @@ pub struct Packet {
     pub verdict: String,
 }
 
-/// The entries of portfwd instances, to label their rules: (instance, entry name, protocols,
-/// listen ports).
-pub type Entries = Vec<(String, String, Vec<Proto>, PortRange)>;
+/// A forward of a portfwd instance, to label its rules and to name the translations that a
+/// map lookup does (`dnat ip addr . port to meta l4proto . th dport map @pre-port4-nat` says
+/// nothing of the address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub instance: String,
+    pub name: String,
+    pub protos: Vec<Proto>,
+    pub ports: PortRange,
+    /// `dnat to 10.0.2.2:1234`
+    pub dnat: Option<String>,
+    /// `snat to 10.0.2.1` (None: masquerade or none)
+    pub snat: Option<String>,
+}
+
+/// The forwards of portfwd instances.
+pub type Entries = Vec<Entry>;
 
 /// Groups `nft monitor trace` lines into packets.
 #[derive(Default)]
@@ -151,10 +165,20 @@ impl Tracker {
             return None;
         };
         let entry = self.entry_of(id, table, chain, &rule);
+        // A lookup in one of portfwd's maps translates as the forward says.
+        let looked_up = match lookup_of(&rule) {
+            Some(kind) => self
+                .forward_by_port(id, table.strip_prefix("portfwd-"))
+                .and_then(|f| match kind {
+                    "dnat" => f.dnat.clone(),
+                    _ => f.snat.clone(),
+                }),
+            None => None,
+        };
         let packet = self.open.get_mut(id)?;
         // Every translation, in order: the DNAT at prerouting, then the SNAT or masquerade at
         // postrouting (the first packet of a flow meets both).
-        if let Some(nat) = nat_of(&rule) {
+        if let Some(nat) = looked_up.or_else(|| nat_of(&rule)) {
             packet.nat = Some(match packet.nat.take() {
                 Some(before) if !before.split(", ").any(|n| n == nat) => format!("{before}, {nat}"),
                 Some(before) => before,
@@ -200,19 +224,22 @@ impl Tracker {
 
     /// `instance:entry` of the forward whose listen ports hold the packet's destination port.
     fn entry_by_port(&self, id: &str, instance: &str) -> Option<String> {
-        let (proto, dport) = *self.dports.get(id)?;
         let name = self
-            .entries
-            .iter()
-            .find(|(inst, _, protos, ports)| {
-                inst == instance
-                    && ports.contains(dport)
-                    && proto.is_none_or(|p| protos.contains(&p))
-            })
-            .map(|(_, name, _, _)| name.as_str());
+            .forward_by_port(id, Some(instance))
+            .map(|f| f.name.as_str());
         Some(match name {
             Some(name) => format!("{instance}:{name}"),
             None => instance.to_string(),
+        })
+    }
+
+    /// The forward (of `instance`) whose listen ports hold the packet's destination port.
+    fn forward_by_port(&self, id: &str, instance: Option<&str>) -> Option<&Entry> {
+        let (proto, dport) = *self.dports.get(id)?;
+        self.entries.iter().find(|f| {
+            instance.is_none_or(|i| f.instance == i)
+                && f.ports.contains(dport)
+                && proto.is_none_or(|p| f.protos.contains(&p))
         })
     }
 }
@@ -228,6 +255,19 @@ fn finish(mut packet: Packet) -> Packet {
         None => "accept".to_string(),
     };
     packet
+}
+
+/// `dnat` or `snat` when a rule's translation is a map lookup (`... to <key> map @m`).
+fn lookup_of(rule: &str) -> Option<&'static str> {
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    // The statement, not the `ct status dnat` match.
+    let nat = words.windows(2).position(|w| {
+        matches!(w[0], "dnat" | "snat") && matches!(w[1], "ip" | "ip6" | "to" | "addr")
+    })?;
+    let mapped = words[nat..]
+        .windows(2)
+        .any(|w| w[0] == "map" && w[1].starts_with('@'));
+    mapped.then(|| if words[nat] == "dnat" { "dnat" } else { "snat" })
 }
 
 /// `dnat to 10.0.2.2:1234`, `redirect to :8080`, `masquerade`, `snat to ...` in a rule; nft's
@@ -324,14 +364,37 @@ trace id e869f546 inet fw filter_FORWARD rule reject with icmpx admin-prohibited
 trace id e869f546 inet portfwd_trace_7 mark_pre packet: iif \"trp0\" ip saddr 10.0.1.2 ip daddr 10.0.1.1 ip protocol tcp tcp sport 44880 tcp dport 4321 tcp flags == ack
 trace id e869f546 ip filter FORWARD rule  counter packets 0 bytes 0 jump PFWD-portfwd-FWD (verdict jump PFWD-portfwd-FWD)";
 
+    fn entry(instance: &str, name: &str) -> Entry {
+        Entry {
+            instance: instance.to_string(),
+            name: name.to_string(),
+            protos: vec![Proto::Tcp],
+            ports: PortRange::single(4321),
+            dnat: Some("dnat to 10.0.2.2:1234".to_string()),
+            snat: Some("snat to 10.0.2.1".to_string()),
+        }
+    }
+
+    /// A plain forward's DNAT and SNAT are map lookups: the forward names the translation.
+    #[test]
+    fn a_map_lookup_translates_as_its_forward_says() {
+        let mut tracker = Tracker::new("portfwd_trace_7", vec![entry("gw", "web")]);
+        let lines = "trace id bb inet portfwd_trace_7 mark_pre packet: iif \"eth0\" ip saddr 10.0.1.2 ip daddr 10.0.1.1 ip protocol tcp tcp sport 40000 tcp dport 4321
+trace id bb inet portfwd-gw prerouting rule fib daddr type local meta nfproto ipv4 meta l4proto { tcp, udp } dnat ip to meta l4proto . th dport map @pre-port4-nat comment \"gw:flow:pre-port4-nat:501c0dde\" (verdict accept)
+trace id bb inet portfwd-gw postrouting rule meta nfproto ipv4 meta l4proto tcp ct status dnat snat ip to ct original proto-dst . ct reply ip saddr . ct reply proto-src map @post-tcp-port4-snat comment \"gw:flow:post-tcp-port4-snat:1\" (verdict accept)";
+        let mut done: Vec<Packet> = lines.lines().filter_map(|l| tracker.line(l)).collect();
+        done.extend(tracker.finish_all());
+        assert_eq!(
+            done[0].nat.as_deref(),
+            Some("dnat to 10.0.2.2:1234, snat to 10.0.2.1")
+        );
+        assert_eq!(done[0].hops[0].entry.as_deref(), Some("gw:web"));
+        assert_eq!(lookup_of("dnat ip to 10.0.2.2:1234"), None);
+    }
+
     #[test]
     fn groups_lines_into_packets_labels_portfwd_rules_and_finds_the_drop() {
-        let entries = vec![(
-            "portfwd".to_string(),
-            "web".to_string(),
-            vec![Proto::Tcp],
-            PortRange::single(4321),
-        )];
+        let entries = vec![entry("portfwd", "web")];
         let mut tracker = Tracker::new("portfwd_trace_7", entries);
         let mut done: Vec<Packet> = TRACE.lines().filter_map(|l| tracker.line(l)).collect();
         done.extend(tracker.finish_all());
@@ -384,12 +447,7 @@ trace id e869f546 ip filter FORWARD rule  counter packets 0 bytes 0 jump PFWD-po
             nat_of("redirect to :22"),
             Some("redirect to :22".to_string())
         );
-        let entries = vec![(
-            "web-1".to_string(),
-            "site".to_string(),
-            vec![Proto::Tcp],
-            PortRange::single(4321),
-        )];
+        let entries = vec![entry("web-1", "site")];
         let mut tracker = Tracker::new("portfwd_trace_7", entries);
         let lines = "trace id aa inet portfwd_trace_7 mark_pre packet: iif \"eth0\" ip saddr 10.0.1.2 ip daddr 10.0.1.1 ip protocol tcp tcp sport 40000 tcp dport 4321
 trace id aa ip nat PFWD-web-1-PRE-T16 rule tcp dport 4321 counter packets 0 bytes 0 dnat to 10.0.2.2:1234 (verdict accept)";

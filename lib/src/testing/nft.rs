@@ -414,7 +414,7 @@ impl NftState {
         for (c, chain) in table.chains.iter() {
             for r in &chain.rules {
                 let mut o = json!({"family": "inet", "table": name, "chain": c, "handle": r.handle,
-                                   "expr": statements(&as_listed(&r.body)).unwrap_or_default()});
+                                   "expr": statements(&r.body).unwrap_or_default()});
                 if let Some(comment) = &r.comment {
                     o["comment"] = json!(comment);
                 }
@@ -434,26 +434,6 @@ impl NftState {
         }
         json!({ "nftables": items }).to_string()
     }
-}
-
-/// A rule as nft 1.0.6 lists it: an SNAT lookup by original port and backend without the
-/// `meta nfproto` and protocol match its `ip daddr` and port imply (`tcp dport`).
-fn as_listed(body: &str) -> String {
-    for family in ["ipv4", "ipv6"] {
-        for proto in ["tcp", "udp"] {
-            let implied = format!("meta nfproto {family} meta l4proto {proto} ct status dnat ct original proto-dst . ");
-            if let Some(rest) = body.strip_prefix(&implied) {
-                let rest = rest.replacen(" th dport", &format!(" {proto} dport"), 1);
-                return format!("ct status dnat ct original proto-dst . {rest}");
-            }
-            let implied = format!("meta nfproto {family} meta l4proto {proto} ct status dnat snat");
-            if let Some(rest) = body.strip_prefix(&implied) {
-                let rest = rest.replacen(" th dport", &format!(" {proto} dport"), 1);
-                return format!("ct status dnat snat{rest}");
-            }
-        }
-    }
-    body.to_string()
 }
 
 /// A chain as `nft -j` lists it (a base chain with its declaration).
@@ -644,13 +624,16 @@ fn expr(w: &[String], i: &mut usize) -> Result<Value, String> {
         "fib" if word(at + 1) == "daddr" && word(at + 2) == "type" => {
             (json!({"fib": {"result": "type", "flags": ["daddr"]}}), 3)
         }
-        "ct" if word(at + 1) == "original" => match word(at + 2) {
-            f @ ("ip" | "ip6") => (
-                json!({"ct": {"key": format!("{f} {}", word(at + 3)), "dir": "original"}}),
-                4,
-            ),
-            k => (json!({"ct": {"key": k, "dir": "original"}}), 3),
-        },
+        "ct" if matches!(word(at + 1), "original" | "reply") => {
+            let dir = word(at + 1);
+            match word(at + 2) {
+                f @ ("ip" | "ip6") => (
+                    json!({"ct": {"key": format!("{f} {}", word(at + 3)), "dir": dir}}),
+                    4,
+                ),
+                k => (json!({"ct": {"key": k, "dir": dir}}), 3),
+            }
+        }
         "ct" => (json!({"ct": {"key": word(at + 1)}}), 2),
         other => return Err(format!("syntax error, unexpected {other}")),
     };

@@ -384,7 +384,8 @@ fn show_reads_a_forward_behind_someone_elses_rule() {
     let t = Topology::new().unwrap();
     let _server = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
     let params = json!({"backend": "nftables",
-        "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"},
+        // Its sources give web chains of its own.
+        "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234", "sources": ["10.0.1.0/24"]},
                      {"name": "api", "listen_port": 4322, "to": "10.0.2.2:1234", "snat": "none"}],
         "masquerade": [{"name": "lan", "source": "10.0.1.0/24", "allow_forward": false}]});
     assert_eq!(portfwd().apply(&t.proxy, &params).unwrap().code, 0);

@@ -186,7 +186,8 @@ fn nft_comment(ns: &Netns, object: &[&str], needle: &str) -> String {
 
 /// Every hand edit that leaves names and comments in place: a dormant table, a base chain's
 /// policy or priority, a rule replaced under its comment, a map element pointing elsewhere,
-/// a rule of someone else's in an owned chain.
+/// an element or a rule of someone else's in an owned map or chain; for plain forwards (map
+/// elements) and for forwards with chains of their own.
 #[test]
 fn nftables_objects_edited_behind_portfwds_back_are_repaired() {
     if !prerequisites() {
@@ -218,14 +219,71 @@ fn nftables_objects_edited_behind_portfwds_back_are_repaired() {
             ],
         );
     });
-    repaired(&t, &params, "rule replaced under its comment", |ns| {
+    // A plain forward is map elements looked up by the base chains' rules.
+    repaired(
+        &t,
+        &params,
+        "lookup rule replaced under its comment",
+        |ns| {
+            let handle = nft_handle(ns, "prerouting", "@pre-port4-nat");
+            let comment = nft_comment(
+                ns,
+                &["chain", "inet", "portfwd-portfwd", "prerouting"],
+                "@pre-port4-nat",
+            );
+            nft(ns, &[&format!(
+            "replace rule {T} prerouting handle {handle} meta l4proto tcp dnat ip to 10.0.2.2:9 comment \"{comment}\""
+        )]);
+        },
+    );
+    repaired(&t, &params, "element pointing elsewhere", |ns| {
+        let comment = nft_comment(
+            ns,
+            &["map", "inet", "portfwd-portfwd", "pre-port4-nat"],
+            "4321",
+        );
+        nft(
+            ns,
+            &[
+                &format!("delete element {T} pre-port4-nat {{ tcp . 4321 }}"),
+                &format!("add element {T} pre-port4-nat {{ tcp . 4321 comment \"{comment}\" : 10.0.2.2 . 9 }}"),
+            ],
+        );
+    });
+    repaired(
+        &t,
+        &params,
+        "someone else's element in an owned map",
+        |ns| {
+            nft(
+                ns,
+                &[&format!(
+                    "add element {T} pre-port4-nat {{ tcp . 2222 : 10.0.2.2 . 9 }}"
+                )],
+            );
+        },
+    );
+    repaired(&t, &params, "someone else's rule in a base chain", |ns| {
+        nft(
+            ns,
+            &[&format!("insert rule {T} prerouting tcp dport 4321 drop")],
+        );
+    });
+    // A forward limited to some sources has a chain of its own, and a verdict map's element
+    // jumps there.
+    let mut chained = params.clone();
+    chained["forwards"][0]["sources"] = json!(["10.0.1.0/24"]);
+    chained["forwards"][1]["sources"] = json!(["10.0.1.0/24"]);
+    let moved = portfwd().apply(&t.proxy, &chained).unwrap();
+    assert!(moved.changed() && !moved.failed(), "{}", moved.stdout);
+    repaired(&t, &chained, "rule replaced under its comment", |ns| {
         let handle = nft_handle(ns, "pre-web", "dnat");
         let comment = nft_comment(ns, &["chain", "inet", "portfwd-portfwd", "pre-web"], "dnat");
         nft(ns, &[&format!(
             "replace rule {T} pre-web handle {handle} meta l4proto tcp counter dnat ip to 10.0.2.2:9 comment \"{comment}\""
         )]);
     });
-    repaired(&t, &params, "element pointing elsewhere", |ns| {
+    repaired(&t, &chained, "verdict element pointing elsewhere", |ns| {
         let comment = nft_comment(
             ns,
             &["map", "inet", "portfwd-portfwd", "pre-port4-exact"],
@@ -239,10 +297,15 @@ fn nftables_objects_edited_behind_portfwds_back_are_repaired() {
             ],
         );
     });
-    repaired(&t, &params, "someone else's rule in an owned chain", |ns| {
-        nft(
-            ns,
-            &[&format!("insert rule {T} pre-web tcp dport 4321 drop")],
-        );
-    });
+    repaired(
+        &t,
+        &chained,
+        "someone else's rule in an owned chain",
+        |ns| {
+            nft(
+                ns,
+                &[&format!("insert rule {T} pre-web tcp dport 4321 drop")],
+            );
+        },
+    );
 }

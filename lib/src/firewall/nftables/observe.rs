@@ -614,34 +614,8 @@ fn faithful(body: &Body, stmts: &[Value]) -> bool {
         return false;
     };
     let listed: Option<Vec<String>> = stmts.iter().map(stmt_text).collect();
-    let Some(listed) = listed.map(|l| implied_nfproto_dropped(&l.join(" "))) else {
-        return false;
-    };
-    let written = implied_nfproto_dropped(&written);
-    if listed == written {
-        return true;
-    }
-    // An SNAT lookup by original port and backend lists without the protocol match its port
-    // needs (`tcp dport` says it), nft 1.0.6 without `meta nfproto` too.
-    match body {
-        Body::Dispatch(kind) if kind.stage == Stage::Post && kind.data != Data::Verdict => {
-            let proto = kind.proto.map_or("tcp", Proto::name);
-            let short = written
-                .replacen(&format!("meta l4proto {proto} "), "", 1)
-                .replacen(" th dport @", &format!(" {proto} dport @"), 1)
-                .replacen(" th dport map @", &format!(" {proto} dport map @"), 1);
-            let nfproto = format!("meta nfproto {} ", nfproto_name(kind.family));
-            listed == short || Some(listed.as_str()) == short.strip_prefix(&nfproto)
-        }
-        _ => false,
-    }
-}
-
-fn nfproto_name(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "ipv4",
-        Family::V6 => "ipv6",
-    }
+    listed
+        .is_some_and(|l| implied_nfproto_dropped(&l.join(" ")) == implied_nfproto_dropped(&written))
 }
 
 fn implied_nfproto_dropped(text: &str) -> String {

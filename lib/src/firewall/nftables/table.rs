@@ -322,11 +322,14 @@ impl MapKind {
     }
 
     /// The flow key a plain forward's rules look up: `meta l4proto . th dport` (DNAT), the
-    /// original port and the backend (SNAT).
+    /// original port and the backend, as conntrack's reply tuple holds it (SNAT). Conntrack's
+    /// words, not `ip daddr . th dport`: nft lists that without the protocol match the port
+    /// needs (`tcp dport`) and then cannot read its own listing back (a saved ruleset would
+    /// not load at boot).
     fn flat_key(&self) -> String {
         match self.stage {
             Stage::Post => format!(
-                "ct original proto-dst . {} daddr . th dport",
+                "ct original proto-dst . ct reply {} saddr . ct reply proto-src",
                 self.family.nft_family()
             ),
             _ => "meta l4proto . th dport".to_string(),
@@ -356,10 +359,12 @@ impl MapKind {
                     self.flat_key()
                 )
             }
-            Data::Snat => return format!(
+            Data::Snat => {
+                return format!(
                 "meta nfproto {nf} meta l4proto {proto} ct status dnat snat {ip} to {} map @{name}",
                 self.flat_key()
-            ),
+            )
+            }
         }
         match (self.stage, self.by_addr) {
             (Stage::Pre | Stage::Out, true) => {
