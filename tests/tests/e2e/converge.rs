@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 
 const BACKENDS: [&str; 3] = ["iptables-nft", "iptables-legacy", "nftables"];
 
-/// The firewall and routing state other software sees (counters left out).
+/// The firewall and routing state other software sees (counters left out, and a link's
+/// operational state: a veth reports UNKNOWN until its carrier is seen, which a slow VM sees
+/// late).
 fn host_state(ns: &Netns) -> String {
     let mut out = String::new();
     for tool in ["iptables-save", "iptables-legacy-save", "ip6tables-save"] {
@@ -21,7 +23,10 @@ fn host_state(ns: &Netns) -> String {
         &["rule", "show"],
         &["route", "show", "table", "all"],
     ] {
-        out += &ns.stdout(&[&["ip"][..], args].concat()).unwrap();
+        let text = ns.stdout(&[&["ip"][..], args].concat()).unwrap();
+        out += &text
+            .replace(" state UNKNOWN ", " state ")
+            .replace(" state UP ", " state ");
     }
     out
 }
