@@ -158,7 +158,7 @@ fn compile_and_observe<F: Firewall>(
             let as_desired = usable.is_some();
             let last = match usable {
                 Some(_) => None,
-                None => last_written(firewall, config, &prelude),
+                None => last_written(firewall, config, &desired.firewall, &prelude),
             };
             let cached = match &last {
                 Some((old, cache)) => Some((old, cache.clone())),
@@ -202,22 +202,29 @@ fn what_to_read(config: &Config) -> (Vec<String>, Scope) {
 fn last_written<F: Firewall>(
     firewall: &F,
     config: &Config,
+    desired: &F::Desired,
     prelude: &Prelude,
 ) -> Option<(F::Desired, ReadCache)> {
     if !firewall.plans_from_record() {
         return None;
     }
     let cache = prelude.record.read_cache.as_ref()?;
-    let (old, _, _) = Config::from_json(cache.params.as_deref()?).ok()?;
-    // The cached objects are the backend's the params name now (a move reads).
-    if old.instance != config.instance || old.backend != config.backend {
-        return None;
-    }
-    let compiled = compile::compile(&old, firewall);
-    if compiled.read_key != Some(cache.digest) {
-        return None;
-    }
-    Some((compiled.firewall, cache.clone()))
+    let params = cache.params.as_deref()?;
+    // Where only forwards differ, rebuilt from this run's config and objects: only the
+    // changed forwards are parsed and compiled.
+    let (objects, key) = match config.earlier(params) {
+        Some((old, changed)) => compile::recompile_firewall(&old, firewall, desired, &changed),
+        None => {
+            let old = Config::from_json(params).ok()?.0;
+            // The cached objects are the backend's the params name now (a move reads).
+            if old.instance != config.instance || old.backend != config.backend {
+                return None;
+            }
+            let compiled = compile::compile(&old, firewall);
+            (compiled.firewall, compiled.read_key)
+        }
+    };
+    (key == Some(cache.digest)).then(|| (objects, cache.clone()))
 }
 
 /// An address or route on a missing interface would fail halfway through the apply: refused

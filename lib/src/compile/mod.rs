@@ -36,13 +36,7 @@ pub(crate) fn compile<F: Firewall>(config: &Config, firewall: &F) -> Desired<F> 
         firewall: firewall.compile(config),
         ..Desired::default()
     };
-    desired.read_key = firewall.digest(&desired.firewall).map(|digest| {
-        let setting = format!("{:?} {}", config.backend, env!("CARGO_PKG_VERSION"));
-        StableHash::new()
-            .part(&digest.to_le_bytes())
-            .part(setting.as_bytes())
-            .finish()
-    });
+    desired.read_key = read_key(firewall, config, &desired.firewall);
     if let Some(alias) = config.backend_alias {
         desired.warnings.push(format!(
             "backend: {:?} is deprecated; write {:?} (the same backend)",
@@ -59,6 +53,31 @@ pub(crate) fn compile<F: Firewall>(config: &Config, firewall: &F) -> Desired<F> 
     desired.source = config.source.clone();
     desired.warnings.extend(static_warnings(config));
     desired
+}
+
+/// The firewall objects of `config` and their read key, from `base`'s: what a config
+/// differing from it only in the forwards `changed` compiled to ([`Firewall::recompile`]).
+pub(crate) fn recompile_firewall<F: Firewall>(
+    config: &Config,
+    firewall: &F,
+    base: &F::Desired,
+    changed: &BTreeSet<String>,
+) -> (F::Desired, Option<u32>) {
+    let objects = firewall.recompile(base, config, changed);
+    let key = read_key(firewall, config, &objects);
+    (objects, key)
+}
+
+/// What a read cache of `objects` is keyed by: their digest, the backend setting and
+/// portfwd's version.
+fn read_key<F: Firewall>(firewall: &F, config: &Config, objects: &F::Desired) -> Option<u32> {
+    firewall.digest(objects).map(|digest| {
+        let setting = format!("{:?} {}", config.backend, env!("CARGO_PKG_VERSION"));
+        StableHash::new()
+            .part(&digest.to_le_bytes())
+            .part(setting.as_bytes())
+            .finish()
+    })
 }
 
 /// Addresses as given; one rule per policy route (a stable priority when none is given);

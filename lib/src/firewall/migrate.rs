@@ -93,6 +93,18 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
         (self.new.compile(config), O::Desired::default())
     }
 
+    fn recompile(
+        &self,
+        base: &Self::Desired,
+        config: &Config,
+        changed: &std::collections::BTreeSet<String>,
+    ) -> Self::Desired {
+        (
+            self.new.recompile(&base.0, config, changed),
+            O::Desired::default(),
+        )
+    }
+
     fn reads(&self) -> Vec<Read> {
         let mut reads = if self.from_new {
             self.new.reads()

@@ -49,6 +49,19 @@ pub(crate) trait Firewall:
     /// Compiles the forwards and masquerade entries (a pure function of the config).
     fn compile(&self, config: &Config) -> Self::Desired;
 
+    /// What `config` compiles to, given `base`: what a config differing from it only in the
+    /// forwards named `changed` (added, removed or edited) compiled to. A backend may take
+    /// the other forwards' objects from `base`; the result must be [`Firewall::compile`]'s.
+    fn recompile(
+        &self,
+        base: &Self::Desired,
+        config: &Config,
+        changed: &std::collections::BTreeSet<String>,
+    ) -> Self::Desired {
+        let _ = (base, changed);
+        self.compile(config)
+    }
+
     /// The reads the backend needs; they run in one batch with the engine's own.
     fn reads(&self) -> Vec<Read>;
 

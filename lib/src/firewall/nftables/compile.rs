@@ -12,7 +12,9 @@ use super::table::{
     Table, Target,
 };
 use crate::model::{Action, Config, Forward, Proto, Snat, State};
-use crate::ownership::{entry_comment, StableHash, Tag, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE};
+use crate::ownership::{
+    entry_comment, parse_comment, StableHash, Tag, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE,
+};
 
 /// The chain of a forward at a stage (`pre-web`, `out-web`, `post-web`).
 pub(crate) fn entry_chain(stage: Stage, name: &str) -> String {
@@ -257,6 +259,78 @@ pub(crate) fn compile_table(config: &Config) -> Table {
     for f in &config.forwards {
         b.forward(f, config.conn_mark, localnet.get(&f.name));
     }
+    finish(b, config)
+}
+
+/// What `config` compiles to, from `base`: the table of a config that differs from it only in
+/// the forwards named `changed`. The other forwards' elements and chains are taken from
+/// `base` as they are (compiling 50,000 forwards again cost a change of one of them a fifth
+/// of its time); the changed ones are compiled, the lookup rules made again.
+pub(crate) fn recompile_table(base: &Table, config: &Config, changed: &BTreeSet<String>) -> Table {
+    if config.state == State::Absent || base.is_empty() {
+        return compile_table(config);
+    }
+    let instance = &config.instance;
+    let theirs = |comment: &str| {
+        parse_comment(comment, instance)
+            .is_some_and(|t| t.kind == KIND_FORWARD && changed.contains(t.name))
+    };
+    let mut maps = BTreeMap::new();
+    let mut kinds = BTreeSet::new();
+    let mut marks = BTreeMap::new();
+    for (name, elements) in base.maps.iter() {
+        let kept: BTreeMap<String, Element> = elements
+            .iter()
+            .filter(|(comment, _)| !theirs(comment))
+            .map(|(c, e)| (c.clone(), e.clone()))
+            .collect();
+        let Some(kind) = MapKind::from_name(name) else {
+            continue;
+        };
+        if !kept.is_empty() {
+            kinds.insert(kind);
+            if kind.data == Data::Mark {
+                marks.insert(kind, config.conn_mark);
+            }
+            maps.insert(name.clone(), kept);
+        }
+    }
+    // Forwards' own chains and guards; base chains' lookup and masquerade rules are made
+    // again by `finish`.
+    let mut chains = BTreeMap::new();
+    for (name, rules) in base.chains.iter() {
+        let kept: Vec<Rule> = match Base::from_name(name) {
+            Some(Base::Input) => rules
+                .iter()
+                .filter(|r| matches!(r.body, Body::LocalnetGuard { .. }) && !theirs(&r.comment))
+                .cloned()
+                .collect(),
+            Some(_) => continue,
+            None if rules.iter().any(|r| theirs(&r.comment)) => continue,
+            None => rules.clone(),
+        };
+        if !kept.is_empty() {
+            chains.insert(name.clone(), kept);
+        }
+    }
+    let mut b = Builder {
+        instance,
+        table: Table {
+            maps: Arc::new(maps),
+            chains: Arc::new(chains),
+        },
+        kinds,
+        marks,
+    };
+    let localnet = config.localnet_devices();
+    for f in config.forwards.iter().filter(|f| changed.contains(&f.name)) {
+        b.forward(f, config.conn_mark, localnet.get(&f.name));
+    }
+    finish(b, config)
+}
+
+/// The guards in order, the lookup rules of the maps in use and the masquerade entries.
+fn finish(mut b: Builder, config: &Config) -> Table {
     // The guards in forward-name order, as `show` lists the forwards: applying its output
     // writes the same chain.
     if let Some(guards) = Arc::make_mut(&mut b.table.chains).get_mut(Base::Input.name()) {
@@ -363,6 +437,60 @@ mod tests {
                 {"name":"v6","listen_port":80,"to":"[fd00:2::2]:8080","snat":"none","allow_forward":false,"reset_connections":true}],
                "masquerade":[{"name":"lan","source":"192.168.0.0/24","out_interface":"eth0"}]}"#
         ));
+    }
+
+    /// Recompiled from another config's table, a config's table is what compiling it gives:
+    /// forwards added, removed and changed (plain, chained, guarded, local), masquerade kept.
+    #[test]
+    fn a_recompiled_table_is_the_compiled_one() {
+        let base = r#"{"backend":"nftables","instance":"gw","masquerade":[{"name":"lan","source":"192.168.0.0/24"}],"forwards":[
+            {"name":"a","listen_port":1,"to":"10.0.0.1:80"},
+            {"name":"b","listen_port":2,"to":"10.0.0.2:80","sources":["10.1.0.0/16"]},
+            {"name":"c","proto":"udp","listen_port":3,"to":"[fd00::3]:53","local":true},
+            {"name":"d","listen_port":4,"to":"127.0.0.1:22","in_interface":"eth0"}]}"#;
+        let edits = [
+            (
+                "a",
+                r#"{"name":"a","listen_port":1,"to":"10.0.0.9:80","snat":"10.0.0.254"}"#,
+            ),
+            ("b", r#"{"name":"b","listen_port":2,"to":"10.0.0.2:80"}"#),
+            (
+                "c",
+                r#"{"name":"c","proto":"both","listen_port":3,"to":"[fd00::3]:53"}"#,
+            ),
+            (
+                "d",
+                r#"{"name":"d","listen_port":4,"to":"127.0.0.1:23","in_interface":"eth1"}"#,
+            ),
+            ("e", r#"{"name":"e","listen_port":"5-6","to":"10.0.0.5"}"#),
+        ];
+        let parse = |json: &str| Config::from_json(json).expect("valid params").0;
+        let from = parse(base);
+        let table = compile_table(&from);
+        for (name, edit) in edits {
+            let mut v: serde_json::Value = serde_json::from_str(base).unwrap();
+            let list = v["forwards"].as_array_mut().unwrap();
+            list.retain(|f| f["name"] != name);
+            list.push(serde_json::from_str(edit).unwrap());
+            let to = parse(&v.to_string());
+            let changed: BTreeSet<String> = [name.to_string()].into();
+            assert_eq!(
+                recompile_table(&table, &to, &changed),
+                compile_table(&to),
+                "{edit}"
+            );
+            assert_eq!(
+                recompile_table(&compile_table(&to), &from, &changed),
+                table,
+                "{edit} back"
+            );
+        }
+        // Every forward removed: the masquerade entry is all that is left.
+        let none = parse(
+            r#"{"backend":"nftables","instance":"gw","masquerade":[{"name":"lan","source":"192.168.0.0/24"}]}"#,
+        );
+        let all: BTreeSet<String> = ["a", "b", "c", "d"].map(String::from).into();
+        assert_eq!(recompile_table(&table, &none, &all), compile_table(&none));
     }
 
     #[test]

@@ -86,6 +86,15 @@ impl Firewall for Nftables {
         compile::compile_table(config)
     }
 
+    fn recompile(
+        &self,
+        base: &Table,
+        config: &Config,
+        changed: &std::collections::BTreeSet<String>,
+    ) -> Table {
+        compile::recompile_table(base, config, changed)
+    }
+
     fn reads(&self) -> Vec<Read> {
         vec![Read::NftTable(self.table.clone())]
     }

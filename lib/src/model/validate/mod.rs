@@ -477,6 +477,14 @@ impl FamilyCheck<'_> {
     }
 }
 
+/// Forward `index` of params already known valid as a whole (an earlier run's): the forward
+/// alone, None if it has a problem.
+pub(crate) fn forward_of(index: usize, f: &ForwardParams) -> Option<Forward> {
+    let mut errors = Errors::default();
+    let forward = validate_forward(&format!("forwards[{index}]"), f, &mut errors);
+    forward.filter(|_| errors.0.is_empty())
+}
+
 fn validate_forward(path: &str, f: &ForwardParams, errors: &mut Errors) -> Option<Forward> {
     let before = errors.0.len();
     if !valid_name(&f.name) {
