@@ -4,7 +4,7 @@
 //! its own rules and elements. The table is created when missing and deleted when nothing is
 //! wanted; nothing outside it is ever named.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::observe::{Hooked, MapDecl, NftObserved};
 use super::table::{element_text, ident, rule_text, Base, Body, MapKind, Rule, Table, FAMILY};
@@ -354,16 +354,64 @@ fn finish(
     }
 }
 
-/// Entries whose objects differ, by kind: the comments of all of an entry's rules and
-/// elements, compared as a set. Only the comments in one table and not the other are
-/// looked at (an entry differs exactly when one of its comments does), so a change among
-/// 50,000 forwards groups a handful of objects, not all of them.
+/// Entries whose objects differ, by kind: an entry differs exactly when one of its rules'
+/// or elements is in one table and not the other. Each map's elements are walked in step,
+/// both sorted by comment, and only chains that differ are looked into, so a change among
+/// 50,000 forwards allocates for a handful of objects, not a set of every comment (which cost
+/// such a change a fifth of its time, growing).
 fn entry_changes<'a>(
     instance: &str,
     want: &'a Table,
     have: &'a Table,
 ) -> (EntryChanges, EntryChanges) {
-    fn comments(table: &Table) -> HashSet<&str> {
+    fn owner<'a>(comment: &'a str, instance: &str) -> Option<(&'a str, &'a str)> {
+        let tag = parse_comment(comment, instance)?;
+        Some((tag.kind, tag.name))
+    }
+    let mut touched: BTreeSet<(&str, &str)> = BTreeSet::new();
+    let empty = BTreeMap::new();
+    let names: BTreeSet<&String> = want.maps.keys().chain(have.maps.keys()).collect();
+    for name in names {
+        let w = want.maps.get(name).unwrap_or(&empty);
+        let h = have.maps.get(name).unwrap_or(&empty);
+        let (mut w, mut h) = (w.keys().peekable(), h.keys().peekable());
+        loop {
+            let odd = match (w.peek(), h.peek()) {
+                (None, None) => break,
+                (Some(a), Some(b)) if a == b => {
+                    w.next();
+                    h.next();
+                    continue;
+                }
+                (Some(a), Some(b)) if a < b => w.next(),
+                (Some(_), None) => w.next(),
+                _ => h.next(),
+            };
+            touched.extend(odd.and_then(|c| owner(c, instance)));
+        }
+    }
+    let no_rules: Vec<Rule> = Vec::new();
+    let chains: BTreeSet<&String> = want.chains.keys().chain(have.chains.keys()).collect();
+    for name in chains {
+        let w = want.chains.get(name).unwrap_or(&no_rules);
+        let h = have.chains.get(name).unwrap_or(&no_rules);
+        if w == h {
+            continue;
+        }
+        let w: BTreeSet<&str> = w.iter().map(|r| r.comment.as_str()).collect();
+        let h: BTreeSet<&str> = h.iter().map(|r| r.comment.as_str()).collect();
+        touched.extend(
+            w.symmetric_difference(&h)
+                .filter_map(|c| owner(c, instance)),
+        );
+    }
+    let mut forwards = EntryChanges::default();
+    let mut masquerade = EntryChanges::default();
+    if touched.is_empty() {
+        return (forwards, masquerade);
+    }
+    // Which of the touched entries each table holds at all.
+    let holds = |table: &'a Table| -> BTreeSet<(&'a str, &'a str)> {
         let rules = table
             .chains
             .values()
@@ -372,35 +420,21 @@ fn entry_changes<'a>(
             .maps
             .values()
             .flat_map(|e| e.keys().map(String::as_str));
-        rules.chain(elements).collect()
-    }
-    let (want, have) = (comments(want), comments(have));
-    fn owner<'a>(comment: &'a str, instance: &str) -> Option<(&'a str, &'a str)> {
-        let tag = parse_comment(comment, instance)?;
-        Some((tag.kind, tag.name))
-    }
-    let touched: BTreeSet<(&str, &str)> = want
-        .difference(&have)
-        .chain(have.difference(&want))
-        .filter_map(|c| owner(c, instance))
-        .collect();
-    let mut forwards = EntryChanges::default();
-    let mut masquerade = EntryChanges::default();
-    if touched.is_empty() {
-        return (forwards, masquerade);
-    }
-    let owners = |set: HashSet<&'a str>| -> HashSet<(&'a str, &'a str)> {
-        set.into_iter().filter_map(|c| owner(c, instance)).collect()
+        rules
+            .chain(elements)
+            .filter_map(|c| owner(c, instance))
+            .filter(|key| touched.contains(key))
+            .collect()
     };
-    let (wanted, had) = (owners(want), owners(have));
-    for key in touched {
+    let (wanted, had) = (holds(want), holds(have));
+    for key in &touched {
         let list = match key.0 {
             KIND_FORWARD => &mut forwards,
             KIND_MASQUERADE => &mut masquerade,
             _ => continue,
         };
         let name = key.1.to_string();
-        match (wanted.contains(&key), had.contains(&key)) {
+        match (wanted.contains(key), had.contains(key)) {
             (true, false) => list.added.push(name),
             (false, true) => list.removed.push(name),
             _ => list.updated.push(name),
