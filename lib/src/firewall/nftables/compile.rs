@@ -41,6 +41,10 @@ struct Builder<'a> {
     kinds: BTreeSet<MapKind>,
     /// The mark each mark set's rule sets.
     marks: BTreeMap<MapKind, u32>,
+    /// Each map kind's name, made once.
+    names: BTreeMap<MapKind, String>,
+    /// An element's text, for its comment's hash: one buffer for all of them.
+    scratch: String,
 }
 
 impl Builder<'_> {
@@ -54,19 +58,25 @@ impl Builder<'_> {
     }
 
     fn element(&mut self, kind: MapKind, tag: Tag, element: Element) {
-        let name = kind.name();
-        let text = match &element.target {
-            Target::Jump(chain) => format!("{} {chain}", element.key()),
-            Target::To(addr, port) => format!("{} {addr} {port}", element.key()),
-            Target::Source(addr) => format!("{} {addr}", element.key()),
-            Target::Member => element.key(),
+        use std::fmt::Write as _;
+        let text = &mut self.scratch;
+        text.clear();
+        element.write_key(text);
+        let _ = match &element.target {
+            Target::Jump(chain) => write!(text, " {chain}"),
+            Target::To(addr, port) => write!(text, " {addr} {port}"),
+            Target::Source(addr) => write!(text, " {addr}"),
+            Target::Member => Ok(()),
         };
-        let comment = comment(self.instance, tag, &name, &text);
+        let name = self.names.entry(kind).or_insert_with(|| kind.name());
+        let comment = comment(self.instance, tag, name, text);
         self.kinds.insert(kind);
-        Arc::make_mut(&mut self.table.maps)
-            .entry(name)
-            .or_default()
-            .insert(comment, element);
+        let maps = Arc::make_mut(&mut self.table.maps);
+        let elements = match maps.get_mut(name.as_str()) {
+            Some(elements) => elements,
+            None => maps.entry(name.clone()).or_default(),
+        };
+        elements.insert(comment, element);
     }
 
     /// A plain forward's elements: DNAT (and mark) per stage and protocol, SNAT by original
@@ -254,6 +264,8 @@ pub(crate) fn compile_table(config: &Config) -> Table {
         table: Table::default(),
         kinds: BTreeSet::new(),
         marks: BTreeMap::new(),
+        names: BTreeMap::new(),
+        scratch: String::new(),
     };
     let localnet = config.localnet_devices();
     for f in &config.forwards {
@@ -321,6 +333,8 @@ pub(crate) fn recompile_table(base: &Table, config: &Config, changed: &BTreeSet<
         },
         kinds,
         marks,
+        names: BTreeMap::new(),
+        scratch: String::new(),
     };
     let localnet = config.localnet_devices();
     for f in config.forwards.iter().filter(|f| changed.contains(&f.name)) {

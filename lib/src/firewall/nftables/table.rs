@@ -643,19 +643,31 @@ pub(crate) enum Target {
 impl Element {
     /// The key in nft's language (`10.0.0.1 . tcp . 8000-8010`, `4321 . 10.0.0.2 . 1234`).
     pub(crate) fn key(&self) -> String {
-        let mut parts = Vec::new();
+        let mut out = String::new();
+        self.write_key(&mut out);
+        out
+    }
+
+    /// Appends the key to `out`: compiling 50,000 forwards writes it for each element, so
+    /// without a string per part.
+    pub(crate) fn write_key(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let mut sep = "";
         if let Some(a) = self.addr {
-            parts.push(a.to_string());
+            let _ = write!(out, "{a}");
+            sep = " . ";
         }
         if let Some(p) = self.proto {
-            parts.push(p.name().to_string());
+            let _ = write!(out, "{sep}{}", p.name());
+            sep = " . ";
         }
-        parts.push(ports_text(self.ports));
+        let _ = write!(out, "{sep}{}", self.ports.first);
+        if !self.ports.is_single() {
+            let _ = write!(out, "-{}", self.ports.last);
+        }
         if let Some((addr, port)) = self.backend {
-            parts.push(addr.to_string());
-            parts.push(port.to_string());
+            let _ = write!(out, " . {addr} . {port}");
         }
-        parts.join(" . ")
     }
 
     /// The chain a verdict element jumps to.
