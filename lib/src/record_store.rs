@@ -140,6 +140,15 @@ struct RecordFile {
     record: Record,
 }
 
+/// The file as written: the record borrowed, not copied (it holds the params of every
+/// forward).
+#[derive(serde::Serialize)]
+struct RecordFileOut<'a> {
+    netns: &'a Stamp,
+    #[serde(flatten)]
+    record: &'a Record,
+}
+
 fn io_error(path: &str) -> impl Fn(std::io::Error) -> SystemError + '_ {
     move |source| SystemError::Io {
         path: path.to_string(),
@@ -322,9 +331,9 @@ pub(crate) fn store(
             Err(e) => return Err(io_error(&shown)(e)),
         }
     } else {
-        let file = RecordFile {
-            netns: Some(stamp.clone()),
-            record: record.clone(),
+        let file = RecordFileOut {
+            netns: &stamp,
+            record,
         };
         let text = serde_json::to_string(&file).map_err(|e| SystemError::Io {
             path: shown.clone(),
