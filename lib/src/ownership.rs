@@ -59,6 +59,12 @@ pub(crate) fn entry_comment(instance: &str, tag: Tag, hash: u32) -> String {
     format!("{instance}:{}:{}:{hash:08x}{marker}", tag.kind, tag.name)
 }
 
+/// How every comment of an entry's objects starts (`<instance>:<kind>:<name>:`): they sort
+/// together, so an entry's objects are found by a range, not a scan.
+pub(crate) fn entry_prefix(instance: &str, kind: &str, name: &str) -> String {
+    format!("{instance}:{kind}:{name}:")
+}
+
 /// The comment of a jump into the instance's chain.
 pub(crate) fn jump_comment(instance: &str) -> String {
     format!("{instance}:{KIND_JUMP}")
@@ -176,6 +182,7 @@ pub(crate) struct Record {
 /// (iptables-nft's included) bump the generation; iptables-legacy ones do not, so legacy hosts
 /// never use it (and only nf_tables reads are cached).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "ReadCacheFile")]
 pub(crate) struct ReadCache {
     /// [`crate::firewall::Firewall::digest`] of the desired objects, with the backend setting
     /// and portfwd's version.
@@ -187,6 +194,37 @@ pub(crate) struct ReadCache {
     /// nothing else has written since.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<String>,
+}
+
+/// [`ReadCache`] as a record file holds it, read field by field: a flattened struct is
+/// buffered whole before it is read (with the params of every forward in it).
+#[derive(serde::Deserialize)]
+struct ReadCacheFile {
+    digest: u32,
+    generation: u32,
+    #[serde(default)]
+    warnings: Vec<String>,
+    #[serde(default)]
+    facts: serde_json::Value,
+    #[serde(default)]
+    other: Option<OtherTables>,
+    #[serde(default)]
+    params: Option<String>,
+}
+
+impl From<ReadCacheFile> for ReadCache {
+    fn from(f: ReadCacheFile) -> ReadCache {
+        ReadCache {
+            digest: f.digest,
+            read: FirewallRead {
+                generation: f.generation,
+                warnings: f.warnings,
+                facts: f.facts,
+                other: f.other,
+            },
+            params: f.params,
+        }
+    }
 }
 
 /// What a full nf_tables read of the firewall found besides portfwd's own objects, and at

@@ -3,12 +3,12 @@
 //! and validating those params whole cost a change of one forward among 50,000 as much again
 //! as the run's own params; only the forwards whose text differs are parsed here.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::config::{Config, Forward};
+use super::config::Config;
 use super::params::ForwardParams;
 use super::validate;
 
@@ -19,24 +19,23 @@ struct Named<'a> {
     name: &'a str,
 }
 
-/// The top level of serialized params, each value as text, and the forwards by name.
+/// The top level of serialized params, each value as text, and the forwards' texts.
 struct Split<'a> {
     top: BTreeMap<&'a str, &'a RawValue>,
-    forwards: Vec<(&'a str, &'a RawValue)>,
+    forwards: Vec<&'a RawValue>,
 }
 
 fn split(source: &str) -> Option<Split<'_>> {
     let mut top: BTreeMap<&str, &RawValue> = serde_json::from_str(source).ok()?;
-    let list = top.remove("forwards");
-    let raw: Vec<&RawValue> = match list {
+    let forwards = match top.remove("forwards") {
         Some(list) => serde_json::from_str(list.get()).ok()?,
         None => Vec::new(),
     };
-    let forwards = raw
-        .into_iter()
-        .map(|f| Some((serde_json::from_str::<Named>(f.get()).ok()?.name, f)))
-        .collect::<Option<_>>()?;
     Some(Split { top, forwards })
+}
+
+fn name_of(forward: &RawValue) -> Option<&str> {
+    Some(serde_json::from_str::<Named>(forward.get()).ok()?.name)
 }
 
 impl Config {
@@ -45,6 +44,11 @@ impl Config {
     /// when nothing but forwards differs. Unchanged forwards are taken from this config;
     /// the others are parsed and validated. None when anything else differs or `old` is not
     /// such params.
+    ///
+    /// Forwards are compared by position (a forward's text names it, and `self.forwards[i]`
+    /// is the one validated from the text at `i`); only where the texts differ are names
+    /// read and forwards parsed. A forward that merely moved counts as changed: compiled
+    /// again, it compiles to what it did.
     pub(crate) fn earlier(&self, old: &str) -> Option<(Config, BTreeSet<String>)> {
         let new = split(&self.source)?;
         let was = split(old)?;
@@ -53,35 +57,27 @@ impl Config {
                 .top
                 .iter()
                 .all(|(k, v)| was.top.get(k).is_some_and(|w| w.get() == v.get()));
-        if !same_top {
-            return None;
-        }
-        let new_text: HashMap<&str, &str> =
-            new.forwards.iter().map(|(n, f)| (*n, f.get())).collect();
-        let mine: HashMap<&str, &Forward> =
-            self.forwards.iter().map(|f| (f.name.as_str(), f)).collect();
-        if new_text.len() != self.forwards.len() || mine.len() != self.forwards.len() {
+        if !same_top || new.forwards.len() != self.forwards.len() {
             return None;
         }
         let mut changed: BTreeSet<String> = BTreeSet::new();
         let mut forwards = Vec::with_capacity(was.forwards.len());
-        for (i, (name, text)) in was.forwards.iter().enumerate() {
-            match (new_text.get(name), mine.get(name)) {
-                (Some(now), Some(f)) if *now == text.get() => forwards.push((*f).clone()),
-                _ => {
-                    changed.insert(name.to_string());
+        for (i, text) in was.forwards.iter().enumerate() {
+            match new.forwards.get(i) {
+                Some(now) if now.get() == text.get() => forwards.push(self.forwards[i].clone()),
+                now => {
+                    changed.insert(name_of(text)?.to_string());
+                    if let Some(now) = now {
+                        changed.insert(name_of(now)?.to_string());
+                    }
                     let params: ForwardParams = serde_json::from_str(text.get()).ok()?;
                     forwards.push(validate::forward_of(i, &params)?);
                 }
             }
         }
-        let old_names: BTreeSet<&str> = was.forwards.iter().map(|(n, _)| *n).collect();
-        changed.extend(
-            new.forwards
-                .iter()
-                .filter(|(n, _)| !old_names.contains(n))
-                .map(|(n, _)| n.to_string()),
-        );
+        for now in new.forwards.iter().skip(was.forwards.len()) {
+            changed.insert(name_of(now)?.to_string());
+        }
         let config = Config {
             forwards,
             source: old.to_string(),
@@ -144,6 +140,28 @@ mod tests {
                 ["a", "b", "c"].map(String::from).into()
             };
             assert_eq!(changed, expected);
+        }
+    }
+
+    /// Only the forwards whose text differs are named; a forward dropped from the middle
+    /// moves the ones after it, which count as changed (compiled again, they compile the same).
+    #[test]
+    fn only_differing_forwards_are_named() {
+        let three = |b: &str, c: &str| {
+            format!(
+                r#"{{"backend":"nftables","forwards":[{{"name":"a","listen_port":1,"to":"10.0.0.1:80"}},{b}{c}]}}"#
+            )
+        };
+        let b = r#"{"name":"b","listen_port":2,"to":"10.0.0.2:80"},"#;
+        let b2 = r#"{"name":"b","listen_port":2,"to":"10.0.0.9:80"},"#;
+        let c = r#"{"name":"c","listen_port":3,"to":"10.0.0.3:80"}"#;
+        let old = config(&three(b, c));
+        let cases = [(three(b2, c), vec!["b"]), (three("", c), vec!["b", "c"])];
+        for (new, names) in cases {
+            let (earlier, changed) = config(&new).earlier(&old.source).expect("only forwards");
+            assert_eq!(earlier.forwards, old.forwards, "{new}");
+            let names: BTreeSet<String> = names.into_iter().map(String::from).collect();
+            assert_eq!(changed, names, "{new}");
         }
     }
 

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use super::table::{
@@ -13,7 +14,8 @@ use super::table::{
 };
 use crate::model::{Action, Config, Forward, Proto, Snat, State};
 use crate::ownership::{
-    entry_comment, parse_comment, StableHash, Tag, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE,
+    entry_comment, entry_prefix, parse_comment, StableHash, Tag, KIND_FLOW, KIND_FORWARD,
+    KIND_MASQUERADE,
 };
 
 /// The chain of a forward at a stage (`pre-web`, `out-web`, `post-web`).
@@ -290,15 +292,28 @@ pub(crate) fn recompile_table(base: &Table, config: &Config, changed: &BTreeSet<
     let mut maps = BTreeMap::new();
     let mut kinds = BTreeSet::new();
     let mut marks = BTreeMap::new();
+    let prefixes: Vec<String> = changed
+        .iter()
+        .map(|name| entry_prefix(instance, KIND_FORWARD, name))
+        .collect();
     for (name, elements) in base.maps.iter() {
-        let kept: BTreeMap<String, Element> = elements
-            .iter()
-            .filter(|(comment, _)| !theirs(comment))
-            .map(|(c, e)| (c.clone(), e.clone()))
-            .collect();
         let Some(kind) = MapKind::from_name(name) else {
             continue;
         };
+        // A copy without the changed forwards' elements, found by their comments' prefix.
+        let mut kept = elements.clone();
+        for prefix in &prefixes {
+            let doomed: Vec<String> = kept
+                .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+                .map(|(comment, _)| comment)
+                .take_while(|comment| comment.starts_with(prefix.as_str()))
+                .filter(|comment| theirs(comment))
+                .cloned()
+                .collect();
+            for comment in &doomed {
+                kept.remove(comment);
+            }
+        }
         if !kept.is_empty() {
             kinds.insert(kind);
             if kind.data == Data::Mark {
