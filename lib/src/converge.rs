@@ -21,6 +21,7 @@ use crate::model::{self, Config, Params, RunMode};
 use crate::net::Family;
 use crate::observe::{self, Observed, Prelude, Scope};
 use crate::ownership::ReadCache;
+use crate::phases;
 use crate::plan::{self, Plan};
 use crate::record_store::Host;
 use crate::report::{self, Report, StateView};
@@ -31,7 +32,7 @@ use crate::tools::IptablesTool;
 pub(crate) fn run(config: &Config, mode: RunMode, sys: &mut dyn Host) -> Report {
     // The record says which backend holds the instance: another one than the params ask for
     // is read too and emptied in the same run.
-    let prelude = match observe::prelude(sys, &config.instance) {
+    let prelude = match phases::timed("prelude", || observe::prelude(sys, &config.instance)) {
         Ok(p) => p,
         Err(e) => return read_failed(&e),
     };
@@ -74,15 +75,22 @@ fn converge<F: Firewall>(
         Err(e) => return read_failed(&e),
     };
     let protocol = config.route_protocol;
-    let mut plan = plan::plan(firewall, &config.instance, protocol, &desired, &observed);
+    let mut plan = phases::timed("plan", || {
+        plan::plan(firewall, &config.instance, protocol, &desired, &observed)
+    });
     // Planned from the record, the edit needs what only a read has: read, and plan again.
     if plan.firewall.needs_read {
         let (keys, scope) = what_to_read(config);
-        observed = match observe::observe(firewall, sys, prelude, None, protocol, &keys, scope) {
+        let read = phases::timed("read", || {
+            observe::observe(firewall, sys, prelude, None, protocol, &keys, scope)
+        });
+        observed = match read {
             Ok(observed) => observed,
             Err(e) => return read_failed(&e),
         };
-        plan = plan::plan(firewall, &config.instance, protocol, &desired, &observed);
+        plan = phases::timed("plan", || {
+            plan::plan(firewall, &config.instance, protocol, &desired, &observed)
+        });
     }
     if let Some(refusal) = refuse_missing_interfaces(config, &observed) {
         return refusal;
@@ -95,7 +103,9 @@ fn converge<F: Firewall>(
         desired: &desired,
         observed: &observed,
     };
-    let mut report = report::planned(&view, &plan, warnings, mode.diff);
+    let mut report = phases::timed("report", || {
+        report::planned(&view, &plan, warnings, mode.diff)
+    });
     // A plan with nothing to change may still refresh the record (its read cache, a pruned
     // address): housekeeping, not a change.
     if plan.is_empty() && (plan.record.is_none() || mode.check) {
@@ -113,9 +123,11 @@ fn converge<F: Firewall>(
         protocol,
         before: &observed,
     };
-    match apply::apply(&run, &plan, sys) {
+    match phases::timed("write", || apply::apply(&run, &plan, sys)) {
         Err(e) => failed(&mut report, config, &e),
-        Ok(()) => follow_live_flows(firewall, config, &plan, &observed, sys, &mut report),
+        Ok(()) => phases::timed("flows", || {
+            follow_live_flows(firewall, config, &plan, &observed, sys, &mut report)
+        }),
     }
     free_aside((desired, observed));
     report
@@ -144,13 +156,15 @@ fn compile_and_observe<F: Firewall>(
     let (keys, scope) = what_to_read(config);
     let protocol = config.route_protocol;
     let (desired, observed) = std::thread::scope(|s| {
-        let compiled = s.spawn(|| compile::compile(config, firewall));
+        let compiled = s.spawn(|| phases::timed("compile", || compile::compile(config, firewall)));
         let join = |c: std::thread::ScopedJoinHandle<'_, Desired<F>>| {
             c.join()
                 .unwrap_or_else(|_| compile::compile(config, firewall))
         };
         let read = |sys: &mut dyn Host, prelude, cached| {
-            observe::observe(firewall, sys, prelude, cached, protocol, &keys, scope)
+            phases::timed("read", || {
+                observe::observe(firewall, sys, prelude, cached, protocol, &keys, scope)
+            })
         };
         if prelude.cache_is_current() {
             let desired = join(compiled);
@@ -158,7 +172,9 @@ fn compile_and_observe<F: Firewall>(
             let as_desired = usable.is_some();
             let last = match usable {
                 Some(_) => None,
-                None => last_written(firewall, config, &desired.firewall, &prelude),
+                None => phases::timed("earlier", || {
+                    last_written(firewall, config, &desired.firewall, &prelude)
+                }),
             };
             let cached = match &last {
                 Some((old, cache)) => Some((old, cache.clone())),

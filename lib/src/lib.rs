@@ -38,6 +38,7 @@ mod model;
 mod net;
 mod observe;
 mod ownership;
+pub mod phases;
 mod plan;
 #[cfg(test)]
 mod proptests;

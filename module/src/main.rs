@@ -224,7 +224,7 @@ fn read_input(input: &Input) -> Result<String, String> {
 /// Validates everything, then runs the engine under the lock. Flags from the command line add
 /// to the `_ansible_*` modes found in the params.
 fn converge(text: &str, flags: RunMode, lock_timeout: u64, state_dir: Option<PathBuf>) -> Report {
-    let (config, _, mode) = match Config::from_json(text) {
+    let (config, _, mode) = match portfwd::phases::timed("parse", || Config::from_json(text)) {
         Ok(parsed) => parsed,
         Err(e) => return Report::failure(e.to_string()),
     };
@@ -471,7 +471,11 @@ fn restore(state_dir: Option<PathBuf>, lock_timeout: u64) -> ExitCode {
 }
 
 fn emit(report: &Report) -> ExitCode {
-    say!("{}", report.to_json());
+    let mut json = report.to_json();
+    if let Some(phases) = portfwd::phases::json() {
+        json["phases"] = phases;
+    }
+    say!("{json}");
     if report.failed {
         ExitCode::from(1)
     } else {

@@ -195,6 +195,18 @@ impl Firewall for Nftables {
         decompile::entries_from_table(state, instance)
     }
 
+    fn decompile_some(
+        &self,
+        instance: &str,
+        state: &Table,
+        names: &std::collections::HashSet<&str>,
+    ) -> Entries {
+        let part = decompile::part_of(state, instance, names);
+        let mut entries = decompile::entries_from_table(&part, instance);
+        entries.forwards.retain(|f| names.contains(f.name.as_str()));
+        entries
+    }
+
     fn owns_hook_chain(&self, _: &NftObserved, family: &str, table: &str, _: &str) -> bool {
         family == FAMILY && table == self.table
     }
@@ -230,6 +242,38 @@ impl Firewall for Nftables {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Any subset of the forwards decompiles from their part of the table as from the whole
+    /// table: plain ones (elements only), chained ones, local, SNAT to an address, IPv6.
+    #[test]
+    fn some_forwards_decompile_as_from_the_whole_table() {
+        let (config, _, _) =
+            crate::model::Config::from_json(include_str!("testdata/params.json")).unwrap();
+        let nft = Nftables::new("gw");
+        let table = nft.compile(&config);
+        let whole = nft.decompile("gw", &table);
+        let all: Vec<&str> = whole.forwards.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(all.len(), config.forwards.len());
+        for mask in 0..(1u32 << all.len()) {
+            let names: std::collections::HashSet<&str> = all
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, n)| *n)
+                .collect();
+            let some = nft.decompile_some("gw", &table, &names);
+            let json = |f: &crate::model::ForwardParams| serde_json::to_string(f).unwrap();
+            let expected: Vec<String> = whole
+                .forwards
+                .iter()
+                .filter(|f| names.contains(f.name.as_str()))
+                .map(json)
+                .collect();
+            let got: Vec<String> = some.forwards.iter().map(json).collect();
+            assert_eq!(got, expected, "{names:?}");
+            assert_eq!(some.conn_mark, whole.conn_mark);
+        }
+    }
 
     /// What nft 0.9.8 printed for a dormant table of two forwards (cut off at the flags).
     const CUT_OFF: &str = "{\"nftables\": [{\"metainfo\": {\"version\": \"0.9.8\", \"release_name\": \"E.D.S.\", \"json_schema_version\": 1}}, {\"table\": {\"family\": \"inet\", \"name\": \"portfwd-portfwd\", \"handle\": 11, \"flags\": \n";

@@ -105,6 +105,31 @@ fn same_rule(want: &Rule, have: &Rule) -> bool {
     want == have || sorted(want) == sorted(have)
 }
 
+/// Where a key of two sorted maps is: in both, only the wanted, only the had.
+enum Side<'a, V> {
+    Both(&'a String, &'a V, &'a V),
+    Want(&'a String, &'a V),
+    Have(&'a String, &'a V),
+}
+
+/// Two maps' entries side by side in key order, in one pass over both.
+fn in_step<'a, V>(
+    want: &'a BTreeMap<String, V>,
+    have: &'a BTreeMap<String, V>,
+) -> impl Iterator<Item = Side<'a, V>> {
+    let (mut w, mut h) = (want.iter().peekable(), have.iter().peekable());
+    std::iter::from_fn(move || match (w.peek(), h.peek()) {
+        (None, None) => None,
+        (Some((a, _)), Some((b, _))) if a == b => {
+            let ((k, wv), (_, hv)) = (w.next()?, h.next()?);
+            Some(Side::Both(k, wv, hv))
+        }
+        (Some((a, _)), Some((b, _))) if a < b => w.next().map(|(k, v)| Side::Want(k, v)),
+        (Some(_), None) => w.next().map(|(k, v)| Side::Want(k, v)),
+        _ => h.next().map(|(k, v)| Side::Have(k, v)),
+    })
+}
+
 /// The declaration portfwd gives chain `name` (None: a regular chain).
 fn declared_hook(name: &str) -> Option<Hooked> {
     Base::from_name(name).map(Hooked::of)
@@ -180,27 +205,32 @@ pub(crate) fn plan_table(
             continue;
         }
         let mut stale: Vec<String> = Vec::new();
-        for (comment, element) in elements {
-            let keep = match wanted.get(comment) {
-                Some(w) if w == element => true,
-                Some(_) => {
+        let mut new: Vec<String> = Vec::new();
+        // Both sorted by comment: walked in step, not looked up one by one.
+        for side in in_step(wanted, elements) {
+            let (comment, element) = match side {
+                Side::Both(_, w, h) if w == h => continue,
+                Side::Both(comment, w, h) => {
                     repaired.push(format!("element {comment} of map {name} edited"));
-                    false
+                    new.extend(element_text(comment, w));
+                    (comment, h)
                 }
-                None => {
+                Side::Want(comment, w) => {
+                    new.extend(element_text(comment, w));
+                    continue;
+                }
+                Side::Have(comment, h) => {
                     if parse_comment(comment, instance).is_none() {
                         repaired.push(format!("element of map {name} not written by portfwd"));
                     }
-                    false
+                    (comment, h)
                 }
             };
-            if !keep {
-                // Read: the key as nft listed it; assumed: as portfwd writes it.
-                match have.keys.get(&(name.clone(), comment.clone())) {
-                    Some(key) => stale.push(key.clone()),
-                    None if have.assumed => stale.push(element.key()),
-                    None => {}
-                }
+            // Read: the key as nft listed it; assumed: as portfwd writes it.
+            match have.keys.get(&(name.clone(), comment.clone())) {
+                Some(key) => stale.push(key.clone()),
+                None if have.assumed => stale.push(element.key()),
+                None => {}
             }
         }
         if !stale.is_empty() {
@@ -209,11 +239,6 @@ pub(crate) fn plan_table(
                 stale.join(", ")
             ));
         }
-        let new: Vec<String> = wanted
-            .iter()
-            .filter(|(c, e)| elements.get(*c) != Some(*e))
-            .filter_map(|(c, e)| element_text(c, e))
-            .collect();
         element_adds.push((name, new));
     }
     let mut adds: Vec<(String, &Rule, Option<u64>)> = Vec::new();
@@ -374,20 +399,12 @@ fn entry_changes<'a>(
     for name in names {
         let w = want.maps.get(name).unwrap_or(&empty);
         let h = have.maps.get(name).unwrap_or(&empty);
-        let (mut w, mut h) = (w.keys().peekable(), h.keys().peekable());
-        loop {
-            let odd = match (w.peek(), h.peek()) {
-                (None, None) => break,
-                (Some(a), Some(b)) if a == b => {
-                    w.next();
-                    h.next();
-                    continue;
-                }
-                (Some(a), Some(b)) if a < b => w.next(),
-                (Some(_), None) => w.next(),
-                _ => h.next(),
+        for side in in_step(w, h) {
+            let odd = match side {
+                Side::Both(..) => continue,
+                Side::Want(c, _) | Side::Have(c, _) => c,
             };
-            touched.extend(odd.and_then(|c| owner(c, instance)));
+            touched.extend(owner(odd, instance));
         }
     }
     let no_rules: Vec<Rule> = Vec::new();
