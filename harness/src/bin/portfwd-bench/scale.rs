@@ -4,7 +4,8 @@
 //! (a full read), `absent`, removing all but 2 of the N forwards in one run, and the peak RSS
 //! of the first apply. Every figure is printed as a ratio to the same figure at the smallest N,
 //! and to the same figure without foreign rules, measured in the same run. With iptables, the
-//! change is also compared with a bare `iptables-restore --noflush` of the lines it writes.
+//! change is also compared with a bare `iptables-restore --noflush` of the lines it writes. The
+//! no-op and the change run with `PORTFWD_PHASES=1`, and the medians of their phases are shown.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -29,7 +30,16 @@ struct Figures {
     rss: u64,
     /// iptables: the restores a change writes, run bare (`iptables-restore --noflush`).
     bare_restore: Option<f64>,
+    /// Medians of the no-op's and the change's seconds per phase ([`PHASES`]), as the runs
+    /// report them with `PORTFWD_PHASES=1`.
+    noop_phases: [f64; PHASES.len()],
+    change_phases: [f64; PHASES.len()],
 }
+
+/// The phases a run reports, in pipeline order (compile runs beside the read).
+const PHASES: [&str; 9] = [
+    "parse", "prelude", "compile", "earlier", "read", "plan", "report", "write", "flows",
+];
 
 const NAMES: [&str; 6] = [
     "first apply",
@@ -102,6 +112,32 @@ fn params(backend: &str, n: usize, changed: Option<usize>) -> Value {
     p
 }
 
+/// One timed `portfwd apply` and the seconds of each of its phases (0 where it had none).
+fn timed_phases(
+    pf: &Portfwd,
+    ns: &Netns,
+    params: &Value,
+) -> Result<(f64, [f64; PHASES.len()]), LabError> {
+    let t = Instant::now();
+    let r = pf.run(
+        ns,
+        &["apply"],
+        &params.to_string(),
+        &[("PORTFWD_PHASES", "1")],
+    )?;
+    let took = t.elapsed().as_secs_f64();
+    if r.failed() || r.code != 0 {
+        return Err(err(format!("portfwd failed: {}", r.msg())));
+    }
+    let phases = PHASES.map(|p| r.json["phases"][p].as_f64().unwrap_or(0.0));
+    Ok((took, phases))
+}
+
+/// Medians phase by phase.
+fn median_phases(runs: &[[f64; PHASES.len()]]) -> [f64; PHASES.len()] {
+    std::array::from_fn(|i| median(runs.iter().map(|r| r[i]).collect()))
+}
+
 /// One timed `portfwd apply` (wall time; it must not fail).
 fn timed(pf: &Portfwd, ns: &Netns, params: &Value) -> Result<f64, LabError> {
     let t = Instant::now();
@@ -162,16 +198,24 @@ fn measure_one(
     let mut noops = Vec::new();
     let mut changes = Vec::new();
     let mut full = Vec::new();
+    let (mut noop_phases, mut change_phases) = (Vec::new(), Vec::new());
     for _ in 0..reps {
-        noops.push(timed(pf, &ns, &base)?);
-        changes.push(timed(pf, &ns, &changed)?);
-        changes.push(timed(pf, &ns, &base)?);
+        let (t, p) = timed_phases(pf, &ns, &base)?;
+        noops.push(t);
+        noop_phases.push(p);
+        for params in [&changed, &base] {
+            let (t, p) = timed_phases(pf, &ns, params)?;
+            changes.push(t);
+            change_phases.push(p);
+        }
         timed(pf, &ns, &base)?;
         other_writer(&ns)?;
         full.push(timed(pf, &ns, &base)?);
     }
     f.noop = median(noops);
     f.change = median(changes);
+    f.noop_phases = median_phases(&noop_phases);
+    f.change_phases = median_phases(&change_phases);
     f.full_read = median(full);
     if backend != "nftables" {
         let mut bare = Vec::new();
@@ -253,6 +297,18 @@ pub(super) fn run(
                 bare.rss / 1024,
                 loaded.rss / 1024
             );
+            for (what, phases) in [
+                ("no-op", bare.noop_phases),
+                ("change 1", bare.change_phases),
+            ] {
+                let shown: Vec<String> = PHASES
+                    .iter()
+                    .zip(phases)
+                    .filter(|(_, s)| *s > 0.0)
+                    .map(|(p, s)| format!("{p} {s:.3}"))
+                    .collect();
+                let _ = writeln!(table, "{n:>8} phases of {what:<9} {}", shown.join(", "));
+            }
             if let (Some(b), Some(l)) = (bare.bare_restore, loaded.bare_restore) {
                 let _ = writeln!(
                     table,
@@ -289,7 +345,18 @@ pub(super) fn run(
 fn figures_json(f: &Figures) -> Value {
     json!({"first_apply_s": f.first, "noop_s": f.noop, "change_1_s": f.change,
            "full_read_noop_s": f.full_read, "absent_s": f.absent, "shrink_to_2_s": f.shrink,
-           "bare_restore_s": f.bare_restore, "peak_rss_kib": f.rss})
+           "bare_restore_s": f.bare_restore, "peak_rss_kib": f.rss,
+           "noop_phases_s": phases_json(&f.noop_phases),
+           "change_1_phases_s": phases_json(&f.change_phases)})
+}
+
+fn phases_json(phases: &[f64; PHASES.len()]) -> Value {
+    PHASES
+        .iter()
+        .zip(phases)
+        .map(|(p, s)| ((*p).to_string(), json!(s)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 fn write(path: &Path, text: &str) -> Result<(), LabError> {
