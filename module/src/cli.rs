@@ -26,7 +26,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
         Ansible's _ansible_* keys (check and diff mode are honoured).\n\n\
         Exit codes: 0 success (changed or not), 1 the run failed (the JSON says failed: true and why), \
         2 usage error, or with plan --detailed-exitcode changes pending.",
-    after_help = "Environment: PORTFWD_LOCK_FILE (default /run/portfwd.lock), PORTFWD_STATE_DIR (default /etc/portfwd), PORTFWD_RUN_DIR (default /run/portfwd: the record of what portfwd created), PORTFWD_NO_NETNS_COOKIE=1 (key that record as on kernels before 5.14). Tools are found on PATH (conntrack is optional: without it stale flows are only warned about)."
+    after_help = "Environment: PORTFWD_LOCK_FILE (default /run/portfwd.lock), PORTFWD_STATE_DIR (default /etc/portfwd), PORTFWD_RUN_DIR (default /run/portfwd: the record of what portfwd created), PORTFWD_NO_NETNS_COOKIE=1 (key that record as on kernels before 5.14), PORTFWD_PHASES=1 (a converging run's result also gives `phases`: its seconds per phase, for benchmarks). Tools are found on PATH (conntrack is optional: without it stale flows are only warned about)."
 )]
 pub struct Cli {
     #[command(subcommand)]

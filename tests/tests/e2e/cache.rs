@@ -405,3 +405,75 @@ fn an_iptables_change_is_planned_from_the_record_while_nobody_else_wrote() {
     }
     assert_eq!(session.ask().unwrap(), backend, "f0's connection lives on");
 }
+
+/// `PORTFWD_PHASES=1` makes a run give its seconds per phase, and nothing else about it
+/// changes: a first apply reads, plans and writes; a no-op writes nothing; a change while
+/// nobody else wrote is planned from the record (`earlier`) and traffic takes the new way.
+/// Without the variable there are no phases.
+#[test]
+fn a_run_gives_its_phases_when_asked() {
+    if !prerequisites() {
+        return;
+    }
+    const PHASES: (&str, &str) = ("PORTFWD_PHASES", "1");
+    let t = Topology::new().unwrap();
+    // Only the changed forward's new port listens: traffic proves the change took effect.
+    let _b = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1235")).unwrap();
+    let params = |changed: Option<usize>| {
+        let mut p = forty_iptables(changed, None);
+        p["backend"] = json!("nftables");
+        p
+    };
+    let phases = |r: &portfwd_harness::RunResult| -> Vec<String> {
+        let Some(map) = r.json["phases"].as_object() else {
+            return Vec::new();
+        };
+        for (phase, seconds) in map {
+            let s = seconds.as_f64().unwrap_or(-1.0);
+            assert!((0.0..60.0).contains(&s), "{phase}: {seconds}");
+        }
+        let mut names: Vec<String> = map.keys().cloned().collect();
+        names.sort();
+        names
+    };
+    let first = run(&t.proxy, &params(None), &[PHASES]);
+    assert!(first.changed() && !first.failed(), "{}", first.stdout);
+    let names = phases(&first);
+    for phase in [
+        "parse", "prelude", "compile", "read", "plan", "report", "write", "flows",
+    ] {
+        assert!(names.iter().any(|n| n == phase), "{phase} in {names:?}");
+    }
+    assert!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:10007")).is_err(),
+        "nothing on 1234"
+    );
+    let noop = run(&t.proxy, &params(None), &[PHASES]);
+    assert!(!noop.changed(), "{}", noop.stdout);
+    let names = phases(&noop);
+    assert!(names.iter().any(|n| n == "compile"), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n == "write"),
+        "a no-op writes nothing: {names:?}"
+    );
+    let change = run(&t.proxy, &params(Some(7)), &[PHASES]);
+    assert_eq!(
+        change.json["forwards"]["updated"],
+        json!(["f7"]),
+        "{}",
+        change.stdout
+    );
+    let names = phases(&change);
+    for phase in ["earlier", "write"] {
+        assert!(names.iter().any(|n| n == phase), "{phase} in {names:?}");
+    }
+    let backend: std::net::IpAddr = "10.0.2.1".parse().unwrap();
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:10007")).unwrap(),
+        backend,
+        "f7 reaches its new port"
+    );
+    let plain = run(&t.proxy, &params(Some(7)), &[]);
+    assert!(!plain.changed(), "{}", plain.stdout);
+    assert!(plain.json.get("phases").is_none(), "{}", plain.stdout);
+}

@@ -176,9 +176,11 @@ pub fn run(
         let _iperf = daemon(&t.backend, &["iperf3", "-s", "-p", "15201"])?;
         let _sink = Sink::start(&t.backend, "0.0.0.0:15202".parse().map_err(err)?)?;
         println!("\ndata path at scale, {}: through the last of N forwards (medians of 3 rounds: iperf3 {seconds}s, handshakes for 2 s), routed path beside it", label(flavour));
+        // The ratios are to the smallest N, measured in the same rounds.
+        let versus = format!("vs N={}", counts.first().copied().unwrap_or(2));
         println!(
             "  {:>6} {:>10} {:>8} {:>10} {:>10} {:>8} {:>10}",
-            "N", "fwd Gb/s", "vs N=1", "routed", "fwd conn/s", "vs N=1", "routed"
+            "N", "fwd Gb/s", versus, "routed", "fwd conn/s", versus, "routed"
         );
         // Warm-up, not recorded: the first transfer after set-up runs slow (neighbour and
         // route caches, CPU frequency).
