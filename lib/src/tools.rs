@@ -195,6 +195,40 @@ pub(crate) enum Read {
     SaveTool(IptablesTool, Family),
 }
 
+/// One nftables table as a netlink dump found it at one generation (see the host's
+/// `nft_dump`): what the nftables backend reads in place of a listing when the record proves
+/// the table's shape.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct NftDump {
+    /// The generation it was made at (the same before and after it).
+    pub generation: u32,
+    /// A digest of the table, its chains, rules and sets (counters' values left out): equal
+    /// digests, equal objects.
+    pub shape: u64,
+    /// Each set and map, in the kernel's order, with its elements when they were asked for.
+    pub sets: Vec<DumpedSet>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct DumpedSet {
+    pub name: String,
+    pub elements: Vec<DumpedElement>,
+}
+
+/// One element as the kernel holds it: the key's bytes (concatenated fields, each padded to
+/// four bytes), the end of a range, the data's bytes or a jump's chain, and its comment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct DumpedElement {
+    pub key: Vec<u8>,
+    pub key_end: Option<Vec<u8>>,
+    pub data: Option<Vec<u8>>,
+    pub jump: Option<String>,
+    pub comment: Option<String>,
+    /// It has something portfwd never writes (flags, a timeout, expressions, a verdict other
+    /// than a jump, user data other than a comment).
+    pub other: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

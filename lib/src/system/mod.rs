@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::net::{Family, Proto};
-use crate::tools::{IptablesTool, Read};
+use crate::tools::{IptablesTool, NftDump, Read};
 
+mod nfdump;
 mod nfgen;
 mod stored;
 
@@ -89,6 +90,14 @@ pub(crate) trait System {
     fn nft_json(&mut self, args: &[String]) -> Result<String, SystemError>;
     /// `nft -j list table inet NAME` (empty when there is no such table).
     fn nft_table(&mut self, name: &str) -> Result<String, SystemError>;
+    /// The netlink dump of `inet NAME` ([`NftDump`]), with its elements when its shape is
+    /// `elements_if`; None when it could not be made at one generation, or at all (the
+    /// caller lists the table).
+    fn nft_dump(
+        &mut self,
+        name: &str,
+        elements_if: Option<u64>,
+    ) -> Result<Option<NftDump>, SystemError>;
     /// One `nft -f -` transaction.
     fn nft_apply(&mut self, script: &str) -> Result<(), SystemError>;
     /// Is this tool on PATH (a backend that is not installed holds nothing)?
@@ -471,6 +480,16 @@ impl System for RealSystem {
     fn nft_table(&mut self, name: &str) -> Result<String, SystemError> {
         self.read_one(&Read::NftTable(name.to_string()))
             .map(|(out, _)| out)
+    }
+
+    /// A dump that fails (netlink refused, an answer not understood) is no dump: the table
+    /// is listed instead.
+    fn nft_dump(
+        &mut self,
+        name: &str,
+        elements_if: Option<u64>,
+    ) -> Result<Option<NftDump>, SystemError> {
+        Ok(nfdump::dump(name, elements_if).ok().flatten())
     }
 
     fn nft_apply(&mut self, script: &str) -> Result<(), SystemError> {

@@ -222,6 +222,15 @@ impl System for FakeHost {
         Ok(self.state.nft.list_table(name))
     }
 
+    /// The fake has no netlink: the table is always listed.
+    fn nft_dump(
+        &mut self,
+        _name: &str,
+        _elements_if: Option<u64>,
+    ) -> Result<Option<crate::tools::NftDump>, SystemError> {
+        Ok(None)
+    }
+
     fn nft_apply(&mut self, script: &str) -> Result<(), SystemError> {
         self.call(format!("nft -f {}", script.replace('\n', " | ")))?;
         let result = self.state.nft.apply(script).map_err(refused);
