@@ -77,7 +77,7 @@ pub(crate) fn apply<F: Firewall>(
 ) -> Result<(), Box<ApplyError>> {
     let steps = plan.steps();
     for (done, step) in steps.iter().enumerate() {
-        if let Err(cause) = execute(step, run.instance, sys) {
+        if let Err(cause) = execute(step, run, sys) {
             let failure = Failure {
                 step: describe(step),
                 line: refused_line(step, &cause),
@@ -90,11 +90,12 @@ pub(crate) fn apply<F: Firewall>(
 }
 
 /// Runs one step.
-fn execute(step: &Step, instance: &str, sys: &mut dyn Host) -> Result<(), SystemError> {
+fn execute<F: Firewall>(step: &Step, run: &Run<F>, sys: &mut dyn Host) -> Result<(), SystemError> {
+    let instance = run.instance;
     match step {
         Step::RecordAhead(record) => sys.write_record(instance, record),
         Step::Record(record) => {
-            let record = proven(record, sys)?;
+            let record = proven(record, run.firewall.shaped_table().as_deref(), sys)?;
             sys.write_record(instance, &record)
         }
         Step::IpBatch(batch) => sys.ip_batch(batch.family, &script(batch)),
@@ -110,17 +111,32 @@ fn execute(step: &Step, instance: &str, sys: &mut dyn Host) -> Result<(), System
 
 /// The final record, its read cache kept only if the generation is the one the plan
 /// expects after this run's commits: any other writer since the run's read moved it further.
-fn proven(record: &Record, sys: &mut dyn Host) -> Result<Record, SystemError> {
+/// A cache without the table's shape gets it from a dump at that generation.
+fn proven(
+    record: &Record,
+    dumped_table: Option<&str>,
+    sys: &mut dyn Host,
+) -> Result<Record, SystemError> {
     let Some(cache) = &record.read_cache else {
         return Ok(record.clone());
     };
-    if sys.nft_generation()? == Some(cache.read.generation) {
-        return Ok(record.clone());
+    let generation = cache.read.generation;
+    if sys.nft_generation()? != Some(generation) {
+        return Ok(Record {
+            read_cache: None,
+            ..record.clone()
+        });
     }
-    Ok(Record {
-        read_cache: None,
-        ..record.clone()
-    })
+    let mut record = record.clone();
+    if let (Some(table), Some(cache)) = (dumped_table, record.read_cache.as_mut()) {
+        if cache.read.shape.is_none() {
+            cache.read.shape = sys
+                .nft_dump(table, None)?
+                .filter(|dump| dump.generation == generation)
+                .map(|dump| dump.shape);
+        }
+    }
+    Ok(record)
 }
 
 /// Deletes the table only if nft itself shows nothing in it but chains without rules: sets,
@@ -262,7 +278,7 @@ fn plan_back<F: Firewall>(run: &Run<F>, done: &[Step], sys: &mut dyn Host) -> Re
             step,
             Step::IpBatch(_) | Step::Transaction(_) | Step::DropTable(_)
         ) {
-            if let Err(e) = execute(&step, run.instance, sys) {
+            if let Err(e) = execute(&step, run, sys) {
                 problems.push(e.to_string());
             }
         }
@@ -287,7 +303,7 @@ fn reread_for_rollback<F: Firewall>(
         run.firewall,
         sys,
         prelude,
-        None,
+        observe::Known::Nothing,
         run.protocol,
         &[],
         Scope::ALL,

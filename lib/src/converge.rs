@@ -19,7 +19,7 @@ use crate::findings::Severity;
 use crate::firewall::Firewall;
 use crate::model::{self, Config, Params, RunMode};
 use crate::net::Family;
-use crate::observe::{self, Observed, Prelude, Scope};
+use crate::observe::{self, Known, Observed, Prelude, Scope};
 use crate::ownership::ReadCache;
 use crate::phases;
 use crate::plan::{self, Plan};
@@ -27,6 +27,7 @@ use crate::record_store::Host;
 use crate::report::{self, Report, StateView};
 use crate::system::SystemError;
 use crate::tools::IptablesTool;
+use crate::tools::NftDump;
 
 /// Converges the host to `config` (in check mode: reports what that would change).
 pub(crate) fn run(config: &Config, mode: RunMode, sys: &mut dyn Host) -> Report {
@@ -82,7 +83,15 @@ fn converge<F: Firewall>(
     if plan.firewall.needs_read {
         let (keys, scope) = what_to_read(config);
         let read = phases::timed("read", || {
-            observe::observe(firewall, sys, prelude, None, protocol, &keys, scope)
+            observe::observe(
+                firewall,
+                sys,
+                prelude,
+                Known::Nothing,
+                protocol,
+                &keys,
+                scope,
+            )
         });
         observed = match read {
             Ok(observed) => observed,
@@ -176,21 +185,78 @@ fn compile_and_observe<F: Firewall>(
                     last_written(firewall, config, &desired.firewall, &prelude)
                 }),
             };
-            let cached = match &last {
-                Some((old, cache)) => Some((old, cache.clone())),
-                None => usable.map(|cache| (&desired.firewall, cache)),
+            let known = match (&last, usable) {
+                (Some((old, cache)), _) => Known::Cached(old, cache.clone()),
+                (None, Some(cache)) => Known::Cached(&desired.firewall, cache),
+                (None, None) => Known::Nothing,
             };
-            let observed = read(sys, prelude, cached).map(|mut o| {
+            let observed = read(sys, prelude, known).map(|mut o| {
                 o.firewall_is_desired = as_desired;
                 o
             });
             (desired, observed)
+        } else if let Some(dump) = dump_of_recorded_shape(firewall, &prelude, sys) {
+            // Dumped while compiling; read as what was last written once that is known.
+            let desired = join(compiled);
+            let known = phases::timed("earlier", || {
+                dumped(
+                    firewall,
+                    config,
+                    &desired.firewall,
+                    desired.read_key,
+                    &prelude,
+                    &dump,
+                )
+            });
+            let observed = read(sys, prelude, known);
+            (desired, observed)
         } else {
-            let observed = read(sys, prelude, None);
+            let observed = read(sys, prelude, Known::Nothing);
             (join(compiled), observed)
         }
     });
     Ok((desired, observed?))
+}
+
+/// Another writer has committed since the read cache was made (so the generation proves
+/// nothing), but the cache recorded the shape of the table it held: a netlink dump of the
+/// table with that shape, elements included (none when the shape differs: the table is
+/// listed).
+fn dump_of_recorded_shape<F: Firewall>(
+    firewall: &F,
+    prelude: &Prelude,
+    sys: &mut dyn Host,
+) -> Option<NftDump> {
+    let shape = prelude.record.read_cache.as_ref()?.read.shape?;
+    let table = firewall.dumped_table()?;
+    let dump = sys.nft_dump(&table, Some(shape)).ok().flatten()?;
+    (dump.shape == shape).then_some(dump)
+}
+
+/// What a listing would find, read from a dump of the recorded shape: the cached objects
+/// (this run's, when they are the cached digest; else rebuilt from the cached params, as
+/// [`last_written`] does), their elements as dumped.
+fn dumped<'a, F: Firewall>(
+    firewall: &F,
+    config: &Config,
+    desired: &F::Desired,
+    read_key: Option<u32>,
+    prelude: &Prelude,
+    dump: &NftDump,
+) -> Known<'a, F> {
+    let Some(cache) = prelude.record.read_cache.as_ref() else {
+        return Known::Nothing;
+    };
+    let observed = if read_key == Some(cache.digest) {
+        firewall.observe_dump(desired, dump)
+    } else {
+        last_written(firewall, config, desired, prelude)
+            .and_then(|(last, _)| firewall.observe_dump(&last, dump))
+    };
+    match observed {
+        Some(observed) => Known::Dumped(observed, dump.shape),
+        None => Known::Nothing,
+    }
 }
 
 /// The sysctls and the parts of the host a run of `config` reads besides the firewall.

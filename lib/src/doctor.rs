@@ -77,7 +77,7 @@ pub(crate) fn diagnose<F: Firewall>(
         firewall,
         sys,
         prelude,
-        None,
+        observe::Known::Nothing,
         config.route_protocol,
         &keys,
         scope,

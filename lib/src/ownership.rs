@@ -210,6 +210,8 @@ struct ReadCacheFile {
     other: Option<OtherTables>,
     #[serde(default)]
     params: Option<String>,
+    #[serde(default)]
+    shape: Option<u64>,
 }
 
 impl From<ReadCacheFile> for ReadCache {
@@ -221,6 +223,7 @@ impl From<ReadCacheFile> for ReadCache {
                 warnings: f.warnings,
                 facts: f.facts,
                 other: f.other,
+                shape: f.shape,
             },
             params: f.params,
         }
@@ -243,6 +246,12 @@ pub(crate) struct FirewallRead {
     /// them (they too change only with the generation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub other: Option<OtherTables>,
+    /// The digest of the nftables table's netlink dump (all but elements) while it held
+    /// exactly the cached objects: after another writer's commit, a dump of the same shape
+    /// proves chains, rules and declarations unchanged, and only the elements are read
+    /// ([`crate::firewall::Firewall::observe_dump`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<u64>,
 }
 
 /// What the warnings need of other nftables tables (see [`crate::observe::nft`]).

@@ -585,6 +585,7 @@ mod tests {
                 warnings: vec!["a \"quoted\" warning".into()],
                 facts: serde_json::json!({"marks": [1, 2]}),
                 other: Some(crate::ownership::OtherTables::default()),
+                shape: Some(u64::MAX - 1),
             },
             params: Some(r#"{"forwards":[{"name":"a","to":"10.0.0.1:80"}]}"#.into()),
         });

@@ -86,7 +86,7 @@ fn show_with<N: Firewall, O: Firewall>(
         firewall,
         sys,
         prelude,
-        None,
+        observe::Known::Nothing,
         protocol,
         &[],
         observe::Scope::ALL,

@@ -170,6 +170,30 @@ impl<N: Firewall, O: Firewall> Firewall for Moving<N, O> {
         }
     }
 
+    /// Only while nothing else may hold the instance (the old backend would need its read).
+    fn dumped_table(&self) -> Option<String> {
+        if self.from_old {
+            None
+        } else {
+            self.new.dumped_table()
+        }
+    }
+
+    fn shaped_table(&self) -> Option<String> {
+        self.new.shaped_table()
+    }
+
+    fn observe_dump(
+        &self,
+        last: &Self::Desired,
+        dump: &crate::tools::NftDump,
+    ) -> Option<Self::Observed> {
+        if self.from_old {
+            return None;
+        }
+        Some((self.new.observe_dump(&last.0, dump)?, None))
+    }
+
     fn assume_reading(
         &self,
         instance: &str,

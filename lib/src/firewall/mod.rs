@@ -111,6 +111,28 @@ pub(crate) trait Firewall:
         self.assume(want, read)
     }
 
+    /// The table a netlink dump may be read in place of the listing of, when the record
+    /// proves its shape (see [`crate::ownership::ReadCache::shape`]); None: always listed.
+    fn dumped_table(&self) -> Option<String> {
+        None
+    }
+
+    /// The table whose shape a run records after writing it (see [`Firewall::dumped_table`]):
+    /// the same table, also while another backend is being emptied.
+    fn shaped_table(&self) -> Option<String> {
+        self.dumped_table()
+    }
+
+    /// What a listing would find, read from a dump whose shape is that of `last` (the
+    /// objects last written); None when the dump does not say it plainly (then list).
+    fn observe_dump(
+        &self,
+        _last: &Self::Desired,
+        _dump: &crate::tools::NftDump,
+    ) -> Option<Self::Observed> {
+        None
+    }
+
     /// The observed objects as a desired state: the rollback target and what `show` reads.
     fn snapshot(&self, observed: &Self::Observed) -> Self::Desired;
 

@@ -168,6 +168,17 @@ pub(crate) fn nft_table_has_chains(sys: &mut dyn Host, table: &str) -> bool {
         .is_some_and(|(out, _)| nft::has_chains_in(out, "inet", table))
 }
 
+/// What a run knows of its firewall objects before reading them.
+pub(crate) enum Known<'a, F: Firewall> {
+    /// Nothing: the firewall is read.
+    Nothing,
+    /// The read cache of the current generation stands for the read: the objects it holds.
+    Cached(&'a F::Desired, ReadCache),
+    /// Another writer moved the generation, but a dump of the table has the recorded shape:
+    /// what it found (the elements read from it, the rest as last written), and the shape.
+    Dumped(F::Observed, u64),
+}
+
 /// Reads both families' rulesets (unless the read cache proves them unchanged), the
 /// instance's ip rules, routes and addresses, and the given sysctls. The independent reads run
 /// at once ([`System::read_batch`]).
@@ -175,7 +186,7 @@ pub(crate) fn observe<F: Firewall>(
     firewall: &F,
     sys: &mut dyn Host,
     prelude: Prelude,
-    cached: Option<(&F::Desired, ReadCache)>,
+    known: Known<'_, F>,
     protocol: u8,
     sysctl_keys: &[String],
     scope: Scope,
@@ -196,11 +207,13 @@ pub(crate) fn observe<F: Firewall>(
     let routing = scope.routing || !record.rules.is_empty() || !record.routes.is_empty();
     let addresses = scope.addresses || !record.addresses.is_empty();
     // Other tables' chains change only with the generation too: a current cache holds them.
-    let cached_other = cached.as_ref().and_then(|(_, c)| c.read.other.clone());
-    let mut reads = if cached.is_some() {
-        firewall.cache_reads()
-    } else {
-        firewall.reads()
+    let cached_other = match &known {
+        Known::Cached(_, c) => c.read.other.clone(),
+        _ => None,
+    };
+    let mut reads = match known {
+        Known::Nothing => firewall.reads(),
+        _ => firewall.cache_reads(),
     };
     let firewall_reads = reads.len();
     if routing {
@@ -229,8 +242,8 @@ pub(crate) fn observe<F: Firewall>(
     let outputs = (0..firewall_reads)
         .map(|_| next())
         .collect::<Result<Vec<_>, _>>()?;
-    match cached {
-        Some((want, cache)) => {
+    match known {
+        Known::Cached(want, cache) => {
             let mut warnings = Vec::new();
             observed.firewall =
                 firewall.assume_reading(instance, want, &cache.read, outputs, &mut warnings);
@@ -240,7 +253,19 @@ pub(crate) fn observe<F: Firewall>(
             observed.warnings.extend(warnings);
             observed.firewall_read = Some(cache.read);
         }
-        _ => {
+        Known::Dumped(dumped, shape) => {
+            // As a full read at the run's generation (the dump's may be later: then the
+            // next run reads again), with other tables read anew.
+            observed.firewall_read = generation.map(|generation| FirewallRead {
+                generation,
+                warnings: Vec::new(),
+                facts: firewall.foreign_facts(&dumped),
+                other: None,
+                shape: Some(shape),
+            });
+            observed.firewall = dumped;
+        }
+        Known::Nothing => {
             let mut warnings = Vec::new();
             observed.firewall = firewall.observe(instance, outputs, &mut warnings);
             let flavour = firewall.flavour(&observed.firewall);
@@ -254,6 +279,7 @@ pub(crate) fn observe<F: Firewall>(
                     warnings: warnings.clone(),
                     facts: firewall.foreign_facts(&observed.firewall),
                     other: None,
+                    shape: None,
                 });
             }
             observed.warnings.extend(warnings);

@@ -141,6 +141,11 @@ pub(crate) fn plan<F: Firewall>(
         .zip(commits(&firewall_plan))
         .and_then(|(mut read, commits)| {
             read.generation = read.generation.wrapping_add(commits);
+            // The table's shape, as a read or a dump proved it, holds while the run writes
+            // nothing; after a commit the apply dumps it anew.
+            if commits > 0 {
+                read.shape = None;
+            }
             Some(ReadCache {
                 digest: desired.read_key?,
                 read,

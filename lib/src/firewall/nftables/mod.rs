@@ -17,6 +17,7 @@
 
 pub(crate) mod compile;
 pub(crate) mod decompile;
+mod dumped;
 pub(crate) mod observe;
 pub(crate) mod plan;
 pub(crate) mod table;
@@ -151,6 +152,14 @@ impl Firewall for Nftables {
     /// Only a base chain's rule needs a handle; the rest goes by name and key.
     fn plans_from_record(&self) -> bool {
         true
+    }
+
+    fn dumped_table(&self) -> Option<String> {
+        Some(self.table.clone())
+    }
+
+    fn observe_dump(&self, last: &Table, dump: &crate::tools::NftDump) -> Option<NftObserved> {
+        dumped::observed(last, dump)
     }
 
     fn readable(&self, observed: &NftObserved) -> bool {
