@@ -477,3 +477,164 @@ fn a_run_gives_its_phases_when_asked() {
     assert!(!plain.changed(), "{}", plain.stdout);
     assert!(plain.json.get("phases").is_none(), "{}", plain.stdout);
 }
+
+/// The nft calls of one run that listed the instance's table.
+fn listings(log: &portfwd_harness::shims::CallLog) -> Vec<String> {
+    log.calls()
+        .into_iter()
+        .filter(|c| c.contains("list table inet portfwd-"))
+        .collect()
+}
+
+/// After another writer's commit (the generation proves nothing), a run of the nftables
+/// backend dumps its table over netlink instead of listing it, when the dump's shape (all but
+/// the elements, counters' values left out) is the one recorded while the table held what
+/// portfwd wrote: nothing changed reads as `no changes` with no listing, traffic having moved
+/// counters; an element edited or added by hand is read from the dump and repaired; a rule
+/// added by hand changes the shape, so the table is listed and the rule removed.
+#[test]
+fn after_another_writers_commit_the_table_is_dumped_not_listed() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _servers: Vec<Server> = [
+        (Proto::Tcp, "0.0.0.0:1234"),
+        (Proto::Udp, "0.0.0.0:1234"),
+        (Proto::Tcp, "[fd00:2::2]:1234"),
+        (Proto::Tcp, "0.0.0.0:6005"),
+    ]
+    .into_iter()
+    .map(|(p, a)| Server::start(&t.backend, p, sa(a)).unwrap())
+    .collect();
+    t.backend
+        .ip(&["route", "add", "default", "via", "10.0.2.1"])
+        .unwrap();
+    // Plain forwards (map elements), a range by listen address and a forward with sources
+    // (chains of their own, with counters), both families.
+    let params = json!({"backend": "nftables", "forwards": [
+        {"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"},
+        {"name": "dns", "proto": "udp", "listen_port": 5353, "to": "10.0.2.2:1234"},
+        {"name": "web6", "listen_port": 4321, "to": "[fd00:2::2]:1234"},
+        {"name": "range", "listen_address": "10.0.1.1", "listen_port": "6000-6010", "to": "10.0.2.2", "snat": "10.0.2.1"},
+        {"name": "keep", "listen_port": 4600, "to": "10.0.2.2:1234", "snat": "none", "sources": ["10.0.1.0/24"], "in_interface": "eth0"}
+    ]});
+    let first = run(&t.proxy, &params, &[]);
+    assert!(first.changed(), "{}", first.stdout);
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(only_record(&t.proxy)).unwrap()).unwrap();
+    assert!(
+        record["read_cache"]["shape"].is_u64(),
+        "the write recorded the table's shape: {record}"
+    );
+    let proxy_side: std::net::IpAddr = "10.0.2.1".parse().unwrap();
+    let client: std::net::IpAddr = "10.0.1.2".parse().unwrap();
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4600")).unwrap(),
+        client
+    );
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:6005")).unwrap(),
+        proxy_side
+    );
+
+    t.proxy.exec(&["nft", "add table ip other"]).unwrap();
+    let log = portfwd_harness::shims::CallLog::new(&["nft"]).unwrap();
+    let quiet = run(&t.proxy, &params, &[("PATH", &log.path())]);
+    assert!(!quiet.changed() && !quiet.failed(), "{}", quiet.stdout);
+    assert_eq!(listings(&log), Vec::<String>::new(), "dumped, not listed");
+
+    // By hand: web's element now sends elsewhere, and an element nobody wrote.
+    let table = "inet portfwd-portfwd";
+    let nat = t
+        .proxy
+        .stdout(&[
+            "nft",
+            "list",
+            "map",
+            "inet",
+            "portfwd-portfwd",
+            "pre-port4-nat",
+        ])
+        .unwrap();
+    let comment = nat
+        .split('"')
+        .find(|c| c.starts_with("portfwd:fwd:web:"))
+        .expect("web's element")
+        .to_string();
+    t.proxy
+        .exec(&[
+            "nft",
+            &format!("delete element {table} pre-port4-nat {{ tcp . 4321 }}"),
+        ])
+        .unwrap();
+    t.proxy
+        .exec(&["nft", &format!("add element {table} pre-port4-nat {{ tcp . 4321 comment \"{comment}\" : 10.0.2.2 . 9999 }}")])
+        .unwrap();
+    t.proxy
+        .exec(&[
+            "nft",
+            &format!("add element {table} pre-port4-mark {{ udp . 7777 }}"),
+        ])
+        .unwrap();
+    assert!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err(),
+        "broken by hand"
+    );
+    let log = portfwd_harness::shims::CallLog::new(&["nft"]).unwrap();
+    let repaired = run(&t.proxy, &params, &[("PATH", &log.path())]);
+    assert!(repaired.changed(), "{}", repaired.stdout);
+    let msg = repaired.json["msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(&format!("element {comment} of map pre-port4-nat edited"))
+            && msg.contains("element of map pre-port4-mark not written by portfwd"),
+        "{msg}"
+    );
+    assert_eq!(listings(&log), Vec::<String>::new(), "dumped, not listed");
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
+        proxy_side
+    );
+    let mark = t
+        .proxy
+        .stdout(&[
+            "nft",
+            "list",
+            "set",
+            "inet",
+            "portfwd-portfwd",
+            "pre-port4-mark",
+        ])
+        .unwrap();
+    assert!(!mark.contains("7777"), "{mark}");
+
+    // A rule by hand in a base chain: another shape, so the table is listed and repaired.
+    t.proxy
+        .exec(&[
+            "nft",
+            &format!("insert rule {table} prerouting tcp dport 4321 drop"),
+        ])
+        .unwrap();
+    assert!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err(),
+        "broken by hand"
+    );
+    let log = portfwd_harness::shims::CallLog::new(&["nft"]).unwrap();
+    let listed = run(&t.proxy, &params, &[("PATH", &log.path())]);
+    assert!(listed.changed(), "{}", listed.stdout);
+    assert!(!listings(&log).is_empty(), "another shape is listed");
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap(),
+        proxy_side
+    );
+    assert_eq!(
+        probe(&t.client, Proto::Tcp, sa("[fd00:1::1]:4321")).unwrap(),
+        "fd00:2::1".parse::<std::net::IpAddr>().unwrap()
+    );
+    // The repair recorded the shape again: the next commit by another writer is dumped.
+    t.proxy.exec(&["nft", "add table ip other2"]).unwrap();
+    let log = portfwd_harness::shims::CallLog::new(&["nft"]).unwrap();
+    let quiet = run(&t.proxy, &params, &[("PATH", &log.path())]);
+    assert!(!quiet.changed(), "{}", quiet.stdout);
+    assert_eq!(listings(&log), Vec::<String>::new(), "dumped, not listed");
+}
