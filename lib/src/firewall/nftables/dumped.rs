@@ -190,3 +190,147 @@ fn range_end(types: &[&str], key: &[u8], end: &[u8]) -> Option<u16> {
     }
     Some(u16::from_be_bytes(end.get(at..at + 2)?.try_into().ok()?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(
+        stage: Stage,
+        by_addr: bool,
+        proto: Option<Proto>,
+        ranged: bool,
+        data: Data,
+    ) -> MapKind {
+        MapKind {
+            stage,
+            by_addr,
+            family: Family::V4,
+            proto,
+            ranged,
+            data,
+        }
+    }
+
+    fn bytes(key: &[u8]) -> DumpedElement {
+        DumpedElement {
+            key: key.to_vec(),
+            ..DumpedElement::default()
+        }
+    }
+
+    const TCP_4321: [u8; 8] = [6, 0, 0, 0, 0x10, 0xe1, 0, 0];
+
+    #[test]
+    fn a_dnat_element_reads_as_its_key_and_backend() {
+        let nat = kind(Stage::Pre, false, None, false, Data::Nat);
+        let dumped = DumpedElement {
+            data: Some(vec![10, 0, 2, 2, 0x04, 0xd2, 0, 0]),
+            ..bytes(&TCP_4321)
+        };
+        let element = element(nat, &dumped).expect("a plain forward's element");
+        assert_eq!(
+            element,
+            Element {
+                addr: None,
+                proto: Some(Proto::Tcp),
+                ports: PortRange {
+                    first: 4321,
+                    last: 4321
+                },
+                backend: None,
+                target: Target::To("10.0.2.2".parse().unwrap(), 1234),
+            }
+        );
+        assert_eq!(element.key(), "tcp . 4321");
+    }
+
+    #[test]
+    fn a_masquerade_member_reads_its_backend_from_the_key() {
+        let masq = kind(Stage::Post, false, Some(Proto::Tcp), false, Data::Masq);
+        let dumped = bytes(&[0x10, 0xe1, 0, 0, 10, 0, 2, 2, 0x04, 0xd2, 0, 0]);
+        let element = element(masq, &dumped).expect("a masquerade member");
+        assert_eq!(element.proto, None);
+        assert_eq!(element.backend, Some(("10.0.2.2".parse().unwrap(), 1234)));
+        assert_eq!(element.target, Target::Member);
+    }
+
+    #[test]
+    fn a_single_field_key_has_no_padding() {
+        let post = kind(Stage::Post, false, Some(Proto::Udp), false, Data::Verdict);
+        let dumped = DumpedElement {
+            jump: Some("fwd-dns".into()),
+            ..bytes(&[0x14, 0xe9])
+        };
+        let element = element(post, &dumped).expect("a jump by port");
+        assert_eq!(element.ports.first, 5353);
+        assert_eq!(element.target, Target::Jump("fwd-dns".into()));
+        // Padded, the same port is not a single-field key.
+        let padded = DumpedElement {
+            jump: Some("fwd-dns".into()),
+            ..bytes(&[0x14, 0xe9, 0, 0])
+        };
+        assert_eq!(super::element(post, &padded), None);
+    }
+
+    #[test]
+    fn a_range_end_must_repeat_the_rest_of_the_key() {
+        let ranged = kind(Stage::Pre, true, None, true, Data::Verdict);
+        let key = [10, 0, 1, 1, 6, 0, 0, 0, 0x17, 0x70, 0, 0];
+        let end = [10, 0, 1, 1, 6, 0, 0, 0, 0x17, 0x7a, 0, 0];
+        let dumped = DumpedElement {
+            key_end: Some(end.to_vec()),
+            jump: Some("fwd-range".into()),
+            ..bytes(&key)
+        };
+        let element = element(ranged, &dumped).expect("a range by address");
+        assert_eq!(element.addr, Some("10.0.1.1".parse().unwrap()));
+        assert_eq!(
+            element.ports,
+            PortRange {
+                first: 6000,
+                last: 6010
+            }
+        );
+        let mut elsewhere = end;
+        elsewhere[3] = 2;
+        let odd = DumpedElement {
+            key_end: Some(elsewhere.to_vec()),
+            ..dumped.clone()
+        };
+        assert_eq!(super::element(ranged, &odd), None, "another address's end");
+        let unranged = kind(Stage::Pre, true, None, false, Data::Verdict);
+        assert_eq!(super::element(unranged, &dumped), None, "an end in a hash");
+    }
+
+    #[test]
+    fn what_portfwd_would_not_write_is_not_read() {
+        let nat = kind(Stage::Pre, false, None, false, Data::Nat);
+        let good = DumpedElement {
+            data: Some(vec![10, 0, 2, 2, 0x04, 0xd2, 0, 0]),
+            ..bytes(&TCP_4321)
+        };
+        assert!(element(nat, &good).is_some());
+        let flagged = DumpedElement {
+            other: true,
+            ..good.clone()
+        };
+        assert_eq!(element(nat, &flagged), None, "a timeout or flags");
+        let icmp = DumpedElement {
+            key: vec![1, 0, 0, 0, 0x10, 0xe1, 0, 0],
+            ..good.clone()
+        };
+        assert_eq!(element(nat, &icmp), None, "a protocol portfwd never keys");
+        let long = DumpedElement {
+            data: Some(vec![10, 0, 2, 2, 0x04, 0xd2, 0, 0, 0, 0, 0, 0]),
+            ..good.clone()
+        };
+        assert_eq!(element(nat, &long), None, "bytes left over");
+        let jump = DumpedElement {
+            data: None,
+            jump: Some("fwd-web".into()),
+            ..good
+        };
+        assert_eq!(element(nat, &jump), None, "a jump in a DNAT map");
+    }
+}

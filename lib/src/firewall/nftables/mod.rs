@@ -2,7 +2,8 @@
 //! `inet portfwd-<instance>`, and writes nothing outside it.
 //!
 //! Reads: `nft -j list table inet portfwd-<instance>` only (other software's rules are never
-//! listed for the plan). Writes: one `nft -f -` script per run, one transaction for both
+//! listed for the plan); after another writer's commit, a netlink dump of that table instead
+//! when its shape is the one recorded ([`dumped`]). Writes: one `nft -f -` script per run, one transaction for both
 //! families. Dispatch is by map lookup, so a new connection costs the same with one forward
 //! or thousands.
 //!
