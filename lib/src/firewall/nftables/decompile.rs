@@ -46,8 +46,19 @@ fn dest_text(addr: IpAddr, port: Option<u16>) -> String {
 /// The part of `table` that holds the forwards `names`: their elements (found by their
 /// comments' prefix) and own chains, and the base chains. It decompiles to those forwards as
 /// the whole table does, at the cost of their objects: a change among 50,000 forwards follows
-/// the live flows of a handful.
-pub(crate) fn part_of(table: &Table, instance: &str, names: &HashSet<&str>) -> Table {
+/// the live flows of a handful. None when the forwards are so many that decompiling the
+/// whole table costs less than finding their part (a descent of each map's tree per name:
+/// removing all 50,000 forwards spent 0.34 s on it).
+pub(crate) fn part_of(table: &Table, instance: &str, names: &HashSet<&str>) -> Option<Table> {
+    let elements: usize = table.maps.values().map(BTreeMap::len).sum();
+    if names
+        .len()
+        .saturating_mul(table.maps.len())
+        .saturating_mul(8)
+        > elements
+    {
+        return None;
+    }
     let prefixes: Vec<String> = names
         .iter()
         .map(|name| entry_prefix(instance, KIND_FORWARD, name))
@@ -74,10 +85,10 @@ pub(crate) fn part_of(table: &Table, instance: &str, names: &HashSet<&str>) -> T
         .chain(own)
         .filter_map(|chain| Some((chain.clone(), table.chains.get(&chain)?.clone())))
         .collect();
-    Table {
+    Some(Table {
         maps: Arc::new(maps),
         chains: Arc::new(chains),
-    }
+    })
 }
 
 /// The entries of a table: forwards by name, masquerade entries in rule order.

@@ -212,7 +212,7 @@ impl Firewall for Nftables {
         names: &std::collections::HashSet<&str>,
     ) -> Entries {
         let part = decompile::part_of(state, instance, names);
-        let mut entries = decompile::entries_from_table(&part, instance);
+        let mut entries = decompile::entries_from_table(part.as_ref().unwrap_or(state), instance);
         entries.forwards.retain(|f| names.contains(f.name.as_str()));
         entries
     }
@@ -282,6 +282,46 @@ mod tests {
             let got: Vec<String> = some.forwards.iter().map(json).collect();
             assert_eq!(got, expected, "{names:?}");
             assert_eq!(some.conn_mark, whole.conn_mark);
+        }
+    }
+
+    /// Among many forwards a few are decompiled from their part of the table; nearly all of
+    /// them, from the whole table: either way as the whole table gives them.
+    #[test]
+    fn few_forwards_among_many_come_from_their_part() {
+        let forwards: Vec<serde_json::Value> = (0..200)
+            .map(|i| {
+                serde_json::json!({"name": format!("f{i}"), "listen_port": 10000 + i,
+                    "to": format!("10.0.{}.{}:80", i / 200, i % 200 + 1),
+                    "proto": if i % 2 == 0 { "tcp" } else { "udp" }})
+            })
+            .collect();
+        let params =
+            serde_json::json!({"instance": "gw", "backend": "nftables", "forwards": forwards});
+        let (config, _, _) = crate::model::Config::from_json(&params.to_string()).unwrap();
+        let nft = Nftables::new("gw");
+        let table = nft.compile(&config);
+        let whole = nft.decompile("gw", &table);
+        assert_eq!(whole.forwards.len(), 200);
+        let json = |f: &crate::model::ForwardParams| serde_json::to_string(f).unwrap();
+        let few: std::collections::HashSet<&str> = ["f0", "f7", "f199"].into();
+        let all: std::collections::HashSet<&str> =
+            whole.forwards.iter().map(|f| f.name.as_str()).collect();
+        for (names, by_part) in [(few, true), (all, false)] {
+            assert_eq!(
+                decompile::part_of(&table, "gw", &names).is_some(),
+                by_part,
+                "{} names",
+                names.len()
+            );
+            let some = nft.decompile_some("gw", &table, &names);
+            let expected: Vec<String> = whole
+                .forwards
+                .iter()
+                .filter(|f| names.contains(f.name.as_str()))
+                .map(json)
+                .collect();
+            assert_eq!(some.forwards.iter().map(json).collect::<Vec<_>>(), expected);
         }
     }
 
