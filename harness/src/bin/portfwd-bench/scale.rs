@@ -5,7 +5,8 @@
 //! of the first apply. Every figure is printed as a ratio to the same figure at the smallest N,
 //! and to the same figure without foreign rules, measured in the same run. With iptables, the
 //! change is also compared with a bare `iptables-restore --noflush` of the lines it writes. The
-//! no-op and the change run with `PORTFWD_PHASES=1`, and the medians of their phases are shown.
+//! no-op, the change and the full read run with `PORTFWD_PHASES=1`, and the medians of their
+//! phases are shown, with and without the foreign rules.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -30,10 +31,11 @@ struct Figures {
     rss: u64,
     /// iptables: the restores a change writes, run bare (`iptables-restore --noflush`).
     bare_restore: Option<f64>,
-    /// Medians of the no-op's and the change's seconds per phase ([`PHASES`]), as the runs
-    /// report them with `PORTFWD_PHASES=1`.
+    /// Medians of the no-op's, the change's and the full read's seconds per phase
+    /// ([`PHASES`]), as the runs report them with `PORTFWD_PHASES=1`.
     noop_phases: [f64; PHASES.len()],
     change_phases: [f64; PHASES.len()],
+    full_read_phases: [f64; PHASES.len()],
 }
 
 /// The phases a run reports, in pipeline order (compile runs beside the read).
@@ -198,7 +200,8 @@ fn measure_one(
     let mut noops = Vec::new();
     let mut changes = Vec::new();
     let mut full = Vec::new();
-    let (mut noop_phases, mut change_phases) = (Vec::new(), Vec::new());
+    let (mut noop_phases, mut change_phases, mut full_phases) =
+        (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..reps {
         let (t, p) = timed_phases(pf, &ns, &base)?;
         noops.push(t);
@@ -210,13 +213,16 @@ fn measure_one(
         }
         timed(pf, &ns, &base)?;
         other_writer(&ns)?;
-        full.push(timed(pf, &ns, &base)?);
+        let (t, p) = timed_phases(pf, &ns, &base)?;
+        full.push(t);
+        full_phases.push(p);
     }
     f.noop = median(noops);
     f.change = median(changes);
     f.noop_phases = median_phases(&noop_phases);
     f.change_phases = median_phases(&change_phases);
     f.full_read = median(full);
+    f.full_read_phases = median_phases(&full_phases);
     if backend != "nftables" {
         let mut bare = Vec::new();
         for _ in 0..reps {
@@ -297,17 +303,21 @@ pub(super) fn run(
                 bare.rss / 1024,
                 loaded.rss / 1024
             );
-            for (what, phases) in [
-                ("no-op", bare.noop_phases),
-                ("change 1", bare.change_phases),
-            ] {
-                let shown: Vec<String> = PHASES
-                    .iter()
-                    .zip(phases)
-                    .filter(|(_, s)| *s > 0.0)
-                    .map(|(p, s)| format!("{p} {s:.3}"))
-                    .collect();
-                let _ = writeln!(table, "{n:>8} phases of {what:<9} {}", shown.join(", "));
+            for (beside, figures) in [("", &bare), (" | foreign", &loaded)] {
+                for (what, phases) in [
+                    ("no-op", figures.noop_phases),
+                    ("change 1", figures.change_phases),
+                    ("full read", figures.full_read_phases),
+                ] {
+                    let shown: Vec<String> = PHASES
+                        .iter()
+                        .zip(phases)
+                        .filter(|(_, s)| *s > 0.0)
+                        .map(|(p, s)| format!("{p} {s:.3}"))
+                        .collect();
+                    let what = format!("{what}{beside}");
+                    let _ = writeln!(table, "{n:>8} phases of {what:<19} {}", shown.join(", "));
+                }
             }
             if let (Some(b), Some(l)) = (bare.bare_restore, loaded.bare_restore) {
                 let _ = writeln!(
@@ -347,7 +357,8 @@ fn figures_json(f: &Figures) -> Value {
            "full_read_noop_s": f.full_read, "absent_s": f.absent, "shrink_to_2_s": f.shrink,
            "bare_restore_s": f.bare_restore, "peak_rss_kib": f.rss,
            "noop_phases_s": phases_json(&f.noop_phases),
-           "change_1_phases_s": phases_json(&f.change_phases)})
+           "change_1_phases_s": phases_json(&f.change_phases),
+           "full_read_phases_s": phases_json(&f.full_read_phases)})
 }
 
 fn phases_json(phases: &[f64; PHASES.len()]) -> Value {
