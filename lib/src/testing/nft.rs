@@ -199,6 +199,16 @@ impl NftState {
                     }
                 }
             }
+            ["flush", object @ ("map" | "set"), "inet", t, m] => {
+                let map = self
+                    .table(t)?
+                    .maps
+                    .get_mut(*m)
+                    .filter(|have| (*object == "set") == have.data.is_none())
+                    .ok_or("No such file or directory")?;
+                map.elements.clear();
+                Ok(())
+            }
             ["delete", object @ ("map" | "set"), "inet", t, m] => {
                 let table = self.table(t)?;
                 if table
@@ -851,6 +861,31 @@ mod tests {
             .expect("applies");
         let observed = parse(&nft.list_table("portfwd-gw")).expect("parses");
         assert_eq!(observed.table, want);
+    }
+
+    /// A plan that flushes maps (most of many forwards removed) lands on the table the
+    /// kept forwards compile to; a flush names the object as it is declared.
+    #[test]
+    fn a_flushed_map_keeps_what_is_added_back() {
+        let plain = |n: usize| {
+            let forwards: Vec<Value> = (0..n)
+                .map(|i| json!({"name": format!("f{i}"), "proto": "both", "listen_port": 10000 + i, "to": "10.0.2.2:80"}))
+                .collect();
+            let params = json!({"instance": "gw", "backend": "nftables", "forwards": forwards});
+            compile_table(&Config::from_json(&params.to_string()).expect("valid").0)
+        };
+        let mut nft = NftState::default();
+        nft.apply(&plan_table("gw", "portfwd-gw", &plain(100), &Default::default()).script)
+            .expect("applies");
+        let have = parse(&nft.list_table("portfwd-gw")).expect("parses");
+        let edit = plan_table("gw", "portfwd-gw", &plain(3), &have);
+        assert!(edit.script.contains("flush map "), "{}", edit.script);
+        nft.apply(&edit.script).expect("applies");
+        let observed = parse(&nft.list_table("portfwd-gw")).expect("parses");
+        assert_eq!(observed.table, plain(3));
+        assert!(nft
+            .apply("flush set inet portfwd-gw pre-port4-nat")
+            .is_err());
     }
 
     #[test]

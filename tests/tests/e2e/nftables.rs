@@ -234,6 +234,78 @@ fn forty_forwards() -> (Topology, [Server; 2], TcpSession) {
     (t, [a, b], session)
 }
 
+/// Removing most of many forwards in one run flushes their maps and writes the kept
+/// elements again, in the one transaction: the kept forwards never stop forwarding (an open
+/// connection through one lives on), the removed ones stop, and the next run has nothing to
+/// do. A few removals still delete element by element.
+#[test]
+fn removing_most_forwards_flushes_their_maps_and_keeps_the_rest() {
+    if !prerequisites() {
+        return;
+    }
+    let t = Topology::new().unwrap();
+    let _tcp = Server::start(&t.backend, Proto::Tcp, sa("0.0.0.0:1234")).unwrap();
+    let _udp = Server::start(&t.backend, Proto::Udp, sa("0.0.0.0:1234")).unwrap();
+    let first = portfwd().apply(&t.proxy, &many(100, None)).unwrap();
+    assert!(first.changed() && !first.failed(), "{}", first.stdout);
+    let mut session = TcpSession::connect(&t.client, sa("10.0.1.1:10000")).unwrap();
+    assert_eq!(session.ask().unwrap(), ip("10.0.2.1"));
+
+    let mut few = many(100, None);
+    few["forwards"].as_array_mut().unwrap().truncate(98);
+    let r = portfwd().apply(&t.proxy, &few).unwrap();
+    assert!(r.changed() && !r.failed(), "{}", r.stdout);
+    let script = nft_script(&r);
+    assert!(
+        script.iter().any(|l| l.starts_with("delete element "))
+            && !script.iter().any(|l| l.starts_with("flush ")),
+        "two of a hundred go by key: {script:#?}"
+    );
+
+    let mut two = many(100, None);
+    two["forwards"].as_array_mut().unwrap().truncate(2);
+    let r = portfwd().apply(&t.proxy, &two).unwrap();
+    assert!(r.changed() && !r.failed(), "{}", r.stdout);
+    assert_eq!(
+        r.json["forwards"]["removed"].as_array().map(Vec::len),
+        Some(96)
+    );
+    let script = nft_script(&r);
+    assert!(
+        script
+            .iter()
+            .any(|l| l == "flush map inet portfwd-portfwd pre-port4-nat")
+            && !script.iter().any(|l| l.starts_with("delete element ")),
+        "{script:#?}"
+    );
+    assert_eq!(
+        session.ask().unwrap(),
+        ip("10.0.2.1"),
+        "f0's connection lives on"
+    );
+    for proto in [Proto::Tcp, Proto::Udp] {
+        assert_eq!(
+            probe(&t.client, proto, sa("10.0.1.1:10001")).unwrap(),
+            ip("10.0.2.1"),
+            "f1 ({proto:?}) still forwards"
+        );
+        assert!(
+            probe(&t.client, proto, sa("10.0.1.1:10050")).is_err(),
+            "f50 ({proto:?}) is gone"
+        );
+    }
+    let again = portfwd().apply(&t.proxy, &two).unwrap();
+    assert!(!again.changed() && !again.failed(), "{}", again.stdout);
+    let listing = t
+        .proxy
+        .stdout(&["nft", "list", "table", "inet", "portfwd-portfwd"])
+        .unwrap();
+    assert!(
+        listing.contains("10001") && !listing.contains("10002"),
+        "{listing}"
+    );
+}
+
 /// Changing one of 40 forwards writes only its map elements (at most 6 operations: out and in
 /// again, in the DNAT map and the two protocols' SNAT sets), never a rule, chain or the
 /// table, and the other forwards keep their connections.
