@@ -24,6 +24,8 @@ const NETNS_DIR: &str = "/run/netns";
 
 /// Commands run in a namespace are killed after this long: a hung tool never hangs a run.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long [`link`] waits for a new link to settle before going on regardless.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A failure setting up or using a namespace.
 #[derive(Debug, thiserror::Error)]
@@ -281,7 +283,38 @@ pub fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<(), LabError
         b.name(),
     ])?;
     a.ip(&["link", "set", a_if, "up"])?;
-    b.ip(&["link", "set", b_if, "up"])
+    b.ip(&["link", "set", b_if, "up"])?;
+    settle(a, a_if)?;
+    settle(b, b_if)
+}
+
+/// Waits (at most [`SETTLE_TIMEOUT`]) until a link just set up has its carrier and, where IPv6
+/// is on, its link-local address with its routes: the kernel adds them a moment after `ip
+/// link set up` (much later on a slow VM), and a test that snapshots the namespace first sees
+/// them appear on their own, as if something had changed it.
+fn settle(ns: &Netns, dev: &str) -> Result<(), LabError> {
+    let ipv6 = ns
+        .stdout(&["sysctl", "-n", &format!("net.ipv6.conf.{dev}.disable_ipv6")])
+        .is_ok_and(|v| v.trim() == "0");
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let link = ns.stdout(&["ip", "-o", "link", "show", "dev", dev])?;
+        let carrier = !link.contains("NO-CARRIER") && !link.contains(" state DOWN ");
+        let local = !ipv6 || {
+            let addr = ns.stdout(&[
+                "ip", "-o", "-6", "addr", "show", "dev", dev, "scope", "link",
+            ])?;
+            let routes = ns.stdout(&["ip", "-6", "route", "show", "table", "all", "dev", dev])?;
+            addr.contains("fe80:")
+                && !addr.contains("tentative")
+                && routes.contains("fe80::/64")
+                && routes.contains("local fe80:")
+        };
+        if (carrier && local) || Instant::now() >= deadline {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Adds an address.
