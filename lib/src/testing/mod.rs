@@ -414,6 +414,18 @@ impl Records for FakeHost {
     }
 }
 
+/// `n` plain forwards `f0`.. of instance `gw` (nftables backend), TCP and UDP on ports
+/// 10000.., all to 10.0.2.2:80: map elements by the hundred for tests of size.
+pub(crate) fn plain_forwards(n: usize) -> crate::model::Config {
+    let forwards: Vec<serde_json::Value> = (0..n)
+        .map(|i| serde_json::json!({"name": format!("f{i}"), "proto": "both", "listen_port": 10000 + i, "to": "10.0.2.2:80"}))
+        .collect();
+    let params = serde_json::json!({"instance": "gw", "backend": "nftables", "forwards": forwards});
+    let (config, _, _) =
+        crate::model::Config::from_json(&params.to_string()).expect("valid params");
+    config
+}
+
 /// The desired state of params JSON, compiled for the iptables backend.
 pub(crate) fn compiled(json: &str) -> crate::compile::Desired {
     let (config, _, _) = crate::model::Config::from_json(json).expect("valid params");

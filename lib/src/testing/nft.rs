@@ -867,13 +867,7 @@ mod tests {
     /// kept forwards compile to; a flush names the object as it is declared.
     #[test]
     fn a_flushed_map_keeps_what_is_added_back() {
-        let plain = |n: usize| {
-            let forwards: Vec<Value> = (0..n)
-                .map(|i| json!({"name": format!("f{i}"), "proto": "both", "listen_port": 10000 + i, "to": "10.0.2.2:80"}))
-                .collect();
-            let params = json!({"instance": "gw", "backend": "nftables", "forwards": forwards});
-            compile_table(&Config::from_json(&params.to_string()).expect("valid").0)
-        };
+        let plain = |n| compile_table(&crate::testing::plain_forwards(n));
         let mut nft = NftState::default();
         nft.apply(&plan_table("gw", "portfwd-gw", &plain(100), &Default::default()).script)
             .expect("applies");

@@ -252,6 +252,23 @@ impl Firewall for Nftables {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
+
+    /// `decompile_some` of `names` gives what the whole table gives for them.
+    fn assert_some_as_whole(nft: &Nftables, table: &Table, names: &HashSet<&str>) {
+        let json = |f: &crate::model::ForwardParams| serde_json::to_string(f).unwrap();
+        let whole = nft.decompile("gw", table);
+        let some = nft.decompile_some("gw", table, names);
+        let expected: Vec<String> = whole
+            .forwards
+            .iter()
+            .filter(|f| names.contains(f.name.as_str()))
+            .map(json)
+            .collect();
+        let got: Vec<String> = some.forwards.iter().map(json).collect();
+        assert_eq!(got, expected, "{names:?}");
+        assert_eq!(some.conn_mark, whole.conn_mark);
+    }
 
     /// Any subset of the forwards decompiles from their part of the table as from the whole
     /// table: plain ones (elements only), chained ones, local, SNAT to an address, IPv6.
@@ -265,23 +282,13 @@ mod tests {
         let all: Vec<&str> = whole.forwards.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(all.len(), config.forwards.len());
         for mask in 0..(1u32 << all.len()) {
-            let names: std::collections::HashSet<&str> = all
+            let names: HashSet<&str> = all
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| mask & (1 << i) != 0)
                 .map(|(_, n)| *n)
                 .collect();
-            let some = nft.decompile_some("gw", &table, &names);
-            let json = |f: &crate::model::ForwardParams| serde_json::to_string(f).unwrap();
-            let expected: Vec<String> = whole
-                .forwards
-                .iter()
-                .filter(|f| names.contains(f.name.as_str()))
-                .map(json)
-                .collect();
-            let got: Vec<String> = some.forwards.iter().map(json).collect();
-            assert_eq!(got, expected, "{names:?}");
-            assert_eq!(some.conn_mark, whole.conn_mark);
+            assert_some_as_whole(&nft, &table, &names);
         }
     }
 
@@ -289,24 +296,12 @@ mod tests {
     /// them, from the whole table: either way as the whole table gives them.
     #[test]
     fn few_forwards_among_many_come_from_their_part() {
-        let forwards: Vec<serde_json::Value> = (0..200)
-            .map(|i| {
-                serde_json::json!({"name": format!("f{i}"), "listen_port": 10000 + i,
-                    "to": format!("10.0.{}.{}:80", i / 200, i % 200 + 1),
-                    "proto": if i % 2 == 0 { "tcp" } else { "udp" }})
-            })
-            .collect();
-        let params =
-            serde_json::json!({"instance": "gw", "backend": "nftables", "forwards": forwards});
-        let (config, _, _) = crate::model::Config::from_json(&params.to_string()).unwrap();
         let nft = Nftables::new("gw");
-        let table = nft.compile(&config);
+        let table = nft.compile(&crate::testing::plain_forwards(200));
         let whole = nft.decompile("gw", &table);
         assert_eq!(whole.forwards.len(), 200);
-        let json = |f: &crate::model::ForwardParams| serde_json::to_string(f).unwrap();
-        let few: std::collections::HashSet<&str> = ["f0", "f7", "f199"].into();
-        let all: std::collections::HashSet<&str> =
-            whole.forwards.iter().map(|f| f.name.as_str()).collect();
+        let few: HashSet<&str> = ["f0", "f7", "f199"].into();
+        let all: HashSet<&str> = whole.forwards.iter().map(|f| f.name.as_str()).collect();
         for (names, by_part) in [(few, true), (all, false)] {
             assert_eq!(
                 decompile::part_of(&table, "gw", &names).is_some(),
@@ -314,14 +309,7 @@ mod tests {
                 "{} names",
                 names.len()
             );
-            let some = nft.decompile_some("gw", &table, &names);
-            let expected: Vec<String> = whole
-                .forwards
-                .iter()
-                .filter(|f| names.contains(f.name.as_str()))
-                .map(json)
-                .collect();
-            assert_eq!(some.forwards.iter().map(json).collect::<Vec<_>>(), expected);
+            assert_some_as_whole(&nft, &table, &names);
         }
     }
 

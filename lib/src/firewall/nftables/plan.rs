@@ -595,14 +595,8 @@ mod tests {
         assert_eq!(edit.forwards.removed, ["r"]);
     }
 
-    /// Forwards `f0`..`f{n-1}` on ports 10000.., TCP.
     fn plain(n: usize) -> Table {
-        let forwards: Vec<serde_json::Value> = (0..n)
-            .map(
-                |i| json!({"name": format!("f{i}"), "listen_port": 10000 + i, "to": "10.0.2.2:80"}),
-            )
-            .collect();
-        table(&json!({"instance": "gw", "backend": "nftables", "forwards": forwards}).to_string())
+        compile_table(&crate::testing::plain_forwards(n))
     }
 
     /// Most of a hashed map's elements going: the map is flushed and the kept ones written
