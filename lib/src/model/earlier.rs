@@ -45,10 +45,12 @@ impl Config {
     /// the others are parsed and validated. None when anything else differs or `old` is not
     /// such params.
     ///
-    /// Forwards are compared by position (a forward's text names it, and `self.forwards[i]`
-    /// is the one validated from the text at `i`); only where the texts differ are names
-    /// read and forwards parsed. A forward that merely moved counts as changed: compiled
-    /// again, it compiles to what it did.
+    /// Forwards are compared by position after the longest common head and tail of the two
+    /// lists (a forward's text names it, and `self.forwards[i]` is the one validated from the
+    /// text at `i`), so one forward removed or inserted in the middle is the only one named;
+    /// between head and tail, where the texts differ, names are read and forwards parsed. A
+    /// forward that merely moved there counts as changed: compiled again, it compiles to what
+    /// it did.
     pub(crate) fn earlier(&self, old: &str) -> Option<(Config, BTreeSet<String>)> {
         let new = split(&self.source)?;
         let was = split(old)?;
@@ -60,10 +62,19 @@ impl Config {
         if !same_top || new.forwards.len() != self.forwards.len() {
             return None;
         }
+        let (old_n, new_n) = (was.forwards.len(), new.forwards.len());
+        let same = |i: usize, j: usize| was.forwards[i].get() == new.forwards[j].get();
+        let shorter = old_n.min(new_n);
+        let head = (0..shorter).take_while(|&i| same(i, i)).count();
+        let tail = (0..shorter - head)
+            .take_while(|&k| same(old_n - 1 - k, new_n - 1 - k))
+            .count();
+        let (old_end, new_end) = (old_n - tail, new_n - tail);
         let mut changed: BTreeSet<String> = BTreeSet::new();
-        let mut forwards = Vec::with_capacity(was.forwards.len());
-        for (i, text) in was.forwards.iter().enumerate() {
-            match new.forwards.get(i) {
+        let mut forwards = Vec::with_capacity(old_n);
+        forwards.extend_from_slice(&self.forwards[..head]);
+        for (i, text) in was.forwards.iter().enumerate().take(old_end).skip(head) {
+            match new.forwards.get(i).filter(|_| i < new_end) {
                 Some(now) if now.get() == text.get() => forwards.push(self.forwards[i].clone()),
                 now => {
                     changed.insert(name_of(text)?.to_string());
@@ -75,7 +86,8 @@ impl Config {
                 }
             }
         }
-        for now in new.forwards.iter().skip(was.forwards.len()) {
+        forwards.extend_from_slice(&self.forwards[new_end..]);
+        for now in new.forwards.iter().take(new_end).skip(old_end.max(head)) {
             changed.insert(name_of(now)?.to_string());
         }
         let config = Config {
@@ -143,8 +155,8 @@ mod tests {
         }
     }
 
-    /// Only the forwards whose text differs are named; a forward dropped from the middle
-    /// moves the ones after it, which count as changed (compiled again, they compile the same).
+    /// Only the forwards whose text differs are named: one dropped from or inserted in the
+    /// middle is the only one, the ones after it are matched from the end.
     #[test]
     fn only_differing_forwards_are_named() {
         let three = |b: &str, c: &str| {
@@ -156,7 +168,13 @@ mod tests {
         let b2 = r#"{"name":"b","listen_port":2,"to":"10.0.0.9:80"},"#;
         let c = r#"{"name":"c","listen_port":3,"to":"10.0.0.3:80"}"#;
         let old = config(&three(b, c));
-        let cases = [(three(b2, c), vec!["b"]), (three("", c), vec!["b", "c"])];
+        let d = r#"{"name":"d","listen_port":4,"to":"10.0.0.4:80"},"#;
+        let cases = [
+            (three(b2, c), vec!["b"]),
+            (three("", c), vec!["b"]),
+            (three(&format!("{b}{d}"), c), vec!["d"]),
+            (three(d, c), vec!["b", "d"]),
+        ];
         for (new, names) in cases {
             let (earlier, changed) = config(&new).earlier(&old.source).expect("only forwards");
             assert_eq!(earlier.forwards, old.forwards, "{new}");
