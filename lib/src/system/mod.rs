@@ -185,6 +185,8 @@ pub struct RealSystem {
     run_dir: PathBuf,
     /// False simulates a kernel without `SO_NETNS_COOKIE` ([`NO_COOKIE_ENV`]).
     use_cookie: bool,
+    /// The records this run read and parsed whole, as they were then.
+    pub(crate) parsed_records: std::collections::BTreeMap<PathBuf, crate::record_store::FileId>,
 }
 
 impl Default for RealSystem {
@@ -200,6 +202,7 @@ impl RealSystem {
             state_dir: default_state_dir(),
             run_dir: default_run_dir(),
             use_cookie: std::env::var(NO_COOKIE_ENV).as_deref() != Ok("1"),
+            parsed_records: std::collections::BTreeMap::new(),
         }
     }
 
