@@ -304,7 +304,7 @@ pub(crate) fn recompile_table(base: &Table, config: &Config, changed: &BTreeSet<
         let mut kept = elements.clone();
         for prefix in &prefixes {
             let doomed: Vec<String> = kept
-                .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+                .range::<_, str>((Bound::Included(prefix.as_str()), Bound::Unbounded))
                 .map(|(comment, _)| comment)
                 .take_while(|comment| comment.starts_with(prefix.as_str()))
                 .filter(|comment| theirs(comment))

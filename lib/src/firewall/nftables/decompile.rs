@@ -11,7 +11,9 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::compile::entry_chain;
-use super::table::{Base, Body, Data, Element, MapKind, NatTo, Rule, Stage, Table, Target};
+use super::table::{
+    Base, Body, Data, Element, Elements, MapKind, NatTo, Rule, Stage, Table, Target,
+};
 use crate::firewall::Entries;
 use crate::model::{ForwardParams, MasqueradeParams, ProtoParam, DEFAULT_CONN_MARK};
 use crate::net::PortRange;
@@ -50,7 +52,7 @@ fn dest_text(addr: IpAddr, port: Option<u16>) -> String {
 /// whole table costs less than finding their part (a descent of each map's tree per name:
 /// removing all 50,000 forwards spent 0.34 s on it).
 pub(crate) fn part_of(table: &Table, instance: &str, names: &HashSet<&str>) -> Option<Table> {
-    let elements: usize = table.maps.values().map(BTreeMap::len).sum();
+    let elements: usize = table.maps.values().map(Elements::len).sum();
     if names
         .len()
         .saturating_mul(table.maps.len())
@@ -65,10 +67,10 @@ pub(crate) fn part_of(table: &Table, instance: &str, names: &HashSet<&str>) -> O
         .collect();
     let mut maps = BTreeMap::new();
     for (map, elements) in table.maps.iter() {
-        let mut part = BTreeMap::new();
+        let mut part = Elements::new();
         for prefix in &prefixes {
             let theirs = elements
-                .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+                .range::<_, str>((Bound::Included(prefix.as_str()), Bound::Unbounded))
                 .take_while(|(comment, _)| comment.starts_with(prefix.as_str()));
             part.extend(theirs.map(|(c, e)| (c.clone(), e.clone())));
         }

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use super::observe::NftObserved;
-use super::table::{Data, Element, MapKind, Stage, Table, Target};
+use super::table::{Data, Element, Elements, MapKind, Stage, Table, Target};
 use crate::model::Proto;
 use crate::net::{Family, PortRange};
 use crate::tools::{DumpedElement, NftDump};
@@ -22,7 +22,7 @@ pub(crate) fn observed(last: &Table, dump: &NftDump) -> Option<NftObserved> {
         // The shape is last's, so every set is one of its maps.
         let kind = MapKind::from_name(&set.name)?;
         last.maps.get(&set.name)?;
-        let mut elements = BTreeMap::new();
+        let mut elements = Elements::new();
         for (i, dumped) in set.elements.iter().enumerate() {
             let element = element(kind, dumped)?;
             // An uncommented element is not ours to keep; a unique name lets the plan

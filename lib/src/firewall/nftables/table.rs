@@ -679,6 +679,11 @@ impl Element {
     }
 }
 
+/// A map's elements by comment: a persistent tree, so a copy shares every node with its
+/// original until it is edited, and comparing the two visits only the nodes that differ (a
+/// change among 50,000 forwards copied and walked 150,000 elements twice).
+pub(crate) type Elements = imbl::OrdMap<String, Element>;
+
 /// An instance's table: maps (name → element comment → element) and chains (name → rules in
 /// order). Base chains are named after their hook ([`Base`]); the others belong to one entry.
 ///
@@ -687,7 +692,7 @@ impl Element {
 /// [`Arc::make_mut`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Table {
-    pub maps: Arc<BTreeMap<String, BTreeMap<String, Element>>>,
+    pub maps: Arc<BTreeMap<String, Elements>>,
     pub chains: Arc<BTreeMap<String, Vec<Rule>>>,
 }
 
