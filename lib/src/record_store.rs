@@ -22,7 +22,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::ownership::{valid_instance, Record};
-use crate::system::{write_private, RealSystem, System, SystemError};
+use crate::system::{write_private, FileId, RealSystem, System, SystemError};
 
 /// Where a run keeps and finds the record: the real host's run dir ([`RealSystem`]), or the
 /// fake host's memory. Apart from [`System`], which knows nothing of records.
@@ -279,30 +279,6 @@ pub(crate) struct Loaded {
     pub warning: Option<String>,
     /// The file as it was when it parsed (None: absent or corrupt).
     pub parsed: Option<FileId>,
-}
-
-/// A file's identity and last change: while these are the same, so is its content (the run
-/// holds the lock, and every write replaces the file).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct FileId {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: i64,
-    mtime_nsec: i64,
-}
-
-impl FileId {
-    fn of(meta: &std::fs::Metadata) -> FileId {
-        use std::os::unix::fs::MetadataExt;
-        FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            len: meta.len(),
-            mtime: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec(),
-        }
-    }
 }
 
 /// Reads the record at `path`. `links` is the current fingerprint (checked with the fallback

@@ -178,6 +178,30 @@ pub(crate) fn default_run_dir() -> PathBuf {
 /// dir are then keyed by inode, device and boot id. Used by the tests; harmless anywhere.
 pub(crate) const NO_COOKIE_ENV: &str = "PORTFWD_NO_NETNS_COOKIE";
 
+/// A file's identity and last change: while these are the same, so is its content (the run
+/// holds the lock, and every write replaces the file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FileId {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl FileId {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        }
+    }
+}
+
 /// The host, through real commands, `/proc/sys` and portfwd's own files.
 pub struct RealSystem {
     sysctl_root: PathBuf,
@@ -186,7 +210,7 @@ pub struct RealSystem {
     /// False simulates a kernel without `SO_NETNS_COOKIE` ([`NO_COOKIE_ENV`]).
     use_cookie: bool,
     /// The records this run read and parsed whole, as they were then.
-    pub(crate) parsed_records: std::collections::BTreeMap<PathBuf, crate::record_store::FileId>,
+    pub(crate) parsed_records: std::collections::BTreeMap<PathBuf, FileId>,
 }
 
 impl Default for RealSystem {
