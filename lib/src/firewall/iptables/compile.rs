@@ -165,7 +165,7 @@ impl Builder<'_> {
             name,
             reset: false,
         };
-        self.place(family, hook, None, owner, matches, target);
+        self.place(family, hook, None, owner, &matches, &target);
     }
 
     /// Appends a rule to the hook's chain, or to its sub-chain for `bucket`.
@@ -175,8 +175,8 @@ impl Builder<'_> {
         hook: Hook,
         bucket: Option<(Proto, u16)>,
         owner: Tag,
-        matches: Vec<String>,
-        target: Vec<String>,
+        matches: &[String],
+        target: &[String],
     ) {
         let chain_name = match bucket {
             Some((proto, b)) => subchain_name(&hook.chain(self.instance), proto, b),
@@ -184,7 +184,7 @@ impl Builder<'_> {
         };
         let hash = matches
             .iter()
-            .chain(&target)
+            .chain(target)
             .fold(StableHash::new().part(chain_name.as_bytes()), |h, arg| {
                 h.part(arg.as_bytes())
             });
@@ -192,18 +192,16 @@ impl Builder<'_> {
         if !self.seen.insert((family, key.clone())) {
             return;
         }
-        let mut args = matches;
-        args.extend([
-            "-m".to_string(),
-            "comment".to_string(),
-            "--comment".to_string(),
-            key.clone(),
-        ]);
-        args.extend(target);
+        // Rendered from borrowed parts: owned copies of every argument cost compiling 50,000
+        // forwards a fifth of its time.
+        let comment = ["-m", "comment", "--comment", key.as_str()];
+        let args = (matches.iter().map(String::as_str))
+            .chain(comment)
+            .chain(target.iter().map(String::as_str));
         // The key covers chain and rule, so it alone says whether the rule is already there
         // (in this family: an IPv4 and an IPv6 forward in one port bucket share the dispatch
         // rules' text, and each family needs its own): checked above.
-        let rule = Rule::with_comment(args, key);
+        let rule = Rule::with_comment(args, key.clone());
         let chain: &mut OwnedChain = Arc::make_mut(&mut self.rules.chains)
             .entry((family, hook))
             .or_default();
@@ -310,14 +308,7 @@ impl Builder<'_> {
                         f.listen_port.last / BUCKET_PORTS,
                     );
                     for bucket in first..=last {
-                        self.place(
-                            f.family,
-                            hook,
-                            Some((proto, bucket)),
-                            owner,
-                            m.clone(),
-                            target.clone(),
-                        );
+                        self.place(f.family, hook, Some((proto, bucket)), owner, &m, &target);
                     }
                 }
             }
@@ -379,7 +370,7 @@ impl Builder<'_> {
                 let at = Some((proto, bucket));
                 if let Some(t) = &snat_target {
                     let m = flow("-d", "--dport");
-                    self.place(f.family, Hook::Postrouting, at, owner, m, t.clone());
+                    self.place(f.family, Hook::Postrouting, at, owner, &m, t);
                 }
                 if f.allow_forward {
                     // Mark the flow (its first packet either way); `flow:marked` accepts the
@@ -389,7 +380,7 @@ impl Builder<'_> {
                     let set_mark = strings(["-j", "CONNMARK", "--set-xmark", &self.conn_mark]);
                     for (dir, port_flag) in [("-d", "--dport"), ("-s", "--sport")] {
                         let m = flow(dir, port_flag);
-                        self.place(f.family, Hook::Forward, at, owner, m, set_mark.clone());
+                        self.place(f.family, Hook::Forward, at, owner, &m, &set_mark);
                     }
                 }
             }
