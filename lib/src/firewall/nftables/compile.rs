@@ -5,12 +5,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::ops::Bound;
 use std::sync::Arc;
 
 use super::table::{
-    Base, Body, Data, Element, MapKind, MasqMark, MasqRule, NatRule, NatTo, Rule, SnatRule, Stage,
-    Table, Target,
+    with_prefix, Base, Body, Data, Element, MapKind, MasqMark, MasqRule, NatRule, NatTo, Rule,
+    SnatRule, Stage, Table, Target,
 };
 use crate::model::{Action, Config, Forward, Proto, Snat, State};
 use crate::ownership::{
@@ -303,10 +302,8 @@ pub(crate) fn recompile_table(base: &Table, config: &Config, changed: &BTreeSet<
         // A copy without the changed forwards' elements, found by their comments' prefix.
         let mut kept = elements.clone();
         for prefix in &prefixes {
-            let doomed: Vec<String> = kept
-                .range::<_, str>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+            let doomed: Vec<String> = with_prefix(&kept, prefix)
                 .map(|(comment, _)| comment)
-                .take_while(|comment| comment.starts_with(prefix.as_str()))
                 .filter(|comment| theirs(comment))
                 .cloned()
                 .collect();

@@ -5,11 +5,10 @@
 //! wanted; nothing outside it is ever named.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::Bound;
 
 use super::observe::{Hooked, MapDecl, NftObserved};
 use super::table::{
-    element_text, ident, rule_text, Base, Body, Elements, MapKind, Rule, Table, FAMILY,
+    element_text, ident, rule_text, with_prefix, Base, Body, Elements, MapKind, Rule, Table, FAMILY,
 };
 use crate::firewall::EntryChanges;
 use crate::ownership::{entry_prefix, parse_comment, KIND_FORWARD, KIND_MASQUERADE};
@@ -461,13 +460,7 @@ fn entry_changes<'a>(
         for rule in table.chains.values().flatten() {
             mark(&rule.comment);
         }
-        let elements: usize = table.maps.values().map(Elements::len).sum();
-        if touched
-            .len()
-            .saturating_mul(table.maps.len())
-            .saturating_mul(8)
-            > elements
-        {
+        if !table.lookups_pay(touched.len()) {
             for comment in table.maps.values().flat_map(|e| e.keys()) {
                 mark(comment);
             }
@@ -476,11 +469,8 @@ fn entry_changes<'a>(
         for (i, &(kind, name)) in touched.iter().enumerate() {
             let prefix = entry_prefix(instance, kind, name);
             held[i] |= table.maps.values().any(|elements| {
-                elements
-                    .range::<_, str>((Bound::Included(prefix.as_str()), Bound::Unbounded))
-                    .map(|(comment, _)| comment)
-                    .take_while(|comment| comment.starts_with(prefix.as_str()))
-                    .any(|comment| owner(comment, instance) == Some((kind, name)))
+                with_prefix(elements, &prefix)
+                    .any(|(comment, _)| owner(comment, instance) == Some((kind, name)))
             });
         }
         held

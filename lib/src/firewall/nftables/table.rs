@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use crate::model::Proto;
@@ -684,6 +685,17 @@ impl Element {
 /// change among 50,000 forwards copied and walked 150,000 elements twice).
 pub(crate) type Elements = imbl::OrdMap<String, Element>;
 
+/// The elements whose comment starts with `prefix` (an entry's: `entry_prefix`), found by a
+/// descent of the tree, not a scan.
+pub(crate) fn with_prefix<'a>(
+    elements: &'a Elements,
+    prefix: &'a str,
+) -> impl Iterator<Item = (&'a String, &'a Element)> {
+    elements
+        .range::<_, str>((Bound::Included(prefix), Bound::Unbounded))
+        .take_while(move |(comment, _)| comment.starts_with(prefix))
+}
+
 /// An instance's table: maps (name → element comment → element) and chains (name → rules in
 /// order). Base chains are named after their hook ([`Base`]); the others belong to one entry.
 ///
@@ -699,6 +711,13 @@ pub(crate) struct Table {
 impl Table {
     pub(crate) fn is_empty(&self) -> bool {
         self.maps.is_empty() && self.chains.is_empty()
+    }
+
+    /// Whether finding `entries` entries' elements by their comments' prefix (a descent of
+    /// each map's tree per entry) costs less than a scan of every element.
+    pub(crate) fn lookups_pay(&self, entries: usize) -> bool {
+        let elements: usize = self.maps.values().map(Elements::len).sum();
+        entries.saturating_mul(self.maps.len()).saturating_mul(8) <= elements
     }
 
     /// The whole table as one `nft -f` script (`nft list table` reads much the same).
