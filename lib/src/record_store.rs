@@ -353,7 +353,8 @@ fn read_with_id(path: &Path) -> std::io::Result<(String, FileId)> {
 
 /// Writes (or, for an empty record, removes) the record at `path`, moving a corrupt file aside
 /// first (unless it is still the file `parsed` says this run read whole: parsing a record of
-/// 50,000 forwards again cost a change of one a tenth of its time), then sweeps the records of namespaces that no longer exist from `dir`.
+/// 50,000 forwards again cost a change of one a tenth of its time), then sweeps the records
+/// of namespaces that no longer exist from `dir`.
 pub(crate) fn store(
     dir: &Path,
     path: &Path,
@@ -612,36 +613,21 @@ mod tests {
         let write = |_: &Path, p: &Path, t: &str| std::fs::write(p, t).map_err(io_error("test"));
         let mut record = Record::default();
         record.tables.insert("inet portfwd-x".into());
-        store(dir.path(), &path, &record, Stamp::default(), None, write).unwrap();
-        let parsed = load(&path, &id(Some(1)), &BTreeSet::new()).unwrap().parsed;
+        let rewrite = |parsed: Option<&FileId>| {
+            store(dir.path(), &path, &record, Stamp::default(), parsed, write).unwrap();
+        };
+        let parsed_now = || load(&path, &id(Some(1)), &BTreeSet::new()).unwrap().parsed;
+        rewrite(None);
+        let parsed = parsed_now();
         assert!(parsed.is_some(), "a record that parses is known as parsed");
-        store(
-            dir.path(),
-            &path,
-            &record,
-            Stamp::default(),
-            parsed.as_ref(),
-            write,
-        )
-        .unwrap();
+        rewrite(parsed.as_ref());
         assert!(!dir.path().join("x.record.corrupt").exists());
-        let parsed = load(&path, &id(Some(1)), &BTreeSet::new()).unwrap().parsed;
+        let parsed = parsed_now();
         std::fs::write(&path, "{edited by hand").unwrap();
-        store(
-            dir.path(),
-            &path,
-            &record,
-            Stamp::default(),
-            parsed.as_ref(),
-            write,
-        )
-        .unwrap();
+        rewrite(parsed.as_ref());
         let aside = dir.path().join("x.record.corrupt");
         assert_eq!(std::fs::read_to_string(aside).unwrap(), "{edited by hand");
-        assert!(load(&path, &id(Some(1)), &BTreeSet::new())
-            .unwrap()
-            .parsed
-            .is_some());
+        assert!(parsed_now().is_some());
     }
 
     /// Every field of a record, the read cache's included, reads back as written.
