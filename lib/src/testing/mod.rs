@@ -470,7 +470,7 @@ pub(crate) fn dump_of(rules: &OwnedRules, instance: &str, family: Family) -> Str
                 out.push_str(&format!("-A {} {}\n", h.chain(instance), rule.render()));
             }
             for (sub, sub_rules) in &chain.subchains {
-                for rule in sub_rules {
+                for rule in sub_rules.iter() {
                     out.push_str(&format!("-A {sub} {}\n", rule.render()));
                 }
             }

@@ -52,7 +52,7 @@ pub(crate) fn entries_from_rules(
                 continue;
             };
             let lists = std::iter::once(chain.rules.as_slice())
-                .chain(chain.subchains.values().map(Vec::as_slice));
+                .chain(chain.subchains.values().map(|r| r.as_slice()));
             for rules in lists {
                 let mut sequence = Vec::new();
                 for rule in rules {

@@ -69,6 +69,15 @@ impl Firewall for Iptables {
         compile::compile_rules(config)
     }
 
+    fn recompile(
+        &self,
+        base: &OwnedRules,
+        config: &Config,
+        changed: &std::collections::BTreeSet<String>,
+    ) -> OwnedRules {
+        compile::recompile_rules(base, config, changed)
+    }
+
     fn reads(&self) -> Vec<Read> {
         vec![
             Read::Save(self.tool, Family::V4),
@@ -120,7 +129,7 @@ impl Firewall for Iptables {
             }
             for (name, rules) in &chain.subchains {
                 hash = hash.part(name.as_bytes());
-                for rule in rules {
+                for rule in rules.iter() {
                     hash = hash.part(rule.comment().unwrap_or_default().as_bytes());
                 }
             }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Table};
+use super::rules::{Hook, Jump, OwnedChain, OwnedRules, Rule, Subchains, Table};
 use super::save::{RuleLine, TableDump};
 use crate::foreign::ForeignNat;
 use crate::model::Proto;
@@ -23,7 +23,7 @@ pub(crate) struct IptablesObserved {
     /// Facts about each table portfwd may write to.
     pub tables: BTreeMap<(Family, Table), TableFacts>,
     /// Dispatch sub-chains of the instance whose hook chain does not exist.
-    pub stray_subchains: BTreeMap<(Family, Hook), BTreeMap<String, Vec<Rule>>>,
+    pub stray_subchains: BTreeMap<(Family, Hook), Subchains>,
     /// Other software's rules that read or write conntrack marks (`table chain args`), to warn
     /// when one touches the instance's `conn_mark` bit.
     pub connmark_rules: Vec<String>,
@@ -247,11 +247,14 @@ pub(crate) fn extract_owned(
         let builtin = rules_of(chains.get(hook.builtin()));
         observed.builtin_len.insert((family, hook), builtin.len());
         let prefix = format!("{chain_name}-");
-        let subchains: BTreeMap<String, Vec<Rule>> = table
+        let subchains: Subchains = table
             .chains
             .iter()
             .filter(|c| c.name.starts_with(&prefix))
-            .map(|c| (c.name.to_string(), rules_of(chains.get(c.name))))
+            .map(|c| {
+                let rules = rules_of(chains.get(c.name));
+                (c.name.to_string(), std::sync::Arc::new(rules))
+            })
             .collect();
         if !table.has_chain(&chain_name) {
             // Sub-chains whose chain is gone (a crash, a hand edit) are still ours by name:
