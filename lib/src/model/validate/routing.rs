@@ -48,7 +48,7 @@ pub(super) fn validate_addresses(list: &[AddressParams], errors: &mut Errors) ->
         check_interface(&format!("{path}.dev"), &Some(a.dev.clone()), errors);
         if a.dev.ends_with('+') {
             errors.push(
-                &format!("{path}.dev"),
+                format!("{path}.dev"),
                 &a.dev,
                 "must name one interface, not a wildcard".into(),
             );
@@ -59,11 +59,11 @@ pub(super) fn validate_addresses(list: &[AddressParams], errors: &mut Errors) ->
                     c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ':')
                 });
             if !ok {
-                errors.push(&format!("{path}.label"), label, "must start with the device name and use [A-Za-z0-9_.:-], at most 15 characters (like eth0:1)".into());
+                errors.push(format!("{path}.label"), label, "must start with the device name and use [A-Za-z0-9_.:-], at most 15 characters (like eth0:1)".into());
             }
             if parsed.is_some_and(|(addr, _)| addr.is_ipv6()) {
                 errors.push(
-                    &format!("{path}.label"),
+                    format!("{path}.label"),
                     label,
                     "applies to IPv4 addresses only".into(),
                 );
@@ -77,7 +77,7 @@ pub(super) fn validate_addresses(list: &[AddressParams], errors: &mut Errors) ->
         };
         if out.iter().any(|o| o.addr == addr && o.dev == a.dev) {
             errors.push(
-                &format!("{path}.address"),
+                format!("{path}.address"),
                 &a.address,
                 "is listed twice on the same device".into(),
             );
@@ -147,7 +147,7 @@ pub(super) fn validate_policy_routes(
         .and_then(|t| {
             if t == 0 || (253..=255).contains(&t) {
                 errors.push_json(
-                    &format!("{path}.table"),
+                    format!("{path}.table"),
                     &p.table,
                     "is reserved (0 unspec, 253 default, 254 main, 255 local)".into(),
                 );
@@ -167,7 +167,7 @@ pub(super) fn validate_policy_routes(
                 Some(n)
             } else {
                 errors.push_json(
-                    &format!("{path}.priority"),
+                    format!("{path}.priority"),
                     v,
                     "is outside 1-32765 (0 is the local table's rule, 32766+ main and default)"
                         .into(),
@@ -205,7 +205,7 @@ pub(super) fn validate_policy_routes(
             if let Some(to) = dest {
                 if routes.iter().any(|o| o.to == to) {
                     errors.push(
-                        &format!("{rpath}.to"),
+                        format!("{rpath}.to"),
                         &r.to,
                         "is listed twice in this table".into(),
                     );
@@ -238,7 +238,7 @@ pub(super) fn validate_policy_routes(
             if other.table == entry.table && other.family == entry.family {
                 for r in &entry.routes {
                     if other.routes.iter().any(|o| o.to == r.to && o != r) {
-                        errors.field(&format!("{path}.routes"), &format!("a different route to {} in table {} is already given by another entry", r.to.map_or("default".to_string(), |c| c.to_string()), entry.table));
+                        errors.field(format!("{path}.routes"), &format!("a different route to {} in table {} is already given by another entry", r.to.map_or("default".to_string(), |c| c.to_string()), entry.table));
                     }
                 }
             }
