@@ -250,6 +250,12 @@ impl TcpSession {
 
     /// Sends one line; returns the address the server saw.
     pub fn ask(&mut self) -> Result<IpAddr, LabError> {
+        parse_seen(&self.ask_text()?)
+    }
+
+    /// Sends one line; returns the server's answer (`PEER [NAME]`: which server of several
+    /// answered, see [`Server::start_named`]).
+    pub fn ask_text(&mut self) -> Result<String, LabError> {
         let target = self.target;
         let io = |e: std::io::Error| LabError::Traffic(format!("tcp to {target}: {e}"));
         writeln!(self.writer, "probe").map_err(io)?;
@@ -260,7 +266,7 @@ impl TcpSession {
                 "tcp to {target}: connection closed"
             )));
         }
-        parse_seen(&line)
+        Ok(line.trim_end().to_string())
     }
 }
 

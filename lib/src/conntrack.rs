@@ -150,26 +150,29 @@ fn addressed_to(f: &Forward, flow: &Flow, local: &[IpAddr]) -> bool {
 /// Was `flow` translated by `f` (its reply comes from `f`'s target, and goes to the client
 /// or to `f`'s SNAT address as `f` says)?
 fn nated_by(f: &Forward, flow: &Flow, local: &[IpAddr]) -> bool {
-    addressed_to(f, flow, local)
-        && match f.action {
-            Action::Dnat { addr, port, snat } => {
-                addr == flow.reply_src
-                    && match port {
-                        Some(p) => p == flow.reply_sport,
-                        None => flow.reply_sport == flow.orig_dport,
-                    }
-                    && match snat {
-                        Snat::None => flow.reply_dst == flow.orig_src,
-                        // A connection of this host's own may keep its address.
-                        Snat::Masquerade => {
-                            flow.reply_dst != flow.orig_src || local.contains(&flow.orig_src)
-                        }
-                        Snat::To(ip) => flow.reply_dst == ip,
-                    }
+    if !addressed_to(f, flow, local) {
+        return false;
+    }
+    if let Action::Redirect { port } = f.action {
+        return port == flow.reply_sport && local.contains(&flow.reply_src);
+    }
+    // One backend, or any of a pool's (a drained one's flows are still its own).
+    let from_backend = f.action.backends().iter().any(|&(addr, port)| {
+        addr == flow.reply_src
+            && match port {
+                Some(p) => p == flow.reply_sport,
+                None => flow.reply_sport == flow.orig_dport,
             }
-            Action::Redirect { port } => {
-                port == flow.reply_sport && local.contains(&flow.reply_src)
+    });
+    from_backend
+        && match f.action.snat() {
+            Some(Snat::None) => flow.reply_dst == flow.orig_src,
+            // A connection of this host's own may keep its address.
+            Some(Snat::Masquerade) => {
+                flow.reply_dst != flow.orig_src || local.contains(&flow.orig_src)
             }
+            Some(Snat::To(ip)) => flow.reply_dst == ip,
+            None => false,
         }
 }
 

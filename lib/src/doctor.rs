@@ -233,21 +233,21 @@ fn conntrack_table<F: Firewall>(observed: &Observed<F>) -> Option<Finding> {
 fn backend_routes(config: &Config, sys: &mut dyn Host) -> Vec<Finding> {
     let mut out = Vec::new();
     for f in &config.forwards {
-        let Action::Dnat { addr, .. } = f.action else {
-            continue;
-        };
-        let target = addr.to_string();
-        if let Err(e) = sys.ip_json(&["route", "get", &target]) {
-            out.push(Finding::forward(
-                "no_route_to_backend",
-                Severity::Error,
-                f,
-                format!(
-                    "forward {:?}: this host has no route to the backend {addr} ({e})",
-                    f.name
-                ),
-                format!("add a route to {addr} (ip route add {addr} via GATEWAY), or fix `to`"),
-            ));
+        // Every backend of a pool.
+        for (addr, _) in f.action.backends() {
+            let target = addr.to_string();
+            if let Err(e) = sys.ip_json(&["route", "get", &target]) {
+                out.push(Finding::forward(
+                    "no_route_to_backend",
+                    Severity::Error,
+                    f,
+                    format!(
+                        "forward {:?}: this host has no route to the backend {addr} ({e})",
+                        f.name
+                    ),
+                    format!("add a route to {addr} (ip route add {addr} via GATEWAY), or fix `to` (a pool's `backends`)"),
+                ));
+            }
         }
     }
     out
@@ -316,7 +316,7 @@ fn listeners(config: &Config, sockets: &[Socket]) -> Vec<Finding> {
                     }
                 }
             }
-            Action::Dnat { .. } => {
+            Action::Dnat { .. } | Action::Pool { .. } => {
                 for &proto in &f.protos {
                     let (first, last) = (f.listen_port.first, f.listen_port.last);
                     if listens(sockets, proto, f.listen_address, first, last) {
@@ -357,18 +357,17 @@ fn probes(config: &Config, sys: &mut dyn Host) -> Vec<Finding> {
         .iter()
         .filter(|f| f.protos.contains(&Proto::Tcp))
     {
-        let Action::Dnat { addr, port, .. } = f.action else {
-            continue;
-        };
-        let target = std::net::SocketAddr::new(addr, port.unwrap_or(f.listen_port.first));
-        if let Err(e) = sys.connect(target) {
-            out.push(Finding::forward(
+        for (addr, port) in f.action.backends() {
+            let target = std::net::SocketAddr::new(addr, port.unwrap_or(f.listen_port.first));
+            if let Err(e) = sys.connect(target) {
+                out.push(Finding::forward(
                 "backend_unreachable",
                 Severity::Error,
                 f,
                 format!("forward {:?}: connecting from this host to the backend {target} failed: {e}", f.name),
                 format!("check that the service runs on {target} and that the path to it (firewalls on the way, the backend's own) accepts the connection"),
             ));
+            }
         }
     }
     out

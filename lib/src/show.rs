@@ -194,20 +194,24 @@ pub fn trace_entries(instance: &str, sys: &mut RealSystem) -> Result<crate::trac
         .forwards
         .iter()
         .map(|f| {
-            let (dnat, snat) = match f.action {
-                crate::model::Action::Dnat { addr, port, snat } => {
-                    let to = match (addr, port) {
-                        (std::net::IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
-                        (a, Some(p)) => format!("{a}:{p}"),
-                        (a, None) => a.to_string(),
-                    };
-                    let snat = match snat {
-                        crate::model::Snat::To(ip) => Some(format!("snat to {ip}")),
-                        _ => None,
-                    };
-                    (Some(format!("dnat to {to}")), snat)
+            let to = |(addr, port): (std::net::IpAddr, Option<u16>)| match (addr, port) {
+                (std::net::IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+                (a, Some(p)) => format!("{a}:{p}"),
+                (a, None) => a.to_string(),
+            };
+            let dnat = match f.action.backends().as_slice() {
+                [] => None,
+                [one] if matches!(f.action, crate::model::Action::Dnat { .. }) => {
+                    Some(format!("dnat to {}", to(*one)))
                 }
-                crate::model::Action::Redirect { .. } => (None, None),
+                pool => Some(format!(
+                    "dnat to one of {}",
+                    pool.iter().map(|b| to(*b)).collect::<Vec<_>>().join(", ")
+                )),
+            };
+            let snat = match f.action.snat() {
+                Some(crate::model::Snat::To(ip)) => Some(format!("snat to {ip}")),
+                _ => None,
             };
             crate::trace::Entry {
                 instance: instance.to_string(),

@@ -2,12 +2,13 @@
 //! parsed, ports in range, names checked). Built only by [`super::validate`].
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 pub use crate::net::Proto;
 use crate::net::{Cidr, Family, PortRange};
 use crate::tools::Backend;
 
-use super::params::{IpForward, State};
+use super::params::{Balance, IpForward, State};
 
 /// A validated interface address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +50,7 @@ pub enum Snat {
 }
 
 /// What a forward does with a matching connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// DNAT to `addr`, to `port` or keeping the listen port when `None`.
     Dnat {
@@ -57,8 +58,53 @@ pub enum Action {
         port: Option<u16>,
         snat: Snat,
     },
+    /// DNAT to one backend of a pool, picked per new connection.
+    Pool { pool: Arc<Pool>, snat: Snat },
     /// REDIRECT to a local port.
     Redirect { port: u16 },
+}
+
+impl Action {
+    /// How the source is rewritten (None: a redirect, which keeps it).
+    pub fn snat(&self) -> Option<Snat> {
+        match self {
+            Action::Dnat { snat, .. } | Action::Pool { snat, .. } => Some(*snat),
+            Action::Redirect { .. } => None,
+        }
+    }
+
+    /// Every address a connection may be sent to (none for a redirect).
+    pub fn backends(&self) -> Vec<(IpAddr, Option<u16>)> {
+        match self {
+            Action::Dnat { addr, port, .. } => vec![(*addr, *port)],
+            Action::Pool { pool, .. } => pool.backends.iter().map(|b| (b.addr, b.port)).collect(),
+            Action::Redirect { .. } => Vec::new(),
+        }
+    }
+}
+
+/// A validated pool: its backends in the order given, one family, all with a port or none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub backends: Vec<PoolMember>,
+    pub balance: Balance,
+}
+
+impl Pool {
+    /// The sum of the weights (0: every backend drained).
+    pub fn total_weight(&self) -> u32 {
+        self.backends.iter().map(|b| u32::from(b.weight)).sum()
+    }
+}
+
+/// One backend of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolMember {
+    pub addr: IpAddr,
+    /// None: the connection keeps its listen port.
+    pub port: Option<u16>,
+    /// 0-1000; 0 takes no new connections.
+    pub weight: u16,
 }
 
 /// A validated forward.
@@ -78,23 +124,22 @@ pub struct Forward {
 }
 
 impl Forward {
-    /// The port range the backend receives on.
-    pub fn backend_ports(&self) -> PortRange {
-        match self.action {
-            Action::Dnat { port: Some(p), .. } => PortRange::single(p),
-            Action::Redirect { port } => PortRange::single(port),
-            Action::Dnat { port: None, .. } => self.listen_port,
-        }
+    /// The ports a backend given `port` (None: it keeps the listen port) receives on.
+    pub fn ports_at(&self, port: Option<u16>) -> PortRange {
+        port.map_or(self.listen_port, PortRange::single)
     }
 
     /// DNAT to 127.0.0.0/8 (needs route_localnet for traffic from other hosts).
     pub fn dnats_to_loopback(&self) -> bool {
-        matches!(self.action, Action::Dnat { addr: IpAddr::V4(a), .. } if a.is_loopback())
+        self.action
+            .backends()
+            .iter()
+            .any(|(addr, _)| matches!(addr, IpAddr::V4(a) if a.is_loopback()))
     }
 
     /// Does this forward route packets between interfaces (so it needs ip_forward)?
     pub fn needs_forwarding(&self) -> bool {
-        matches!(self.action, Action::Dnat { .. })
+        matches!(self.action, Action::Dnat { .. } | Action::Pool { .. })
     }
 }
 

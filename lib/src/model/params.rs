@@ -29,6 +29,58 @@ pub enum ProtoParam {
     Both,
 }
 
+/// How a pool picks the backend of a new connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Each new connection picks a backend with probability weight / sum of weights.
+    #[default]
+    Random,
+    /// Weighted and exact: over every sum-of-weights new connections each backend gets its
+    /// weight.
+    RoundRobin,
+    /// A client address always reaches the same backend while the pool is unchanged; adding
+    /// or removing one backend of N moves about 1/N of the clients.
+    SourceHash,
+}
+
+impl Balance {
+    pub fn name(self) -> &'static str {
+        match self {
+            Balance::Random => "random",
+            Balance::RoundRobin => "round-robin",
+            Balance::SourceHash => "source-hash",
+        }
+    }
+}
+
+fn is_random(b: &Balance) -> bool {
+    *b == Balance::Random
+}
+
+/// One backend of a pool as written by the user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackendParams {
+    /// `IP:PORT`, `[IPv6]:PORT`, or `IP` (keeps the listen port).
+    pub to: String,
+    /// 0-1000 (default 1): the backend's share of new connections; 0 drains it (no new
+    /// connections, its open ones continue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "weight_schema")]
+    pub weight: Option<Value>,
+}
+
+fn weight_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "a weight 0-1000 (default 1; 0 drains the backend)",
+        "oneOf": [
+            {"type": "integer", "minimum": 0, "maximum": 1000},
+            {"type": "string", "pattern": "^[0-9]{1,4}$"}
+        ]
+    })
+}
+
 /// `true`, `false` or `"auto"` (enable for the families that need it, never disable).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum IpForward {
@@ -232,6 +284,16 @@ pub struct ForwardParams {
     /// DNAT target: `IP:PORT`, `[IPv6]:PORT`, or `IP` (keeps the port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
+    /// A pool instead of one `to` (with `backend: nftables`): 1-256 backends of one address
+    /// family, each `{"to": ..., "weight": 0-1000}`, all with a port or none; `balance` says
+    /// how a new connection picks one. Weight 0 drains a backend: no new connections, its open
+    /// ones continue. At least one weight must be above 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendParams>,
+    /// How a pool picks a backend: `random` (default), `round-robin`, `source-hash`.
+    #[serde(default, skip_serializing_if = "is_random")]
+    #[schemars(extend("default" = "random"))]
+    pub balance: Balance,
     /// REDIRECT to this local port instead of DNAT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "port_schema")]

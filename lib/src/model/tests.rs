@@ -77,7 +77,51 @@ fn err(input: &str) -> String {
 )]
 #[case(
     r#"{"forwards":[{"name":"a","listen_port":1}]}"#,
-    "one of `to` or `redirect_to_port` is required"
+    "forwards[0]: one of `to`, `backends` or `redirect_to_port` is required"
+)]
+#[case(
+    r#"{"backend":"nftables","forwards":[{"name":"a","listen_port":1,"to":"10.0.0.1","backends":[{"to":"10.0.0.2"}]}]}"#,
+    "forwards[0].backends: and `to` are exclusive"
+)]
+#[case(
+    r#"{"backend":"nftables","forwards":[{"name":"a","listen_port":1,"redirect_to_port":2,"backends":[{"to":"10.0.0.2"}]}]}"#,
+    "forwards[0].backends: and `redirect_to_port` are exclusive"
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"backends":[{"to":"10.0.0.2"}]}]}"#,
+    "forwards[0].backends: a pool needs `backend: nftables` (the iptables backend has no pools yet)"
+)]
+#[case(
+    r#"{"backend":"nftables","forwards":[{"name":"a","listen_port":1,"backends":[{"to":"10.0.0.2","weight":0},{"to":"10.0.0.3","weight":"0"}]}]}"#,
+    "forwards[0].backends: has every weight 0"
+)]
+#[case(
+    r#"{"backend":"nftables","forwards":[{"name":"a","listen_port":1,"backends":[{"to":"10.0.0.2","weight":1001}]}]}"#,
+    "forwards[0].backends[0].weight: 1001 is not a weight (0-1000; 0 drains the backend)"
+)]
+#[case(
+    r#"{"backend":"nftables","forwards":[{"name":"a","listen_port":1,"backends":[{"to":"10.0.0.2:80"},{"to":"10.0.0.3"}]}]}"#,
+    r#"forwards[0].backends[1].to: "10.0.0.3" and backends[0].to differ in giving a port"#
+)]
+#[case(
+    r#"{"backend":"nftables","forwards":[{"name":"a","listen_port":1,"backends":[{"to":"10.0.0.2:80"},{"to":"[fd00::3]:80"}]}]}"#,
+    r#"forwards[0].backends[1].to: "[fd00::3]:80" is ipv6 but backends[0].to is ipv4"#
+)]
+#[case(
+    r#"{"backend":"nftables","forwards":[{"name":"a","listen_port":1,"backends":[{"to":"10.0.0.2:80"},{"to":"10.0.0.2:80","weight":3}]}]}"#,
+    r#"forwards[0].backends[1].to: "10.0.0.2:80" is listed twice"#
+)]
+#[case(
+    r#"{"backend":"nftables","forwards":[{"name":"a","listen_port":1,"backends":[{"to":"10.0.0.2:80","weigth":3}]}]}"#,
+    "unknown field `weigth`"
+)]
+#[case(
+    r#"{"backend":"nftables","forwards":[{"name":"a","listen_port":1,"balance":"round-robin","to":"10.0.0.2:80"}]}"#,
+    r#"forwards[0].balance: "round-robin" applies only to a pool"#
+)]
+#[case(
+    r#"{"backend":"nftables","forwards":[{"name":"a","listen_port":1,"balance":"least-conn","backends":[{"to":"10.0.0.2:80"}]}]}"#,
+    "unknown variant `least-conn`"
 )]
 #[case(
     r#"{"forwards":[{"name":"a","listen_port":1,"to":"1.2.3.4","redirect_to_port":2}]}"#,
@@ -308,7 +352,7 @@ fn normalises_a_forward() {
     let f = &config.forwards[0];
     assert_eq!(f.family, Family::V6);
     assert_eq!(f.protos, vec![Proto::Tcp, Proto::Udp]);
-    assert_eq!(f.backend_ports().to_string(), "8000:8100");
+    assert_eq!(f.ports_at(None).to_string(), "8000:8100");
     assert_eq!(
         f.action,
         Action::Dnat {
@@ -475,4 +519,35 @@ fn ansible_string_spellings_of_booleans_and_integers_are_taken() {
     )
     .expect("typed params are valid");
     assert_eq!(format!("{spelled:?}"), format!("{typed:?}"));
+}
+
+/// A pool's backends keep their order, drained ones moved last (as its map lists them back);
+/// a weight may be written as a string (Ansible's extra vars).
+#[test]
+fn validates_a_pool_with_its_drained_backends_last() {
+    let (config, _, _) = Config::from_json(
+        r#"{"backend":"nftables","forwards":[{"name":"p","listen_port":80,"balance":"source-hash","snat":"none",
+            "backends":[{"to":"10.0.0.1:8080","weight":"0"},{"to":"10.0.0.2:8080"},{"to":"10.0.0.3:8081","weight":3}]}]}"#,
+    )
+    .unwrap();
+    let member = |addr: &str, port, weight| PoolMember {
+        addr: addr.parse().unwrap(),
+        port: Some(port),
+        weight,
+    };
+    assert_eq!(
+        config.forwards[0].action,
+        Action::Pool {
+            pool: std::sync::Arc::new(Pool {
+                backends: vec![
+                    member("10.0.0.2", 8080, 1),
+                    member("10.0.0.3", 8081, 3),
+                    member("10.0.0.1", 8080, 0)
+                ],
+                balance: Balance::SourceHash,
+            }),
+            snat: Snat::None,
+        }
+    );
+    assert!(config.forwards[0].needs_forwarding());
 }

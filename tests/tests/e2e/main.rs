@@ -19,6 +19,7 @@ mod nftables;
 mod operator;
 mod ownership;
 mod packaging;
+mod pools;
 mod records;
 mod routing;
 mod salt;

@@ -450,6 +450,8 @@ impl<'a> Builder<'a> {
 
     fn forward(&mut self, f: &Forward) {
         let target = match f.action {
+            // Refused for this backend by the params' validation (`backends` needs nftables).
+            Action::Pool { .. } => return,
             Action::Dnat { addr, port, .. } => {
                 let dest = match (addr, port) {
                     (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
@@ -518,7 +520,7 @@ impl<'a> Builder<'a> {
                     }
                 }
             }
-            let Action::Dnat { addr, snat, .. } = f.action else {
+            let Action::Dnat { addr, port, snat } = f.action else {
                 continue;
             };
             if let Some(dev) = self.localnet_devices.get(&f.name).cloned() {
@@ -546,7 +548,7 @@ impl<'a> Builder<'a> {
             // Match only this forward's DNATed flow: never `-s backend`, never plain traffic to it.
             // The flow's original destination, so forwards that share a listen port and a
             // backend but differ in listen_address never share each other's SNAT or accepts.
-            let (addr, backend_ports) = (addr.to_string(), f.backend_ports().to_string());
+            let (addr, backend_ports) = (addr.to_string(), f.ports_at(port).to_string());
             let flow = |dir: &'static str, port_flag: &'static str| {
                 let mut m = Vec::with_capacity(18);
                 m.extend(strings([dir, &addr]));

@@ -225,6 +225,8 @@ fn forward_from(
         in_interface: pre.first().and_then(|r| r.option("-i")).map(str::to_string),
         sources,
         to,
+        backends: Vec::new(),
+        balance: crate::model::Balance::Random,
         redirect_to_port,
         // "masquerade" is the default; leave it implicit like a user would.
         snat: snat.filter(|s| s != "masquerade"),

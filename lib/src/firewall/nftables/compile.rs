@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::table::{
     with_prefix, Base, Body, Data, Element, MapKind, MasqMark, MasqRule, NatRule, NatTo, Rule,
-    SnatRule, Stage, Table, Target,
+    SnatMatch, SnatRule, Stage, Table, Target,
 };
 use crate::model::{Action, Config, Forward, Proto, Snat, State};
 use crate::ownership::{
@@ -141,9 +141,13 @@ impl Builder<'_> {
             self.guard(f, tag, localnet_dev);
             return;
         }
-        let to = match f.action {
-            Action::Dnat { addr, port, .. } => NatTo::Dnat { addr, port },
-            Action::Redirect { port } => NatTo::Redirect { port },
+        let to = match &f.action {
+            Action::Dnat { addr, port, .. } => NatTo::Dnat {
+                addr: *addr,
+                port: *port,
+            },
+            Action::Pool { pool, .. } => NatTo::Pool(pool.clone()),
+            Action::Redirect { port } => NatTo::Redirect { port: *port },
         };
         let nat = |in_interface: Option<String>| NatRule {
             family: f.family,
@@ -151,7 +155,7 @@ impl Builder<'_> {
             in_interface,
             protos: f.protos.clone(),
             mark,
-            to,
+            to: to.clone(),
         };
         let stages: &[Stage] = if f.local {
             &[Stage::Pre, Stage::Out]
@@ -184,7 +188,7 @@ impl Builder<'_> {
             }
         }
         self.guard(f, tag, localnet_dev);
-        let Action::Dnat { addr, snat, .. } = f.action else {
+        let Some(snat) = f.action.snat() else {
             return;
         };
         let to: Option<IpAddr> = match snat {
@@ -200,8 +204,8 @@ impl Builder<'_> {
             ..tag
         };
         let body = Body::Snat(SnatRule {
-            daddr: addr,
-            dports: f.backend_ports(),
+            family: f.family,
+            backends: SnatMatch::of(&f.action.backends(), f.listen_port),
             to,
         });
         self.rule(&chain, tag, body);
@@ -227,7 +231,7 @@ impl Builder<'_> {
 
     /// The route_localnet guard of a forward to loopback.
     fn guard(&mut self, f: &Forward, tag: Tag, localnet_dev: Option<&String>) {
-        if let (Some(dev), Action::Dnat { .. }) = (localnet_dev, f.action) {
+        if let (Some(dev), Action::Dnat { .. }) = (localnet_dev, &f.action) {
             let body = Body::LocalnetGuard {
                 in_interface: dev.clone(),
             };

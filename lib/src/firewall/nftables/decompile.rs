@@ -14,7 +14,9 @@ use super::table::{
     with_prefix, Base, Body, Data, Element, Elements, MapKind, NatTo, Rule, Stage, Table, Target,
 };
 use crate::firewall::Entries;
-use crate::model::{ForwardParams, MasqueradeParams, ProtoParam, DEFAULT_CONN_MARK};
+use crate::model::{
+    BackendParams, Balance, ForwardParams, MasqueradeParams, ProtoParam, DEFAULT_CONN_MARK,
+};
 use crate::net::PortRange;
 use crate::ownership::{
     entry_prefix, has_reset_marker, parse_comment, KIND_FORWARD, KIND_MASQUERADE,
@@ -176,14 +178,31 @@ fn forward_from(
         return None;
     };
     let element = *elements.get(pre_chain.as_str())?;
-    let (to, redirect_to_port) = match nat.to {
-        NatTo::Dnat { addr, port } => (Some(dest_text(addr, port)), None),
-        NatTo::Redirect { port } => (None, Some(Value::from(port))),
+    let (to, backends, balance, redirect_to_port) = match &nat.to {
+        NatTo::Dnat { addr, port } => (
+            Some(dest_text(*addr, *port)),
+            Vec::new(),
+            Balance::Random,
+            None,
+        ),
+        NatTo::Pool(pool) => {
+            let backends = pool
+                .backends
+                .iter()
+                .map(|b| BackendParams {
+                    to: dest_text(b.addr, b.port),
+                    weight: (b.weight != 1).then(|| Value::from(b.weight)),
+                })
+                .collect();
+            (None, backends, pool.balance, None)
+        }
+        NatTo::Redirect { port } => (None, Vec::new(), Balance::Random, Some(Value::from(*port))),
     };
+    let translated = to.is_some() || !backends.is_empty();
     if let Some(mark) = nat.mark.filter(|&m| m != DEFAULT_CONN_MARK) {
         entries.conn_mark = Some(Value::from(format!("{mark:#x}")));
     }
-    let snat = to.as_ref().and_then(|_| {
+    let snat = translated.then_some(()).and_then(|()| {
         match owned_rule(table, &entry_chain(Stage::Post, name), instance).map(|r| &r.body) {
             None => Some("none".to_string()),
             Some(Body::Snat(s)) => s.to.map(|ip| ip.to_string()),
@@ -203,6 +222,8 @@ fn forward_from(
         in_interface: nat.in_interface.clone(),
         sources: nat.sources.iter().map(host_text).collect(),
         to,
+        backends,
+        balance,
         redirect_to_port,
         snat,
         local: table.chains.contains_key(&entry_chain(Stage::Out, name)),
@@ -277,6 +298,8 @@ fn plain_forwards(table: &Table, instance: &str, entries: &mut Entries) -> Vec<F
                 in_interface: None,
                 sources: Vec::new(),
                 to: Some(dest_text(addr, Some(port))),
+                backends: Vec::new(),
+                balance: Balance::Random,
                 redirect_to_port: None,
                 snat,
                 local: plain.local,

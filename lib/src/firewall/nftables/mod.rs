@@ -21,6 +21,7 @@ pub(crate) mod decompile;
 mod dumped;
 pub(crate) mod observe;
 pub(crate) mod plan;
+pub(crate) mod pool;
 pub(crate) mod table;
 
 use super::{Entries, Firewall, FirewallPlan, Tool, Transaction};

@@ -13,11 +13,12 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::pool;
 use super::table::{
     set_text, Base, Body, Data, Element, MapKind, MasqMark, MasqRule, NatRule, NatTo, Rule,
-    SnatRule, Stage, Table, Target,
+    SnatMatch, SnatRule, Stage, Table, Target,
 };
-use crate::model::Proto;
+use crate::model::{Balance, Pool, Proto};
 use crate::net::{Cidr, Family, PortRange};
 
 /// What the read found of the instance's table.
@@ -379,6 +380,8 @@ struct Parts<'a> {
     saddr: Option<&'a Value>,
     daddr: Option<&'a Value>,
     dport: Option<&'a Value>,
+    /// `ip daddr . th dport { ... }`: a pool's backends with their ports.
+    daddr_dport: Option<&'a Value>,
     iifname: Option<&'a str>,
     oifname: Option<&'a str>,
     l4proto: Option<&'a Value>,
@@ -395,7 +398,19 @@ fn parts_of(stmts: &[Value]) -> Parts<'_> {
         if let Some(m) = stmt.get("match") {
             let (left, right) = (m.get("left"), m.get("right"));
             let Some(right) = right else { continue };
-            if let Some(payload) = left.and_then(|l| l.get("payload")) {
+            if let Some(parts) = left.and_then(|l| l.get("concat")).and_then(Value::as_array) {
+                fn field(v: &Value) -> Option<(&str, &str)> {
+                    v.get("payload")
+                        .map(|p| (text(p.get("protocol")), text(p.get("field"))))
+                }
+                if let [a, b] = parts.as_slice() {
+                    if matches!(field(a), Some(("ip" | "ip6", "daddr")))
+                        && field(b) == Some(("th", "dport"))
+                    {
+                        p.daddr_dport = Some(right);
+                    }
+                }
+            } else if let Some(payload) = left.and_then(|l| l.get("payload")) {
                 let protocol = text(payload.get("protocol"));
                 match (protocol, text(payload.get("field"))) {
                     ("ip" | "ip6", field) => {
@@ -482,6 +497,63 @@ fn addrs_of(val: &Value) -> Option<Vec<Cidr>> {
     Some(out)
 }
 
+/// A pool's DNAT (`dnat ip to numgen random mod 4 map { ... }`) read back, None unless its
+/// draw and map are what portfwd writes for some pool ([`pool::read`]).
+fn pool_of(nat: &Value) -> Option<Pool> {
+    let map = nat.get("addr")?.get("map")?;
+    let key = map.get("key")?;
+    let (balance, modulus) = if let Some(n) = key.get("numgen") {
+        let balance = match text(n.get("mode")) {
+            "random" => Balance::Random,
+            "inc" => Balance::RoundRobin,
+            _ => return None,
+        };
+        (balance, n.get("mod")?.as_u64()?)
+    } else {
+        (Balance::SourceHash, key.get("jhash")?.get("mod")?.as_u64()?)
+    };
+    let entries: Vec<(u32, u32, IpAddr, Option<u16>)> = map
+        .get("data")?
+        .get("set")?
+        .as_array()?
+        .iter()
+        .map(|pair| {
+            let [k, d] = pair.as_array()?.as_slice() else {
+                return None;
+            };
+            let (first, last) = match k.get("range").and_then(Value::as_array) {
+                Some(r) => match r.as_slice() {
+                    [a, b] => (a.as_u64()?, b.as_u64()?),
+                    _ => return None,
+                },
+                None => (k.as_u64()?, k.as_u64()?),
+            };
+            let (addr, port) = match d.get("concat").and_then(Value::as_array) {
+                Some(c) => match c.as_slice() {
+                    [a, p] => (a.as_str()?, Some(u16::try_from(p.as_u64()?).ok()?)),
+                    _ => return None,
+                },
+                None => (d.as_str()?, None),
+            };
+            Some((
+                u32::try_from(first).ok()?,
+                u32::try_from(last).ok()?,
+                addr.parse().ok()?,
+                port,
+            ))
+        })
+        .collect::<Option<_>>()?;
+    pool::read(balance, u32::try_from(modulus).ok()?, &entries)
+}
+
+/// A match's right side as its items: a set's, or the one value.
+fn items_of(val: &Value) -> Vec<&Value> {
+    match val.get("set").and_then(Value::as_array) {
+        Some(items) => items.iter().collect(),
+        None => vec![val],
+    }
+}
+
 fn interface_of(name: &str) -> String {
     match name.strip_suffix('*') {
         Some(prefix) => format!("{prefix}+"),
@@ -542,6 +614,9 @@ fn body_of(chain: &str, stmts: &[Value]) -> Option<Body> {
     let (kind, nat) = p.nat?;
     if chain.starts_with("pre-") || chain.starts_with("out-") {
         let to = match kind {
+            "dnat" if nat.get("addr").is_some_and(|a| a.get("map").is_some()) => {
+                NatTo::Pool(Arc::new(pool_of(nat)?))
+            }
             "dnat" => NatTo::Dnat {
                 addr: addr_of(nat)?,
                 port: port_of(nat),
@@ -551,8 +626,9 @@ fn body_of(chain: &str, stmts: &[Value]) -> Option<Body> {
             },
             _ => return None,
         };
-        let family = match to {
-            NatTo::Dnat { addr, .. } => Family::of(&addr),
+        let family = match &to {
+            NatTo::Dnat { addr, .. } => Family::of(addr),
+            NatTo::Pool(pool) => Family::of(&pool.backends.first()?.addr),
             NatTo::Redirect { .. } => match Family::from_nft(text(nat.get("family"))) {
                 Some(Family::V6) => Family::V6,
                 _ => p.family.unwrap_or(Family::V4),
@@ -582,9 +658,38 @@ fn body_of(chain: &str, stmts: &[Value]) -> Option<Body> {
             "snat" => Some(addr_of(nat)?),
             _ => return None,
         };
+        let backends = match (p.daddr_dport, p.daddr, p.dport) {
+            (Some(pairs), None, None) => {
+                let mut pairs: Vec<(IpAddr, u16)> = items_of(pairs)
+                    .iter()
+                    .map(|v| match v.get("concat")?.as_array()?.as_slice() {
+                        [a, port] => Some((
+                            a.as_str()?.parse().ok()?,
+                            u16::try_from(port.as_u64()?).ok()?,
+                        )),
+                        _ => None,
+                    })
+                    .collect::<Option<_>>()?;
+                pairs.sort_by_cached_key(|(a, p)| format!("{a} . {p}"));
+                SnatMatch::Pairs(pairs)
+            }
+            (None, Some(addrs), Some(ports)) => {
+                let mut addrs: Vec<IpAddr> = items_of(addrs)
+                    .iter()
+                    .map(|v| v.as_str()?.parse().ok())
+                    .collect::<Option<_>>()?;
+                addrs.sort_by_cached_key(ToString::to_string);
+                SnatMatch::Addrs(addrs, ports_of(ports)?)
+            }
+            _ => return None,
+        };
+        let family = match &backends {
+            SnatMatch::Addrs(addrs, _) => Family::of(addrs.first()?),
+            SnatMatch::Pairs(pairs) => Family::of(&pairs.first()?.0),
+        };
         return Some(Body::Snat(SnatRule {
-            daddr: addrs_of(p.daddr?)?.first()?.addr,
-            dports: ports_of(p.dport?)?,
+            family,
+            backends,
             to,
         }));
     }
@@ -674,6 +779,48 @@ fn stmt_text(stmt: &Value) -> Option<String> {
             expr_text(v.get("key")?)?,
             expr_text(v.get("value")?)?
         ),
+        // A pool's draw and its anonymous map, entries in key order.
+        "dnat"
+            if v.get("addr")
+                .and_then(|a| a.get("map"))
+                .is_some_and(|m| m.get("data").is_some_and(Value::is_object)) =>
+        {
+            let family = v.get("family")?.as_str()?;
+            let map = v.get("addr")?.get("map")?;
+            let mut entries: Vec<(u64, String)> = map
+                .get("data")?
+                .get("set")?
+                .as_array()?
+                .iter()
+                .map(|pair| match pair.as_array()?.as_slice() {
+                    [k, d] => {
+                        let first = match k.get("range") {
+                            Some(r) => r.get(0)?.as_u64()?,
+                            None => k.as_u64()?,
+                        };
+                        Some((first, format!("{} : {}", expr_text(k)?, expr_text(d)?)))
+                    }
+                    _ => None,
+                })
+                .collect::<Option<_>>()?;
+            entries.sort_unstable_by_key(|e| e.0);
+            let items: Vec<String> = entries.into_iter().map(|e| e.1).collect();
+            // nft 0.9.8 says the data is concatenated (`type_flags`); 1.0.6 does not.
+            let extra = v.as_object()?.iter().any(|(k, val)| {
+                !matches!(
+                    (k.as_str(), val.as_str()),
+                    ("family" | "addr", _) | ("type_flags", Some("concat"))
+                )
+            });
+            if extra {
+                return None;
+            }
+            format!(
+                "dnat {family} to {} map {{ {} }}",
+                expr_text(map.get("key")?)?,
+                items.join(", ")
+            )
+        }
         "dnat" | "snat" if v.get("addr").is_some_and(|a| a.get("map").is_some()) => {
             let family = v.get("family")?.as_str()?;
             let map = v.get("addr")?.get("map")?;
@@ -770,13 +917,40 @@ fn expr_text(v: &Value) -> Option<String> {
                     .map(expr_text)
                     .collect::<Option<Vec<_>>>()?
                     .join(" . "),
+                // In text order, as portfwd writes a set: nft lists an anonymous set in its
+                // hash order.
                 "set" => {
-                    let items = inner
+                    let mut items = inner
                         .as_array()?
                         .iter()
                         .map(expr_text)
                         .collect::<Option<Vec<_>>>()?;
+                    items.sort_unstable();
                     set_text(&items)
+                }
+                "numgen" => {
+                    if inner.get("offset").and_then(Value::as_u64).unwrap_or(0) != 0 {
+                        return None;
+                    }
+                    format!(
+                        "numgen {} mod {}",
+                        inner.get("mode")?.as_str()?,
+                        inner.get("mod")?.as_u64()?
+                    )
+                }
+                "jhash" => {
+                    if inner.get("offset").is_some() {
+                        return None;
+                    }
+                    let seed = match inner.get("seed") {
+                        Some(s) => format!(" seed {:#x}", s.as_u64()?),
+                        None => String::new(),
+                    };
+                    format!(
+                        "jhash {} mod {}{seed}",
+                        expr_text(inner.get("expr")?)?,
+                        inner.get("mod")?.as_u64()?
+                    )
                 }
                 "prefix" => format!(
                     "{}/{}",

@@ -24,7 +24,7 @@ use std::net::IpAddr;
 use std::ops::Bound;
 use std::sync::Arc;
 
-use crate::model::Proto;
+use crate::model::{Pool, Proto};
 use crate::net::{Cidr, Family, PortRange};
 
 /// The address family of every portfwd table: both IP families in one table and one
@@ -430,10 +430,17 @@ fn addr_type(family: Family) -> &'static str {
 }
 
 /// What a forward's NAT rule does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum NatTo {
-    Dnat { addr: IpAddr, port: Option<u16> },
-    Redirect { port: u16 },
+    Dnat {
+        addr: IpAddr,
+        port: Option<u16>,
+    },
+    /// DNAT to the backend a draw picks from the pool's map ([`super::pool`]).
+    Pool(Arc<Pool>),
+    Redirect {
+        port: u16,
+    },
 }
 
 /// A forward's DNAT or REDIRECT, in its own chain (`pre-<name>`, `out-<name>`).
@@ -448,13 +455,46 @@ pub(crate) struct NatRule {
     pub to: NatTo,
 }
 
-/// A forward's source NAT (`post-<name>`): only the DNATed flow to its backend.
+/// A forward's source NAT (`post-<name>`): only the DNATed flow to its backend (any of a
+/// pool's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SnatRule {
-    pub daddr: IpAddr,
-    pub dports: PortRange,
+    pub family: Family,
+    pub backends: SnatMatch,
     /// None: masquerade.
     pub to: Option<IpAddr>,
+}
+
+/// Which backends an SNAT rule matches, each list in the order nft's listing is compared in
+/// (by text: nft lists an anonymous set's elements in its hash order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SnatMatch {
+    /// Addresses that all receive on the same ports (`ip daddr 10.0.0.1 th dport 80`).
+    Addrs(Vec<IpAddr>, PortRange),
+    /// Addresses each with its own port (`ip daddr . th dport { 10.0.0.1 . 80, ... }`).
+    Pairs(Vec<(IpAddr, u16)>),
+}
+
+impl SnatMatch {
+    /// The match for these backends (`port` None: the listen ports).
+    pub(crate) fn of(backends: &[(IpAddr, Option<u16>)], listen: PortRange) -> SnatMatch {
+        let ports: Vec<PortRange> = backends
+            .iter()
+            .map(|(_, p)| p.map_or(listen, PortRange::single))
+            .collect();
+        if ports.windows(2).all(|w| w[0] == w[1]) {
+            let mut addrs: Vec<IpAddr> = backends.iter().map(|(a, _)| *a).collect();
+            addrs.sort_by_cached_key(ToString::to_string);
+            addrs.dedup();
+            return SnatMatch::Addrs(addrs, ports.first().copied().unwrap_or(listen));
+        }
+        let mut pairs: Vec<(IpAddr, u16)> = backends
+            .iter()
+            .map(|&(a, p)| (a, p.unwrap_or(listen.first)))
+            .collect();
+        pairs.sort_by_cached_key(|(a, p)| format!("{a} . {p}"));
+        SnatMatch::Pairs(pairs)
+    }
 }
 
 /// A masquerade entry (in `postrouting`).
@@ -548,9 +588,17 @@ impl Body {
                     let _ = write!(out, "ct mark set ct mark | {mark:#010x} ");
                 }
                 out.push_str("counter ");
-                match n.to {
+                match &n.to {
                     NatTo::Dnat { addr, port } => {
-                        let _ = write!(out, "dnat {ip} to {}", dest_text(n.family, addr, port));
+                        let _ = write!(out, "dnat {ip} to {}", dest_text(n.family, *addr, *port));
+                    }
+                    NatTo::Pool(pool) => {
+                        let _ = write!(
+                            out,
+                            "dnat {ip} to {} map {}",
+                            super::pool::draw(pool, n.family),
+                            super::pool::map_text(pool)
+                        );
                     }
                     NatTo::Redirect { port } => {
                         let _ = write!(out, "redirect to :{port}");
@@ -558,14 +606,20 @@ impl Body {
                 }
             }
             Body::Snat(s) => {
-                let family = Family::of(&s.daddr);
-                let ip = family.nft_family();
-                let _ = write!(
-                    out,
-                    "{ip} daddr {} th dport {} counter ",
-                    s.daddr,
-                    ports_text(s.dports)
-                );
+                let ip = s.family.nft_family();
+                let _ = match &s.backends {
+                    SnatMatch::Addrs(addrs, ports) => write!(
+                        out,
+                        "{ip} daddr {} th dport {} counter ",
+                        set_text(addrs),
+                        ports_text(*ports)
+                    ),
+                    SnatMatch::Pairs(pairs) => {
+                        let items: Vec<String> =
+                            pairs.iter().map(|(a, p)| format!("{a} . {p}")).collect();
+                        write!(out, "{ip} daddr . th dport {} counter ", set_text(&items))
+                    }
+                };
                 match s.to {
                     None => out.push_str("masquerade"),
                     Some(to) => {

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::fmt::{self, Display};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -63,6 +64,22 @@ impl Params {
             })
             .collect();
         check_dispatch_overlaps(&forwards, &self.forwards, &mut errors);
+        if !self.backend.canonical().is_nftables() {
+            for (i, _) in self
+                .forwards
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| !f.backends.is_empty())
+            {
+                errors.field(
+                    format_args!("{}.backends", At("forwards", i)),
+                    &format!(
+                        "a pool needs `backend: nftables` (the {} backend has no pools yet); set it, or give one backend in `to`",
+                        self.backend.canonical().name()
+                    ),
+                );
+            }
+        }
         let mut names = HashSet::new();
         let masquerades = self
             .masquerade
@@ -554,8 +571,16 @@ fn validate_forward(
     // The fewest prefixes for the same addresses: nft merges adjacent networks, so this is
     // the form that reads back as written (and iptables needs fewer rules).
     let sources = crate::net::minimal_cover(&sources);
-    let action = match (&f.to, &f.redirect_to_port) {
-        (Some(_), Some(_)) => {
+    if f.balance != Balance::Random && f.backends.is_empty() {
+        errors.push(
+            format_args!("{path}.balance"),
+            f.balance.name(),
+            "applies only to a pool: give `backends` instead of `to`".into(),
+        );
+    }
+    let pool = !f.backends.is_empty();
+    let action = match (&f.to, &f.redirect_to_port, pool) {
+        (Some(_), Some(_), _) => {
             errors.push(
                 format_args!("{path}.to"),
                 f.to.as_deref().unwrap_or_default(),
@@ -563,38 +588,45 @@ fn validate_forward(
             );
             None
         }
-        (None, None) => {
-            errors.field(path, "one of `to` or `redirect_to_port` is required");
+        (Some(_), None, true) | (None, Some(_), true) => {
+            let other = if f.to.is_some() {
+                "to"
+            } else {
+                "redirect_to_port"
+            };
+            errors.field(
+                format_args!("{path}.backends"),
+                &format!(
+                    "and `{other}` are exclusive: give `to` for one backend, `backends` for a pool"
+                ),
+            );
             None
         }
-        (Some(to), None) => {
+        (None, None, false) => {
+            errors.field(
+                path,
+                "one of `to`, `backends` or `redirect_to_port` is required",
+            );
+            None
+        }
+        (Some(to), None, false) => {
             let target = parse_target(format_args!("{path}.to"), to, errors);
             if let Some((addr, _)) = target {
                 families.note("to", Family::of(&addr), errors, to);
             }
-            let snat = match f.snat.as_deref() {
-                None | Some("masquerade") => Some(Snat::Masquerade),
-                Some("none") => Some(Snat::None),
-                Some(text) => match text.parse::<IpAddr>() {
-                    Ok(ip) => {
-                        families.note("snat", Family::of(&ip), errors, text);
-                        Some(Snat::To(ip))
-                    }
-                    Err(_) => {
-                        errors.push(
-                            format_args!("{path}.snat"),
-                            text,
-                            "is not one of \"masquerade\" (the default), \"none\" (the backend sees the client) or an IP address to SNAT to".into(),
-                        );
-                        None
-                    }
-                },
-            };
             target
-                .zip(snat)
+                .zip(parse_snat(path, f, &mut families, errors))
                 .map(|((addr, port), snat)| Action::Dnat { addr, port, snat })
         }
-        (None, Some(port)) => {
+        (None, None, true) => {
+            let pool = validate_pool(path, f, &mut families, errors);
+            pool.zip(parse_snat(path, f, &mut families, errors))
+                .map(|(pool, snat)| Action::Pool {
+                    pool: Arc::new(pool),
+                    snat,
+                })
+        }
+        (None, Some(port), _) => {
             if let Some(snat) = &f.snat {
                 errors.push(
                     format_args!("{path}.snat"),
@@ -609,10 +641,13 @@ fn validate_forward(
     // A connection of this host's own to a loopback address, DNATed to another host, keeps its
     // loopback source: the kernel drops it on the way out (IPv4 unless route_localnet is set
     // on the outgoing interface, IPv6 always). Nothing would say so: refuse it.
-    if let (true, Some(listen), Some(Action::Dnat { addr, .. })) =
-        (f.local, listen_address, &action)
-    {
-        if listen.is_loopback() && !addr.is_loopback() {
+    let elsewhere = action.as_ref().and_then(|a| {
+        a.backends()
+            .into_iter()
+            .find(|(addr, _)| !addr.is_loopback())
+    });
+    if let (true, Some(listen), Some((addr, _))) = (f.local, listen_address, elsewhere) {
+        if listen.is_loopback() {
             let why = match listen {
                 std::net::IpAddr::V6(_) => "the kernel never routes a packet from ::1 off this host (IPv6 has no route_localnet)".to_string(),
                 std::net::IpAddr::V4(_) => format!("a packet from {listen} may not leave this host (the kernel drops it unless net.ipv4.conf.<outgoing interface>.route_localnet=1, which also opens this host's loopback services to that interface's neighbours)"),
@@ -644,6 +679,132 @@ fn validate_forward(
         local: f.local,
         allow_forward: f.allow_forward,
         reset_connections: f.reset_connections,
+    })
+}
+
+/// A `to` forward's or pool's `snat`.
+fn parse_snat<P: Display + Copy>(
+    path: P,
+    f: &ForwardParams,
+    families: &mut FamilyCheck<P>,
+    errors: &mut Errors,
+) -> Option<Snat> {
+    match f.snat.as_deref() {
+        None | Some("masquerade") => Some(Snat::Masquerade),
+        Some("none") => Some(Snat::None),
+        Some(text) => match text.parse::<IpAddr>() {
+            Ok(ip) => {
+                families.note("snat", Family::of(&ip), errors, text);
+                Some(Snat::To(ip))
+            }
+            Err(_) => {
+                errors.push(
+                    format_args!("{path}.snat"),
+                    text,
+                    "is not one of \"masquerade\" (the default), \"none\" (the backend sees the client) or an IP address to SNAT to".into(),
+                );
+                None
+            }
+        },
+    }
+}
+
+/// Most backends a pool may have: the nftables backend picks one with one map lookup, the
+/// iptables backend walks at most one rule per backend.
+pub(crate) const MAX_BACKENDS: usize = 256;
+
+/// Most a backend's weight may be.
+const MAX_WEIGHT: u64 = 1000;
+
+/// A pool's backends: one family (with the rest of the forward), a port on all or none, none
+/// twice, weights 0-1000.
+fn validate_pool<P: Display + Copy>(
+    path: P,
+    f: &ForwardParams,
+    families: &mut FamilyCheck<P>,
+    errors: &mut Errors,
+) -> Option<Pool> {
+    let before = errors.0.len();
+    if f.backends.len() > MAX_BACKENDS {
+        errors.field(
+            format_args!("{path}.backends"),
+            &format!(
+                "has {} entries; a pool has at most {MAX_BACKENDS}",
+                f.backends.len()
+            ),
+        );
+    }
+    let mut backends: Vec<PoolMember> = Vec::with_capacity(f.backends.len());
+    let mut first_port: Option<Option<u16>> = None;
+    for (j, b) in f.backends.iter().enumerate() {
+        let target = parse_target(format_args!("{path}.backends[{j}].to"), &b.to, errors);
+        let weight = match &b.weight {
+            None => Some(1),
+            Some(value) => {
+                let w = match value {
+                    Value::Number(n) => n.as_u64(),
+                    Value::String(s)
+                        if !s.is_empty()
+                            && s.len() <= 4
+                            && s.bytes().all(|c| c.is_ascii_digit()) =>
+                    {
+                        s.parse().ok()
+                    }
+                    _ => None,
+                }
+                .filter(|w| *w <= MAX_WEIGHT)
+                .and_then(|w| u16::try_from(w).ok());
+                if w.is_none() {
+                    errors.push_json(
+                        format_args!("{path}.backends[{j}].weight"),
+                        value,
+                        format!("is not a weight (0-{MAX_WEIGHT}; 0 drains the backend)"),
+                    );
+                }
+                w
+            }
+        };
+        let (Some((addr, port)), Some(weight)) = (target, weight) else {
+            continue;
+        };
+        families.note(
+            &format!("backends[{j}].to"),
+            Family::of(&addr),
+            errors,
+            &b.to,
+        );
+        match first_port {
+            None => first_port = Some(port),
+            Some(first) if first.is_some() != port.is_some() => {
+                errors.push(
+                    format_args!("{path}.backends[{j}].to"),
+                    &b.to,
+                    "and backends[0].to differ in giving a port: give every backend of a pool a port, or none (each connection then keeps its listen port)".into(),
+                );
+            }
+            Some(_) => {}
+        }
+        if backends.iter().any(|o| o.addr == addr && o.port == port) {
+            errors.push(
+                format_args!("{path}.backends[{j}].to"),
+                &b.to,
+                "is listed twice: give each backend once, with the weight it should have".into(),
+            );
+        }
+        backends.push(PoolMember { addr, port, weight });
+    }
+    if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
+        errors.field(
+            format_args!("{path}.backends"),
+            "has every weight 0: give at least one backend a weight above 0 (to take no new connections at all, remove the forward: open TCP connections still finish)",
+        );
+    }
+    // Live backends first, in the order given: how the pool's map lists them back (drained
+    // ones hold keys past the live ones), so the installed pool reads back equal.
+    backends.sort_by_key(|b| b.weight == 0);
+    (errors.0.len() == before).then_some(Pool {
+        backends,
+        balance: f.balance,
     })
 }
 
