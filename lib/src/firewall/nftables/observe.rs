@@ -787,6 +787,7 @@ fn stmt_text(stmt: &Value) -> Option<String> {
         {
             let family = v.get("family")?.as_str()?;
             let map = v.get("addr")?.get("map")?;
+            let mut concat = false;
             let mut entries: Vec<(u64, String)> = map
                 .get("data")?
                 .get("set")?
@@ -798,6 +799,7 @@ fn stmt_text(stmt: &Value) -> Option<String> {
                             Some(r) => r.get(0)?.as_u64()?,
                             None => k.as_u64()?,
                         };
+                        concat |= d.get("concat").is_some();
                         Some((first, format!("{} : {}", expr_text(k)?, expr_text(d)?)))
                     }
                     _ => None,
@@ -816,7 +818,8 @@ fn stmt_text(stmt: &Value) -> Option<String> {
                 return None;
             }
             format!(
-                "dnat {family} to {} map {{ {} }}",
+                "dnat {family} {}to {} map {{ {} }}",
+                if concat { "addr . port " } else { "" },
                 expr_text(map.get("key")?)?,
                 items.join(", ")
             )

@@ -593,9 +593,14 @@ impl Body {
                         let _ = write!(out, "dnat {ip} to {}", dest_text(n.family, *addr, *port));
                     }
                     NatTo::Pool(pool) => {
+                        // nft 0.9.8 types concatenated data only when told: `addr . port`.
+                        let to = match pool.backends.first().and_then(|b| b.port) {
+                            Some(_) => "addr . port to",
+                            None => "to",
+                        };
                         let _ = write!(
                             out,
-                            "dnat {ip} to {} map {}",
+                            "dnat {ip} {to} {} map {}",
                             super::pool::draw(pool, n.family),
                             super::pool::map_text(pool)
                         );
