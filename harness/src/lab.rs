@@ -115,8 +115,9 @@ impl Lab {
                 for spec in &node.servers {
                     // One dual-stack socket answers IPv4 and IPv6 clients.
                     let bind = SocketAddr::from((IpAddr::from([0u16; 8]), spec.port));
+                    // Named after its node: a probe over a pool tells which node answered.
                     lab.servers
-                        .push(Server::start(ns, spec.proto.into(), bind)?);
+                        .push(Server::start_named(ns, spec.proto.into(), bind, name)?);
                 }
             }
         }

@@ -429,6 +429,9 @@ fn check_run(node: &str, run: &RunResult, expect: Expect, step: &Step) -> Vec<St
 fn check_probe(p: &ProbeSpec, lab: &Lab) -> Result<(), String> {
     let label = format!("probe {} -> {}/{:?}", p.from, p.to, p.proto);
     let target = p.target().map_err(|e| e.to_string())?;
+    if !p.reaches.is_empty() {
+        return check_spread(p, lab, target, &label);
+    }
     let result = probe(&lab.nodes[&p.from], p.proto.into(), target);
     match (result, p.fails, &p.sees) {
         (Err(_), true, _) => Ok(()),
@@ -450,6 +453,37 @@ fn check_probe(p: &ProbeSpec, lab: &Lab) -> Result<(), String> {
                 ))
             }
         }
+    }
+}
+
+/// A `reaches` probe: new TCP connections, counted by the node whose server answered.
+fn check_spread(
+    p: &ProbeSpec,
+    lab: &Lab,
+    target: std::net::SocketAddr,
+    label: &str,
+) -> Result<(), String> {
+    let n = p.connections.unwrap_or_else(|| p.reaches.values().sum());
+    let mut seen: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let answer = crate::traffic::TcpSession::connect(&lab.nodes[&p.from], target)
+            .and_then(|mut s| s.ask_text())
+            .map_err(|e| format!("{label}: {e}"))?;
+        let node = answer.split_whitespace().nth(1).unwrap_or("?").to_string();
+        *seen.entry(node).or_default() += 1;
+    }
+    let want: std::collections::BTreeMap<String, usize> = p
+        .reaches
+        .iter()
+        .filter(|(_, c)| **c > 0)
+        .map(|(n, c)| (n.clone(), *c))
+        .collect();
+    if seen == want {
+        Ok(())
+    } else {
+        Err(format!(
+            "{label}: {n} connections reached {seen:?}, expected {want:?}"
+        ))
     }
 }
 

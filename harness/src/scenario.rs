@@ -249,6 +249,13 @@ pub struct ProbeSpec {
     /// The probe must get no answer.
     #[serde(default)]
     pub fails: bool,
+    /// Over a pool: how many of `connections` new TCP connections each node's server must
+    /// answer (exactly; a node not named here must answer none).
+    #[serde(default)]
+    pub reaches: BTreeMap<String, usize>,
+    /// How many connections a `reaches` probe makes (default: the sum of its counts).
+    #[serde(default)]
+    pub connections: Option<usize>,
 }
 
 impl ProbeSpec {
