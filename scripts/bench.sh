@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs both benchmarks (root): the control plane (portfwd at scale against bare reads, a bare
 # iptables-restore and the per-rule approach) and the data plane (throughput and latency
-# through portfwd's kernel NAT against the routed path, socat, haproxy and rinetd).
-# Prints the tables; writes target/bench-control.json, target/bench-data.json and
+# through portfwd's kernel NAT against the routed path, socat, haproxy and rinetd), then a
+# 16-backend pool against one `to`.
+# Prints the tables; writes target/bench-control.json, target/bench-data.json,
+# target/bench-pool.json and
 # target/bench-scaling.svg. Everything runs inside network namespaces it creates.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,3 +24,4 @@ fi
 cargo build --release --quiet -p portfwd-module -p portfwd-harness
 target/release/portfwd-bench control "$@"
 target/release/portfwd-bench data
+target/release/portfwd-bench pool

@@ -75,8 +75,19 @@ enum Bench {
         #[arg(long, default_value = "target/bench-data-scaling.svg")]
         scaling_svg: PathBuf,
     },
+    /// A 16-backend pool against a forward with one `to` (nftables): new connections/s and
+    /// throughput, each balance mode, measured alternately in the same run.
+    Pool {
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 3)]
+        seconds: u32,
+        #[arg(long, default_value = "target/bench-pool.json")]
+        out: PathBuf,
+    },
 }
 
+#[path = "portfwd-bench/pool.rs"]
+mod pool;
 #[path = "portfwd-bench/scale.rs"]
 mod scale;
 #[path = "portfwd-bench/scaling.rs"]
@@ -94,6 +105,9 @@ fn main() -> std::process::ExitCode {
             Portfwd::locate().and_then(|pf| scale::run(&pf, &scale, reps, &scale_out, &scale_svg))
         }
         Bench::Control { reps, out, svg, .. } => control(reps, &out, &svg),
+        Bench::Pool { seconds, out } => {
+            Portfwd::locate().and_then(|pf| pool::run(&pf, seconds, &out))
+        }
         Bench::Data {
             seconds,
             out,

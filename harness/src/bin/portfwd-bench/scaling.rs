@@ -49,13 +49,13 @@ fn measured_ports(n: usize) -> (String, String) {
 }
 
 /// Accepts and drops connections in `ns` until dropped.
-struct Sink {
+pub(super) struct Sink {
     stop: Arc<AtomicBool>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Sink {
-    fn start(ns: &Netns, bind: SocketAddr) -> Result<Sink, LabError> {
+    pub(super) fn start(ns: &Netns, bind: SocketAddr) -> Result<Sink, LabError> {
         let enter = ns.enterer();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -101,7 +101,11 @@ impl Drop for Sink {
 
 /// Completed TCP handshakes per second from the client, one after another for `seconds`;
 /// each connection is reset at once (SO_LINGER 0) so no TIME_WAIT piles up.
-fn connections_per_second(t: &Topology, target: &str, seconds: u32) -> Result<f64, LabError> {
+pub(super) fn connections_per_second(
+    t: &Topology,
+    target: &str,
+    seconds: u32,
+) -> Result<f64, LabError> {
     let target: SocketAddr = target.parse().map_err(err)?;
     let enter = t.client.enterer();
     std::thread::spawn(move || -> Result<f64, LabError> {
