@@ -234,7 +234,7 @@ fn man_pages_have_no_dangling_references_and_document_every_param() {
             objects.push((name.as_str(), def));
         }
     }
-    assert_eq!(objects.len(), 6, "top level and five kinds of entry");
+    assert_eq!(objects.len(), 7, "top level and six kinds of entry");
     let plain = params
         .replace("\\-", "-")
         .replace("\\fB", "\u{1}")

@@ -78,9 +78,10 @@ fn write_all(out: &Path) -> std::io::Result<()> {
 }
 
 /// The sections of `portfwd-params(5)`: a title, and the schema object whose fields it lists.
-const SECTIONS: [(&str, &str); 6] = [
+const SECTIONS: [(&str, &str); 7] = [
     ("TOP-LEVEL FIELDS", ""),
     ("FORWARDS (forwards[])", "ForwardParams"),
+    ("POOL BACKENDS (forwards[].backends[])", "BackendParams"),
     ("MASQUERADE ENTRIES (masquerade[])", "MasqueradeParams"),
     ("ADDRESSES (addresses[])", "AddressParams"),
     ("POLICY ROUTES (policy_routes[])", "PolicyRouteParams"),
