@@ -807,14 +807,7 @@ fn stmt_text(stmt: &Value) -> Option<String> {
                 .collect::<Option<_>>()?;
             entries.sort_unstable_by_key(|e| e.0);
             let items: Vec<String> = entries.into_iter().map(|e| e.1).collect();
-            // nft 0.9.8 says the data is concatenated (`type_flags`); 1.0.6 does not.
-            let extra = v.as_object()?.iter().any(|(k, val)| {
-                !matches!(
-                    (k.as_str(), val.as_str()),
-                    ("family" | "addr", _) | ("type_flags", Some("concat"))
-                )
-            });
-            if extra {
+            if !only_family_and_map(v)? {
                 return None;
             }
             format!(
@@ -832,14 +825,7 @@ fn stmt_text(stmt: &Value) -> Option<String> {
                 expr_text(map.get("key")?)?,
                 map.get("data")?.as_str()?
             );
-            // nft 0.9.8 says the data is concatenated (`type_flags`); 1.0.6 does not.
-            let extra = v.as_object()?.iter().any(|(k, val)| {
-                !matches!(
-                    (k.as_str(), val.as_str()),
-                    ("family" | "addr", _) | ("type_flags", Some("concat"))
-                )
-            });
-            if extra {
+            if !only_family_and_map(v)? {
                 return None;
             }
             match key.as_str() {
@@ -874,6 +860,17 @@ fn stmt_text(stmt: &Value) -> Option<String> {
         "masquerade" | "drop" if v.is_null() => key.clone(),
         _ => return None,
     })
+}
+
+/// Does a map-fed NAT statement say nothing but its family and its map? nft 0.9.8 also says
+/// the data is concatenated (`type_flags`); 1.0.6 does not.
+fn only_family_and_map(v: &Value) -> Option<bool> {
+    Some(!v.as_object()?.iter().any(|(k, val)| {
+        !matches!(
+            (k.as_str(), val.as_str()),
+            ("family" | "addr", _) | ("type_flags", Some("concat"))
+        )
+    }))
 }
 
 /// An expression in nft's language (the subset portfwd writes).
