@@ -1,8 +1,9 @@
 //! What is ours, decided in one place: the comment grammar every owned rule carries, the
 //! stable hash in it, and the [`Record`] of objects the kernel cannot tag.
 //!
-//! A rule is ours when its comment reads `<instance>:<kind>:<name>:<hash>` (plus [`RESET_MARKER`]
-//! on a forward's NAT rules with `reset_connections`), and a jump into the instance's chain
+//! A rule is ours when its comment reads `<instance>:<kind>:<name>:<hash>` (plus a pool
+//! backend's weight, see [`weighted_comment`], and [`RESET_MARKER`] on a forward's NAT rules
+//! with `reset_connections`), and a jump into the instance's chain
 //! when it reads `<instance>:jump`. The hash covers the chain and the whole rule, so the
 //! comment alone identifies a rule. Compile writes these comments, observe and the plan
 //! recognise them, decompile reads the entries back, all through the functions below.
@@ -55,8 +56,25 @@ pub(crate) struct Tag<'a> {
 
 /// The comment of an owned rule: `<instance>:<kind>:<name>:<hash>[:reset]`.
 pub(crate) fn entry_comment(instance: &str, tag: Tag, hash: u32) -> String {
+    weighted_comment(instance, tag, hash, None)
+}
+
+/// [`entry_comment`] of one backend's rule of an iptables pool, `weight` put after the hash
+/// (`web:fwd:api:1a2b3c4d:w2`): a rule's probability or counter says a backend's share only
+/// relative to the backends after it, so `show` reads the weights from here.
+pub(crate) fn weighted_comment(instance: &str, tag: Tag, hash: u32, weight: Option<u16>) -> String {
     let marker = if tag.reset { RESET_MARKER } else { "" };
-    format!("{instance}:{}:{}:{hash:08x}{marker}", tag.kind, tag.name)
+    let (kind, name) = (tag.kind, tag.name);
+    match weight {
+        Some(w) => format!("{instance}:{kind}:{name}:{hash:08x}:w{w}{marker}"),
+        None => format!("{instance}:{kind}:{name}:{hash:08x}{marker}"),
+    }
+}
+
+/// The weight a pool backend's rule carries in its comment (see [`weighted_comment`]).
+pub(crate) fn comment_weight(comment: &str) -> Option<u16> {
+    let comment = comment.strip_suffix(RESET_MARKER).unwrap_or(comment);
+    comment.rsplit(':').next()?.strip_prefix('w')?.parse().ok()
 }
 
 /// How every comment of an entry's objects starts (`<instance>:<kind>:<name>:`): they sort
@@ -86,7 +104,12 @@ pub(crate) fn parse_comment<'a>(comment: &'a str, instance: &str) -> Option<Tag<
     };
     let mut parts = comment.split(':');
     let (inst, kind, name, _hash) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    (inst == instance && parts.next().is_none()).then_some(Tag { kind, name, reset })
+    let weight = parts.next();
+    let weight_ok = weight.is_none_or(|w| {
+        w.strip_prefix('w')
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()))
+    });
+    (inst == instance && weight_ok && parts.next().is_none()).then_some(Tag { kind, name, reset })
 }
 
 /// Does an owned rule's comment carry [`RESET_MARKER`]?

@@ -95,6 +95,58 @@ impl Pool {
     pub fn total_weight(&self) -> u32 {
         self.backends.iter().map(|b| u32::from(b.weight)).sum()
     }
+
+    /// The pool's exact weighted round-robin as a cascade of counters, each taking one of
+    /// every `every` new connections that reach it (all but one of them with `invert`), the
+    /// rest passing to the next: what iptables' `statistic --mode nth` can say. Over one
+    /// cycle (the weights' sum over their greatest common divisor) each backend gets its
+    /// weight exactly. A backend whose share of what reaches it is 1/k or (k-1)/k takes one
+    /// step; any other takes one step per unit of weight.
+    pub fn nth_cascade(&self) -> Vec<NthStep> {
+        let live: Vec<(usize, u32)> = (self.backends.iter().enumerate())
+            .filter(|(_, b)| b.weight > 0)
+            .map(|(i, b)| (i, u32::from(b.weight)))
+            .collect();
+        let gcd = live.iter().fold(0, |g, &(_, w)| gcd(g, w)).max(1);
+        let mut rest: u32 = live.iter().map(|(_, w)| w / gcd).sum();
+        let mut steps = Vec::new();
+        for (backend, w) in live {
+            let w = w / gcd;
+            let step = |every, invert| NthStep {
+                backend,
+                every,
+                invert,
+            };
+            if rest % w == 0 {
+                steps.push(step(rest / w, false));
+            } else if rest % (rest - w) == 0 {
+                steps.push(step(rest / (rest - w), true));
+            } else {
+                for taken in 0..w {
+                    steps.push(step(rest - taken, false));
+                }
+            }
+            rest -= w;
+        }
+        steps
+    }
+}
+
+/// One rule of [`Pool::nth_cascade`]: backend `backend` takes one of every `every`
+/// connections reaching it, or with `invert` all but that one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NthStep {
+    pub backend: usize,
+    pub every: u32,
+    pub invert: bool,
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// One backend of a pool.

@@ -88,8 +88,12 @@ fn err(input: &str) -> String {
     "forwards[0].backends: and `redirect_to_port` are exclusive"
 )]
 #[case(
-    r#"{"forwards":[{"name":"a","listen_port":1,"backends":[{"to":"10.0.0.2"}]}]}"#,
-    "forwards[0].backends: a pool needs `backend: nftables` (the iptables backend has no pools yet)"
+    r#"{"forwards":[{"name":"a","listen_port":1,"balance":"source-hash","backends":[{"to":"10.0.0.2"}]}]}"#,
+    "forwards[0].balance: is \"source-hash\", which the iptables backend cannot install safely"
+)]
+#[case(
+    r#"{"backend":"iptables-legacy","forwards":[{"name":"a","listen_port":1,"balance":"round-robin","backends":[{"to":"10.0.0.2","weight":999},{"to":"10.0.0.3","weight":1000}]}]}"#,
+    "forwards[0].balance: is \"round-robin\" with weights that take 1000 rules with the iptables-legacy backend (at most 256)"
 )]
 #[case(
     r#"{"backend":"nftables","forwards":[{"name":"a","listen_port":1,"backends":[{"to":"10.0.0.2","weight":0},{"to":"10.0.0.3","weight":"0"}]}]}"#,
@@ -550,4 +554,86 @@ fn validates_a_pool_with_its_drained_backends_last() {
         }
     );
     assert!(config.forwards[0].needs_forwarding());
+}
+
+/// Runs `connections` new connections through a pool's nth cascade as the kernel's
+/// `statistic --mode nth` counters would (each counts what reaches it and takes the first of
+/// every `every`), and counts each backend's share.
+fn through_cascade(pool: &Pool, connections: u32) -> Vec<u32> {
+    let steps = pool.nth_cascade();
+    let mut seen = vec![0u32; steps.len()];
+    let mut got = vec![0u32; pool.backends.len()];
+    for _ in 0..connections {
+        for (k, step) in steps.iter().enumerate() {
+            let first_of_every = seen[k] % step.every == 0;
+            seen[k] += 1;
+            if first_of_every != step.invert {
+                got[step.backend] += 1;
+                break;
+            }
+        }
+    }
+    got
+}
+
+fn weighted(weights: &[u16]) -> Pool {
+    Pool {
+        backends: (0u8..)
+            .zip(weights)
+            .map(|(i, &weight)| PoolMember {
+                addr: std::net::IpAddr::from([10, 0, 0, i]),
+                port: Some(80),
+                weight,
+            })
+            .collect(),
+        balance: Balance::RoundRobin,
+    }
+}
+
+/// 1:1:2 takes one rule per backend; 2:3 (neither 1/k nor (k-1)/k of what reaches the
+/// first) one per unit of weight; a common divisor shortens the cycle.
+#[test]
+fn a_round_robin_cascade_is_short_where_the_weights_allow() {
+    let steps = |w: &[u16]| -> Vec<(usize, u32, bool)> {
+        (weighted(w).nth_cascade().into_iter())
+            .map(|s| (s.backend, s.every, s.invert))
+            .collect()
+    };
+    assert_eq!(
+        steps(&[1, 1, 2]),
+        [(0, 4, false), (1, 3, false), (2, 1, false)]
+    );
+    assert_eq!(steps(&[3, 1]), [(0, 4, true), (1, 1, false)]);
+    assert_eq!(
+        steps(&[2, 3]),
+        [(0, 5, false), (0, 4, false), (1, 1, false)]
+    );
+    assert_eq!(steps(&[20, 0, 20]), [(0, 2, false), (2, 1, false)]);
+    assert_eq!(through_cascade(&weighted(&[2, 3]), 5), [2, 3]);
+}
+
+proptest::proptest! {
+    /// Over every cycle each backend gets exactly its weight (divided by the weights'
+    /// common divisor), drained ones nothing.
+    #[test]
+    fn a_round_robin_cascade_is_exact_over_every_cycle(
+        weights in proptest::collection::vec(0u16..=12, 1..7),
+        cycles in 1u32..4,
+    ) {
+        proptest::prop_assume!(weights.iter().any(|&w| w > 0));
+        let pool = weighted(&weights);
+        let gcd = weights.iter().fold(0, |g, &w| gcd(g, w));
+        let cycle: u32 = weights.iter().map(|&w| u32::from(w / gcd)).sum();
+        let got = through_cascade(&pool, cycle * cycles);
+        let want: Vec<u32> = weights.iter().map(|&w| u32::from(w / gcd) * cycles).collect();
+        proptest::prop_assert_eq!(got, want);
+    }
+}
+
+fn gcd(a: u16, b: u16) -> u16 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }

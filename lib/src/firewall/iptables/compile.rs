@@ -13,11 +13,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::rules::{subchain_name, Hook, Jump, OwnedChain, OwnedRules, Rule, BUCKET_PORTS};
-use crate::model::{Action, Config, Forward, Masquerade, Proto, Snat, State};
+use crate::model::{
+    Action, Balance, Config, Forward, Masquerade, Pool, PoolMember, Proto, Snat, State,
+};
 use crate::net::Family;
 use crate::ownership::{
-    entry_comment, jump_comment, parse_comment, StableHash, Tag, FLOW_DISPATCH, FLOW_ESTABLISHED,
-    FLOW_MARKED, FLOW_NOT_DNAT, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE,
+    jump_comment, parse_comment, weighted_comment, StableHash, Tag, FLOW_DISPATCH,
+    FLOW_ESTABLISHED, FLOW_MARKED, FLOW_NOT_DNAT, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE,
 };
 
 /// The FORWARD chain's order: `flow:established` first (every later packet of a marked flow
@@ -155,7 +157,9 @@ fn marking(config: &Config) -> BTreeSet<Family> {
     config
         .forwards
         .iter()
-        .filter(|f| f.allow_forward && matches!(f.action, Action::Dnat { .. }))
+        .filter(|f| {
+            f.allow_forward && matches!(f.action, Action::Dnat { .. } | Action::Pool { .. })
+        })
         .map(|f| f.family)
         .collect()
 }
@@ -354,16 +358,19 @@ impl<'a> Builder<'a> {
             name,
             reset: false,
         };
-        self.place(family, hook, None, owner, &matches, &target);
+        self.place(family, hook, None, owner, None, &matches, &target);
     }
 
-    /// Appends a rule to the hook's chain, or to its sub-chain for `bucket`.
+    /// Appends a rule to the hook's chain, or to its sub-chain for `bucket`; `weight` is a
+    /// pool backend's, for its comment.
+    #[allow(clippy::too_many_arguments)]
     fn place(
         &mut self,
         family: Family,
         hook: Hook,
         bucket: Option<(Proto, u16)>,
         owner: Tag,
+        weight: Option<u16>,
         matches: &[Arg],
         target: &[Arg],
     ) {
@@ -381,7 +388,7 @@ impl<'a> Builder<'a> {
             .fold(StableHash::new().part(chain_name.as_bytes()), |h, arg| {
                 h.part(arg.as_bytes())
             });
-        let key = entry_comment(self.instance, owner, hash.finish());
+        let key = weighted_comment(self.instance, owner, hash.finish(), weight);
         // Rendered from borrowed parts: owned copies of every argument cost compiling 50,000
         // forwards a fifth of its time.
         let comment = ["-m", "comment", "--comment", key.as_str()];
@@ -449,23 +456,15 @@ impl<'a> Builder<'a> {
     }
 
     fn forward(&mut self, f: &Forward) {
-        let target = match f.action {
-            // Refused for this backend by the params' validation (`backends` needs nftables).
-            Action::Pool { .. } => return,
-            Action::Dnat { addr, port, .. } => {
-                let dest = match (addr, port) {
-                    (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
-                    (a, Some(p)) => format!("{a}:{p}"),
-                    (a, None) => a.to_string(),
-                };
-                let mut t = strings(["-j", "DNAT", "--to-destination"]);
-                t.push(dest.into());
-                t
-            }
+        // Each is (extra matches, target, a pool backend's weight): one for a single
+        // backend or a redirect, one or more per backend for a pool.
+        let targets: Vec<(Vec<Arg>, Vec<Arg>, Option<u16>)> = match &f.action {
+            Action::Pool { pool, .. } => pool_rules(pool),
+            Action::Dnat { addr, port, .. } => vec![(Vec::new(), dnat_to(*addr, *port), None)],
             Action::Redirect { port } => {
                 let mut t = strings(["-j", "REDIRECT", "--to-ports"]);
                 t.push(port.to_string().into());
-                t
+                vec![(Vec::new(), t, None)]
             }
         };
         // Written once for all of the forward's rules.
@@ -516,11 +515,18 @@ impl<'a> Builder<'a> {
                         f.listen_port.last / BUCKET_PORTS,
                     );
                     for bucket in first..=last {
-                        self.place(f.family, hook, Some((proto, bucket)), owner, &m, &target);
+                        for (extra, target, weight) in &targets {
+                            let mut m = Cow::Borrowed(&m);
+                            if !extra.is_empty() {
+                                m.to_mut().extend(extra.iter().cloned());
+                            }
+                            let at = Some((proto, bucket));
+                            self.place(f.family, hook, at, owner, *weight, &m, target);
+                        }
                     }
                 }
             }
-            let Action::Dnat { addr, port, snat } = f.action else {
+            let Some(snat) = f.action.snat() else {
                 continue;
             };
             if let Some(dev) = self.localnet_devices.get(&f.name).cloned() {
@@ -548,17 +554,19 @@ impl<'a> Builder<'a> {
             // Match only this forward's DNATed flow: never `-s backend`, never plain traffic to it.
             // The flow's original destination, so forwards that share a listen port and a
             // backend but differ in listen_address never share each other's SNAT or accepts.
-            let (addr, backend_ports) = (addr.to_string(), f.ports_at(port).to_string());
-            let flow = |dir: &'static str, port_flag: &'static str| {
-                let mut m = Vec::with_capacity(18);
-                m.extend(strings([dir, &addr]));
-                m.extend(port_match(proto, port_flag, backend_ports.as_str()));
-                m.extend(strings(["-m", "conntrack", "--ctstate", "DNAT"]));
-                if let Some(a) = &listen_address {
-                    m.extend(strings(["--ctorigdst", a]));
-                }
-                m.extend(strings(["--ctorigdstport", &listen_port]));
-                m
+            // A pool's drained backends keep theirs: their open connections continue.
+            let backends: Vec<(String, String)> = (f.action.backends().into_iter())
+                .map(|(addr, port)| (addr.to_string(), f.ports_at(port).to_string()))
+                .collect();
+            let flow = |backend, dir, port_flag| {
+                dnated_flow(
+                    backend,
+                    dir,
+                    port_flag,
+                    proto,
+                    &listen_address,
+                    &listen_port,
+                )
             };
             let snat_target = match snat {
                 Snat::Masquerade => Some(strings(["-j", "MASQUERADE"])),
@@ -575,19 +583,22 @@ impl<'a> Builder<'a> {
             };
             for bucket in buckets {
                 let at = Some((proto, bucket));
-                if let Some(t) = &snat_target {
-                    let m = flow("-d", "--dport");
-                    self.place(f.family, Hook::Postrouting, at, owner, &m, t);
-                }
-                if f.allow_forward {
-                    // Mark the flow (its first packet either way); `flow:marked` accepts the
-                    // packet, `flow:established` every later one and the ICMP errors RELATED
-                    // to it (fragmentation needed, port unreachable), so path-MTU discovery
-                    // works behind policy DROP. Another tool's DNATed flows are never marked.
-                    let set_mark = strings(["-j", "CONNMARK", "--set-xmark", self.conn_mark]);
-                    for (dir, port_flag) in [("-d", "--dport"), ("-s", "--sport")] {
-                        let m = flow(dir, port_flag);
-                        self.place(f.family, Hook::Forward, at, owner, &m, &set_mark);
+                for backend in &backends {
+                    if let Some(t) = &snat_target {
+                        let m = flow(backend, "-d", "--dport");
+                        self.place(f.family, Hook::Postrouting, at, owner, None, &m, t);
+                    }
+                    if f.allow_forward {
+                        // Mark the flow (its first packet either way); `flow:marked` accepts
+                        // the packet, `flow:established` every later one and the ICMP errors
+                        // RELATED to it (fragmentation needed, port unreachable), so path-MTU
+                        // discovery works behind policy DROP. Another tool's DNATed flows are
+                        // never marked.
+                        let set_mark = strings(["-j", "CONNMARK", "--set-xmark", self.conn_mark]);
+                        for (dir, port_flag) in [("-d", "--dport"), ("-s", "--sport")] {
+                            let m = flow(backend, dir, port_flag);
+                            self.place(f.family, Hook::Forward, at, owner, None, &m, &set_mark);
+                        }
                     }
                 }
             }
@@ -648,6 +659,103 @@ fn to_source(ip: IpAddr) -> Vec<Arg<'static>> {
     let mut t = strings(["-j", "SNAT", "--to-source"]);
     t.push(ip.to_string().into());
     t
+}
+
+/// The matches of one backend's DNATed flow of a forward: `dir` the backend's address
+/// (`-d`/`-s`), the backend's ports by `port_flag`, and the flow's original destination.
+fn dnated_flow<'a>(
+    (addr, backend_ports): &'a (String, String),
+    dir: &'static str,
+    port_flag: &'static str,
+    proto: Proto,
+    listen_address: &'a Option<String>,
+    listen_port: &'a str,
+) -> Vec<Arg<'a>> {
+    let mut m = Vec::with_capacity(18);
+    m.extend(strings([dir, addr]));
+    m.extend(port_match(proto, port_flag, backend_ports.as_str()));
+    m.extend(strings(["-m", "conntrack", "--ctstate", "DNAT"]));
+    if let Some(a) = listen_address {
+        m.extend(strings(["--ctorigdst", a]));
+    }
+    m.extend(strings(["--ctorigdstport", listen_port]));
+    m
+}
+
+/// `-j DNAT --to-destination` a backend (keeping the listen port without one).
+fn dnat_to(addr: IpAddr, port: Option<u16>) -> Vec<Arg<'static>> {
+    let dest = match (addr, port) {
+        (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+        (a, Some(p)) => format!("{a}:{p}"),
+        (a, None) => a.to_string(),
+    };
+    let mut t = strings(["-j", "DNAT", "--to-destination"]);
+    t.push(dest.into());
+    t
+}
+
+/// A pool's DNAT rules in the order a new connection meets them: each takes its share of
+/// the connections that reach it, the last live backend's takes all that are left, and a
+/// drained backend's (past it) none; every rule names its draw, so the pool reads back.
+///
+/// `random`: one rule per backend, `statistic --mode random` with probability weight / the
+/// weights from it on. `round-robin`: [`crate::model::Pool::nth_cascade`]'s counters.
+fn pool_rules(pool: &Pool) -> Vec<(Vec<Arg<'static>>, Vec<Arg<'static>>, Option<u16>)> {
+    let rule =
+        |draw: Vec<Arg<'static>>, b: &PoolMember| (draw, dnat_to(b.addr, b.port), Some(b.weight));
+    let drained = pool.backends.iter().filter(|b| b.weight == 0);
+    match pool.balance {
+        Balance::RoundRobin => {
+            let nth = |every: u32, invert: bool| {
+                let mut m = strings(["-m", "statistic", "--mode", "nth"]);
+                if invert {
+                    m.push("!".into());
+                }
+                m.extend(strings(["--every"]));
+                m.push(every.to_string().into());
+                m.extend(strings(["--packet", "0"]));
+                m
+            };
+            let steps = pool.nth_cascade();
+            (steps.iter())
+                .map(|s| rule(nth(s.every, s.invert), &pool.backends[s.backend]))
+                .chain(drained.map(|b| rule(nth(1, false), b)))
+                .collect()
+        }
+        // Source hash is refused for this backend by the params' validation.
+        Balance::Random | Balance::SourceHash => {
+            let random = |probability: String| {
+                let mut m = strings(["-m", "statistic", "--mode", "random", "--probability"]);
+                m.push(probability.into());
+                m
+            };
+            let mut rest = pool.total_weight();
+            let mut rules = Vec::with_capacity(pool.backends.len());
+            for b in pool.backends.iter().filter(|b| b.weight > 0) {
+                let w = u32::from(b.weight);
+                rules.push(rule(random(probability(w, rest)), b));
+                rest -= w;
+            }
+            rules.extend(drained.map(|b| rule(random(probability(0, 1)), b)));
+            rules
+        }
+    }
+}
+
+/// `part / whole` as `iptables-save` prints a random draw's probability: the kernel keeps
+/// it in 31 bits, shown with 11 decimals (`0.33333333349`). Integer arithmetic rounding half
+/// to even, as printf does, so what is written reads back as the same text.
+fn probability(part: u32, whole: u32) -> String {
+    const ONE: u128 = 1 << 31;
+    let (part, whole) = (u128::from(part), u128::from(whole.max(1)));
+    // The kernel's value: round(2^31 * part / whole).
+    let stored = (2 * ONE * part + whole) / (2 * whole);
+    let scaled = stored * 100_000_000_000;
+    let (mut q, r) = (scaled / ONE, scaled % ONE);
+    if 2 * r > ONE || (2 * r == ONE && q % 2 == 1) {
+        q += 1;
+    }
+    format!("{}.{:011}", q / 100_000_000_000, q % 100_000_000_000)
 }
 
 fn loopback_net(family: Family) -> &'static str {

@@ -8,10 +8,13 @@ use serde_json::Value;
 
 use super::rules::{Hook, OwnedRules, Rule};
 use crate::firewall::Entries;
-use crate::model::{ForwardParams, MasqueradeParams, ProtoParam, DEFAULT_CONN_MARK};
+use crate::model::{
+    BackendParams, Balance, ForwardParams, MasqueradeParams, ProtoParam, DEFAULT_CONN_MARK,
+};
 use crate::net::{Family, PortRange};
 use crate::ownership::{
-    has_reset_marker, parse_comment, FLOW_ESTABLISHED, KIND_FLOW, KIND_FORWARD, KIND_MASQUERADE,
+    comment_weight, has_reset_marker, parse_comment, FLOW_ESTABLISHED, KIND_FLOW, KIND_FORWARD,
+    KIND_MASQUERADE,
 };
 
 /// The `(kind, name)` of one of the instance's rules (see [`crate::ownership`]).
@@ -204,12 +207,19 @@ fn forward_from(
         ["tcp"] => ProtoParam::Tcp,
         _ => ProtoParam::Both,
     };
+    let pool = first.option("--mode").is_some();
     let (to, redirect_to_port) = match first.option("-j")? {
+        "DNAT" if pool => (None, None),
         "DNAT" => (Some(first.option("--to-destination")?.to_string()), None),
         "REDIRECT" => (None, Some(port_value(first.option("--to-ports")?)?)),
         _ => return None,
     };
-    let snat = to.as_ref().map(|_| match post.first() {
+    let (backends, balance) = if pool {
+        pool_from(first, if pre.is_empty() { out } else { pre })?
+    } else {
+        (Vec::new(), Balance::Random)
+    };
+    let snat = (to.is_some() || pool).then(|| match post.first() {
         None => "none".to_string(),
         Some(r) => match (r.option("-j"), r.option("--to-source")) {
             (Some("SNAT"), Some(ip)) => ip.to_string(),
@@ -225,8 +235,8 @@ fn forward_from(
         in_interface: pre.first().and_then(|r| r.option("-i")).map(str::to_string),
         sources,
         to,
-        backends: Vec::new(),
-        balance: crate::model::Balance::Random,
+        backends,
+        balance,
         redirect_to_port,
         // "masquerade" is the default; leave it implicit like a user would.
         snat: snat.filter(|s| s != "masquerade"),
@@ -235,6 +245,36 @@ fn forward_from(
         reset_connections: resets_connections(first),
         ignore_findings: Vec::new(),
     })
+}
+
+/// A pool's backends, weights and draw from its DNAT rules: those of the first protocol and
+/// source, in order (a round-robin backend may hold several in a row; meeting an earlier
+/// backend again is the next bucket's copy). The weights are in the comments.
+fn pool_from(first: &Rule, rules: &[&Rule]) -> Option<(Vec<BackendParams>, Balance)> {
+    let balance = match first.option("--mode")? {
+        "random" => Balance::Random,
+        "nth" => Balance::RoundRobin,
+        _ => return None,
+    };
+    let mut backends: Vec<BackendParams> = Vec::new();
+    for rule in rules {
+        if rule.option("-p") != first.option("-p") || rule.option("-s") != first.option("-s") {
+            break;
+        }
+        let to = rule.option("--to-destination")?;
+        if backends.last().is_some_and(|b| b.to == to) {
+            continue;
+        }
+        if backends.iter().any(|b| b.to == to) {
+            break;
+        }
+        let weight = comment_weight(rule.comment()?)?;
+        backends.push(BackendParams {
+            to: to.to_string(),
+            weight: (weight != 1).then(|| Value::from(weight)),
+        });
+    }
+    Some((backends, balance))
 }
 
 /// iptables prints no `-s` for `0.0.0.0/0` (`::/0`): that is the source then.

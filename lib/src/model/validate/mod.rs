@@ -65,19 +65,14 @@ impl Params {
             .collect();
         check_dispatch_overlaps(&forwards, &self.forwards, &mut errors);
         if !self.backend.canonical().is_nftables() {
-            for (i, _) in self
-                .forwards
-                .iter()
-                .enumerate()
-                .filter(|(_, f)| !f.backends.is_empty())
-            {
-                errors.field(
-                    format_args!("{}.backends", At("forwards", i)),
-                    &format!(
-                        "a pool needs `backend: nftables` (the {} backend has no pools yet); set it, or give one backend in `to`",
-                        self.backend.canonical().name()
-                    ),
-                );
+            let backend = self.backend.canonical().name();
+            for f in &forwards {
+                if let Action::Pool { pool, .. } = &f.action {
+                    let i = (self.forwards.iter().position(|p| p.name == f.name)).unwrap_or(0);
+                    if let Some(why) = iptables_pool_refusal(pool, backend) {
+                        errors.field(format_args!("{}.balance", At("forwards", i)), &why);
+                    }
+                }
             }
         }
         let mut names = HashSet::new();
@@ -712,6 +707,29 @@ fn parse_snat<P: Display + Copy>(
 /// Most backends a pool may have: the nftables backend picks one with one map lookup, the
 /// iptables backend walks at most one rule per backend.
 pub(crate) const MAX_BACKENDS: usize = 256;
+
+/// Most rules an iptables round-robin pool may put on a new connection's path: one per
+/// backend of the largest pool.
+const MAX_NTH_RULES: usize = MAX_BACKENDS;
+
+/// Why the iptables backend cannot install a pool (None: it can).
+///
+/// A source hash would take one `-m cluster` rule per bucket, and `iptables-save` prints
+/// those rules in a form `iptables-restore` refuses (a node mask above 32): a saved ruleset
+/// of the host would no longer load. A round-robin whose weights make a long cascade (see
+/// [`Pool::nth_cascade`]) would walk a rule per unit of weight.
+fn iptables_pool_refusal(pool: &Pool, backend: &str) -> Option<String> {
+    match pool.balance {
+        Balance::SourceHash => Some(format!(
+            "is \"source-hash\", which the {backend} backend cannot install safely (iptables-save prints its per-bucket cluster rules in a form iptables-restore refuses); set `backend: nftables`, or use `random` or `round-robin`"
+        )),
+        Balance::RoundRobin if pool.nth_cascade().len() > MAX_NTH_RULES => Some(format!(
+            "is \"round-robin\" with weights that take {} rules with the {backend} backend (at most {MAX_NTH_RULES}): use weights where each backend's share of the ones from it on is 1/k or (k-1)/k (such as 1:1:2 or 3:1), `random`, or `backend: nftables`",
+            pool.nth_cascade().len()
+        )),
+        _ => None,
+    }
+}
 
 /// Most a backend's weight may be.
 const MAX_WEIGHT: u64 = 1000;
