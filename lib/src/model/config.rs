@@ -117,9 +117,9 @@ impl Pool {
                 every,
                 invert,
             };
-            if rest % w == 0 {
+            if rest.is_multiple_of(w) {
                 steps.push(step(rest / w, false));
-            } else if rest % (rest - w) == 0 {
+            } else if rest.is_multiple_of(rest - w) {
                 steps.push(step(rest / (rest - w), true));
             } else {
                 for taken in 0..w {
