@@ -565,7 +565,7 @@ fn through_cascade(pool: &Pool, connections: u32) -> Vec<u32> {
     let mut got = vec![0u32; pool.backends.len()];
     for _ in 0..connections {
         for (k, step) in steps.iter().enumerate() {
-            let first_of_every = seen[k] % step.every == 0;
+            let first_of_every = seen[k].is_multiple_of(step.every);
             seen[k] += 1;
             if first_of_every != step.invert {
                 got[step.backend] += 1;
