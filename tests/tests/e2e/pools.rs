@@ -1,12 +1,12 @@
-//! End-to-end: pools of weighted backends (`backends`, `balance`) with the nftables backend,
-//! with real traffic in both families. Named servers on the backend host (`a`, `b`, `c`, `d`
+//! End-to-end: pools of weighted backends (`backends`, `balance`) with the nftables and the
+//! iptables backends, with real traffic in both families. Named servers on the backend host (`a`, `b`, `c`, `d`
 //! on 10.0.2.2-5 and fd00:2::2-5) say which backend each connection reached: `random` spreads
 //! 1,000 connections by weight, `round-robin` exactly, `source-hash` keeps each of 100 clients
 //! on one backend and moves few of them when a backend is added; a drained backend keeps its
 //! open connection and takes no new one; a removed backend's UDP flow moves at once; a second
 //! run and `show`'s output change nothing; a weight change rewrites only that pool's rule; a
 //! pool takes a forward's options (listen address, `sources`, `local`, `snat`); `doctor` checks
-//! every backend.
+//! every backend. The iptables backend refuses `source-hash` and installs nothing.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -71,8 +71,11 @@ fn pool(name: &str, port: u16, balance: &str, members: &[(u8, &str, u32)]) -> Va
     json!({"name": name, "proto": "both", "listen_port": port, "balance": balance, "backends": backends})
 }
 
-fn params(forwards: Vec<Value>) -> Value {
-    json!({"backend": "nftables", "forwards": forwards})
+/// The backends every test runs with (round-robin also with `iptables-legacy`).
+const BACKENDS: [&str; 2] = ["nftables", "iptables-nft"];
+
+fn params(backend: &str, forwards: Vec<Value>) -> Value {
+    json!({"backend": backend, "forwards": forwards})
 }
 
 fn apply(t: &Topology, p: &Value) -> Value {
@@ -147,23 +150,32 @@ fn a_random_pool_spreads_connections_by_weight() {
     if !prerequisites() {
         return;
     }
+    for backend in BACKENDS {
+        random_pool_spreads_connections_by_weight(backend);
+    }
+}
+
+fn random_pool_spreads_connections_by_weight(backend: &str) {
     let t = Topology::new().unwrap();
     let _servers = servers(&t);
     for family in [4, 6] {
-        let p = params(vec![pool(
-            "web",
-            4000,
-            "random",
-            &[(family, "a", 1), (family, "b", 1), (family, "c", 2)],
-        )]);
+        let p = params(
+            backend,
+            vec![pool(
+                "web",
+                4000,
+                "random",
+                &[(family, "a", 1), (family, "b", 1), (family, "c", 2)],
+            )],
+        );
         apply(&t, &p);
         let seen = tally(&t, front(family, 4000), 1000);
-        eprintln!("IPv{family} random 1:1:2, 1,000 connections: {seen:?}");
+        eprintln!("{backend} IPv{family} random 1:1:2, 1,000 connections: {seen:?}");
         for (name, want) in [("a", 25.0), ("b", 25.0), ("c", 50.0)] {
             let share = *seen.get(name).unwrap_or(&0) as f64 / 10.0;
             assert!(
                 (share - want).abs() <= 5.0,
-                "IPv{family}: {name} got {share} % of 1,000 connections, not {want} +- 5: {seen:?}"
+                "{backend} IPv{family}: {name} got {share} % of 1,000 connections, not {want} +- 5: {seen:?}"
             );
         }
         assert_eq!(seen.values().sum::<usize>(), 1000, "{seen:?}");
@@ -177,21 +189,30 @@ fn a_round_robin_pool_is_exact() {
     if !prerequisites() {
         return;
     }
+    for backend in ["nftables", "iptables-nft", "iptables-legacy"] {
+        round_robin_pool_is_exact(backend);
+    }
+}
+
+fn round_robin_pool_is_exact(backend: &str) {
     let t = Topology::new().unwrap();
     let _servers = servers(&t);
     for family in [4, 6] {
-        let p = params(vec![pool(
-            "rr",
-            4001,
-            "round-robin",
-            &[(family, "a", 1), (family, "b", 1), (family, "c", 2)],
-        )]);
+        let p = params(
+            backend,
+            vec![pool(
+                "rr",
+                4001,
+                "round-robin",
+                &[(family, "a", 1), (family, "b", 1), (family, "c", 2)],
+            )],
+        );
         apply(&t, &p);
         let seen = tally(&t, front(family, 4001), 1000);
         let want: BTreeMap<String, usize> = [("a", 250), ("b", 250), ("c", 500)]
             .map(|(n, c)| (n.to_string(), c))
             .into();
-        assert_eq!(seen, want, "IPv{family}");
+        assert_eq!(seen, want, "{backend} IPv{family}");
         converged(&t, &p);
     }
 }
@@ -204,6 +225,23 @@ fn a_source_hash_pool_keeps_clients_and_moves_few_when_a_backend_is_added() {
         return;
     }
     let t = Topology::new().unwrap();
+    // The iptables backend refuses it, naming the field, and installs nothing.
+    let refused = portfwd()
+        .apply(
+            &t.proxy,
+            &params(
+                "iptables-nft",
+                vec![pool("sh", 4002, "source-hash", &[(4, "a", 1), (4, "b", 1)])],
+            ),
+        )
+        .unwrap();
+    assert!(
+        refused.failed() && refused.stdout.contains("forwards[0].balance"),
+        "{}",
+        refused.stdout
+    );
+    let saved = t.proxy.stdout(&["iptables-nft-save"]).unwrap();
+    assert!(!saved.contains("PFWD"), "{saved}");
     let _servers = servers(&t);
     for family in [4u8, 6] {
         let clients: Vec<String> = (100..200)
@@ -219,7 +257,7 @@ fn a_source_hash_pool_keeps_clients_and_moves_few_when_a_backend_is_added() {
                 .unwrap();
         }
         let three = [(family, "a", 1), (family, "b", 1), (family, "c", 1)];
-        let p = params(vec![pool("sh", 4002, "source-hash", &three)]);
+        let p = params("nftables", vec![pool("sh", 4002, "source-hash", &three)]);
         apply(&t, &p);
         // A new flow from each client (a fresh source port) reaches the backend it did.
         let picks = |t: &Topology| -> Vec<String> {
@@ -248,7 +286,10 @@ fn a_source_hash_pool_keeps_clients_and_moves_few_when_a_backend_is_added() {
         converged(&t, &p);
 
         let four = [three.as_slice(), &[(family, "d", 1)]].concat();
-        apply(&t, &params(vec![pool("sh", 4002, "source-hash", &four)]));
+        apply(
+            &t,
+            &params("nftables", vec![pool("sh", 4002, "source-hash", &four)]),
+        );
         let after = picks(&t);
         let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
         eprintln!("IPv{family} source-hash, a fourth backend added: {moved} of 100 clients moved");
@@ -271,13 +312,35 @@ fn a_drained_backend_keeps_its_connections_and_takes_no_new_ones() {
     if !prerequisites() {
         return;
     }
+    for backend in BACKENDS {
+        drained_backend_keeps_its_connections(backend);
+    }
+}
+
+/// The lines of the firewall script a run wrote (`nft -f -` or `iptables-restore`).
+fn script(r: &Value) -> Vec<&str> {
+    r["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .skip_while(|c| !c.starts_with("nft -f -") && !c.contains("-restore"))
+        .skip(1)
+        .take_while(|c| *c != "EOF")
+        .collect()
+}
+
+fn drained_backend_keeps_its_connections(backend: &str) {
     let t = Topology::new().unwrap();
     let _servers = servers(&t);
     let other = json!({"name": "other", "listen_port": 4100, "to": to(4, "d")});
     let live = [(4, "a", 1), (4, "b", 1), (4, "c", 1)];
     apply(
         &t,
-        &params(vec![pool("web", 4003, "random", &live), other.clone()]),
+        &params(
+            backend,
+            vec![pool("web", 4003, "random", &live), other.clone()],
+        ),
     );
     let target = front(4, 4003);
     let mut open = None;
@@ -290,24 +353,25 @@ fn a_drained_backend_keeps_its_connections_and_takes_no_new_ones() {
     }
     let mut open = open.expect("a connection reached c");
     let drained = [(4, "a", 1), (4, "b", 1), (4, "c", 0)];
-    let p = params(vec![pool("web", 4003, "random", &drained), other]);
+    let p = params(backend, vec![pool("web", 4003, "random", &drained), other]);
     let r = apply(&t, &p);
     assert_eq!(r["changed"], true, "{r}");
-    let script: Vec<&str> = r["commands"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(Value::as_str)
-        .skip_while(|c| !c.starts_with("nft -f -"))
-        .skip(1)
-        .take_while(|c| *c != "EOF")
-        .collect();
+    let script = script(&r);
+    // nftables: the pool's rule in its chain; iptables: the pool's DNAT rules in the
+    // sub-chains of its port (4003 is in bucket 15, the other forward's 4100 in 16).
+    let ours = |l: &&str| match backend {
+        "nftables" => l.split_whitespace().any(|w| w == "pre-web"),
+        _ => {
+            let mut words = l.split_whitespace();
+            let (op, chain) = (words.next(), words.next().unwrap_or_default());
+            matches!(op, Some("*nat" | "COMMIT"))
+                || ((chain.ends_with("-PRE-T15") || chain.ends_with("-PRE-U15"))
+                    && (op == Some("-D") || l.contains(":fwd:web:")))
+        }
+    };
     assert!(
-        !script.is_empty()
-            && script
-                .iter()
-                .all(|l| l.split_whitespace().any(|w| w == "pre-web")),
-        "only the pool's own rule is rewritten: {script:#?}"
+        !script.is_empty() && script.iter().all(ours),
+        "{backend}: only the pool's own rules are rewritten: {script:#?}"
     );
     assert_eq!(
         name_of(&open.ask_text().unwrap()),
@@ -317,7 +381,7 @@ fn a_drained_backend_keeps_its_connections_and_takes_no_new_ones() {
     let seen = tally(&t, target, 200);
     assert!(
         !seen.contains_key("c"),
-        "new connections reached the drained backend: {seen:?}"
+        "{backend}: new connections reached the drained backend: {seen:?}"
     );
     assert_eq!(
         name_of(&open.ask_text().unwrap()),
@@ -333,10 +397,19 @@ fn a_removed_backends_udp_flow_moves_at_once() {
     if !prerequisites() {
         return;
     }
+    for backend in BACKENDS {
+        removed_backends_udp_flow_moves_at_once(backend);
+    }
+}
+
+fn removed_backends_udp_flow_moves_at_once(backend: &str) {
     let t = Topology::new().unwrap();
     let _servers = servers(&t);
     let two = [(4, "a", 1), (4, "b", 1)];
-    apply(&t, &params(vec![pool("dns", 4004, "random", &two)]));
+    apply(
+        &t,
+        &params(backend, vec![pool("dns", 4004, "random", &two)]),
+    );
     let mut pinned = None;
     for port in 20000..20100 {
         let flow =
@@ -354,12 +427,12 @@ fn a_removed_backends_udp_flow_moves_at_once() {
     );
     apply(
         &t,
-        &params(vec![pool("dns", 4004, "random", &[(4, "a", 1)])]),
+        &params(backend, vec![pool("dns", 4004, "random", &[(4, "a", 1)])]),
     );
     assert_eq!(
         name_of(&flow.ask().unwrap().expect("an answer after the change")),
         "a",
-        "the same flow right after b was removed"
+        "{backend}: the same flow right after b was removed"
     );
 }
 
@@ -371,6 +444,12 @@ fn a_pool_takes_the_options_of_a_forward() {
     if !prerequisites() {
         return;
     }
+    for backend in BACKENDS {
+        pool_takes_the_options_of_a_forward(backend);
+    }
+}
+
+fn pool_takes_the_options_of_a_forward(backend: &str) {
     let t = Topology::new().unwrap();
     let _servers = servers(&t);
     // Replies to the clients' own addresses go back through the proxy (for `snat: none`).
@@ -390,7 +469,7 @@ fn a_pool_takes_the_options_of_a_forward() {
     let mut kept = pool("kept", 4006, "round-robin", &[(4, "c", 1), (4, "d", 1)]);
     members(&mut kept);
     kept["snat"] = json!("none");
-    let p = params(vec![fixed, kept]);
+    let p = params(backend, vec![fixed, kept]);
     apply(&t, &p);
     for (port, names, seen) in [
         (4005, ["a", "b"], "10.0.2.1"),
@@ -405,7 +484,10 @@ fn a_pool_takes_the_options_of_a_forward() {
             reached.push(name_of(&answer));
         }
         reached.sort();
-        assert_eq!(reached, names, "round-robin over the pool on port {port}");
+        assert_eq!(
+            reached, names,
+            "{backend}: round-robin over the pool on port {port}"
+        );
         // Made on the proxy itself (`local`), to its listen address.
         let answer = TcpSession::connect(&t.proxy, front(4, port))
             .and_then(|mut s| s.ask_text())
@@ -435,6 +517,12 @@ fn doctor_checks_every_backend_of_a_pool() {
     if !prerequisites() {
         return;
     }
+    for backend in BACKENDS {
+        doctor_checks_every_backend(backend);
+    }
+}
+
+fn doctor_checks_every_backend(backend: &str) {
     let t = Topology::new().unwrap();
     let doctor = |p: &Value, probe: bool| -> Value {
         let args: &[&str] = if probe {
@@ -460,7 +548,7 @@ fn doctor_checks_every_backend_of_a_pool() {
     };
     let far = json!({"name": "web", "listen_port": 4007, "backends": [
         {"to": "10.0.2.2:8080"}, {"to": "10.99.0.1:8080"}]});
-    let p = params(vec![far]);
+    let p = params(backend, vec![far]);
     apply(&t, &p);
     let found = ids(&doctor(&p, false));
     assert!(
@@ -468,12 +556,10 @@ fn doctor_checks_every_backend_of_a_pool() {
         "{found:?}"
     );
 
-    let near = params(vec![pool(
-        "web",
-        4007,
-        "random",
-        &[(4, "a", 1), (4, "b", 1)],
-    )]);
+    let near = params(
+        backend,
+        vec![pool("web", 4007, "random", &[(4, "a", 1), (4, "b", 1)])],
+    );
     apply(&t, &near);
     assert_eq!(ids(&doctor(&near, false)), Vec::new());
     let _a = Server::start_named(&t.backend, Proto::Tcp, sa("10.0.2.2:8080"), "a").unwrap();
