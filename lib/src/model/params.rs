@@ -284,13 +284,14 @@ pub struct ForwardParams {
     /// DNAT target: `IP:PORT`, `[IPv6]:PORT`, or `IP` (keeps the port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
-    /// A pool instead of one `to` (with `backend: nftables`): 1-256 backends of one address
+    /// A pool instead of one `to` (any backend): 1-256 backends of one address
     /// family, each `{"to": ..., "weight": 0-1000}`, all with a port or none; `balance` says
     /// how a new connection picks one. Weight 0 drains a backend: no new connections, its open
     /// ones continue. At least one weight must be above 0.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendParams>,
-    /// How a pool picks a backend: `random` (default), `round-robin`, `source-hash`.
+    /// How a pool picks a backend: `random` (default), `round-robin`, `source-hash` (only
+    /// with `backend: nftables`).
     #[serde(default, skip_serializing_if = "is_random")]
     #[schemars(extend("default" = "random"))]
     pub balance: Balance,
