@@ -75,8 +75,8 @@ enum Bench {
         #[arg(long, default_value = "target/bench-data-scaling.svg")]
         scaling_svg: PathBuf,
     },
-    /// A 16-backend pool against a forward with one `to` (nftables): new connections/s and
-    /// throughput, each balance mode, measured alternately in the same run.
+    /// A 16-backend pool against a forward with one `to` (nftables and iptables-nft): new
+    /// connections/s and throughput, each balance mode, measured alternately in the same run.
     Pool {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 3)]

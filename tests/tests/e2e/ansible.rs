@@ -844,7 +844,8 @@ fn compare(options: &Value, object: &Value, root: &Value, path: &str) {
 
 /// The collection's integration target (`tests/integration/targets/portfwd_module`, `needs/root`)
 /// run by `ansible-test integration` inside the proxy namespace: check mode, apply, a real
-/// connection through the forward, re-run unchanged, bad params, absent. Every file the module
+/// connection through the forward, re-run unchanged, a round-robin pool beside it (a real
+/// connection, re-run unchanged), bad params, absent. Every file the module
 /// writes goes under a directory of the test's own.
 #[test]
 fn ansible_test_integration_runs_the_collection_target() {

@@ -1,7 +1,8 @@
 //! The data path through a pool: new connections per second and throughput through a
 //! forward whose backends are a 16-backend pool, next to a forward with one `to`, measured
 //! alternately in the same topology (medians of 5 rounds), so a noisy neighbour weighs on
-//! both. The nftables backend only: the iptables backends have no pools.
+//! both. Each backend: nftables (one map lookup per new connection) and iptables-nft (a
+//! cascade of at most one rule per backend; no source hash there).
 
 use std::path::Path;
 
@@ -19,13 +20,13 @@ const POOL: usize = 16;
 /// runs seconds apart.
 const ROUNDS: usize = 5;
 
-fn params(balance: &str) -> Value {
+fn params(backend: &str, balance: &str) -> Value {
     let pool = |port: u16| -> Vec<Value> {
         (0..POOL)
             .map(|i| json!({"to": format!("10.0.2.{}:{port}", 10 + i)}))
             .collect()
     };
-    json!({"backend": "nftables", "forwards": [
+    json!({"backend": backend, "forwards": [
         {"name": "one-conn", "listen_port": 21000, "to": "10.0.2.2:15202"},
         {"name": "pool-conn", "listen_port": 21001, "balance": balance, "backends": pool(15202)},
         {"name": "one-iperf", "listen_port": 21002, "to": "10.0.2.2:15201"},
@@ -46,14 +47,21 @@ pub fn run(pf: &Portfwd, seconds: u32, out: &Path) -> Result<(), LabError> {
     }
     let _iperf = daemon(&t.backend, &["iperf3", "-s", "-p", "15201"])?;
     let _sink = Sink::start(&t.backend, "0.0.0.0:15202".parse().map_err(err)?)?;
-    println!("\npool of {POOL} backends vs one `to` (nftables; medians of {ROUNDS} rounds: handshakes for 2 s, iperf3 {seconds}s)");
+    println!("\npool of {POOL} backends vs one `to` (medians of {ROUNDS} rounds: handshakes for 2 s, iperf3 {seconds}s)");
     println!(
-        "  {:<12} {:>10} {:>10} {:>6} {:>9} {:>9} {:>6}",
-        "balance", "one conn/s", "pool", "ratio", "one Gb/s", "pool", "ratio"
+        "  {:<13} {:<12} {:>10} {:>10} {:>6} {:>9} {:>9} {:>6}",
+        "backend", "balance", "one conn/s", "pool", "ratio", "one Gb/s", "pool", "ratio"
     );
     let mut results = Vec::new();
-    for balance in ["random", "round-robin", "source-hash"] {
-        apply(pf, &t.proxy, &params(balance))?;
+    let runs = [
+        ("nftables", "random"),
+        ("nftables", "round-robin"),
+        ("nftables", "source-hash"),
+        ("iptables-nft", "random"),
+        ("iptables-nft", "round-robin"),
+    ];
+    for (backend, balance) in runs {
+        apply(pf, &t.proxy, &params(backend, balance))?;
         // Warm-up of both, not recorded: the first handshakes after set-up run slow.
         for port in [21000, 21001] {
             connections_per_second(&t, &format!("10.0.1.1:{port}"), 1)?;
@@ -68,11 +76,11 @@ pub fn run(pf: &Portfwd, seconds: u32, out: &Path) -> Result<(), LabError> {
         }
         let [one_c, pool_c, one_g, pool_g] = s.map(median);
         println!(
-            "  {balance:<12} {one_c:>10.0} {pool_c:>10.0} {:>6.2} {one_g:>9.2} {pool_g:>9.2} {:>6.2}",
+            "  {backend:<13} {balance:<12} {one_c:>10.0} {pool_c:>10.0} {:>6.2} {one_g:>9.2} {pool_g:>9.2} {:>6.2}",
             pool_c / one_c,
             pool_g / one_g
         );
-        results.push(json!({"balance": balance, "backends": POOL,
+        results.push(json!({"backend": backend, "balance": balance, "backends": POOL,
             "one_conns_per_s": one_c, "pool_conns_per_s": pool_c, "conns_ratio": pool_c / one_c,
             "one_gbits": one_g, "pool_gbits": pool_g, "gbits_ratio": pool_g / one_g}));
     }
