@@ -63,7 +63,7 @@ pub use model::{
 };
 pub use net::Cidr;
 pub use report::{line_diff, Changes, Diff, Report};
-pub use show::{list, show, trace_entries, Listed};
+pub use show::{list, name_backends, show, trace_entries, Listed};
 pub use system::{default_state_dir, has_net_admin, RealSystem, RunLock, SystemError, NEEDS_ROOT};
 
 /// Converges the host to `config` (or, in check mode, reports what that would change).

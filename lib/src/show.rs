@@ -8,7 +8,8 @@ use crate::error::Error;
 use crate::firewall::migrate::Moving;
 use crate::firewall::Firewall;
 use crate::inventory::instances;
-use crate::model::{self, Config, Params, RunMode};
+use crate::model::{self, Config, Params, Proto, RunMode};
+use crate::net::Family;
 use crate::observe;
 use crate::plan;
 use crate::record_store::Host;
@@ -185,6 +186,35 @@ pub fn list(sys: &mut RealSystem) -> Result<Vec<Listed>, Error> {
         });
     }
     Ok(out)
+}
+
+/// Names where each traced packet's flow went (the reply source of its conntrack entry), so a
+/// pool's trace says the backend it chose. Packets without an entry (gone, or conntrack not
+/// installed) keep none.
+pub fn name_backends(packets: &mut [crate::trace::Packet], sys: &mut RealSystem) {
+    let mut listed: std::collections::HashMap<(Family, Proto), Vec<crate::conntrack::Flow>> =
+        std::collections::HashMap::new();
+    for packet in packets.iter_mut() {
+        let Some(key) = packet.flow else {
+            continue;
+        };
+        let family = Family::of(&key.src);
+        let flows = listed.entry((family, key.proto)).or_insert_with(|| {
+            match sys.conntrack_list(family, key.proto) {
+                Ok(Some(text)) => crate::conntrack::parse(&text, family),
+                _ => Vec::new(),
+            }
+        });
+        let found = flows.iter().find(|f| {
+            (f.orig_src, f.orig_sport, f.orig_dst, f.orig_dport)
+                == (key.src, key.sport, key.dst, key.dport)
+        });
+        if let Some(f) = found {
+            if (f.reply_src, f.reply_sport) != (f.orig_dst, f.orig_dport) {
+                packet.chose((f.reply_src, f.reply_sport));
+            }
+        }
+    }
 }
 
 /// The forwards an instance has installed, to label its rules in a trace.

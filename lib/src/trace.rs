@@ -77,6 +77,49 @@ pub struct Packet {
     pub nat: Option<String>,
     /// `accept`, or `drop` with where (`drop in inet fw filter_FORWARD`).
     pub verdict: String,
+    /// Where the flow went (`10.0.2.3:8080`), as conntrack says after the trace: for a pool,
+    /// the backend it chose. Null when the flow was not DNATed or its entry is gone.
+    pub backend: Option<String>,
+    /// The packet's original tuple, to find its conntrack entry.
+    #[serde(skip)]
+    pub flow: Option<FlowKey>,
+}
+
+/// A traced packet's protocol, source and destination, as it arrived (before any NAT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowKey {
+    pub proto: Proto,
+    pub src: std::net::IpAddr,
+    pub sport: u16,
+    pub dst: std::net::IpAddr,
+    pub dport: u16,
+}
+
+impl Packet {
+    /// Names the backend `reply` says the flow went to (a conntrack entry's reply source
+    /// address and port); a pool's `dnat to one of ...` becomes `dnat to <it> (one of ...)`.
+    pub fn chose(&mut self, reply: (std::net::IpAddr, u16)) {
+        let backend = match reply.0 {
+            std::net::IpAddr::V6(a) => format!("[{a}]:{}", reply.1),
+            a => format!("{a}:{}", reply.1),
+        };
+        if let Some(nat) = &mut self.nat {
+            if let Some(rest) = nat.strip_prefix("dnat to one of ") {
+                let parts: Vec<&str> = rest.split(", ").collect();
+                let is_target = |p: &&&str| {
+                    p.parse::<std::net::SocketAddr>().is_ok()
+                        || p.parse::<std::net::IpAddr>().is_ok()
+                };
+                let pool = parts.iter().take_while(is_target).count();
+                let chosen = format!("dnat to {backend} (one of {})", parts[..pool].join(", "));
+                *nat = std::iter::once(chosen.as_str())
+                    .chain(parts[pool..].iter().copied())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+            }
+        }
+        self.backend = Some(backend);
+    }
 }
 
 /// A forward of a portfwd instance, to label its rules and to name the translations that a
@@ -134,7 +177,7 @@ impl Tracker {
             }
             let done = self.open.remove(id).map(finish);
             self.count += 1;
-            let (summary, proto, dport) = summarize(packet);
+            let (summary, proto, dport, flow) = summarize(packet);
             self.dports.insert(id.to_string(), (proto, dport));
             self.open.insert(
                 id.to_string(),
@@ -144,6 +187,8 @@ impl Tracker {
                     hops: Vec::new(),
                     nat: None,
                     verdict: String::new(),
+                    backend: None,
+                    flow,
                 },
             );
             return done;
@@ -257,7 +302,8 @@ fn finish(mut packet: Packet) -> Packet {
     packet
 }
 
-/// `dnat` or `snat` when a rule's translation is a map lookup (`... to <key> map @m`).
+/// `dnat` or `snat` when a rule's translation is a map lookup (`... to <key> map @m`, or a
+/// pool's anonymous `... to numgen inc mod 2 map { 0 : ... }`).
 fn lookup_of(rule: &str) -> Option<&'static str> {
     let words: Vec<&str> = rule.split_whitespace().collect();
     // The statement, not the `ct status dnat` match.
@@ -266,7 +312,7 @@ fn lookup_of(rule: &str) -> Option<&'static str> {
     })?;
     let mapped = words[nat..]
         .windows(2)
-        .any(|w| w[0] == "map" && w[1].starts_with('@'));
+        .any(|w| w[0] == "map" && (w[1].starts_with('@') || w[1] == "{"));
     mapped.then(|| if words[nat] == "dnat" { "dnat" } else { "snat" })
 }
 
@@ -310,7 +356,7 @@ fn clean(rule: &str) -> String {
 }
 
 /// `tcp 10.0.1.2:44880 -> 10.0.1.1:4321 iif "eth0"`, the protocol and destination port.
-fn summarize(packet: &str) -> (String, Option<Proto>, u16) {
+fn summarize(packet: &str) -> (String, Option<Proto>, u16, Option<FlowKey>) {
     let words: Vec<&str> = packet.split_whitespace().collect();
     let after = |key: &[&str]| -> Option<&str> {
         words
@@ -335,6 +381,15 @@ fn summarize(packet: &str) -> (String, Option<Proto>, u16) {
         .map(|i| format!(" iif {}", i.trim_matches('"')))
         .unwrap_or_default();
     let name = proto.map_or("?", |p| p.name());
+    let flow = (|| {
+        Some(FlowKey {
+            proto: proto?,
+            src: src.parse().ok()?,
+            sport: sport?.parse().ok()?,
+            dst: dst.parse().ok()?,
+            dport: dport.parse().ok()?,
+        })
+    })();
     (
         format!(
             "{name} {src}:{} -> {dst}:{dport}{iif}",
@@ -342,12 +397,37 @@ fn summarize(packet: &str) -> (String, Option<Proto>, u16) {
         ),
         proto,
         dport.parse().unwrap_or(0),
+        flow,
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pool's `dnat to one of ...` names the backend conntrack says the flow reached; the
+    /// translations after it stay.
+    #[test]
+    fn a_pools_dnat_names_the_backend_chosen() {
+        let mut p = Packet {
+            packet: 1,
+            summary: String::new(),
+            hops: Vec::new(),
+            nat: Some("dnat to one of 10.0.2.2:80, [fd00::3]:80, masquerade".to_string()),
+            verdict: "accept".to_string(),
+            backend: None,
+            flow: None,
+        };
+        p.chose(("fd00::3".parse().unwrap(), 80));
+        assert_eq!(p.backend.as_deref(), Some("[fd00::3]:80"));
+        assert_eq!(
+            p.nat.as_deref(),
+            Some("dnat to [fd00::3]:80 (one of 10.0.2.2:80, [fd00::3]:80), masquerade")
+        );
+        p.nat = Some("dnat to 10.0.2.2:80".to_string());
+        p.chose(("10.0.2.2".parse().unwrap(), 80));
+        assert_eq!(p.nat.as_deref(), Some("dnat to 10.0.2.2:80"));
+    }
 
     // Captured from `nft monitor trace` (nft 1.0.6, kernel 6.18): the first packet of a TCP
     // connection through a portfwd forward, and the second packet of the same connection.
@@ -390,6 +470,10 @@ trace id bb inet portfwd-gw postrouting rule meta nfproto ipv4 meta l4proto tcp 
         );
         assert_eq!(done[0].hops[0].entry.as_deref(), Some("gw:web"));
         assert_eq!(lookup_of("dnat ip to 10.0.2.2:1234"), None);
+        assert_eq!(
+            lookup_of("dnat ip to numgen inc mod 2 map { 0 : 10.0.2.2 . 80, 1 : 10.0.2.3 . 80 }"),
+            Some("dnat")
+        );
     }
 
     #[test]

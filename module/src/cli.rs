@@ -139,7 +139,7 @@ pub enum Command {
         /// Stop after this many seconds.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
-        /// One JSON object per packet per line: {"packet", "summary", "hops": [{"table", "chain", "rule", "verdict", "entry"}], "nat", "verdict"}.
+        /// One JSON object per packet per line: {"packet", "summary", "hops": [{"table", "chain", "rule", "verdict", "entry"}], "nat", "verdict", "backend"} (backend: where the flow went, from conntrack; a pool's choice).
         #[arg(long)]
         json: bool,
         /// The instance whose entries label its rules.

@@ -128,6 +128,7 @@ pub fn run(opts: Options) -> ExitCode {
     packets.extend(tracker.finish_all());
     packets.sort_by_key(|p| p.packet);
     packets.truncate(opts.count);
+    portfwd::name_backends(&mut packets, &mut host);
     for packet in &packets {
         print_packet(packet, opts.json);
     }
@@ -160,6 +161,9 @@ fn print_packet(packet: &Packet, json: bool) {
     }
     if let Some(nat) = &packet.nat {
         let _ = writeln!(out, "  nat: {nat}");
+    }
+    if let Some(backend) = &packet.backend {
+        let _ = writeln!(out, "  backend: {backend}");
     }
     let _ = writeln!(out, "  verdict: {}", packet.verdict);
 }

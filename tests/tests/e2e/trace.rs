@@ -7,7 +7,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use crate::common::{portfwd, prerequisites, sa, Topology};
-use portfwd_harness::{probe, Netns, Proto, Server};
+use portfwd_harness::{probe, Netns, Proto, Server, TcpSession};
 use serde_json::{json, Value};
 
 fn start(ns: &Netns, args: &[&str]) -> Child {
@@ -258,4 +258,57 @@ fn trace_labels_the_nftables_backend_and_dashed_instances() {
         .unwrap_or_else(|| panic!("{p}"));
     assert_eq!(dnat["entry"], "edge-1:web", "{p}");
     assert_eq!(trace_tables(&t.proxy), Vec::<String>::new());
+}
+
+/// A pool's trace names the backend its new connection reached, on both backends: two
+/// connections in turn through a round-robin pool, each traced, each answered by the backend
+/// the trace names.
+#[test]
+fn trace_names_the_backend_a_pool_chose() {
+    if !prerequisites() {
+        return;
+    }
+    for backend in ["nftables", "iptables-nft"] {
+        let t = Topology::new().unwrap();
+        t.backend
+            .ip(&["addr", "add", "10.0.2.3/24", "dev", "eth0"])
+            .unwrap();
+        let servers = [("a", "10.0.2.2:1234"), ("b", "10.0.2.3:1234")];
+        let _servers: Vec<Server> = servers
+            .iter()
+            .map(|(name, at)| Server::start_named(&t.backend, Proto::Tcp, sa(at), name).unwrap())
+            .collect();
+        let params = json!({"backend": backend, "forwards": [{"name": "web", "listen_port": 4321,
+            "balance": "round-robin", "backends": [{"to": "10.0.2.2:1234"}, {"to": "10.0.2.3:1234"}]}]});
+        let r = portfwd().apply(&t.proxy, &params).unwrap();
+        assert!(!r.failed(), "{}", r.stdout);
+        let args = [
+            "--proto",
+            "tcp",
+            "--dport",
+            "4321",
+            "--count",
+            "1",
+            "--timeout",
+            "15",
+            "--json",
+        ];
+        let mut reached = Vec::new();
+        for _ in 0..2 {
+            let tracing = start(&t.proxy, &args);
+            let answer = TcpSession::connect(&t.client, sa("10.0.1.1:4321"))
+                .and_then(|mut s| s.ask_text())
+                .unwrap();
+            let (code, packets, stderr) = finish(tracing);
+            assert_eq!(code, 0, "{backend}: {stderr}");
+            let name = answer.split_whitespace().nth(1).unwrap_or_default();
+            let (_, at) = servers.iter().find(|(n, _)| *n == name).unwrap();
+            let p = &packets[0];
+            assert_eq!(p["backend"], *at, "{backend}: {p}");
+            let nat = p["nat"].as_str().unwrap_or_default();
+            assert!(nat.starts_with(&format!("dnat to {at}")), "{backend}: {p}");
+            reached.push(name.to_string());
+        }
+        assert_eq!(reached, ["a", "b"], "{backend}: round-robin");
+    }
 }

@@ -80,9 +80,11 @@ pub fn run(pf: &Portfwd, seconds: u32, out: &Path) -> Result<(), LabError> {
             pool_c / one_c,
             pool_g / one_g
         );
-        results.push(json!({"backend": backend, "balance": balance, "backends": POOL,
+        results.push(
+            json!({"backend": backend, "balance": balance, "backends": POOL,
             "one_conns_per_s": one_c, "pool_conns_per_s": pool_c, "conns_ratio": pool_c / one_c,
-            "one_gbits": one_g, "pool_gbits": pool_g, "gbits_ratio": pool_g / one_g}));
+            "one_gbits": one_g, "pool_gbits": pool_g, "gbits_ratio": pool_g / one_g}),
+        );
     }
     let text = serde_json::to_string_pretty(&json!({"pool": results})).map_err(err)?;
     std::fs::write(out, text).map_err(err)?;
