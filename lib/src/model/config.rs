@@ -88,6 +88,8 @@ impl Action {
 pub struct Pool {
     pub backends: Vec<PoolMember>,
     pub balance: Balance,
+    /// Seconds a client keeps reaching the backend it reached (`persistence`).
+    pub persistence: Option<u32>,
 }
 
 impl Pool {

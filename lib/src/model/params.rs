@@ -71,6 +71,16 @@ pub struct BackendParams {
     pub weight: Option<Value>,
 }
 
+fn persistence_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "seconds of client affinity, 1-86400",
+        "oneOf": [
+            {"type": "integer", "minimum": 1, "maximum": 86400},
+            {"type": "string", "pattern": "^[0-9]{1,5}$"}
+        ]
+    })
+}
+
 fn weight_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "description": "a weight 0-1000 (default 1; 0 drains the backend)",
@@ -295,6 +305,12 @@ pub struct ForwardParams {
     #[serde(default, skip_serializing_if = "is_random")]
     #[schemars(extend("default" = "random"))]
     pub balance: Balance,
+    /// Client affinity of a `random` or `round-robin` pool, in seconds (1-86400): a client
+    /// address that opened a connection through the forward within that time (each new
+    /// connection restarts it) reaches the backend it reached then, while that backend is live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "persistence_schema")]
+    pub persistence: Option<Value>,
     /// REDIRECT to this local port instead of DNAT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "port_schema")]

@@ -92,6 +92,22 @@ fn err(input: &str) -> String {
     "forwards[0].balance: is \"source-hash\", which the iptables backend cannot install safely"
 )]
 #[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"to":"10.0.0.2","persistence":30}]}"#,
+    "forwards[0].persistence: applies only to a pool"
+)]
+#[case(
+    r#"{"forwards":[{"name":"a","listen_port":1,"persistence":"0","backends":[{"to":"10.0.0.2"}]}]}"#,
+    "forwards[0].persistence: \"0\" is not a number of seconds (1-86400)"
+)]
+#[case(
+    r#"{"backend":"nftables","forwards":[{"name":"a","listen_port":1,"balance":"source-hash","persistence":5,"backends":[{"to":"10.0.0.2"}]}]}"#,
+    "forwards[0].persistence: does not apply to `source-hash`"
+)]
+#[case(
+    r#"{"backend":"nftables","forwards":[{"name":"a","listen_port":1,"persistence":86400,"backends":[{"to":"10.0.0.2"}]}]}"#,
+    "forwards[0].persistence: is not built for the nftables backend yet"
+)]
+#[case(
     r#"{"backend":"iptables-legacy","forwards":[{"name":"a","listen_port":1,"balance":"round-robin","backends":[{"to":"10.0.0.2","weight":999},{"to":"10.0.0.3","weight":1000}]}]}"#,
     "forwards[0].balance: is \"round-robin\" with weights that take 1000 rules with the iptables-legacy backend (at most 256)"
 )]
@@ -549,6 +565,7 @@ fn validates_a_pool_with_its_drained_backends_last() {
                     member("10.0.0.1", 8080, 0)
                 ],
                 balance: Balance::SourceHash,
+                persistence: None,
             }),
             snat: Snat::None,
         }
@@ -587,6 +604,7 @@ fn weighted(weights: &[u16]) -> Pool {
             })
             .collect(),
         balance: Balance::RoundRobin,
+        persistence: None,
     }
 }
 

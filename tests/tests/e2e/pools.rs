@@ -132,6 +132,7 @@ fn converged(t: &Topology, p: &Value) {
         assert_eq!(got["to"], want["to"], "{}", shown.stdout);
         let balance = |f: &Value| f["balance"].as_str().unwrap_or("random").to_string();
         assert_eq!(balance(got), balance(want));
+        assert_eq!(got["persistence"], want["persistence"], "{}", shown.stdout);
     }
     let applied = portfwd()
         .run(&t.proxy, &["apply"], &shown.stdout, &[])
@@ -302,6 +303,78 @@ fn a_source_hash_pool_keeps_clients_and_moves_few_when_a_backend_is_added() {
             "IPv{family}: nobody reached d"
         );
         assert_eq!(picks(&t), after, "IPv{family}: a client changed backends");
+    }
+}
+
+/// `persistence` (the iptables backends): a client that returns within the time reaches the
+/// backend it reached, whatever the draw; once the time has passed it meets the draw again;
+/// a drained backend does not keep its clients. Three client addresses over UDP (each flow a
+/// new connection) through a round-robin pool of two.
+#[test]
+fn persistence_keeps_a_client_on_its_backend_until_the_time_passes() {
+    if !prerequisites() {
+        return;
+    }
+    for backend in ["iptables-nft", "iptables-legacy"] {
+        persistence_keeps_a_client(backend);
+    }
+}
+
+fn persistence_keeps_a_client(backend: &str) {
+    let t = Topology::new().unwrap();
+    let _servers = servers(&t);
+    for family in [4u8, 6] {
+        let port = 4010 + u16::from(family);
+        let clients: Vec<String> = (12..15)
+            .map(|i| match family {
+                4 => format!("10.0.1.{i}"),
+                _ => format!("fd00:1::{i}"),
+            })
+            .collect();
+        for c in &clients {
+            let prefix = if family == 4 { 24 } else { 64 };
+            t.client
+                .ip(&["addr", "add", &format!("{c}/{prefix}"), "dev", "eth0"])
+                .unwrap();
+        }
+        let sticky = |weights: [u32; 2]| {
+            let mut p = pool(
+                "sticky",
+                port,
+                "round-robin",
+                &[(family, "a", weights[0]), (family, "b", weights[1])],
+            );
+            p["persistence"] = json!(3);
+            params(backend, vec![p])
+        };
+        let p = sticky([1, 1]);
+        apply(&t, &p);
+        let ask = |client: &str| -> String {
+            let bind = match family {
+                4 => sa(&format!("{client}:0")),
+                _ => sa(&format!("[{client}]:0")),
+            };
+            let flow = UdpFlow::open(&t.client, bind, front(family, port)).unwrap();
+            name_of(&flow.ask().unwrap().expect("an answer"))
+        };
+        let (x, y, z) = (&clients[0], &clients[1], &clients[2]);
+        let at = format!("{backend} IPv{family}");
+        assert_eq!(ask(x), "a", "{at}: x, the first draw");
+        for _ in 0..3 {
+            assert_eq!(ask(x), "a", "{at}: x returns within the time");
+        }
+        assert_eq!(ask(y), "b", "{at}: y, the second draw");
+        assert_eq!(ask(z), "a", "{at}: z, the third draw");
+        assert_eq!(ask(y), "b", "{at}: y returns");
+        assert_eq!(ask(x), "a", "{at}: x returns");
+        std::thread::sleep(std::time::Duration::from_millis(4500));
+        assert_eq!(ask(x), "b", "{at}: x after the time meets the fourth draw");
+        assert_eq!(ask(x), "b", "{at}: and stays there");
+        converged(&t, &p);
+        // Drained, b keeps none of its clients; its open flows are not this test's subject.
+        apply(&t, &sticky([1, 0]));
+        assert_eq!(ask(x), "a", "{at}: x, whose backend was drained");
+        assert_eq!(ask(y), "a", "{at}: y, whose backend was drained");
     }
 }
 

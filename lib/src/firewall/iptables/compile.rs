@@ -459,7 +459,7 @@ impl<'a> Builder<'a> {
         // Each is (extra matches, target, a pool backend's weight): one for a single
         // backend or a redirect, one or more per backend for a pool.
         let targets: Vec<(Vec<Arg>, Vec<Arg>, Option<u16>)> = match &f.action {
-            Action::Pool { pool, .. } => pool_rules(pool),
+            Action::Pool { pool, .. } => pool_rules(pool, &|b| recent_list(self.instance, f, b)),
             Action::Dnat { addr, port, .. } => vec![(Vec::new(), dnat_to(*addr, *port), None)],
             Action::Redirect { port } => {
                 let mut t = strings(["-j", "REDIRECT", "--to-ports"]);
@@ -700,10 +700,41 @@ fn dnat_to(addr: IpAddr, port: Option<u16>) -> Vec<Arg<'static>> {
 ///
 /// `random`: one rule per backend, `statistic --mode random` with probability weight / the
 /// weights from it on. `round-robin`: [`crate::model::Pool::nth_cascade`]'s counters.
-fn pool_rules(pool: &Pool) -> Vec<(Vec<Arg<'static>>, Vec<Arg<'static>>, Option<u16>)> {
+/// With `persistence`, each live backend's rule comes first that sends a client its
+/// `recent` list (named by `list`) saw within that time, restarting the time; the draw
+/// then records the client in the list of the backend it picked.
+fn pool_rules(
+    pool: &Pool,
+    list: &dyn Fn(&PoolMember) -> String,
+) -> Vec<(Vec<Arg<'static>>, Vec<Arg<'static>>, Option<u16>)> {
     let rule =
         |draw: Vec<Arg<'static>>, b: &PoolMember| (draw, dnat_to(b.addr, b.port), Some(b.weight));
+    let mask = |b: &PoolMember| match b.addr {
+        IpAddr::V4(_) => "255.255.255.255",
+        IpAddr::V6(_) => "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+    };
+    // Records the client in the picked backend's list.
+    let remember = |mut draw: Vec<Arg<'static>>, b: &PoolMember| {
+        if pool.persistence.is_some() {
+            draw.extend(strings(["-m", "recent", "--set", "--name"]));
+            draw.push(list(b).into());
+            draw.extend(strings(["--mask", mask(b), "--rsource"]));
+        }
+        draw
+    };
+    let live = pool.backends.iter().filter(|b| b.weight > 0);
     let drained = pool.backends.iter().filter(|b| b.weight == 0);
+    let mut rules = Vec::with_capacity(pool.backends.len() * 2);
+    if let Some(seconds) = pool.persistence {
+        for b in live.clone() {
+            let mut m = strings(["-m", "recent", "--update", "--seconds"]);
+            m.push(seconds.to_string().into());
+            m.extend(strings(["--reap", "--name"]));
+            m.push(list(b).into());
+            m.extend(strings(["--mask", mask(b), "--rsource"]));
+            rules.push((m, dnat_to(b.addr, b.port), None));
+        }
+    }
     match pool.balance {
         Balance::RoundRobin => {
             let nth = |every: u32, invert: bool| {
@@ -716,11 +747,11 @@ fn pool_rules(pool: &Pool) -> Vec<(Vec<Arg<'static>>, Vec<Arg<'static>>, Option<
                 m.extend(strings(["--packet", "0"]));
                 m
             };
-            let steps = pool.nth_cascade();
-            (steps.iter())
-                .map(|s| rule(nth(s.every, s.invert), &pool.backends[s.backend]))
-                .chain(drained.map(|b| rule(nth(1, false), b)))
-                .collect()
+            for step in pool.nth_cascade() {
+                let b = &pool.backends[step.backend];
+                rules.push(rule(remember(nth(step.every, step.invert), b), b));
+            }
+            rules.extend(drained.map(|b| rule(nth(1, false), b)));
         }
         // Source hash is refused for this backend by the params' validation.
         Balance::Random | Balance::SourceHash => {
@@ -730,16 +761,27 @@ fn pool_rules(pool: &Pool) -> Vec<(Vec<Arg<'static>>, Vec<Arg<'static>>, Option<
                 m
             };
             let mut rest = pool.total_weight();
-            let mut rules = Vec::with_capacity(pool.backends.len());
-            for b in pool.backends.iter().filter(|b| b.weight > 0) {
+            for b in live {
                 let w = u32::from(b.weight);
-                rules.push(rule(random(probability(w, rest)), b));
+                rules.push(rule(remember(random(probability(w, rest)), b), b));
                 rest -= w;
             }
             rules.extend(drained.map(|b| rule(random(probability(0, 1)), b)));
-            rules
         }
     }
+    rules
+}
+
+/// The `recent` list of a persistent pool's backend: `PFWD-<instance>-<hash>`, the hash of
+/// the forward's name and the backend, so a change of the weights keeps every client's
+/// affinity (the kernel keeps a list while a rule names it).
+fn recent_list(instance: &str, f: &Forward, b: &PoolMember) -> String {
+    let backend = dnat_to(b.addr, b.port).concat();
+    let hash = StableHash::new()
+        .part(f.name.as_bytes())
+        .part(backend.as_bytes())
+        .finish();
+    format!("PFWD-{instance}-{hash:08x}")
 }
 
 /// `part / whole` as `iptables-save` prints a random draw's probability: the kernel keeps

@@ -207,17 +207,19 @@ fn forward_from(
         ["tcp"] => ProtoParam::Tcp,
         _ => ProtoParam::Both,
     };
-    let pool = first.option("--mode").is_some();
+    let nat = if pre.is_empty() { out } else { pre };
+    // A pool's rules draw (`--mode`), or with persistence first look the client up (`--update`).
+    let pool = first.option("--mode").is_some() || first.option("--update").is_some();
     let (to, redirect_to_port) = match first.option("-j")? {
         "DNAT" if pool => (None, None),
         "DNAT" => (Some(first.option("--to-destination")?.to_string()), None),
         "REDIRECT" => (None, Some(port_value(first.option("--to-ports")?)?)),
         _ => return None,
     };
-    let (backends, balance) = if pool {
-        pool_from(first, if pre.is_empty() { out } else { pre })?
+    let (backends, balance, persistence) = if pool {
+        pool_from(first, nat)?
     } else {
-        (Vec::new(), Balance::Random)
+        (Vec::new(), Balance::Random, None)
     };
     let snat = (to.is_some() || pool).then(|| match post.first() {
         None => "none".to_string(),
@@ -237,6 +239,7 @@ fn forward_from(
         to,
         backends,
         balance,
+        persistence,
         redirect_to_port,
         // "masquerade" is the default; leave it implicit like a user would.
         snat: snat.filter(|s| s != "masquerade"),
@@ -247,18 +250,31 @@ fn forward_from(
     })
 }
 
-/// A pool's backends, weights and draw from its DNAT rules: those of the first protocol and
-/// source, in order (a round-robin backend may hold several in a row; meeting an earlier
-/// backend again is the next bucket's copy). The weights are in the comments.
-fn pool_from(first: &Rule, rules: &[&Rule]) -> Option<(Vec<BackendParams>, Balance)> {
-    let balance = match first.option("--mode")? {
-        "random" => Balance::Random,
-        "nth" => Balance::RoundRobin,
-        _ => return None,
-    };
+/// A pool's backends, weights, draw and persistence from its DNAT rules: those of the first
+/// protocol and source, in order (a round-robin backend may hold several in a row; meeting an
+/// earlier backend again is the next bucket's copy). The weights are in the comments; the
+/// client lookups (`recent --update`) that come first with persistence say its seconds.
+fn pool_from(
+    first: &Rule,
+    rules: &[&Rule],
+) -> Option<(Vec<BackendParams>, Balance, Option<Value>)> {
     let mut backends: Vec<BackendParams> = Vec::new();
+    let (mut balance, mut persistence) = (None, None);
     for rule in rules {
         if rule.option("-p") != first.option("-p") || rule.option("-s") != first.option("-s") {
+            break;
+        }
+        if rule.option("--update").is_some() {
+            let seconds: u32 = rule.option("--seconds")?.parse().ok()?;
+            persistence.get_or_insert(Value::from(seconds));
+            continue;
+        }
+        let mode = match rule.option("--mode")? {
+            "random" => Balance::Random,
+            "nth" => Balance::RoundRobin,
+            _ => return None,
+        };
+        if *balance.get_or_insert(mode) != mode {
             break;
         }
         let to = rule.option("--to-destination")?;
@@ -274,7 +290,7 @@ fn pool_from(first: &Rule, rules: &[&Rule]) -> Option<(Vec<BackendParams>, Balan
             weight: (weight != 1).then(|| Value::from(weight)),
         });
     }
-    Some((backends, balance))
+    Some((backends, balance?, persistence))
 }
 
 /// iptables prints no `-s` for `0.0.0.0/0` (`::/0`): that is the source then.

@@ -138,7 +138,11 @@ pub(crate) fn read(
         });
         next += 1;
     }
-    let pool = Pool { backends, balance };
+    let pool = Pool {
+        backends,
+        balance,
+        persistence: None,
+    };
     let written: Vec<_> = entries(&pool)
         .into_iter()
         .map(|(a, b, i)| (a, b, pool.backends[i].addr, pool.backends[i].port))
@@ -212,6 +216,7 @@ mod tests {
                 })
                 .collect(),
             balance,
+            persistence: None,
         }
     }
 

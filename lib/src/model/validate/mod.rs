@@ -64,7 +64,19 @@ impl Params {
             })
             .collect();
         check_dispatch_overlaps(&forwards, &self.forwards, &mut errors);
-        if !self.backend.canonical().is_nftables() {
+        if self.backend.canonical().is_nftables() {
+            for (i, f) in self.forwards.iter().enumerate() {
+                if f.persistence.is_some()
+                    && !f.backends.is_empty()
+                    && f.balance != Balance::SourceHash
+                {
+                    errors.field(
+                        format_args!("{}.persistence", At("forwards", i)),
+                        "is not built for the nftables backend yet: use `backend: iptables`, or `balance: source-hash` (each client address always reaches one backend)",
+                    );
+                }
+            }
+        } else {
             let backend = self.backend.canonical().name();
             for f in &forwards {
                 if let Action::Pool { pool, .. } = &f.action {
@@ -574,6 +586,12 @@ fn validate_forward(
         );
     }
     let pool = !f.backends.is_empty();
+    if f.persistence.is_some() && !pool {
+        errors.field(
+            format_args!("{path}.persistence"),
+            "applies only to a pool: give `backends` instead of `to`",
+        );
+    }
     let action = match (&f.to, &f.redirect_to_port, pool) {
         (Some(_), Some(_), _) => {
             errors.push(
@@ -731,6 +749,44 @@ fn iptables_pool_refusal(pool: &Pool, backend: &str) -> Option<String> {
     }
 }
 
+/// Longest client affinity a pool may keep (a day, as kube-proxy allows).
+const MAX_PERSISTENCE: u64 = 86_400;
+
+/// A pool's `persistence`: seconds 1-86400 (a number, or digits in a string as Ansible's
+/// extra vars give it), with `random` or `round-robin`.
+fn validate_persistence<P: Display + Copy>(
+    path: P,
+    f: &ForwardParams,
+    errors: &mut Errors,
+) -> Option<u32> {
+    let value = f.persistence.as_ref()?;
+    let seconds = match value {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s)
+            if !s.is_empty() && s.len() <= 5 && s.bytes().all(|c| c.is_ascii_digit()) =>
+        {
+            s.parse().ok()
+        }
+        _ => None,
+    }
+    .filter(|s| (1..=MAX_PERSISTENCE).contains(s))
+    .and_then(|s| u32::try_from(s).ok());
+    if seconds.is_none() {
+        errors.push_json(
+            format_args!("{path}.persistence"),
+            value,
+            format!("is not a number of seconds (1-{MAX_PERSISTENCE})"),
+        );
+    }
+    if f.balance == Balance::SourceHash {
+        errors.field(
+            format_args!("{path}.persistence"),
+            "does not apply to `source-hash`, which keeps each client on one backend already: remove it, or use `random` or `round-robin`",
+        );
+    }
+    seconds
+}
+
 /// Most a backend's weight may be.
 const MAX_WEIGHT: u64 = 1000;
 
@@ -820,9 +876,11 @@ fn validate_pool<P: Display + Copy>(
     // Live backends first, in the order given: how the pool's map lists them back (drained
     // ones hold keys past the live ones), so the installed pool reads back equal.
     backends.sort_by_key(|b| b.weight == 0);
+    let persistence = validate_persistence(path, f, errors);
     (errors.0.len() == before).then_some(Pool {
         backends,
         balance: f.balance,
+        persistence,
     })
 }
 
