@@ -383,7 +383,7 @@ fn follow_live_flows<F: Firewall>(
     let entries = firewall.decompile_some(&config.instance, &state, &names);
     let old_params = Params {
         instance: config.instance.clone(),
-        // What the backend supports is validated too (a pool needs nftables).
+        // What the backend supports is validated too (source-hash, persistence).
         backend: config.backend,
         forwards: entries.forwards,
         ..Params::default()

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::findings::{Finding, Severity};
 use crate::firewall::Firewall;
 use crate::foreign::ForeignNat;
-use crate::model::{Action, Config, Forward, IpForward, Snat};
+use crate::model::{Config, Forward, IpForward, Snat};
 use crate::net::{Cidr, Family};
 use crate::observe::Observed;
 
@@ -60,15 +60,7 @@ fn policy_route_devices(config: &Config) -> Vec<String> {
 /// Do the warnings need the host's addresses (`snat: none` checks whether the backend is
 /// on-link)?
 pub(crate) fn needs_addresses(config: &Config) -> bool {
-    config.forwards.iter().any(|f| {
-        matches!(
-            f.action,
-            Action::Dnat {
-                snat: Snat::None,
-                ..
-            }
-        )
-    })
+    (config.forwards.iter()).any(|f| f.action.snat() == Some(Snat::None))
 }
 
 /// Do the params name an interface (which the run then checks exists)?
@@ -540,14 +532,20 @@ fn reply_bypass<F: Firewall>(
     f: &Forward,
     observed: &Observed<F>,
 ) -> Option<Finding> {
-    let Action::Dnat {
-        addr,
-        snat: Snat::None,
-        ..
-    } = f.action
-    else {
+    if f.action.snat() != Some(Snat::None) {
         return None;
-    };
+    }
+    // A pool: the first of its backends whose replies would bypass this host.
+    (f.action.backends().into_iter()).find_map(|(addr, _)| bypass_to(config, f, addr, observed))
+}
+
+/// [`reply_bypass`] for one backend of the forward.
+fn bypass_to<F: Firewall>(
+    config: &Config,
+    f: &Forward,
+    addr: IpAddr,
+    observed: &Observed<F>,
+) -> Option<Finding> {
     let (net, dev) = on_link(config, &addr, observed)?;
     let routed_back = config
         .policy_routes
@@ -613,13 +611,14 @@ pub(crate) fn reminders<F: Firewall>(config: &Config, observed: &Observed<F>) ->
         .iter()
         .filter(|f| !config.ignores(&format!("forwards.{}", f.name), "reply_bypass"))
         .filter(|f| reply_bypass(config, f, observed).is_none())
-        .filter_map(|f| match f.action {
-            Action::Dnat {
-                addr,
-                snat: Snat::None,
-                ..
-            } => Some(format!("forward {:?}: snat is none, so {addr} sees the client's address and must send its replies back through this host (make this host its gateway, or use policy routing on it)", f.name)),
-            _ => None,
+        .filter(|f| f.action.snat() == Some(Snat::None))
+        .filter_map(|f| match f.action.backends().as_slice() {
+            [] => None,
+            [(addr, _)] => Some(format!("forward {:?}: snat is none, so {addr} sees the client's address and must send its replies back through this host (make this host its gateway, or use policy routing on it)", f.name)),
+            pool => {
+                let addrs: Vec<String> = pool.iter().map(|(a, _)| a.to_string()).collect();
+                Some(format!("forward {:?}: snat is none, so its backends ({}) see the client's address and must send their replies back through this host (make this host their gateway, or use policy routing on them)", f.name, addrs.join(", ")))
+            }
         })
         .collect()
 }

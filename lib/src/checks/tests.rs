@@ -122,6 +122,25 @@ fn the_snat_none_reminder_is_for_what_the_host_cannot_show() {
     assert!(reminders(&c, &single).is_empty());
 }
 
+/// A pool with `snat: none` is checked backend by backend: the on-link one is warned about,
+/// and the reminder names every backend.
+#[test]
+fn a_pool_with_snat_none_is_checked_for_each_backend() {
+    let c = config(
+        r#"{"forwards":[{"name":"db","listen_port":1,"snat":"none",
+            "backends":[{"to":"10.0.9.2:80"},{"to":"10.0.2.3:80","weight":2}]}]}"#,
+    );
+    assert!(needs_addresses(&c));
+    let single = observed_with(&[("10.0.2.1", 24, "eth1")], &[]);
+    let w = warnings(&c, &Iptables::default(), &single);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("backend 10.0.2.3 is on-link"), "{w:?}");
+    let dual = observed_with(&[("10.0.1.1", 24, "eth0"), ("10.0.2.1", 24, "eth1")], &[]);
+    let r = reminders(&c, &dual);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert!(r[0].contains("its backends (10.0.9.2, 10.0.2.3)"), "{r:?}");
+}
+
 #[test]
 fn a_forward_hook_drop_names_only_the_entries_that_do_not_ignore_it() {
     let c = config(

@@ -308,6 +308,7 @@ pub struct ForwardParams {
     /// Client affinity of a `random` or `round-robin` pool, in seconds (1-86400): a client
     /// address that opened a connection through the forward within that time (each new
     /// connection restarts it) reaches the backend it reached then, while that backend is live.
+    /// The iptables backends only for now (`backend: nftables` refuses it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "persistence_schema")]
     pub persistence: Option<Value>,

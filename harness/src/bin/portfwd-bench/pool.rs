@@ -2,7 +2,7 @@
 //! forward whose backends are a 16-backend pool, next to a forward with one `to`, measured
 //! alternately in the same topology (medians of 5 rounds), so a noisy neighbour weighs on
 //! both. Each backend: nftables (one map lookup per new connection) and iptables-nft (a
-//! cascade of at most one rule per backend; no source hash there).
+//! cascade of one rule per backend for these equal weights; no source hash there).
 
 use std::path::Path;
 

@@ -723,11 +723,12 @@ fn parse_snat<P: Display + Copy>(
 }
 
 /// Most backends a pool may have: the nftables backend picks one with one map lookup, the
-/// iptables backend walks at most one rule per backend.
+/// iptables backend walks a rule per backend (more for some round-robin weights, see
+/// [`Pool::nth_cascade`], and a lookup per live backend with `persistence`).
 pub(crate) const MAX_BACKENDS: usize = 256;
 
-/// Most rules an iptables round-robin pool may put on a new connection's path: one per
-/// backend of the largest pool.
+/// Most rules an iptables round-robin pool's cascade may put on a new connection's path: one
+/// per backend of the largest pool (`persistence` adds a lookup per live backend before it).
 const MAX_NTH_RULES: usize = MAX_BACKENDS;
 
 /// Why the iptables backend cannot install a pool (None: it can).
