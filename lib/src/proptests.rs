@@ -6,6 +6,7 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 
 use crate::compile::compile;
+use crate::firewall::iptables::decompile;
 use crate::firewall::iptables::observe::{extract_owned, IptablesObserved};
 use crate::firewall::iptables::plan::plan_rules;
 use crate::firewall::iptables::rules::{Hook, Rule};
@@ -68,9 +69,70 @@ fn forward(i: usize) -> impl Strategy<Value = Value> {
         })
 }
 
+/// Forward `i`, or the same forward as a pool of 1-4 backends (`random` or `round-robin`,
+/// weights 0-4 with one above 0, sometimes `persistence`) of its family.
+fn forward_or_pool(i: usize) -> impl Strategy<Value = Value> {
+    let pool = proptest::option::of((
+        proptest::collection::vec(0u16..5, 1..5),
+        any::<bool>(),
+        proptest::option::of(1u32..100),
+    ));
+    (forward(i), pool).prop_map(move |(mut f, pool)| {
+        let Some((mut weights, round_robin, persistence)) = pool else {
+            return f;
+        };
+        if weights.iter().all(|&w| w == 0) {
+            weights[0] = 1;
+        }
+        let to = f["to"].as_str().unwrap_or_default().to_string();
+        let six = to.contains(':') && !to.contains('.') || to.starts_with('[');
+        let port = to
+            .rsplit_once(':')
+            .filter(|_| !six || to.starts_with('['))
+            .map(|(_, p)| p.to_string());
+        let backends: Vec<Value> = (1..)
+            .zip(&weights)
+            .map(|(j, &w)| {
+                let addr = if six {
+                    format!("fd00:{i:x}::{j}")
+                } else {
+                    format!("10.{i}.{j}.1")
+                };
+                let to = match (&port, six) {
+                    (Some(p), true) => format!("[{addr}]:{p}"),
+                    (Some(p), false) => format!("{addr}:{p}"),
+                    (None, _) => addr,
+                };
+                json!({"to": to, "weight": w})
+            })
+            .collect();
+        let obj = f.as_object_mut().expect("a forward is an object");
+        obj.remove("to");
+        obj.insert("backends".into(), json!(backends));
+        obj.insert(
+            "balance".into(),
+            json!(if round_robin { "round-robin" } else { "random" }),
+        );
+        if let Some(seconds) = persistence {
+            obj.insert("persistence".into(), json!(seconds));
+        }
+        // A fixed SNAT address must be of the pool's family.
+        if obj.get("snat").is_some_and(|s| {
+            s.as_str()
+                .is_some_and(|s| s.parse::<std::net::IpAddr>().is_ok())
+        }) {
+            obj.insert(
+                "snat".into(),
+                json!(if six { "fd00::1" } else { "192.0.2.9" }),
+            );
+        }
+        f
+    })
+}
+
 fn params() -> impl Strategy<Value = Value> {
     (0usize..6, any::<bool>()).prop_flat_map(|(n, masq)| {
-        let forwards: Vec<_> = (0..n).map(forward).collect();
+        let forwards: Vec<_> = (0..n).map(forward_or_pool).collect();
         (forwards, Just(masq)).prop_map(|(forwards, masq)| {
             let mut p = json!({"forwards": forwards});
             if masq {
@@ -99,6 +161,23 @@ proptest! {
         prop_assert_eq!(&observed.owned, &desired.firewall);
         let plan = plan_rules(&config.instance, &desired.firewall, &observed);
         prop_assert!(plan.tables.is_empty(), "{:?}", plan.tables);
+    }
+
+    /// What `show` gives back of the installed rules (pools, their weights, draws and
+    /// persistence included) compiles to the same rules: applying it changes nothing.
+    #[test]
+    fn shown_params_compile_to_the_installed_rules(p in params()) {
+        let (config, _, _) = Config::from_json(&p.to_string()).expect("generated params are valid");
+        let desired = compile(&config, &Iptables::default());
+        let shown = decompile::entries_from_rules(&desired.firewall, &config.instance, None);
+        let again = json!({"instance": config.instance, "forwards": shown.forwards,
+                           "masquerade": shown.masquerade});
+        let (reparsed, _, _) = Config::from_json(&again.to_string())
+            .unwrap_or_else(|e| panic!("{e:?}: {again}"));
+        let recompiled = compile(&reparsed, &Iptables::default());
+        let observed = IptablesObserved { owned: desired.firewall.clone(), ..IptablesObserved::default() };
+        let plan = plan_rules(&config.instance, &recompiled.firewall, &observed);
+        prop_assert!(plan.tables.is_empty(), "{again}\n{:?}", plan.tables);
     }
 
     /// Any comment iptables can hold (no newline, no NUL) renders and tokenizes back intact.

@@ -829,6 +829,19 @@ mod tests {
     // with the rules.
     use crate::testing::compiled as desired;
 
+    /// A random draw's probability is written as `iptables-save` prints what the kernel
+    /// keeps (31 bits, `%.11f`, ties to even), so the rule reads back as written.
+    #[test]
+    fn a_probability_is_spelled_as_iptables_save_prints_it() {
+        assert_eq!(probability(1, 3), "0.33333333349");
+        assert_eq!(probability(1, 4), "0.25000000000");
+        assert_eq!(probability(2, 2), "1.00000000000");
+        assert_eq!(probability(0, 1), "0.00000000000");
+        // 2^31 / 4096 is exact, and its 12th decimal a tie: printf rounds it to even.
+        assert_eq!(probability(1, 4096), "0.00024414062");
+        assert_eq!(probability(999, 1000), "0.99899999984");
+    }
+
     /// The comment a compiled rule carries is the one a scan of its text finds (it is set
     /// when the rule is made, not scanned for).
     #[test]
