@@ -63,6 +63,23 @@ fn servers(t: &Topology) -> Vec<Server> {
     out
 }
 
+/// Client addresses `10.0.1.<i>` (`fd00:1::<i in hex>`) for each `i`, added to the client.
+fn client_addresses(t: &Topology, family: u8, ids: std::ops::Range<u16>) -> Vec<String> {
+    let clients: Vec<String> = ids
+        .map(|i| match family {
+            4 => format!("10.0.1.{i}"),
+            _ => format!("fd00:1::{i:x}"),
+        })
+        .collect();
+    for c in &clients {
+        let prefix = if family == 4 { 24 } else { 64 };
+        t.client
+            .ip(&["addr", "add", &format!("{c}/{prefix}"), "dev", "eth0"])
+            .unwrap();
+    }
+    clients
+}
+
 fn pool(name: &str, port: u16, balance: &str, members: &[(u8, &str, u32)]) -> Value {
     let backends: Vec<Value> = members
         .iter()
@@ -245,18 +262,7 @@ fn a_source_hash_pool_keeps_clients_and_moves_few_when_a_backend_is_added() {
     assert!(!saved.contains("PFWD"), "{saved}");
     let _servers = servers(&t);
     for family in [4u8, 6] {
-        let clients: Vec<String> = (100..200)
-            .map(|i| match family {
-                4 => format!("10.0.1.{i}"),
-                _ => format!("fd00:1::{i:x}"),
-            })
-            .collect();
-        for c in &clients {
-            let prefix = if family == 4 { 24 } else { 64 };
-            t.client
-                .ip(&["addr", "add", &format!("{c}/{prefix}"), "dev", "eth0"])
-                .unwrap();
-        }
+        let clients = client_addresses(&t, family, 100..200);
         let three = [(family, "a", 1), (family, "b", 1), (family, "c", 1)];
         let p = params("nftables", vec![pool("sh", 4002, "source-hash", &three)]);
         apply(&t, &p);
@@ -325,18 +331,7 @@ fn persistence_keeps_a_client(backend: &str) {
     let _servers = servers(&t);
     for family in [4u8, 6] {
         let port = 4010 + u16::from(family);
-        let clients: Vec<String> = (12..15)
-            .map(|i| match family {
-                4 => format!("10.0.1.{i}"),
-                _ => format!("fd00:1::{i}"),
-            })
-            .collect();
-        for c in &clients {
-            let prefix = if family == 4 { 24 } else { 64 };
-            t.client
-                .ip(&["addr", "add", &format!("{c}/{prefix}"), "dev", "eth0"])
-                .unwrap();
-        }
+        let clients = client_addresses(&t, family, 12..15);
         let sticky = |weights: [u32; 2]| {
             let mut p = pool(
                 "sticky",

@@ -750,6 +750,21 @@ fn iptables_pool_refusal(pool: &Pool, backend: &str) -> Option<String> {
     }
 }
 
+/// A whole number in `min..=max`, given as a number or as decimal digits in a string (how
+/// Ansible's extra vars hand numbers to a binary module).
+fn bounded(value: &Value, min: u64, max: u64) -> Option<u64> {
+    match value {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s)
+            if (1..=20).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_digit()) =>
+        {
+            s.parse().ok()
+        }
+        _ => None,
+    }
+    .filter(|n| (min..=max).contains(n))
+}
+
 /// Longest client affinity a pool may keep (a day, as kube-proxy allows).
 const MAX_PERSISTENCE: u64 = 86_400;
 
@@ -761,17 +776,7 @@ fn validate_persistence<P: Display + Copy>(
     errors: &mut Errors,
 ) -> Option<u32> {
     let value = f.persistence.as_ref()?;
-    let seconds = match value {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s)
-            if !s.is_empty() && s.len() <= 5 && s.bytes().all(|c| c.is_ascii_digit()) =>
-        {
-            s.parse().ok()
-        }
-        _ => None,
-    }
-    .filter(|s| (1..=MAX_PERSISTENCE).contains(s))
-    .and_then(|s| u32::try_from(s).ok());
+    let seconds = bounded(value, 1, MAX_PERSISTENCE).and_then(|s| u32::try_from(s).ok());
     if seconds.is_none() {
         errors.push_json(
             format_args!("{path}.persistence"),
@@ -816,19 +821,7 @@ fn validate_pool<P: Display + Copy>(
         let weight = match &b.weight {
             None => Some(1),
             Some(value) => {
-                let w = match value {
-                    Value::Number(n) => n.as_u64(),
-                    Value::String(s)
-                        if !s.is_empty()
-                            && s.len() <= 4
-                            && s.bytes().all(|c| c.is_ascii_digit()) =>
-                    {
-                        s.parse().ok()
-                    }
-                    _ => None,
-                }
-                .filter(|w| *w <= MAX_WEIGHT)
-                .and_then(|w| u16::try_from(w).ok());
+                let w = bounded(value, 0, MAX_WEIGHT).and_then(|w| u16::try_from(w).ok());
                 if w.is_none() {
                     errors.push_json(
                         format_args!("{path}.backends[{j}].weight"),
