@@ -76,7 +76,7 @@ fn persistence_schema(_: &mut SchemaGenerator) -> Schema {
         "description": "seconds of client affinity, 1-86400",
         "oneOf": [
             {"type": "integer", "minimum": 1, "maximum": 86400},
-            {"type": "string", "pattern": "^[0-9]{1,5}$"}
+            {"type": "string", "pattern": "^\\s*\\+?[0-9]{1,5}\\s*$"}
         ]
     })
 }
@@ -86,7 +86,7 @@ fn weight_schema(_: &mut SchemaGenerator) -> Schema {
         "description": "a weight 0-1000 (default 1; 0 drains the backend)",
         "oneOf": [
             {"type": "integer", "minimum": 0, "maximum": 1000},
-            {"type": "string", "pattern": "^[0-9]{1,4}$"}
+            {"type": "string", "pattern": "^\\s*\\+?[0-9]{1,4}\\s*$"}
         ]
     })
 }
@@ -159,7 +159,7 @@ fn port_schema(_: &mut SchemaGenerator) -> Schema {
         "description": "a port 1-65535",
         "oneOf": [
             {"type": "integer", "minimum": 1, "maximum": 65535},
-            {"type": "string", "pattern": "^[0-9]{1,5}$"}
+            {"type": "string", "pattern": "^\\s*\\+?[0-9]{1,5}\\s*$"}
         ]
     })
 }

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::config::*;
 use super::params::*;
+use super::spelling::integer_of;
 use super::Invalid;
 use crate::net::{Cidr, CidrError, Family, PortRange};
 use crate::ownership::{valid_instance, INSTANCE_RULE};
@@ -750,19 +751,11 @@ fn iptables_pool_refusal(pool: &Pool, backend: &str) -> Option<String> {
     }
 }
 
-/// A whole number in `min..=max`, given as a number or as decimal digits in a string (how
-/// Ansible's extra vars hand numbers to a binary module).
+/// A whole number in `min..=max`, as a number or a decimal string (Ansible's `int`).
 fn bounded(value: &Value, min: u64, max: u64) -> Option<u64> {
-    match value {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s)
-            if (1..=20).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_digit()) =>
-        {
-            s.parse().ok()
-        }
-        _ => None,
-    }
-    .filter(|n| (min..=max).contains(n))
+    integer_of(value)
+        .and_then(|n| u64::try_from(n).ok())
+        .filter(|n| (min..=max).contains(n))
 }
 
 /// Longest client affinity a pool may keep (a day, as kube-proxy allows).
