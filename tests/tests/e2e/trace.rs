@@ -10,6 +10,19 @@ use crate::common::{portfwd, prerequisites, sa, Topology};
 use portfwd_harness::{probe, Netns, Proto, Server, TcpSession};
 use serde_json::{json, Value};
 
+/// One TCP packet to port 4321, as JSON, within 15 s.
+const ONE_TCP_PACKET: [&str; 9] = [
+    "--proto",
+    "tcp",
+    "--dport",
+    "4321",
+    "--count",
+    "1",
+    "--timeout",
+    "15",
+    "--json",
+];
+
 fn start(ns: &Netns, args: &[&str]) -> Child {
     let child = portfwd().start_trace(ns, args).unwrap();
     assert!(
@@ -56,18 +69,7 @@ fn trace_shows_the_path_through_portfwd_and_where_a_packet_dies() {
     let r = portfwd().apply(&t.proxy, &params).unwrap();
     assert!(!r.failed(), "{}", r.stdout);
 
-    let args = [
-        "--proto",
-        "tcp",
-        "--dport",
-        "4321",
-        "--count",
-        "1",
-        "--timeout",
-        "15",
-        "--json",
-    ];
-    let tracing = start(&t.proxy, &args);
+    let tracing = start(&t.proxy, &ONE_TCP_PACKET);
     probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap();
     let (code, packets, stderr) = finish(tracing);
     assert_eq!(code, 0, "{stderr}");
@@ -99,7 +101,7 @@ fn trace_shows_the_path_through_portfwd_and_where_a_packet_dies() {
 
     // Another table rejects forwarded traffic: the trace says where the packet died.
     crate::common::firewalld_like(&t.proxy);
-    let tracing = start(&t.proxy, &args);
+    let tracing = start(&t.proxy, &ONE_TCP_PACKET);
     assert!(probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).is_err());
     let (code, packets, stderr) = finish(tracing);
     assert_eq!(code, 0, "{stderr}");
@@ -232,19 +234,7 @@ fn trace_labels_the_nftables_backend_and_dashed_instances() {
         "forwards": [{"name": "web", "listen_port": 4321, "to": "10.0.2.2:1234"}]});
     let r = portfwd().apply(&t.proxy, &params).unwrap();
     assert!(!r.failed(), "{}", r.stdout);
-    let args = [
-        "--proto",
-        "tcp",
-        "--dport",
-        "4321",
-        "--count",
-        "1",
-        "--timeout",
-        "15",
-        "--json",
-        "--instance",
-        "edge-1",
-    ];
+    let args = [ONE_TCP_PACKET.as_slice(), &["--instance", "edge-1"]].concat();
     let tracing = start(&t.proxy, &args);
     probe(&t.client, Proto::Tcp, sa("10.0.1.1:4321")).unwrap();
     let (code, packets, stderr) = finish(tracing);
@@ -282,20 +272,9 @@ fn trace_names_the_backend_a_pool_chose() {
             "balance": "round-robin", "backends": [{"to": "10.0.2.2:1234"}, {"to": "10.0.2.3:1234"}]}]});
         let r = portfwd().apply(&t.proxy, &params).unwrap();
         assert!(!r.failed(), "{}", r.stdout);
-        let args = [
-            "--proto",
-            "tcp",
-            "--dport",
-            "4321",
-            "--count",
-            "1",
-            "--timeout",
-            "15",
-            "--json",
-        ];
         let mut reached = Vec::new();
         for _ in 0..2 {
-            let tracing = start(&t.proxy, &args);
+            let tracing = start(&t.proxy, &ONE_TCP_PACKET);
             let answer = TcpSession::connect(&t.client, sa("10.0.1.1:4321"))
                 .and_then(|mut s| s.ask_text())
                 .unwrap();
